@@ -1,0 +1,247 @@
+"""The ADM / DDPM U-Net (Ho et al. 2020, Appendix B; Dhariwal & Nichol 2021, Section 3).
+
+A network, not a denoiser: ``net(x_in, t, class_labels=, context=, context_mask=)`` maps the
+network-scale input and a (B,) float time to the raw prediction (eps, v, x0, ... whatever it is
+trained for). It knows nothing of sigmas, frames or samplers; ``difflab.core.Denoiser`` wraps it.
+
+Layout, for ``channel_mult = (m_0, ..., m_{n-1})``: level ``i`` works at resolution H / 2**i with
+``model_channels * m_i`` channels.
+
+- down: per level, ``num_res_blocks`` x (ResBlock [+ attention]), then a stride-2 conv (not after
+  the last level); every output is kept as a skip connection;
+- middle: ResBlock, attention, ResBlock;
+- up: per level, deepest first, ``num_res_blocks + 1`` x (concatenate a skip, ResBlock
+  [+ attention]), then nearest x2 + conv (not after level 0);
+- out: GroupNorm, SiLU, zero-initialized 3x3 conv, so an untrained net outputs exactly 0.
+
+"Attention" is self-attention, followed by cross-attention to ``context`` when ``context_dim`` is
+set. Time and class embeddings are summed and condition every ResBlock by scale and shift.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .layers import CrossAttention, Downsample, ResBlock, SelfAttention, TimestepMLP, Upsample, group_norm, timestep_embedding, zero_
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Everything that shapes a UNet; JSON-safe through ``to_dict`` / ``from_dict`` for checkpoints."""
+
+    in_channels: int = 1  # channels of x
+    out_channels: int | None = None  # channels of the prediction; None = in_channels
+    model_channels: int = 64  # base width; level i has model_channels * channel_mult[i] channels
+    channel_mult: tuple[int, ...] = (1, 2)  # one entry per resolution level; H, W halve between levels
+    num_res_blocks: int = 2  # ResBlocks per level on the way down (one more on the way up)
+    attention_levels: tuple[int, ...] = (1,)  # indices into channel_mult of the levels with attention (level i is at H / 2**i)
+    num_heads: int = 4  # attention heads; must divide the channel count of every attention level
+    dropout: float = 0.0  # dropout inside ResBlocks (DDPM's CIFAR-10 model: 0.1)
+    num_classes: int | None = None  # class-conditional when set; label num_classes is the null class (CFG)
+    context_dim: int | None = None  # width of the context tokens; adds cross-attention to every attention block
+    groups: int = 32  # GroupNorm groups, lowered to a divisor of the channel count where needed
+    gradient_checkpointing: bool = False  # recompute block activations in backward to save memory
+
+    def __post_init__(self):
+        object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
+        object.__setattr__(self, "attention_levels", tuple(self.attention_levels))
+        if not self.channel_mult:
+            raise ValueError("channel_mult must have at least one level")
+        bad = [i for i in self.attention_levels if not 0 <= i < len(self.channel_mult)]
+        if bad:
+            raise ValueError(f"attention_levels {bad} are not levels of channel_mult (valid: 0..{len(self.channel_mult) - 1})")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int or None, got {self.num_classes}")
+
+    @property
+    def null_class(self) -> int | None:
+        """The label of the unconditional ("null") class used for classifier-free guidance, or None."""
+        return self.num_classes
+
+    @property
+    def downsample_factor(self) -> int:
+        """H and W must be divisible by this: 2 ** (number of levels - 1)."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+    def to_dict(self) -> dict:
+        """A JSON-safe dict (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UNetConfig":
+        """Inverse of ``to_dict``; unknown keys are an error."""
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown UNetConfig keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+class Block(nn.ModuleList):
+    """Layers run in order, each given what it takes (ADM's ``TimestepEmbedSequential``).
+
+    Cross-attention is skipped when no context is given (the same as a fully masked context).
+    """
+
+    def forward(self, h, emb, context=None, context_mask=None):
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                h = layer(h, emb)
+            elif isinstance(layer, CrossAttention):
+                if context is not None:
+                    h = layer(h, context, context_mask)
+            else:
+                h = layer(h)
+        return h
+
+
+class UNet(nn.Module):
+    """The ADM / DDPM U-Net; see the module docstring for the layout."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = c = config
+        emb_dim = 4 * c.model_channels  # DDPM and ADM: time embedding of 4x the base width
+
+        def attention(ch):
+            for_level = [SelfAttention(ch, c.num_heads, c.groups)]
+            if c.context_dim is not None:
+                for_level.append(CrossAttention(ch, c.context_dim, c.num_heads, c.groups))
+            return for_level
+
+        self.time_embed = TimestepMLP(c.model_channels, emb_dim)
+        # one row per class plus the null class (row num_classes) for classifier-free guidance
+        self.label_embed = nn.Embedding(c.num_classes + 1, emb_dim) if c.num_classes is not None else None
+
+        ch = c.model_channels * c.channel_mult[0]
+        self.input_conv = nn.Conv2d(c.in_channels, ch, 3, padding=1)
+        skip_channels = [ch]
+        self.down = nn.ModuleList()
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks):
+                layers = [ResBlock(ch, c.model_channels * mult, emb_dim, c.dropout, c.groups)]
+                ch = c.model_channels * mult
+                if level in c.attention_levels:
+                    layers += attention(ch)
+                self.down.append(Block(layers))
+                skip_channels.append(ch)
+            if level != len(c.channel_mult) - 1:
+                self.down.append(Block([Downsample(ch)]))
+                skip_channels.append(ch)
+
+        self.middle = Block([ResBlock(ch, ch, emb_dim, c.dropout, c.groups), *attention(ch), ResBlock(ch, ch, emb_dim, c.dropout, c.groups)])
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            for i in range(c.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), c.model_channels * mult, emb_dim, c.dropout, c.groups)]
+                ch = c.model_channels * mult
+                if level in c.attention_levels:
+                    layers += attention(ch)
+                if level != 0 and i == c.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.up.append(Block(layers))
+
+        self.out = nn.Sequential(group_norm(ch, c.groups), nn.SiLU(), zero_(nn.Conv2d(ch, c.out_channels or c.in_channels, 3, padding=1)))
+
+        for m in self.modules():
+            if hasattr(m, "checkpoint"):
+                m.checkpoint = c.gradient_checkpointing
+
+    @property
+    def null_class(self) -> int | None:
+        """The null-class label (``config.num_classes``), or None for an unconditional net."""
+        return self.config.null_class
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict from ``x`` (B, C, H, W) at times ``t`` (B,) float (a scalar is broadcast).
+
+        ``class_labels``: LongTensor (B,) in [0, num_classes]; num_classes is the null class, and
+        missing labels on a class-conditional net mean the null class for every sample.
+        ``context``: (B, L, context_dim) tokens for cross-attention; ``context_mask``: (B, L) bool,
+        True for real tokens. Missing context on a cross-attention net skips cross-attention.
+        """
+        # 1. Check inputs
+        c = self.config
+        t = self._check_inputs(x, t, class_labels, context, context_mask)
+
+        # 2. Embed time and class
+        emb = self.time_embed(timestep_embedding(t, c.model_channels).to(self.input_conv.weight.dtype))
+        if self.label_embed is not None:
+            if class_labels is None:
+                class_labels = torch.full((x.shape[0],), c.null_class, dtype=torch.long, device=x.device)
+            emb = emb + self.label_embed(class_labels)
+
+        # 3. Down, keeping every output as a skip
+        h = self.input_conv(x)
+        skips = [h]
+        for block in self.down:
+            h = block(h, emb, context, context_mask)
+            skips.append(h)
+
+        # 4. Middle
+        h = self.middle(h, emb, context, context_mask)
+
+        # 5. Up, concatenating the skips in reverse order
+        for block in self.up:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
+
+        # 6. Out
+        return self.out(h)
+
+    def _check_inputs(self, x, t, class_labels, context, context_mask) -> torch.Tensor:
+        """Raise a ValueError naming the bad argument; return ``t`` as a (B,) tensor."""
+        c = self.config
+        if x.ndim != 4 or x.shape[1] != c.in_channels:
+            raise ValueError(f"x must be (B, {c.in_channels}, H, W), got shape {tuple(x.shape)}")
+        b, _, h, w = x.shape
+        f = c.downsample_factor
+        if h % f or w % f:
+            raise ValueError(f"x's height and width must be divisible by {f} (2 ** (len(channel_mult) - 1)), got {h}x{w}")
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(b)
+        if t.shape != (b,):
+            raise ValueError(f"t must be a (B,) = ({b},) tensor, got shape {tuple(t.shape)}")
+
+        if c.num_classes is None and class_labels is not None:
+            raise ValueError("class_labels given, but this UNet is unconditional (config.num_classes is None)")
+        if class_labels is not None:
+            if class_labels.shape != (b,) or class_labels.dtype.is_floating_point or class_labels.dtype == torch.bool:
+                raise ValueError(f"class_labels must be an integer (B,) = ({b},) tensor, got {class_labels.dtype} of shape {tuple(class_labels.shape)}")
+            if b and (int(class_labels.min()) < 0 or int(class_labels.max()) > c.num_classes):
+                raise ValueError(
+                    f"class_labels must be in [0, {c.num_classes}] ({c.num_classes} = the null class), "
+                    f"got values in [{int(class_labels.min())}, {int(class_labels.max())}]"
+                )
+
+        if c.context_dim is None and context is not None:
+            raise ValueError("context given, but this UNet has no cross-attention (config.context_dim is None)")
+        if context is not None and (context.ndim != 3 or context.shape[0] != b or context.shape[2] != c.context_dim):
+            raise ValueError(f"context must be (B, L, context_dim) = ({b}, L, {c.context_dim}), got shape {tuple(context.shape)}")
+        if context_mask is not None:
+            if context is None:
+                raise ValueError("context_mask given without context")
+            if context_mask.dtype != torch.bool or context_mask.shape != context.shape[:2]:
+                raise ValueError(f"context_mask must be a bool (B, L) = {tuple(context.shape[:2])} tensor, got {context_mask.dtype} of shape {tuple(context_mask.shape)}")
+        return t
+
+
+PRESETS = {
+    # a few thousand parameters for smoke tests
+    "tiny": UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2),
+    # the embedded 8x8 one-channel digits, class-conditional with a null class for CFG
+    "digits": UNetConfig(in_channels=1, model_channels=32, channel_mult=(1, 2), num_res_blocks=2, attention_levels=(1,), num_heads=4, dropout=0.1, num_classes=10),
+    # DDPM's CIFAR-10 model (Ho et al. 2020, Appendix B): 32x32, widths 128-256-256-256, one head of
+    # attention at 16x16 (level 1), dropout 0.1; DDPM adds its time embedding instead of scale/shift
+    "cifar10": UNetConfig(in_channels=3, model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attention_levels=(1,), num_heads=1, dropout=0.1),
+}
