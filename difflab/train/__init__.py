@@ -1,0 +1,11 @@
+"""Training: per-example losses, EMA, the loop and its checkpoints."""
+from .ema import EMA
+from .losses import (NOISE_LEVELS, SIGMA_BIN_EDGES, WEIGHTINGS, SigmaBinnedLoss, default_noise_level, diffusion_loss,
+                     draw_sigmas, loss_by_sigma_bins, loss_weight)
+from .loop import TrainConfig, TrainingDivergedError, TrainState, draw_batch, train
+
+__all__ = [
+    "EMA", "diffusion_loss", "loss_weight", "WEIGHTINGS", "NOISE_LEVELS", "default_noise_level", "draw_sigmas",
+    "SIGMA_BIN_EDGES", "SigmaBinnedLoss", "loss_by_sigma_bins", "TrainConfig", "TrainState", "TrainingDivergedError",
+    "draw_batch", "train",
+]
