@@ -20,9 +20,10 @@ EDM           x / sqrt(s^2 + sd^2)   log(sigma) / 4              sigma
 Flow          x / (1 + s)            s / (1 + s) * time_scale     1 + s
 ============  ====================  ==========================  ========================
 
-Levels with no finite sigma (zero terminal SNR, flow at t = 1) are clamped to a large finite
-sigma, as diffusers does (alpha_bar >= 2**-24, i.e. sigma <= 4096): sampler arithmetic stays
-finite and the network sees an input within 1e-7 of pure noise.
+Levels with no finite sigma are replaced by a large finite one, as diffusers does: a zero
+alpha_bar (zero terminal SNR) by min(2**-24, a quarter of the smallest positive alpha_bar), i.e.
+sigma >= 4096; flow's t = 1 by sigma = 4096. Sampler arithmetic stays finite and the network
+sees an input within about 1e-7 of pure noise.
 """
 from __future__ import annotations
 
@@ -53,7 +54,11 @@ class VPDiscrete:
         if alpha_bars.ndim != 1 or len(alpha_bars) < 2:
             raise ValueError(f"alpha_bars must be a 1-D tensor of at least 2 values, got shape {tuple(alpha_bars.shape)}")
         self.alpha_bars = alpha_bars
-        self.sigmas = schedules.sigma_from_alpha_bar(alpha_bars.clamp(min=ALPHA_BAR_MIN))
+        # Only a zero level (zero terminal SNR) is replaced, by the smaller of 2**-24 and a quarter
+        # of the smallest positive alpha_bar, so sigma stays finite and strictly increasing.
+        positive = alpha_bars[alpha_bars > 0]
+        floor = min(ALPHA_BAR_MIN, float(positive.min()) / 4) if len(positive) else ALPHA_BAR_MIN
+        self.sigmas = schedules.sigma_from_alpha_bar(torch.where(alpha_bars > 0, alpha_bars, torch.full_like(alpha_bars, floor)))
         if not bool((self.sigmas[1:] > self.sigmas[:-1]).all()):
             raise ValueError("alpha_bars must be strictly decreasing (sigma strictly increasing with t)")
         self.log_sigmas = self.sigmas.log()

@@ -79,3 +79,31 @@ def _check(n: int, sigma_min: float, sigma_max: float) -> None:
         raise ValueError(f"steps={n} must be at least 1")
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+
+
+GRIDS = ("default", "timesteps", "karras", "exponential", "flow")
+
+
+def for_denoiser(denoiser, steps: int, grid: str = "default", spacing: str = "trailing", rho: float = 7.0) -> torch.Tensor:
+    """The sampling grid ``grid`` with ``steps`` levels for a wrapped model, ending in 0.
+
+    ``default`` picks the natural grid of the model's frame: its training timesteps for a
+    discrete VP model (``spacing`` trailing by default, as Lin et al. 2024 recommend), the
+    shifted-uniform flow grid for a flow model, Karras et al.'s rho=7 grid otherwise.
+    """
+    from .denoiser import Flow, VPDiscrete
+
+    if grid not in GRIDS:
+        raise ValueError(f"grid={grid!r} is unknown; choose one of {list(GRIDS)}")
+    frame = denoiser.frame
+    if grid == "default":
+        grid = "timesteps" if isinstance(frame, VPDiscrete) else "flow" if isinstance(frame, Flow) else "karras"
+    if grid == "timesteps":
+        if not isinstance(frame, VPDiscrete):
+            raise ValueError("grid='timesteps' needs a discrete-time model (VPDiscrete frame)")
+        return timestep_sigmas(frame, discrete_timesteps(frame.T, steps, spacing))
+    if grid == "flow":
+        return flow_sigmas(steps)
+    if grid == "karras":
+        return karras_sigmas(steps, frame.sigma_min, frame.sigma_max, rho)
+    return exponential_sigmas(steps, frame.sigma_min, frame.sigma_max)

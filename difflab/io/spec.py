@@ -45,3 +45,19 @@ def build_denoiser(spec: dict) -> Denoiser:
     diffusion = dict(spec.get("diffusion") or DEFAULT_DIFFUSION)
     net = UNet(UNetConfig.from_dict(spec["unet"]))
     return Denoiser(net, build_frame(diffusion), prediction=check_prediction(diffusion.get("prediction", "eps")))
+
+
+def load_denoiser(path, weights: str = "ema", device="cpu") -> tuple[Denoiser, dict]:
+    """Rebuild a trained denoiser from a training checkpoint (a ``.safetensors`` file or the run
+    directory holding ``checkpoint.safetensors``). ``weights`` is ``"ema"`` or ``"model"``.
+    Returns (denoiser in eval mode, checkpoint metadata)."""
+    from .checkpoint import load_checkpoint, load_model_state
+
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights={weights!r} must be 'ema' or 'model'")
+    tensors, meta = load_checkpoint(path, device=device)
+    if not meta.get("spec"):
+        raise ValueError(f"checkpoint {path} has no model spec: it was not written by difflab train (or train() got no spec=)")
+    denoiser = build_denoiser(meta["spec"])
+    load_model_state(denoiser.net, tensors, prefix=f"{weights}.")
+    return denoiser.to(device).eval(), meta

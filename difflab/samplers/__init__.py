@@ -1,0 +1,26 @@
+"""Samplers: plain functions ``sample_x(denoiser, x, sigmas, *, noise=None, extra_args=None,
+callback=None, progress=False, ...) -> x`` over a denoiser and an explicit grid of sigmas.
+
+Usage::
+
+    from difflab.core import grids
+    from difflab.samplers import get_sampler
+
+    sigmas = grids.karras_sigmas(50, denoiser.sigma_min, denoiser.sigma_max)
+    x = torch.randn(shape) * denoiser.prior_std(sigmas[0])
+    sample = get_sampler("ddim")(denoiser, x, sigmas, extra_args={"class_labels": y})
+"""
+from .ddim import check_sigmas, sample_ddim
+from .ddpm import sample_ddpm
+
+SAMPLERS = {"ddim": sample_ddim, "ddpm": sample_ddpm}
+
+
+def get_sampler(name: str):
+    """The sampler function registered under ``name`` in :data:`SAMPLERS`."""
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler={name!r} is unknown; choose one of {sorted(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
+__all__ = ["SAMPLERS", "get_sampler", "sample_ddim", "sample_ddpm", "check_sigmas"]

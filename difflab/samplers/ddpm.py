@@ -1,0 +1,51 @@
+"""Ancestral DDPM sampling (Ho et al. 2020) in the canonical frame.
+
+See :mod:`difflab.samplers.ddim` for the keywords every sampler shares.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import trange
+
+from ..core.forward import ve_posterior
+from .ddim import check_sigmas, noise_source
+
+VARIANCES = ("fixed_small", "fixed_large")
+
+
+@torch.no_grad()
+def sample_ddpm(denoiser, x: torch.Tensor, sigmas, *, variance: str = "fixed_small", noise=None,
+                extra_args: dict | None = None, callback=None, progress: bool = False) -> torch.Tensor:
+    """Ancestral sampling (Ho et al. 2020, Algorithm 2) on any decreasing grid, x = x0 + sigma eps.
+
+    Each step draws x_next ~ N(mu, var) with mu the posterior mean of q(x_next | x, x0_hat),
+    x0_hat = D(x, sigma) (eq. 7, in canonical form: :func:`difflab.core.forward.ve_posterior`):
+    ``mu = x0_hat + (s_n / sigma)^2 (x - x0_hat)``. ``variance`` picks sigma_t^2 (section 3.2):
+
+    - ``"fixed_small"``: the posterior variance beta~_t, canonically ``s_n^2 (sigma^2 - s_n^2) / sigma^2``;
+    - ``"fixed_large"``: beta_t = 1 - ab_t / ab_prev of the VP process, canonically
+      ``(sigma^2 - s_n^2)(1 + s_n^2) / (1 + sigma^2)`` (beta_t / ab_prev with ab = 1 / (1 + sigma^2);
+      VP-specific: for other frames it is simply a larger variance).
+
+    No noise is added on the step to sigma = 0, which returns x0_hat (Algorithm 2, "z = 0 if t = 1").
+    With a sub-sampled grid the betas are those of the skipped steps, as in diffusers' DDPMScheduler.
+    """
+    if variance not in VARIANCES:
+        raise ValueError(f"variance={variance!r} is unknown; choose one of {list(VARIANCES)}")
+    sigmas = check_sigmas(sigmas)
+    extra_args = {} if extra_args is None else extra_args
+    draw = noise_source(noise, x)
+    s_in = x.new_ones(x.shape[0])
+    for i in trange(len(sigmas) - 1, disable=not progress):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = denoiser(x, sigma * s_in, **extra_args)
+        x, var = ve_posterior(denoised, x, sigma, sigma_next)
+        if variance == "fixed_large":
+            var = (sigma**2 - sigma_next**2) * (1 + sigma_next**2) / (1 + sigma**2)
+        if sigma_next > 0:
+            x = x + math.sqrt(var) * draw()
+        if callback is not None:
+            callback(dict(i=i, x=x, sigma=sigma, sigma_next=sigma_next, denoised=denoised))
+    return x
