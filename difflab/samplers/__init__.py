@@ -10,7 +10,8 @@ Usage::
     x = torch.randn(shape) * denoiser.prior_std(sigmas[0])
     sample = get_sampler("ddim")(denoiser, x, sigmas, extra_args={"class_labels": y})
 """
-from .ddim import check_sigmas, sample_ddim
+from .common import ancestral_step, check_sigmas
+from .ddim import sample_ddim
 from .ddpm import sample_ddpm
 
 SAMPLERS = {"ddim": sample_ddim, "ddpm": sample_ddpm}
@@ -23,4 +24,4 @@ def get_sampler(name: str):
     return SAMPLERS[name]
 
 
-__all__ = ["SAMPLERS", "get_sampler", "sample_ddim", "sample_ddpm", "check_sigmas"]
+__all__ = ["SAMPLERS", "get_sampler", "sample_ddim", "sample_ddpm", "check_sigmas", "ancestral_step"]

@@ -1,6 +1,6 @@
 """Ancestral DDPM sampling (Ho et al. 2020) in the canonical frame.
 
-See :mod:`difflab.samplers.ddim` for the keywords every sampler shares.
+See :mod:`difflab.samplers.common` for the keywords every sampler shares.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import trange
 
 from ..core.forward import ve_posterior
-from .ddim import check_sigmas, noise_source
+from .common import check_sigmas, noise_source
 
 VARIANCES = ("fixed_small", "fixed_large")
 

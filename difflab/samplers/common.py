@@ -1,0 +1,62 @@
+"""What every sampler shares: the contract, the grid check, the noise source, the ancestral split.
+
+A sampler is a plain function ``(denoiser, x, sigmas, *, ...) -> x``: ``x`` is the canonical
+noisy sample at ``sigmas[0]`` (``x = x0 + sigma * eps``; start from
+``noise * denoiser.prior_std(sigmas[0])``) and the result is the sample at ``sigmas[-1]``.
+``sigmas`` is any strictly decreasing grid, usually ending in 0 (see :mod:`difflab.core.grids`);
+slice it (``sigmas[k:]``) to start mid-way, as img2img does.
+
+Shared keywords:
+
+- ``extra_args``: a dict passed to the denoiser as ``**extra_args`` at every step (the
+  conditioning: ``class_labels=``, ``context=``), as in k-diffusion.
+- ``noise``: a callable returning a standard-normal tensor shaped like ``x``
+  (:class:`difflab.core.SampleNoise` makes each sample independent of the batch it is in);
+  ``None`` means ``torch.randn_like(x)``. Deterministic samplers never call it.
+- ``callback``: called after every step with ``dict(i=, x=, sigma=, sigma_next=, denoised=)``,
+  where ``x`` is the new sample at ``sigma_next`` and ``denoised`` the estimate made at ``sigma``
+  (``sigma`` and ``sigma_next`` are Python floats).
+- ``progress``: show a tqdm progress bar.
+
+The arithmetic runs in the dtype of ``x`` (float32 in practice, float64 in the tests); the
+step coefficients are computed in float64 from the grid.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+
+def check_sigmas(sigmas) -> torch.Tensor:
+    """Validate a sampling grid (1-D, finite, non-negative, strictly decreasing) and return it as
+    a float64 CPU tensor."""
+    sigmas = torch.as_tensor(sigmas).detach().to("cpu", torch.float64)
+    if sigmas.ndim != 1 or len(sigmas) < 1:
+        raise ValueError(f"sigmas must be a non-empty 1-D tensor, got shape {tuple(sigmas.shape)}")
+    if not bool(torch.isfinite(sigmas).all()):
+        raise ValueError(f"sigmas must be finite, got {sigmas.tolist()}")
+    if bool((sigmas < 0).any()):
+        raise ValueError(f"sigmas must be non-negative, got {sigmas.tolist()}")
+    if not bool((sigmas[1:] < sigmas[:-1]).all()):
+        raise ValueError(f"sigmas must be strictly decreasing (largest noise level first), got {sigmas.tolist()}")
+    return sigmas
+
+
+def noise_source(noise: Callable[[], torch.Tensor] | None, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """The sampler's source of fresh standard-normal noise, returned in the dtype and device of ``x``."""
+    if noise is None:
+        return lambda: torch.randn_like(x)
+    return lambda: noise().to(x.device, x.dtype)
+
+
+def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
+    """Split a step from ``sigma`` to ``sigma_next`` into a deterministic part down to
+    ``sigma_down`` and fresh noise of std ``sigma_up``, with sigma_down^2 + sigma_up^2 = sigma_next^2
+    and sigma_up = eta * sqrt(s_n^2 (sigma^2 - s_n^2) / sigma^2): eta = 1 is the DDPM posterior
+    variance (Ho et al. 2020, eq. 7), eta = 0 the deterministic step (Song et al. 2021, eq. 16)."""
+    if sigma_next == 0:
+        return 0.0, 0.0
+    sigma_up = min(sigma_next, eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
+    return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
