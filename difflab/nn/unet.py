@@ -237,7 +237,7 @@ class UNet(nn.Module):
 
 
 PRESETS = {
-    # a few thousand parameters for smoke tests
+    # about 0.2 M parameters, for smoke tests
     "tiny": UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2),
     # the embedded 8x8 one-channel digits, class-conditional with a null class for CFG
     "digits": UNetConfig(in_channels=1, model_channels=32, channel_mult=(1, 2), num_res_blocks=2, attention_levels=(1,), num_heads=4, dropout=0.1, num_classes=10),
