@@ -186,6 +186,19 @@ class Flow:
         return 1 + sigma
 
 
+def learned_log_variance(v: torch.Tensor, beta, beta_tilde) -> torch.Tensor:
+    """Nichol & Dhariwal 2021, eq. 15: log Sigma_theta = v log beta_t + (1 - v) log beta~_t.
+
+    v = 1 gives beta_t (DDPM's "fixed_large"), v = 0 the posterior variance beta~_t
+    ("fixed_small"). ``beta`` and ``beta_tilde`` are positive floats or tensors broadcasting
+    against ``v``; on a grid that skips steps they are the respaced beta_t = 1 - ab_t / ab_prev
+    and beta~_t = (1 - ab_prev) / (1 - ab_t) beta_t of its consecutive levels (section 4). Both
+    scale alike between frames (canonical = VP / ab_prev), so the formula holds in either."""
+    log_beta = torch.as_tensor(beta, dtype=v.dtype, device=v.device).log()
+    log_beta_tilde = torch.as_tensor(beta_tilde, dtype=v.dtype, device=v.device).log()
+    return v * log_beta + (1 - v) * log_beta_tilde
+
+
 FRAMES = {"vp_discrete": VPDiscrete, "vp": VPContinuous, "ve": VE, "edm": EDM, "flow": Flow}
 
 
@@ -196,14 +209,24 @@ class Denoiser(nn.Module):
     (eps, x0, v, score, flow, edm) says what it outputs (conversions in
     :mod:`difflab.core.params`). The network computes in its own dtype; the result comes back
     in the dtype of ``x``.
+
+    ``learned_variance=True`` (improved DDPM; Nichol & Dhariwal 2021, section 3.1): the network
+    outputs 2C channels along dim 1, its usual prediction then raw values r in [-1, 1] with
+    v = (r + 1) / 2 interpolating the reverse variance (:func:`learned_log_variance`).
+    ``forward`` still returns x0_hat only, so every sampler works; :meth:`x0_and_v` returns both,
+    and :meth:`net_output` / :meth:`target` deal with the first C channels. VPDiscrete frames only.
     """
 
-    def __init__(self, net: nn.Module, frame, prediction: str = "eps", sigma_data: float = 0.5):
+    def __init__(self, net: nn.Module, frame, prediction: str = "eps", sigma_data: float = 0.5, learned_variance: bool = False):
         super().__init__()
         self.net, self.frame, self.prediction = net, frame, check_prediction(prediction)
         self.sigma_data = getattr(frame, "sigma_data", sigma_data)
+        self.learned_variance = bool(learned_variance)
         if prediction == "edm" and not isinstance(frame, EDM):
             raise ValueError("prediction='edm' needs the EDM frame (its c_in and c_noise define F)")
+        if self.learned_variance and not isinstance(frame, VPDiscrete):
+            raise ValueError("learned_variance=True needs the VPDiscrete frame (v interpolates between beta_t and beta~_t "
+                             f"of consecutive steps), got {type(frame).__name__}")
 
     def _levels(self, x: torch.Tensor, sigma):
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
@@ -217,11 +240,43 @@ class Denoiser(nn.Module):
     def net_output(self, x: torch.Tensor, sigma, **cond):
         """The raw network output and its frame: (out, x_in, alpha, sigma_in), where
         x_in = alpha x = alpha x0 + sigma_in eps. Losses use this to compare in the network's
-        own parameterization."""
+        own parameterization. With learned variance, ``out`` is the first C channels."""
+        out, x_in, alpha, sigma_in = self._call(x, sigma, **cond)
+        if self.learned_variance:
+            out, _ = self._split_v(out, x)
+        return out, x_in, alpha, sigma_in
+
+    def net_output_and_v(self, x: torch.Tensor, sigma, **cond):
+        """One network call of a learned-variance model: (out, v, x_in, alpha, sigma_in), with
+        ``out`` the first C channels (the usual prediction) and v = (r + 1) / 2 from the last C
+        (Nichol & Dhariwal 2021, eq. 15 and their code's ``frac``)."""
+        if not self.learned_variance:
+            raise ValueError("this denoiser has no learned variance: build it with Denoiser(..., learned_variance=True)")
+        out, x_in, alpha, sigma_in = self._call(x, sigma, **cond)
+        out, v = self._split_v(out, x)
+        return out, v, x_in, alpha, sigma_in
+
+    def _call(self, x: torch.Tensor, sigma, **cond):
         sigma, alpha, sigma_in = self._levels(x, sigma)
         x_in = alpha * x
         out = self.net(x_in, self.frame.time(sigma), **cond)
         return out.to(x.dtype), x_in, alpha, sigma_in
+
+    @staticmethod
+    def _split_v(out: torch.Tensor, x: torch.Tensor):
+        C = x.shape[1]
+        if out.ndim != x.ndim or out.shape[1] != 2 * C or out.shape[2:] != x.shape[2:]:
+            raise ValueError(f"a learned-variance net must output 2C = {2 * C} channels along dim 1 for x of shape "
+                             f"{tuple(x.shape)}, got {tuple(out.shape)}")
+        out, r = out.split(C, dim=1)
+        return out, (r + 1) / 2
+
+    def x0_and_v(self, x: torch.Tensor, sigma, **cond) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0_hat, v) of a learned-variance model from one network call; v in [0, 1] where the
+        network's raw output is in [-1, 1] (v = 1: beta_t, v = 0: beta~_t; see :func:`learned_log_variance`)."""
+        out, v, x_in, alpha, sigma_in = self.net_output_and_v(x, sigma, **cond)
+        x0, _ = to_x0_eps(out, self.prediction, x_in, alpha, sigma_in, self.sigma_data)
+        return x0, v
 
     def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
         out, x_in, alpha, sigma_in = self.net_output(x, sigma, **cond)

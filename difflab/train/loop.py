@@ -35,8 +35,10 @@ from difflab.io.checkpoint import (checkpoint_path, load_checkpoint, load_model_
 
 from .ema import EMA
 from .losses import NOISE_LEVELS, WEIGHTINGS, SigmaBinnedLoss, diffusion_loss, draw_sigmas
+from .vlb import hybrid_loss
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+LOSSES = ("mse", "hybrid")  # losses.diffusion_loss; vlb.hybrid_loss (improved DDPM, learned variance)
 CHECKPOINT_KIND = "difflab.train"
 # Config fields that may change when resuming without changing the math of the steps taken.
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "progress")
@@ -58,6 +60,8 @@ class TrainConfig:
     cfg_dropout: float = 0.0           # probability of replacing a class label by the null class (Ho & Salimans 2022)
     weighting: str = "simple"          # loss weighting: "simple", "min_snr", "edm" (see losses.loss_weight)
     min_snr_gamma: float = 5.0         # gamma of min-SNR weighting (Hang et al. 2023)
+    loss: str = "mse"                  # "mse": losses.diffusion_loss; "hybrid": + vlb_weight * L_vlb (vlb.hybrid_loss; learned variance)
+    vlb_weight: float = 0.001          # lambda of the hybrid loss (Nichol & Dhariwal 2021, eq. 16)
     noise_level: str | None = None     # training sigma distribution (losses.NOISE_LEVELS); None: by frame
     noise_level_kwargs: dict = field(default_factory=dict)  # e.g. {"p_mean": -1.2, "p_std": 1.2}
     checkpoint_every: int = 1000       # steps between checkpoints (one is also written at the end); 0: end only
@@ -70,6 +74,10 @@ class TrainConfig:
             raise ValueError(f"precision={self.precision!r} must be one of {list(PRECISIONS)}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting={self.weighting!r} must be one of {list(WEIGHTINGS)}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r} must be one of {list(LOSSES)}")
+        if not self.vlb_weight >= 0:
+            raise ValueError(f"vlb_weight={self.vlb_weight} must be non-negative")
         if self.noise_level is not None and self.noise_level not in NOISE_LEVELS:
             raise ValueError(f"noise_level={self.noise_level!r} must be one of {sorted(NOISE_LEVELS)} or None")
         if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
@@ -186,8 +194,12 @@ def accumulate_gradients(denoiser: Denoiser, batch: dict, config: TrainConfig, s
         sl = slice(i * m, (i + 1) * m)
         extra = {} if batch["class_labels"] is None else {"class_labels": batch["class_labels"][sl]}
         with autocast(device, config.precision):
-            loss = diffusion_loss(denoiser, batch["x0"][sl], batch["sigma"][sl], batch["noise"][sl], extra_args=extra,
-                                  weighting=config.weighting, min_snr_gamma=config.min_snr_gamma)
+            if config.loss == "hybrid":
+                loss = hybrid_loss(denoiser, batch["x0"][sl], batch["sigma"][sl], batch["noise"][sl], extra_args=extra,
+                                   vlb_weight=config.vlb_weight, weighting=config.weighting, min_snr_gamma=config.min_snr_gamma)
+            else:
+                loss = diffusion_loss(denoiser, batch["x0"][sl], batch["sigma"][sl], batch["noise"][sl], extra_args=extra,
+                                      weighting=config.weighting, min_snr_gamma=config.min_snr_gamma)
         total = loss.sum() / B
         (scaler.scale(total) if scaler is not None else total).backward()
         losses.append(loss.detach())

@@ -66,6 +66,14 @@ def diffusion_loss(denoiser, x0: torch.Tensor, sigma, noise: torch.Tensor, *, we
     x = x0 + append_dims(sigma, x0.ndim) * noise
     out, x_in, alpha, sigma_in = denoiser.net_output(x, sigma, **(extra_args or {}))
     target = denoiser.target(x0, noise, sigma)
+    return weighted_mse(denoiser, out, target, alpha, sigma_in, weighting=weighting, min_snr_gamma=min_snr_gamma)
+
+
+def weighted_mse(denoiser, out: torch.Tensor, target: torch.Tensor, alpha, sigma_in, *, weighting: str = "simple",
+                 min_snr_gamma: float = 5.0) -> torch.Tensor:
+    """mean(w * (out - target)^2) per example, w = :func:`loss_weight` at frame levels
+    (alpha, sigma_in): the denoising term of :func:`diffusion_loss` and of the hybrid loss
+    (:func:`difflab.train.vlb.hybrid_loss`), given one network output."""
     w = loss_weight(weighting, denoiser.prediction, alpha, sigma_in, sigma_data=denoiser.sigma_data, min_snr_gamma=min_snr_gamma)
     return (w * (out - target) ** 2).flatten(1).mean(1)
 
