@@ -119,3 +119,25 @@ def test_guided_sampling_through_a_wrapped_network():
     assert torch.equal(sample_ddim(ClassifierFreeGuidance(D, 1.0, {"class_labels": NULL}), x, sigmas, **args), plain)
     guided = sample_ddim(ClassifierFreeGuidance(D, 3.0, {"class_labels": NULL}), x, sigmas, **args)
     assert guided.shape == plain.shape and torch.isfinite(guided).all() and not torch.allclose(guided, plain)
+
+
+def test_guided_x0_and_v_takes_v_from_the_conditional_branch():
+    from difflab.core import Denoiser, VPDiscrete
+    from difflab.guidance import ClassifierFreeGuidance
+
+    class Net(torch.nn.Module):  # eps and a label-dependent variance channel, 2C outputs
+        def forward(self, x, t, class_labels=None):
+            lab = class_labels.to(x.dtype).reshape(-1, 1, 1)
+            return torch.cat([0.1 * x * (1 + lab), torch.tanh(lab - 1).expand_as(x)], dim=1)
+
+    d = Denoiser(Net(), VPDiscrete.from_name("linear", 100), "eps", learned_variance=True).double()
+    x = torch.randn(3, 1, 4, dtype=torch.float64)
+    sigma = torch.full((3,), 2.0, dtype=torch.float64)
+    cond, null = torch.tensor([2, 3, 4]), torch.zeros(3, dtype=torch.long)
+    cfg = ClassifierFreeGuidance(d, 2.5, uncond={"class_labels": null})
+    x0, v = cfg.x0_and_v(x, sigma, class_labels=cond)
+    x0_c, v_c = d.x0_and_v(x, sigma, class_labels=cond)
+    x0_u, _ = d.x0_and_v(x, sigma, class_labels=null)
+    torch.testing.assert_close(x0, x0_u + 2.5 * (x0_c - x0_u))
+    torch.testing.assert_close(v, v_c)
+    torch.testing.assert_close(cfg(x, sigma, class_labels=cond), x0)

@@ -265,4 +265,6 @@ def test_bad_names_and_grids_raise():
     with pytest.raises(ValueError, match="eta"):
         sample_ddim(D, x, torch.tensor([1.0, 0.0]), eta=1.5)
     with pytest.raises(ValueError, match="fixed_small"):
+        sample_ddpm(D, x, torch.tensor([1.0, 0.0]), variance="learned_range")
+    with pytest.raises(ValueError, match="x0_and_v"):
         sample_ddpm(D, x, torch.tensor([1.0, 0.0]), variance="learned")

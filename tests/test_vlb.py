@@ -397,3 +397,15 @@ def test_hybrid_training_lowers_both_terms(tmp_path):
     assert abs(simple1 - simple_mse) < 0.02 * simple_mse  # lambda = 0.001 leaves L_simple's training almost alone
     meta = load_checkpoint(tmp_path / "hybrid")[1]
     assert meta["train_config"]["loss"] == "hybrid" and meta["train_config"]["vlb_weight"] == 0.001
+
+
+def test_a_spec_with_learned_variance_rebuilds_a_two_output_network():
+    from difflab.io.spec import build_denoiser
+
+    spec = {"unet": {"in_channels": 1, "model_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1},
+            "diffusion": {"frame": "vp_discrete", "schedule": "linear", "T": 100, "prediction": "eps",
+                          "learned_variance": True}}
+    d = build_denoiser(spec)
+    assert d.learned_variance and d.net.config.out_channels == 2
+    x0, v = d.x0_and_v(torch.randn(2, 1, 8, 8), torch.tensor([1.0, 3.0]))
+    assert x0.shape == v.shape == (2, 1, 8, 8)

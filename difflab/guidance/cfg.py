@@ -46,6 +46,20 @@ class ClassifierFreeGuidance(nn.Module):
     def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
         if self.scale == 1.0:
             return self.denoiser(x, sigma, **cond)
+        d_c, d_u = self._call_both(self.denoiser, x, sigma, cond).chunk(2)
+        return self._combine(d_c, d_u)
+
+    def x0_and_v(self, x: torch.Tensor, sigma, **cond):
+        """Guided x0_hat and the conditional branch's learned-variance interpolation v, as GLIDE
+        does (Nichol et al. 2022, section 2.3), for DDPM sampling with ``variance="learned"``."""
+        if self.scale == 1.0:
+            return self.denoiser.x0_and_v(x, sigma, **cond)
+        x0, v = self._call_both(self.denoiser.x0_and_v, x, sigma, cond)
+        d_c, d_u = x0.chunk(2)
+        return self._combine(d_c, d_u), v.chunk(2)[0]
+
+    def _call_both(self, fn, x, sigma, cond):
+        """Call ``fn`` once on the conditional and unconditional branches stacked along the batch."""
         missing = sorted(set(self.uncond) - set(cond))
         if missing:
             raise ValueError(f"uncond keys {missing} have no conditional counterpart in cond {sorted(cond)}")
@@ -60,7 +74,9 @@ class ClassifierFreeGuidance(nn.Module):
                 both[name] = torch.cat([c, c])
             else:
                 both[name] = c
-        d_c, d_u = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **both).chunk(2)
+        return fn(torch.cat([x, x]), torch.cat([sigma, sigma]), **both)
+
+    def _combine(self, d_c: torch.Tensor, d_u: torch.Tensor) -> torch.Tensor:
         guided = d_u + self.scale * (d_c - d_u)
         if self.guidance_rescale > 0:
             guided = rescale(guided, d_c, self.guidance_rescale)

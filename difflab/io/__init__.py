@@ -1,8 +1,10 @@
 """Checkpoints and other files: safetensors for tensors, JSON for everything else, never pickle."""
 from .checkpoint import (CHECKPOINT_NAME, checkpoint_path, load_checkpoint, load_model_state, optimizer_state_from_tensors,
                          optimizer_state_to_tensors, read_metadata, save_checkpoint, strip_prefix)
+from .diffusers_vae import load_diffusers_vae, load_sd_vae_from_single_file, save_diffusers_vae, sd_single_file_state
 
 __all__ = [
     "CHECKPOINT_NAME", "checkpoint_path", "save_checkpoint", "load_checkpoint", "read_metadata", "strip_prefix",
-    "load_model_state", "optimizer_state_to_tensors", "optimizer_state_from_tensors",
+    "load_model_state", "optimizer_state_to_tensors", "optimizer_state_from_tensors", "load_diffusers_vae",
+    "save_diffusers_vae", "load_sd_vae_from_single_file", "sd_single_file_state",
 ]

@@ -6,11 +6,14 @@
      "diffusion": {"frame": "vp_discrete", "schedule": "cosine", "T": 1000,
                    "zero_terminal_snr": false, "prediction": "v"}}
 
-``frame`` is a key of :data:`difflab.core.FRAMES`; the other diffusion keys are that frame's
+``"learned_variance": true`` (vp_discrete only) doubles the U-Net's output channels for the
+variance interpolation of improved DDPM. ``frame`` is a key of :data:`difflab.core.FRAMES`; the other diffusion keys are that frame's
 arguments (``schedule``/``T``/``zero_terminal_snr`` for vp_discrete, ``schedule``/``time_scale``
 for vp, ``sigma_min``/``sigma_max`` for ve, ``sigma_data`` for edm, ``time_scale`` for flow).
 """
 from __future__ import annotations
+
+import dataclasses
 
 from ..core import EDM, VE, Denoiser, Flow, VPContinuous, VPDiscrete
 from ..core.params import check_prediction
@@ -23,6 +26,7 @@ def build_frame(diffusion: dict):
     d = dict(diffusion)
     kind = d.pop("frame", "vp_discrete")
     d.pop("prediction", None)
+    d.pop("learned_variance", None)
     if kind == "vp_discrete":
         return VPDiscrete.from_name(d.pop("schedule", "cosine"), d.pop("T", 1000), zero_terminal_snr=d.pop("zero_terminal_snr", False), **d)
     if kind == "vp":
@@ -43,8 +47,12 @@ def build_denoiser(spec: dict) -> Denoiser:
     if "unet" not in spec:
         raise ValueError(f"model spec needs a 'unet' entry, got keys {sorted(spec)}")
     diffusion = dict(spec.get("diffusion") or DEFAULT_DIFFUSION)
-    net = UNet(UNetConfig.from_dict(spec["unet"]))
-    return Denoiser(net, build_frame(diffusion), prediction=check_prediction(diffusion.get("prediction", "eps")))
+    config = UNetConfig.from_dict(spec["unet"])
+    learned = bool(diffusion.get("learned_variance", False))
+    if learned:  # the network also outputs the variance interpolation v (improved DDPM)
+        config = dataclasses.replace(config, out_channels=2 * config.in_channels)
+    return Denoiser(UNet(config), build_frame(diffusion), prediction=check_prediction(diffusion.get("prediction", "eps")),
+                    learned_variance=learned)
 
 
 def load_denoiser(path, weights: str = "ema", device="cpu") -> tuple[Denoiser, dict]:

@@ -3,8 +3,11 @@ from .layers import (
     CrossAttention, Downsample, ResBlock, SelfAttention, TimestepMLP, Upsample, group_norm, timestep_embedding, zero_,
 )
 from .unet import PRESETS, UNet, UNetConfig
+from .vae import PRESETS as VAE_PRESETS
+from .vae import AutoencoderKL, DiagonalGaussian, VAEConfig, estimate_scaling_factor
 
 __all__ = [
     "UNet", "UNetConfig", "PRESETS", "timestep_embedding", "TimestepMLP", "ResBlock", "SelfAttention", "CrossAttention",
-    "Downsample", "Upsample", "group_norm", "zero_",
+    "Downsample", "Upsample", "group_norm", "zero_", "AutoencoderKL", "VAEConfig", "DiagonalGaussian",
+    "estimate_scaling_factor", "VAE_PRESETS",
 ]

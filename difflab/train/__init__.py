@@ -2,10 +2,13 @@
 from .ema import EMA
 from .losses import (NOISE_LEVELS, SIGMA_BIN_EDGES, WEIGHTINGS, SigmaBinnedLoss, default_noise_level, diffusion_loss,
                      draw_sigmas, loss_by_sigma_bins, loss_weight)
-from .loop import TrainConfig, TrainingDivergedError, TrainState, draw_batch, train
+from .loop import LOSSES, TrainConfig, TrainingDivergedError, TrainState, draw_batch, train
+from .vae_loss import PatchDiscriminator, adaptive_weight, discriminator_loss, hinge_discriminator_loss, vae_loss
+from .vlb import hybrid_loss, hybrid_terms, vlb_loss
 
 __all__ = [
     "EMA", "diffusion_loss", "loss_weight", "WEIGHTINGS", "NOISE_LEVELS", "default_noise_level", "draw_sigmas",
     "SIGMA_BIN_EDGES", "SigmaBinnedLoss", "loss_by_sigma_bins", "TrainConfig", "TrainState", "TrainingDivergedError",
-    "draw_batch", "train",
+    "draw_batch", "train", "LOSSES", "hybrid_loss", "hybrid_terms", "vlb_loss", "vae_loss", "PatchDiscriminator",
+    "adaptive_weight", "discriminator_loss", "hinge_discriminator_loss",
 ]
