@@ -186,6 +186,11 @@ def test_ddim_eta_one_is_ddpm_fixed_small():
 # ----------------------------------------------------------------------------
 # Edge cases
 
+# Multistep samplers keep a history: their last step to 0 uses it (so it is not D alone) and a
+# sliced grid restarts the history (so a mid-grid start is a new trajectory, not the same one).
+MULTISTEP = {"lms"}
+
+
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_step_to_zero_returns_the_denoised_estimate(name):
     gm = GaussianMixture([0.5, 0.5], [[-1.0, 0.0], [1.0, 1.0]], [0.1, 0.2])
@@ -195,10 +200,11 @@ def test_step_to_zero_returns_the_denoised_estimate(name):
     steps = []
     get_sampler(name)(gm.denoiser, x, grids.karras_sigmas(5, 0.01, 3.0), callback=steps.append)
     assert [s["i"] for s in steps] == list(range(5)) and steps[-1]["sigma_next"] == 0.0
-    assert torch.equal(steps[-1]["x"], steps[-1]["denoised"])
+    if name not in MULTISTEP:
+        assert torch.equal(steps[-1]["x"], steps[-1]["denoised"])
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
+@pytest.mark.parametrize("name", sorted(set(SAMPLERS) - MULTISTEP))
 def test_starting_mid_grid_continues_the_same_trajectory(name):
     gm = GaussianMixture([0.5, 0.5], [[-1.0, 0.0], [1.0, 1.0]], [0.1, 0.2])
     x = 20 * torch.randn(8, 2, generator=torch.Generator().manual_seed(5), dtype=F64)
@@ -243,7 +249,7 @@ def test_extra_args_reach_the_denoiser_and_progress_bar_runs():
     for name in SAMPLERS:
         get_sampler(name)(denoiser, torch.ones(2, 3), torch.tensor([2.0, 1.0, 0.0]),
                           extra_args={"class_labels": labels}, progress=True)
-    assert len(seen) == 4 and all(v is labels for v in seen)
+    assert len(seen) >= 2 * len(SAMPLERS) and all(v is labels for v in seen)
 
 
 def test_float32_stays_float32():

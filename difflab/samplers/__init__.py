@@ -10,11 +10,14 @@ Usage::
     x = torch.randn(shape) * denoiser.prior_std(sigmas[0])
     sample = get_sampler("ddim")(denoiser, x, sigmas, extra_args={"class_labels": y})
 """
-from .common import ancestral_step, check_sigmas
+from . import euler, flow, lms
+from .common import ancestral_step, check_sigmas, ode_derivative
 from .ddim import sample_ddim
 from .ddpm import sample_ddpm
+from .inversion import invert_ddim
 
-SAMPLERS = {"ddim": sample_ddim, "ddpm": sample_ddpm}
+# One plain dict: each family module exports its own SAMPLERS and they are merged here.
+SAMPLERS = {"ddim": sample_ddim, "ddpm": sample_ddpm, **euler.SAMPLERS, **lms.SAMPLERS, **flow.SAMPLERS}
 
 
 def get_sampler(name: str):
@@ -24,4 +27,4 @@ def get_sampler(name: str):
     return SAMPLERS[name]
 
 
-__all__ = ["SAMPLERS", "get_sampler", "sample_ddim", "sample_ddpm", "check_sigmas", "ancestral_step"]
+__all__ = ["SAMPLERS", "get_sampler", "sample_ddim", "sample_ddpm", "check_sigmas", "ancestral_step", "ode_derivative", "invert_ddim"]

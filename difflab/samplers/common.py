@@ -60,3 +60,9 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[f
         return 0.0, 0.0
     sigma_up = min(sigma_next, eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
     return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
+
+
+def ode_derivative(x: torch.Tensor, sigma: float, denoised: torch.Tensor) -> torch.Tensor:
+    """d = dx/dsigma = (x - D(x; sigma)) / sigma (Karras et al. 2022, eq. 3-4), which is also
+    the noise estimate eps_hat of x = x0 + sigma eps."""
+    return (x - denoised) / sigma

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import trange
 
-from .common import ancestral_step, check_sigmas, noise_source
+from .common import ancestral_step, check_sigmas, noise_source, ode_derivative
 
 
 @torch.no_grad()
@@ -37,7 +37,7 @@ def sample_ddim(denoiser, x: torch.Tensor, sigmas, *, eta: float = 0.0, noise=No
         if sigma_next == 0:
             x = denoised
         else:
-            eps = (x - denoised) / sigma
+            eps = ode_derivative(x, sigma, denoised)
             sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
             x = denoised + sigma_down * eps
             if sigma_up > 0:

@@ -1,0 +1,61 @@
+"""Deterministic DDIM inversion: run the probability-flow ODE backwards, from a clean sample up
+to the latent noise that the DDIM sampler would map back to it."""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import trange
+
+from .common import check_sigmas
+from .common import ode_derivative
+
+
+@torch.no_grad()
+def invert_ddim(denoiser, x0: torch.Tensor, sigmas, *, extra_args: dict | None = None, callback=None,
+                progress: bool = False) -> torch.Tensor:
+    """DDIM inversion (Song et al. 2021, eq. 14 integrated from x0 towards x_T, their section 5.4;
+    Mokady et al. 2023, section 3, "DDIM inversion"), in the canonical frame x = x0 + sigma eps.
+
+    ``sigmas`` is the *sampling* grid (strictly decreasing, usually ending in 0, as given to
+    :func:`difflab.samplers.ddim.sample_ddim`); it is walked in reverse, from ``sigmas[-1]``
+    (where ``x0`` lives) up to ``sigmas[0]``, and the latent at ``sigmas[0]`` is returned, ready
+    to be passed back to a sampler on the same grid. Each step uses D at the current level to go
+    to the next higher one::
+
+        eps_hat = (x - D(x; sigma)) / sigma,    x_next = D(x; sigma) + sigma_next * eps_hat
+
+    the Euler step of dx/dsigma = eps_hat (eq. 14 in canonical form) with sigma increasing. At
+    sigma = 0 the sample carries no noise to estimate, so the first step of a grid ending in 0
+    keeps x0_hat = x0 and takes the direction from D at the next level:
+    x_next = x0 + sigma_next (x0 - D(x0; sigma_next)) / sigma_next (diffusers' DDIMInverseScheduler
+    with ``set_alpha_to_one=True`` does the same with the network at its first timestep).
+    One denoiser call per step; first order.
+
+    The inversion is exact only as steps -> infinity: each step assumes eps_hat is constant over
+    [sigma, sigma_next], an O(h^2) local error (O(h) globally), so sampling from the returned
+    latent on the same grid reproduces ``x0`` only up to that error (it falls about 2x per
+    doubling of the steps; tests/test_inversion.py measures it).
+
+    Note: diffusers' inversion pipelines (and Mokady et al.'s code) call the network at the
+    *next* timestep with the sample at the current one; this function keeps the denoiser
+    contract D(x; sigma) with x at sigma; both are first order and differ by O(h) over the run.
+    ``callback`` receives dict(i=, x=, sigma=, sigma_next=, denoised=) with sigma < sigma_next.
+    """
+    rising = check_sigmas(sigmas).flip(0).tolist()
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x0.new_ones(x0.shape[0])
+    x = x0
+    for i in trange(len(rising) - 1, disable=not progress):
+        sigma, sigma_next = rising[i], rising[i + 1]
+        if sigma == 0:  # x is its own x0_hat; its noise direction is estimated one level up
+            denoised = x
+            eps = ode_derivative(x, sigma_next, denoiser(x, sigma_next * s_in, **extra_args))
+        else:
+            denoised = denoiser(x, sigma * s_in, **extra_args)
+            eps = ode_derivative(x, sigma, denoised)
+        x = denoised + sigma_next * eps
+        if callback is not None:
+            callback(dict(i=i, x=x, sigma=sigma, sigma_next=sigma_next, denoised=denoised))
+    return x
+
+
+SAMPLERS = {}  # inversion is not a sampler: it maps x0 to noise; import invert_ddim directly
