@@ -1,0 +1,414 @@
+"""The Stable Diffusion U-Net: a text-conditional latent U-Net (Rombach et al. 2022, Section 3.3).
+
+A network, not a denoiser: ``net(x_in, t, context=, context_mask=)`` maps the latent at network
+scale, a (B,) float time and the text encoder's hidden states to the raw prediction (eps for SD
+1.x and 2-base, v for SD 2.x 768-v); ``difflab.core.Denoiser`` wraps it.
+
+Architecturally it is diffusers' ``UNet2DConditionModel`` for the SD 1.x / 2.x family, with the
+same module and parameter names, so a diffusers ``unet/`` state dict loads as it is (the key map
+to the original ``ldm`` layout is :mod:`difflab.io.keymaps.unet_sd`). For level ``i`` of
+``block_out_channels = (c_0, ..., c_{n-1})`` (resolution H / 2**i):
+
+- ``conv_in``; time embedding: sinusoidal ``[cos, sin]`` of t (difflab's ``timestep_embedding``,
+  which is diffusers' with ``flip_sin_to_cos=True, freq_shift=0``), then ``time_embedding`` =
+  Linear-SiLU-Linear to ``4 c_0`` channels;
+- ``down_blocks[i]``: ``layers_per_block`` x (ResnetBlock [+ SpatialTransformer]), then a stride-2
+  conv (not after the last level); every output is kept as a skip connection;
+- ``mid_block``: ResnetBlock, SpatialTransformer, ResnetBlock;
+- ``up_blocks[j]`` (j = 0 is the deepest level): ``layers_per_block + 1`` x (concatenate a skip,
+  ResnetBlock [+ SpatialTransformer]), then nearest upsampling + conv (not after the last);
+- out: GroupNorm, SiLU, ``conv_out``.
+
+A ResnetBlock *adds* the projected time embedding between its two convs (DDPM's form, Ho et al.
+2020, Appendix B), unlike difflab's ADM ``ResBlock`` which scales and shifts.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import Downsample, Upsample, _maybe_checkpoint, timestep_embedding
+from .transformer import SpatialTransformer
+
+DIFFUSERS_CLASS = "UNet2DConditionModel"
+
+
+@dataclass(frozen=True)
+class UNetSDConfig:
+    """Everything that shapes a UNetSD; JSON-safe through ``to_dict`` / ``from_dict``.
+
+    ``num_heads`` is what diffusers' config calls ``attention_head_dim`` (a historical misnomer
+    there: it is the number of heads per level; SD 1.x has 8 everywhere, SD 2.x has head width 64,
+    i.e. (5, 10, 20, 20)). ``up_attention`` lists the up levels deepest first, as diffusers'
+    ``up_block_types`` does.
+    """
+
+    in_channels: int = 4  # latent channels in
+    out_channels: int = 4  # channels of the prediction
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)  # width of each level
+    layers_per_block: int = 2  # ResnetBlocks per level on the way down (one more on the way up)
+    down_attention: tuple[bool, ...] = (True, True, True, False)  # CrossAttnDownBlock2D (True) or DownBlock2D
+    up_attention: tuple[bool, ...] = (False, True, True, True)  # deepest first: CrossAttnUpBlock2D or UpBlock2D
+    num_heads: tuple[int, ...] = (8, 8, 8, 8)  # attention heads per level (diffusers' "attention_head_dim")
+    cross_attention_dim: int = 768  # width of the text tokens (CLIP ViT-L: 768; OpenCLIP ViT-H: 1024)
+    transformer_layers_per_block: int = 1  # BasicTransformerBlocks in each SpatialTransformer
+    use_linear_projection: bool = False  # SD 2.x: linear proj_in/proj_out on tokens; SD 1.x: 1x1 convs
+    norm_num_groups: int = 32  # GroupNorm groups (must divide every width)
+    norm_eps: float = 1e-5  # GroupNorm eps of the ResnetBlocks and the output norm (LayerNorms keep 1e-5, as in diffusers)
+    dropout: float = 0.0  # dropout in ResnetBlocks and attention
+    sample_size: int = 64  # the latent size the model was trained at (pipelines' default)
+    gradient_checkpointing: bool = False  # recompute block activations in backward to save memory
+
+    def __post_init__(self):
+        for name in ("block_out_channels", "down_attention", "up_attention", "num_heads"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        n = len(self.block_out_channels)
+        if n < 1:
+            raise ValueError("block_out_channels must have at least one level")
+        for name in ("down_attention", "up_attention", "num_heads"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries but block_out_channels has {n} levels")
+        for ch, heads in zip(self.block_out_channels, self.num_heads):
+            if ch % heads:
+                raise ValueError(f"num_heads {heads} does not divide the level width {ch}")
+            if ch % self.norm_num_groups:
+                raise ValueError(f"norm_num_groups={self.norm_num_groups} does not divide the level width {ch}")
+
+    @property
+    def downsample_factor(self) -> int:
+        """How much the deepest level is smaller than the input: 2 ** (levels - 1)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    def to_dict(self) -> dict:
+        """A JSON-safe dict (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UNetSDConfig":
+        """Inverse of ``to_dict``; unknown keys are an error."""
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown UNetSDConfig keys: {sorted(unknown)}")
+        return cls(**d)
+
+    # -- diffusers' config.json ----------------------------------------------------------------
+
+    @classmethod
+    def from_diffusers_config(cls, d: dict) -> "UNetSDConfig":
+        """Read a diffusers ``UNet2DConditionModel`` ``config.json`` dict (SD 1.x / 2.x family).
+
+        Settings this U-Net does not implement raise ValueError naming them (SDXL's
+        ``addition_embed_type``, class embeddings, per-block layer counts, ...); settings that do
+        not change the function (``upcast_attention``, which diffusers' SDPA attention ignores too,
+        ``sample_size``, ...) are accepted.
+        """
+        get = lambda k: d.get(k, _DIFFUSERS_DEFAULTS.get(k))  # noqa: E731
+        unsupported = []
+        for key, ok in _DIFFUSERS_REQUIRED.items():
+            value = get(key)
+            if isinstance(value, (list, tuple)):  # one flag per block: fine when every entry is the supported value
+                value = ok if all(v == ok for v in value) else tuple(value)
+            if value != ok:
+                unsupported.append(f"{key}={value!r} (supported: {ok!r})")
+        down, up = tuple(get("down_block_types")), tuple(get("up_block_types"))
+        allowed_down, allowed_up = {"CrossAttnDownBlock2D", "DownBlock2D"}, {"CrossAttnUpBlock2D", "UpBlock2D"}
+        if set(down) - allowed_down or set(up) - allowed_up:
+            unsupported.append(f"down_block_types={list(down)}, up_block_types={list(up)} (supported: {sorted(allowed_down | allowed_up)})")
+        for key in ("layers_per_block", "transformer_layers_per_block", "cross_attention_dim"):
+            if not isinstance(get(key), int):
+                unsupported.append(f"{key}={get(key)!r} (supported: one int for every level)")
+        if unsupported:
+            raise ValueError(f"this diffusers UNet2DConditionModel config is outside the SD 1.x/2.x family UNetSD implements: {'; '.join(unsupported)}")
+        n = len(get("block_out_channels"))
+        heads = get("num_attention_heads") or get("attention_head_dim")
+        heads = (heads,) * n if isinstance(heads, int) else tuple(heads)
+        sample_size = get("sample_size")
+        return cls(
+            in_channels=get("in_channels"), out_channels=get("out_channels"),
+            block_out_channels=tuple(get("block_out_channels")), layers_per_block=get("layers_per_block"),
+            down_attention=tuple(b == "CrossAttnDownBlock2D" for b in down),
+            up_attention=tuple(b == "CrossAttnUpBlock2D" for b in up),
+            num_heads=heads, cross_attention_dim=get("cross_attention_dim"),
+            transformer_layers_per_block=get("transformer_layers_per_block"),
+            use_linear_projection=bool(get("use_linear_projection")), norm_num_groups=get("norm_num_groups"),
+            norm_eps=get("norm_eps"), dropout=get("dropout"),
+            sample_size=sample_size if isinstance(sample_size, int) else 64,
+        )
+
+    def to_diffusers_config(self) -> dict:
+        """The diffusers ``config.json`` dict of the same model (inverse of ``from_diffusers_config``)."""
+        return {
+            "_class_name": DIFFUSERS_CLASS,
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in _DIFFUSERS_REQUIRED.items()},
+            "in_channels": self.in_channels, "out_channels": self.out_channels,
+            "block_out_channels": list(self.block_out_channels), "layers_per_block": self.layers_per_block,
+            "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in self.down_attention],
+            "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in self.up_attention],
+            "attention_head_dim": list(self.num_heads), "cross_attention_dim": self.cross_attention_dim,
+            "transformer_layers_per_block": self.transformer_layers_per_block,
+            "use_linear_projection": self.use_linear_projection, "norm_num_groups": self.norm_num_groups,
+            "norm_eps": self.norm_eps, "dropout": self.dropout, "sample_size": self.sample_size,
+            "act_fn": "silu", "downsample_padding": 1, "center_input_sample": False,
+        }
+
+
+# diffusers' defaults for the keys read above, and the settings UNetSD implements (anything else raises)
+_DIFFUSERS_DEFAULTS = {
+    "in_channels": 4, "out_channels": 4, "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "attention_head_dim": 8, "num_attention_heads": None, "cross_attention_dim": 1280, "transformer_layers_per_block": 1,
+    "use_linear_projection": False, "norm_num_groups": 32, "norm_eps": 1e-5, "dropout": 0.0, "sample_size": None,
+    "flip_sin_to_cos": True, "freq_shift": 0, "mid_block_type": "UNetMidBlock2DCrossAttn", "act_fn": "silu",
+    "center_input_sample": False, "downsample_padding": 1, "mid_block_scale_factor": 1, "only_cross_attention": False,
+    "dual_cross_attention": False, "class_embed_type": None, "addition_embed_type": None, "num_class_embeds": None,
+    "encoder_hid_dim": None, "encoder_hid_dim_type": None, "resnet_time_scale_shift": "default",
+    "resnet_out_scale_factor": 1.0, "resnet_skip_time_act": False, "time_embedding_type": "positional",
+    "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None,
+    "conv_in_kernel": 3, "conv_out_kernel": 3, "attention_type": "default", "class_embeddings_concat": False,
+    "cross_attention_norm": None, "reverse_transformer_layers_per_block": None, "mid_block_only_cross_attention": None,
+}
+_DIFFUSERS_REQUIRED = {
+    "flip_sin_to_cos": True, "freq_shift": 0, "mid_block_type": "UNetMidBlock2DCrossAttn", "act_fn": "silu",
+    "center_input_sample": False, "downsample_padding": 1, "mid_block_scale_factor": 1, "only_cross_attention": False,
+    "dual_cross_attention": False, "class_embed_type": None, "addition_embed_type": None, "num_class_embeds": None,
+    "encoder_hid_dim": None, "encoder_hid_dim_type": None, "resnet_time_scale_shift": "default",
+    "resnet_out_scale_factor": 1.0, "resnet_skip_time_act": False, "time_embedding_type": "positional",
+    "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None,
+    "conv_in_kernel": 3, "conv_out_kernel": 3, "attention_type": "default", "class_embeddings_concat": False,
+    "cross_attention_norm": None, "reverse_transformer_layers_per_block": None,
+}
+
+
+class TimestepEmbedding(nn.Module):
+    """Linear-SiLU-Linear on the sinusoidal embedding (Ho et al. 2020, Appendix B), named as diffusers names it."""
+
+    def __init__(self, in_dim: int, emb_dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, emb_dim)
+        self.linear_2 = nn.Linear(emb_dim, emb_dim)
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(emb)))
+
+
+class ResnetBlock(nn.Module):
+    """Residual block with an additive time embedding (Ho et al. 2020, Appendix B; SD's ``ResBlock``).
+
+    ``h = conv1(silu(norm1(x))) + time_emb_proj(silu(emb))``;
+    ``h = conv2(dropout(silu(norm2(h))))``; returns ``shortcut(x) + h``, where ``conv_shortcut``
+    is a 1x1 conv present only when the channel count changes.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, groups: int, eps: float, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(emb_dim, out_channels)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.checkpoint = False
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return _maybe_checkpoint(self.checkpoint, self._forward, x, emb)
+
+    def _forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_emb_proj(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class SizedUpsample(Upsample):
+    """difflab's ``Upsample`` (nearest, then a 3x3 conv) to an explicit size, so odd sizes round-trip
+    (nearest x2 when ``size`` is twice the input, as diffusers' ``Upsample2D`` with ``output_size``)."""
+
+    def forward(self, x: torch.Tensor, size=None) -> torch.Tensor:
+        return super().forward(x) if size is None else self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
+
+
+class DownBlock(nn.Module):
+    """One level on the way down: ``resnets[k]`` (+ ``attentions[k]``), then ``downsamplers[0]``."""
+
+    def __init__(self, resnets, attentions, downsample: Downsample | None):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions) if attentions else None
+        self.downsamplers = nn.ModuleList([downsample]) if downsample is not None else None
+
+    def forward(self, h, emb, context, mask) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        skips = []
+        for k, resnet in enumerate(self.resnets):
+            h = resnet(h, emb)
+            if self.attentions is not None:
+                h = self.attentions[k](h, context, mask)
+            skips.append(h)
+        if self.downsamplers is not None:
+            h = self.downsamplers[0](h)
+            skips.append(h)
+        return h, skips
+
+
+class MidBlock(nn.Module):
+    """``resnets[0]``, ``attentions[0]``, ``resnets[1]`` (diffusers' ``UNetMidBlock2DCrossAttn``)."""
+
+    def __init__(self, resnets, attention):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList([attention])
+
+    def forward(self, h, emb, context, mask):
+        h = self.resnets[0](h, emb)
+        h = self.attentions[0](h, context, mask)
+        return self.resnets[1](h, emb)
+
+
+class UpBlock(nn.Module):
+    """One level on the way up: per ResnetBlock, concatenate the latest skip, ``resnets[k]``
+    (+ ``attentions[k]``); then ``upsamplers[0]`` to the size of the next skip."""
+
+    def __init__(self, resnets, attentions, upsample: SizedUpsample | None):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions) if attentions else None
+        self.upsamplers = nn.ModuleList([upsample]) if upsample is not None else None
+
+    def forward(self, h, skips: list, emb, context, mask):
+        for k, resnet in enumerate(self.resnets):
+            h = resnet(torch.cat([h, skips.pop()], dim=1), emb)
+            if self.attentions is not None:
+                h = self.attentions[k](h, context, mask)
+        if self.upsamplers is not None:
+            h = self.upsamplers[0](h, skips[-1].shape[-2:])
+        return h
+
+
+class UNetSD(nn.Module):
+    """The Stable Diffusion 1.x / 2.x U-Net; see the module docstring for the layout."""
+
+    def __init__(self, config: UNetSDConfig):
+        super().__init__()
+        self.config = c = config
+        chans, n = c.block_out_channels, len(c.block_out_channels)
+        emb_dim = 4 * chans[0]
+
+        def resnet(cin, cout):
+            return ResnetBlock(cin, cout, emb_dim, c.norm_num_groups, c.norm_eps, c.dropout)
+
+        def attention(ch, heads):
+            return SpatialTransformer(ch, heads, ch // heads, c.cross_attention_dim, c.transformer_layers_per_block,
+                                      c.norm_num_groups, c.use_linear_projection, c.dropout)
+
+        self.conv_in = nn.Conv2d(c.in_channels, chans[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(chans[0], emb_dim)
+
+        self.down_blocks = nn.ModuleList()
+        ch = chans[0]
+        for i in range(n):
+            resnets, attns = [], []
+            for k in range(c.layers_per_block):
+                resnets.append(resnet(ch if k == 0 else chans[i], chans[i]))
+                if c.down_attention[i]:
+                    attns.append(attention(chans[i], c.num_heads[i]))
+            ch = chans[i]
+            self.down_blocks.append(DownBlock(resnets, attns, Downsample(ch) if i < n - 1 else None))
+
+        self.mid_block = MidBlock([resnet(ch, ch), resnet(ch, ch)], attention(ch, c.num_heads[-1]))
+
+        # up level j is down level n - 1 - j; its k-th ResnetBlock takes the skip of the matching
+        # down output (the level's input width for the last one, which comes from one level above)
+        self.up_blocks = nn.ModuleList()
+        for j in range(n):
+            i = n - 1 - j
+            out_ch, skip_ch_last = chans[i], chans[max(i - 1, 0)]
+            resnets, attns = [], []
+            for k in range(c.layers_per_block + 1):
+                skip_ch = skip_ch_last if k == c.layers_per_block else out_ch
+                resnets.append(resnet((ch if k == 0 else out_ch) + skip_ch, out_ch))
+                if c.up_attention[j]:
+                    attns.append(attention(out_ch, c.num_heads[i]))
+            ch = out_ch
+            self.up_blocks.append(UpBlock(resnets, attns, SizedUpsample(ch) if j < n - 1 else None))
+
+        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch, eps=c.norm_eps)
+        self.conv_out = nn.Conv2d(ch, c.out_channels, 3, padding=1)
+
+        for m in self.modules():
+            if hasattr(m, "checkpoint"):
+                m.checkpoint = c.gradient_checkpointing
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict from the latent ``x`` (B, C, H, W) at times ``t`` (B,) float (a scalar is broadcast).
+
+        ``context``: (B, L, cross_attention_dim) text-encoder hidden states (diffusers'
+        ``encoder_hidden_states``); ``context_mask``: (B, L) bool, True for tokens to attend to
+        (diffusers' ``encoder_attention_mask``). Missing context skips the cross-attention.
+        ``class_labels`` must be None (the SD 1.x/2.x U-Net has no class embedding).
+        """
+        # 1. Check inputs
+        t = self._check_inputs(x, t, context, context_mask, class_labels)
+
+        # 2. Embed time
+        emb = self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0]).to(self.conv_in.weight.dtype))
+
+        # 3. Down, keeping every output as a skip
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down_blocks:
+            h, out = block(h, emb, context, context_mask)
+            skips += out
+
+        # 4. Middle
+        h = self.mid_block(h, emb, context, context_mask)
+
+        # 5. Up, concatenating the skips in reverse order
+        for block in self.up_blocks:
+            h = block(h, skips, emb, context, context_mask)
+
+        # 6. Out
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+    def _check_inputs(self, x, t, context, context_mask, class_labels) -> torch.Tensor:
+        """Raise a ValueError naming the bad argument; return ``t`` as a (B,) tensor."""
+        c = self.config
+        if x.ndim != 4 or x.shape[1] != c.in_channels:
+            raise ValueError(f"x must be (B, {c.in_channels}, H, W), got shape {tuple(x.shape)}")
+        b = x.shape[0]
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(b)
+        if t.shape != (b,):
+            raise ValueError(f"t must be a (B,) = ({b},) tensor, got shape {tuple(t.shape)}")
+        if class_labels is not None:
+            raise ValueError("class_labels given, but UNetSD has no class embedding (condition through context)")
+        if context is not None and (context.ndim != 3 or context.shape[0] != b or context.shape[2] != c.cross_attention_dim):
+            raise ValueError(f"context must be (B, L, cross_attention_dim) = ({b}, L, {c.cross_attention_dim}), got shape {tuple(context.shape)}")
+        if context_mask is not None:
+            if context is None:
+                raise ValueError("context_mask given without context")
+            if context_mask.dtype != torch.bool or context_mask.shape != context.shape[:2]:
+                raise ValueError(f"context_mask must be a bool (B, L) = {tuple(context.shape[:2])} tensor, got {context_mask.dtype} of shape {tuple(context_mask.shape)}")
+        return t
+
+
+PRESETS = {
+    # Stable Diffusion 1.x (Rombach et al. 2022; CompVis / runwayml v1-5): 860 M parameters, CLIP ViT-L/14 text
+    "sd1": UNetSDConfig(),
+    # Stable Diffusion 2.x (OpenCLIP ViT-H/14 text, head width 64, linear projections); 768-v uses sample_size 96
+    "sd2": UNetSDConfig(num_heads=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True),
+    # a few hundred thousand parameters, for tests and the embedded digits demo's latent model
+    "tiny": UNetSDConfig(block_out_channels=(32, 64), layers_per_block=1, down_attention=(True, True), up_attention=(True, True),
+                         num_heads=(2, 4), cross_attention_dim=32, norm_num_groups=8, sample_size=8),
+}
