@@ -236,19 +236,33 @@ def judge_report(
       the Frechet distance of ``len(generated)`` random reference digits to the real held-out
       ones, the floor at the very same sample sizes (what memorising the training set scores);
     - ``n_generated``, ``n_real``.
+
+    The Frechet distances are the harness's FID (:func:`difflab.eval.metrics.fid`) on the judge's
+    float64 features (:class:`difflab.eval.features.JudgeFeatures`), so they equal
+    ``evaluate(generated, real_heldout, JudgeFeatures(judge), ["fid"])["fid"]`` and differ from
+    :meth:`DigitsJudge.frechet` (float32 features) only by float32 rounding (~1e-6 relative).
     """
+    from .features import JudgeFeatures, extract
+    from .metrics import fid
+
+    extractor = JudgeFeatures(judge)
+
+    def features(images):
+        return extract(extractor, images, batch_size=1024, progress=False)[0]
+
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(real_heldout), generator=g)
     half = len(real_heldout) // 2
+    held = features(real_heldout)
     report = {
         "class_accuracy": judge.accuracy(generated, labels_asked),
         "real_accuracy": judge.accuracy(real_heldout, real_labels),
-        "frechet": judge.frechet(generated, real_heldout),
-        "frechet_real_halves": judge.frechet(real_heldout[perm[:half]], real_heldout[perm[half : 2 * half]]),
+        "frechet": fid(features(generated), held),
+        "frechet_real_halves": fid(held[perm[:half]], held[perm[half : 2 * half]]),
         "n_generated": len(generated),
         "n_real": len(real_heldout),
     }
     if real_reference is not None:
         pick = torch.randperm(len(real_reference), generator=g)[: len(generated)]
-        report["frechet_real_reference"] = judge.frechet(real_reference[pick], real_heldout)
+        report["frechet_real_reference"] = fid(features(real_reference[pick]), held)
     return report
