@@ -121,6 +121,8 @@ def cmd_train(args) -> int:
     from .nn.unet import PRESETS, UNetConfig
     from .train import TrainConfig, train
 
+    if args.config and not args.config.is_file():
+        raise FileNotFoundError(f"--config {args.config} does not exist (a JSON file with 'spec' and/or 'train')")
     cfg = json.loads(args.config.read_text()) if args.config else {}
     if args.config and not isinstance(cfg, dict):
         raise ValueError(f"--config {args.config} must hold a JSON object")

@@ -34,10 +34,15 @@ def _sqrt_psd(c: torch.Tensor) -> torch.Tensor:
 
 
 def trace_sqrt_product(cov1, cov2) -> float:
-    """tr((C_1 C_2)^(1/2)) = sum_i sqrt(eig_i(S C_2 S)), S = C_1^(1/2), for symmetric PSD C_1, C_2."""
+    """tr((C_1 C_2)^(1/2)) = sum_i sqrt(eig_i(S C_2 S)), S = C_1^(1/2), for symmetric PSD C_1, C_2.
+
+    Eigenvalues below the float64 rounding floor (eps * lambda_max * D) are treated as 0: for a
+    singular covariance their square roots would otherwise add up to about D sqrt(eps lambda_max)."""
     s = _sqrt_psd(_float64(cov1))
     m = s @ _float64(cov2) @ s
-    return torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum().item()
+    eig = torch.linalg.eigvalsh((m + m.T) / 2)
+    floor = torch.finfo(torch.float64).eps * eig.abs().max().clamp(min=1e-300) * len(eig)
+    return torch.where(eig > floor, eig, torch.zeros_like(eig)).sqrt().sum().item()
 
 
 def frechet_distance(mu1, cov1, mu2, cov2) -> float:

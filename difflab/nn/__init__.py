@@ -3,11 +3,16 @@ from .layers import (
     CrossAttention, Downsample, ResBlock, SelfAttention, TimestepMLP, Upsample, group_norm, timestep_embedding, zero_,
 )
 from .unet import PRESETS, UNet, UNetConfig
+from .text import CLIPTextEncoder, CLIPTextEncoderConfig, TextEncoder, TinyTextConfig, TinyTextEncoder
+from .transformer import SpatialTransformer
+from .unet_sd import PRESETS as SD_PRESETS
+from .unet_sd import UNetSD, UNetSDConfig
 from .vae import PRESETS as VAE_PRESETS
 from .vae import AutoencoderKL, DiagonalGaussian, VAEConfig, estimate_scaling_factor
 
 __all__ = [
     "UNet", "UNetConfig", "PRESETS", "timestep_embedding", "TimestepMLP", "ResBlock", "SelfAttention", "CrossAttention",
     "Downsample", "Upsample", "group_norm", "zero_", "AutoencoderKL", "VAEConfig", "DiagonalGaussian",
-    "estimate_scaling_factor", "VAE_PRESETS",
+    "estimate_scaling_factor", "VAE_PRESETS", "UNetSD", "UNetSDConfig", "SD_PRESETS", "SpatialTransformer",
+    "TextEncoder", "CLIPTextEncoder", "CLIPTextEncoderConfig", "TinyTextEncoder", "TinyTextConfig",
 ]
