@@ -188,7 +188,8 @@ def test_ddim_eta_one_is_ddpm_fixed_small():
 
 # Multistep samplers keep a history: their last step to 0 uses it (so it is not D alone) and a
 # sliced grid restarts the history (so a mid-grid start is a new trajectory, not the same one).
-MULTISTEP = {"lms"}
+MULTISTEP = {"lms", "deis", "unipc", "dpm_multistep_2", "dpm_multistep_3", "dpm_singlestep", "dpmpp_2m", "dpmpp_3m",
+             "dpmpp_2m_sde", "dpmpp_3m_sde"}
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))

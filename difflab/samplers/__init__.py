@@ -10,14 +10,19 @@ Usage::
     x = torch.randn(shape) * denoiser.prior_std(sigmas[0])
     sample = get_sampler("ddim")(denoiser, x, sigmas, extra_args={"class_labels": y})
 """
-from . import euler, flow, lms
+from . import deis, dpm_solver, euler, flow, lms, sde, unipc
+from .brownian import BrownianTreeNoise
 from .common import ancestral_step, check_sigmas, ode_derivative
 from .ddim import sample_ddim
 from .ddpm import sample_ddpm
 from .inversion import invert_ddim
 
 # One plain dict: each family module exports its own SAMPLERS and they are merged here.
-SAMPLERS = {"ddim": sample_ddim, "ddpm": sample_ddpm, **euler.SAMPLERS, **lms.SAMPLERS, **flow.SAMPLERS}
+SAMPLERS = {
+    "ddim": sample_ddim, "ddpm": sample_ddpm,
+    **euler.SAMPLERS, **lms.SAMPLERS, **flow.SAMPLERS,
+    **dpm_solver.SAMPLERS, **sde.SAMPLERS, **unipc.SAMPLERS, **deis.SAMPLERS,
+}
 
 
 def get_sampler(name: str):
@@ -27,4 +32,4 @@ def get_sampler(name: str):
     return SAMPLERS[name]
 
 
-__all__ = ["SAMPLERS", "get_sampler", "sample_ddim", "sample_ddpm", "check_sigmas", "ancestral_step", "ode_derivative", "invert_ddim"]
+__all__ = ["SAMPLERS", "get_sampler", "sample_ddim", "sample_ddpm", "check_sigmas", "ancestral_step", "ode_derivative", "invert_ddim", "BrownianTreeNoise"]
