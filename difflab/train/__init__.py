@@ -1,4 +1,5 @@
 """Training: per-example losses, EMA, the loop and its checkpoints."""
+from .distributed import PARALLELS, init_distributed
 from .ema import EMA
 from .losses import (NOISE_LEVELS, SIGMA_BIN_EDGES, WEIGHTINGS, SigmaBinnedLoss, default_noise_level, diffusion_loss,
                      draw_sigmas, loss_by_sigma_bins, loss_weight)
@@ -10,5 +11,5 @@ __all__ = [
     "EMA", "diffusion_loss", "loss_weight", "WEIGHTINGS", "NOISE_LEVELS", "default_noise_level", "draw_sigmas",
     "SIGMA_BIN_EDGES", "SigmaBinnedLoss", "loss_by_sigma_bins", "TrainConfig", "TrainState", "TrainingDivergedError",
     "draw_batch", "train", "LOSSES", "hybrid_loss", "hybrid_terms", "vlb_loss", "vae_loss", "PatchDiscriminator",
-    "adaptive_weight", "discriminator_loss", "hinge_discriminator_loss",
+    "adaptive_weight", "discriminator_loss", "hinge_discriminator_loss", "PARALLELS", "init_distributed",
 ]

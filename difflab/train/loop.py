@@ -13,6 +13,10 @@ One optimizer step:
 The network's own randomness (dropout) uses torch's global generator: it is seeded from
 ``config.seed`` inside :func:`torch.random.fork_rng` (the caller's RNG is left untouched) and
 its state is checkpointed.
+
+``TrainConfig(parallel="ddp" | "fsdp")`` spreads each step over the processes of a ``torchrun``
+launch (:mod:`difflab.train.distributed`): the global batch is drawn as above, each rank trains
+on its slice, and the parameters match one process up to the order of floating-point sums.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from difflab.core import Denoiser, sample_seed
 from difflab.io.checkpoint import (checkpoint_path, load_checkpoint, load_model_state, optimizer_state_from_tensors,
                                    optimizer_state_to_tensors, save_checkpoint, strip_prefix)
 
+from .distributed import PARALLELS, Parallel, full_tensor
 from .ema import EMA
 from .losses import NOISE_LEVELS, WEIGHTINGS, SigmaBinnedLoss, diffusion_loss, draw_sigmas
 from .vlb import hybrid_loss
@@ -41,7 +46,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 LOSSES = ("mse", "hybrid")  # losses.diffusion_loss; vlb.hybrid_loss (improved DDPM, learned variance)
 CHECKPOINT_KIND = "difflab.train"
 # Config fields that may change when resuming without changing the math of the steps taken.
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "progress")
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "progress", "parallel")
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,7 @@ class TrainConfig:
     log_every: int = 100               # steps between log lines (loss by noise level)
     seed: int = 0                      # seeds data order, sigmas, noise, label dropout and the net's own RNG
     progress: bool = True              # tqdm progress bar
+    parallel: str = "none"             # "none", "ddp" or "fsdp" over torchrun's processes (train/distributed.py)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -84,6 +90,8 @@ class TrainConfig:
             raise ValueError(f"batch_size={self.batch_size} must be a positive multiple of grad_accum={self.grad_accum}")
         if not 0.0 <= self.cfg_dropout < 1.0:
             raise ValueError(f"cfg_dropout={self.cfg_dropout} must be in [0, 1)")
+        if self.parallel not in PARALLELS:
+            raise ValueError(f"parallel={self.parallel!r} must be one of {list(PARALLELS)}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -118,26 +126,48 @@ class TrainState:
     scaler: torch.amp.GradScaler | None = None  # fp16 only
     history: list = field(default_factory=list)  # log entries (dicts), one every log_every steps
     checkpoint: str | None = None               # path of the last checkpoint written or resumed from
+    parallel: Parallel = field(default_factory=Parallel)  # DDP/FSDP over processes; default one process
 
 
 # ----------------------------------------------------------------------------------------------
 # Data and the random draws of one step
 
 
-def as_dataset(data) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``images`` (N, ...) float, or ``(images, labels)`` with labels (N,) long or None."""
-    images, labels = (data, None) if torch.is_tensor(data) else tuple(data)
+BATCH_KEYS = ("x0", "sigma", "noise")  # every other key of a batch is a keyword of the net (class_labels, cond)
+
+
+def as_dataset(data) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """``(images, labels, cond)`` from ``images`` (N, ...) float, ``(images, labels)`` with labels
+    (N,) long or None, or ``(images, labels, cond)`` with ``cond`` a dict of per-example tensors
+    (N, ...) that reach the net as keywords (e.g. ``{"input_ids": ...}`` for a text-conditioned
+    net); ``cond`` is ``{}`` for the first two forms."""
+    parts = (data,) if torch.is_tensor(data) else tuple(data)
+    if len(parts) not in (1, 2, 3):
+        raise ValueError(f"data must be images, (images, labels) or (images, labels, cond); got {len(parts)} parts")
+    images, labels, cond = (*parts, None, None)[:3]
     if not torch.is_tensor(images) or not images.is_floating_point() or images.ndim < 2:
-        raise ValueError("data must be a float tensor (N, ...) or a pair (images, labels)")
+        raise ValueError("data must be a float tensor (N, ...), a pair (images, labels) or a triple (images, labels, cond)")
     if labels is not None:
         if not torch.is_tensor(labels) or labels.dtype != torch.long or labels.shape != (len(images),):
             raise ValueError(f"labels must be a long tensor of shape ({len(images)},), got "
                              f"{getattr(labels, 'dtype', type(labels))} {tuple(getattr(labels, 'shape', ()))}")
-    return images, labels
+    cond = dict(cond or {})
+    for name, value in cond.items():
+        if name in BATCH_KEYS or name == "class_labels":
+            raise ValueError(f"cond key {name!r} is reserved; pass labels as the second element of data")
+        if not torch.is_tensor(value) or value.ndim < 1 or len(value) != len(images):
+            raise ValueError(f"cond[{name!r}] must be a tensor with one row per example ({len(images)}, ...), got "
+                             f"{tuple(getattr(value, 'shape', ())) or type(value).__name__}")
+    return images, labels, cond
 
 
 def _stream_seed(seed: int, stream: int, i: int) -> int:
     return sample_seed(sample_seed(seed, stream), i)
+
+
+def _rank_seed(seed: int, rank: int, step: int) -> int:
+    """Seed of the net's own RNG on ``rank`` from ``step``: ``seed`` itself for rank 0 at step 0."""
+    return seed if rank == step == 0 else sample_seed(_stream_seed(seed, 2, rank), step)
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
@@ -152,23 +182,43 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor
     return out
 
 
-def draw_batch(images, labels, frame, config: TrainConfig, step: int, *, null_class: int | None = None) -> dict:
+def draw_batch(images, labels, frame, config: TrainConfig, step: int, *, null_class: int | None = None,
+               cond: dict | None = None, null_cond: dict | None = None) -> dict:
     """The batch of 0-based ``step``: x0, sigma (float32), noise and class_labels (or None), on
-    the CPU (or the data's device), drawn from a generator seeded with (seed, step)."""
+    the CPU (or the data's device), drawn from a generator seeded with (seed, step).
+
+    ``cond`` (per-example tensors, see :func:`as_dataset`) adds one key per entry, its rows of
+    the batch. ``cfg_dropout`` replaces the label by ``null_class`` and each ``cond[k]`` row by
+    ``null_cond[k]`` (one example's value, e.g. the empty prompt's token ids), in the same
+    examples; the drop mask is one draw after the noise, as without ``cond``."""
+    cond = cond or {}
     g = torch.Generator().manual_seed(_stream_seed(config.seed, 0, step))
     idx = batch_indices(len(images), config.batch_size, step, config.seed)
     x0 = images[idx.to(images.device)].float()
     sigma = draw_sigmas(frame, config.batch_size, g, config.noise_level, **config.noise_level_kwargs).float()
     noise = torch.randn(x0.shape, generator=g)
+    drop = None
+    if config.cfg_dropout > 0 and (labels is not None or cond):
+        if labels is not None and null_class is None:
+            raise ValueError("cfg_dropout > 0 needs null_class, the label that means 'no class'")
+        missing = sorted(set(cond) - set(null_cond or {}))
+        if missing:
+            raise ValueError(f"cfg_dropout > 0 needs null_cond values for the cond keys {missing} (e.g. the empty prompt's)")
+        drop = torch.rand(config.batch_size, generator=g) < config.cfg_dropout
     y = None
     if labels is not None:
         y = labels[idx.to(labels.device)]
-        if config.cfg_dropout > 0:
-            if null_class is None:
-                raise ValueError("cfg_dropout > 0 needs null_class, the label that means 'no class'")
-            drop = (torch.rand(config.batch_size, generator=g) < config.cfg_dropout).to(y.device)
-            y = torch.where(drop, torch.full_like(y, null_class), y)
-    return {"x0": x0, "sigma": sigma, "noise": noise, "class_labels": y}
+        if drop is not None:
+            y = torch.where(drop.to(y.device), torch.full_like(y, null_class), y)
+    batch = {"x0": x0, "sigma": sigma, "noise": noise, "class_labels": y}
+    for name, value in cond.items():
+        rows = value[idx.to(value.device)]
+        if drop is not None:
+            null = torch.as_tensor(null_cond[name], dtype=value.dtype, device=value.device)
+            keep = drop.to(value.device).reshape(-1, *([1] * (rows.ndim - 1)))
+            rows = torch.where(keep, null.expand_as(rows), rows)
+        batch[name] = rows
+    return batch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,9 +232,11 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def accumulate_gradients(denoiser: Denoiser, batch: dict, config: TrainConfig, scaler=None) -> torch.Tensor:
+def accumulate_gradients(denoiser: Denoiser, batch: dict, config: TrainConfig, scaler=None, no_sync=None) -> torch.Tensor:
     """Forward and backward over ``config.grad_accum`` micro-batches, accumulating the gradient
-    of mean(per-example loss) over the whole batch into ``.grad``; returns the (B,) losses."""
+    of mean(per-example loss) over the whole batch into ``.grad``; returns the (B,) losses.
+    ``no_sync``: a context-manager factory (DDP's ``no_sync``) entered for every micro-batch but
+    the last, so gradients are reduced across processes once per step."""
     device = next(denoiser.parameters()).device
     batch = {k: (v.to(device) if v is not None else None) for k, v in batch.items()}
     B = batch["x0"].shape[0]
@@ -192,16 +244,17 @@ def accumulate_gradients(denoiser: Denoiser, batch: dict, config: TrainConfig, s
     losses = []
     for i in range(config.grad_accum):
         sl = slice(i * m, (i + 1) * m)
-        extra = {} if batch["class_labels"] is None else {"class_labels": batch["class_labels"][sl]}
-        with autocast(device, config.precision):
-            if config.loss == "hybrid":
-                loss = hybrid_loss(denoiser, batch["x0"][sl], batch["sigma"][sl], batch["noise"][sl], extra_args=extra,
-                                   vlb_weight=config.vlb_weight, weighting=config.weighting, min_snr_gamma=config.min_snr_gamma)
-            else:
-                loss = diffusion_loss(denoiser, batch["x0"][sl], batch["sigma"][sl], batch["noise"][sl], extra_args=extra,
-                                      weighting=config.weighting, min_snr_gamma=config.min_snr_gamma)
-        total = loss.sum() / B
-        (scaler.scale(total) if scaler is not None else total).backward()
+        extra = {k: v[sl] for k, v in batch.items() if k not in BATCH_KEYS and v is not None}  # class_labels, cond
+        with no_sync() if no_sync is not None and i < config.grad_accum - 1 else contextlib.nullcontext():
+            with autocast(device, config.precision):
+                if config.loss == "hybrid":
+                    loss = hybrid_loss(denoiser, batch["x0"][sl], batch["sigma"][sl], batch["noise"][sl], extra_args=extra,
+                                       vlb_weight=config.vlb_weight, weighting=config.weighting, min_snr_gamma=config.min_snr_gamma)
+                else:
+                    loss = diffusion_loss(denoiser, batch["x0"][sl], batch["sigma"][sl], batch["noise"][sl], extra_args=extra,
+                                          weighting=config.weighting, min_snr_gamma=config.min_snr_gamma)
+            total = loss.sum() / B
+            (scaler.scale(total) if scaler is not None else total).backward()
         losses.append(loss.detach())
     return torch.cat(losses)
 
@@ -227,14 +280,16 @@ def make_optimizer(net: torch.nn.Module, config: TrainConfig) -> torch.optim.Ada
 def training_checkpoint(state: TrainState, config: TrainConfig, *, spec: dict | None, null_class: int | None,
                         metadata: dict | None) -> tuple[dict, dict]:
     """(tensors, metadata) of a training checkpoint; see docs in :func:`train`."""
-    net, device = state.denoiser.net, next(state.denoiser.parameters()).device
-    optim_tensors, optim_meta = optimizer_state_to_tensors(state.optimizer.state_dict(), prefix="optim.")
-    tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
-    tensors.update({f"ema.{k}": v for k, v in state.ema.state_dict().items()})
+    net, device, par = state.denoiser.net, next(state.denoiser.parameters()).device, state.parallel
+    # DDP/FSDP: every rank calls this (FSDP gathers its shards); rank 0 gets the full tensors and writes them
+    optim_tensors, optim_meta = optimizer_state_to_tensors(par.full_optimizer_state(state.optimizer), prefix="optim.")
+    tensors = {f"model.{k}": v for k, v in par.full_state(net.state_dict()).items()}
+    tensors.update({f"ema.{k}": v for k, v in par.full_state(state.ema.state_dict()).items()})
     tensors.update(optim_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
     if device.type == "cuda":
         tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+    tensors.update(par.other_rng_states(device))
     d = state.denoiser
     meta = {
         "kind": CHECKPOINT_KIND,
@@ -249,12 +304,14 @@ def training_checkpoint(state: TrainState, config: TrainConfig, *, spec: dict | 
         "grad_scaler": state.scaler.state_dict() if state.scaler is not None else None,
         "metadata": metadata or {},
         "torch_version": torch.__version__,
+        "world_size": par.world_size,
     }
     return tensors, meta
 
 
 def restore_training_state(state: TrainState, config: TrainConfig, path) -> None:
-    """Load model, EMA, optimizer, grad scaler, RNG state and step from a training checkpoint."""
+    """Load model, EMA, optimizer, grad scaler, RNG state and step from a training checkpoint
+    (written at any world size: its tensors are whole; FSDP cuts them into this rank's shards)."""
     tensors, meta = load_checkpoint(path)
     if meta.get("kind") != CHECKPOINT_KIND:
         raise ValueError(f"{path} is not a training checkpoint (kind={meta.get('kind')!r})")
@@ -263,15 +320,20 @@ def restore_training_state(state: TrainState, config: TrainConfig, path) -> None
                if f.name not in RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(config, f.name)]
     if changed:
         warnings.warn(f"resuming {path} with a changed config ({', '.join(changed)}): the run will not match an uninterrupted one")
-    net, device = state.denoiser.net, next(state.denoiser.parameters()).device
-    load_model_state(net, tensors, prefix="model.")
-    state.ema.load_state_dict({k: v.to(device) for k, v in strip_prefix(tensors, "ema.").items()}, meta["ema"]["num_updates"])
-    state.optimizer.load_state_dict(optimizer_state_from_tensors(tensors, meta["optimizer"]))
+    net, device, par = state.denoiser.net, next(state.denoiser.parameters()).device, state.parallel
+    load_model_state(net, par.shard(tensors, net.state_dict(), prefix="model."), prefix="model.")
+    ema = par.shard({k: v.to(device) for k, v in strip_prefix(tensors, "ema.").items()}, state.ema.shadow)
+    state.ema.load_state_dict(ema, meta["ema"]["num_updates"])
+    optim = optimizer_state_from_tensors(tensors, meta["optimizer"])
+    state.optimizer.load_state_dict(par.shard_optimizer_state(optim, state.optimizer))
     if state.scaler is not None and meta.get("grad_scaler"):
         state.scaler.load_state_dict(meta["grad_scaler"])
-    torch.set_rng_state(tensors["rng.torch"])
-    if device.type == "cuda" and "rng.cuda" in tensors:
-        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+    if par.rng_key("rng.torch") in tensors:
+        torch.set_rng_state(tensors[par.rng_key("rng.torch")])
+        if device.type == "cuda" and par.rng_key("rng.cuda") in tensors:
+            torch.cuda.set_rng_state(tensors[par.rng_key("rng.cuda")], device)
+    else:  # a rank the saving run did not have
+        _seed_net_rng(device, _rank_seed(config.seed, par.rank, int(meta["step"])))
     state.step = int(meta["step"])
     state.checkpoint = str(path)
 
@@ -293,12 +355,15 @@ def _resolve_null_class(net, labels, config: TrainConfig, null_class: int | None
 
 def train(denoiser: Denoiser, data, config: TrainConfig, out_dir, *, spec: dict | None = None,
           null_class: int | None = None, metadata: dict | None = None, resume: bool = True,
-          callback: Callable[[dict], None] | None = None) -> TrainState:
+          callback: Callable[[dict], None] | None = None, null_cond: dict | None = None) -> TrainState:
     """Train ``denoiser.net`` on ``data`` for ``config.steps`` optimizer steps; see the module doc.
 
     ``data``: images (N, ...) float in [-1, 1], or ``(images, labels)`` with labels (N,) long or
     None; labels reach the net as ``class_labels=``. ``cfg_dropout`` replaces a label by
-    ``null_class`` (default ``net.config.null_class``, else ``net.config.num_classes``). Training runs on the device of the
+    ``null_class`` (default ``net.config.null_class``, else ``net.config.num_classes``).
+    ``(images, labels, cond)``: ``cond`` maps keyword names to per-example tensors (N, ...)
+    that reach the net as those keywords (e.g. caption token ids); ``cfg_dropout`` replaces a
+    dropped example's rows by ``null_cond[name]`` (see :func:`draw_batch`). Training runs on the device of the
     net's parameters. ``spec`` (the model spec of :mod:`difflab.io.spec`, ``{"unet": ..., "diffusion":
     ...}``, which rebuilds the denoiser) and ``metadata`` (anything JSON) go into the checkpoint.
 
@@ -309,9 +374,15 @@ def train(denoiser: Denoiser, data, config: TrainConfig, out_dir, *, spec: dict 
     ``callback(dict(step=, loss=, grad_norm=, lr=, state=))`` runs after every step. A log entry
     (mean loss, loss by sigma bin, grad norm, lr) is appended to ``state.history`` and to
     ``out_dir/log.jsonl`` every ``log_every`` steps.
+
+    ``config.parallel="ddp"`` or ``"fsdp"``: run under ``torchrun``, one process per device, each
+    with the same arguments (the net on ``cuda:LOCAL_RANK``, see
+    :func:`difflab.train.distributed.init_distributed`). Rank 0 alone writes the log, the progress
+    bar and the checkpoint; ``out_dir`` must be on a file system every rank sees. With FSDP the
+    net is sharded in place: after training, sample from the checkpoint.
     """
     # 1. Check inputs
-    images, labels = as_dataset(data)
+    images, labels, cond = as_dataset(data)
     net = denoiser.net
     device = next(denoiser.parameters()).device
     if config.precision == "fp16" and device.type != "cuda":
@@ -320,21 +391,24 @@ def train(denoiser: Denoiser, data, config: TrainConfig, out_dir, *, spec: dict 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(out_dir)
+    was_training = denoiser.training
+    denoiser.train()
+    parallel = Parallel.setup(denoiser, config)  # DDP wraps the net, FSDP shards it: before the optimizer
 
     # 2. Optimizer, EMA, grad scaler
     state = TrainState(step=0, denoiser=denoiser, optimizer=make_optimizer(net, config), ema=EMA(net, config.ema_decay),
-                       scaler=torch.amp.GradScaler("cuda") if config.precision == "fp16" else None)
-    was_training = denoiser.training
-    denoiser.train()
+                       scaler=torch.amp.GradScaler("cuda") if config.precision == "fp16" else None, parallel=parallel)
 
     cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    bar = tqdm(total=config.steps, disable=not config.progress, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=config.steps, disable=not (config.progress and parallel.is_main), desc="train", dynamic_ncols=True)
     try:
         with torch.random.fork_rng(devices=cuda_devices):
             _run(state, images, labels, config, path, bar, spec=spec, null_class=null_class,
-                 metadata=metadata, resume=resume, callback=callback)
+                 metadata=metadata, resume=resume, callback=callback, cond=cond, null_cond=null_cond)
+        parallel.barrier()  # the last checkpoint is written when train returns on any rank
     finally:
         bar.close()
+        parallel.close()
         denoiser.train(was_training)
     return state
 
@@ -342,13 +416,15 @@ def train(denoiser: Denoiser, data, config: TrainConfig, out_dir, *, spec: dict 
 def optimizer_step(state: TrainState, batch: dict, config: TrainConfig, lr: float) -> tuple[torch.Tensor, float]:
     """Steps 2-4 of the module doc for one batch: returns the (B,) losses and the gradient norm.
     Raises :class:`TrainingDivergedError` (before any update) when they are not finite."""
-    net, scaler, optimizer = state.denoiser.net, state.scaler, state.optimizer
+    net, scaler, optimizer, par = state.denoiser.net, state.scaler, state.optimizer, state.parallel
     for group in optimizer.param_groups:
         group["lr"] = lr
-    losses = accumulate_gradients(state.denoiser, batch, config, scaler)
+    # DDP/FSDP: this rank's slice of the global batch; the losses of the whole batch come back
+    losses = accumulate_gradients(par.denoiser or state.denoiser, par.local(batch), config, scaler, no_sync=par.no_sync)
+    losses = par.gather(losses)
     if scaler is not None:
         scaler.unscale_(optimizer)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip or math.inf))
+    grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip or math.inf)))
     loss = float(losses.mean())
     # fp16: a non-finite gradient is an overflow; GradScaler skips that update and lowers its scale.
     if not math.isfinite(loss) or (not math.isfinite(grad_norm) and scaler is None):
@@ -365,22 +441,27 @@ def optimizer_step(state: TrainState, batch: dict, config: TrainConfig, lr: floa
     return losses, grad_norm
 
 
+def _seed_net_rng(device: torch.device, seed: int) -> None:
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
+
+
 def _run(state: TrainState, images, labels, config: TrainConfig, path: Path, bar, *, spec, null_class, metadata,
-         resume, callback) -> None:
-    device = next(state.denoiser.parameters()).device
-    # 3. Resume, or seed the net's own RNG (dropout)
+         resume, callback, cond=None, null_cond=None) -> None:
+    device, par = next(state.denoiser.parameters()).device, state.parallel
+    # 3. Resume, or seed the net's own RNG (dropout), per rank
     if resume and path.exists():
         restore_training_state(state, config, path)
     else:
-        torch.default_generator.manual_seed(config.seed)
-        if device.type == "cuda":
-            torch.cuda.manual_seed(config.seed)
+        _seed_net_rng(device, _rank_seed(config.seed, par.rank, 0))
     bar.update(state.step)
 
     # 4. The loop
     bins, losses_since, t0 = SigmaBinnedLoss(), [], time.perf_counter()
     while state.step < config.steps:
-        batch = draw_batch(images, labels, state.denoiser.frame, config, state.step, null_class=null_class)
+        batch = draw_batch(images, labels, state.denoiser.frame, config, state.step, null_class=null_class,
+                           cond=cond, null_cond=null_cond)
         lr = lr_at(config, state.step)
         losses, grad_norm = optimizer_step(state, batch, config, lr)
 
@@ -394,16 +475,17 @@ def _run(state: TrainState, images, labels, config: TrainConfig, path: Path, bar
             entry = {"step": state.step, "loss": sum(losses_since) / len(losses_since), "grad_norm": grad_norm, "lr": lr,
                      "steps_per_s": len(losses_since) / (time.perf_counter() - t0), "loss_by_sigma": bins.means()}
             state.history.append(entry)
-            with open(path.parent / "log.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(entry) + "\n")
-            if config.progress:
+            if par.is_main:
+                with open(path.parent / "log.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps(entry) + "\n")
+            if config.progress and par.is_main:
                 bar.write(f"step {state.step}: loss {entry['loss']:.4f}; by sigma "
                           + " ".join(f"{k}: {v:.4f}" for k, v in entry["loss_by_sigma"].items()))
             bins.reset()
             losses_since, t0 = [], time.perf_counter()
         if (config.checkpoint_every and state.step % config.checkpoint_every == 0) or state.step == config.steps:
             tensors, meta = training_checkpoint(state, config, spec=spec, null_class=null_class, metadata=metadata)
-            state.checkpoint = str(save_checkpoint(path, tensors, meta))
+            state.checkpoint = str(save_checkpoint(path, tensors, meta) if par.is_main else path)
         if callback is not None:
             callback({"step": state.step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "state": state})
 
