@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="fp32, bf16 autocast, or fp16 (CUDA)")
     t.add_argument("--weighting", choices=["simple", "min_snr", "edm"], help="loss weighting")
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    t.add_argument("--parallel", choices=["none", "ddp", "fsdp"], default=None,
+                   help="data parallelism under torchrun: 'torchrun --nproc_per_node=N -m difflab.cli train --parallel ddp'")
     t.add_argument("--fresh", action="store_true", help="start afresh even if --out holds a checkpoint (it is overwritten)")
 
     s = sub.add_parser("sample", help="sample a trained checkpoint into a PNG grid",
@@ -156,12 +158,17 @@ def cmd_train(args) -> int:
     if args.prediction:
         spec["diffusion"]["prediction"] = args.prediction
     overrides = {k: v for k, v in dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, precision=args.precision,
-                                       weighting=args.weighting).items() if v is not None}
+                                       weighting=args.weighting, parallel=args.parallel).items() if v is not None}
     train_cfg = dataclasses.replace(train_cfg, **overrides)
     if labels is None:
         train_cfg = dataclasses.replace(train_cfg, cfg_dropout=0.0)
 
-    denoiser = build_denoiser(spec).to(_device(args.device))
+    device = _device(args.device)
+    if train_cfg.parallel != "none":
+        from .train.distributed import init_distributed
+
+        device = init_distributed()
+    denoiser = build_denoiser(spec).to(device)
     print(f"training on {len(images)} images {tuple(images.shape[1:])} for {train_cfg.steps} steps -> {args.out}")
     state = train(denoiser, (images, labels), train_cfg, args.out, spec=spec, resume=not args.fresh,
                   metadata={"data": args.data, "size": int(images.shape[-1])})
