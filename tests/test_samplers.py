@@ -275,3 +275,16 @@ def test_bad_names_and_grids_raise():
         sample_ddpm(D, x, torch.tensor([1.0, 0.0]), variance="learned_range")
     with pytest.raises(ValueError, match="x0_and_v"):
         sample_ddpm(D, x, torch.tensor([1.0, 0.0]), variance="learned")
+
+
+def test_every_sampler_accepts_the_shared_keywords():
+    """The contract of samplers/common.py: noise, extra_args, callback and progress are accepted by all
+    (deterministic samplers simply never call noise)."""
+    import inspect
+
+    for name, fn in SAMPLERS.items():
+        params = inspect.signature(fn).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            continue  # a thin wrapper that forwards everything to a sampler checked here too
+        missing = {"noise", "extra_args", "callback", "progress"} - set(params)
+        assert not missing, f"{name} lacks {missing}"

@@ -1,4 +1,10 @@
 """Pipelines: short functions with numbered stages that turn a request into images."""
 from .class_to_image import generate
+from .edit import Inversion, edit, invert, null_text_optimization, reconstruct
+from .image_to_image import image_to_image
+from .inpaint import inpaint
+from .outpaint import outpaint
+from .text_to_image import text_to_image
 
-__all__ = ["generate"]
+__all__ = ["generate", "text_to_image", "image_to_image", "inpaint", "outpaint", "invert", "edit", "reconstruct",
+           "null_text_optimization", "Inversion"]

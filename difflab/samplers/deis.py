@@ -41,7 +41,7 @@ def deis_coefficients(rho_t: float, rhos) -> list[float]:
 
 
 @torch.no_grad()
-def sample_deis(denoiser, x: torch.Tensor, sigmas, *, order: int = 3, lower_order_final: bool = True,
+def sample_deis(denoiser, x: torch.Tensor, sigmas, *, order: int = 3, lower_order_final: bool = True, noise=None,
                 extra_args: dict | None = None, callback=None, progress: bool = False) -> torch.Tensor:
     """tAB-DEIS of order 1-3 in log rho (Zhang & Chen 2023, eq. 14-15; diffusers'
     DEISMultistepScheduler), noise prediction eps = (x - D) / sigma, 1 NFE per step, deterministic.

@@ -72,8 +72,8 @@ def unipc_update(x_s0: torch.Tensor, sigma_s0: float, sigma_t: float, history, m
 
 @torch.no_grad()
 def sample_unipc(denoiser, x: torch.Tensor, sigmas, *, order: int = 2, variant: str = "bh2", corrector: bool = True,
-                 disable_corrector: Sequence[int] = (), lower_order_final: bool = True, extra_args: dict | None = None,
-                 callback=None, progress: bool = False) -> torch.Tensor:
+                 disable_corrector: Sequence[int] = (), lower_order_final: bool = True, noise=None,
+                 extra_args: dict | None = None, callback=None, progress: bool = False) -> torch.Tensor:
     """UniPC-p (Zhao et al. 2023, Algorithms 1-3: multistep UniP-p with UniC-p), data prediction,
     1 NFE per step, deterministic; diffusers' UniPCMultistepScheduler (``solver_order=order``,
     ``solver_type=variant``, ``predict_x0=True``).
