@@ -372,8 +372,8 @@ def singlestep_orders(n: int, order: int, lower_order_final: bool, final_zero: b
 
 @torch.no_grad()
 def sample_dpm_singlestep(denoiser, x: torch.Tensor, sigmas, *, order: int = 2, predict_x0: bool = True,
-                          solver_type: str = "midpoint", lower_order_final: bool = True, extra_args: dict | None = None,
-                          callback=None, progress: bool = False) -> torch.Tensor:
+                          solver_type: str = "midpoint", lower_order_final: bool = True, noise=None,
+                          extra_args: dict | None = None, callback=None, progress: bool = False) -> torch.Tensor:
     """Single-step DPM-Solver(++) with the grid points as the intermediate stages, as diffusers'
     DPMSolverSinglestepScheduler does (Lu et al. 2022, Algorithms 1-2, with r_k set by the grid).
 
