@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the results as JSON")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    from .cli_dreambooth import add_dreambooth_command
+
+    add_dreambooth_command(sub)
     return p
 
 
@@ -253,7 +256,9 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    commands = {"demo": cmd_demo, "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval}
+    from .cli_dreambooth import cmd_dreambooth
+
+    commands = {"demo": cmd_demo, "train": cmd_train, "sample": cmd_sample, "dreambooth": cmd_dreambooth, "eval": cmd_eval}
     try:
         return commands[args.command](args)
     except (ValueError, FileNotFoundError, ImportError) as e:

@@ -1,10 +1,12 @@
 """Training: per-example losses, EMA, the loop and its checkpoints."""
 from .distributed import PARALLELS, init_distributed
+from .dreambooth import DreamBoothConfig, dreambooth, prior_preservation_loss
 from .ema import EMA
 from .losses import (NOISE_LEVELS, SIGMA_BIN_EDGES, WEIGHTINGS, SigmaBinnedLoss, default_noise_level, diffusion_loss,
                      draw_sigmas, loss_by_sigma_bins, loss_weight)
 from .loop import LOSSES, TrainConfig, TrainingDivergedError, TrainState, draw_batch, train
 from .vae_loss import PatchDiscriminator, adaptive_weight, discriminator_loss, hinge_discriminator_loss, vae_loss
+from .textual_inversion import TextualInversionConfig, textual_inversion
 from .vlb import hybrid_loss, hybrid_terms, vlb_loss
 
 __all__ = [
@@ -12,4 +14,5 @@ __all__ = [
     "SIGMA_BIN_EDGES", "SigmaBinnedLoss", "loss_by_sigma_bins", "TrainConfig", "TrainState", "TrainingDivergedError",
     "draw_batch", "train", "LOSSES", "hybrid_loss", "hybrid_terms", "vlb_loss", "vae_loss", "PatchDiscriminator",
     "adaptive_weight", "discriminator_loss", "hinge_discriminator_loss", "PARALLELS", "init_distributed",
+    "DreamBoothConfig", "dreambooth", "prior_preservation_loss", "TextualInversionConfig", "textual_inversion",
 ]

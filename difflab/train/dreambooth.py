@@ -1,0 +1,521 @@
+"""DreamBooth: fine-tune a text-to-image model on a few images of one subject (Ruiz et al. 2023,
+"DreamBooth: Fine Tuning Text-to-Image Diffusion Models for Subject-Driven Generation", Section 3).
+
+The subject's 3-5 images are paired with a prompt holding a rare identifier, ``"a sks digit"``
+(Section 3.2); the model learns to bind the identifier to the subject. Fine-tuning on so few
+images drifts the class noun toward the subject ("language drift") and narrows its output, so
+the class-specific prior preservation loss (Section 3.3, eq. 2) keeps the model's own samples of
+the class prompt, x_pr = x^(z_t1, c_pr) drawn from the *frozen* base model before fine-tuning:
+
+    E[ w_t || x^(a_t x + s_t eps, c) - x ||^2 + lambda w_t' || x^(a_t' x_pr + s_t' eps', c_pr) - x_pr ||^2 ].
+
+Each term is :func:`difflab.train.diffusion_loss` (in the network's own parameterization, one
+value per example); :func:`prior_preservation_loss` runs both halves in one network call.
+
+What trains: the whole U-Net, or only LoRA adapters (Hu et al. 2021; :mod:`difflab.adapters.lora`),
+what most users run; the text encoder stays frozen, trains only the identifier's token
+embeddings, or trains whole. A :class:`~difflab.nn.text.TinyTextEncoder` knows only the words of
+its captions, so a new identifier is added to its vocabulary by :func:`add_tokens` (module
+surgery: a larger embedding holding the old rows). Textual inversion (Gal et al. 2023) is the
+same loop with only those rows trained: :mod:`difflab.train.textual_inversion`.
+
+The model is a pixel- or latent-space denoiser ``D(x, sigma, context=, context_mask=)`` and a
+text encoder. :func:`save_text_model` / :func:`load_text_model` keep a pixel-space U-Net with a
+TinyTextEncoder in one safetensors checkpoint (``kind: "difflab.text_model"``): the base model of
+``difflab dreambooth`` and what it writes.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from difflab.adapters.lora import adaptable_modules, inject_lora, mark_only_lora_trainable, matches, merge_lora, save_lora
+from difflab.io.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_model_state, save_checkpoint
+from difflab.nn.text import TinyTextConfig, TinyTextEncoder, words
+
+from .losses import WEIGHTINGS, diffusion_loss, draw_sigmas
+
+TEXT_MODEL_KIND = "difflab.text_model"
+MODEL_FILE = "model.safetensors"
+LORA_FILE = "lora.safetensors"
+LORA_NAME = "dreambooth"
+TEXT_MODES = ("frozen", "tokens", "full")  # what of the text encoder trains
+# Attention projections LoRA adapts by default, the first family a model has: the SD U-Net
+# (diffusers' names, the targets of its DreamBooth-LoRA script), then difflab's ADM U-Net
+# (SelfAttention.qkv/proj, CrossAttention.q/kv/proj).
+ATTENTION_TARGETS = (("to_q", "to_k", "to_v", "to_out.0"), ("qkv", "q", "kv", "proj"))
+
+
+# ----------------------------------------------------------------------------------------------
+# New words in a TinyTextEncoder's vocabulary
+
+
+def check_word(word: str) -> str:
+    """A word the word-level tokenizer keeps as one token (lower-case letters and digits)."""
+    if not isinstance(word, str) or words(word) != [word]:
+        raise ValueError(f"identifier {word!r} must be one lower-case word of letters and digits (e.g. 'sks'): "
+                         f"the tokenizer reads it as {words(word) if isinstance(word, str) else word!r}")
+    return word
+
+
+@torch.no_grad()
+def add_tokens(text_encoder: TinyTextEncoder, new_words, *, init_word: str | None = None,
+               generator: torch.Generator | None = None) -> list[int]:
+    """Add ``new_words`` to a TinyTextEncoder's vocabulary; return the ids of all of them.
+
+    Module surgery (the encoder's code is untouched): the token embedding is replaced by a larger
+    one holding the old rows unchanged; ``config`` (its ``vocab``) and the word index follow, so
+    :meth:`TinyTextEncoder.save` / ``load`` round-trip the grown encoder. Words already known keep
+    their id and row. A new row is a copy of ``init_word``'s row (textual inversion's coarse
+    descriptor, Gal et al. 2023, Section 4.1), or N(0, 1) drawn from ``generator`` (nn.Embedding's
+    initialization) when ``init_word`` is None.
+    """
+    if not isinstance(text_encoder, TinyTextEncoder):
+        raise TypeError(f"add_tokens grows a TinyTextEncoder's word vocabulary; got a {type(text_encoder).__name__} "
+                        "(with a CLIP encoder, use a rare token it already has as the identifier)")
+    new_words = [new_words] if isinstance(new_words, str) else list(new_words)
+    for w in new_words:
+        check_word(w)
+    old = text_encoder.token_embedding
+    if init_word is not None and init_word not in text_encoder.index:
+        raise ValueError(f"init_word={init_word!r} is not in the encoder's vocabulary")
+    added = [w for w in dict.fromkeys(new_words) if w not in text_encoder.index]
+    if added:
+        n_old = old.num_embeddings
+        emb = nn.Embedding(n_old + len(added), old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+        emb.weight[:n_old] = old.weight
+        if init_word is None:
+            rows = torch.randn(len(added), old.embedding_dim, generator=generator, dtype=torch.float32)
+            emb.weight[n_old:] = rows.to(old.weight)
+        else:
+            emb.weight[n_old:] = old.weight[text_encoder.index[init_word]]
+        emb.weight.requires_grad_(old.weight.requires_grad)
+        text_encoder.token_embedding = emb
+        text_encoder.config = dataclasses.replace(text_encoder.config, vocab=(*text_encoder.config.vocab, *added))
+        text_encoder.index = {w: i for i, w in enumerate(text_encoder.config.vocab)}
+    return [text_encoder.index[w] for w in new_words]
+
+
+def token_embedding(text_encoder) -> nn.Embedding:
+    """The token-embedding table of a TinyTextEncoder or a CLIPTextEncoder."""
+    if isinstance(text_encoder, TinyTextEncoder):
+        return text_encoder.token_embedding
+    if hasattr(text_encoder, "embeddings") and "token_embedding" in text_encoder.embeddings:
+        return text_encoder.embeddings["token_embedding"]
+    raise TypeError(f"cannot find the token embedding of a {type(text_encoder).__name__}")
+
+
+class RowsOnly:
+    """Train only some rows of an embedding table: gradients of the other rows are zeroed (so
+    Adam's moments of those rows stay 0) and, after every optimizer step, :meth:`restore` puts
+    their original values back (so weight decay cannot move them either), as diffusers'
+    textual-inversion script does."""
+
+    def __init__(self, embedding: nn.Embedding, rows):
+        self.embedding = embedding
+        self.train_rows = torch.zeros(embedding.num_embeddings, dtype=torch.bool, device=embedding.weight.device)
+        self.train_rows[torch.as_tensor(list(rows), dtype=torch.long)] = True
+        self.original = embedding.weight.detach().clone()
+        embedding.weight.requires_grad_(True)
+        mask = self.train_rows[:, None].to(embedding.weight.dtype)
+        self.handle = embedding.weight.register_hook(lambda g: g * mask)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        w = self.embedding.weight
+        w[~self.train_rows] = self.original[~self.train_rows]
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss
+
+
+def prior_preservation_loss(denoiser, x_instance: torch.Tensor, x_prior: torch.Tensor | None, sigma, noise: torch.Tensor,
+                            *, instance_cond: dict, prior_cond: dict | None = None, prior_weight: float = 1.0,
+                            weighting: str = "simple", min_snr_gamma: float = 5.0) -> dict:
+    """Ruiz et al. 2023, eq. 2: the instance loss plus lambda times the class-prior loss.
+
+    ``x_instance`` (n, ...) are the subject's images, conditioned by ``instance_cond`` (the
+    network's keywords, e.g. ``context=`` / ``context_mask=`` of "a sks digit"); ``x_prior``
+    (m, ...) the frozen base model's samples of the class prompt, conditioned by ``prior_cond``
+    (the same keys). ``sigma`` (n + m,) and ``noise`` (n + m, ...) noise instance examples first.
+    Both halves run in one network call. Returns ``{"loss": mean(instance) + prior_weight *
+    mean(prior), "instance": (n,), "prior": (m,)}``, the per-example terms being
+    :func:`difflab.train.diffusion_loss`. ``x_prior=None`` (or m = 0) is plain fine-tuning.
+    """
+    n = len(x_instance)
+    if x_prior is None or len(x_prior) == 0:
+        x0, cond = x_instance, dict(instance_cond)
+    else:
+        if prior_cond is None or set(prior_cond) != set(instance_cond):
+            raise ValueError(f"prior_cond must have the keys of instance_cond {sorted(instance_cond)}, got "
+                             f"{None if prior_cond is None else sorted(prior_cond)}")
+        x0 = torch.cat([x_instance, x_prior])
+        cond = {k: torch.cat([instance_cond[k], prior_cond[k]]) for k in instance_cond}
+    if noise.shape != x0.shape:
+        raise ValueError(f"noise must have the shape of the instance and prior images together {tuple(x0.shape)}, "
+                         f"got {tuple(noise.shape)}")
+    losses = diffusion_loss(denoiser, x0, sigma, noise, weighting=weighting, min_snr_gamma=min_snr_gamma, extra_args=cond)
+    instance, prior = losses[:n], losses[n:]
+    total = instance.mean() + (prior_weight * prior.mean() if len(prior) else 0.0)
+    return {"loss": total, "instance": instance, "prior": prior}
+
+
+# ----------------------------------------------------------------------------------------------
+# Class images from the frozen base model
+
+
+@torch.no_grad()
+def generate_class_images(denoiser, text_encoder, class_prompt: str, num_images: int, shape, *, guidance_scale: float = 2.0,
+                          sampler: str = "ddim", steps: int = 50, seed: int = 0, batch_size: int = 64) -> torch.Tensor:
+    """x_pr of Ruiz et al. 2023, Section 3.3: ``num_images`` samples (N, C, H, W) in [-1, 1] of
+    ``class_prompt`` from the model as it is (call before fine-tuning), with classifier-free
+    guidance against the empty prompt. ``shape`` is one sample's (C, H, W) (a pixel-space model)."""
+    from difflab.pipelines.text_to_image import text_to_image
+
+    if num_images < 1:
+        raise ValueError(f"num_images={num_images} must be >= 1")
+    was_training = denoiser.training, text_encoder.training
+    denoiser.eval(), text_encoder.eval()
+    try:
+        return text_to_image(denoiser, text_encoder, None, [class_prompt] * num_images, guidance_scale=guidance_scale,
+                             sampler=sampler, steps=steps, seed=seed, latent_shape=tuple(shape), batch_size=batch_size,
+                             output_type="pt", progress=False)
+    finally:
+        denoiser.train(was_training[0]), text_encoder.train(was_training[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# The fine-tuning loop
+
+
+@dataclass(frozen=True)
+class DreamBoothConfig:
+    """DreamBooth's settings (the defaults suit the digits bench; SD users lower ``lr`` to ~5e-6 for a full fine-tune)."""
+
+    identifier: str = "sks"                 # the rare identifier [V] (Section 3.2); added to a TinyTextEncoder's vocabulary
+    class_prompt: str = "a digit"           # c_pr, the prompt of the class prior (Section 3.3)
+    instance_prompt: str | None = None      # c; None = class_prompt with the identifier before its last word ("a sks digit")
+    prior_weight: float = 1.0               # lambda of eq. 2; 0 = no prior preservation
+    num_prior_images: int = 50              # class images sampled from the frozen model
+    prior_guidance: float = 2.0             # their classifier-free guidance scale
+    prior_sampler: str = "ddim"
+    prior_steps: int = 50
+    steps: int = 400
+    batch_size: int = 4                     # instance examples per step (and as many class examples)
+    lr: float = 2e-4                        # U-Net (or LoRA) learning rate, constant
+    text_lr: float | None = None            # text encoder / token rows; None = lr
+    lora_rank: int | None = None            # None = fine-tune the whole U-Net; r = LoRA adapters only
+    lora_alpha: float | None = None         # None = rank (scale 1)
+    lora_targets: tuple[str, ...] | None = None  # patterns (adapters.lora.matches); None = ATTENTION_TARGETS present
+    text_encoder: str = "tokens"            # "frozen", "tokens" (the identifier's embedding rows) or "full"
+    weighting: str = "simple"
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    log_every: int = 50
+
+    def __post_init__(self):
+        check_word(self.identifier)
+        if self.text_encoder not in TEXT_MODES:
+            raise ValueError(f"text_encoder={self.text_encoder!r} must be one of {list(TEXT_MODES)}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting={self.weighting!r} must be one of {list(WEIGHTINGS)}")
+        if self.prior_weight < 0:
+            raise ValueError(f"prior_weight={self.prior_weight} must be >= 0")
+        if self.prior_weight > 0 and self.num_prior_images < 1:
+            raise ValueError(f"num_prior_images={self.num_prior_images} must be >= 1 with prior preservation (prior_weight > 0)")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps={self.steps} and batch_size={self.batch_size} must be >= 1")
+        if self.lora_rank is not None and not (isinstance(self.lora_rank, int) and self.lora_rank > 0):
+            raise ValueError(f"lora_rank={self.lora_rank!r} must be a positive int or None (full fine-tune)")
+        if self.lora_targets is not None:
+            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        if not self.class_prompt.strip():
+            raise ValueError("class_prompt must not be empty")
+
+    @property
+    def prompt(self) -> str:
+        """The instance prompt c: given, or the class prompt with the identifier before its last word."""
+        if self.instance_prompt is not None:
+            return self.instance_prompt
+        head, _, last = self.class_prompt.strip().rpartition(" ")
+        return " ".join(p for p in (head, self.identifier, last) if p)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass
+class DreamBoothResult:
+    """What :func:`dreambooth` did: the class images used, the identifier's token ids (in a
+    TinyTextEncoder), the adapted modules (LoRA), trainable element counts and the loss log."""
+
+    prior_images: torch.Tensor | None
+    token_ids: list[int]
+    lora_modules: list[str]
+    trainable: dict[str, int]
+    history: list[dict] = field(default_factory=list)
+
+
+def _encode(text_encoder, prompts: list[str], device) -> dict:
+    hidden, _, mask = text_encoder.encode(prompts, return_mask=True)
+    cond = {"context": hidden.to(device)}
+    if mask is not None:
+        cond["context_mask"] = mask.to(device)
+    return cond
+
+
+def default_lora_targets(net: nn.Module) -> list[str]:
+    """The attention patterns of the first family of :data:`ATTENTION_TARGETS` that ``net`` has
+    (those of its patterns that name at least one layer)."""
+    names = list(adaptable_modules(net))
+    for family in ATTENTION_TARGETS:
+        found = [p for p in family if any(matches(n, p) for n in names)]
+        if found:
+            return found
+    raise ValueError(f"{type(net).__name__} has none of the attention layers {list(ATTENTION_TARGETS)}: give lora_targets")
+
+
+def fit_subject(denoiser, text_encoder, instance_images: torch.Tensor, instance_prompts: list[str], *, unet: str, text: str,
+                token_ids=(), prior_images: torch.Tensor | None = None, prior_prompt: str | None = None,
+                prior_weight: float = 0.0, steps: int, batch_size: int, lr: float, text_lr: float | None = None,
+                weighting: str = "simple", max_grad_norm: float = 1.0, weight_decay: float = 0.0, seed: int = 0,
+                log_every: int = 50, progress: bool = True, desc: str = "fine-tune") -> list[dict]:
+    """The loop DreamBooth and textual inversion share: AdamW at constant learning rates on
+    :func:`prior_preservation_loss`. Trainable parameters must already be marked:
+    ``unet`` is ``"train"`` (the denoiser's parameters with requires_grad) or ``"frozen"``;
+    ``text`` one of :data:`TEXT_MODES` (``"tokens"``: only the rows ``token_ids`` of the token
+    embedding). Every step draws ``batch_size`` instance examples (with replacement), as many
+    class examples, each example's prompt among ``instance_prompts``, its sigma from the frame's
+    training distribution and its noise, from a generator seeded with ``seed``; the net's own
+    randomness (dropout) is seeded from ``seed`` too. Returns the log (every ``log_every`` steps)."""
+    from tqdm.auto import trange
+
+    if unet not in ("train", "frozen") or text not in TEXT_MODES:
+        raise ValueError(f"unet={unet!r} must be 'train' or 'frozen', text={text!r} one of {list(TEXT_MODES)}")
+    if unet == "frozen" and text == "frozen":
+        raise ValueError("nothing to train: the U-Net and the text encoder are both frozen")
+    if text == "tokens" and not len(token_ids):
+        raise ValueError("text='tokens' needs the token_ids whose embedding rows train")
+    device = next(denoiser.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    groups = []
+    unet_params = [p for p in denoiser.parameters() if p.requires_grad] if unet == "train" else []
+    if unet == "train" and not unet_params:
+        raise ValueError("no trainable U-Net parameter: mark them (full fine-tune or LoRA) before fit_subject")
+    if unet_params:
+        groups.append({"params": unet_params, "lr": lr})
+    rows = RowsOnly(token_embedding(text_encoder), token_ids) if text == "tokens" else None
+    text_params = [rows.embedding.weight] if text == "tokens" else list(text_encoder.parameters()) if text == "full" else []
+    if text_params:
+        groups.append({"params": text_params, "lr": lr if text_lr is None else text_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=weight_decay)
+    params = [p for group in groups for p in group["params"]]
+
+    use_prior = prior_images is not None and prior_weight > 0
+    instance_images = instance_images.to(device)
+    prior_images = prior_images.to(device) if use_prior else None
+    denoiser.train(unet == "train")
+    text_encoder.train(text != "frozen")
+    fixed = text == "frozen"  # the prompts' encodings do not change: encode them once
+    with torch.no_grad():
+        cached = {p: _encode(text_encoder, [p], device) for p in instance_prompts + ([prior_prompt] if use_prior else [])} if fixed else None
+
+    def cond_of(prompts):
+        if fixed:
+            return {k: torch.cat([cached[p][k] for p in prompts]) for k in cached[prompts[0]]}
+        return _encode(text_encoder, prompts, device)
+
+    history = []
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            bar = trange(steps, desc=desc, disable=not progress, dynamic_ncols=True)
+            for step in bar:
+                # 1. Draw the batch: instance examples, then class examples.
+                idx = torch.randint(0, len(instance_images), (batch_size,), generator=g)
+                which = torch.randint(0, len(instance_prompts), (batch_size,), generator=g)
+                prompts = [instance_prompts[int(i)] for i in which]
+                m = batch_size if use_prior else 0
+                pidx = torch.randint(0, len(prior_images), (m,), generator=g) if use_prior else None
+                sigma = draw_sigmas(denoiser.frame, batch_size + m, g).float().to(device)
+                noise = torch.randn((batch_size + m, *instance_images.shape[1:]), generator=g).to(device)
+                # 2. Encode the prompts (with gradients when the text encoder trains).
+                instance_cond = cond_of(prompts)
+                prior_cond = cond_of([prior_prompt] * m) if use_prior else None
+                # 3. Eq. 2, one network call for both halves.
+                out = prior_preservation_loss(denoiser, instance_images[idx.to(device)],
+                                              prior_images[pidx.to(device)] if use_prior else None, sigma, noise,
+                                              instance_cond=instance_cond, prior_cond=prior_cond, prior_weight=prior_weight,
+                                              weighting=weighting)
+                loss = out["loss"]
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"{desc}: the loss is {value} at step {step}; lower the learning rate")
+                # 4. Step, then put back the embedding rows that must not change.
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)) if max_grad_norm else math.nan
+                opt.step()
+                if rows is not None:
+                    rows.restore()
+                bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+                if step % log_every == 0 or step == steps - 1:
+                    history.append({"step": step, "loss": value, "instance": float(out["instance"].detach().mean()),
+                                    "prior": float(out["prior"].detach().mean()) if len(out["prior"]) else None,
+                                    "grad_norm": grad_norm})
+            bar.close()
+    finally:
+        if rows is not None:
+            rows.remove()
+        denoiser.eval(), text_encoder.eval()
+    return history
+
+
+def dreambooth(denoiser, text_encoder, instance_images: torch.Tensor, config: DreamBoothConfig = DreamBoothConfig(), *,
+               prior_images: torch.Tensor | None = None, progress: bool = True) -> DreamBoothResult:
+    """Fine-tune ``denoiser`` (and ``text_encoder``) in place on the subject's ``instance_images``
+    (N, C, H, W) in the data's range, with class-specific prior preservation (Ruiz et al. 2023,
+    Section 3.3, eq. 2).
+
+    ``prior_images``: the class images x_pr; None samples ``config.num_prior_images`` of them from
+    the model as given, before anything changes (:func:`generate_class_images`). With
+    ``config.lora_rank`` only LoRA adapter ``"dreambooth"`` trains (inject into the attention
+    projections, or ``config.lora_targets``); the U-Net's own weights are untouched (merge with
+    :func:`difflab.adapters.merge_lora`, or save with :func:`save_dreambooth`).
+    """
+    c = config
+    # 1. Check inputs.
+    cfg = getattr(getattr(denoiser, "net", None), "config", None)
+    in_channels = getattr(cfg, "in_channels", None)
+    if instance_images.ndim != 4 or len(instance_images) == 0 or (in_channels and instance_images.shape[1] != in_channels):
+        raise ValueError(f"instance_images must be a non-empty (N, {in_channels or 'C'}, H, W) tensor, got shape "
+                         f"{tuple(instance_images.shape)}")
+    if getattr(cfg, "context_dim", 0) is None:
+        raise ValueError("the U-Net has no cross-attention (config.context_dim is None): DreamBooth needs a text-conditional model")
+    if c.text_encoder == "tokens" and not isinstance(text_encoder, TinyTextEncoder):
+        raise ValueError("text_encoder='tokens' trains the identifier's new row, which only a TinyTextEncoder gets; "
+                         "use 'frozen' or 'full' with a CLIP encoder and a rare token it already has")
+
+    # 2. Class images x_pr from the frozen base model (before the vocabulary or the weights change).
+    use_prior = c.prior_weight > 0
+    if use_prior and prior_images is None:
+        prior_images = generate_class_images(denoiser, text_encoder, c.class_prompt, c.num_prior_images,
+                                             tuple(instance_images.shape[1:]), guidance_scale=c.prior_guidance,
+                                             sampler=c.prior_sampler, steps=c.prior_steps, seed=c.seed)
+    if use_prior and prior_images.shape[1:] != instance_images.shape[1:]:
+        raise ValueError(f"prior_images {tuple(prior_images.shape)} and instance_images {tuple(instance_images.shape)} differ in shape")
+
+    # 3. The identifier into the vocabulary (a TinyTextEncoder knows only its captions' words).
+    token_ids = []
+    if isinstance(text_encoder, TinyTextEncoder):
+        token_ids = add_tokens(text_encoder, [c.identifier], generator=torch.Generator().manual_seed(c.seed))
+
+    # 4. What trains: the U-Net or its LoRA adapters; none, some rows or all of the text encoder.
+    for p in text_encoder.parameters():
+        p.requires_grad_(c.text_encoder == "full")
+    net = denoiser.net
+    lora_modules = []
+    if c.lora_rank is None:
+        for p in net.parameters():
+            p.requires_grad_(True)
+        unet_trainable = sum(p.numel() for p in net.parameters())
+    else:
+        targets = list(c.lora_targets) if c.lora_targets else default_lora_targets(net)
+        lora_modules = inject_lora(net, targets, c.lora_rank, c.lora_alpha, name=LORA_NAME,
+                                   generator=torch.Generator().manual_seed(c.seed))
+        unet_trainable = mark_only_lora_trainable(net, LORA_NAME)
+    text_trainable = {"frozen": 0, "tokens": len(token_ids) * token_embedding(text_encoder).embedding_dim,
+                      "full": sum(p.numel() for p in text_encoder.parameters())}[c.text_encoder]
+
+    # 5. The loop.
+    history = fit_subject(denoiser, text_encoder, instance_images, [c.prompt], unet="train", text=c.text_encoder,
+                          token_ids=token_ids, prior_images=prior_images if use_prior else None, prior_prompt=c.class_prompt,
+                          prior_weight=c.prior_weight, steps=c.steps, batch_size=c.batch_size, lr=c.lr, text_lr=c.text_lr,
+                          weighting=c.weighting, max_grad_norm=c.max_grad_norm, weight_decay=c.weight_decay, seed=c.seed,
+                          log_every=c.log_every, progress=progress, desc="dreambooth")
+    for p in list(net.parameters()) + list(text_encoder.parameters()):
+        p.requires_grad_(False)
+    return DreamBoothResult(prior_images if use_prior else None, token_ids, lora_modules,
+                            {"unet": unet_trainable, "text_encoder": text_trainable}, history)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: a pixel-space U-Net and its TinyTextEncoder together
+
+
+def _plain_state(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The net's state with every LoRA adapter merged in and no LoRA tensors, from a merged copy
+    (the net itself is untouched)."""
+    merged = copy.deepcopy(net)
+    merge_lora(merged)
+    return {k: v.detach() for k, v in merged.state_dict().items() if ".lora_A." not in k and ".lora_B." not in k}
+
+
+def save_text_model(path, denoiser, text_encoder: TinyTextEncoder, spec: dict, metadata: dict | None = None) -> Path:
+    """Write a pixel-space text-conditional model atomically (:func:`difflab.io.save_checkpoint`):
+    tensors ``unet.*`` (LoRA adapters merged in) and ``text_encoder.*``; metadata ``kind``,
+    ``spec`` (:func:`difflab.io.spec.build_denoiser`), the text encoder's config and ``metadata``
+    (e.g. ``size``). ``path``: a ``.safetensors`` file or a directory (gets ``model.safetensors``)."""
+    if not isinstance(text_encoder, TinyTextEncoder):
+        raise TypeError(f"a text-model checkpoint holds a TinyTextEncoder, got {type(text_encoder).__name__}")
+    tensors = {f"unet.{k}": v for k, v in _plain_state(denoiser.net).items()}
+    tensors.update({f"text_encoder.{k}": v for k, v in text_encoder.state_dict().items()})
+    meta = {**(metadata or {}), "kind": TEXT_MODEL_KIND, "spec": spec, "text_encoder": text_encoder.config.to_dict()}
+    path = Path(path)
+    return save_checkpoint(path if path.suffix == ".safetensors" else path / MODEL_FILE, tensors, meta)
+
+
+def load_text_model(path, device="cpu"):
+    """Inverse of :func:`save_text_model`: ``(denoiser, text_encoder, metadata)``, in eval mode."""
+    from difflab.io.spec import build_denoiser
+
+    path = Path(path)
+    file = path if path.suffix == ".safetensors" or path.is_file() else path / MODEL_FILE
+    if path.is_dir() and not file.exists() and (path / CHECKPOINT_NAME).exists():
+        file = path / CHECKPOINT_NAME  # a training run's folder: read it, to say what it holds
+    tensors, meta = load_checkpoint(file, device=device)
+    if meta.get("kind") != TEXT_MODEL_KIND:
+        raise ValueError(f"{file} holds a {meta.get('kind')!r} checkpoint, not a text-conditional model "
+                         f"(kind {TEXT_MODEL_KIND!r}: a U-Net with cross-attention and its TinyTextEncoder, written "
+                         "by difflab.train.dreambooth.save_text_model)")
+    denoiser = build_denoiser(meta["spec"])
+    text_config = TinyTextConfig.from_dict(meta["text_encoder"])
+    context_dim = denoiser.net.config.context_dim
+    if context_dim != text_config.width:
+        raise ValueError(f"{file}: the U-Net's context_dim={context_dim} does not match the text encoder's width {text_config.width}")
+    text_encoder = TinyTextEncoder(text_config)
+    load_model_state(denoiser.net, tensors, prefix="unet.")
+    load_model_state(text_encoder, tensors, prefix="text_encoder.")
+    return denoiser.to(device).eval(), text_encoder.to(device).eval(), meta
+
+
+def save_dreambooth(out_dir, denoiser, text_encoder: TinyTextEncoder, spec: dict, config: DreamBoothConfig,
+                    result: DreamBoothResult, metadata: dict | None = None) -> dict[str, Path]:
+    """Write a DreamBooth run to ``out_dir``: ``model.safetensors`` (:func:`save_text_model`, LoRA
+    merged: it loads as a base model again) and, for a LoRA run, ``lora.safetensors``
+    (:func:`difflab.adapters.save_lora`, adapter ``"dreambooth"`` alone; it needs the
+    fine-tuned text encoder of ``model.safetensors`` for the identifier). Every file is atomic."""
+    out_dir = Path(out_dir)
+    meta = {**(metadata or {}), "dreambooth": {**config.to_dict(), "instance_prompt": config.prompt,
+                                               "token_ids": result.token_ids, "trainable": result.trainable,
+                                               "history": result.history}}
+    files = {"model": save_text_model(out_dir / MODEL_FILE, denoiser, text_encoder, spec, meta)}
+    if result.lora_modules:
+        files["lora"] = save_lora(out_dir / LORA_FILE, denoiser.net, LORA_NAME)
+    return files
+
+
+__all__ = ["DreamBoothConfig", "DreamBoothResult", "dreambooth", "fit_subject", "prior_preservation_loss",
+           "generate_class_images", "add_tokens", "check_word", "token_embedding", "RowsOnly", "default_lora_targets",
+           "save_text_model", "load_text_model", "save_dreambooth", "ATTENTION_TARGETS", "TEXT_MODES", "TEXT_MODEL_KIND"]
