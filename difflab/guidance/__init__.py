@@ -4,7 +4,23 @@ Usage::
 
     guided = ClassifierFreeGuidance(denoiser, scale=4.0, uncond={"class_labels": null_label})
     x = sample_ddim(guided, x, sigmas, extra_args={"class_labels": labels})
-"""
-from .cfg import ClassifierFreeGuidance, rescale
 
-__all__ = ["ClassifierFreeGuidance", "rescale"]
+    guided = ClassifierGuidance(uncond_denoiser, noisy_classifier, scale=2.0)      # class_labels -> classifier
+    guided = SafetyGuidance(denoiser, noisy_classifier, unwanted_class=7, scale=1.0)
+    guided = PerturbedAttentionGuidance(denoiser, scale=2.0)                         # or SelfAttentionGuidance
+"""
+from .attention import (PerturbedAttentionGuidance, SelfAttentionGuidance, find_self_attention, gaussian_blur,
+                        identity_attention, record_attention, sag_mask, self_attention_modules)
+from .cfg import ClassifierFreeGuidance, rescale
+from .classifier import (ClassifierConfig, ClassifierGuidance, MixtureClassifier, NoisyClassifier, classifier_accuracy,
+                         train_classifier)
+from .inpaint import MaskChannels, check_mask, latent_mask, mask_channels, sample_repaint
+from .safety import RewardGuidance, SafetyGuidance
+
+__all__ = ["ClassifierFreeGuidance", "rescale",
+           "ClassifierGuidance", "NoisyClassifier", "ClassifierConfig", "train_classifier", "classifier_accuracy",
+           "MixtureClassifier",
+           "SafetyGuidance", "RewardGuidance",
+           "PerturbedAttentionGuidance", "SelfAttentionGuidance", "identity_attention", "record_attention",
+           "find_self_attention", "self_attention_modules", "sag_mask", "gaussian_blur",
+           "sample_repaint", "MaskChannels", "check_mask", "latent_mask", "mask_channels"]
