@@ -28,7 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="train a class-conditional model on the embedded digits, sample and judge it",
                        description="Train a class-conditional U-Net on scikit-learn's digits, sample every class with "
                                    "classifier-free guidance, write samples.png and print the digits judge's figures.")
-    d.add_argument("--out-dir", default="demo_out", help="where samples.png, the checkpoint and report.json go (default: demo_out)")
+    d.add_argument("--text", action="store_true",
+                   help="the latent text-to-image demo instead: a small VAE and a text-conditional U-Net on captioned "
+                        "digits, sampled from prompts, with inpainting, outpainting and inversion")
+    d.add_argument("--out-dir", default=None,
+                   help="where samples.png, the checkpoints and report.json go (default: demo_out, or demo_text_out with --text)")
     d.add_argument("--steps", type=int, default=None, help="training steps (default: 2000)")
     d.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS), help="sampler (default: ddim)")
     d.add_argument("--sampling-steps", type=int, default=50, help="sampler steps (default: 50)")
@@ -113,9 +117,15 @@ def _device(name):
 
 
 def cmd_demo(args) -> int:
+    if args.text:
+        from .demo_text import run_text_demo
+
+        run_text_demo(args.out_dir or "demo_text_out", steps=args.steps, sampler=args.sampler,
+                      sampling_steps=args.sampling_steps, guidance_scale=args.guidance, seed=args.seed, resume=args.resume)
+        return 0
     from .demo import run_demo
 
-    run_demo(args.out_dir, steps=args.steps, sampler=args.sampler, sampling_steps=args.sampling_steps,
+    run_demo(args.out_dir or "demo_out", steps=args.steps, sampler=args.sampler, sampling_steps=args.sampling_steps,
              guidance_scale=args.guidance, samples_per_class=args.samples_per_class, seed=args.seed, resume=args.resume)
     return 0
 
