@@ -349,6 +349,8 @@ class UNetSD(nn.Module):
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         class_labels: torch.Tensor | None = None,
+        down_block_additional_residuals: list[torch.Tensor] | tuple[torch.Tensor, ...] | None = None,
+        mid_block_additional_residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict from the latent ``x`` (B, C, H, W) at times ``t`` (B,) float (a scalar is broadcast).
 
@@ -356,6 +358,12 @@ class UNetSD(nn.Module):
         ``encoder_hidden_states``); ``context_mask``: (B, L) bool, True for tokens to attend to
         (diffusers' ``encoder_attention_mask``). Missing context skips the cross-attention.
         ``class_labels`` must be None (the SD 1.x/2.x U-Net has no class embedding).
+
+        ``down_block_additional_residuals`` (one tensor per skip connection, shaped like it) and
+        ``mid_block_additional_residual`` (shaped like the middle block's output) are added to the
+        skips and to the middle output: the ControlNet hook (Zhang et al. 2023, Section 3.2;
+        diffusers' arguments of the same names, :mod:`difflab.adapters.controlnet`). None leaves
+        the computation untouched.
         """
         # 1. Check inputs
         t = self._check_inputs(x, t, context, context_mask, class_labels)
@@ -369,9 +377,13 @@ class UNetSD(nn.Module):
         for block in self.down_blocks:
             h, out = block(h, emb, context, context_mask)
             skips += out
+        if down_block_additional_residuals is not None:
+            skips = _add_residuals(skips, down_block_additional_residuals, "down_block_additional_residuals")
 
         # 4. Middle
         h = self.mid_block(h, emb, context, context_mask)
+        if mid_block_additional_residual is not None:
+            h = _add_residuals([h], [mid_block_additional_residual], "mid_block_additional_residual")[0]
 
         # 5. Up, concatenating the skips in reverse order
         for block in self.up_blocks:
@@ -401,6 +413,17 @@ class UNetSD(nn.Module):
             if context_mask.dtype != torch.bool or context_mask.shape != context.shape[:2]:
                 raise ValueError(f"context_mask must be a bool (B, L) = {tuple(context.shape[:2])} tensor, got {context_mask.dtype} of shape {tuple(context_mask.shape)}")
         return t
+
+
+def _add_residuals(features: list, residuals, name: str) -> list:
+    """``[f + r for f, r in zip(features, residuals)]`` after checking that the counts and shapes agree."""
+    residuals = list(residuals)
+    if len(residuals) != len(features):
+        raise ValueError(f"{name} has {len(residuals)} tensors, but the U-Net has {len(features)} of those features")
+    for k, (f, r) in enumerate(zip(features, residuals)):
+        if r.shape != f.shape:
+            raise ValueError(f"{name}[{k}] has shape {tuple(r.shape)}, but the feature it adds to has {tuple(f.shape)}")
+    return [f + r.to(f.dtype) for f, r in zip(features, residuals)]
 
 
 PRESETS = {
