@@ -76,3 +76,8 @@ def test_demo_end_to_end_short(tmp_path, capsys):
     assert torch.isfinite(torch.tensor(report["frechet"]))
     out = capsys.readouterr().out
     assert "judge accuracy on generated digits" in out
+    # `difflab eval` measures the demo's checkpoint end to end
+    assert main(["eval", "--generated", str(tmp_path), "--reference", "digits", "--num", "20", "--steps", "4",
+                 "--metrics", "fid,kid,precision,recall", "--no-progress", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n_generated"] == 20 and all(torch.isfinite(torch.tensor(float(result[k]))) for k in ("fid", "precision"))
