@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import JSONConfig
 from .layers import _heads, _merge_heads
 from .transformer import Attention, FeedForward
 
@@ -64,7 +65,7 @@ def _check_prompts(prompts) -> list[str]:
 
 
 @dataclass(frozen=True)
-class CLIPTextEncoderConfig:
+class CLIPTextEncoderConfig(JSONConfig):
     """The shape of a CLIP text transformer; field names are those of transformers' ``CLIPTextConfig``.
 
     Defaults: CLIP ViT-L/14's text tower (Stable Diffusion 1.x). SD 2.x's OpenCLIP ViT-H/14:
@@ -90,16 +91,6 @@ class CLIPTextEncoderConfig:
             raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; choose one of {sorted(_ACTIVATIONS)}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} does not divide hidden_size={self.hidden_size}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CLIPTextEncoderConfig":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown CLIPTextEncoderConfig keys: {sorted(unknown)}")
-        return cls(**d)
 
     @classmethod
     def from_transformers_config(cls, d: dict) -> "CLIPTextEncoderConfig":
@@ -277,7 +268,7 @@ def load_clip_tokenizer(folder):
 
 
 @dataclass(frozen=True)
-class TinyTextConfig:
+class TinyTextConfig(JSONConfig):
     """A word-level tokenizer's vocabulary and a small transformer encoder's shape."""
 
     vocab: tuple[str, ...] = ("<pad>", "<unk>")  # index 0 pads, 1 stands for unknown words
@@ -296,15 +287,6 @@ class TinyTextConfig:
         if self.width % self.heads:
             raise ValueError(f"heads={self.heads} does not divide width={self.width}")
 
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TinyTextConfig":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown TinyTextConfig keys: {sorted(unknown)}")
-        return cls(**d)
 
 
 def words(text: str) -> list[str]:

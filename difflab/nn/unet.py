@@ -19,17 +19,17 @@ set. Time and class embeddings are summed and condition every ResBlock by scale 
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..config import JSONConfig
 from .layers import CrossAttention, Downsample, ResBlock, SelfAttention, TimestepMLP, Upsample, group_norm, timestep_embedding, zero_
 
 
 @dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(JSONConfig):
     """Everything that shapes a UNet; JSON-safe through ``to_dict`` / ``from_dict`` for checkpoints."""
 
     in_channels: int = 1  # channels of x
@@ -66,17 +66,6 @@ class UNetConfig:
         """H and W must be divisible by this: 2 ** (number of levels - 1)."""
         return 2 ** (len(self.channel_mult) - 1)
 
-    def to_dict(self) -> dict:
-        """A JSON-safe dict (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "UNetConfig":
-        """Inverse of ``to_dict``; unknown keys are an error."""
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown UNetConfig keys: {sorted(unknown)}")
-        return cls(**d)
 
 
 class Block(nn.ModuleList):

@@ -24,13 +24,13 @@ A ResnetBlock *adds* the projected time embedding between its two convs (DDPM's 
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import JSONConfig
 from .layers import Downsample, Upsample, _maybe_checkpoint, timestep_embedding
 from .transformer import SpatialTransformer
 
@@ -38,7 +38,7 @@ DIFFUSERS_CLASS = "UNet2DConditionModel"
 
 
 @dataclass(frozen=True)
-class UNetSDConfig:
+class UNetSDConfig(JSONConfig):
     """Everything that shapes a UNetSD; JSON-safe through ``to_dict`` / ``from_dict``.
 
     ``num_heads`` is what diffusers' config calls ``attention_head_dim`` (a historical misnomer
@@ -83,17 +83,6 @@ class UNetSDConfig:
         """How much the deepest level is smaller than the input: 2 ** (levels - 1)."""
         return 2 ** (len(self.block_out_channels) - 1)
 
-    def to_dict(self) -> dict:
-        """A JSON-safe dict (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "UNetSDConfig":
-        """Inverse of ``to_dict``; unknown keys are an error."""
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown UNetSDConfig keys: {sorted(unknown)}")
-        return cls(**d)
 
     # -- diffusers' config.json ----------------------------------------------------------------
 

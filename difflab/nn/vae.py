@@ -22,20 +22,20 @@ Latents given to a diffusion model are scaled: ``z_model = (z - shift_factor) * 
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import JSONConfig
 from .layers import Upsample
 
 GROUP_NORM_EPS = 1e-6  # LDM and diffusers use eps = 1e-6 in every GroupNorm of the autoencoder
 
 
 @dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(JSONConfig):
     """Everything that shapes an AutoencoderKL; JSON-safe through ``to_dict`` / ``from_dict``."""
 
     in_channels: int = 3  # image channels
@@ -67,17 +67,6 @@ class VAEConfig:
         """f: images are f times larger than latents in H and W; 2 ** (len(block_out_channels) - 1)."""
         return 2 ** (len(self.block_out_channels) - 1)
 
-    def to_dict(self) -> dict:
-        """A JSON-safe dict (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "VAEConfig":
-        """Inverse of ``to_dict``; unknown keys are an error."""
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown VAEConfig keys: {sorted(unknown)}")
-        return cls(**d)
 
 
 # ----------------------------------------------------------------------------------------------
