@@ -10,7 +10,7 @@ Usage::
     x = torch.randn(shape) * denoiser.prior_std(sigmas[0])
     sample = get_sampler("ddim")(denoiser, x, sigmas, extra_args={"class_labels": y})
 """
-from . import deis, dpm_solver, euler, flow, lms, sde, unipc
+from . import adaptive, deis, dpm_solver, euler, flow, lms, sde, unipc
 from .brownian import BrownianTreeNoise
 from .common import ancestral_step, check_sigmas, ode_derivative
 from .ddim import sample_ddim
@@ -21,7 +21,7 @@ from .inversion import invert_ddim
 SAMPLERS = {
     "ddim": sample_ddim, "ddpm": sample_ddpm,
     **euler.SAMPLERS, **lms.SAMPLERS, **flow.SAMPLERS,
-    **dpm_solver.SAMPLERS, **sde.SAMPLERS, **unipc.SAMPLERS, **deis.SAMPLERS,
+    **dpm_solver.SAMPLERS, **sde.SAMPLERS, **unipc.SAMPLERS, **deis.SAMPLERS, **adaptive.SAMPLERS,
 }
 
 
