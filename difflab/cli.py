@@ -105,8 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     from .cli_dreambooth import add_dreambooth_command
+    from .cli_perf import add_perf_commands
 
     add_dreambooth_command(sub)
+    add_perf_commands(sub)
     return p
 
 
@@ -267,8 +269,10 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     from .cli_dreambooth import cmd_dreambooth
+    from .cli_perf import PERF_COMMANDS
 
-    commands = {"demo": cmd_demo, "train": cmd_train, "sample": cmd_sample, "dreambooth": cmd_dreambooth, "eval": cmd_eval}
+    commands = {"demo": cmd_demo, "train": cmd_train, "sample": cmd_sample, "dreambooth": cmd_dreambooth, "eval": cmd_eval,
+                **PERF_COMMANDS}
     try:
         return commands[args.command](args)
     except (ValueError, FileNotFoundError, ImportError) as e:
