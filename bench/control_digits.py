@@ -31,7 +31,6 @@ import copy
 import dataclasses
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -51,6 +50,7 @@ from difflab.io.spec import build_frame
 from difflab.nn.unet_sd import UNetSD, UNetSDConfig
 from difflab.samplers import sample_ddim
 from difflab.train import TrainConfig, train
+from machine import machine  # bench/machine.py
 
 SIZE = 16
 UNET = UNetSDConfig(in_channels=1, out_channels=1, block_out_channels=(16, 32, 32), layers_per_block=1,
@@ -61,16 +61,6 @@ IMAGE_TOKENS = 4  # IP-Adapter's N
 DIFFUSION = DEMO_SPEC["diffusion"]  # vp_discrete, cosine, T = 1000, v-prediction
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
 
 
 # ----------------------------------------------------------------------------------------------

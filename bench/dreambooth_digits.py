@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -42,6 +40,7 @@ from difflab.train import EMA, diffusion_loss, draw_sigmas
 from difflab.train.dreambooth import (DreamBoothConfig, dreambooth, generate_class_images, load_text_model,
                                       save_text_model)
 from difflab.train.textual_inversion import TextualInversionConfig, textual_inversion
+from machine import machine  # bench/machine.py
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TEMPLATES = ("the digit {num}", "a {num}", "a {word}", "the number {word}", "a handwritten {word}", "digit {num}",
@@ -52,16 +51,6 @@ SPEC = {"unet": dataclasses.replace(PRESETS["digits"], num_res_blocks=1, dropout
 SUBJECT_CLASS = 3
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
 
 
 def caption(digit: int, template: str) -> str:

@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -40,21 +39,12 @@ from difflab.io.spec import build_denoiser
 from difflab.nn.unet import PRESETS
 from difflab.samplers import sample_ddim
 from difflab.train import train
+from machine import machine  # bench/machine.py
 
 UNCOND_SPEC = {"unet": dataclasses.replace(PRESETS["digits"], dropout=0.0, num_classes=None).to_dict(),
                "diffusion": DEMO_SPEC["diffusion"]}
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
 
 
 # ----------------------------------------------------------------------------------------------
