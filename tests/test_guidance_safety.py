@@ -13,7 +13,7 @@ F64 = torch.float64
 
 
 def mixture():
-    return GaussianMixture.random(dim=3, components=4, seed=3)
+    return GaussianMixture.random(dim=3, components=4, seed=3, mean_scale=1.0)  # well-separated components
 
 
 def without(gm, unwanted):
