@@ -56,7 +56,8 @@ def sliced_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
     the others'), with a score matrix of (slice, L) instead of (N, L). The mask is sliced along
     the query axis when it has one."""
     if is_causal:
-        raise NotImplementedError("sliced_attention does not slice causal attention")
+        raise ValueError("sliced_attention takes is_causal=False only (difflab's U-Nets use no causal attention); "
+                         "pass an explicit attn_mask instead")
     n = q.shape[-2]
     outs = []
     for i in range(0, n, slice_size):

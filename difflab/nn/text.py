@@ -44,9 +44,6 @@ class TextEncoder(nn.Module):
 
     hidden_size: int
 
-    def encode(self, prompts, *, return_mask: bool = False):
-        raise NotImplementedError
-
 
 def _check_prompts(prompts) -> list[str]:
     if isinstance(prompts, str):
