@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from difflab.core import Denoiser, sample_seed
+from difflab.nn.fast import autocast
 from difflab.io.checkpoint import (checkpoint_path, load_checkpoint, load_model_state, optimizer_state_from_tensors,
                                    optimizer_state_to_tensors, save_checkpoint, strip_prefix)
 
@@ -225,13 +226,6 @@ def draw_batch(images, labels, frame, config: TrainConfig, step: int, *, null_cl
 # One step
 
 
-def autocast(device: torch.device, precision: str):
-    """bf16/fp16 autocast on the training device; a no-op for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
 def accumulate_gradients(denoiser: Denoiser, batch: dict, config: TrainConfig, scaler=None, no_sync=None) -> torch.Tensor:
     """Forward and backward over ``config.grad_accum`` micro-batches, accumulating the gradient
     of mean(per-example loss) over the whole batch into ``.grad``; returns the (B,) losses.
@@ -246,7 +240,7 @@ def accumulate_gradients(denoiser: Denoiser, batch: dict, config: TrainConfig, s
         sl = slice(i * m, (i + 1) * m)
         extra = {k: v[sl] for k, v in batch.items() if k not in BATCH_KEYS and v is not None}  # class_labels, cond
         with no_sync() if no_sync is not None and i < config.grad_accum - 1 else contextlib.nullcontext():
-            with autocast(device, config.precision):
+            with autocast(config.precision, device):
                 if config.loss == "hybrid":
                     loss = hybrid_loss(denoiser, batch["x0"][sl], batch["sigma"][sl], batch["noise"][sl], extra_args=extra,
                                        vlb_weight=config.vlb_weight, weighting=config.weighting, min_snr_gamma=config.min_snr_gamma)
