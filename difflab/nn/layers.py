@@ -194,3 +194,15 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def check_context(context, context_mask, batch: int, context_dim: int, dim_name: str = "context_dim") -> None:
+    """Clear errors for a cross-attention context (B, L, context_dim) and its bool (B, L) mask."""
+    if context is not None and (context.ndim != 3 or context.shape[0] != batch or context.shape[2] != context_dim):
+        raise ValueError(f"context must be (B, L, {dim_name}) = ({batch}, L, {context_dim}), got shape {tuple(context.shape)}")
+    if context_mask is not None:
+        if context is None:
+            raise ValueError("context_mask given without context")
+        if context_mask.dtype != torch.bool or context_mask.shape != context.shape[:2]:
+            raise ValueError(f"context_mask must be a bool (B, L) = {tuple(context.shape[:2])} tensor, "
+                             f"got {context_mask.dtype} of shape {tuple(context_mask.shape)}")

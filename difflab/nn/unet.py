@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..config import JSONConfig
-from .layers import CrossAttention, Downsample, ResBlock, SelfAttention, TimestepMLP, Upsample, group_norm, timestep_embedding, zero_
+from .layers import CrossAttention, check_context, Downsample, ResBlock, SelfAttention, TimestepMLP, Upsample, group_norm, timestep_embedding, zero_
 
 
 @dataclass(frozen=True)
@@ -216,13 +216,7 @@ class UNet(nn.Module):
 
         if c.context_dim is None and context is not None:
             raise ValueError("context given, but this UNet has no cross-attention (config.context_dim is None)")
-        if context is not None and (context.ndim != 3 or context.shape[0] != b or context.shape[2] != c.context_dim):
-            raise ValueError(f"context must be (B, L, context_dim) = ({b}, L, {c.context_dim}), got shape {tuple(context.shape)}")
-        if context_mask is not None:
-            if context is None:
-                raise ValueError("context_mask given without context")
-            if context_mask.dtype != torch.bool or context_mask.shape != context.shape[:2]:
-                raise ValueError(f"context_mask must be a bool (B, L) = {tuple(context.shape[:2])} tensor, got {context_mask.dtype} of shape {tuple(context_mask.shape)}")
+        check_context(context, context_mask, b, c.context_dim)
         return t
 
 

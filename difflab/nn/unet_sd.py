@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import JSONConfig
-from .layers import Downsample, Upsample, _maybe_checkpoint, timestep_embedding
+from .layers import Downsample, Upsample, check_context, _maybe_checkpoint, timestep_embedding
 from .transformer import SpatialTransformer
 
 DIFFUSERS_CLASS = "UNet2DConditionModel"
@@ -145,21 +145,7 @@ class UNetSDConfig(JSONConfig):
         }
 
 
-# diffusers' defaults for the keys read above, and the settings UNetSD implements (anything else raises)
-_DIFFUSERS_DEFAULTS = {
-    "in_channels": 4, "out_channels": 4, "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
-    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-    "attention_head_dim": 8, "num_attention_heads": None, "cross_attention_dim": 1280, "transformer_layers_per_block": 1,
-    "use_linear_projection": False, "norm_num_groups": 32, "norm_eps": 1e-5, "dropout": 0.0, "sample_size": None,
-    "flip_sin_to_cos": True, "freq_shift": 0, "mid_block_type": "UNetMidBlock2DCrossAttn", "act_fn": "silu",
-    "center_input_sample": False, "downsample_padding": 1, "mid_block_scale_factor": 1, "only_cross_attention": False,
-    "dual_cross_attention": False, "class_embed_type": None, "addition_embed_type": None, "num_class_embeds": None,
-    "encoder_hid_dim": None, "encoder_hid_dim_type": None, "resnet_time_scale_shift": "default",
-    "resnet_out_scale_factor": 1.0, "resnet_skip_time_act": False, "time_embedding_type": "positional",
-    "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None,
-    "conv_in_kernel": 3, "conv_out_kernel": 3, "attention_type": "default", "class_embeddings_concat": False,
-    "cross_attention_norm": None, "reverse_transformer_layers_per_block": None, "mid_block_only_cross_attention": None,
-}
+# The settings UNetSD implements (a diffusers config with anything else raises) ...
 _DIFFUSERS_REQUIRED = {
     "flip_sin_to_cos": True, "freq_shift": 0, "mid_block_type": "UNetMidBlock2DCrossAttn", "act_fn": "silu",
     "center_input_sample": False, "downsample_padding": 1, "mid_block_scale_factor": 1, "only_cross_attention": False,
@@ -169,6 +155,14 @@ _DIFFUSERS_REQUIRED = {
     "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None,
     "conv_in_kernel": 3, "conv_out_kernel": 3, "attention_type": "default", "class_embeddings_concat": False,
     "cross_attention_norm": None, "reverse_transformer_layers_per_block": None,
+}
+# ... and diffusers' defaults for the keys read above.
+_DIFFUSERS_DEFAULTS = {
+    "in_channels": 4, "out_channels": 4, "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "attention_head_dim": 8, "num_attention_heads": None, "cross_attention_dim": 1280, "transformer_layers_per_block": 1,
+    "use_linear_projection": False, "norm_num_groups": 32, "norm_eps": 1e-5, "dropout": 0.0, "sample_size": None,
+    **_DIFFUSERS_REQUIRED, "mid_block_only_cross_attention": None,
 }
 
 
@@ -394,13 +388,7 @@ class UNetSD(nn.Module):
             raise ValueError(f"t must be a (B,) = ({b},) tensor, got shape {tuple(t.shape)}")
         if class_labels is not None:
             raise ValueError("class_labels given, but UNetSD has no class embedding (condition through context)")
-        if context is not None and (context.ndim != 3 or context.shape[0] != b or context.shape[2] != c.cross_attention_dim):
-            raise ValueError(f"context must be (B, L, cross_attention_dim) = ({b}, L, {c.cross_attention_dim}), got shape {tuple(context.shape)}")
-        if context_mask is not None:
-            if context is None:
-                raise ValueError("context_mask given without context")
-            if context_mask.dtype != torch.bool or context_mask.shape != context.shape[:2]:
-                raise ValueError(f"context_mask must be a bool (B, L) = {tuple(context.shape[:2])} tensor, got {context_mask.dtype} of shape {tuple(context_mask.shape)}")
+        check_context(context, context_mask, b, c.cross_attention_dim, "cross_attention_dim")
         return t
 
 
