@@ -371,9 +371,11 @@ def sd_step(ctx: Context) -> list[Result]:
         with torch.no_grad():
             return net(x, t, context=c)
 
-    def theirs_build(cl=False, compile=False, mode=None):
+    def theirs_build(cl=False, compile=False, mode=None, fuse=False):
         def build():
             net = copy.deepcopy(theirs).to(dtype)
+            if fuse:
+                net.fuse_qkv_projections()
             if cl:
                 net.to(memory_format=torch.channels_last)
             if compile:
@@ -388,6 +390,7 @@ def sd_step(ctx: Context) -> list[Result]:
 
     cl = ctx.device.type == "cuda"
     variants = [
+        ("difflab", f"{precision} eager, q/k/v unfused", ours_build(channels_last=False, fuse_qkv=False), ()),
         ("difflab", f"{precision} eager", ours_build(channels_last=False), ()),
         ("difflab", f"{precision} + channels_last + compile", ours_build(channels_last=cl, compile="full"), ("compile",)),
         ("difflab", f"{precision} + channels_last + compile + CUDA graphs",
@@ -398,6 +401,8 @@ def sd_step(ctx: Context) -> list[Result]:
         ("diffusers", f"{precision} + channels_last + compile", theirs_build(cl=cl, compile=True), ("compile",)),
         ("diffusers", f"{precision} + channels_last + compile (reduce-overhead: CUDA graphs)",
          theirs_build(cl=cl, compile=True, mode="reduce-overhead"), ("compile", "cuda")),
+        ("diffusers", f"{precision} + fused QKV + channels_last + compile (reduce-overhead: CUDA graphs)",
+         theirs_build(cl=cl, compile=True, mode="reduce-overhead", fuse=True), ("compile", "cuda")),
     ]
     results = [_variant(ctx, "sd_step", impl, name, "ms", flops, b, ours_run if impl == "difflab" else theirs_run,
                         refs[impl], needs=needs) for impl, name, b, needs in variants]

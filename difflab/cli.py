@@ -22,7 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .core.schedules import DISCRETE_SCHEDULES
     from .samplers import SAMPLERS
 
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="difflab", description="Train, sample and measure diffusion models.", epilog=EPILOG)
+    p.add_argument("--version", action="version", version=f"difflab {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     d = sub.add_parser("demo", help="train a class-conditional model on the embedded digits, sample and judge it",

@@ -16,6 +16,14 @@ def test_help_lists_the_commands(capsys):
         assert cmd in out
 
 
+def test_version_is_the_installed_distributions(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"difflab {version('difflab')}"
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A very short training run of the tiny preset on 8x8 digits."""

@@ -82,6 +82,9 @@ class DecoupledCrossAttention(Attention):
         nn.Module.__init__(self)
         if num_tokens < 1:
             raise ValueError(f"num_tokens={num_tokens} must be positive")
+        if "to_kv" in base._modules:
+            raise ValueError("this cross-attention's key/value projections are fused (optimize's fuse_qkv): "
+                             "attach the IP-Adapter before optimize")
         self.heads, self.num_tokens, self.scale = base.heads, int(num_tokens), float(scale)
         self.to_q, self.to_k, self.to_v, self.to_out = base.to_q, base.to_k, base.to_v, base.to_out
         # W'_k, W'_v initialized from W_k, W_v (Section 3.2.2)

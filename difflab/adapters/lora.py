@@ -239,7 +239,10 @@ def find_modules(model: nn.Module, target) -> list[str]:
         if not hits:
             some = ", ".join(list(candidates)[:8])
             raise ValueError(f"target pattern {p!r} matches no nn.Linear or nn.Conv2d of {type(model).__name__} "
-                             f"(some are: {some}{' ...' if len(candidates) > 8 else ''})")
+                             f"(some are: {some}{' ...' if len(candidates) > 8 else ''})"
+                             + ("; its attention projections are fused (optimize's fuse_qkv): add LoRA before "
+                                "optimize, or target to_qkv / to_kv" if any(n.endswith(("to_qkv", "to_kv"))
+                                                                             for n in candidates) else ""))
         chosen.update(hits)
     return [n for n in candidates if n in chosen]
 

@@ -106,7 +106,7 @@ def _identity_forward(m: nn.Module):
     def forward(x, context=None, mask=None):  # to_out(V); a call with context is cross-attention: unchanged
         if context is not None:
             return original(x, context, mask)
-        return m.to_out[1](m.to_out[0](m.to_v(x)))
+        return m.to_out[1](m.to_out[0](m.value(x)))
     return forward
 
 
@@ -144,11 +144,14 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tenso
 
 
 def _record_hooks(m: nn.Module, store: list) -> list:
-    if isinstance(m, SelfAttention):
+    fused = m.qkv if isinstance(m, SelfAttention) else m._modules.get("to_qkv")  # one q/k/v matmul
+    if fused is not None:
+        heads = m.num_heads if isinstance(m, SelfAttention) else m.heads
+
         def on_qkv(_, __, out):
             q, k, _v = out.chunk(3, dim=-1)
-            store.append(attention_probs(q.detach(), k.detach(), m.num_heads))
-        return [m.qkv.register_forward_hook(on_qkv)]
+            store.append(attention_probs(q.detach(), k.detach(), heads))
+        return [fused.register_forward_hook(on_qkv)]
     state = {}  # Attention.forward computes to_q, then to_k (attn1: both on x)
 
     def on_q(_, __, out):

@@ -19,9 +19,11 @@ What each switch does (every one falls back cleanly on the CPU; see docs/perform
 - ``gradient_checkpointing`` and ``attention_slice``: the memory switches of
   :mod:`difflab.nn.memory`.
 
-Fused QKV and flash attention: difflab's ``SelfAttention`` already projects q, k, v with one
-``qkv`` matmul and every attention calls ``F.scaled_dot_product_attention`` (flash / memory-
-efficient kernels on CUDA, a flash kernel on the CPU). GroupNorm + SiLU: ``torch.compile``
+- ``fuse_qkv``: the SD transformer's attention projects q, k, v with one matmul (``to_qkv``;
+  ``to_kv`` for cross-attention), see :meth:`~difflab.nn.transformer.Attention.fuse_projections`;
+  the ADM U-Net's ``SelfAttention`` has a single ``qkv`` matmul already. The state dict keeps its
+  keys. Every attention calls ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels
+  on CUDA, a flash kernel on the CPU). GroupNorm + SiLU: ``torch.compile``
 (inductor) already fuses the statistics, the normalization, the affine and the SiLU into one
 kernel (``cpp_fused_native_group_norm_silu_0`` in its CPU output; a Triton reduction on CUDA), so
 no hand-written kernel is added; eager mode runs them as two kernels.
@@ -90,6 +92,7 @@ class FastConfig:
     cuda_graphs: bool = False               # record and replay the call per input shape (CUDA only)
     fp8: bool = False                       # FP8 linears (CUDA capability >= 8.9 only)
     fp8_pattern: str | None = None          # regex on module names of the linears to swap (None: all)
+    fuse_qkv: bool = True                   # one matmul for q, k, v (state-dict keys unchanged)
     gradient_checkpointing: bool | None = None  # None: leave as it is
     attention_slice: int | None = None      # queries per attention chunk (inference memory; None: off)
 
@@ -110,15 +113,21 @@ def optimize(model: nn.Module, config: FastConfig | None = None, **overrides) ->
     """Apply the fast paths of ``config`` (or of ``FastConfig(**overrides)``) to a network, in place.
 
     Returns the network itself, or a :class:`CUDAGraphed` wrapper of it when ``cuda_graphs``
-    (a passthrough on the CPU). Call it after ``.to(device)``. Parameter names and the
-    ``state_dict`` are unchanged, so checkpoints load either way. See the module docstring.
+    (a passthrough on the CPU). Call it after ``.to(device)`` and after attaching adapters
+    (LoRA, IP-Adapter). The ``state_dict`` keys are unchanged, so checkpoints load either way;
+    with ``fuse_qkv`` the parameters ``to_q/to_k/to_v`` become one ``to_qkv`` (or ``to_kv``).
+    See the module docstring.
     """
     config = dataclasses.replace(config or FastConfig(), **overrides)
     if getattr(model, "difflab_fast", None) is not None:
         raise ValueError("this network was already optimized; build a fresh one to change its fast paths")
     device = device_of(model)
 
-    # 1. Memory switches
+    # 1. Structure: fused projections (before the cast and the FP8 swap, which then apply to them)
+    if config.fuse_qkv:
+        fuse_projections(model)
+
+    # Memory switches
     if config.gradient_checkpointing is not None:
         memory.set_gradient_checkpointing(model, config.gradient_checkpointing)
     if config.attention_slice is not None:
@@ -151,6 +160,14 @@ def optimize(model: nn.Module, config: FastConfig | None = None, **overrides) ->
 
     # 5. CUDA graphs
     return CUDAGraphed(model) if config.cuda_graphs else model
+
+
+def fuse_projections(model: nn.Module) -> list[str]:
+    """Fuse the q/k/v projections of every SD-transformer :class:`~difflab.nn.transformer.Attention`
+    of ``model`` (not its subclasses, e.g. IP-Adapter layers, nor projections wrapped by LoRA);
+    returns the names of the fused modules. The state dict keeps its keys."""
+    from .transformer import Attention
+    return [name for name, m in model.named_modules() if type(m) is Attention and m.fuse_projections()]
 
 
 def _fast_input(module, args, kwargs):
@@ -391,6 +408,6 @@ def swap_fp8_linear(model: nn.Module, pattern: str | None = None, *, inference: 
     return names
 
 
-__all__ = ["PRECISIONS", "FastConfig", "optimize", "autocast", "dtype_of", "device_of", "blocks", "compile_regional",
+__all__ = ["PRECISIONS", "FastConfig", "optimize", "fuse_projections", "autocast", "dtype_of", "device_of", "blocks", "compile_regional",
            "CUDAGraphed", "fp8_supported", "quantize_fp8", "fp8_matmul", "fp8_matmul_emulated", "fp8_linear",
            "FP8Linear", "swap_fp8_linear"]
