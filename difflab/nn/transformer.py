@@ -128,7 +128,7 @@ def _split_fused_projections(module: Attention, state_dict, prefix, local_metada
     fused, names = _fused_names(module)
     own = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(prefix)]}  # the last keys
     split = dict(zip((prefix + n + ".weight" for n in names), own.pop(prefix + fused + ".weight").chunk(len(names))))
-    state_dict.update({k: split[k].clone() if k in split else own.pop(k)
+    state_dict.update({k: split[k].detach().clone() if k in split else own.pop(k)
                        for k in [prefix + n + ".weight" for n in ("to_q", "to_k", "to_v")]})  # the unfused order
     state_dict.update(own)
 
