@@ -74,6 +74,9 @@ def cuda_graphs(device) -> None:
         errs = rel_err(first, want1), rel_err(second, want2)
         check("CUDA graphs: replay equals eager", max(errs) < SAME, f"relative errors {errs[0]:.1e}, {errs[1]:.1e} "
               "(the first output read after the second replay: it survived)")
+        err_cpu_t = rel_err(graphed(x, t.cpu(), context=c), want1)
+        check("CUDA graphs: a timestep on the CPU replays the same graph", len(graphed.graphs) == 1 and err_cpu_t < SAME,
+              f"{len(graphed.graphs)} graph recorded; relative error {err_cpu_t:.1e}")
         x4, t4, c4 = sd_inputs(device, batch=4, size=8)
         err4 = rel_err(graphed(x4, t4, context=c4), eager(x4, t4, context=c4))
         check("CUDA graphs: one graph per input signature", len(graphed.graphs) == 2 and err4 < SAME,

@@ -238,7 +238,8 @@ class CUDAGraphed(nn.Module):
     graph removes the launch cost of its hundreds of kernels. The first call with a new
     signature (tensor shapes, dtypes, devices, strides and every non-tensor argument) warms up
     on a side stream and records; later calls copy the inputs into the recorded buffers and
-    replay. Outputs are cloned, so a multistep sampler may keep them.
+    replay. Outputs are cloned, so a multistep sampler may keep them. Tensor arguments on the
+    CPU are moved to the module's device first (a recorded graph cannot read host memory).
 
     Passthrough (plain eager calls) when the module is not on a CUDA device (``note`` says
     so) and whenever gradients are enabled: graphs are for inference loops. Attributes other
@@ -252,7 +253,8 @@ class CUDAGraphed(nn.Module):
         self.warmup = warmup
         self.graphs: dict = {}
         self._pool = None
-        self.enabled = device_of(module).type == "cuda" and torch.cuda.is_available()
+        self.device = device_of(module)
+        self.enabled = self.device.type == "cuda" and torch.cuda.is_available()
         self.note = None if self.enabled else f"CUDA graphs need a CUDA device; {type(module).__name__} on {device_of(module)} runs eagerly"
 
     def __getattr__(self, name):
@@ -274,6 +276,8 @@ class CUDAGraphed(nn.Module):
         if not self.enabled or torch.is_grad_enabled():
             return self.module(*args, **kwargs)
         leaves, spec = pytree.tree_flatten((args, kwargs))
+        # a graph cannot read host memory: CPU tensors (a timestep, say) go to the module's device first
+        leaves = [v.to(self.device) if torch.is_tensor(v) and v.device.type == "cpu" else v for v in leaves]
         key = (spec, tuple((tuple(v.shape), v.dtype, v.device, v.stride()) if torch.is_tensor(v) else ("value", repr(v))
                            for v in leaves))
         entry = self.graphs.get(key)
