@@ -25,7 +25,7 @@ from difflab.bench import BF16_TOLERANCE, rel_err
 from difflab.core import Denoiser, VPDiscrete, grids
 from difflab.nn import PRESETS, UNet, UNetConfig
 from difflab.nn.fast import CUDAGraphed, FP8Linear, fp8_matmul, fp8_matmul_emulated, fp8_supported, optimize, quantize_fp8
-from difflab.nn.memory import estimate_memory, measure_peak, resolve_network
+from difflab.nn.memory import estimate_memory, measure_peak, resolve_network, set_gradient_checkpointing
 from difflab.nn.unet_sd import PRESETS as SD_PRESETS
 from difflab.nn.unet_sd import UNetSD
 from difflab.samplers import SAMPLERS
@@ -143,7 +143,6 @@ def memory(device) -> None:
         est = estimate_memory(config, batch, size, device=device, **kw)["total"]
         net = resolve_network(config, device)
         if kw.get("gradient_checkpointing"):
-            from difflab.nn.memory import set_gradient_checkpointing
             set_gradient_checkpointing(net, True)
         measured = measure_peak(net, batch, size, precision=kw.get("precision", "fp32"))["peak"]
         off = abs(est - measured) / measured

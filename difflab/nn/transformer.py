@@ -90,7 +90,7 @@ class Attention(nn.Module):
         when a projection is not a plain ``nn.Linear`` (a LoRA layer: merge it first)."""
         if "to_qkv" in self._modules or "to_kv" in self._modules:
             return True
-        names = ("to_k", "to_v") if self.is_cross else ("to_q", "to_k", "to_v")
+        fused_name, names = _fusion(self.is_cross)
         linears = [getattr(self, n) for n in names]
         if any(type(m) is not nn.Linear or m.bias is not None for m in linears):
             return False
@@ -100,7 +100,7 @@ class Attention(nn.Module):
         fused.weight.requires_grad_(linears[0].weight.requires_grad)
         for n in names:
             delattr(self, n)
-        setattr(self, "to_kv" if self.is_cross else "to_qkv", fused)
+        setattr(self, fused_name, fused)
         self.register_state_dict_post_hook(_split_fused_projections)
         self.register_load_state_dict_pre_hook(_join_fused_projections)
         return True
@@ -118,8 +118,13 @@ class Attention(nn.Module):
         return out
 
 
+def _fusion(is_cross: bool) -> tuple[str, tuple[str, ...]]:
+    """The fused projection's name and the projections it joins."""
+    return ("to_kv", ("to_k", "to_v")) if is_cross else ("to_qkv", ("to_q", "to_k", "to_v"))
+
+
 def _fused_names(module: Attention) -> tuple[str, tuple[str, ...]]:
-    return ("to_kv", ("to_k", "to_v")) if "to_kv" in module._modules else ("to_qkv", ("to_q", "to_k", "to_v"))
+    return _fusion("to_kv" in module._modules)
 
 
 def _split_fused_projections(module: Attention, state_dict, prefix, local_metadata) -> None:
