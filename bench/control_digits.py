@@ -43,7 +43,7 @@ from difflab.adapters.ip_adapter import (ImageProjection, IPAdapterUNet, mark_on
                                          set_ip_adapter_scale)
 from difflab.core import Denoiser, SampleNoise, grids
 from difflab.data import load_digits
-from difflab.demo import DEMO_SPEC
+from difflab.demos.digits import DEMO_SPEC
 from difflab.eval import DigitsJudge
 from difflab.eval.judge import FitConfig
 from difflab.io.spec import build_frame

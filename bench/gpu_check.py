@@ -21,11 +21,11 @@ import sys
 
 import torch
 
-from difflab.bench import BF16_TOLERANCE, rel_err
+from difflab.perf.bench import BF16_TOLERANCE, rel_err
 from difflab.core import Denoiser, VPDiscrete, grids
 from difflab.nn import PRESETS, UNet, UNetConfig
-from difflab.nn.fast import CUDAGraphed, FP8Linear, fp8_matmul, fp8_matmul_emulated, fp8_supported, optimize, quantize_fp8
-from difflab.nn.memory import estimate_memory, measure_peak, resolve_network, set_gradient_checkpointing
+from difflab.perf.fast import CUDAGraphed, FP8Linear, fp8_matmul, fp8_matmul_emulated, fp8_supported, optimize, quantize_fp8
+from difflab.perf.memory import estimate_memory, measure_peak, resolve_network, set_gradient_checkpointing
 from difflab.nn.unet_sd import PRESETS as SD_PRESETS
 from difflab.nn.unet_sd import UNetSD
 from difflab.samplers import SAMPLERS

@@ -29,7 +29,7 @@ import torch
 
 from difflab.core import SampleNoise, grids
 from difflab.data import load_digits
-from difflab.demo import DEMO_SPEC, DEMO_TRAIN
+from difflab.demos.digits import DEMO_SPEC, DEMO_TRAIN
 from difflab.eval import DigitsJudge
 from difflab.guidance import (ClassifierConfig, ClassifierGuidance, NoisyClassifier, PerturbedAttentionGuidance,
                               RewardGuidance, SafetyGuidance, SelfAttentionGuidance, classifier_accuracy,

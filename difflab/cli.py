@@ -123,12 +123,12 @@ def _device(name):
 
 def cmd_demo(args) -> int:
     if args.text:
-        from .demo_text import run_text_demo
+        from .demos.text import run_text_demo
 
         run_text_demo(args.out_dir or "demo_text_out", steps=args.steps, sampler=args.sampler,
                       sampling_steps=args.sampling_steps, guidance_scale=args.guidance, seed=args.seed, resume=args.resume)
         return 0
-    from .demo import run_demo
+    from .demos.digits import run_demo
 
     run_demo(args.out_dir or "demo_out", steps=args.steps, sampler=args.sampler, sampling_steps=args.sampling_steps,
              guidance_scale=args.guidance, samples_per_class=args.samples_per_class, seed=args.seed, resume=args.resume)
@@ -136,7 +136,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .demo import DEMO_SPEC, DEMO_TRAIN
+    from .demos.digits import DEMO_SPEC, DEMO_TRAIN
     from .io.spec import build_denoiser
     from .nn.unet import PRESETS, UNetConfig
     from .train import TrainConfig, train

@@ -9,7 +9,7 @@ from pathlib import Path
 
 def add_perf_commands(subparsers) -> dict:
     """Register ``bench`` and ``memory`` on an argparse subparsers object; returns ``PERF_COMMANDS``."""
-    from .bench import WORKLOADS
+    from .perf.bench import WORKLOADS
 
     b = subparsers.add_parser(
         "bench", help="time difflab against diffusers on the same U-Nets and device",
@@ -53,7 +53,7 @@ def _device(name):
 
 
 def cmd_bench(args) -> int:
-    from .bench import format_report, record, run_bench
+    from .perf.bench import format_report, record, run_bench
 
     workloads = tuple(w.strip() for w in args.workloads.split(",") if w.strip())
     report = run_bench(quick=args.quick, device=args.device, workloads=workloads, compile=args.compile,
@@ -68,8 +68,8 @@ def cmd_bench(args) -> int:
 
 
 def cmd_memory(args) -> int:
-    from .nn.fast import dtype_of
-    from .nn.memory import estimate_memory, format_estimate, measure_peak, resolve_network, set_gradient_checkpointing
+    from .perf.fast import dtype_of
+    from .perf.memory import estimate_memory, format_estimate, measure_peak, resolve_network, set_gradient_checkpointing
 
     device = _device(args.device)
     optimizer = None if args.optimizer == "none" else args.optimizer

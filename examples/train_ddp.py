@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from difflab.data import load_digits
-from difflab.demo import DEMO_SPEC, DEMO_TRAIN
+from difflab.demos.digits import DEMO_SPEC, DEMO_TRAIN
 from difflab.io.spec import build_denoiser
 from difflab.train import train
 from difflab.train.distributed import PARALLELS, init_distributed

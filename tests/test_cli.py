@@ -75,7 +75,7 @@ def test_train_with_a_missing_config_file_fails_clearly(tmp_path, capsys):
 
 
 def test_demo_end_to_end_short(tmp_path, capsys):
-    from difflab.demo import run_demo
+    from difflab.demos.digits import run_demo
 
     report = run_demo(tmp_path, steps=8, sampling_steps=4, samples_per_class=2)
     assert (tmp_path / "samples.png").exists() and (tmp_path / "report.json").exists()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from difflab import demo_text as dt
+from difflab.demos import text as dt
 from difflab.core import Denoiser, VPDiscrete
 from difflab.nn.text import build_vocab, words
 from difflab.train import TrainConfig, draw_batch, train

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from difflab.bench import BF16_TOLERANCE, DDPM_CIFAR10, SECTION, ddpm_unet2d_config, format_report, record, rel_err, run_bench
+from difflab.perf.bench import BF16_TOLERANCE, DDPM_CIFAR10, SECTION, ddpm_unet2d_config, format_report, record, rel_err, run_bench
 from difflab.nn import PRESETS, ResBlock, UNet, UNetConfig
-from difflab.nn.fast import (E4M3_MAX, CUDAGraphed, FastConfig, FP8Linear, autocast, blocks, fp8_linear, fp8_matmul,
+from difflab.perf.fast import (E4M3_MAX, CUDAGraphed, FastConfig, FP8Linear, autocast, blocks, fp8_linear, fp8_matmul,
                              fp8_matmul_emulated, optimize, quantize_fp8, swap_fp8_linear)
 from difflab.nn.unet_sd import PRESETS as SD_PRESETS
 from difflab.nn.unet_sd import UNetSD

@@ -11,7 +11,7 @@ from difflab.adapters import inject_lora
 from difflab.adapters.ip_adapter import install_ip_adapter
 from difflab.core import Denoiser, VPDiscrete
 from difflab.guidance import PerturbedAttentionGuidance, SelfAttentionGuidance
-from difflab.nn.fast import fuse_projections, optimize
+from difflab.perf.fast import fuse_projections, optimize
 from difflab.nn.transformer import Attention
 from difflab.nn.unet_sd import UNetSD, UNetSDConfig
 

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from difflab.cli_perf import main as perf_main
 from difflab.nn import UNet, UNetConfig
-from difflab.nn.memory import (_probe_saved, disable_attention_slicing, enable_attention_slicing, estimate_memory,
+from difflab.perf.memory import (_probe_saved, disable_attention_slicing, enable_attention_slicing, estimate_memory,
                                measure_peak, offload, resolve_network, set_gradient_checkpointing, sliced_attention)
 from difflab.nn.unet_sd import PRESETS as SD_PRESETS
 from difflab.nn.unet_sd import UNetSD

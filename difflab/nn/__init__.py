@@ -3,8 +3,6 @@ from .layers import (
     CrossAttention, Downsample, ResBlock, SelfAttention, TimestepMLP, Upsample, group_norm, timestep_embedding, zero_,
 )
 from .unet import PRESETS, UNet, UNetConfig
-from .fast import FastConfig, optimize
-from .memory import estimate_memory
 from .text import CLIPTextEncoder, CLIPTextEncoderConfig, TextEncoder, TinyTextConfig, TinyTextEncoder
 from .transformer import SpatialTransformer
 from .unet_sd import PRESETS as SD_PRESETS
@@ -16,5 +14,5 @@ __all__ = [
     "UNet", "UNetConfig", "PRESETS", "timestep_embedding", "TimestepMLP", "ResBlock", "SelfAttention", "CrossAttention",
     "Downsample", "Upsample", "group_norm", "zero_", "AutoencoderKL", "VAEConfig", "DiagonalGaussian",
     "estimate_scaling_factor", "VAE_PRESETS", "UNetSD", "UNetSDConfig", "SD_PRESETS", "SpatialTransformer",
-    "TextEncoder", "CLIPTextEncoder", "CLIPTextEncoderConfig", "TinyTextEncoder", "TinyTextConfig", "FastConfig", "optimize", "estimate_memory",
+    "TextEncoder", "CLIPTextEncoder", "CLIPTextEncoderConfig", "TinyTextEncoder", "TinyTextConfig",
 ]

@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from difflab.core import Denoiser, sample_seed
-from difflab.nn.fast import autocast
+from difflab.perf.fast import autocast
 from difflab.io.checkpoint import (checkpoint_path, load_checkpoint, load_model_state, optimizer_state_from_tensors,
                                    optimizer_state_to_tensors, save_checkpoint, strip_prefix)
 

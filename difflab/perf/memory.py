@@ -172,9 +172,9 @@ def resolve_network(spec, device=None) -> nn.Module:
     """A network from a module (returned as it is), a ``UNetConfig`` / ``UNetSDConfig`` or a
     preset name: ``difflab.nn.PRESETS`` (``"cifar10"``, ...), ``"sd1"`` / ``"sd2"``, or
     ``"sd:<name>"`` for any ``difflab.nn.unet_sd.PRESETS`` entry. Built on ``device``."""
-    from .unet import PRESETS, UNet, UNetConfig
-    from .unet_sd import PRESETS as SD_PRESETS
-    from .unet_sd import UNetSD, UNetSDConfig
+    from ..nn.unet import PRESETS, UNet, UNetConfig
+    from ..nn.unet_sd import PRESETS as SD_PRESETS
+    from ..nn.unet_sd import UNetSD, UNetSDConfig
 
     if isinstance(spec, nn.Module):
         return spec
@@ -202,8 +202,8 @@ def example_inputs(net: nn.Module, batch_size: int, image_size: int, *, context_
                    dtype=torch.float32, generator: torch.Generator | None = None):
     """``(x, t, cond)`` for one call ``net(x, t, **cond)`` of a difflab U-Net: random x
     (B, C, H, W), times in [0, 1000), class labels / text context when the network takes them."""
-    from .unet import UNetConfig
-    from .unet_sd import UNetSDConfig
+    from ..nn.unet import UNetConfig
+    from ..nn.unet_sd import UNetSDConfig
 
     from .fast import device_of
 

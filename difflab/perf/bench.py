@@ -34,11 +34,11 @@ import torch
 import torch._dynamo
 from torch import nn
 
-from .nn.fast import autocast, fp8_supported, optimize
-from .nn.memory import make_optimizer
-from .nn.unet import PRESETS, UNet, UNetConfig
-from .nn.unet_sd import PRESETS as SD_PRESETS
-from .nn.unet_sd import UNetSD
+from .fast import autocast, fp8_supported, optimize
+from .memory import make_optimizer
+from ..nn.unet import PRESETS, UNet, UNetConfig
+from ..nn.unet_sd import PRESETS as SD_PRESETS
+from ..nn.unet_sd import UNetSD
 
 WORKLOADS = ("cifar_forward", "cifar_train", "sd_step")
 BF16_TOLERANCE = 3e-2  # relative L2 error vs eager fp32; bf16 autocast itself is 1-2% off on these random nets
@@ -508,7 +508,7 @@ def record(report: dict, path="BENCHMARKS.md") -> Path:
             report = {**report, "results": [r for r in old["results"] if r["workload"] not in redone] + report["results"]}
     pending = ("" if report["device_type"] == "cuda" else " **The GPU figures are still to be measured:** this run "
                "had no GPU; on an H100 run `difflab bench --workloads <one> --record BENCHMARKS.md` per workload.")
-    body = (f"{BEGIN}\n{SECTION}\n\nWritten by `difflab bench --record` (difflab/bench.py).{pending}\n\n"
+    body = (f"{BEGIN}\n{SECTION}\n\nWritten by `difflab bench --record` (difflab/perf/bench.py).{pending}\n\n"
             + format_report(report).rstrip() + f"\n\n<!-- difflab-bench {json.dumps(report)} -->\n{END}")
     if start >= 0 and end > start:
         text = text[:start] + body + text[end + len(END):]

@@ -17,7 +17,7 @@ What each switch does (every one falls back cleanly on the CPU; see docs/perform
   scaling (Micikevicius et al. 2022, "FP8 Formats for Deep Learning", Section 4) on GPUs with
   compute capability >= 8.9 (Ada, Hopper); elsewhere the linears are left as they are.
 - ``gradient_checkpointing`` and ``attention_slice``: the memory switches of
-  :mod:`difflab.nn.memory`.
+  :mod:`difflab.perf.memory`.
 
 - ``fuse_qkv``: the SD transformer's attention projects q, k, v with one matmul (``to_qkv``;
   ``to_kv`` for cross-attention), see :meth:`~difflab.nn.transformer.Attention.fuse_projections`;
@@ -166,7 +166,7 @@ def fuse_projections(model: nn.Module) -> list[str]:
     """Fuse the q/k/v projections of every SD-transformer :class:`~difflab.nn.transformer.Attention`
     of ``model`` (not its subclasses, e.g. IP-Adapter layers, nor projections wrapped by LoRA);
     returns the names of the fused modules. The state dict keeps its keys."""
-    from .transformer import Attention
+    from ..nn.transformer import Attention
     return [name for name, m in model.named_modules() if type(m) is Attention and m.fuse_projections()]
 
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from .data import load_digits
-from .eval import DigitsJudge, judge_report
-from .io.images import save_grid
-from .io.spec import build_denoiser
-from .nn.unet import PRESETS
-from .pipelines import generate
-from .train import TrainConfig, train
+from ..data import load_digits
+from ..eval import DigitsJudge, judge_report
+from ..io.images import save_grid
+from ..io.spec import build_denoiser
+from ..nn.unet import PRESETS
+from ..pipelines import generate
+from ..train import TrainConfig, train
 
 # The demo's model: the "digits" U-Net preset (about 1 M parameters) with DDPM's discrete
 # cosine schedule and v-prediction (Salimans & Ho 2022), which trains fast and samples well in

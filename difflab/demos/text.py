@@ -19,18 +19,18 @@ import torch
 from torch import nn
 from tqdm.auto import trange
 
-from .core import Denoiser
-from .data import load_digits
-from .eval import DigitsJudge, judge_report
-from .io.images import save_grid
-from .io.spec import build_frame
-from .nn.text import TinyTextConfig, TinyTextEncoder, build_vocab, words
-from .nn.unet import UNet, UNetConfig
-from .nn.vae import PRESETS as VAE_PRESETS
-from .nn.vae import AutoencoderKL, estimate_scaling_factor
-from .pipelines import inpaint, outpaint, text_to_image
-from .pipelines.edit import psnr, reconstruct
-from .train import TrainConfig, train, vae_loss
+from ..core import Denoiser
+from ..data import load_digits
+from ..eval import DigitsJudge, judge_report
+from ..io.images import save_grid
+from ..io.spec import build_frame
+from ..nn.text import TinyTextConfig, TinyTextEncoder, build_vocab, words
+from ..nn.unet import UNet, UNetConfig
+from ..nn.vae import PRESETS as VAE_PRESETS
+from ..nn.vae import AutoencoderKL, estimate_scaling_factor
+from ..pipelines import inpaint, outpaint, text_to_image
+from ..pipelines.edit import psnr, reconstruct
+from ..train import TrainConfig, train, vae_loss
 
 # ----------------------------------------------------------------------------------------------
 # Captions
@@ -411,7 +411,7 @@ def save_prompt_grid(images: torch.Tensor, path, templates, n_train: int, upscal
     left of each row, the numbered templates under the grid (held-out ones marked '*')."""
     from PIL import Image, ImageDraw
 
-    from .io.images import make_grid
+    from ..io.images import make_grid
 
     cols = len(templates)
     grid = make_grid(images, nrow=cols, upscale=upscale)
@@ -433,14 +433,14 @@ def save_prompt_grid(images: torch.Tensor, path, templates, n_train: int, upscal
 
 
 def _save_vae(vae: AutoencoderKL, path) -> Path:
-    from .io.checkpoint import save_checkpoint
+    from ..io.checkpoint import save_checkpoint
 
     return save_checkpoint(path, vae.state_dict(), {"kind": "AutoencoderKL", "config": vae.config.to_dict()})
 
 
 def _load_vae(vae: AutoencoderKL, path) -> None:
-    from .io.checkpoint import load_checkpoint, load_model_state
-    from .nn.vae import VAEConfig
+    from ..io.checkpoint import load_checkpoint, load_model_state
+    from ..nn.vae import VAEConfig
 
     tensors, meta = load_checkpoint(path)
     load_model_state(vae, tensors, prefix="")
