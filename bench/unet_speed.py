@@ -8,7 +8,7 @@ Every flag of ``difflab bench --help`` works here.
 """
 import sys
 
-from difflab.cli_perf import main
+from difflab.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", *sys.argv[1:]]))

@@ -2,7 +2,6 @@
 models: the prior-preservation loss is the sum of its two terms, LoRA DreamBooth moves only the
 adapters, textual inversion only the new word's row, a fine-tune writes checkpoints that reload,
 and ``difflab dreambooth`` reports bad input clearly."""
-import argparse
 import dataclasses
 
 import numpy as np
@@ -11,7 +10,8 @@ import torch
 from PIL import Image
 
 from difflab.adapters import lora_layers
-from difflab.cli_dreambooth import add_dreambooth_command, cmd_dreambooth
+from difflab.cli import build_parser
+from difflab.cli import dreambooth as dreambooth_command
 from difflab.data import load_image_folder
 from difflab.io.checkpoint import save_checkpoint
 from difflab.io.spec import DEFAULT_DIFFUSION, build_denoiser
@@ -184,9 +184,7 @@ def _write_pngs(folder, n=3):
 
 
 def _parse(argv):
-    parser = argparse.ArgumentParser(prog="difflab")
-    add_dreambooth_command(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["dreambooth", *argv])
+    return build_parser().parse_args(["dreambooth", *argv])
 
 
 def test_end_to_end_lora_and_full_runs_write_checkpoints_that_reload(tmp_path):
@@ -199,7 +197,7 @@ def test_end_to_end_lora_and_full_runs_write_checkpoints_that_reload(tmp_path):
         args = _parse(["--base", str(base_file), "--images", str(images), "--class-prompt", "a digit", "--out", str(out),
                        "--steps", "3", "--batch-size", "2", "--num-prior-images", "2", "--lr", "1e-2", "--no-progress",
                        "--device", "cpu", *extra])
-        assert args.handler(args) == 0
+        assert dreambooth_command.run(args) == 0
         names = sorted(p.name for p in out.iterdir())
         assert names == (["lora.json", "lora.safetensors"] if mode == "lora" else []) + ["model.json", "model.safetensors"]
         tuned, tuned_text, meta = load_text_model(out)
@@ -229,7 +227,7 @@ def test_command_errors(tmp_path):
 
     def run(base, imgs, *more):
         args = _parse(["--base", str(base), "--images", str(imgs), *common, *more])
-        return cmd_dreambooth(args)
+        return dreambooth_command.run(args)
 
     with pytest.raises(FileNotFoundError, match="--images .*missing does not exist"):
         run(base_file, tmp_path / "missing")

@@ -233,7 +233,7 @@ def test_bench_quick_smoke_run_and_record(tmp_path):
 
 
 def test_bench_command_rejects_unknown_workloads(capsys):
-    from difflab.cli_perf import main
+    from difflab.cli import main
 
     assert main(["bench", "--quick", "--workloads", "cifar_forward,warp_drive"]) == 2
     assert "warp_drive" in capsys.readouterr().err

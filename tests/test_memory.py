@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from difflab.cli_perf import main as perf_main
+from difflab.cli import main as perf_main
 from difflab.nn import UNet, UNetConfig
 from difflab.perf.memory import (_probe_saved, disable_attention_slicing, enable_attention_slicing, estimate_memory,
                                measure_peak, offload, resolve_network, set_gradient_checkpointing, sliced_attention)

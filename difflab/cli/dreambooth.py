@@ -1,24 +1,22 @@
 """``difflab dreambooth``: fine-tune a text-conditional model on a folder of subject images
-(Ruiz et al. 2023, DreamBooth, Section 3 and eq. 2; :mod:`difflab.train.dreambooth`).
-
-Wire into ``difflab/cli.py`` with ``add_dreambooth_command(sub)`` in ``build_parser`` and
-``"dreambooth": cmd_dreambooth`` in ``main``'s command table.
-"""
+(Ruiz et al. 2023, DreamBooth, Section 3 and eq. 2; :mod:`difflab.train.dreambooth`)."""
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
+from ..data import load_image_folder
+from ..train.dreambooth import DreamBoothConfig, dreambooth, load_text_model, save_dreambooth
+from .common import device
 
-def add_dreambooth_command(subparsers) -> argparse.ArgumentParser:
-    """Register ``difflab dreambooth`` on an ``add_subparsers()`` object; returns its parser."""
-    d = subparsers.add_parser(
-        "dreambooth", help="fine-tune a text-to-image model on a few images of a subject (DreamBooth, LoRA or full)",
-        description="Bind a rare identifier to a subject shown in a few images (DreamBooth; Ruiz et al. 2023), with "
-                    "class-specific prior preservation: class images are sampled from the base model first. "
-                    "Writes DIR/model.safetensors (a text model that loads as --base again) and, with --lora-rank, "
-                    "DIR/lora.safetensors.")
+HELP = "fine-tune a text-to-image model on a few images of a subject (DreamBooth, LoRA or full)"
+DESCRIPTION = ("Bind a rare identifier to a subject shown in a few images (DreamBooth; Ruiz et al. 2023), with "
+               "class-specific prior preservation: class images are sampled from the base model first. "
+               "Writes DIR/model.safetensors (a text model that loads as --base again) and, with --lora-rank, "
+               "DIR/lora.safetensors.")
+
+
+def add_arguments(d) -> None:
     d.add_argument("--base", type=Path, required=True, help="base text model: a checkpoint of kind difflab.text_model "
                                                             "(U-Net with cross-attention + TinyTextEncoder)")
     d.add_argument("--images", type=Path, required=True, help="folder of the subject's images (3-5 are enough)")
@@ -40,16 +38,9 @@ def add_dreambooth_command(subparsers) -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="seed of the class images and of the fine-tuning draws (default: 0)")
     d.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
-    d.set_defaults(handler=cmd_dreambooth)
-    return d
 
 
-def cmd_dreambooth(args) -> int:
-    import torch
-
-    from .data import load_image_folder
-    from .train.dreambooth import DreamBoothConfig, dreambooth, load_text_model, save_dreambooth
-
+def run(args) -> int:
     # 1. Check everything that can be checked before any work.
     if not args.base.exists():
         raise FileNotFoundError(f"--base {args.base} does not exist")
@@ -65,10 +56,10 @@ def cmd_dreambooth(args) -> int:
                               prior_guidance=args.prior_guidance, steps=args.steps, batch_size=args.batch_size, lr=lr,
                               lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, text_encoder=args.text_encoder,
                               seed=args.seed)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = device(args.device)
 
     # 2. The base model, then the subject's images at its size and channels.
-    denoiser, text_encoder, meta = load_text_model(args.base, device=device)
+    denoiser, text_encoder, meta = load_text_model(args.base, device=dev)
     net_config = denoiser.net.config
     size = meta.get("size")
     if not size:
@@ -79,7 +70,7 @@ def cmd_dreambooth(args) -> int:
           f"{config.steps} steps")
 
     # 3. Fine-tune and write.
-    result = dreambooth(denoiser, text_encoder, images.to(device), config, progress=not args.no_progress)
+    result = dreambooth(denoiser, text_encoder, images.to(dev), config, progress=not args.no_progress)
     extra = {k: v for k, v in meta.items() if k not in ("kind", "spec", "text_encoder", "dreambooth")}
     files = save_dreambooth(args.out, denoiser, text_encoder, meta["spec"], config, result,
                             metadata={**extra, "base": str(args.base)})
@@ -88,5 +79,3 @@ def cmd_dreambooth(args) -> int:
                       "final_loss": last["loss"]}, indent=1))
     return 0
 
-
-__all__ = ["add_dreambooth_command", "cmd_dreambooth"]

@@ -1,0 +1,55 @@
+"""The ``difflab`` command: one module per command, one table of commands.
+
+A command is a module with ``HELP`` (its line in ``difflab --help``), ``DESCRIPTION``,
+``add_arguments(parser)`` and ``run(args) -> int``; adding one is a new module here and one
+entry in :data:`COMMANDS`. Errors a user can fix (:data:`common.USER_ERRORS`) print one line
+naming the command and exit with status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import __version__
+from . import bench, demo, dreambooth, memory, sample, train
+from . import eval as eval_
+from .common import USER_ERRORS
+
+COMMANDS = {
+    "demo": demo,
+    "train": train,
+    "sample": sample,
+    "eval": eval_,
+    "dreambooth": dreambooth,
+    "memory": memory,
+    "bench": bench,
+}
+EPILOG = "Run 'difflab COMMAND --help' for the options of a command."
+
+
+def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
+    """The parser of ``difflab``: a subcommand per entry of ``commands`` (default :data:`COMMANDS`)."""
+    p = argparse.ArgumentParser(prog="difflab", description="Train, sample and measure diffusion models.", epilog=EPILOG)
+    p.add_argument("--version", action="version", version=f"difflab {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in (commands or COMMANDS).items():
+        module.add_arguments(sub.add_parser(name, help=module.HELP, description=module.DESCRIPTION))
+    return p
+
+
+def main(argv=None, commands: dict | None = None) -> int:
+    """Parse ``argv`` and run the command; 2 on a user error (one line on stderr) or no command."""
+    commands = commands or COMMANDS
+    parser = build_parser(commands)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return commands[args.command].run(args)
+    except USER_ERRORS as e:
+        print(f"difflab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+__all__ = ["COMMANDS", "build_parser", "main"]

@@ -1,0 +1,84 @@
+"""``difflab eval``: generated images against a reference, in an extractor's feature space."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..eval import check_metrics, evaluate, is_checkpoint, load_extractor
+from ..eval.features import EXTRACTORS
+from ..eval.harness import DEFAULT_METRICS, DEFAULT_NUM_SAMPLES, METRICS
+from ..samplers import get_sampler
+from .common import device
+
+HELP = "measure generated images against a reference (FID, KID, IS, precision/recall)"
+DESCRIPTION = ("Compare generated images (a checkpoint to sample, a folder, or a statistics .npz) with a reference "
+               "('digits', a folder, or a statistics .npz) in the feature space of an extractor, and print a table of "
+               "metrics (JSON with --json).")
+
+
+def add_arguments(e) -> None:
+    e.add_argument("--generated", required=True, help="a checkpoint (run folder or .safetensors), a folder of images, or a stats .npz")
+    e.add_argument("--reference", default=None, help="'digits' (held-out split), a folder of images, or a stats .npz")
+    e.add_argument("--extractor", default="judge", help=f"feature extractor: one of {', '.join(sorted(EXTRACTORS))} (default: judge)")
+    e.add_argument("--weights", default=None, help="weights file of the extractor (judge: a .safetensors, default: train "
+                                                   "one; inception: the FID Inception-v3 weights, required)")
+    e.add_argument("--clip-dir", default=None, help="local transformers folder for --extractor clip or dinov2")
+    e.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help=f"comma-separated, from {', '.join(METRICS)} "
+                                                                         f"(default: {','.join(DEFAULT_METRICS)})")
+    e.add_argument("--num", type=int, default=None, help=f"images to sample from a checkpoint (default: {DEFAULT_NUM_SAMPLES}) "
+                                                         "or to take from a folder (default: all)")
+    e.add_argument("--batch-size", type=int, default=64, help="batch size of sampling and feature extraction; changes "
+                                                              "no number (default: 64)")
+    e.add_argument("--cache", default=None, help="a .npz for the reference statistics: reused when present, else written")
+    e.add_argument("--prompts", type=Path, default=None, help="text file, one prompt per generated image (clip_score)")
+    e.add_argument("--sampler", default="ddim", help="checkpoint sampling: sampler (default: ddim)")
+    e.add_argument("--steps", type=int, default=50, help="checkpoint sampling: sampler steps (default: 50)")
+    e.add_argument("--guidance", type=float, default=1.0, help="checkpoint sampling: guidance scale (default: 1 = none)")
+    e.add_argument("--seed", type=int, default=0, help="seed of sampling and of the KID subsets (default: 0)")
+    e.add_argument("--json", action="store_true", help="print the results as JSON")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
+    e.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+
+
+EVAL_LABELS = {"fid": "FID", "kid": "KID", "precision": "precision", "recall": "recall", "is": "Inception Score",
+               "clip_score": "CLIP score"}
+
+
+def format_eval(results: dict) -> str:
+    """The results of :func:`difflab.eval.evaluate` as a table."""
+    rows = []
+    for key, label in EVAL_LABELS.items():
+        if key in results:
+            std = results.get(f"{key}_std")
+            rows.append((label, f"{results[key]:.6g}" + (f" +- {std:.2g}" if std is not None else "")))
+    rows.append(("images", f"{results['n_generated']} generated" +
+                 (f", {results['n_reference']} reference" if results.get("n_reference") is not None else "")))
+    w = max(len(a) for a, _ in rows)
+    return f"  features: {results['extractor']}\n" + "\n".join(f"  {a:<{w}}  {b}" for a, b in rows)
+
+
+def run(args) -> int:
+    # 1. Check everything that can be checked before any work.
+    metrics = check_metrics(args.metrics)
+    if args.extractor not in EXTRACTORS:
+        raise ValueError(f"--extractor {args.extractor!r} is unknown; choose one of {', '.join(sorted(EXTRACTORS))}")
+    for flag, value in (("--generated", args.generated), ("--reference", args.reference)):
+        if value is not None and value != "digits" and not Path(value).exists():
+            raise FileNotFoundError(f"{flag} {value} does not exist")
+    if is_checkpoint(args.generated):
+        get_sampler(args.sampler)
+    prompts = None
+    if args.prompts is not None:
+        if not args.prompts.is_file():
+            raise FileNotFoundError(f"--prompts {args.prompts} does not exist")
+        prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
+    dev = device(args.device)
+
+    # 2. The extractor, then the harness.
+    path = args.clip_dir if args.extractor in ("clip", "dinov2") else args.weights
+    extractor = load_extractor(args.extractor, path, device=dev)
+    results = evaluate(args.generated, args.reference, extractor, metrics, num=args.num, batch_size=args.batch_size,
+                       prompts=prompts, seed=args.seed, device=dev, cache=args.cache, progress=not args.no_progress,
+                       sampling=dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance, seed=args.seed))
+    print(json.dumps(results, indent=2) if args.json else format_eval(results))
+    return 0

@@ -1,0 +1,54 @@
+"""``difflab memory``: predict (and measure) the memory of a training step or an inference call."""
+from __future__ import annotations
+
+import json
+
+from ..perf.fast import dtype_of
+from ..perf.memory import estimate_memory, format_estimate, measure_peak, resolve_network, set_gradient_checkpointing
+from .common import device
+
+HELP = "predict (and measure) the memory of a training step or an inference call"
+DESCRIPTION = ("Parameters, gradients, optimizer states and activations (counted from what autograd saves) of one "
+               "training step, for a U-Net preset; --measure runs the step and compares with its measured peak.")
+
+
+def add_arguments(m) -> None:
+    m.add_argument("--preset", default="cifar10", help="a difflab.nn.PRESETS name, sd1, sd2 or sd:<name> (default: cifar10)")
+    m.add_argument("--batch-size", type=int, default=128, help="batch size (default: 128)")
+    m.add_argument("--image-size", type=int, default=32, help="image (or latent) height and width (default: 32)")
+    m.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="training: autocast precision (weights stay fp32); inference: weight precision")
+    m.add_argument("--optimizer", choices=["adamw", "adam", "sgd", "none"], default="adamw", help="optimizer (default: adamw)")
+    m.add_argument("--inference", action="store_true", help="one inference call instead of a training step")
+    m.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations in backward")
+    m.add_argument("--ema", action="store_true", help="count an fp32 EMA copy of the weights (difflab train keeps one)")
+    m.add_argument("--context-len", type=int, default=77, help="text tokens for cross-attention nets (default: 77)")
+    m.add_argument("--measure", action="store_true", help="also run the step and print measured against predicted")
+    m.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available); probe on the device you train on")
+    m.add_argument("--json", action="store_true", help="print JSON")
+
+
+def run(args) -> int:
+    dev = device(args.device)
+    optimizer = None if args.optimizer == "none" else args.optimizer
+    if args.batch_size < 1 or args.image_size < 1:
+        raise ValueError("--batch-size and --image-size must be positive")
+    net = resolve_network(args.preset, dev)  # unknown presets fail here, before any work
+    if args.inference:
+        net.to(dtype_of(args.precision))  # inference runs in the weights' precision
+    est = estimate_memory(net, args.batch_size, args.image_size, precision=args.precision, optimizer=optimizer,
+                          training=not args.inference, gradient_checkpointing=args.gradient_checkpointing, ema=args.ema,
+                          context_len=args.context_len)
+    measured = None
+    if args.measure:
+        if args.gradient_checkpointing:
+            set_gradient_checkpointing(net, True)
+        measured = measure_peak(net, args.batch_size, args.image_size, precision=args.precision, optimizer=optimizer,
+                                training=not args.inference, context_len=args.context_len)
+    if args.json:
+        print(json.dumps({"estimate": est, "measured": measured}, indent=2))
+        return 0
+    what = "inference call" if args.inference else f"training step ({args.optimizer}{', gradient checkpointing' if args.gradient_checkpointing else ''})"
+    print(f"{args.preset}, batch {args.batch_size}, {args.image_size}x{args.image_size}, {args.precision}, one {what} on {dev}:")
+    print(format_estimate(est, measured))
+    return 0

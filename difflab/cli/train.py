@@ -1,0 +1,101 @@
+"""``difflab train``: train a U-Net diffusion model on the digits or a folder of images."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from ..core.params import PREDICTIONS
+from ..core.schedules import DISCRETE_SCHEDULES
+from ..data import load_digits, load_image_folder
+from ..demos.digits import DEMO_SPEC, DEMO_TRAIN
+from ..io.spec import build_denoiser
+from ..nn.unet import PRESETS, UNetConfig
+from ..train import TrainConfig, train
+from ..train.distributed import init_distributed
+from .common import device
+
+HELP = "train a diffusion model"
+DESCRIPTION = "Train a U-Net diffusion model. Flags override the values of --config (a JSON file with optional 'spec' and 'train' objects)."
+
+
+def add_arguments(t) -> None:
+    t.add_argument("--config", type=Path, help="JSON file: {\"spec\": {\"unet\": {...}, \"diffusion\": {...}}, \"train\": {...}}")
+    t.add_argument("--out", type=Path, default=Path("runs/digits"), help="run directory for checkpoint and log (default: runs/digits)")
+    t.add_argument("--data", default="digits", help="'digits' (embedded) or a folder of images (subfolders = classes with --labels)")
+    t.add_argument("--size", type=int, default=None, help="image size (digits: 8, 16 or 32; folders: required)")
+    t.add_argument("--channels", type=int, default=None, help="image channels for a folder (1 or 3; default 3)")
+    t.add_argument("--labels", action="store_true", help="folder data: use subfolder names as class labels")
+    t.add_argument("--preset", default=None, help="U-Net preset (default: digits)")
+    t.add_argument("--schedule", choices=DISCRETE_SCHEDULES, default=None, help="noise schedule (default: cosine)")
+    t.add_argument("--prediction", choices=PREDICTIONS, default=None, help="what the network predicts (default: v)")
+    t.add_argument("--steps", type=int, help="training steps")
+    t.add_argument("--batch-size", type=int, help="batch size")
+    t.add_argument("--lr", type=float, help="learning rate")
+    t.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="fp32, bf16 autocast, or fp16 (CUDA)")
+    t.add_argument("--weighting", choices=["simple", "min_snr", "edm"], help="loss weighting")
+    t.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    t.add_argument("--parallel", choices=["none", "ddp", "fsdp"], default=None,
+                   help="data parallelism under torchrun: 'torchrun --nproc_per_node=N -m difflab.cli train --parallel ddp'")
+    t.add_argument("--fresh", action="store_true", help="start afresh even if --out holds a checkpoint (it is overwritten)")
+
+
+def read_config(path: Path | None) -> dict:
+    """The JSON object of ``--config`` (``{}`` without one)."""
+    if path is None:
+        return {}
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path} does not exist (a JSON file with 'spec' and/or 'train')")
+    cfg = json.loads(path.read_text())
+    if not isinstance(cfg, dict):
+        raise ValueError(f"--config {path} must hold a JSON object")
+    return cfg
+
+
+def load_data(args):
+    """(images, labels or None) of ``--data``."""
+    if args.data == "digits":
+        return load_digits(size=args.size or 8, split="train")
+    if not args.size:
+        raise ValueError("--size is required for a folder of images")
+    folder = load_image_folder(args.data, args.size, channels=args.channels or 3, with_labels=args.labels)
+    return (folder[0], folder[1]) if args.labels else (folder, None)
+
+
+def model_spec(cfg: dict, args, images, labels) -> dict:
+    """The model spec: ``--config``'s (or the demo's), with the preset / schedule / prediction flags
+    and the data's channels and classes."""
+    spec = json.loads(json.dumps(cfg.get("spec") or DEMO_SPEC))
+    if args.preset:
+        if args.preset not in PRESETS:
+            raise ValueError(f"--preset {args.preset!r} is unknown; choose one of {sorted(PRESETS)}")
+        spec["unet"] = PRESETS[args.preset].to_dict()
+    unet = UNetConfig.from_dict(spec["unet"])
+    unet = dataclasses.replace(unet, in_channels=images.shape[1],
+                               num_classes=(int(labels.max()) + 1) if labels is not None else None)
+    spec["unet"] = unet.to_dict()
+    if args.schedule:
+        spec["diffusion"]["schedule"] = args.schedule
+    if args.prediction:
+        spec["diffusion"]["prediction"] = args.prediction
+    return spec
+
+
+def run(args) -> int:
+    cfg = read_config(args.config)
+    train_cfg = TrainConfig.from_dict({**DEMO_TRAIN.to_dict(), **cfg.get("train", {})})
+    images, labels = load_data(args)
+    spec = model_spec(cfg, args, images, labels)
+    overrides = {k: v for k, v in dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, precision=args.precision,
+                                       weighting=args.weighting, parallel=args.parallel).items() if v is not None}
+    train_cfg = dataclasses.replace(train_cfg, **overrides)
+    if labels is None:
+        train_cfg = dataclasses.replace(train_cfg, cfg_dropout=0.0)
+
+    dev = init_distributed() if train_cfg.parallel != "none" else device(args.device)
+    denoiser = build_denoiser(spec).to(dev)
+    print(f"training on {len(images)} images {tuple(images.shape[1:])} for {train_cfg.steps} steps -> {args.out}")
+    state = train(denoiser, (images, labels), train_cfg, args.out, spec=spec, resume=not args.fresh,
+                  metadata={"data": args.data, "size": int(images.shape[-1])})
+    print(f"done at step {state.step}; checkpoint: {state.checkpoint}")
+    return 0
