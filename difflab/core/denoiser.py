@@ -264,6 +264,9 @@ class Denoiser(nn.Module):
 
     @staticmethod
     def _split_v(out: torch.Tensor, x: torch.Tensor):
+        if x.ndim < 2:
+            raise ValueError(f"a learned-variance model needs (B, C, ...) samples (its variance channels follow the "
+                             f"C channels along dim 1), got x of shape {tuple(x.shape)}")
         C = x.shape[1]
         if out.ndim != x.ndim or out.shape[1] != 2 * C or out.shape[2:] != x.shape[2:]:
             raise ValueError(f"a learned-variance net must output 2C = {2 * C} channels along dim 1 for x of shape "

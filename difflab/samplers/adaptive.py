@@ -116,7 +116,7 @@ def _counted(denoiser, x, extra_args, info, max_nfe):
 
 def _norm(e, scale) -> float:
     """Hairer's error norm per sample, sqrt(mean((e / scale)^2)), maximised over the batch."""
-    return (e / scale).flatten(1).pow(2).mean(1).sqrt().max().item()
+    return (e / scale).reshape(e.shape[0], -1).pow(2).mean(1).sqrt().max().item()
 
 
 def _integrate(denoise, x, denoised, sigma, sigma_next, rtol, atol, info):

@@ -75,7 +75,7 @@ def weighted_mse(denoiser, out: torch.Tensor, target: torch.Tensor, alpha, sigma
     (alpha, sigma_in): the denoising term of :func:`diffusion_loss` and of the hybrid loss
     (:func:`difflab.train.vlb.hybrid_loss`), given one network output."""
     w = loss_weight(weighting, denoiser.prediction, alpha, sigma_in, sigma_data=denoiser.sigma_data, min_snr_gamma=min_snr_gamma)
-    return (w * (out - target) ** 2).flatten(1).mean(1)
+    return (w * (out - target) ** 2).reshape(out.shape[0], -1).mean(1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -120,7 +120,7 @@ def vlb_terms(frame: VPDiscrete, t: torch.Tensor, x0: torch.Tensor, x_t: torch.T
     kl = normal_kl(true_mean, beta_tilde.log(), model_mean, model_logvar)
     nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar, bins)
     per_dim = torch.where(append_dims(t == 0, x0.ndim), nll, kl)
-    return per_dim.flatten(1).mean(1) / math.log(2.0)
+    return per_dim.reshape(per_dim.shape[0], -1).mean(1) / math.log(2.0)
 
 
 # ----------------------------------------------------------------------------------------------
