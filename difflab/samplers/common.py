@@ -27,6 +27,7 @@ import math
 from typing import Callable
 
 import torch
+from tqdm.auto import trange
 
 
 def check_sigmas(sigmas) -> torch.Tensor:
@@ -42,6 +43,23 @@ def check_sigmas(sigmas) -> torch.Tensor:
     if not bool((sigmas[1:] < sigmas[:-1]).all()):
         raise ValueError(f"sigmas must be strictly decreasing (largest noise level first), got {sigmas.tolist()}")
     return sigmas
+
+
+def prepare(denoiser, x: torch.Tensor, sigmas, extra_args: dict | None = None):
+    """``(sigmas, model)``: the checked grid (:func:`check_sigmas`) and the denoiser as
+    ``model(x, sigma) = denoiser(x, sigma * ones(B), **extra_args)``, i.e. with the conditioning
+    bound and a Python-float sigma broadcast over the batch of ``x``."""
+    sigmas = check_sigmas(sigmas)
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones(x.shape[0])
+    return sigmas, lambda x_, sigma: denoiser(x_, sigma * s_in, **extra_args)
+
+
+def grid_steps(sigmas: torch.Tensor, progress: bool = False):
+    """``(i, sigma_i, sigma_{i+1})`` for each step of a checked grid, the levels as Python floats,
+    under a tqdm progress bar when ``progress``."""
+    for i in trange(len(sigmas) - 1, disable=not progress):
+        yield i, float(sigmas[i]), float(sigmas[i + 1])
 
 
 def noise_source(noise: Callable[[], torch.Tensor] | None, x: torch.Tensor) -> Callable[[], torch.Tensor]:

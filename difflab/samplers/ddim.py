@@ -3,9 +3,8 @@ keywords every sampler shares."""
 from __future__ import annotations
 
 import torch
-from tqdm.auto import trange
 
-from .common import ancestral_step, check_sigmas, noise_source, ode_derivative
+from .common import ancestral_step, grid_steps, noise_source, ode_derivative, prepare
 
 
 @torch.no_grad()
@@ -27,13 +26,10 @@ def sample_ddim(denoiser, x: torch.Tensor, sigmas, *, eta: float = 0.0, noise=No
     """
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta={eta} must be in [0, 1] (0: deterministic DDIM, 1: DDPM's variance)")
-    sigmas = check_sigmas(sigmas)
-    extra_args = {} if extra_args is None else extra_args
+    sigmas, model = prepare(denoiser, x, sigmas, extra_args)
     draw = noise_source(noise, x)
-    s_in = x.new_ones(x.shape[0])
-    for i in trange(len(sigmas) - 1, disable=not progress):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = denoiser(x, sigma * s_in, **extra_args)
+    for i, sigma, sigma_next in grid_steps(sigmas, progress):
+        denoised = model(x, sigma)
         if sigma_next == 0:
             x = denoised
         else:

@@ -7,11 +7,10 @@ from __future__ import annotations
 import math
 
 import torch
-from tqdm.auto import trange
 
 from ..core.denoiser import learned_log_variance
 from ..core.forward import ve_posterior
-from .common import check_sigmas, noise_source
+from .common import grid_steps, noise_source, prepare
 
 VARIANCES = ("fixed_small", "fixed_large", "learned")
 
@@ -43,20 +42,15 @@ def sample_ddpm(denoiser, x: torch.Tensor, sigmas, *, variance: str = "fixed_sma
                                   or getattr(denoiser, "learned_variance", True) is False):
         raise ValueError("variance='learned' needs a denoiser with x0_and_v (Denoiser(..., learned_variance=True)); "
                          "for other denoisers use 'fixed_small' or 'fixed_large'")
-    sigmas = check_sigmas(sigmas)
-    extra_args = {} if extra_args is None else extra_args
+    learned = variance == "learned"
+    sigmas, model = prepare(denoiser.x0_and_v if learned else denoiser, x, sigmas, extra_args)
     draw = noise_source(noise, x)
-    s_in = x.new_ones(x.shape[0])
-    for i in trange(len(sigmas) - 1, disable=not progress):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        if variance == "learned":
-            denoised, v = denoiser.x0_and_v(x, sigma * s_in, **extra_args)
-        else:
-            denoised = denoiser(x, sigma * s_in, **extra_args)
+    for i, sigma, sigma_next in grid_steps(sigmas, progress):
+        denoised, v = model(x, sigma) if learned else (model(x, sigma), None)
         x, beta_tilde = ve_posterior(denoised, x, sigma, sigma_next)  # canonical beta~_t, i.e. / ab_prev
         beta = (sigma**2 - sigma_next**2) * (1 + sigma_next**2) / (1 + sigma**2)  # canonical beta_t
         if sigma_next > 0:
-            if variance == "learned":
+            if learned:
                 std = (0.5 * learned_log_variance(v, beta, beta_tilde)).exp()
             else:
                 std = math.sqrt(beta if variance == "fixed_large" else beta_tilde)

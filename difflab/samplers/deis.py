@@ -20,9 +20,8 @@ import math
 
 import numpy as np
 import torch
-from tqdm.auto import trange
 
-from .common import check_sigmas
+from .common import grid_steps, prepare
 from .dpm_solver import step_order
 
 
@@ -52,14 +51,11 @@ def sample_deis(denoiser, x: torch.Tensor, sigmas, *, order: int = 3, lower_orde
     """
     if order not in (1, 2, 3):
         raise ValueError(f"order={order} must be 1, 2 or 3")
-    sigmas = check_sigmas(sigmas)
-    extra_args = {} if extra_args is None else extra_args
-    s_in = x.new_ones(x.shape[0])
+    sigmas, model = prepare(denoiser, x, sigmas, extra_args)
     n = len(sigmas) - 1
     history = []  # (rho_j, eps_j), newest first
-    for i in trange(n, disable=not progress):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = denoiser(x, sigma * s_in, **extra_args)
+    for i, sigma, sigma_next in grid_steps(sigmas, progress):
+        denoised = model(x, sigma)
         history = ([(sigma, (x - denoised) / sigma)] + history)[:order]
         if sigma_next == 0:
             x = denoised

@@ -29,10 +29,9 @@ from __future__ import annotations
 import math
 
 import torch
-from tqdm.auto import trange
 
 from .brownian import interval_noise
-from .common import ancestral_step, check_sigmas
+from .common import ancestral_step, grid_steps, prepare
 
 SOLVER_TYPES = ("midpoint", "heun")
 SINGLESTEP_TYPES = ("dpmsolver", "midpoint", "heun")
@@ -170,15 +169,12 @@ def sample_dpm_multistep(denoiser, x: torch.Tensor, sigmas, *, order: int = 2, p
         raise ValueError("eta > 0 (the SDE) needs data prediction (predict_x0=True)")
     if solver_type not in SOLVER_TYPES:
         raise ValueError(f"solver_type={solver_type!r} is unknown; choose one of {list(SOLVER_TYPES)}")
-    sigmas = check_sigmas(sigmas)
-    extra_args = {} if extra_args is None else extra_args
+    sigmas, model = prepare(denoiser, x, sigmas, extra_args)
     draw = interval_noise(noise, x)
-    s_in = x.new_ones(x.shape[0])
     n = len(sigmas) - 1
     history = []  # (lambda_i, m_i), oldest first
-    for i in trange(n, disable=not progress):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = denoiser(x, sigma * s_in, **extra_args)
+    for i, sigma, sigma_next in grid_steps(sigmas, progress):
+        denoised = model(x, sigma)
         m = denoised if predict_x0 else (x - denoised) / sigma
         history = (history + [(half_log_snr(sigma), m)])[-order:]
         if sigma_next == 0:
@@ -285,17 +281,14 @@ def sample_dpm_solver(denoiser, x: torch.Tensor, sigmas, *, order: int = 3, pred
         raise ValueError(f"r={r} must hold {order - 1} increasing fractions in (0, 1) for order {order}")
     if eta < 0:
         raise ValueError(f"eta={eta} must be >= 0")
-    sigmas = check_sigmas(sigmas)
-    extra_args = {} if extra_args is None else extra_args
+    sigmas, denoise = prepare(denoiser, x, sigmas, extra_args)
     draw = interval_noise(noise, x)
-    s_in = x.new_ones(x.shape[0])
 
     def model(x_, sigma_):
-        d = denoiser(x_, sigma_ * s_in, **extra_args)
+        d = denoise(x_, sigma_)
         return d, (d if predict_x0 else (x_ - d) / sigma_)
 
-    for i in trange(len(sigmas) - 1, disable=not progress):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+    for i, sigma, sigma_next in grid_steps(sigmas, progress):
         denoised, m = model(x, sigma)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         if sigma_down == 0:
@@ -388,15 +381,12 @@ def sample_dpm_singlestep(denoiser, x: torch.Tensor, sigmas, *, order: int = 2, 
         raise ValueError(f"order={order} must be 1, 2 or 3")
     if solver_type not in SINGLESTEP_TYPES:
         raise ValueError(f"solver_type={solver_type!r} is unknown; choose one of {list(SINGLESTEP_TYPES)}")
-    sigmas = check_sigmas(sigmas)
-    extra_args = {} if extra_args is None else extra_args
-    s_in = x.new_ones(x.shape[0])
+    sigmas, model = prepare(denoiser, x, sigmas, extra_args)
     n = len(sigmas) - 1
     orders = singlestep_orders(n, order, lower_order_final, n > 0 and float(sigmas[-1]) == 0)
     x_s = x  # the state at the current block's first point
-    for i in trange(n, disable=not progress):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = denoiser(x, sigma * s_in, **extra_args)
+    for i, sigma, sigma_next in grid_steps(sigmas, progress):
+        denoised = model(x, sigma)
         m = denoised if predict_x0 else (x - denoised) / sigma
         j = orders[i]
         if j == 1:

@@ -17,9 +17,8 @@ from __future__ import annotations
 import math
 
 import torch
-from tqdm.auto import trange
 
-from .common import ancestral_step, check_sigmas, noise_source, ode_derivative
+from .common import ancestral_step, grid_steps, noise_source, ode_derivative, prepare
 
 
 def euler_step(x: torch.Tensor, sigma: float, sigma_next: float, denoised: torch.Tensor) -> torch.Tensor:
@@ -52,9 +51,41 @@ def _check_churn(s_churn: float, s_noise: float) -> None:
         raise ValueError(f"s_noise={s_noise} must be >= 0")
 
 
-def _setup(x, sigmas, noise, extra_args):
-    extra_args = {} if extra_args is None else extra_args
-    return check_sigmas(sigmas), extra_args, noise_source(noise, x), x.new_ones(x.shape[0])
+def heun_step(model, x: torch.Tensor, sigma: float, sigma_next: float, denoised: torch.Tensor) -> torch.Tensor:
+    """Heun's step (Karras et al. 2022, Algorithm 2, lines 5-8) from sigma to sigma_next > 0 given
+    denoised = D(x; sigma): the Euler predictor x' = x + (sigma_next - sigma) d, then the trapezoidal
+    correction with d' = (x' - D(x'; sigma_next)) / sigma_next."""
+    d = ode_derivative(x, sigma, denoised)
+    x_2 = x + (sigma_next - sigma) * d
+    d_2 = ode_derivative(x_2, sigma_next, model(x_2, sigma_next))
+    return x + (sigma_next - sigma) * (d + d_2) / 2
+
+
+def dpm_2_step(model, x: torch.Tensor, sigma: float, sigma_next: float, denoised: torch.Tensor) -> torch.Tensor:
+    """k-diffusion's DPM-2 step from sigma to sigma_next > 0 given denoised = D(x; sigma): the
+    explicit midpoint method with the midpoint s = sqrt(sigma sigma_next) taken in log sigma."""
+    sigma_mid = math.exp((math.log(sigma) + math.log(sigma_next)) / 2)
+    x_2 = x + (sigma_mid - sigma) * ode_derivative(x, sigma, denoised)
+    d_2 = ode_derivative(x_2, sigma_mid, model(x_2, sigma_mid))
+    return x + (sigma_next - sigma) * d_2
+
+
+def _sample_churned(step, denoiser, x, sigmas, *, s_churn, s_tmin, s_tmax, s_noise, noise, extra_args, callback,
+                    progress):
+    """The loop of EDM's Algorithm 2 (Karras et al. 2022) shared by Euler, Heun and DPM-2: churn to
+    t_hat, denoised = D(x_hat; t_hat), then ``step(model, x_hat, t_hat, t_{i+1}, denoised)``; the step
+    to t_{i+1} = 0 is Euler's, which lands on ``denoised``."""
+    _check_churn(s_churn, s_noise)
+    sigmas, model = prepare(denoiser, x, sigmas, extra_args)
+    draw = noise_source(noise, x)
+    steps = len(sigmas) - 1
+    for i, sigma, sigma_next in grid_steps(sigmas, progress):
+        x, sigma_hat = churn(x, sigma, steps, draw, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = model(x, sigma_hat)
+        x = denoised if sigma_next == 0 else step(model, x, sigma_hat, sigma_next, denoised)
+        if callback is not None:
+            callback(dict(i=i, x=x, sigma=sigma, sigma_hat=sigma_hat, sigma_next=sigma_next, denoised=denoised))
+    return x
 
 
 @torch.no_grad()
@@ -68,17 +99,10 @@ def sample_euler(denoiser, x: torch.Tensor, sigmas, *, s_churn: float = 0.0, s_t
     x_{i+1} = x_hat + (t_{i+1} - t_hat) d. First order, one denoiser call per step. Without
     churn it is deterministic DDIM (Song et al. 2021) in the canonical frame.
     """
-    _check_churn(s_churn, s_noise)
-    sigmas, extra_args, draw, s_in = _setup(x, sigmas, noise, extra_args)
-    steps = len(sigmas) - 1
-    for i in trange(steps, disable=not progress):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        x, sigma_hat = churn(x, sigma, steps, draw, s_churn, s_tmin, s_tmax, s_noise)
-        denoised = denoiser(x, sigma_hat * s_in, **extra_args)
-        x = euler_step(x, sigma_hat, sigma_next, denoised)
-        if callback is not None:
-            callback(dict(i=i, x=x, sigma=sigma, sigma_hat=sigma_hat, sigma_next=sigma_next, denoised=denoised))
-    return x
+    euler = lambda model, *args: euler_step(*args)  # noqa: E731  (no second denoiser call)
+    return _sample_churned(euler, denoiser, x, sigmas, s_churn=s_churn,
+                           s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, noise=noise, extra_args=extra_args,
+                           callback=callback, progress=progress)
 
 
 @torch.no_grad()
@@ -90,26 +114,11 @@ def sample_heun(denoiser, x: torch.Tensor, sigmas, *, s_churn: float = 0.0, s_tm
     Per step: x_hat, t_hat = churn(x, t_i); d_i = (x_hat - D(x_hat; t_hat)) / t_hat; the Euler
     predictor x' = x_hat + (t_{i+1} - t_hat) d_i; then, if t_{i+1} != 0, the trapezoidal
     correction d'_i = (x' - D(x'; t_{i+1})) / t_{i+1} and
-    x_{i+1} = x_hat + (t_{i+1} - t_hat) (d_i + d'_i) / 2. Two denoiser calls per step, one on
-    the final step to 0 (which stays Euler, as in the paper).
+    x_{i+1} = x_hat + (t_{i+1} - t_hat) (d_i + d'_i) / 2 (:func:`heun_step`). Two denoiser calls
+    per step, one on the final step to 0 (which stays Euler, as in the paper).
     """
-    _check_churn(s_churn, s_noise)
-    sigmas, extra_args, draw, s_in = _setup(x, sigmas, noise, extra_args)
-    steps = len(sigmas) - 1
-    for i in trange(steps, disable=not progress):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        x, sigma_hat = churn(x, sigma, steps, draw, s_churn, s_tmin, s_tmax, s_noise)
-        denoised = denoiser(x, sigma_hat * s_in, **extra_args)
-        if sigma_next == 0:
-            x = denoised
-        else:
-            d = ode_derivative(x, sigma_hat, denoised)
-            x_2 = x + (sigma_next - sigma_hat) * d
-            d_2 = ode_derivative(x_2, sigma_next, denoiser(x_2, sigma_next * s_in, **extra_args))
-            x = x + (sigma_next - sigma_hat) * (d + d_2) / 2
-        if callback is not None:
-            callback(dict(i=i, x=x, sigma=sigma, sigma_hat=sigma_hat, sigma_next=sigma_next, denoised=denoised))
-    return x
+    return _sample_churned(heun_step, denoiser, x, sigmas, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
+                           s_noise=s_noise, noise=noise, extra_args=extra_args, callback=callback, progress=progress)
 
 
 @torch.no_grad()
@@ -122,26 +131,11 @@ def sample_dpm_2(denoiser, x: torch.Tensor, sigmas, *, s_churn: float = 0.0, s_t
 
     Per step: x_hat, t_hat = churn(x, t_i); d = (x_hat - D(x_hat; t_hat)) / t_hat;
     s = sqrt(t_hat t_{i+1}) (the midpoint of log t); u = x_hat + (s - t_hat) d;
-    x_{i+1} = x_hat + (t_{i+1} - t_hat) (u - D(u; s)) / s. Two denoiser calls per step, one on
-    the final step to 0 (Euler).
+    x_{i+1} = x_hat + (t_{i+1} - t_hat) (u - D(u; s)) / s (:func:`dpm_2_step`). Two denoiser calls
+    per step, one on the final step to 0 (Euler).
     """
-    _check_churn(s_churn, s_noise)
-    sigmas, extra_args, draw, s_in = _setup(x, sigmas, noise, extra_args)
-    steps = len(sigmas) - 1
-    for i in trange(steps, disable=not progress):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        x, sigma_hat = churn(x, sigma, steps, draw, s_churn, s_tmin, s_tmax, s_noise)
-        denoised = denoiser(x, sigma_hat * s_in, **extra_args)
-        if sigma_next == 0:
-            x = denoised
-        else:
-            sigma_mid = math.exp((math.log(sigma_hat) + math.log(sigma_next)) / 2)
-            x_2 = x + (sigma_mid - sigma_hat) * ode_derivative(x, sigma_hat, denoised)
-            d_2 = ode_derivative(x_2, sigma_mid, denoiser(x_2, sigma_mid * s_in, **extra_args))
-            x = x + (sigma_next - sigma_hat) * d_2
-        if callback is not None:
-            callback(dict(i=i, x=x, sigma=sigma, sigma_hat=sigma_hat, sigma_next=sigma_next, denoised=denoised))
-    return x
+    return _sample_churned(dpm_2_step, denoiser, x, sigmas, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
+                           s_noise=s_noise, noise=noise, extra_args=extra_args, callback=callback, progress=progress)
 
 
 @torch.no_grad()
@@ -159,10 +153,10 @@ def sample_euler_ancestral(denoiser, x: torch.Tensor, sigmas, *, eta: float = 1.
         raise ValueError(f"eta={eta} must be >= 0 (0: deterministic Euler, 1: DDPM's variance)")
     if s_noise < 0:
         raise ValueError(f"s_noise={s_noise} must be >= 0")
-    sigmas, extra_args, draw, s_in = _setup(x, sigmas, noise, extra_args)
-    for i in trange(len(sigmas) - 1, disable=not progress):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = denoiser(x, sigma * s_in, **extra_args)
+    sigmas, model = prepare(denoiser, x, sigmas, extra_args)
+    draw = noise_source(noise, x)
+    for i, sigma, sigma_next in grid_steps(sigmas, progress):
+        denoised = model(x, sigma)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         x = euler_step(x, sigma, sigma_down, denoised)
         if sigma_up > 0:

@@ -15,16 +15,40 @@ averages velocities in t, ``heun`` derivatives in sigma, and the two differ at O
 from __future__ import annotations
 
 import torch
-from tqdm.auto import trange
 
 from ..core.schedules import flow_t
-from .common import check_sigmas
-from .common import ode_derivative
+from .common import grid_steps, ode_derivative, prepare
 
 
-def _flow_setup(sigmas, extra_args, x):
-    sigmas = check_sigmas(sigmas)
-    return sigmas, flow_t(sigmas).tolist(), ({} if extra_args is None else extra_args), x.new_ones(x.shape[0])
+def flow_euler_step(model, x_t: torch.Tensor, t: float, t_next: float, sigma_next: float,
+                    denoised: torch.Tensor) -> torch.Tensor:
+    """Euler's step on dx_t/dt = u in the flow frame: x_t + (t_next - t) u, u = (x_t - x0_hat) / t."""
+    return x_t + (t_next - t) * ode_derivative(x_t, t, denoised)
+
+
+def flow_heun_step(model, x_t: torch.Tensor, t: float, t_next: float, sigma_next: float,
+                   denoised: torch.Tensor) -> torch.Tensor:
+    """Heun's step on dx_t/dt = u in the flow frame: the Euler predictor x' = x_t + (t_next - t) u,
+    then u' = (x' - D(x' / (1 - t_next); sigma_next)) / t_next and x_t + (t_next - t) (u + u') / 2."""
+    u = ode_derivative(x_t, t, denoised)
+    x_t2 = x_t + (t_next - t) * u
+    u_2 = ode_derivative(x_t2, t_next, model(x_t2 / (1 - t_next), sigma_next))
+    return x_t + (t_next - t) * (u + u_2) / 2
+
+
+def _sample_flow(step, denoiser, x, sigmas, extra_args, callback, progress):
+    """The loop of the flow samplers: map x to the flow frame, x_t = (1 - t) x, take
+    ``step(model, x_t, t, t_next, sigma_next, denoised)`` and map back, x = x_t / (1 - t_next).
+    The step to t = 0 returns the denoised estimate: x_0 = x_t - t u = x0_hat, exactly."""
+    sigmas, model = prepare(denoiser, x, sigmas, extra_args)
+    ts = flow_t(sigmas).tolist()
+    for i, sigma, sigma_next in grid_steps(sigmas, progress):
+        t, t_next = ts[i], ts[i + 1]
+        denoised = model(x, sigma)
+        x = denoised if sigma_next == 0 else step(model, (1 - t) * x, t, t_next, sigma_next, denoised) / (1 - t_next)
+        if callback is not None:
+            callback(dict(i=i, x=x, sigma=sigma, sigma_next=sigma_next, denoised=denoised))
+    return x
 
 
 @torch.no_grad()
@@ -35,19 +59,7 @@ def sample_flow_euler(denoiser, x: torch.Tensor, sigmas, *, noise=None, extra_ar
     frame t = sigma / (1 + sigma), x_t = (1 - t) x. One denoiser call per step; first order;
     deterministic. Equal to DDIM / :func:`difflab.samplers.euler.sample_euler` in exact arithmetic.
     """
-    sigmas, ts, extra_args, s_in = _flow_setup(sigmas, extra_args, x)
-    for i in trange(len(ts) - 1, disable=not progress):
-        sigma, sigma_next, t, t_next = float(sigmas[i]), float(sigmas[i + 1]), ts[i], ts[i + 1]
-        denoised = denoiser(x, sigma * s_in, **extra_args)
-        if sigma_next == 0:
-            x = denoised  # t_{i+1} = 0: x_0 = x_t - t u = x0_hat, exactly
-        else:
-            x_t = (1 - t) * x
-            x_t = x_t + (t_next - t) * ode_derivative(x_t, t, denoised)
-            x = x_t / (1 - t_next)
-        if callback is not None:
-            callback(dict(i=i, x=x, sigma=sigma, sigma_next=sigma_next, denoised=denoised))
-    return x
+    return _sample_flow(flow_euler_step, denoiser, x, sigmas, extra_args, callback, progress)
 
 
 @torch.no_grad()
@@ -56,24 +68,11 @@ def sample_flow_heun(denoiser, x: torch.Tensor, sigmas, *, noise=None, extra_arg
     """Flow-matching Heun: Heun's method on dx_t/dt = u (Liu et al. 2023, eq. 1), as diffusers'
     FlowMatchHeunDiscreteScheduler: predictor x' = x_t + (t_{i+1} - t_i) u_i,
     corrector u' = (x' - D(x' / (1 - t_{i+1}); sigma_{i+1})) / t_{i+1} and
-    x_{t_{i+1}} = x_t + (t_{i+1} - t_i) (u_i + u') / 2. Two denoiser calls per step, one on the
-    final step to t = 0 (Euler, as EDM Algorithm 2). Second order; deterministic.
+    x_{t_{i+1}} = x_t + (t_{i+1} - t_i) (u_i + u') / 2 (:func:`flow_heun_step`). Two denoiser
+    calls per step, one on the final step to t = 0 (Euler, as EDM Algorithm 2). Second order;
+    deterministic.
     """
-    sigmas, ts, extra_args, s_in = _flow_setup(sigmas, extra_args, x)
-    for i in trange(len(ts) - 1, disable=not progress):
-        sigma, sigma_next, t, t_next = float(sigmas[i]), float(sigmas[i + 1]), ts[i], ts[i + 1]
-        denoised = denoiser(x, sigma * s_in, **extra_args)
-        if sigma_next == 0:
-            x = denoised
-        else:
-            x_t = (1 - t) * x
-            u = ode_derivative(x_t, t, denoised)
-            x_t2 = x_t + (t_next - t) * u
-            u_2 = ode_derivative(x_t2, t_next, denoiser(x_t2 / (1 - t_next), sigma_next * s_in, **extra_args))
-            x = (x_t + (t_next - t) * (u + u_2) / 2) / (1 - t_next)
-        if callback is not None:
-            callback(dict(i=i, x=x, sigma=sigma, sigma_next=sigma_next, denoised=denoised))
-    return x
+    return _sample_flow(flow_heun_step, denoiser, x, sigmas, extra_args, callback, progress)
 
 
 SAMPLERS = {"flow_euler": sample_flow_euler, "flow_heun": sample_flow_heun}

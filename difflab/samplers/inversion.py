@@ -3,10 +3,8 @@ to the latent noise that the DDIM sampler would map back to it."""
 from __future__ import annotations
 
 import torch
-from tqdm.auto import trange
 
-from .common import check_sigmas
-from .common import ode_derivative
+from .common import grid_steps, ode_derivative, prepare
 
 
 @torch.no_grad()
@@ -40,17 +38,14 @@ def invert_ddim(denoiser, x0: torch.Tensor, sigmas, *, extra_args: dict | None =
     contract D(x; sigma) with x at sigma; both are first order and differ by O(h) over the run.
     ``callback`` receives dict(i=, x=, sigma=, sigma_next=, denoised=) with sigma < sigma_next.
     """
-    rising = check_sigmas(sigmas).flip(0).tolist()
-    extra_args = {} if extra_args is None else extra_args
-    s_in = x0.new_ones(x0.shape[0])
+    sigmas, model = prepare(denoiser, x0, sigmas, extra_args)
     x = x0
-    for i in trange(len(rising) - 1, disable=not progress):
-        sigma, sigma_next = rising[i], rising[i + 1]
+    for i, sigma, sigma_next in grid_steps(sigmas.flip(0), progress):  # rising: sigma < sigma_next
         if sigma == 0:  # x is its own x0_hat; its noise direction is estimated one level up
             denoised = x
-            eps = ode_derivative(x, sigma_next, denoiser(x, sigma_next * s_in, **extra_args))
+            eps = ode_derivative(x, sigma_next, model(x, sigma_next))
         else:
-            denoised = denoiser(x, sigma * s_in, **extra_args)
+            denoised = model(x, sigma)
             eps = ode_derivative(x, sigma, denoised)
         x = denoised + sigma_next * eps
         if callback is not None:

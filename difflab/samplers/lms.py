@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import torch
 from numpy.polynomial import Polynomial
-from tqdm.auto import trange
 
-from .common import check_sigmas
-from .common import ode_derivative
+from .common import grid_steps, ode_derivative, prepare
 
 
 def lms_coefficients(nodes, sigma_next: float) -> list[float]:
@@ -51,14 +49,11 @@ def sample_lms(denoiser, x: torch.Tensor, sigmas, *, order: int = 4, noise=None,
     """
     if not isinstance(order, int) or order < 1:
         raise ValueError(f"order={order} must be a positive integer")
-    sigmas = check_sigmas(sigmas)
-    extra_args = {} if extra_args is None else extra_args
-    s_in = x.new_ones(x.shape[0])
+    sigmas, model = prepare(denoiser, x, sigmas, extra_args)
     grid = sigmas.tolist()
     ds: list[torch.Tensor] = []  # the last `order` derivatives, oldest first
-    for i in trange(len(grid) - 1, disable=not progress):
-        sigma, sigma_next = grid[i], grid[i + 1]
-        denoised = denoiser(x, sigma * s_in, **extra_args)
+    for i, sigma, sigma_next in grid_steps(sigmas, progress):
+        denoised = model(x, sigma)
         ds = (ds + [ode_derivative(x, sigma, denoised)])[-order:]
         if sigma_next == 0 and len(ds) == 1:
             x = denoised  # the Euler step to 0, exactly

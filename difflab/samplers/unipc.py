@@ -26,9 +26,8 @@ import math
 from typing import Sequence
 
 import torch
-from tqdm.auto import trange
 
-from .common import check_sigmas
+from .common import grid_steps, prepare
 from .dpm_solver import half_log_snr
 
 VARIANTS = ("bh1", "bh2")
@@ -89,16 +88,13 @@ def sample_unipc(denoiser, x: torch.Tensor, sigmas, *, order: int = 2, variant: 
         raise ValueError(f"order={order} must be 1, 2 or 3")
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r} is unknown; choose one of {list(VARIANTS)}")
-    sigmas = check_sigmas(sigmas)
-    extra_args = {} if extra_args is None else extra_args
+    sigmas, model = prepare(denoiser, x, sigmas, extra_args)
     disabled = set(disable_corrector)
-    s_in = x.new_ones(x.shape[0])
     n = len(sigmas) - 1
     history = []  # (lambda_k, m_k), oldest first
     x_last = None  # the (corrected) state the last predictor started from; p is its order
-    for i in trange(n, disable=not progress):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = denoiser(x, sigma * s_in, **extra_args)
+    for i, sigma, sigma_next in grid_steps(sigmas, progress):
+        denoised = model(x, sigma)
         if corrector and x_last is not None and i - 1 not in disabled:
             x = unipc_update(x_last, float(sigmas[i - 1]), sigma, history[-p:], denoised, variant)
         history = (history + [(half_log_snr(sigma), denoised)])[-order:]
