@@ -59,6 +59,13 @@ def _maybe_checkpoint(enabled: bool, fn, *args):
     return fn(*args)
 
 
+def set_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Turn activation checkpointing on or off in every block of ``model`` that has a ``checkpoint`` flag."""
+    for m in model.modules():
+        if hasattr(m, "checkpoint"):
+            m.checkpoint = enabled
+
+
 class TimestepMLP(nn.Module):
     """Linear-SiLU-Linear on the sinusoidal embedding (Ho et al. 2020; ADM's ``time_embed``)."""
 
@@ -175,14 +182,16 @@ class CrossAttention(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halve H and W with a stride-2 3x3 conv (DDPM; ADM with ``conv_resample``)."""
+    """Halve H and W with a stride-2 3x3 conv (DDPM; ADM with ``conv_resample``). ``asymmetric``:
+    pad (0, 1, 0, 1) (right and bottom) and convolve unpadded instead (LDM's VAE ``Downsample``)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, asymmetric: bool = False):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.asymmetric = asymmetric
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if asymmetric else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.asymmetric else x)
 
 
 class Upsample(nn.Module):

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from ..config import JSONConfig
-from .layers import CrossAttention, check_context, Downsample, ResBlock, SelfAttention, TimestepMLP, Upsample, group_norm, timestep_embedding, zero_
+from .layers import (CrossAttention, check_context, Downsample, ResBlock, SelfAttention, TimestepMLP, Upsample, group_norm,
+                     set_checkpointing, timestep_embedding, zero_)
 
 
 @dataclass(frozen=True)
@@ -135,9 +136,7 @@ class UNet(nn.Module):
 
         self.out = nn.Sequential(group_norm(ch, c.groups), nn.SiLU(), zero_(nn.Conv2d(ch, c.out_channels or c.in_channels, 3, padding=1)))
 
-        for m in self.modules():
-            if hasattr(m, "checkpoint"):
-                m.checkpoint = c.gradient_checkpointing
+        set_checkpointing(self, c.gradient_checkpointing)
 
     @property
     def null_class(self) -> int | None:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import JSONConfig
-from .layers import Downsample, Upsample, check_context, _maybe_checkpoint, timestep_embedding
+from .layers import Downsample, Upsample, check_context, _maybe_checkpoint, set_checkpointing, timestep_embedding
 from .transformer import SpatialTransformer
 
 DIFFUSERS_CLASS = "UNet2DConditionModel"
@@ -321,9 +321,7 @@ class UNetSD(nn.Module):
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch, eps=c.norm_eps)
         self.conv_out = nn.Conv2d(ch, c.out_channels, 3, padding=1)
 
-        for m in self.modules():
-            if hasattr(m, "checkpoint"):
-                m.checkpoint = c.gradient_checkpointing
+        set_checkpointing(self, c.gradient_checkpointing)
 
     def forward(
         self,

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import JSONConfig
-from .layers import Upsample
+from .layers import Downsample, Upsample
 
 GROUP_NORM_EPS = 1e-6  # LDM and diffusers use eps = 1e-6 in every GroupNorm of the autoencoder
 
@@ -176,43 +176,26 @@ class VAEAttention(nn.Module):
         return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 
-class AsymmetricDownsample(nn.Module):
-    """Halve H and W: pad (0, 1, 0, 1) (right and bottom), then a stride-2 3x3 conv (LDM's ``Downsample``)."""
+class Level(nn.Module):
+    """One encoder or decoder level: ResBlocks, then an optional resampling, ``"down"`` (the encoder's
+    asymmetric stride-2 conv, LDM's ``Downsample``) or ``"up"`` (the decoder's nearest x2 + conv),
+    stored as diffusers names it (``downsample`` / ``upsample``)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, resample: str | None):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class DownBlock(nn.Module):
-    """One encoder level: ResBlocks, then an optional downsample."""
-
-    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, downsample: bool):
-        super().__init__()
+        if resample not in ("down", "up", None):
+            raise ValueError(f"resample={resample!r} must be 'down', 'up' or None")
         self.resnets = nn.ModuleList(VAEResBlock(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_layers))
-        self.downsample = AsymmetricDownsample(out_channels) if downsample else None
+        self.downsample = Downsample(out_channels, asymmetric=True) if resample == "down" else None
+        self.upsample = Upsample(out_channels) if resample == "up" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for resnet in self.resnets:
             x = resnet(x)
-        return x if self.downsample is None else self.downsample(x)
-
-
-class UpBlock(nn.Module):
-    """One decoder level: ResBlocks, then an optional nearest x2 + conv."""
-
-    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, upsample: bool):
-        super().__init__()
-        self.resnets = nn.ModuleList(VAEResBlock(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_layers))
-        self.upsample = Upsample(out_channels) if upsample else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for resnet in self.resnets:
-            x = resnet(x)
-        return x if self.upsample is None else self.upsample(x)
+        for resample in (self.downsample, self.upsample):
+            if resample is not None:
+                x = resample(x)
+        return x
 
 
 class MidBlock(nn.Module):
@@ -238,7 +221,7 @@ class Encoder(nn.Module):
         chs, n = c.block_out_channels, len(c.block_out_channels)
         self.conv_in = nn.Conv2d(c.in_channels, chs[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
-            DownBlock(chs[max(i - 1, 0)], chs[i], c.layers_per_block, c.norm_num_groups, downsample=i < n - 1) for i in range(n))
+            Level(chs[max(i - 1, 0)], chs[i], c.layers_per_block, c.norm_num_groups, "down" if i < n - 1 else None) for i in range(n))
         self.mid_block = MidBlock(chs[-1], c.norm_num_groups, c.mid_block_attention)
         self.norm_out = _norm(chs[-1], c.norm_num_groups)
         self.conv_out = nn.Conv2d(chs[-1], 2 * c.latent_channels, 3, padding=1)
@@ -260,7 +243,7 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(c.latent_channels, chs[0], 3, padding=1)
         self.mid_block = MidBlock(chs[0], c.norm_num_groups, c.mid_block_attention)
         self.up_blocks = nn.ModuleList(
-            UpBlock(chs[max(i - 1, 0)], chs[i], c.layers_per_block + 1, c.norm_num_groups, upsample=i < n - 1) for i in range(n))
+            Level(chs[max(i - 1, 0)], chs[i], c.layers_per_block + 1, c.norm_num_groups, "up" if i < n - 1 else None) for i in range(n))
         self.norm_out = _norm(chs[-1], c.norm_num_groups)
         self.conv_out = nn.Conv2d(chs[-1], c.out_channels, 3, padding=1)
 
@@ -458,4 +441,4 @@ PRESETS = {
 }
 
 __all__ = ["VAEConfig", "AutoencoderKL", "DiagonalGaussian", "estimate_scaling_factor", "PRESETS", "VAEResBlock",
-           "VAEAttention", "AsymmetricDownsample", "Encoder", "Decoder"]
+           "VAEAttention", "Encoder", "Decoder"]
