@@ -56,6 +56,12 @@ def _compile(template: str) -> tuple[re.Pattern, tuple[tuple[str, bool], ...]]:
     return re.compile("".join(parts)), tuple(fields)
 
 
+def prefixed(foreign: str, ours: str, rows) -> list[tuple]:
+    """``(foreign + a, ours + b[, transform])`` for each row ``(a, b[, transform])`` of ``rows``: a
+    sub-table (the names inside a residual block, a transformer layer) placed under one prefix on each side."""
+    return [(foreign + row[0], ours + row[1], *row[2:]) for row in rows]
+
+
 def _reverse(value: str, num_levels: int | None, template: str) -> str:
     if num_levels is None:
         raise ValueError(f"key template {template!r} counts levels from the other end: pass num_levels")
@@ -113,4 +119,4 @@ def convert(tensors: dict[str, torch.Tensor], source_table, target_table, *, num
     return from_difflab(to_difflab(tensors, source_table, num_levels=num_levels), target_table, num_levels=num_levels)
 
 
-__all__ = ["TRANSFORMS", "rename_key", "to_difflab", "from_difflab", "convert"]
+__all__ = ["TRANSFORMS", "prefixed", "rename_key", "to_difflab", "from_difflab", "convert"]

@@ -20,7 +20,7 @@ import re
 
 import torch
 
-from . import from_difflab, to_difflab
+from . import from_difflab, prefixed, to_difflab
 
 # (transformers 4 CLIPTextModel, difflab); keys without the prefix (transformers 5) keep their names
 TRANSFORMERS = [("text_model.", "")]
@@ -36,15 +36,17 @@ OPEN_CLIP = [
     ("token_embedding.", "embeddings.token_embedding."),
     ("positional_embedding", "embeddings.position_embedding.weight"),
     ("ln_final.", "final_layer_norm."),
-    ("transformer.resblocks.{i}.ln_1.", "encoder.layers.{i}.layer_norm1."),
-    ("transformer.resblocks.{i}.ln_2.", "encoder.layers.{i}.layer_norm2."),
-    ("transformer.resblocks.{i}.mlp.c_fc.", "encoder.layers.{i}.mlp.fc1."),
-    ("transformer.resblocks.{i}.mlp.c_proj.", "encoder.layers.{i}.mlp.fc2."),
-    ("transformer.resblocks.{i}.attn.out_proj.", "encoder.layers.{i}.self_attn.out_proj."),
-    # the pieces of the fused projection, after OPEN_CLIP_FUSED has split it
-    ("transformer.resblocks.{i}.attn.q_proj.", "encoder.layers.{i}.self_attn.q_proj."),
-    ("transformer.resblocks.{i}.attn.k_proj.", "encoder.layers.{i}.self_attn.k_proj."),
-    ("transformer.resblocks.{i}.attn.v_proj.", "encoder.layers.{i}.self_attn.v_proj."),
+    *prefixed("transformer.resblocks.{i}.", "encoder.layers.{i}.", [
+        ("ln_1.", "layer_norm1."),
+        ("ln_2.", "layer_norm2."),
+        ("mlp.c_fc.", "mlp.fc1."),
+        ("mlp.c_proj.", "mlp.fc2."),
+        ("attn.out_proj.", "self_attn.out_proj."),
+        # the pieces of the fused projection, after OPEN_CLIP_FUSED has split it
+        ("attn.q_proj.", "self_attn.q_proj."),
+        ("attn.k_proj.", "self_attn.k_proj."),
+        ("attn.v_proj.", "self_attn.v_proj."),
+    ]),
 ]
 # fused OpenCLIP tensor suffix -> the suffixes of its three pieces, concatenated along dim 0
 OPEN_CLIP_FUSED = {

@@ -14,7 +14,8 @@ applies in both directions.
 """
 from __future__ import annotations
 
-from .unet_sd import RESNET, original_blocks
+from . import prefixed
+from .unet_sd import EMBEDDING, RESNET, original_blocks
 
 # (diffusers ControlNetModel, difflab ControlNet): identical names
 DIFFUSERS: list[tuple[str, str]] = []
@@ -22,13 +23,8 @@ DIFFUSERS: list[tuple[str, str]] = []
 # the prefix of the ControlNet in the authors' checkpoints
 ORIGINAL_PREFIX = "control_model."
 
-# (original, difflab) of the time embedding and the first convolution
-TOP = [
-    ("time_embed.0.", "time_embedding.linear_1."),
-    ("time_embed.2.", "time_embedding.linear_2."),
-    ("input_blocks.0.0.", "conv_in."),
-    ("middle_block_out.0.", "controlnet_mid_block."),
-]
+# (original, difflab) of the time embedding and the first convolution (the U-Net's names), and the middle zero convolution
+TOP = [*EMBEDDING, ("middle_block_out.0.", "controlnet_mid_block.")]
 
 
 def original_table(config) -> list[tuple[str, str]]:
@@ -46,7 +42,7 @@ def original_table(config) -> list[tuple[str, str]]:
     rows += [(f"zero_convs.{k}.0.", f"controlnet_down_blocks.{k}.") for k in range(skips)]
     for original, ours, kind in original_blocks(config.unet):
         if original.startswith(("input_blocks.", "middle_block.")):
-            rows += [(original + a, ours + b) for a, b in RESNET] if kind == "resnet" else [(original, ours)]
+            rows += prefixed(original, ours, RESNET) if kind == "resnet" else [(original, ours)]
     return rows
 
 

@@ -15,20 +15,23 @@ names are the same in both layouts; inside a ResBlock they differ (:data:`RESNET
 """
 from __future__ import annotations
 
+from . import prefixed
+
 # (diffusers UNet2DConditionModel, difflab UNetSD): identical names
 DIFFUSERS: list[tuple[str, str]] = []
 
 # the prefix of the U-Net in a single-file Stable Diffusion checkpoint
 ORIGINAL_PREFIX = "model.diffusion_model."
 
-# (original, difflab) outside the down / middle / up blocks
-TOP = [
+# (original, difflab) of the time embedding and the first convolution (a ControlNet's too)
+EMBEDDING = [
     ("time_embed.0.", "time_embedding.linear_1."),
     ("time_embed.2.", "time_embedding.linear_2."),
     ("input_blocks.0.0.", "conv_in."),
-    ("out.0.", "conv_norm_out."),
-    ("out.2.", "conv_out."),
 ]
+
+# (original, difflab) outside the down / middle / up blocks
+TOP = [*EMBEDDING, ("out.0.", "conv_norm_out."), ("out.2.", "conv_out.")]
 
 # (original ResBlock, difflab ResnetBlock) inside a residual block
 RESNET = [
@@ -75,8 +78,8 @@ def original_table(config) -> list[tuple[str, str]]:
     :func:`difflab.io.keymaps.to_difflab` / :func:`~difflab.io.keymaps.from_difflab`."""
     rows = list(TOP)
     for original, ours, kind in original_blocks(config):
-        rows += [(original + a, ours + b) for a, b in RESNET] if kind == "resnet" else [(original, ours)]
+        rows += prefixed(original, ours, RESNET) if kind == "resnet" else [(original, ours)]
     return rows
 
 
-__all__ = ["DIFFUSERS", "ORIGINAL_PREFIX", "TOP", "RESNET", "original_blocks", "original_table"]
+__all__ = ["DIFFUSERS", "ORIGINAL_PREFIX", "EMBEDDING", "TOP", "RESNET", "original_blocks", "original_table"]
