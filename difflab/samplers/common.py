@@ -1,4 +1,4 @@
-"""What every sampler shares: the contract, the grid check, the noise source, the ancestral split.
+"""What every sampler shares: the contract, the setup (grid check, bound denoiser, step iterator), the noise source, the ancestral split.
 
 A sampler is a plain function ``(denoiser, x, sigmas, *, ...) -> x``: ``x`` is the canonical
 noisy sample at ``sigmas[0]`` (``x = x0 + sigma * eps``; start from
