@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 
 from ..core.forward import ve_sample
-from ..samplers import get_sampler
-from .text_to_image import (as_images, batch_slice, check_output_type, check_size, encode, encode_prompts, finish,
-                            guided, image_channels, latent_channels, noise_kwargs, param_dtype_device, run_batches,
-                            sampling_grid)
+from .common import (as_images, batch_slice, check_output_type, check_size, denoise, encode, encode_request, finish,
+                     image_channels, latent_channels, run_options, sample_device, sampling_grid)
+from .options import TEXT_DEFAULTS, SampleOptions, resolve
 
 
 def start_index(steps: int, strength: float) -> int:
@@ -31,33 +30,10 @@ def noised_start(z: torch.Tensor, sigma: float, noise: torch.Tensor) -> torch.Te
 
 
 @torch.no_grad()
-def image_to_image(
-    denoiser,
-    text_encoder,
-    vae,
-    prompts,
-    image,
-    *,
-    strength: float = 0.8,
-    negative_prompts=None,
-    guidance_scale: float = 7.5,
-    guidance_rescale: float = 0.0,
-    sampler: str = "ddim",
-    steps: int = 50,
-    grid="default",
-    spacing: str = "trailing",
-    steps_offset: int = 0,
-    seed: int = 0,
-    batch_size: int = 8,
-    output_type: str = "pil",
-    noise: torch.Tensor | None = None,
-    sample_posterior: bool = True,
-    prompt_embeds: torch.Tensor | None = None,
-    negative_prompt_embeds: torch.Tensor | None = None,
-    dtype: torch.dtype = torch.float32,
-    progress: bool = True,
-    **sampler_kwargs,
-):
+def image_to_image(denoiser, text_encoder, vae, prompts, image, *, strength: float = 0.8, negative_prompts=None,
+                   output_type: str = "pil", noise: torch.Tensor | None = None, sample_posterior: bool = True,
+                   prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+                   options: SampleOptions | None = None, **overrides):
     """SDEdit (Meng et al. 2022, Algorithm 1): encode ``image``, add noise to the level
     sigmas[k] with k = :func:`start_index` (``strength``), and run the sampler on sigmas[k:].
 
@@ -65,19 +41,19 @@ def image_to_image(
     VAE's posterior (``sample_posterior=True``, diffusers' default ``sample_mode="sample"``) or its
     mean; either way the draw is the sample's own. ``noise``: the standard-normal noise (N, C, h, w)
     added to the latents, instead of the per-sample draw (diffusers draws it after the posterior
-    sample, from the same generator). Other arguments as :func:`text_to_image`. Returns N images.
+    sample, from the same generator). ``options`` and other arguments as :func:`text_to_image`.
+    Returns N images.
     """
     # 1. Check inputs.
+    opts = resolve(options, TEXT_DEFAULTS, overrides)
     check_output_type(output_type)
-    run = get_sampler(sampler)
-    net_dtype, device = param_dtype_device(denoiser)
-    sigmas = sampling_grid(denoiser, steps, grid, spacing, steps_offset)
+    _, device = sample_device(denoiser, opts)
+    sigmas = sampling_grid(denoiser, opts.steps, opts.grid, opts.spacing, opts.steps_offset)
     k = start_index(len(sigmas) - 1, strength)
 
     # 2. Encode the prompts (and negatives, in the same call).
-    cond, uncond, n = encode_prompts(text_encoder, prompts, negative_prompts, guided=guidance_scale != 1.0,
-                                     prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                                     dtype=net_dtype, device=device)
+    cond, uncond, n = encode_request(denoiser, text_encoder, prompts, negative_prompts, opts, prompt_embeds=prompt_embeds,
+                                     negative_prompt_embeds=negative_prompt_embeds)
     images = as_images(image, n, image_channels(denoiser, vae))
     channels = images.shape[1] if vae is None else latent_channels(denoiser, vae)
     shape = (channels, *check_size(denoiser, vae, *images.shape[2:], names=("image height", "image width")))
@@ -92,14 +68,12 @@ def image_to_image(
         eps = draws()
         if noise is not None:
             eps = noise[start:start + b]
-        z = encode(vae, images[start:start + b], sample=sample_posterior, noise=draws).to(device, dtype)
+        z = encode(vae, images[start:start + b], sample=sample_posterior, noise=draws).to(device, opts.dtype)
         x = noised_start(z, float(sigmas[0]), eps)
-        # 5. Wrap the denoiser with guidance.
-        model = guided(denoiser, guidance_scale, batch_slice(uncond, start, b), guidance_rescale)
-        # 6. Run the sampler from sigmas[k].
-        return run(model, x, sigmas, extra_args=batch_slice(cond, start, b), **noise_kwargs(run, draws), **sampler_kwargs)
+        # 5-6. Guidance, then the sampler from sigmas[k].
+        return denoise(denoiser, x, sigmas, opts, draws, batch_slice(cond, start, b), batch_slice(uncond, start, b))
 
-    samples = run_batches(n, batch_size, seed, shape, sample_batch, device=device, dtype=dtype,
-                          desc=f"image to image ({sampler}, {len(sigmas) - 1} steps)", progress=progress)
+    samples = run_options(n, shape, sample_batch, opts, device=device,
+                          desc=f"image to image ({opts.sampler}, {len(sigmas) - 1} steps)")
     # 7. Decode and convert.
-    return finish(samples, vae, output_type, batch_size)
+    return finish(samples, vae, output_type, opts.batch_size)
