@@ -2,6 +2,8 @@
 under a prompt. Not a new sampler: text-to-image started mid-grid, from ``sigmas[k:]``."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..core.forward import ve_sample
@@ -29,6 +31,42 @@ def noised_start(z: torch.Tensor, sigma: float, noise: torch.Tensor) -> torch.Te
     return ve_sample(z, sigma, noise.to(z.device, z.dtype))
 
 
+@dataclass(frozen=True)
+class ImageRequest:
+    """What img2img and inpainting know after their first stages: the options, the device to
+    sample on, the grid sliced at sigmas[k], the prompts' conditioning (n of them), the images
+    (n, C, H, W) and the shape of one sample."""
+
+    opts: SampleOptions
+    device: torch.device
+    sigmas: torch.Tensor
+    cond: dict
+    uncond: dict | None
+    n: int
+    images: torch.Tensor
+    shape: tuple
+
+
+def image_request(denoiser, text_encoder, vae, prompts, image, options, overrides: dict, *, output_type: str,
+                  strength: float, negative_prompts=None, prompt_embeds=None, negative_prompt_embeds=None,
+                  channels: int | None = None) -> ImageRequest:
+    """Stages 1-3 of img2img and inpainting: the options (:func:`~difflab.pipelines.options.resolve`),
+    the grid sliced by ``strength`` (:func:`start_index`), the prompts and negatives encoded in one
+    call, the images checked (``channels`` of them, None for any) and the sample shape (latent
+    channels, image size / VAE factor)."""
+    opts = resolve(options, TEXT_DEFAULTS, overrides)
+    check_output_type(output_type)
+    _, device = sample_device(denoiser, opts)
+    sigmas = sampling_grid(denoiser, opts.steps, opts.grid, opts.spacing, opts.steps_offset)
+    k = start_index(len(sigmas) - 1, strength)
+    cond, uncond, n = encode_request(denoiser, text_encoder, prompts, negative_prompts, opts, prompt_embeds=prompt_embeds,
+                                     negative_prompt_embeds=negative_prompt_embeds)
+    images = as_images(image, n, channels)
+    latent = images.shape[1] if vae is None else latent_channels(denoiser, vae)
+    shape = (latent, *check_size(denoiser, vae, *images.shape[2:], names=("image height", "image width")))
+    return ImageRequest(opts, device, sigmas[k:], cond, uncond, n, images, shape)
+
+
 @torch.no_grad()
 def image_to_image(denoiser, text_encoder, vae, prompts, image, *, strength: float = 0.8, negative_prompts=None,
                    output_type: str = "pil", noise: torch.Tensor | None = None, sample_posterior: bool = True,
@@ -44,24 +82,13 @@ def image_to_image(denoiser, text_encoder, vae, prompts, image, *, strength: flo
     sample, from the same generator). ``options`` and other arguments as :func:`text_to_image`.
     Returns N images.
     """
-    # 1. Check inputs.
-    opts = resolve(options, TEXT_DEFAULTS, overrides)
-    check_output_type(output_type)
-    _, device = sample_device(denoiser, opts)
-    sigmas = sampling_grid(denoiser, opts.steps, opts.grid, opts.spacing, opts.steps_offset)
-    k = start_index(len(sigmas) - 1, strength)
-
-    # 2. Encode the prompts (and negatives, in the same call).
-    cond, uncond, n = encode_request(denoiser, text_encoder, prompts, negative_prompts, opts, prompt_embeds=prompt_embeds,
-                                     negative_prompt_embeds=negative_prompt_embeds)
-    images = as_images(image, n, image_channels(denoiser, vae))
-    channels = images.shape[1] if vae is None else latent_channels(denoiser, vae)
-    shape = (channels, *check_size(denoiser, vae, *images.shape[2:], names=("image height", "image width")))
+    # 1-3. Check inputs, encode the prompts (and negatives, in the same call), slice the grid at sigmas[k].
+    req = image_request(denoiser, text_encoder, vae, prompts, image, options, overrides, output_type=output_type,
+                        strength=strength, negative_prompts=negative_prompts, prompt_embeds=prompt_embeds,
+                        negative_prompt_embeds=negative_prompt_embeds, channels=image_channels(denoiser, vae))
+    opts, device, sigmas, images, n, shape = req.opts, req.device, req.sigmas, req.images, req.n, req.shape
     if noise is not None and tuple(noise.shape) != (n, *shape):
         raise ValueError(f"noise must be (N, C, h, w) = {(n, *shape)}, got {tuple(noise.shape)}")
-
-    # 3. Slice the grid: start at sigmas[k].
-    sigmas = sigmas[k:]
 
     def sample_batch(start, b, draws):
         # 4. Encode the images and add noise at sigmas[k] (draw 1: that noise, draw 2: the posterior's).
@@ -71,7 +98,7 @@ def image_to_image(denoiser, text_encoder, vae, prompts, image, *, strength: flo
         z = encode(vae, images[start:start + b], sample=sample_posterior, noise=draws).to(device, opts.dtype)
         x = noised_start(z, float(sigmas[0]), eps)
         # 5-6. Guidance, then the sampler from sigmas[k].
-        return denoise(denoiser, x, sigmas, opts, draws, batch_slice(cond, start, b), batch_slice(uncond, start, b))
+        return denoise(denoiser, x, sigmas, opts, draws, batch_slice(req.cond, start, b), batch_slice(req.uncond, start, b))
 
     samples = run_options(n, shape, sample_batch, opts, device=device,
                           desc=f"image to image ({opts.sampler}, {len(sigmas) - 1} steps)")

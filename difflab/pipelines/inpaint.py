@@ -9,10 +9,9 @@ import torch
 
 from ..guidance.inpaint import MaskChannels, check_mask, latent_mask, mask_channels, sample_repaint
 from ..samplers import get_sampler
-from .common import (as_images, batch_slice, check_output_type, check_size, denoise, encode, encode_request, finish,
-                     net_config, run_options, sample_device, sampling_grid, vae_factor)
-from .image_to_image import noised_start, start_index
-from .options import TEXT_DEFAULTS, SampleOptions, resolve
+from .common import batch_slice, denoise, encode, finish, net_config, run_options, vae_factor
+from .image_to_image import image_request, noised_start
+from .options import SampleOptions
 
 MODES = ("auto", "replace", "channels")
 
@@ -64,28 +63,20 @@ def inpaint(denoiser, text_encoder, vae, prompts, image, mask, *, mode: str = "a
     draws are: the starting noise, the posterior sample(s) (image, masked image), then the
     sampler's and RePaint's. ``options`` and other arguments as :func:`text_to_image`. Returns N images.
     """
-    # 1. Check inputs.
-    opts = resolve(options, TEXT_DEFAULTS, overrides)
-    check_output_type(output_type)
-    _, device = sample_device(denoiser, opts)
-    sigmas = sampling_grid(denoiser, opts.steps, opts.grid, opts.spacing, opts.steps_offset)
-    k = start_index(len(sigmas) - 1, strength)
-
-    # 2. Encode the prompts (and negatives, in the same call).
-    cond, uncond, n = encode_request(denoiser, text_encoder, prompts, negative_prompts, opts, prompt_embeds=prompt_embeds,
-                                     negative_prompt_embeds=negative_prompt_embeds)
-    images = as_images(image, n, None if vae is None else int(vae.config.in_channels))
-    channels = images.shape[1] if vae is None else int(vae.config.latent_channels)
-    shape = (channels, *check_size(denoiser, vae, *images.shape[2:], names=("image height", "image width")))
+    # 1-3. Check inputs, encode the prompts (and negatives, in the same call), slice the grid by strength.
+    req = image_request(denoiser, text_encoder, vae, prompts, image, options, overrides, output_type=output_type,
+                        strength=strength, negative_prompts=negative_prompts, prompt_embeds=prompt_embeds,
+                        negative_prompt_embeds=negative_prompt_embeds,
+                        channels=None if vae is None else int(vae.config.in_channels))
+    opts, device, sigmas, images, n, shape = req.opts, req.device, req.sigmas, req.images, req.n, req.shape
     masks = check_mask(mask, images).expand(n, -1, -1, -1)
-    mode = inpaint_mode(denoiser, channels, mode)
+    mode = inpaint_mode(denoiser, shape[0], mode)
     if latents is not None and tuple(latents.shape) != (n, *shape):
         raise ValueError(f"latents must be (N, C, h, w) = {(n, *shape)}, got {tuple(latents.shape)}")
     if latents is not None and strength < 1:
         raise ValueError("latents (starting noise) apply to strength=1; with strength < 1 the start is the noised image")
 
-    # 3. Build the grid, sliced by strength; the mask at latent size.
-    sigmas = sigmas[k:]
+    # The mask at latent size.
     small = latent_mask(masks, vae_factor(vae), "any" if mode == "replace" else "nearest").to(device, opts.dtype)
     run = get_sampler(opts.sampler)
     repaint = functools.partial(sample_repaint, sampler=run, resample=resample, jump_length=jump_length)
@@ -97,7 +88,7 @@ def inpaint(denoiser, text_encoder, vae, prompts, image, mask, *, mode: str = "a
                              rows=rows, encode_known=mode == "replace", sample_posterior=sample_posterior,
                              device=device, dtype=opts.dtype)
         # 5. Wrap: the mask around the sampler (replace) or the denoiser (channels); 6. guidance and the sampler.
-        cond_b, uncond_b = batch_slice(cond, start, b), batch_slice(uncond, start, b)
+        cond_b, uncond_b = batch_slice(req.cond, start, b), batch_slice(req.uncond, start, b)
         if mode == "replace":
             sample = functools.partial(repaint, known=z, mask=small[rows])
             return denoise(denoiser, x, sigmas, opts, draws, cond_b, uncond_b, sampler=sample)
