@@ -43,6 +43,7 @@ def test_options_are_frozen_and_round_trip():
     (dict(grid="nope"), "grid='nope' is unknown"),
     (dict(spacing="sideways"), "spacing='sideways' is unknown"),
     (dict(dtype="int8"), "dtype='int8' is unknown"),
+    (dict(device="gpu7"), "device='gpu7' is not a torch device"),
     (dict(sampler_kwargs={"noise": None}), "supplied by the pipeline"),
 ])
 def test_options_are_validated_when_made(kwargs, match):

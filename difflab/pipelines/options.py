@@ -81,6 +81,11 @@ class SampleOptions:
             raise ConfigError(f"grid={self.grid!r} is unknown; choose one of {list(grids.GRIDS)}")
         if self.spacing not in grids.SPACINGS:
             raise ConfigError(f"spacing={self.spacing!r} is unknown; choose one of {list(grids.SPACINGS)}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ConfigError(f"device={self.device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
         if isinstance(self.dtype, str):
             if self.dtype not in DTYPES:
                 raise ConfigError(f"dtype={self.dtype!r} is unknown; choose one of {list(DTYPES)}")
