@@ -152,3 +152,22 @@ def test_harness_errors_are_clear(extractor, digits, tmp_path):
         load_extractor("nope")
     with pytest.raises(FileNotFoundError, match="no digits judge at"):
         load_extractor("judge", tmp_path / "missing.safetensors")
+
+
+def test_a_callable_side_is_sampled_after_the_checks_and_a_checkpoint_path_is_refused(extractor, digits, tmp_path):
+    calls = []
+
+    def sample(num):
+        calls.append(num)
+        return digits[0][:num]
+
+    with pytest.raises(ValueError, match="need.*a reference"):
+        quiet(sample, None, extractor, metrics=["fid"])
+    assert calls == []   # the inputs are checked before anything is sampled
+    assert quiet(sample, digits[1], extractor, metrics=["fid"], num=40) == quiet(digits[0][:40], digits[1], extractor,
+                                                                                  metrics=["fid"])
+    assert calls == [40]
+    ckpt = tmp_path / "checkpoint.safetensors"
+    ckpt.write_bytes(b"")
+    with pytest.raises(ValueError, match="training checkpoint: sample it first.*difflab.pipelines.sample_checkpoint"):
+        quiet(ckpt, digits[1], extractor, metrics=["fid"])

@@ -7,7 +7,9 @@ from pathlib import Path
 from ..eval import check_metrics, evaluate, is_checkpoint, load_extractor
 from ..eval.features import EXTRACTORS
 from ..eval.harness import DEFAULT_METRICS, DEFAULT_NUM_SAMPLES, METRICS
-from ..samplers import get_sampler
+from ..io.spec import checkpoint_spec
+from ..pipelines import SampleOptions, sample_checkpoint
+from ..pipelines.checkpoint import check_image_kind
 from .common import device
 
 HELP = "measure generated images against a reference (FID, KID, IS, precision/recall)"
@@ -57,6 +59,14 @@ def format_eval(results: dict) -> str:
     return f"  features: {results['extractor']}\n" + "\n".join(f"  {a:<{w}}  {b}" for a, b in rows)
 
 
+def checkpoint_sampler(path, options: SampleOptions):
+    """A checkpoint side as a callable ``num -> images`` (class-balanced labels), checked now and
+    sampled only when :func:`difflab.eval.evaluate` has checked everything else."""
+    kind, _ = checkpoint_spec(path)
+    check_image_kind(kind, "difflab eval")
+    return lambda num: sample_checkpoint(path, labels="balanced", num=num, options=options)
+
+
 def run(args) -> int:
     # 1. Check everything that can be checked before any work.
     metrics = check_metrics(args.metrics)
@@ -65,20 +75,22 @@ def run(args) -> int:
     for flag, value in (("--generated", args.generated), ("--reference", args.reference)):
         if value is not None and value != "digits" and not Path(value).exists():
             raise FileNotFoundError(f"{flag} {value} does not exist")
-    if is_checkpoint(args.generated):
-        get_sampler(args.sampler)
+    dev = device(args.device)
+    generated, reference = args.generated, args.reference
+    if is_checkpoint(generated) or is_checkpoint(reference):
+        options = SampleOptions(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                                batch_size=args.batch_size, device=dev, progress=not args.no_progress)
+        generated, reference = (checkpoint_sampler(v, options) if is_checkpoint(v) else v for v in (generated, reference))
     prompts = None
     if args.prompts is not None:
         if not args.prompts.is_file():
             raise FileNotFoundError(f"--prompts {args.prompts} does not exist")
         prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
-    dev = device(args.device)
 
-    # 2. The extractor, then the harness.
+    # 2. The extractor, then the harness (which samples a checkpoint once its inputs are checked).
     path = args.clip_dir if args.extractor in ("clip", "dinov2") else args.weights
     extractor = load_extractor(args.extractor, path, device=dev)
-    results = evaluate(args.generated, args.reference, extractor, metrics, num=args.num, batch_size=args.batch_size,
-                       prompts=prompts, seed=args.seed, device=dev, cache=args.cache, progress=not args.no_progress,
-                       sampling=dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance, seed=args.seed))
+    results = evaluate(generated, reference, extractor, metrics, num=args.num, batch_size=args.batch_size,
+                       prompts=prompts, seed=args.seed, device=dev, cache=args.cache, progress=not args.no_progress)
     print(json.dumps(results, indent=2) if args.json else format_eval(results))
     return 0

@@ -4,13 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..io.images import save_grid
-from ..io.spec import load_denoiser
-from ..pipelines import generate
-from ..samplers import SAMPLERS, get_sampler
+from ..io.spec import checkpoint_spec
+from ..pipelines import SampleOptions, sample_checkpoint
+from ..pipelines.checkpoint import check_image_kind
+from ..samplers import SAMPLERS
 from .common import device, parse_classes
 
 HELP = "sample a trained checkpoint into a PNG grid"
-DESCRIPTION = "Sample a checkpoint written by 'difflab train' or 'difflab demo'."
+DESCRIPTION = "Sample a checkpoint written by 'difflab train' or 'difflab demo' (network kinds whose samples are images)."
 
 
 def add_arguments(s) -> None:
@@ -28,18 +29,18 @@ def add_arguments(s) -> None:
 
 
 def run(args) -> int:
-    get_sampler(args.sampler)  # unknown names fail before the checkpoint is read
+    # 1. Check everything that can be checked before the weights are read.
+    extra = {"eta": args.eta} if args.eta is not None else {}
+    options = SampleOptions(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                            device=device(args.device), sampler_kwargs=extra)
     if not args.checkpoint.exists():
         raise FileNotFoundError(f"--checkpoint {args.checkpoint} does not exist")
-    dev = device(args.device)
-    denoiser, meta = load_denoiser(args.checkpoint, weights=args.weights, device=dev)
-    cfg = denoiser.net.config
-    size = meta.get("metadata", {}).get("size", 8)
-    extra = {"eta": args.eta} if args.eta is not None else {}
-    images = generate(denoiser, args.classes, num_samples=None if args.classes else args.num,
-                      shape=(cfg.in_channels, size, size), sampler=args.sampler, steps=args.steps,
-                      guidance_scale=args.guidance, null_class=meta.get("null_class"), seed=args.seed,
-                      device=dev, **extra)
+    kind, _ = checkpoint_spec(args.checkpoint)
+    check_image_kind(kind, "difflab sample")
+    # 2. Sample and write the grid.
+    images = sample_checkpoint(args.checkpoint, labels=args.classes, num=None if args.classes else args.num,
+                               options=options, weights=args.weights)
+    size = images.shape[-1]
     path = save_grid(images, args.out, nrow=min(10, len(images)), upscale=max(1, 48 // size))
     print(f"wrote {len(images)} samples to {path}")
     return 0

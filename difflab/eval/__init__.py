@@ -6,7 +6,7 @@ from .features import EXTRACTORS, FeatureExtractor, JudgeFeatures, extract, extr
 from .metrics import (clip_fid, clip_score, fid, inception_score, kid, knn_radii, mmd2_unbiased, polynomial_kernel,
                       precision_recall)
 from .stats import FeatureStats, compute_stats, describe_source, load_images
-from .harness import DEFAULT_METRICS, METRICS, check_metrics, evaluate, is_checkpoint, sample_checkpoint
+from .harness import DEFAULT_METRICS, METRICS, check_metrics, evaluate, is_checkpoint
 
 __all__ = [
     "feature_stats", "frechet_distance", "frechet_distance_features", "trace_sqrt_product",
@@ -15,5 +15,5 @@ __all__ = [
     "fid", "clip_fid", "kid", "mmd2_unbiased", "polynomial_kernel", "inception_score", "precision_recall", "knn_radii",
     "clip_score",
     "FeatureStats", "compute_stats", "describe_source", "load_images",
-    "evaluate", "check_metrics", "is_checkpoint", "sample_checkpoint", "METRICS", "DEFAULT_METRICS",
+    "evaluate", "check_metrics", "is_checkpoint", "METRICS", "DEFAULT_METRICS",
 ]

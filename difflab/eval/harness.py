@@ -5,8 +5,10 @@
 - a tensor (N, C, H, W) in [-1, 1] (or an ``(images, labels)`` pair, a ``TensorDataset``),
 - a folder of images, or ``"digits"`` (the embedded digits' held-out split),
 - a statistics ``.npz`` (:class:`~difflab.eval.stats.FeatureStats`; must come from the same extractor),
-- a training checkpoint (``checkpoint.safetensors`` or its run folder): ``num`` images are sampled
-  with :func:`difflab.pipelines.generate`, class-balanced (label i mod K) for a conditional model.
+- a callable ``num -> images`` (N, C, H, W), called once the inputs are checked: how ``difflab eval``
+  passes a checkpoint, ``lambda num: difflab.pipelines.sample_checkpoint(path, labels="balanced",
+  num=num, ...)`` (eval sits below pipelines, so it never samples a checkpoint itself; a checkpoint
+  path is refused with that advice).
 
 Features are extracted in batches of ``batch_size`` by an extractor in eval mode, so no number
 depends on the batch size beyond the extractor's own rounding; the digits judge (the default)
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..io.checkpoint import checkpoint_path
 from . import metrics as M
 from .features import extractor_identity, load_judge
 from .stats import DIGITS, FeatureStats, compute_stats, load_images
@@ -43,31 +46,21 @@ def is_checkpoint(source) -> bool:
     """True for a ``.safetensors`` file or a folder holding ``checkpoint.safetensors``."""
     if not isinstance(source, (str, Path)):
         return False
-    from ..io.checkpoint import checkpoint_path
-
     path = Path(source)
     return (path.is_file() and path.suffix == ".safetensors") or (path.is_dir() and checkpoint_path(path).is_file())
 
 
-def sample_checkpoint(path, num: int, *, sampler: str = "ddim", steps: int = 50, guidance_scale: float = 1.0,
-                      seed: int = 0, batch_size: int = 64, weights: str = "ema", device="cpu",
-                      progress: bool = True) -> torch.Tensor:
-    """``num`` images (N, C, S, S) sampled from a training checkpoint; a class-conditional model
-    gets labels i mod K (class-balanced, classes interleaved) and ``guidance_scale``."""
-    from ..io.spec import load_denoiser
-    from ..pipelines import generate
-
-    if num < 1:
-        raise ValueError(f"num={num} must be positive")
-    denoiser, meta = load_denoiser(path, weights=weights, device=device)
-    cfg = denoiser.net.config
-    size = meta.get("metadata", {}).get("size", 8)
-    num_classes = getattr(cfg, "num_classes", None)
-    labels = torch.arange(num) % num_classes if num_classes else None
-    return generate(denoiser, labels, num_samples=None if num_classes else num, shape=(cfg.in_channels, size, size),
-                    sampler=sampler, steps=steps, guidance_scale=guidance_scale if num_classes else 1.0,
-                    null_class=meta.get("null_class"), seed=seed, batch_size=batch_size, device=device,
-                    progress=progress)
+def generated_images(source, num: int | None, what: str = "generated") -> torch.Tensor:
+    """The images of one side: called with ``num`` (default :data:`DEFAULT_NUM_SAMPLES`) when
+    ``source`` is a callable ``num -> images`` (e.g. a checkpoint's sampler), else loaded and cut to
+    the first ``num``. A checkpoint path is refused: eval does not sample (it sits below pipelines)."""
+    if is_checkpoint(source):
+        raise ValueError(f"the {what} side {source} is a training checkpoint: sample it first, e.g. "
+                         f"images = difflab.pipelines.sample_checkpoint(path, labels='balanced', num=1000), and pass "
+                         "the images (or a callable num -> images); 'difflab eval' does this for you")
+    if callable(source):
+        return source(num or DEFAULT_NUM_SAMPLES)
+    return load_images(source)[0][:num]
 
 
 def _stats_file(source, identity: dict, what: str, *, features: bool, logits: bool) -> FeatureStats | None:
@@ -87,15 +80,14 @@ def _stats_file(source, identity: dict, what: str, *, features: bool, logits: bo
 def evaluate(generated, reference=None, extractor=None, metrics=DEFAULT_METRICS, *, num: int | None = None,
              batch_size: int = 64, prompts: list[str] | None = None, kid_subsets: int = 100,
              kid_subset_size: int = 1000, is_splits: int = 10, k: int = 3, seed: int = 0,
-             sampling: dict | None = None, device="cpu", cache=None, progress: bool = True) -> dict:
+             device="cpu", cache=None, progress: bool = True) -> dict:
     """Metrics of ``generated`` against ``reference`` (see the module doc for what each may be).
 
     ``extractor``: a feature extractor (:mod:`difflab.eval.features`); default: the digits judge,
     trained afresh (a few seconds). ``metrics``: names from :data:`METRICS` ("fid" in a CLIP
     extractor's space is CLIP-FID; "is" needs ``extractor.logits``; "clip_score" needs
-    ``extractor.encode_text`` and one prompt per generated image). ``num``: images sampled from a
-    checkpoint (default 1000) or taken first from a tensor/folder. ``sampling``: keyword arguments
-    of :func:`sample_checkpoint` (sampler, steps, guidance_scale, seed, batch_size). ``cache``: a
+    ``extractor.encode_text`` and one prompt per generated image). ``num``: images asked of a
+    callable side (default 1000) or taken first from a tensor/folder. ``cache``: a
     ``.npz`` for the reference statistics, reused when present (:func:`~difflab.eval.stats.compute_stats`).
 
     Returns ``{"fid", "kid", "kid_std", "precision", "recall", "is", "is_std", "clip_score"}`` (those
@@ -110,11 +102,10 @@ def evaluate(generated, reference=None, extractor=None, metrics=DEFAULT_METRICS,
     if "clip_score" in metrics:
         if not callable(getattr(extractor, "encode_text", None)):
             raise ValueError(f"clip_score needs an extractor with encode_text() (CLIP); {identity['name']!r} has none")
-        if prompts is None or is_checkpoint(generated):
+        if prompts is None or callable(generated) or is_checkpoint(generated):
             raise ValueError("clip_score needs images (a tensor or folder) and prompts=, one prompt per image")
     if "is" in metrics and not callable(getattr(extractor, "logits", None)):
         raise ValueError(f"'is' (Inception Score) needs an extractor with logits(); {identity['name']!r} has none")
-    sampling = {"batch_size": batch_size, **(sampling or {})}
     need_features = any(m in NEEDS_FEATURES for m in metrics)
 
     # 2. The generated side: sample or load the images and extract their features, or load statistics.
@@ -122,10 +113,7 @@ def evaluate(generated, reference=None, extractor=None, metrics=DEFAULT_METRICS,
                       logits="is" in metrics)
     size = None
     if gen is None:
-        if is_checkpoint(generated):
-            images = sample_checkpoint(generated, num or DEFAULT_NUM_SAMPLES, device=device, progress=progress, **sampling)
-        else:
-            images = load_images(generated)[0][:num]
+        images = generated_images(generated, num)
         size = images.shape[-1]
         gen = compute_stats(images, extractor, batch_size=batch_size, keep_features=need_features or "clip_score" in metrics,
                             logits="is" in metrics, progress=progress, label="(generated)")
@@ -135,9 +123,8 @@ def evaluate(generated, reference=None, extractor=None, metrics=DEFAULT_METRICS,
     if any(m in NEEDS_REFERENCE for m in metrics):
         ref = _stats_file(reference, identity, "reference", features=need_features, logits=False)
         if ref is None:
-            if is_checkpoint(reference):
-                reference = sample_checkpoint(reference, num or DEFAULT_NUM_SAMPLES, device=device, progress=progress,
-                                              **sampling)
+            if callable(reference) or is_checkpoint(reference):
+                reference = generated_images(reference, num, "reference")
             is_digits = isinstance(reference, str) and reference == DIGITS
             ref = compute_stats(reference, extractor, batch_size=batch_size, keep_features=need_features,
                                 size=size if is_digits else None, cache=cache, progress=progress, label="(reference)")

@@ -15,8 +15,6 @@ Masks are (B, 1, H, W) or (1, 1, H, W) with values in {0, 1}, **1 = fill** (diff
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,15 +55,6 @@ def latent_mask(mask: torch.Tensor, factor: int, mode: str = "any") -> torch.Ten
     raise ValueError(f"mode={mode!r} must be 'any' or 'nearest'")
 
 
-def takes_noise(sampler) -> bool:
-    """Whether ``sampler`` accepts a ``noise=`` source (deterministic samplers may not declare it)."""
-    try:
-        params = inspect.signature(sampler).parameters
-    except (TypeError, ValueError):
-        return True
-    return "noise" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
 @torch.no_grad()
 def sample_repaint(denoiser, x: torch.Tensor, sigmas, *, known: torch.Tensor, mask: torch.Tensor, sampler,
                    resample: int = 1, jump_length: int = 1, noise=None, extra_args: dict | None = None, callback=None,
@@ -102,7 +91,6 @@ def sample_repaint(denoiser, x: torch.Tensor, sigmas, *, known: torch.Tensor, ma
     known = known.to(x.device, x.dtype)
     draw = noise_source(noise, x)
     n = len(sigmas) - 1
-    inner = {"noise": noise} if takes_noise(sampler) else {}
     for start in trange(0, n, jump_length, disable=not progress):
         end = min(start + jump_length, n)
         repeats = 1 if float(sigmas[end]) == 0 else resample
@@ -110,7 +98,7 @@ def sample_repaint(denoiser, x: torch.Tensor, sigmas, *, known: torch.Tensor, ma
             for i in range(start, end):
                 sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
                 seen = {}
-                x = sampler(denoiser, x, sigmas[i:i + 2], extra_args=extra_args, callback=seen.update, **inner,
+                x = sampler(denoiser, x, sigmas[i:i + 2], extra_args=extra_args, callback=seen.update, noise=noise,
                             **sampler_kwargs)
                 x_known = known if sigma_next == 0 else ve_sample(known, sigma_next, draw())
                 x = torch.where(keep, x_known, x)
@@ -167,4 +155,4 @@ def mask_channels(mask: torch.Tensor, masked_latents: torch.Tensor) -> torch.Ten
     return torch.cat([mask.to(masked_latents.dtype).expand(masked_latents.shape[0], -1, -1, -1), masked_latents], dim=1)
 
 
-__all__ = ["check_mask", "latent_mask", "sample_repaint", "takes_noise", "MaskChannels", "mask_channels"]
+__all__ = ["check_mask", "latent_mask", "sample_repaint", "MaskChannels", "mask_channels"]

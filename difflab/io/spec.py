@@ -2,65 +2,211 @@
 
 ::
 
-    {"unet": {...UNetConfig...},
+    {"network": {"kind": "unet", "config": {...UNetConfig...}},
      "diffusion": {"frame": "vp_discrete", "schedule": "cosine", "T": 1000,
                    "zero_terminal_snr": false, "prediction": "v"}}
 
-``"learned_variance": true`` (vp_discrete only) doubles the U-Net's output channels for the
-variance interpolation of improved DDPM. ``frame`` is a key of :data:`difflab.core.FRAMES`; the other diffusion keys are that frame's
-arguments (``schedule``/``T``/``zero_terminal_snr`` for vp_discrete, ``schedule``/``time_scale``
-for vp, ``sigma_min``/``sigma_max`` for ve, ``sigma_data`` for edm, ``time_scale`` for flow).
+``kind`` is a key of :data:`NETWORKS` (one plain dict of the network kinds a spec can name) and
+``config`` that kind's config (``to_dict`` of its JSONConfig). The older form
+``{"unet": {...UNetConfig...}, "diffusion": {...}}`` is read as kind ``"unet"``, so every
+checkpoint written before stays loadable. :func:`make_spec` writes the current form.
+
+``frame`` is a key of :data:`difflab.core.FRAMES`; the other diffusion keys are that frame's
+arguments (:data:`FRAME_ARGS`: ``schedule``/``T``/``zero_terminal_snr`` for vp_discrete,
+``schedule``/``time_scale`` for vp, ``sigma_min``/``sigma_max`` for ve, ``sigma_data`` for edm,
+``time_scale`` for flow) plus ``prediction`` and ``"learned_variance": true`` (vp_discrete only),
+which doubles the network's output channels for the variance interpolation of improved DDPM
+(Nichol & Dhariwal 2021, Section 3.1). An unknown key anywhere is a :class:`~difflab.config.ConfigError`
+naming its section (``spec``, ``spec.network``, ``spec.diffusion``, ``spec.network.config``).
 """
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
+from typing import Callable
 
-from ..core import EDM, VE, Denoiser, Flow, VPContinuous, VPDiscrete
+from torch import nn
+
+from ..config import ConfigError, check_keys
+from ..core import FRAMES, Denoiser, VPDiscrete
 from ..core.params import check_prediction
+from ..nn.unet import UNet, UNetConfig
+from ..nn.unet_sd import UNetSD, UNetSDConfig
+from ..nn.vae import AutoencoderKL, VAEConfig
+from .checkpoint import load_checkpoint, load_model_state, read_metadata
 
 DEFAULT_DIFFUSION = {"frame": "vp_discrete", "schedule": "cosine", "T": 1000, "zero_terminal_snr": False, "prediction": "v"}
 
 
+# ----------------------------------------------------------------------------------------------
+# Network kinds
+
+
+@dataclass(frozen=True)
+class NetworkKind:
+    """One kind of network a spec can name. ``cls(config_cls.from_dict(d))`` builds it;
+    ``output`` says what one sample of a denoiser around it is (``"image"``: pixels a PNG can
+    show; ``"latent"``: latents a codec decodes; ``"codec"``: not a denoiser at all; later kinds
+    add ``"sequence"``, ``"video"``, ``"points"``, ...); ``sample_shape(config, meta)`` is the
+    shape of one sample from the config and the checkpoint's metadata (None for a codec)."""
+
+    cls: type
+    config_cls: type
+    output: str
+    sample_shape: Callable[[object, dict], tuple] | None = None
+
+
+def image_shape(config, meta: dict) -> tuple:
+    """(in_channels, S, S) with S the training images' size recorded in the checkpoint's metadata
+    (``metadata.size``, 8 when absent: the digits), else the config's ``sample_size``."""
+    size = (meta or {}).get("metadata", {}).get("size") or getattr(config, "sample_size", None) or 8
+    return (int(config.in_channels), int(size), int(size))
+
+
+def latent_shape(config, meta: dict) -> tuple:
+    """(in_channels, s, s) with s the config's ``sample_size`` (the latent size it was trained at)."""
+    return (int(config.in_channels), int(config.sample_size), int(config.sample_size))
+
+
+# One plain dict: adding a kind is one import and one entry.
+NETWORKS: dict[str, NetworkKind] = {
+    "unet": NetworkKind(UNet, UNetConfig, "image", image_shape),
+    "unet_sd": NetworkKind(UNetSD, UNetSDConfig, "latent", latent_shape),
+    "vae": NetworkKind(AutoencoderKL, VAEConfig, "codec"),
+}
+
+
+def network_kind(name: str) -> NetworkKind:
+    """The entry of :data:`NETWORKS` named ``name``; a ConfigError listing the kinds otherwise."""
+    if name not in NETWORKS:
+        raise ConfigError(f"network kind {name!r} is unknown; choose one of {', '.join(sorted(NETWORKS))}")
+    return NETWORKS[name]
+
+
+def kinds_with_output(output: str) -> list[str]:
+    """The names of the network kinds whose samples are ``output`` (e.g. "image")."""
+    return sorted(name for name, kind in NETWORKS.items() if kind.output == output)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and writing specs
+
+
+def read_spec(spec: dict) -> tuple[str, dict, dict]:
+    """``(kind, config, diffusion)`` of a spec in either form, every section checked for unknown
+    keys; ``diffusion`` defaults to :data:`DEFAULT_DIFFUSION`."""
+    check_keys(spec, ("network", "unet", "diffusion"), "spec")
+    if ("network" in spec) == ("unet" in spec):
+        raise ConfigError(f"spec needs exactly one of 'network' ({{\"kind\": ..., \"config\": ...}}) or the older "
+                          f"'unet', got keys {sorted(spec)}")
+    if "unet" in spec:
+        kind, config = "unet", spec["unet"]
+    else:
+        check_keys(spec["network"], ("kind", "config"), "spec.network")
+        if "kind" not in spec["network"]:
+            raise ConfigError(f"spec.network needs a 'kind': one of {', '.join(sorted(NETWORKS))}")
+        kind, config = spec["network"]["kind"], spec["network"].get("config", {})
+    network_kind(kind)
+    check_keys(config, [f.name for f in dataclasses.fields(NETWORKS[kind].config_cls)], "spec.network.config")
+    diffusion = dict(spec.get("diffusion") or DEFAULT_DIFFUSION)
+    check_diffusion(diffusion)
+    return kind, dict(config), diffusion
+
+
+def make_spec(kind: str, config, diffusion: dict | None = None) -> dict:
+    """A spec in the current form: ``config`` a config object or its dict."""
+    network_kind(kind)
+    config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return {"network": {"kind": kind, "config": config}, "diffusion": dict(diffusion or DEFAULT_DIFFUSION)}
+
+
+def spec_kind(spec: dict) -> str:
+    """The network kind a spec names (``"unet"`` for the older form)."""
+    return read_spec(spec)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Frames
+
+
+def _vp_discrete(schedule: str = "cosine", T: int = 1000, **kwargs) -> VPDiscrete:
+    return VPDiscrete.from_name(schedule, T, **kwargs)
+
+
+# How a spec builds the frames whose constructor is not FRAMES[name](**args), and the arguments
+# each frame takes in a spec (schedule keywords included).
+FRAME_BUILDERS = {"vp_discrete": _vp_discrete}
+FRAME_ARGS = {
+    "vp_discrete": ("schedule", "T", "zero_terminal_snr", "beta_start", "beta_end", "s", "max_beta"),
+    "vp": ("schedule", "time_scale", "t_min", "t_max", "s", "beta_min", "beta_max", "start", "end", "tau"),
+    "ve": ("sigma_min", "sigma_max", "time"),
+    "edm": ("sigma_data", "sigma_min", "sigma_max"),
+    "flow": ("time_scale", "t_min", "t_max"),
+}
+DIFFUSION_KEYS = ("frame", "prediction", "learned_variance")
+
+
+def check_diffusion(diffusion: dict) -> None:
+    """A ConfigError for an unknown frame or a key the frame does not take (section spec.diffusion)."""
+    if not isinstance(diffusion, dict):
+        raise ConfigError(f"spec.diffusion must be a JSON object (a dict), got {type(diffusion).__name__}")
+    frame = diffusion.get("frame", "vp_discrete")
+    if frame not in FRAMES:
+        raise ConfigError(f"diffusion frame={frame!r} is unknown; choose one of {', '.join(FRAMES)}")
+    if frame in FRAME_ARGS:
+        check_keys(diffusion, DIFFUSION_KEYS + FRAME_ARGS[frame], f"spec.diffusion (frame {frame!r})")
+
+
 def build_frame(diffusion: dict):
-    """The frame object a diffusion spec names."""
-    d = dict(diffusion)
-    kind = d.pop("frame", "vp_discrete")
-    d.pop("prediction", None)
-    d.pop("learned_variance", None)
-    if kind == "vp_discrete":
-        return VPDiscrete.from_name(d.pop("schedule", "cosine"), d.pop("T", 1000), zero_terminal_snr=d.pop("zero_terminal_snr", False), **d)
-    if kind == "vp":
-        return VPContinuous(**d)
-    if kind == "ve":
-        return VE(**d)
-    if kind == "edm":
-        return EDM(**d)
-    if kind == "flow":
-        return Flow(**d)
-    raise ValueError(f"diffusion frame={kind!r} is unknown; choose one of vp_discrete, vp, ve, edm, flow")
+    """The frame object a diffusion spec names: :data:`difflab.core.FRAMES` ``[frame](**args)``
+    (or its :data:`FRAME_BUILDERS` entry)."""
+    check_diffusion(diffusion)
+    args = {k: v for k, v in diffusion.items() if k not in DIFFUSION_KEYS}
+    name = diffusion.get("frame", "vp_discrete")
+    return FRAME_BUILDERS.get(name, FRAMES[name])(**args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building and loading
+
+
+def build_network(kind: str, config) -> nn.Module:
+    """The untrained network of ``kind`` (a key of :data:`NETWORKS`) from its config (object or dict)."""
+    entry = network_kind(kind)
+    if isinstance(config, dict):
+        config = entry.config_cls.from_dict(config, "spec.network.config")
+    return entry.cls(config)
 
 
 def build_denoiser(spec: dict) -> Denoiser:
-    """Build an untrained denoiser (U-Net + frame + parameterization) from a spec."""
-    from ..nn.unet import UNet, UNetConfig
-
-    if "unet" not in spec:
-        raise ValueError(f"model spec needs a 'unet' entry, got keys {sorted(spec)}")
-    diffusion = dict(spec.get("diffusion") or DEFAULT_DIFFUSION)
-    config = UNetConfig.from_dict(spec["unet"])
+    """Build an untrained denoiser (network + frame + parameterization) from a spec of any kind."""
+    kind, config, diffusion = read_spec(spec)
+    entry = NETWORKS[kind]
+    if entry.output == "codec":
+        raise ConfigError(f"network kind {kind!r} is a codec, not a denoiser: build it with build_network({kind!r}, config)")
+    config = entry.config_cls.from_dict(config, "spec.network.config")
     learned = bool(diffusion.get("learned_variance", False))
     if learned:  # the network also outputs the variance interpolation v (improved DDPM)
+        if not {"in_channels", "out_channels"} <= {f.name for f in dataclasses.fields(config)}:
+            raise ConfigError(f"learned_variance needs a network with in_channels and out_channels; kind {kind!r} has not")
         config = dataclasses.replace(config, out_channels=2 * config.in_channels)
-    return Denoiser(UNet(config), build_frame(diffusion), prediction=check_prediction(diffusion.get("prediction", "eps")),
+    return Denoiser(entry.cls(config), build_frame(diffusion), prediction=check_prediction(diffusion.get("prediction", "eps")),
                     learned_variance=learned)
 
 
-def load_denoiser(path, weights: str = "ema", device="cpu") -> tuple[Denoiser, dict]:
-    """Rebuild a trained denoiser from a training checkpoint (a ``.safetensors`` file or the run
-    directory holding ``checkpoint.safetensors``). ``weights`` is ``"ema"`` or ``"model"``.
-    Returns (denoiser in eval mode, checkpoint metadata)."""
-    from .checkpoint import load_checkpoint, load_model_state
+def checkpoint_spec(path) -> tuple[str, dict]:
+    """``(kind, metadata)`` of a training checkpoint, read without its tensors; a ValueError when
+    it holds no spec."""
+    meta = read_metadata(path)
+    if not meta.get("spec"):
+        raise ValueError(f"checkpoint {path} has no model spec: it was not written by difflab train (or train() got no spec=)")
+    return spec_kind(meta["spec"]), meta
 
+
+def load_denoiser(path, weights: str = "ema", device="cpu") -> tuple[Denoiser, dict]:
+    """Rebuild a trained denoiser of any kind from a training checkpoint (a ``.safetensors`` file
+    or the run directory holding ``checkpoint.safetensors``). ``weights`` is ``"ema"`` or
+    ``"model"``. Returns (denoiser in eval mode, checkpoint metadata)."""
     if weights not in ("ema", "model"):
         raise ValueError(f"weights={weights!r} must be 'ema' or 'model'")
     tensors, meta = load_checkpoint(path, device=device)
@@ -69,3 +215,17 @@ def load_denoiser(path, weights: str = "ema", device="cpu") -> tuple[Denoiser, d
     denoiser = build_denoiser(meta["spec"])
     load_model_state(denoiser.net, tensors, prefix=f"{weights}.")
     return denoiser.to(device).eval(), meta
+
+
+def sample_shape(spec: dict, meta: dict | None = None) -> tuple:
+    """The shape of one sample of the denoiser ``spec`` builds (its kind's ``sample_shape``)."""
+    kind, config, _ = read_spec(spec)
+    entry = NETWORKS[kind]
+    if entry.sample_shape is None:
+        raise ConfigError(f"network kind {kind!r} ({entry.output}) has no samples")
+    return tuple(entry.sample_shape(entry.config_cls.from_dict(config, "spec.network.config"), meta or {}))
+
+
+__all__ = ["NETWORKS", "NetworkKind", "DEFAULT_DIFFUSION", "FRAME_ARGS", "FRAME_BUILDERS", "network_kind", "kinds_with_output",
+           "read_spec", "make_spec", "spec_kind", "check_diffusion", "build_frame", "build_network", "build_denoiser",
+           "checkpoint_spec", "load_denoiser", "sample_shape", "image_shape", "latent_shape"]

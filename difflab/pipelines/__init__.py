@@ -1,10 +1,13 @@
-"""Pipelines: short functions with numbered stages that turn a request into images."""
+"""Pipelines: short functions with numbered stages that turn a request into images. The stages
+they share are in :mod:`.common`, the sampling options in :mod:`.options`."""
+from .checkpoint import sample_checkpoint
 from .class_to_image import generate
 from .edit import Inversion, edit, invert, null_text_optimization, reconstruct
 from .image_to_image import image_to_image
 from .inpaint import inpaint
+from .options import SampleOptions
 from .outpaint import outpaint
 from .text_to_image import text_to_image
 
 __all__ = ["generate", "text_to_image", "image_to_image", "inpaint", "outpaint", "invert", "edit", "reconstruct",
-           "null_text_optimization", "Inversion"]
+           "null_text_optimization", "Inversion", "SampleOptions", "sample_checkpoint"]

@@ -19,8 +19,12 @@ from tqdm.auto import trange
 from ..guidance import ClassifierFreeGuidance
 from ..samplers import invert_ddim, sample_ddim
 from ..samplers.euler import euler_step
-from .text_to_image import (as_images, check_output_type, check_size, encode, encode_prompts, finish, guided,
-                            image_channels, param_dtype_device, sampling_grid)
+from .common import (as_images, check_output_type, check_size, encode, encode_prompts, finish, guided, image_channels,
+                     sample_device, sampling_grid)
+from .options import SampleOptions, resolve
+
+# invert's defaults: null-text optimization for guidance 7.5, quiet.
+INVERT_DEFAULTS = SampleOptions(guidance_scale=7.5, progress=False)
 
 
 @dataclass
@@ -100,11 +104,20 @@ def null_text_optimization(denoiser, inversion: Inversion, guidance_scale: float
     return nulls
 
 
+def ddim_options(options, defaults: SampleOptions, overrides: dict, what: str) -> SampleOptions:
+    """The options of a DDIM-only stage (inversion, editing): any sampler but ``"ddim"`` and any
+    sampler keyword are refused, naming them."""
+    opts = resolve(options, defaults, overrides)
+    if opts.sampler != "ddim" or opts.sampler_kwargs:
+        extra = f" and keywords {sorted(opts.sampler_kwargs)}" if opts.sampler_kwargs else ""
+        raise ValueError(f"{what} runs DDIM (eta = 0): sampler={opts.sampler!r}{extra} do(es) not apply")
+    return opts
+
+
 @torch.no_grad()
-def invert(denoiser, text_encoder, vae, image, prompts, *, steps: int = 50, grid="default", spacing: str = "trailing",
-           steps_offset: int = 0, null_text: bool = False, guidance_scale: float = 7.5, inner_steps: int = 10,
-           lr: float = 1e-2, early_stop: float = 1e-5, sample_posterior: bool = False, dtype: torch.dtype = torch.float32,
-           progress: bool = False) -> Inversion:
+def invert(denoiser, text_encoder, vae, image, prompts, *, null_text: bool = False, inner_steps: int = 10,
+           lr: float = 1e-2, early_stop: float = 1e-5, sample_posterior: bool = False,
+           options: SampleOptions | None = None, **overrides) -> Inversion:
     """DDIM inversion of real images under their source ``prompts`` (Song et al. 2021, Section 5.4;
     Mokady et al. 2023, Section 3).
 
@@ -112,42 +125,49 @@ def invert(denoiser, text_encoder, vae, image, prompts, *, steps: int = 50, grid
     ``sample_posterior`` a sample drawn from torch's global generator), then runs
     :func:`difflab.samplers.invert_ddim` with guidance 1 (the conditional model alone), keeping the
     whole trajectory. With ``null_text``, also runs :func:`null_text_optimization` for sampling at
-    ``guidance_scale``.
+    ``guidance_scale``. ``options`` (:class:`~difflab.pipelines.options.SampleOptions`, default
+    guidance 7.5 and no progress bar) or keyword overrides give ``steps``, ``grid``, ``spacing``,
+    ``steps_offset``, ``guidance_scale``, ``dtype`` and ``progress``.
     """
     # 1. Check inputs.
-    net_dtype, device = param_dtype_device(denoiser)
+    opts = ddim_options(options, INVERT_DEFAULTS, overrides, "invert")
+    net_dtype, device = sample_device(denoiser, opts)
     # 2. Encode the source prompts and the empty prompt (one call).
     cond, uncond, n = encode_prompts(text_encoder, prompts, None, guided=True, dtype=net_dtype, device=device)
     images = as_images(image, n, image_channels(denoiser, vae))
     check_size(denoiser, vae, *images.shape[2:], names=("image height", "image width"))
     # 3. Build the grid.
-    sigmas = sampling_grid(denoiser, steps, grid, spacing, steps_offset)
+    sigmas = sampling_grid(denoiser, opts.steps, opts.grid, opts.spacing, opts.steps_offset)
     # 4. Encode the images.
-    z = encode(vae, images, sample=sample_posterior).to(device, dtype)
+    z = encode(vae, images, sample=sample_posterior).to(device, opts.dtype)
     # 5. Invert with guidance 1, keeping every level.
     rising = [z]
-    invert_ddim(denoiser, z, sigmas, extra_args=cond, callback=lambda info: rising.append(info["x"]), progress=progress)
+    invert_ddim(denoiser, z, sigmas, extra_args=cond, callback=lambda info: rising.append(info["x"]), progress=opts.progress)
     inversion = Inversion(trajectory=rising[::-1], sigmas=sigmas, cond=cond, uncond=uncond)
     # 6. Optionally optimize the null text for guided sampling.
     if null_text:
-        inversion.null_embeddings = null_text_optimization(denoiser, inversion, guidance_scale, inner_steps=inner_steps,
-                                                           lr=lr, early_stop=early_stop, progress=progress)
-        inversion.guidance_scale = guidance_scale
+        inversion.null_embeddings = null_text_optimization(denoiser, inversion, opts.guidance_scale, inner_steps=inner_steps,
+                                                           lr=lr, early_stop=early_stop, progress=opts.progress)
+        inversion.guidance_scale = opts.guidance_scale
     return inversion
 
 
 @torch.no_grad()
-def edit(denoiser, text_encoder, vae, inversion: Inversion, prompts, *, guidance_scale: float | None = None,
-         output_type: str = "pil", progress: bool = False):
+def edit(denoiser, text_encoder, vae, inversion: Inversion, prompts, *, output_type: str = "pil",
+         options: SampleOptions | None = None, **overrides):
     """Sample from ``inversion``'s noise under edited ``prompts`` with DDIM (eta = 0) and
-    classifier-free guidance (default: the inversion's ``guidance_scale``, 1 without null-text).
-    The unconditional branch uses the optimized null embeddings of each step when the inversion
-    has them (Mokady et al. 2023, Section 3.2), the empty prompt otherwise. The same prompts as
-    the inversion reconstruct the image. Returns images as ``output_type``."""
+    classifier-free guidance ``guidance_scale`` (an override or ``options``'; default: the
+    inversion's, 1 without null-text). The unconditional branch uses the optimized null embeddings
+    of each step when the inversion has them (Mokady et al. 2023, Section 3.2), the empty prompt
+    otherwise. The same prompts as the inversion reconstruct the image. Returns images as
+    ``output_type``."""
     # 1. Check inputs.
     check_output_type(output_type)
-    scale = inversion.guidance_scale if guidance_scale is None else float(guidance_scale)
-    net_dtype, device = param_dtype_device(denoiser)
+    if overrides.get("guidance_scale", 0) is None:
+        del overrides["guidance_scale"]
+    opts = ddim_options(options, SampleOptions(guidance_scale=inversion.guidance_scale, progress=False), overrides, "edit")
+    scale, progress = float(opts.guidance_scale), opts.progress
+    net_dtype, device = sample_device(denoiser, opts)
     # 2. Encode the edited prompts.
     cond, _, n = encode_prompts(text_encoder, prompts, None, guided=False, dtype=net_dtype, device=device)
     x = inversion.latents
@@ -173,15 +193,20 @@ def edit(denoiser, text_encoder, vae, inversion: Inversion, prompts, *, guidance
 
 
 @torch.no_grad()
-def reconstruct(denoiser, text_encoder, vae, image, prompts, *, guidance_scale: float = 1.0, steps: int = 50,
-                null_text: bool = False, output_type: str = "pt", **invert_kwargs):
+def reconstruct(denoiser, text_encoder, vae, image, prompts, *, null_text: bool = False, output_type: str = "pt",
+                options: SampleOptions | None = None, **kwargs):
     """Invert ``image`` under ``prompts`` and sample back under the same prompts at
-    ``guidance_scale`` (with null-text optimization when asked): ``(images, psnr)`` with the PSNR
-    (dB, per image, :func:`psnr`) of the reconstruction against the input in pixel space. Through a
-    VAE it includes the autoencoder's own reconstruction error."""
-    inversion = invert(denoiser, text_encoder, vae, image, prompts, steps=steps, null_text=null_text and guidance_scale != 1.0,
-                       guidance_scale=guidance_scale, **invert_kwargs)
-    out = edit(denoiser, text_encoder, vae, inversion, prompts, guidance_scale=guidance_scale, output_type="pt")
+    ``guidance_scale`` (default 1; with null-text optimization when asked): ``(images, psnr)``
+    with the PSNR (dB, per image, :func:`psnr`) of the reconstruction against the input in pixel
+    space. Through a VAE it includes the autoencoder's own reconstruction error. Keywords are
+    options (``steps=``, ``guidance_scale=``, ...) or :func:`invert`'s (``inner_steps=``, ...)."""
+    fields = SampleOptions.fields()
+    opts = ddim_options(options, SampleOptions(guidance_scale=1.0, progress=False),
+                        {k: v for k, v in kwargs.items() if k in fields}, "reconstruct")
+    invert_kwargs = {k: v for k, v in kwargs.items() if k not in fields}
+    inversion = invert(denoiser, text_encoder, vae, image, prompts, null_text=null_text and opts.guidance_scale != 1.0,
+                       options=opts, **invert_kwargs)
+    out = edit(denoiser, text_encoder, vae, inversion, prompts, output_type="pt", options=opts)
     images = as_images(image, len(out))
     quality = psnr(out, images.clamp(-1, 1))
     return (out if output_type == "pt" else finish(out, None, output_type, len(out))), quality

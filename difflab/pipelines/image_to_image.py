@@ -2,13 +2,14 @@
 under a prompt. Not a new sampler: text-to-image started mid-grid, from ``sigmas[k:]``."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..core.forward import ve_sample
-from ..samplers import get_sampler
-from .text_to_image import (as_images, batch_slice, check_output_type, check_size, encode, encode_prompts, finish,
-                            guided, image_channels, latent_channels, noise_kwargs, param_dtype_device, run_batches,
-                            sampling_grid)
+from .common import (as_images, batch_slice, check_output_type, check_size, denoise, encode, encode_request, finish,
+                     image_channels, latent_channels, run_options, sample_device, sampling_grid)
+from .options import TEXT_DEFAULTS, SampleOptions, resolve
 
 
 def start_index(steps: int, strength: float) -> int:
@@ -30,34 +31,47 @@ def noised_start(z: torch.Tensor, sigma: float, noise: torch.Tensor) -> torch.Te
     return ve_sample(z, sigma, noise.to(z.device, z.dtype))
 
 
+@dataclass(frozen=True)
+class ImageRequest:
+    """What img2img and inpainting know after their first stages: the options, the device to
+    sample on, the grid sliced at sigmas[k], the prompts' conditioning (n of them), the images
+    (n, C, H, W) and the shape of one sample."""
+
+    opts: SampleOptions
+    device: torch.device
+    sigmas: torch.Tensor
+    cond: dict
+    uncond: dict | None
+    n: int
+    images: torch.Tensor
+    shape: tuple
+
+
+def image_request(denoiser, text_encoder, vae, prompts, image, options, overrides: dict, *, output_type: str,
+                  strength: float, negative_prompts=None, prompt_embeds=None, negative_prompt_embeds=None,
+                  channels: int | None = None) -> ImageRequest:
+    """Stages 1-3 of img2img and inpainting: the options (:func:`~difflab.pipelines.options.resolve`),
+    the grid sliced by ``strength`` (:func:`start_index`), the prompts and negatives encoded in one
+    call, the images checked (``channels`` of them, None for any) and the sample shape (latent
+    channels, image size / VAE factor)."""
+    opts = resolve(options, TEXT_DEFAULTS, overrides)
+    check_output_type(output_type)
+    _, device = sample_device(denoiser, opts)
+    sigmas = sampling_grid(denoiser, opts.steps, opts.grid, opts.spacing, opts.steps_offset)
+    k = start_index(len(sigmas) - 1, strength)
+    cond, uncond, n = encode_request(denoiser, text_encoder, prompts, negative_prompts, opts, prompt_embeds=prompt_embeds,
+                                     negative_prompt_embeds=negative_prompt_embeds)
+    images = as_images(image, n, channels)
+    latent = images.shape[1] if vae is None else latent_channels(denoiser, vae)
+    shape = (latent, *check_size(denoiser, vae, *images.shape[2:], names=("image height", "image width")))
+    return ImageRequest(opts, device, sigmas[k:], cond, uncond, n, images, shape)
+
+
 @torch.no_grad()
-def image_to_image(
-    denoiser,
-    text_encoder,
-    vae,
-    prompts,
-    image,
-    *,
-    strength: float = 0.8,
-    negative_prompts=None,
-    guidance_scale: float = 7.5,
-    guidance_rescale: float = 0.0,
-    sampler: str = "ddim",
-    steps: int = 50,
-    grid="default",
-    spacing: str = "trailing",
-    steps_offset: int = 0,
-    seed: int = 0,
-    batch_size: int = 8,
-    output_type: str = "pil",
-    noise: torch.Tensor | None = None,
-    sample_posterior: bool = True,
-    prompt_embeds: torch.Tensor | None = None,
-    negative_prompt_embeds: torch.Tensor | None = None,
-    dtype: torch.dtype = torch.float32,
-    progress: bool = True,
-    **sampler_kwargs,
-):
+def image_to_image(denoiser, text_encoder, vae, prompts, image, *, strength: float = 0.8, negative_prompts=None,
+                   output_type: str = "pil", noise: torch.Tensor | None = None, sample_posterior: bool = True,
+                   prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+                   options: SampleOptions | None = None, **overrides):
     """SDEdit (Meng et al. 2022, Algorithm 1): encode ``image``, add noise to the level
     sigmas[k] with k = :func:`start_index` (``strength``), and run the sampler on sigmas[k:].
 
@@ -65,41 +79,28 @@ def image_to_image(
     VAE's posterior (``sample_posterior=True``, diffusers' default ``sample_mode="sample"``) or its
     mean; either way the draw is the sample's own. ``noise``: the standard-normal noise (N, C, h, w)
     added to the latents, instead of the per-sample draw (diffusers draws it after the posterior
-    sample, from the same generator). Other arguments as :func:`text_to_image`. Returns N images.
+    sample, from the same generator). ``options`` and other arguments as :func:`text_to_image`.
+    Returns N images.
     """
-    # 1. Check inputs.
-    check_output_type(output_type)
-    run = get_sampler(sampler)
-    net_dtype, device = param_dtype_device(denoiser)
-    sigmas = sampling_grid(denoiser, steps, grid, spacing, steps_offset)
-    k = start_index(len(sigmas) - 1, strength)
-
-    # 2. Encode the prompts (and negatives, in the same call).
-    cond, uncond, n = encode_prompts(text_encoder, prompts, negative_prompts, guided=guidance_scale != 1.0,
-                                     prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                                     dtype=net_dtype, device=device)
-    images = as_images(image, n, image_channels(denoiser, vae))
-    channels = images.shape[1] if vae is None else latent_channels(denoiser, vae)
-    shape = (channels, *check_size(denoiser, vae, *images.shape[2:], names=("image height", "image width")))
+    # 1-3. Check inputs, encode the prompts (and negatives, in the same call), slice the grid at sigmas[k].
+    req = image_request(denoiser, text_encoder, vae, prompts, image, options, overrides, output_type=output_type,
+                        strength=strength, negative_prompts=negative_prompts, prompt_embeds=prompt_embeds,
+                        negative_prompt_embeds=negative_prompt_embeds, channels=image_channels(denoiser, vae))
+    opts, device, sigmas, images, n, shape = req.opts, req.device, req.sigmas, req.images, req.n, req.shape
     if noise is not None and tuple(noise.shape) != (n, *shape):
         raise ValueError(f"noise must be (N, C, h, w) = {(n, *shape)}, got {tuple(noise.shape)}")
-
-    # 3. Slice the grid: start at sigmas[k].
-    sigmas = sigmas[k:]
 
     def sample_batch(start, b, draws):
         # 4. Encode the images and add noise at sigmas[k] (draw 1: that noise, draw 2: the posterior's).
         eps = draws()
         if noise is not None:
             eps = noise[start:start + b]
-        z = encode(vae, images[start:start + b], sample=sample_posterior, noise=draws).to(device, dtype)
+        z = encode(vae, images[start:start + b], sample=sample_posterior, noise=draws).to(device, opts.dtype)
         x = noised_start(z, float(sigmas[0]), eps)
-        # 5. Wrap the denoiser with guidance.
-        model = guided(denoiser, guidance_scale, batch_slice(uncond, start, b), guidance_rescale)
-        # 6. Run the sampler from sigmas[k].
-        return run(model, x, sigmas, extra_args=batch_slice(cond, start, b), **noise_kwargs(run, draws), **sampler_kwargs)
+        # 5-6. Guidance, then the sampler from sigmas[k].
+        return denoise(denoiser, x, sigmas, opts, draws, batch_slice(req.cond, start, b), batch_slice(req.uncond, start, b))
 
-    samples = run_batches(n, batch_size, seed, shape, sample_batch, device=device, dtype=dtype,
-                          desc=f"image to image ({sampler}, {len(sigmas) - 1} steps)", progress=progress)
+    samples = run_options(n, shape, sample_batch, opts, device=device,
+                          desc=f"image to image ({opts.sampler}, {len(sigmas) - 1} steps)")
     # 7. Decode and convert.
-    return finish(samples, vae, output_type, batch_size)
+    return finish(samples, vae, output_type, opts.batch_size)

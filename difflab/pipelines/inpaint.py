@@ -9,9 +9,9 @@ import torch
 
 from ..guidance.inpaint import MaskChannels, check_mask, latent_mask, mask_channels, sample_repaint
 from ..samplers import get_sampler
-from .image_to_image import noised_start, start_index
-from .text_to_image import (_net_config, as_images, batch_slice, check_output_type, check_size, encode, encode_prompts,
-                            finish, guided, noise_kwargs, param_dtype_device, run_batches, sampling_grid, vae_factor)
+from .common import batch_slice, denoise, encode, finish, net_config, run_options, vae_factor
+from .image_to_image import image_request, noised_start
+from .options import SampleOptions
 
 MODES = ("auto", "replace", "channels")
 
@@ -21,7 +21,7 @@ def inpaint_mode(denoiser, channels: int, mode: str = "auto") -> str:
     latents), ``"replace"`` for one taking C; ``mode`` forces one (and is checked)."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is unknown; choose one of {list(MODES)}")
-    in_channels = getattr(_net_config(denoiser), "in_channels", channels)
+    in_channels = getattr(net_config(denoiser), "in_channels", channels)
     kinds = {channels: "replace", 2 * channels + 1: "channels"}
     if in_channels not in kinds:
         raise ValueError(f"the network takes {in_channels} input channels: neither the {channels} sample channels "
@@ -37,38 +37,11 @@ def paste_known(images: torch.Tensor, known: torch.Tensor, mask: torch.Tensor) -
 
 
 @torch.no_grad()
-def inpaint(
-    denoiser,
-    text_encoder,
-    vae,
-    prompts,
-    image,
-    mask,
-    *,
-    mode: str = "auto",
-    strength: float = 1.0,
-    resample: int = 1,
-    jump_length: int = 1,
-    keep_known_pixels: bool = True,
-    negative_prompts=None,
-    guidance_scale: float = 7.5,
-    guidance_rescale: float = 0.0,
-    sampler: str = "ddim",
-    steps: int = 50,
-    grid="default",
-    spacing: str = "trailing",
-    steps_offset: int = 0,
-    seed: int = 0,
-    batch_size: int = 8,
-    output_type: str = "pil",
-    latents: torch.Tensor | None = None,
-    sample_posterior: bool = True,
-    prompt_embeds: torch.Tensor | None = None,
-    negative_prompt_embeds: torch.Tensor | None = None,
-    dtype: torch.dtype = torch.float32,
-    progress: bool = True,
-    **sampler_kwargs,
-):
+def inpaint(denoiser, text_encoder, vae, prompts, image, mask, *, mode: str = "auto", strength: float = 1.0,
+            resample: int = 1, jump_length: int = 1, keep_known_pixels: bool = True, negative_prompts=None,
+            output_type: str = "pil", latents: torch.Tensor | None = None, sample_posterior: bool = True,
+            prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+            options: SampleOptions | None = None, **overrides):
     """Inpainting by replacement (RePaint; Lugmayr et al. 2022, Algorithm 1) or with a mask-channel
     model (Rombach et al. 2022, Section 4.5): fill the region of ``image`` (N or 1, C, H, W in
     [-1, 1], or Pillow images) where ``mask`` (N or 1, 1, H, W, of 0 = keep and 1 = fill) is 1.
@@ -88,60 +61,59 @@ def inpaint(
     ``strength`` < 1 starts from the image noised to sigmas[k] (as :func:`image_to_image`);
     ``latents`` (N, C, h, w) standard-normal starting noise for ``strength`` = 1. Per sample the
     draws are: the starting noise, the posterior sample(s) (image, masked image), then the
-    sampler's and RePaint's. Other arguments as :func:`text_to_image`. Returns N images.
+    sampler's and RePaint's. ``options`` and other arguments as :func:`text_to_image`. Returns N images.
     """
-    # 1. Check inputs.
-    check_output_type(output_type)
-    run = get_sampler(sampler)
-    net_dtype, device = param_dtype_device(denoiser)
-    sigmas = sampling_grid(denoiser, steps, grid, spacing, steps_offset)
-    k = start_index(len(sigmas) - 1, strength)
-
-    # 2. Encode the prompts (and negatives, in the same call).
-    cond, uncond, n = encode_prompts(text_encoder, prompts, negative_prompts, guided=guidance_scale != 1.0,
-                                     prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                                     dtype=net_dtype, device=device)
-    images = as_images(image, n, None if vae is None else int(vae.config.in_channels))
-    channels = images.shape[1] if vae is None else int(vae.config.latent_channels)
-    shape = (channels, *check_size(denoiser, vae, *images.shape[2:], names=("image height", "image width")))
+    # 1-3. Check inputs, encode the prompts (and negatives, in the same call), slice the grid by strength.
+    req = image_request(denoiser, text_encoder, vae, prompts, image, options, overrides, output_type=output_type,
+                        strength=strength, negative_prompts=negative_prompts, prompt_embeds=prompt_embeds,
+                        negative_prompt_embeds=negative_prompt_embeds,
+                        channels=None if vae is None else int(vae.config.in_channels))
+    opts, device, sigmas, images, n, shape = req.opts, req.device, req.sigmas, req.images, req.n, req.shape
     masks = check_mask(mask, images).expand(n, -1, -1, -1)
-    mode = inpaint_mode(denoiser, channels, mode)
+    mode = inpaint_mode(denoiser, shape[0], mode)
     if latents is not None and tuple(latents.shape) != (n, *shape):
         raise ValueError(f"latents must be (N, C, h, w) = {(n, *shape)}, got {tuple(latents.shape)}")
     if latents is not None and strength < 1:
         raise ValueError("latents (starting noise) apply to strength=1; with strength < 1 the start is the noised image")
 
-    # 3. Build the grid, sliced by strength.
-    sigmas = sigmas[k:]
-    prior = float(denoiser.prior_std(sigmas[0]))
-    small = latent_mask(masks, vae_factor(vae), "any" if mode == "replace" else "nearest").to(device, dtype)
+    # The mask at latent size.
+    small = latent_mask(masks, vae_factor(vae), "any" if mode == "replace" else "nearest").to(device, opts.dtype)
+    run = get_sampler(opts.sampler)
+    repaint = functools.partial(sample_repaint, sampler=run, resample=resample, jump_length=jump_length)
 
     def sample_batch(start, b, draws):
-        # 4. Starting point and known latents (draw 1: the starting noise; then the posterior's).
-        eps = draws()
         rows = slice(start, start + b)
-        z = None
-        if mode == "replace" or strength < 1:
-            z = encode(vae, images[rows], sample=sample_posterior, noise=draws).to(device, dtype)
-        if strength < 1:
-            x = noised_start(z, float(sigmas[0]), eps)
-        else:
-            x = (eps if latents is None else latents[rows].to(device, dtype)) * prior
-        # 5. Wrap: the mask around the sampler (replace) or the denoiser (channels); then guidance.
-        model, sample, extra = denoiser, run, batch_slice(cond, start, b)
+        # 4. Starting point and known latents (draw 1: the starting noise; then the posterior's).
+        x, z = inpaint_start(denoiser, vae, images[rows], sigmas, draws, strength=strength, latents=latents,
+                             rows=rows, encode_known=mode == "replace", sample_posterior=sample_posterior,
+                             device=device, dtype=opts.dtype)
+        # 5. Wrap: the mask around the sampler (replace) or the denoiser (channels); 6. guidance and the sampler.
+        cond_b, uncond_b = batch_slice(req.cond, start, b), batch_slice(req.uncond, start, b)
         if mode == "replace":
-            sample = functools.partial(sample_repaint, known=z, mask=small[rows], sampler=run, resample=resample,
-                                       jump_length=jump_length)
-        else:
-            masked = images[rows] * (masks[rows] < 0.5)
-            latent = encode(vae, masked, sample=sample_posterior, noise=draws).to(device, dtype)
-            model, extra = MaskChannels(denoiser), {**extra, "mask_channels": mask_channels(small[rows], latent)}
-        model = guided(model, guidance_scale, batch_slice(uncond, start, b), guidance_rescale)
-        # 6. Run the sampler.
-        return sample(model, x, sigmas, extra_args=extra, **noise_kwargs(sample, draws), **sampler_kwargs)
+            sample = functools.partial(repaint, known=z, mask=small[rows])
+            return denoise(denoiser, x, sigmas, opts, draws, cond_b, uncond_b, sampler=sample)
+        masked = images[rows] * (masks[rows] < 0.5)
+        latent = encode(vae, masked, sample=sample_posterior, noise=draws).to(device, opts.dtype)
+        cond_b = {**(cond_b or {}), "mask_channels": mask_channels(small[rows], latent)}
+        return denoise(MaskChannels(denoiser), x, sigmas, opts, draws, cond_b, uncond_b, sampler=run)
 
-    samples = run_batches(n, batch_size, seed, shape, sample_batch, device=device, dtype=dtype,
-                          desc=f"inpaint ({mode}, {sampler}, {len(sigmas) - 1} steps)", progress=progress)
+    samples = run_options(n, shape, sample_batch, opts, device=device,
+                          desc=f"inpaint ({mode}, {opts.sampler}, {len(sigmas) - 1} steps)")
     # 7. Decode, put the known pixels back, convert.
     paste = (lambda x, s: paste_known(x, images[s:s + len(x)].clamp(-1, 1), masks[s:s + len(x)])) if keep_known_pixels else None
-    return finish(samples, vae, output_type, batch_size, paste)
+    return finish(samples, vae, output_type, opts.batch_size, paste)
+
+
+def inpaint_start(denoiser, vae, images, sigmas, draws, *, strength: float, latents, rows, encode_known: bool,
+                  sample_posterior: bool, device, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(x, z)`` of one batch: the starting point at sigmas[0] (the known image noised there when
+    ``strength`` < 1, else prior noise or ``latents[rows]``) and the known latents ``z`` (None when
+    neither replacement nor strength < 1 needs them). The first draw is the starting noise."""
+    eps = draws()
+    z = None
+    if encode_known or strength < 1:
+        z = encode(vae, images, sample=sample_posterior, noise=draws).to(device, dtype)
+    if strength < 1:
+        return noised_start(z, float(sigmas[0]), eps), z
+    prior = float(denoiser.prior_std(sigmas[0]))
+    return (eps if latents is None else latents[rows].to(device, dtype)) * prior, z

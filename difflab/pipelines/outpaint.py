@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .common import as_images, image_channels
 from .inpaint import inpaint
-from .text_to_image import as_images, image_channels
 
 
 def extend_canvas(images: torch.Tensor, left: int, right: int, top: int, bottom: int, fill: float = 0.0):

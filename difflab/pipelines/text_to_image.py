@@ -1,330 +1,22 @@
 """Text-to-image latent diffusion (Rombach et al. 2022): prompts in, images out.
 
-The stages every text pipeline shares live here as small functions (:func:`check_size`,
-:func:`encode_prompts`, :func:`sampling_grid`, :func:`guided`, :func:`decode`,
-:func:`to_output`, :func:`run_batches`); :func:`text_to_image` strings them together, and
-img2img, inpainting, outpainting and editing reuse them with another starting point.
-
-Conventions (the same in every pipeline of this package):
-
-- images given to a pipeline are (B, C, H, W) tensors in [-1, 1], difflab's data range;
-- ``output_type``: ``"pt"`` (B, C, H, W) tensor in [-1, 1] (difflab's range, *not* diffusers'
-  [0, 1]); ``"np"`` (B, H, W, C) float32 array in [0, 1] (diffusers' convention); ``"pil"`` a list
-  of Pillow images; ``"latent"`` the final samples before decoding (B, C, h, w) (for a pixel-space
-  model, ``vae=None``, the samples themselves, unclamped). Results come back on the CPU.
-- sample i of a run with ``seed`` s draws every Gaussian it needs from its own generator
-  (:class:`difflab.core.SampleNoise`): the starting noise first, then (img2img/inpainting) the
-  VAE posterior draws, then the sampler's draws. So a sample never depends on ``batch_size``.
+The stages it shares with img2img, inpainting, outpainting and editing live in
+:mod:`difflab.pipelines.common` (conventions for images, ``output_type`` and seeds there too);
+the sampling options in :class:`difflab.pipelines.options.SampleOptions`.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
-from PIL import Image
-from tqdm.auto import tqdm
 
-from ..core import SampleNoise, VPDiscrete, grids
-from ..guidance import ClassifierFreeGuidance
-from ..guidance.inpaint import takes_noise
-from ..samplers import check_sigmas, get_sampler
-
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+from .common import (batch_slice, check_output_type, check_size, default_size, denoise, encode_request, finish,
+                     latent_channels, net_config, run_options, sample_device, sampling_grid)
+from .options import TEXT_DEFAULTS, SampleOptions, resolve
 
 
-# ----------------------------------------------------------------------------------------------
-# Shared stages
-
-
-def _net_config(denoiser):
-    return getattr(getattr(denoiser, "net", None), "config", None)
-
-
-def param_dtype_device(module, default_dtype=torch.float32):
-    """(dtype, device) of a module's first floating parameter (float32 on the CPU when it has none)."""
-    for p in module.parameters():
-        if p.is_floating_point():
-            return p.dtype, p.device
-    return default_dtype, torch.device("cpu")
-
-
-def vae_factor(vae) -> int:
-    """How many image pixels one latent pixel covers along H and W (1 without a VAE)."""
-    return 1 if vae is None else int(vae.downsample_factor)
-
-
-def latent_channels(denoiser, vae) -> int:
-    """Channels of the samples the diffusion model walks through: the VAE's latent channels, or the
-    network's input channels for a pixel-space model."""
-    if vae is not None:
-        return int(vae.config.latent_channels)
-    channels = getattr(_net_config(denoiser), "in_channels", None)
-    if channels is None:
-        raise ValueError("cannot tell the sample channels: the network has no config.in_channels; pass latent_shape=")
-    return int(channels)
-
-
-def check_size(denoiser, vae, height: int, width: int, names=("height", "width")) -> tuple[int, int]:
-    """The latent size (h, w) of ``height`` x ``width`` images; a ValueError naming the argument
-    when it is not divisible by the VAE's factor times the U-Net's own factor. difflab's ADM
-    ``UNet`` needs latents divisible by 2 ** (levels - 1); ``UNetSD`` follows its skips when
-    upsampling, as diffusers' ``UNet2DConditionModel`` does, so it needs only the VAE's factor."""
-    from ..nn.unet_sd import UNetSD
-
-    f = vae_factor(vae)
-    net = getattr(denoiser, "net", None)
-    unet_f = 1 if isinstance(net, UNetSD) else int(getattr(_net_config(denoiser), "downsample_factor", 1))
-    need = f * unet_f
-    for name, v in zip(names, (height, width)):
-        if not isinstance(v, (int, np.integer)) or v < need or v % need:
-            raise ValueError(f"{name}={v} must be a positive multiple of {need} (the VAE's downsampling factor {f} "
-                             f"x the U-Net's factor {unet_f})")
-    return height // f, width // f
-
-
-def as_images(image, n: int, channels: int | None = None, name: str = "image") -> torch.Tensor:
-    """Images for n samples as a float (n, C, H, W) tensor in [-1, 1]: a tensor (n or 1, C, H, W)
-    in [-1, 1], or Pillow images (one, or a list of one or n), converted from [0, 255]."""
-    if isinstance(image, Image.Image) or (isinstance(image, (list, tuple)) and image and isinstance(image[0], Image.Image)):
-        pics = [image] if isinstance(image, Image.Image) else list(image)
-        arrays = [np.asarray(p.convert("L" if channels == 1 else "RGB"), dtype=np.float32) for p in pics]
-        image = torch.stack([torch.from_numpy(a.reshape(a.shape[0], a.shape[1], -1)).permute(2, 0, 1) for a in arrays]) / 127.5 - 1
-    image = torch.as_tensor(image)
-    if image.ndim != 4 or image.shape[0] not in (1, n) or (channels is not None and image.shape[1] != channels):
-        c = "C" if channels is None else channels
-        raise ValueError(f"{name} must be (N, {c}, H, W) or (1, {c}, H, W) images in [-1, 1] for N = {n} prompts, "
-                         f"got shape {tuple(image.shape)}")
-    return image.float().expand(n, -1, -1, -1) if image.shape[0] == 1 else image.float()
-
-
-def image_channels(denoiser, vae) -> int | None:
-    """Channels of the images: the VAE's input channels, or the network's without a VAE (None when
-    it does not say)."""
-    if vae is not None:
-        return int(vae.config.in_channels)
-    channels = getattr(_net_config(denoiser), "in_channels", None)
-    return None if channels is None else int(channels)
-
-
-def default_size(denoiser, vae) -> tuple[int, int]:
-    """The image size the model was trained at: the U-Net's ``sample_size`` times the VAE factor."""
-    size = getattr(_net_config(denoiser), "sample_size", None)
-    if size is None:
-        raise ValueError("the network records no sample_size: pass height= and width= (or latent_shape=)")
-    return size * vae_factor(vae), size * vae_factor(vae)
-
-
-def encode_prompts(text_encoder, prompts, negative_prompts=None, *, guided: bool = True, prompt_embeds=None,
-                   negative_prompt_embeds=None, dtype=None, device=None) -> tuple[dict, dict | None, int]:
-    """Prompts -> ``(cond, uncond, n)``: the keyword arguments of the conditional branch
-    (``context`` (n, L, D) and, when the encoder returns one, ``context_mask`` (n, L) bool), those of
-    the unconditional branch of classifier-free guidance (None when not ``guided``), and n.
-
-    Prompts and negative prompts are encoded in ONE call, so a long prompt chunked into K windows
-    gets negatives of K windows too. Negatives default to the empty prompt; one negative (str or a
-    list of one) is used for every prompt. Precomputed ``prompt_embeds`` (n, L, D) and
-    ``negative_prompt_embeds`` (n or 1, L, D) replace the encoder; they attend to every token.
-    """
-    if prompt_embeds is None:
-        if prompts is None:
-            raise ValueError("give prompts (a non-empty list of strings) or prompt_embeds")
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise ValueError("prompts is an empty list: give at least one prompt (use '' for an unconditional image)")
-        n = len(prompts)
-    else:
-        if prompt_embeds.ndim != 3:
-            raise ValueError(f"prompt_embeds must be (N, L, D), got shape {tuple(prompt_embeds.shape)}")
-        if prompts is not None:
-            raise ValueError("give prompts or prompt_embeds, not both")
-        n = prompt_embeds.shape[0]
-    if negative_prompts is not None and negative_prompt_embeds is not None:
-        raise ValueError("give negative_prompts or negative_prompt_embeds, not both")
-    negatives = [""] * n if negative_prompts is None else negative_prompts
-    negatives = [negatives] if isinstance(negatives, str) else list(negatives)
-    if len(negatives) == 1:
-        negatives = negatives * n
-    if len(negatives) != n:
-        raise ValueError(f"negative_prompts has {len(negatives)} entries for {n} prompts: give one, or one per prompt")
-    if not guided or negative_prompt_embeds is not None:
-        negatives = None
-
-    to_encode = (prompts if prompt_embeds is None else []) + (negatives or [])
-    hidden = mask = None
-    if to_encode:
-        if text_encoder is None:
-            raise ValueError("prompts need a text_encoder (or pass prompt_embeds and negative_prompt_embeds)")
-        hidden, _, mask = text_encoder.encode(to_encode, return_mask=True)
-    if prompt_embeds is None:  # rows 0..n-1 are the prompts, the rest the negatives
-        context, cmask, rest = hidden[:n], None if mask is None else mask[:n], slice(n, None)
-    else:
-        context, cmask, rest = prompt_embeds, None, slice(0, None)
-    cond = {"context": context.to(device, dtype)}
-    if not guided:
-        if cmask is not None:
-            cond["context_mask"] = cmask.to(device)
-        return cond, None, n
-    if negative_prompt_embeds is not None:
-        neg, nmask = negative_prompt_embeds, None
-    else:
-        neg, nmask = hidden[rest], None if mask is None else mask[rest]
-    if neg.ndim != 3 or neg.shape[0] not in (1, n) or neg.shape[1:] != context.shape[1:]:
-        raise ValueError(f"negative prompt embeddings of shape {tuple(neg.shape)} do not match the prompt embeddings "
-                         f"{tuple(context.shape)}: they need the same (L, D) (the same number of 77-token windows)")
-    neg = neg.expand(n, -1, -1)
-    uncond = {"context": neg.to(device, dtype)}
-    if cmask is not None or nmask is not None:  # precomputed embeddings attend to every token
-        full = torch.ones(context.shape[:2], dtype=torch.bool)
-        cond["context_mask"] = (full if cmask is None else cmask).to(device)
-        uncond["context_mask"] = (full if nmask is None else nmask.expand(n, -1)).to(device)
-    return cond, uncond, n
-
-
-def sampling_grid(denoiser, steps: int, grid="default", spacing: str = "trailing", steps_offset: int = 0) -> torch.Tensor:
-    """The decreasing grid of sigmas (float64, ending in 0): ``grid`` is a name of
-    :func:`difflab.core.grids.for_denoiser` or an explicit 1-D tensor of sigmas (then ``steps`` is
-    ignored). ``steps_offset`` (diffusers' scheduler setting; SD uses 1 with ``spacing="leading"``)
-    shifts the timesteps of a discrete model's timestep grid."""
-    if not isinstance(grid, str):
-        return check_sigmas(grid)
-    if steps_offset:
-        frame = denoiser.frame
-        if not isinstance(frame, VPDiscrete) or grid not in ("default", "timesteps"):
-            raise ValueError(f"steps_offset={steps_offset} applies to the timestep grid of a discrete (VPDiscrete) model only")
-        return grids.timestep_sigmas(frame, grids.discrete_timesteps(frame.T, steps, spacing, steps_offset))
-    return grids.for_denoiser(denoiser, steps, grid=grid, spacing=spacing)
-
-
-def noise_kwargs(sampler, noise) -> dict:
-    """``{"noise": noise}`` for a sampler that takes a noise source, ``{}`` for one that does not."""
-    return {"noise": noise} if takes_noise(sampler) else {}
-
-
-def batch_slice(d: dict | None, start: int, b: int) -> dict | None:
-    """Rows start .. start+b of every tensor in a conditioning dict."""
-    return None if d is None else {k: v[start:start + b] for k, v in d.items()}
-
-
-def guided(denoiser, guidance_scale: float, uncond: dict | None, guidance_rescale: float = 0.0):
-    """The denoiser wrapped with classifier-free guidance when ``guidance_scale != 1``."""
-    if guidance_scale == 1.0 or uncond is None:
-        return denoiser
-    return ClassifierFreeGuidance(denoiser, guidance_scale, uncond=uncond, guidance_rescale=guidance_rescale)
-
-
-def decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] (not clamped) from the model's (scaled) latents; identity without a VAE."""
-    if vae is None:
-        return latents
-    dtype, device = param_dtype_device(vae)
-    return vae.decode_latents(latents.to(device, dtype)).to(latents.dtype)
-
-
-def encode(vae, images: torch.Tensor, *, sample: bool, noise=None) -> torch.Tensor:
-    """The model's latents of images in [-1, 1]: a posterior sample (drawing ``noise()``) or its mean."""
-    if vae is None:
-        return images
-    dtype, device = param_dtype_device(vae)
-    return vae.encode_latents(images.to(device, dtype), sample=sample, noise=noise if sample else None)
-
-
-def to_output(images: torch.Tensor, output_type: str):
-    """Convert (B, C, H, W) images in [-1, 1] to ``output_type`` (see the module docstring)."""
-    if output_type == "pt":
-        return images.clamp(-1, 1)
-    x = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().numpy()  # diffusers' postprocess
-    if output_type == "np":
-        return x
-    arr = (x * 255).round().astype(np.uint8)
-    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
-
-
-def check_output_type(output_type: str) -> None:
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type={output_type!r} is unknown; choose one of {list(OUTPUT_TYPES)}")
-
-
-def run_batches(n: int, batch_size: int, seed: int, shape, sample_batch, *, device, dtype, desc: str, progress: bool):
-    """Call ``sample_batch(start, b, noise)`` for batches of at most ``batch_size`` of the n samples,
-    with ``noise`` the per-sample :class:`SampleNoise` of samples start .. start+b-1 (shaped
-    ``shape`` per sample); concatenate the results on the CPU."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
-    out = []
-    bar = tqdm(total=n, desc=desc, unit="img", disable=not progress)
-    for start in range(0, n, batch_size):
-        b = min(batch_size, n - start)
-        noise = SampleNoise.for_run(seed, b, shape, start=start, device=device, dtype=dtype)
-        out.append(sample_batch(start, b, noise).cpu())
-        bar.update(b)
-    bar.close()
-    return torch.cat(out)
-
-
-def finish(samples: torch.Tensor, vae, output_type: str, batch_size: int, paste=None):
-    """Decode the samples batch by batch, apply ``paste(images, start)`` (known pixels put back) and
-    convert to ``output_type``."""
-    if output_type == "latent":
-        return samples
-    images = []
-    for start in range(0, len(samples), batch_size):
-        x = decode(vae, samples[start:start + batch_size]).cpu().clamp(-1, 1)
-        images.append(x if paste is None else paste(x, start))
-    return to_output(torch.cat(images), output_type)
-
-
-# ----------------------------------------------------------------------------------------------
-# The pipeline
-
-
-@torch.no_grad()
-def text_to_image(
-    denoiser,
-    text_encoder,
-    vae,
-    prompts,
-    *,
-    negative_prompts=None,
-    guidance_scale: float = 7.5,
-    guidance_rescale: float = 0.0,
-    sampler: str = "ddim",
-    steps: int = 50,
-    grid="default",
-    spacing: str = "trailing",
-    steps_offset: int = 0,
-    seed: int = 0,
-    height: int | None = None,
-    width: int | None = None,
-    latent_shape: tuple[int, int, int] | None = None,
-    batch_size: int = 8,
-    output_type: str = "pil",
-    latents: torch.Tensor | None = None,
-    prompt_embeds: torch.Tensor | None = None,
-    negative_prompt_embeds: torch.Tensor | None = None,
-    dtype: torch.dtype = torch.float32,
-    progress: bool = True,
-    **sampler_kwargs,
-):
-    """Latent diffusion from text (Rombach et al. 2022, Section 3.3) with classifier-free guidance
-    (Ho & Salimans 2022, eq. 6) and optional guidance rescale (Lin et al. 2024, Section 3.4).
-
-    ``denoiser``: ``D(x, sigma, context=, context_mask=)`` (e.g. ``StableDiffusionComponents.denoiser``);
-    ``text_encoder``: a :class:`difflab.nn.text.TextEncoder`; ``vae``: an ``AutoencoderKL``, or
-    None for a pixel-space model. ``prompts``: a string or a non-empty list; ``negative_prompts``:
-    one, or one per prompt (default: the empty prompt). ``guidance_scale`` is diffusers' (1 = off).
-    ``sampler``: any name of :data:`difflab.samplers.SAMPLERS`, with ``**sampler_kwargs`` (``eta=``,
-    ``s_churn=``, ``callback=``, ...). ``grid``/``spacing``/``steps_offset``: see
-    :func:`sampling_grid`. ``height``/``width`` default to the U-Net's ``sample_size`` times the
-    VAE factor; ``latent_shape`` (C, h, w) gives the sample shape directly. ``latents``: standard
-    normal starting noise (N, C, h, w) (diffusers' ``latents=`` before ``init_noise_sigma``), used
-    instead of the per-sample draws; it is scaled by ``denoiser.prior_std(sigmas[0])``.
-
-    Returns N images as ``output_type`` (see the module docstring). The same ``seed`` gives the
-    same image i whatever ``batch_size``.
-    """
-    # 1. Check inputs.
-    check_output_type(output_type)
-    run = get_sampler(sampler)
-    net_dtype, device = param_dtype_device(denoiser)
+def text_sample_shape(denoiser, vae, *, height=None, width=None, latent_shape=None, latents=None) -> tuple[int, int, int]:
+    """The (C, h, w) of one sample: from ``latents`` (N, C, h, w), ``latent_shape``, or the image
+    ``height`` x ``width`` (default: the network's ``sample_size`` times the VAE factor); a
+    ValueError when the network takes other channels (a mask-channel model needs ``inpaint``)."""
     if latents is not None:
         if latents.ndim != 4:
             raise ValueError(f"latents must be (N, C, h, w), got shape {tuple(latents.shape)}")
@@ -338,34 +30,62 @@ def text_to_image(
             h0, w0 = default_size(denoiser, vae)
             height, width = height or h0, width or w0
         shape = (latent_channels(denoiser, vae), *check_size(denoiser, vae, height, width))
-    in_channels = getattr(_net_config(denoiser), "in_channels", shape[0])
+    in_channels = getattr(net_config(denoiser), "in_channels", shape[0])
     if in_channels != shape[0]:
         raise ValueError(f"the network takes {in_channels} input channels but samples have {shape[0]}: "
                          "an inpainting (mask-channel) model needs difflab.pipelines.inpaint")
+    return shape
+
+
+@torch.no_grad()
+def text_to_image(denoiser, text_encoder, vae, prompts, *, negative_prompts=None, height: int | None = None,
+                  width: int | None = None, latent_shape: tuple[int, int, int] | None = None, output_type: str = "pil",
+                  latents: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
+                  negative_prompt_embeds: torch.Tensor | None = None, options: SampleOptions | None = None, **overrides):
+    """Latent diffusion from text (Rombach et al. 2022, Section 3.3) with classifier-free guidance
+    (Ho & Salimans 2022, eq. 6) and optional guidance rescale (Lin et al. 2024, Section 3.4).
+
+    ``denoiser``: ``D(x, sigma, context=, context_mask=)`` (e.g. ``StableDiffusionComponents.denoiser``);
+    ``text_encoder``: a :class:`difflab.nn.text.TextEncoder`; ``vae``: an ``AutoencoderKL``, or
+    None for a pixel-space model. ``prompts``: a string or a non-empty list; ``negative_prompts``:
+    one, or one per prompt (default: the empty prompt). ``options``: a
+    :class:`~difflab.pipelines.options.SampleOptions` (default: guidance 7.5, diffusers' scale,
+    1 = off, and batches of 8); keyword ``overrides`` replace its fields (``sampler=``, ``steps=``,
+    ``guidance_scale=``, ``seed=``, ...), any other keyword goes to the sampler (``eta=``,
+    ``s_churn=``, ``callback=``, ...). ``height``/``width`` default to the U-Net's
+    ``sample_size`` times the VAE factor; ``latent_shape`` (C, h, w) gives the sample shape
+    directly. ``latents``: standard normal starting noise (N, C, h, w) (diffusers' ``latents=``
+    before ``init_noise_sigma``), used instead of the per-sample draws; it is scaled by
+    ``denoiser.prior_std(sigmas[0])``.
+
+    Returns N images as ``output_type`` (see :mod:`difflab.pipelines.common`). The same ``seed``
+    gives the same image i whatever ``batch_size``.
+    """
+    # 1. Check inputs.
+    opts = resolve(options, TEXT_DEFAULTS, overrides)
+    check_output_type(output_type)
+    _, device = sample_device(denoiser, opts)
+    shape = text_sample_shape(denoiser, vae, height=height, width=width, latent_shape=latent_shape, latents=latents)
 
     # 2. Encode the prompts (and negatives, in the same call).
-    cond, uncond, n = encode_prompts(text_encoder, prompts, negative_prompts, guided=guidance_scale != 1.0,
-                                     prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                                     dtype=net_dtype, device=device)
+    cond, uncond, n = encode_request(denoiser, text_encoder, prompts, negative_prompts, opts, prompt_embeds=prompt_embeds,
+                                     negative_prompt_embeds=negative_prompt_embeds)
     if latents is not None and len(latents) != n:
         raise ValueError(f"latents has {len(latents)} samples for {n} prompts")
 
     # 3. Build the grid.
-    sigmas = sampling_grid(denoiser, steps, grid, spacing, steps_offset)
+    sigmas = sampling_grid(denoiser, opts.steps, opts.grid, opts.spacing, opts.steps_offset)
     prior = float(denoiser.prior_std(sigmas[0]))
 
     def sample_batch(start, b, noise):
         # 4. Per-sample noise: sample i has its own generator (its first draw is its starting noise).
         x = noise()
         if latents is not None:
-            x = latents[start:start + b].to(device, dtype)
-        x = x * prior
-        # 5. Wrap the denoiser with guidance: the unconditional branch sees the negative prompts.
-        model = guided(denoiser, guidance_scale, batch_slice(uncond, start, b), guidance_rescale)
-        # 6. Run the sampler.
-        return run(model, x, sigmas, extra_args=batch_slice(cond, start, b), **noise_kwargs(run, noise), **sampler_kwargs)
+            x = latents[start:start + b].to(device, opts.dtype)
+        # 5-6. Guidance (the unconditional branch sees the negative prompts), then the sampler.
+        return denoise(denoiser, x * prior, sigmas, opts, noise, batch_slice(cond, start, b), batch_slice(uncond, start, b))
 
-    samples = run_batches(n, batch_size, seed, shape, sample_batch, device=device, dtype=dtype,
-                          desc=f"text to image ({sampler}, {len(sigmas) - 1} steps)", progress=progress)
+    samples = run_options(n, shape, sample_batch, opts, device=device,
+                          desc=f"text to image ({opts.sampler}, {len(sigmas) - 1} steps)")
     # 7. Decode and convert.
-    return finish(samples, vae, output_type, batch_size)
+    return finish(samples, vae, output_type, opts.batch_size)

@@ -1,0 +1,64 @@
+"""Sampling a training checkpoint: the one place ``difflab sample`` and ``difflab eval`` (and
+Python users) turn a checkpoint into images.
+
+Usage::
+
+    images = sample_checkpoint("runs/digits", labels=[0, 1, 2], steps=20)        # one per label
+    images = sample_checkpoint("runs/digits", labels="balanced", num=1000)        # labels i mod K (eval)
+"""
+from __future__ import annotations
+
+import torch
+
+from ..io.spec import NETWORKS, checkpoint_spec, kinds_with_output, load_denoiser, sample_shape
+from .class_to_image import generate
+from .options import CLASS_DEFAULTS, SampleOptions, resolve
+
+
+def check_image_kind(kind: str, what: str = "this") -> None:
+    """A ValueError, naming the kind and the kinds that render, when the samples of network kind
+    ``kind`` are not images (a PNG grid or an image metric cannot show them)."""
+    output = NETWORKS[kind].output
+    if output != "image":
+        raise ValueError(f"network kind {kind!r} makes {output} samples, not images: {what} renders only the kinds "
+                         f"{', '.join(kinds_with_output('image'))}")
+
+
+def sample_checkpoint(path, *, labels=None, num: int | None = None, options: SampleOptions | None = None,
+                      weights: str = "ema", **overrides) -> torch.Tensor:
+    """Images (N, C, H, W) in [-1, 1] sampled from a training checkpoint whose network kind makes
+    images (:data:`difflab.io.spec.NETWORKS`), through :func:`~difflab.pipelines.generate`.
+
+    ``labels``: class labels, one image each; None: ``num`` images without labels (a
+    class-conditional model samples its null class); ``"balanced"``: ``num`` images with labels
+    i mod K for a class-conditional model (classes interleaved, as evaluation wants), without
+    labels and guidance for an unconditional one. ``options``/``overrides``: the sampling
+    options (:class:`~difflab.pipelines.options.SampleOptions`; ``device`` also loads the weights
+    there, default CPU). ``weights``: ``"ema"`` or ``"model"``. The shape of a sample comes from
+    the network kind and the checkpoint's metadata (its training image size).
+    """
+    # 1. Check inputs, then the checkpoint's kind from its metadata alone.
+    opts = resolve(options, CLASS_DEFAULTS, overrides)
+    if labels is None or isinstance(labels, str):
+        if labels not in (None, "balanced"):
+            raise ValueError(f"labels={labels!r}: give class labels, None or 'balanced'")
+        if num is None or num < 1:
+            raise ValueError(f"num={num} must be a positive number of images when labels is {labels!r}")
+    kind, _ = checkpoint_spec(path)
+    check_image_kind(kind, "sample_checkpoint")
+    # 2. Load the denoiser (on the options' device).
+    device = "cpu" if opts.device is None else opts.device
+    denoiser, meta = load_denoiser(path, weights=weights, device=device)
+    shape = sample_shape(meta["spec"], meta)
+    # 3. Labels: as given, none, or class-balanced.
+    if isinstance(labels, str):
+        num_classes = getattr(getattr(denoiser.net, "config", None), "num_classes", None)
+        labels = torch.arange(num) % num_classes if num_classes else None
+        if labels is None:
+            opts = opts.replace(guidance_scale=1.0)
+    # 4. Sample.
+    return generate(denoiser, labels, num_samples=num if labels is None else None, shape=shape,
+                    null_class=meta.get("null_class"), options=opts.replace(device=device))
+
+
+__all__ = ["sample_checkpoint", "check_image_kind"]
