@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.layers import _heads, _merge_heads
+from ..nn.layers import merge_heads, split_heads
 from ..nn.transformer import Attention
 from .lora import matches
 
@@ -113,12 +113,12 @@ class DecoupledCrossAttention(Attention):
         """W_out Attention(Q, c_i W'_k, c_i W'_v) (no output bias: it belongs to the text term); zero
         for a sample whose image tokens are all masked."""
         image = image.to(x.dtype)
-        q, k, v = (_heads(z, self.heads) for z in (self.to_q(x), self.to_k_ip(image), self.to_v_ip(image)))
+        q, k, v = (split_heads(z, self.heads) for z in (self.to_q(x), self.to_k_ip(image), self.to_v_ip(image)))
         attn_mask = keep = None
         if mask is not None:
             keep = mask.any(dim=1)
             attn_mask = (mask | ~keep[:, None])[:, None, None, :]
-        out = self.to_out[1](F.linear(_merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)), self.to_out[0].weight))
+        out = self.to_out[1](F.linear(merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)), self.to_out[0].weight))
         return out if keep is None else out * keep[:, None, None].to(out.dtype)
 
     def to_base(self) -> Attention:
