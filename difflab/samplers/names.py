@@ -23,6 +23,8 @@ The diffusers scheduler that corresponds to each name is tabled in ``docs/sample
 """
 from __future__ import annotations
 
+from . import SAMPLERS
+
 # name -> (difflab sampler, its keyword arguments, grid name for difflab.core.grids.for_denoiser)
 KDIFFUSION = {  # k-diffusion's sample_* functions and ComfyUI's sampler names
     "euler": ("euler", {}, "default"),
@@ -73,11 +75,8 @@ NAMES = {
 
 
 def registry() -> dict:
-    """Every registered difflab sampler by name: :data:`difflab.samplers.SAMPLERS` and the adaptive solver."""
-    from . import SAMPLERS
-    from .adaptive import SAMPLERS as ADAPTIVE
-
-    return {**ADAPTIVE, **SAMPLERS}
+    """Every registered difflab sampler by name: :data:`difflab.samplers.SAMPLERS` (the adaptive solver included)."""
+    return dict(SAMPLERS)
 
 
 def resolve(name: str):
