@@ -42,7 +42,7 @@ from torch import nn
 
 from ..nn.layers import merge_heads, split_heads
 from ..nn.transformer import Attention
-from .lora import matches
+from .surgery import matches, patterns_of, replace_module
 
 DEFAULT_LAYERS = ("attn2",)  # every cross-attention layer of an SD U-Net
 
@@ -150,7 +150,7 @@ def install_ip_adapter(unet: nn.Module, num_tokens: int, layers=DEFAULT_LAYERS, 
     """Replace the cross-attention layers matching ``layers`` (patterns as :func:`difflab.adapters.matches`;
     default every ``attn2``) by :class:`DecoupledCrossAttention` for ``num_tokens`` image tokens.
     Returns their names. Layers that already have an adapter are an error."""
-    patterns = [layers] if isinstance(layers, str) else list(layers)
+    patterns = patterns_of(layers)
     candidates = cross_attention_modules(unet)
     chosen = [n for n in candidates if any(matches(n, p) for p in patterns)]
     if not chosen:
@@ -160,7 +160,7 @@ def install_ip_adapter(unet: nn.Module, num_tokens: int, layers=DEFAULT_LAYERS, 
     if taken:
         raise ValueError(f"an IP-Adapter is already installed on {taken[:4]}: remove_ip_adapter first")
     for name in chosen:
-        _replace(unet, name, DecoupledCrossAttention(candidates[name], num_tokens, scale))
+        replace_module(unet, name, DecoupledCrossAttention(candidates[name], num_tokens, scale))
     return chosen
 
 
@@ -168,7 +168,7 @@ def remove_ip_adapter(unet: nn.Module) -> list[str]:
     """Put plain :class:`Attention` layers (the same weights) back in place of the decoupled ones; returns their names."""
     layers = ip_adapter_layers(unet)
     for name, layer in layers.items():
-        _replace(unet, name, layer.to_base())
+        replace_module(unet, name, layer.to_base())
     return list(layers)
 
 
@@ -184,11 +184,6 @@ def set_ip_adapter_scale(unet: nn.Module, scale: float | dict[str, float]) -> No
                     layer.scale = float(s)
         else:
             layer.scale = float(scale)
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 # ----------------------------------------------------------------------------------------------
