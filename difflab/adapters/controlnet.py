@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import from_dict
 from ..io.folders import CONFIG_NAME, load_into, read_json, read_safetensors, save_model_folder
 from ..io.keymaps import controlnet as keymap
 from ..io.keymaps import rename_key, to_difflab
@@ -91,8 +92,11 @@ class ControlNetConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ControlNetConfig":
-        return cls(**{**d, "unet": UNetSDConfig.from_dict(d["unet"])})
+    def from_dict(cls, d: dict, section: str = "ControlNetConfig") -> "ControlNetConfig":
+        """Inverse of :meth:`to_dict`; unknown keys and wrong types are a :class:`~difflab.config.ConfigError`."""
+        if isinstance(d, dict) and isinstance(d.get("unet"), dict):
+            d = {**d, "unet": UNetSDConfig.from_dict(d["unet"], f"{section}.unet")}
+        return from_dict(cls, d, section)
 
     # -- diffusers' config.json ----------------------------------------------------------------
 
