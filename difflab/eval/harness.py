@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from . import metrics as M
-from .features import extractor_identity, load_judge
+from .default_judge import load_judge
+from .features import extractor_identity
 from .stats import DIGITS, FeatureStats, compute_stats, load_images
 
 METRICS = ("fid", "kid", "precision", "recall", "is", "clip_score")
