@@ -47,22 +47,25 @@ KDIFFUSION = {  # k-diffusion's sample_* functions and ComfyUI's sampler names
     "deis": ("deis", {"order": 3}, "default"),
 }
 
-A1111 = {  # AUTOMATIC1111's menu names without a scheduler suffix ("Automatic" scheduler)
-    "Euler": ("euler", {}, "uniform_time"),
-    "Euler a": ("euler_ancestral", {}, "uniform_time"),
-    "Heun": ("heun", {}, "uniform_time"),
-    "LMS": ("lms", {"order": 4}, "uniform_time"),
-    "DPM2": ("dpm_2", {}, "karras"),
-    "DPM adaptive": ("adaptive", {}, "uniform_time"),
-    "DPM++ 2S a": ("dpmpp_2s_ancestral", {}, "karras"),
-    "DPM++ 2M": ("dpmpp_2m", {"lower_order_final": False}, "karras"),
-    "DPM++ 2M SDE": ("dpmpp_2m_sde", {"lower_order_final": False}, "exponential"),
-    "DPM++ 2M SDE Heun": ("dpmpp_2m_sde", {"solver_type": "heun", "lower_order_final": False}, "exponential"),
-    "DPM++ 3M SDE": ("dpmpp_3m_sde", {"lower_order_final": False}, "exponential"),
-    "DDIM": ("ddim", {}, "uniform_time"),
-    "UniPC": ("unipc", {"order": 3, "variant": "bh1"}, "uniform_time"),
-    "DEIS": ("deis", {"order": 3}, "uniform_time"),
-}
+# AUTOMATIC1111's menu names without a scheduler suffix: the k-diffusion sampler each runs, and the
+# grid its "Automatic" scheduler picks
+A1111_SAMPLERS = (
+    ("Euler", "euler", "uniform_time"),
+    ("Euler a", "euler_ancestral", "uniform_time"),
+    ("Heun", "heun", "uniform_time"),
+    ("LMS", "lms", "uniform_time"),
+    ("DPM2", "dpm_2", "karras"),
+    ("DPM adaptive", "dpm_adaptive", "uniform_time"),
+    ("DPM++ 2S a", "dpmpp_2s_ancestral", "karras"),
+    ("DPM++ 2M", "dpmpp_2m", "karras"),
+    ("DPM++ 2M SDE", "dpmpp_2m_sde", "exponential"),
+    ("DPM++ 2M SDE Heun", "dpmpp_2m_sde_heun", "exponential"),
+    ("DPM++ 3M SDE", "dpmpp_3m_sde", "exponential"),
+    ("DDIM", "ddim", "uniform_time"),
+    ("UniPC", "uni_pc", "uniform_time"),
+    ("DEIS", "deis", "uniform_time"),
+)
+A1111 = {name: (*KDIFFUSION[k][:2], grid) for name, k, grid in A1111_SAMPLERS}
 GRID_SUFFIXES = {"Karras": "karras", "Exponential": "exponential", "Polyexponential": "polyexponential",
                  "Uniform": "uniform_time"}
 
