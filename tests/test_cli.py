@@ -1,10 +1,16 @@
 """The command line: help, the demo end to end (short), train -> sample, and clear errors."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from difflab.cli import main
+from difflab.cli import COMMANDS, main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_help_lists_the_commands(capsys):
@@ -14,6 +20,24 @@ def test_help_lists_the_commands(capsys):
     out = capsys.readouterr().out
     for cmd in ("demo", "train", "sample"):
         assert cmd in out
+
+
+def test_help_gives_every_command_its_help_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps long lines
+    for name, module in COMMANDS.items():
+        assert module.HELP and "\n" not in module.HELP, name
+        assert f" {name} {' '.join(module.HELP.split())}" in out, f"difflab --help does not list {name!r} with its HELP"
+
+
+def test_python_m_difflab_cli_help_lists_the_commands():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "difflab.cli", "--help"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: difflab") and all(name in done.stdout for name in COMMANDS)
 
 
 def test_version_is_the_installed_distributions(capsys):
@@ -72,6 +96,24 @@ def test_train_with_a_missing_config_file_fails_clearly(tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "nope.json"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "--config" in err and "nope.json" in err
+
+
+@pytest.mark.parametrize("config, key", [({"spec": None, "trian": {}}, "'trian'"),
+                                         ({"train": {"stesp": 3}}, "'stesp'"),
+                                         ({"train": []}, "train must be a JSON object")])
+def test_train_config_unknown_keys_are_a_config_error(tmp_path, capsys, config, key):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(config))
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("difflab train: error:") and key in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_config_that_is_not_json_is_a_config_error(tmp_path, capsys):
+    path = tmp_path / "c.json"
+    path.write_text("{spec: 1")
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
 
 
 def test_demo_end_to_end_short(tmp_path, capsys):

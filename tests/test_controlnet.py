@@ -1,6 +1,7 @@
 """ControlNet (Zhang et al. 2023): zero convolutions, the encoder copy, scales and windows, several
 ControlNets, and parity with diffusers' ControlNetModel."""
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -269,3 +270,14 @@ def test_original_layout_table_agrees_with_diffusers_converter():
     assert all(converted[k] is ours[k] for k in ours)
     loaded = controlnet_from_original(original, config).state_dict()
     assert all(torch.equal(loaded[k], ours[k]) for k in ours)
+
+
+def test_config_from_dict_round_trips_and_names_unknown_keys():
+    from difflab.config import ConfigError
+
+    c = ControlNetConfig(conditioning_embedding_out_channels=(8, 16))
+    assert ControlNetConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    with pytest.raises(ConfigError, match="unknown key 'bogus' in ControlNetConfig"):
+        ControlNetConfig.from_dict({**c.to_dict(), "bogus": 1})
+    with pytest.raises(ConfigError, match="unknown key 'widht' in ControlNetConfig.unet"):
+        ControlNetConfig.from_dict({**c.to_dict(), "unet": {"widht": 1}})

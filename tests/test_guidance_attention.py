@@ -8,7 +8,7 @@ from torch import nn
 from difflab.core import Denoiser, VPDiscrete
 from difflab.guidance import (ClassifierFreeGuidance, PerturbedAttentionGuidance, SelfAttentionGuidance, gaussian_blur,
                               identity_attention, record_attention, sag_mask, self_attention_modules)
-from difflab.nn.layers import SelfAttention, _heads, _merge_heads
+from difflab.nn.layers import SelfAttention, merge_heads, split_heads
 from difflab.nn.transformer import Attention
 from difflab.nn.unet import UNet, UNetConfig
 from difflab.nn.unet_sd import UNetSD, UNetSDConfig
@@ -96,15 +96,15 @@ def test_recorded_maps_are_the_attention_the_modules_apply():
     (A,) = maps["a"]
     assert A.shape == (2, 2, 16, 16)
     torch.testing.assert_close(A.sum(-1), torch.ones(2, 2, 16, dtype=F64))
-    v = _heads(m.qkv(m.norm(x).flatten(2).transpose(1, 2)).chunk(3, dim=-1)[2], 2)
-    torch.testing.assert_close(out, x + m.proj(_merge_heads(A @ v)).transpose(1, 2).reshape(x.shape), rtol=0, atol=1e-12)
+    v = split_heads(m.qkv(m.norm(x).flatten(2).transpose(1, 2)).chunk(3, dim=-1)[2], 2)
+    torch.testing.assert_close(out, x + m.proj(merge_heads(A @ v)).transpose(1, 2).reshape(x.shape), rtol=0, atol=1e-12)
 
     attn = randomize(Attention(8, None, 2, 4))
     t = torch.randn(2, 5, 8, dtype=F64)
     with record_attention(nn.ModuleDict({"attn1": attn}), "attn1") as maps:
         out = attn(t)
     (A,) = maps["attn1"]
-    torch.testing.assert_close(out, attn.to_out[0](_merge_heads(A @ _heads(attn.to_v(t), 2))), rtol=0, atol=1e-12)
+    torch.testing.assert_close(out, attn.to_out[0](merge_heads(A @ split_heads(attn.to_v(t), 2))), rtol=0, atol=1e-12)
 
 
 def test_sag_mask_keeps_the_positions_that_receive_more_than_average_attention():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from difflab.io.diffusers_folder import load_diffusers_text_encoder
+from difflab.io.text import load_tiny_text, save_tiny_text
 from difflab.nn.text import CLIPTextEncoder, CLIPTextEncoderConfig, TinyTextConfig, TinyTextEncoder, build_vocab, load_clip_tokenizer
 
 transformers = pytest.importorskip("transformers", reason="CLIP parity needs transformers (the 'sd' extra)")
@@ -186,9 +187,9 @@ def test_tiny_encoder_trains_and_round_trips(tmp_path):
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0]
     enc.eval()
-    path = enc.save(tmp_path / "text.safetensors")
+    path = save_tiny_text(enc, tmp_path / "text.safetensors")
     assert json.loads(path.with_suffix(".json").read_text())["config"]["vocab"][2] == "a"
-    back = TinyTextEncoder.load(path)
+    back = load_tiny_text(path)
     with torch.no_grad():
         h1, p1, m1 = enc.encode(CAPTIONS[:3], return_mask=True)
         h2, p2, m2 = back.encode(CAPTIONS[:3], return_mask=True)

@@ -43,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..io.diffusers_folder import CONFIG_NAME, _load_into, _write_config, _write_tensors, read_json, read_safetensors
+from ..config import from_dict
+from ..io.folders import CONFIG_NAME, load_into, read_json, read_safetensors, save_model_folder
 from ..io.keymaps import controlnet as keymap
 from ..io.keymaps import rename_key, to_difflab
 from ..nn.layers import timestep_embedding, zero_
@@ -91,8 +92,11 @@ class ControlNetConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ControlNetConfig":
-        return cls(**{**d, "unet": UNetSDConfig.from_dict(d["unet"])})
+    def from_dict(cls, d: dict, section: str = "ControlNetConfig") -> "ControlNetConfig":
+        """Inverse of :meth:`to_dict`; unknown keys and wrong types are a :class:`~difflab.config.ConfigError`."""
+        if isinstance(d, dict) and isinstance(d.get("unet"), dict):
+            d = {**d, "unet": UNetSDConfig.from_dict(d["unet"], f"{section}.unet")}
+        return from_dict(cls, d, section)
 
     # -- diffusers' config.json ----------------------------------------------------------------
 
@@ -429,7 +433,7 @@ def load_diffusers_controlnet(folder, *, variant: str | None = None, dtype: torc
     folder = Path(folder)
     config = ControlNetConfig.from_diffusers_config(read_json(folder / CONFIG_NAME, "a diffusers ControlNetModel config"))
     net = ControlNet(config)
-    _load_into(net, read_safetensors(folder, WEIGHTS_NAME, variant), f"diffusers ControlNetModel weights in {folder}",
+    load_into(net, read_safetensors(folder, WEIGHTS_NAME, variant), f"diffusers ControlNetModel weights in {folder}",
                lambda k: k)
     return net.to(dtype).eval() if dtype is not None else net.eval()
 
@@ -441,18 +445,14 @@ def controlnet_from_original(tensors: dict[str, torch.Tensor], config: ControlNe
     prefix = keymap.ORIGINAL_PREFIX
     tensors = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in tensors.items()}
     net = ControlNet(config)
-    _load_into(net, to_difflab(tensors, keymap.original_table(config)), "original ControlNet weights",
+    load_into(net, to_difflab(tensors, keymap.original_table(config)), "original ControlNet weights",
                lambda k: rename_key(k, keymap.original_table(config), reverse=True)[0])
     return net.eval()
 
 
 def save_diffusers_controlnet(net: ControlNet, folder) -> Path:
     """Write ``net`` as a diffusers ``ControlNetModel`` folder (config.json + weights); returns the folder."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_tensors(folder, WEIGHTS_NAME, net.state_dict())
-    _write_config(folder, CONFIG_NAME, net.config.to_diffusers_config())
-    return folder
+    return save_model_folder(folder, WEIGHTS_NAME, net.state_dict(), net.config.to_diffusers_config())
 
 
 __all__ = ["ControlNetConfig", "ControlNetConditioningEmbedding", "ControlNet", "ControlledUNet", "ControlledDenoiser",

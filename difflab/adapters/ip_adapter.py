@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.layers import _heads, _merge_heads
+from ..nn.layers import merge_heads, split_heads
 from ..nn.transformer import Attention
-from .lora import matches
+from .surgery import matches, patterns_of, replace_module
 
 DEFAULT_LAYERS = ("attn2",)  # every cross-attention layer of an SD U-Net
 
@@ -113,12 +113,12 @@ class DecoupledCrossAttention(Attention):
         """W_out Attention(Q, c_i W'_k, c_i W'_v) (no output bias: it belongs to the text term); zero
         for a sample whose image tokens are all masked."""
         image = image.to(x.dtype)
-        q, k, v = (_heads(z, self.heads) for z in (self.to_q(x), self.to_k_ip(image), self.to_v_ip(image)))
+        q, k, v = (split_heads(z, self.heads) for z in (self.to_q(x), self.to_k_ip(image), self.to_v_ip(image)))
         attn_mask = keep = None
         if mask is not None:
             keep = mask.any(dim=1)
             attn_mask = (mask | ~keep[:, None])[:, None, None, :]
-        out = self.to_out[1](F.linear(_merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)), self.to_out[0].weight))
+        out = self.to_out[1](F.linear(merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)), self.to_out[0].weight))
         return out if keep is None else out * keep[:, None, None].to(out.dtype)
 
     def to_base(self) -> Attention:
@@ -150,7 +150,7 @@ def install_ip_adapter(unet: nn.Module, num_tokens: int, layers=DEFAULT_LAYERS, 
     """Replace the cross-attention layers matching ``layers`` (patterns as :func:`difflab.adapters.matches`;
     default every ``attn2``) by :class:`DecoupledCrossAttention` for ``num_tokens`` image tokens.
     Returns their names. Layers that already have an adapter are an error."""
-    patterns = [layers] if isinstance(layers, str) else list(layers)
+    patterns = patterns_of(layers)
     candidates = cross_attention_modules(unet)
     chosen = [n for n in candidates if any(matches(n, p) for p in patterns)]
     if not chosen:
@@ -160,7 +160,7 @@ def install_ip_adapter(unet: nn.Module, num_tokens: int, layers=DEFAULT_LAYERS, 
     if taken:
         raise ValueError(f"an IP-Adapter is already installed on {taken[:4]}: remove_ip_adapter first")
     for name in chosen:
-        _replace(unet, name, DecoupledCrossAttention(candidates[name], num_tokens, scale))
+        replace_module(unet, name, DecoupledCrossAttention(candidates[name], num_tokens, scale))
     return chosen
 
 
@@ -168,7 +168,7 @@ def remove_ip_adapter(unet: nn.Module) -> list[str]:
     """Put plain :class:`Attention` layers (the same weights) back in place of the decoupled ones; returns their names."""
     layers = ip_adapter_layers(unet)
     for name, layer in layers.items():
-        _replace(unet, name, layer.to_base())
+        replace_module(unet, name, layer.to_base())
     return list(layers)
 
 
@@ -184,11 +184,6 @@ def set_ip_adapter_scale(unet: nn.Module, scale: float | dict[str, float]) -> No
                     layer.scale = float(s)
         else:
             layer.scale = float(scale)
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 # ----------------------------------------------------------------------------------------------

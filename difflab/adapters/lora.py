@@ -24,34 +24,25 @@ merged adapters must not be trained (their A and B no longer act on the output s
 
 Files: :func:`save_lora` / :func:`load_lora` write and read one small safetensors file (the
 adapter's tensors in PEFT's key layout, rank/alpha/targets in its metadata);
-:func:`load_lora_weights` reads the PEFT / diffusers and kohya layouts through the key-map tables
-of :mod:`difflab.io.keymaps.lora`.
+:func:`load_lora_weights` reads the PEFT / diffusers and kohya layouts (the files through
+:mod:`difflab.io.lora_files`, the keys through the key-map tables of :mod:`difflab.io.keymaps.lora`).
 """
 from __future__ import annotations
 
-import fnmatch
-import json
 import math
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
-from difflab.io.checkpoint import METADATA_KEY, load_checkpoint, save_checkpoint
-from difflab.io.keymaps import TRANSFORMS
-from difflab.io.keymaps import lora as keymap
-
-LORA_KIND = "difflab.lora"
-LORA_FILE = "lora.safetensors"
-# file names looked for in a directory, in order: difflab, PEFT's save_pretrained, diffusers' save_lora_weights
-DIRECTORY_FILES = (LORA_FILE, "adapter_model.safetensors", "pytorch_lora_weights.safetensors")
-PEFT_CONFIG_FILE = "adapter_config.json"
-DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers >= 0.34 stores the LoraConfig here
+from ..io.checkpoint import load_checkpoint, save_checkpoint
+from ..io.keymaps import TRANSFORMS
+from ..io.keymaps import lora as keymap
+from ..io.lora_files import LORA_FILE, LORA_KIND, component_config, config_alpha, read_lora_file
+from .surgery import matches, outermost, replace_module, select
 
 
 @dataclass
@@ -204,47 +195,17 @@ WRAPPERS = {nn.Linear: LoRALinear, nn.Conv2d: LoRAConv2d}  # exact types: a subc
 def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
     """``{name: module}`` of the modules LoRA can adapt: plain nn.Linear / nn.Conv2d and LoRA
     layers (not the A and B inside them)."""
-    out, inside = {}, []
-    for name, m in model.named_modules():
-        if any(name.startswith(p) for p in inside):
-            continue
-        if isinstance(m, _LoRA):
-            inside.append(name + ".")
-            out[name] = m
-        elif type(m) in WRAPPERS:
-            out[name] = m
-    return out
-
-
-def matches(name: str, pattern: str) -> bool:
-    """``"re:<regex>"``: the regex matches the whole name. Otherwise a shell glob (``fnmatch``,
-    ``*`` crosses dots) matching the whole name or a dotted tail of it, so ``"to_q"`` matches
-    ``"...attn1.to_q"`` (PEFT's suffix rule) and ``"attn1.*"`` every layer inside an ``attn1``."""
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    parts = name.split(".")
-    return any(fnmatch.fnmatchcase(".".join(parts[i:]), pattern) for i in range(len(parts)))
+    return outermost(model, lambda m: isinstance(m, _LoRA) or type(m) in WRAPPERS)
 
 
 def find_modules(model: nn.Module, target) -> list[str]:
     """Names of the adaptable modules matching any pattern of ``target`` (see :func:`matches`), in
     model order. A pattern that matches none is a ValueError naming it."""
-    patterns = [target] if isinstance(target, str) else list(target)
-    if not patterns:
-        raise ValueError("target must name at least one pattern")
     candidates = adaptable_modules(model)
-    chosen = set()
-    for p in patterns:
-        hits = [n for n in candidates if matches(n, p)]
-        if not hits:
-            some = ", ".join(list(candidates)[:8])
-            raise ValueError(f"target pattern {p!r} matches no nn.Linear or nn.Conv2d of {type(model).__name__} "
-                             f"(some are: {some}{' ...' if len(candidates) > 8 else ''})"
-                             + ("; its attention projections are fused (optimize's fuse_qkv): add LoRA before "
-                                "optimize, or target to_qkv / to_kv" if any(n.endswith(("to_qkv", "to_kv"))
-                                                                             for n in candidates) else ""))
-        chosen.update(hits)
-    return [n for n in candidates if n in chosen]
+    fused = any(n.endswith(("to_qkv", "to_kv")) for n in candidates)
+    hint = ("; its attention projections are fused (optimize's fuse_qkv): add LoRA before optimize, or target "
+            "to_qkv / to_kv") if fused else ""
+    return select(candidates, target, f"nn.Linear or nn.Conv2d of {type(model).__name__}", hint)
 
 
 def _wrap(model: nn.Module, name: str) -> _LoRA:
@@ -254,11 +215,8 @@ def _wrap(model: nn.Module, name: str) -> _LoRA:
         return module
     if type(module) not in WRAPPERS:
         raise ValueError(f"module {name!r} is a {type(module).__name__}; LoRA adapts nn.Linear and nn.Conv2d")
-    if not name:
-        raise ValueError("the model itself is a single layer: put it inside a container to adapt it")
-    parent, _, child = name.rpartition(".")
     wrapper = WRAPPERS[type(module)](module)
-    setattr(model.get_submodule(parent), child, wrapper)
+    replace_module(model, name, wrapper)
     return wrapper
 
 
@@ -432,51 +390,6 @@ def load_lora(path, model: nn.Module, name: str | None = None, *, weight: float 
 # Foreign formats
 
 
-def _read(source) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, config) from a state dict, a safetensors file or a directory (difflab, PEFT, diffusers)."""
-    if isinstance(source, dict):
-        return dict(source), {}
-    path = Path(source)
-    config: dict = {}
-    if path.is_dir():
-        found = [path / f for f in DIRECTORY_FILES if (path / f).is_file()]
-        if not found:
-            raise FileNotFoundError(f"no LoRA file in {path} (looked for {list(DIRECTORY_FILES)})")
-        if (path / PEFT_CONFIG_FILE).is_file():
-            config = json.loads((path / PEFT_CONFIG_FILE).read_text())
-        path = found[0]
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: difflab reads LoRA weights from safetensors files only (never pickles)")
-    if not path.is_file():
-        raise FileNotFoundError(f"no LoRA file at {path}")
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        header = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if METADATA_KEY in header:
-        config = json.loads(header[METADATA_KEY])
-    elif DIFFUSERS_METADATA_KEY in header:
-        config = json.loads(header[DIFFUSERS_METADATA_KEY])
-    return tensors, config
-
-
-def _component_config(config: dict, prefix: str) -> dict:
-    """diffusers prefixes each component's LoraConfig entries (``unet.lora_alpha``): keep ``prefix``'s."""
-    if prefix and any(k.startswith(prefix) for k in config):
-        return {k[len(prefix):]: v for k, v in config.items() if k.startswith(prefix)}
-    return config
-
-
-def _config_alpha(config: dict, fmt: str, module: str, rank: int) -> float | None:
-    """A module's alpha from a difflab metadata or a PEFT LoraConfig dict, or None."""
-    if fmt == "difflab" or config.get("kind") == LORA_KIND:
-        return config.get("modules", {}).get(module, {}).get("alpha")
-    if "lora_alpha" not in config:
-        return None
-    alpha = keymap.pattern_value(config.get("alpha_pattern") or {}, module)
-    alpha = config["lora_alpha"] if alpha is None else alpha
-    return alpha * math.sqrt(rank) if config.get("use_rslora") else alpha  # rsLoRA: alpha / sqrt(r) = (alpha sqrt r) / r
-
-
 def _adapter_shapes(module: nn.Module, rank: int) -> tuple[tuple, tuple]:
     """The shapes of A and B for ``module``: (r, k), (d, r) for a linear layer; (r, C_in, kh, kw), (C_out, r, 1, 1) for a conv."""
     if isinstance(module, nn.Conv2d):
@@ -514,10 +427,10 @@ def load_lora_weights(model: nn.Module, source, format: str = "auto", name: str 
     """
     if format not in ("auto", *keymap.FORMATS):
         raise ValueError(f"format={format!r} must be 'auto' or one of {sorted(keymap.FORMATS)}")
-    tensors, file_config = _read(source)
+    tensors, file_config = read_lora_file(source)
     if format == "auto":
         format = "difflab" if file_config.get("kind") == LORA_KIND else keymap.detect_format(tensors)
-    config = _component_config(file_config, prefix) if config is None else dict(config)
+    config = component_config(file_config, prefix) if config is None else dict(config)
     if config.get("use_dora") or config.get("lora_bias"):
         raise ValueError("the LoRA config asks for DoRA or lora_bias, which difflab's LoRA does not load")
     return _load(model, tensors, config, format, name, prefix=prefix, alpha=alpha, weight=weight, module_table=module_table)
@@ -558,7 +471,7 @@ def _load(model, tensors, config, fmt, name, *, prefix, alpha, weight, module_ta
         if a is None and "alpha" in roles:
             a = float(tensors[selected[roles["alpha"]]])
         if a is None:
-            a = _config_alpha(config, fmt, m, rank)
+            a = config_alpha(config, fmt, m, rank)
         plan[m] = (rank, rank if a is None else float(a), _fit(A, shape_A, selected[roles["A"]]),
                    _fit(B, shape_B, selected[roles["B"]]))
 
@@ -577,4 +490,5 @@ def _load(model, tensors, config, fmt, name, *, prefix, alpha, weight, module_ta
 
 __all__ = ["AdapterSpec", "LoRALinear", "LoRAConv2d", "inject_lora", "set_adapter_weights", "merge_lora", "unmerge_lora",
            "remove_lora", "lora_state_dict", "lora_parameters", "mark_only_lora_trainable", "save_lora", "load_lora",
-           "load_lora_weights", "list_adapters", "lora_layers", "adaptable_modules", "find_modules", "matches"]
+           "load_lora_weights", "list_adapters", "lora_layers", "adaptable_modules", "find_modules",
+           "matches"]  # matches lives in .surgery; named here for train.dreambooth

@@ -6,7 +6,7 @@ from ..demos.digits import run_demo
 from ..demos.text import run_text_demo
 from ..samplers import SAMPLERS
 
-HELP = "train a class-conditional model on the embedded digits, sample and judge it"
+HELP = "train, sample and judge a model on the embedded digits"
 DESCRIPTION = ("Train a class-conditional U-Net on scikit-learn's digits, sample every class with classifier-free "
                "guidance, write samples.png and print the digits judge's figures.")
 

@@ -9,7 +9,7 @@ from ..data import load_image_folder
 from ..train.dreambooth import DreamBoothConfig, dreambooth, load_text_model, save_dreambooth
 from .common import device
 
-HELP = "fine-tune a text-to-image model on a few images of a subject (DreamBooth, LoRA or full)"
+HELP = "fine-tune on a few images of a subject (DreamBooth, LoRA)"
 DESCRIPTION = ("Bind a rare identifier to a subject shown in a few images (DreamBooth; Ruiz et al. 2023), with "
                "class-specific prior preservation: class images are sampled from the base model first. "
                "Writes DIR/model.safetensors (a text model that loads as --base again) and, with --lora-rank, "

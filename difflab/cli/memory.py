@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 
-from ..perf.fast import dtype_of
 from ..perf.memory import estimate_memory, format_estimate, measure_peak, resolve_network, set_gradient_checkpointing
+from ..perf.runtime import PRECISIONS, dtype_of
 from .common import device
 
-HELP = "predict (and measure) the memory of a training step or an inference call"
+HELP = "predict (and measure) the memory of a training step or a call"
 DESCRIPTION = ("Parameters, gradients, optimizer states and activations (counted from what autograd saves) of one "
                "training step, for a U-Net preset; --measure runs the step and compares with its measured peak.")
 
@@ -16,7 +16,7 @@ def add_arguments(m) -> None:
     m.add_argument("--preset", default="cifar10", help="a difflab.nn.PRESETS name, sd1, sd2 or sd:<name> (default: cifar10)")
     m.add_argument("--batch-size", type=int, default=128, help="batch size (default: 128)")
     m.add_argument("--image-size", type=int, default=32, help="image (or latent) height and width (default: 32)")
-    m.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+    m.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                    help="training: autocast precision (weights stay fp32); inference: weight precision")
     m.add_argument("--optimizer", choices=["adamw", "adam", "sgd", "none"], default="adamw", help="optimizer (default: adamw)")
     m.add_argument("--inference", action="store_true", help="one inference call instead of a training step")

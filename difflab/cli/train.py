@@ -5,6 +5,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from ..config import ConfigError, check_keys
 from ..core.params import PREDICTIONS
 from ..core.schedules import DISCRETE_SCHEDULES
 from ..data import load_digits, load_image_folder
@@ -15,6 +16,7 @@ from ..train import TrainConfig, train
 from ..train.distributed import init_distributed
 from .common import device
 
+CONFIG_KEYS = ("spec", "train")  # the top level of --config
 HELP = "train a diffusion model"
 DESCRIPTION = "Train a U-Net diffusion model. Flags override the values of --config (a JSON file with optional 'spec' and 'train' objects)."
 
@@ -41,14 +43,18 @@ def add_arguments(t) -> None:
 
 
 def read_config(path: Path | None) -> dict:
-    """The JSON object of ``--config`` (``{}`` without one)."""
+    """The JSON object of ``--config`` (``{}`` without one). Unknown keys at its top level or in
+    its ``train`` object are a :class:`~difflab.config.ConfigError` naming them (exit status 2)."""
     if path is None:
         return {}
     if not path.is_file():
         raise FileNotFoundError(f"--config {path} does not exist (a JSON file with 'spec' and/or 'train')")
-    cfg = json.loads(path.read_text())
-    if not isinstance(cfg, dict):
-        raise ValueError(f"--config {path} must hold a JSON object")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--config {path} is not valid JSON: {e}") from None
+    check_keys(cfg, CONFIG_KEYS, f"--config {path}")
+    check_keys(cfg.get("train", {}), [f.name for f in dataclasses.fields(TrainConfig)], "train")
     return cfg
 
 

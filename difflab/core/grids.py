@@ -10,7 +10,24 @@ import math
 
 import torch
 
+from .denoiser import SIGMA_MAX_FINITE, Flow, VPDiscrete
+
 SPACINGS = ("leading", "trailing", "linspace")
+
+
+def check_sigmas(sigmas) -> torch.Tensor:
+    """Validate a sampling grid (1-D, finite, non-negative, strictly decreasing) and return it as
+    a float64 CPU tensor."""
+    sigmas = torch.as_tensor(sigmas).detach().to("cpu", torch.float64)
+    if sigmas.ndim != 1 or len(sigmas) < 1:
+        raise ValueError(f"sigmas must be a non-empty 1-D tensor, got shape {tuple(sigmas.shape)}")
+    if not bool(torch.isfinite(sigmas).all()):
+        raise ValueError(f"sigmas must be finite, got {sigmas.tolist()}")
+    if bool((sigmas < 0).any()):
+        raise ValueError(f"sigmas must be non-negative, got {sigmas.tolist()}")
+    if not bool((sigmas[1:] < sigmas[:-1]).all()):
+        raise ValueError(f"sigmas must be strictly decreasing (largest noise level first), got {sigmas.tolist()}")
+    return sigmas
 
 
 def discrete_timesteps(T: int, n: int, spacing: str = "leading", steps_offset: int = 0) -> torch.Tensor:
@@ -65,8 +82,6 @@ def flow_sigmas(n: int, shift: float = 1.0, t_max: float = 1.0, t_min: float | N
     """Flow-matching grid: t uniform from ``t_max`` to ``t_min`` (default 1/n), time-shifted
     t' = shift t / (1 + (shift - 1) t) (Esser et al. 2024, SD3, eq. 23), as canonical sigmas
     t'/(1 - t'), then 0. t = 1 is clamped to the largest finite sigma (see core.denoiser)."""
-    from .denoiser import SIGMA_MAX_FINITE
-
     t_min = 1.0 / n if t_min is None else t_min
     t = torch.linspace(t_max, t_min, n, dtype=torch.float64)
     t = shift * t / (1 + (shift - 1) * t)
@@ -103,10 +118,8 @@ def uniform_time_sigmas(frame, n: int, t_max: float | None = None, t_min: float 
 
 def custom_sigmas(sigmas, final: float | None = 0.0) -> torch.Tensor:
     """A user-given grid, validated (1-D, finite, non-negative, strictly decreasing; see
-    :func:`difflab.samplers.common.check_sigmas`) as float64, with ``final`` appended unless it is
-    already the last level (``None``: keep the grid as given, e.g. to stop at a positive sigma)."""
-    from ..samplers.common import check_sigmas
-
+    :func:`check_sigmas`) as float64, with ``final`` appended unless it is already the last level
+    (``None``: keep the grid as given, e.g. to stop at a positive sigma)."""
     sigmas = check_sigmas(sigmas)
     if final is not None and float(sigmas[-1]) != final:
         sigmas = check_sigmas(torch.cat([sigmas, sigmas.new_tensor([final])]))
@@ -187,8 +200,6 @@ def for_denoiser(denoiser, steps: int, grid: str = "default", spacing: str = "tr
     and A1111); ``flow``: the flow-matching grid; ``optimized``: :func:`optimized_sigmas`. All but
     ``flow`` and ``optimized`` span the frame's sigma_min to sigma_max.
     """
-    from .denoiser import Flow, VPDiscrete
-
     if grid not in GRIDS:
         raise ValueError(f"grid={grid!r} is unknown; choose one of {list(GRIDS)}")
     frame = denoiser.frame

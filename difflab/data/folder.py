@@ -14,7 +14,7 @@ from PIL import Image, UnidentifiedImageError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
     """Image files at any depth under ``folder``, in sorted order (hidden files skipped)."""
     return sorted(
         p for p in folder.rglob("*")
@@ -59,7 +59,7 @@ def load_image_folder(path: str | Path, size: int, channels: int = 3, *, with_la
         raise NotADirectoryError(f"{folder} is not a folder")
 
     # 2. Find the files (and their classes)
-    files = _image_files(folder)
+    files = image_files(folder)
     if not files:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {folder}")
     if with_labels:

@@ -24,6 +24,7 @@ from ..data import load_digits
 from ..eval import DigitsJudge, judge_report
 from ..io.images import save_grid
 from ..io.spec import build_frame
+from ..io.text import save_tiny_text
 from ..nn.text import TinyTextConfig, TinyTextEncoder, build_vocab, words
 from ..nn.unet import UNet, UNetConfig
 from ..nn.vae import PRESETS as VAE_PRESETS
@@ -277,7 +278,7 @@ def run_text_demo(out_dir="demo_text_out", *, steps: int | None = None, vae_step
     ms_per_step = 1000 * times["train"] / max(len(steps_run), 1)
     state.ema.copy_to(net)
     net.eval()
-    text_encoder.save(out_dir / "text_encoder.safetensors")
+    save_tiny_text(text_encoder, out_dir / "text_encoder.safetensors")
     sampling_denoiser = Denoiser(net.unet, denoiser.frame, prediction=denoiser.prediction).eval()
     say(f"      {times['train']:.0f}s for {len(steps_run)} steps ({ms_per_step:.0f} ms per step)")
 

@@ -2,7 +2,8 @@
 reference statistics, the harness behind `difflab eval`, and the digits judge."""
 from .frechet import feature_stats, frechet_distance, frechet_distance_features, trace_sqrt_product
 from .judge import DigitsJudge, FitConfig, JudgeConfig, judge_report
-from .features import EXTRACTORS, FeatureExtractor, JudgeFeatures, extract, extractor_identity, load_extractor, load_judge
+from .features import EXTRACTORS, FeatureExtractor, JudgeFeatures, extract, extractor_identity, load_extractor
+from .default_judge import load_judge
 from .metrics import (clip_fid, clip_score, fid, inception_score, kid, knn_radii, mmd2_unbiased, polynomial_kernel,
                       precision_recall)
 from .stats import FeatureStats, compute_stats, describe_source, load_images

@@ -172,10 +172,3 @@ def load_clip(path: str | Path | None, *, device: str | torch.device = "cpu", dt
                                 "command line); none was given")
     return CLIPFeatures(path, device=device, dtype=dtype)
 
-
-def load_dinov2(path: str | Path | None, *, device: str | torch.device = "cpu"):
-    """The ``"dinov2"`` extractor; it lives in :mod:`difflab.eval.dinov2` (named here because the
-    extractor table points at this module)."""
-    from .dinov2 import load_dinov2 as load
-
-    return load(path, device=device)

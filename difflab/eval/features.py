@@ -28,7 +28,7 @@ Extractors that need weights live in their own modules and are imported only whe
 
 | name        | loader                                  | ``path``                                  |
 | ----------- | --------------------------------------- | ----------------------------------------- |
-| ``judge``   | :func:`load_judge` (this module)        | a judge ``.safetensors``; None: train one (~5 s) |
+| ``judge``   | ``difflab.eval.default_judge.load_judge`` | a judge ``.safetensors``; None: train one (~5 s) |
 | ``inception`` | ``difflab.eval.inception.load_inception`` | the FID Inception-v3 weights file          |
 | ``clip``    | ``difflab.eval.clip.load_clip``         | a local transformers CLIP folder          |
 | ``dinov2``  | ``difflab.eval.dinov2.load_dinov2``     | a local transformers DINOv2 folder        |
@@ -45,8 +45,6 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .judge import DigitsJudge
-
 
 @runtime_checkable
 class FeatureExtractor(Protocol):
@@ -59,7 +57,7 @@ class FeatureExtractor(Protocol):
 
 # name -> (module, loader); a loader is ``load(path, *, device="cpu") -> FeatureExtractor``
 EXTRACTORS = {
-    "judge": ("difflab.eval.features", "load_judge"),
+    "judge": ("difflab.eval.default_judge", "load_judge"),
     "inception": ("difflab.eval.inception", "load_inception"),
     "clip": ("difflab.eval.clip", "load_clip"),
     "dinov2": ("difflab.eval.dinov2", "load_dinov2"),
@@ -152,12 +150,13 @@ class JudgeFeatures(nn.Module):
     """The digits judge (:class:`~difflab.eval.judge.DigitsJudge`) as a feature extractor: its
     penultimate features (``feature_dim``) and its class logits, in float64 and image by image,
     so that an image's features are bit for bit the same whatever batch it is in (float32
-    batches on the CPU differ by ~1e-6)."""
+    batches on the CPU differ by ~1e-6). ``judge`` is a trained ``DigitsJudge``; :func:`difflab.eval.default_judge.load_judge`
+    loads or trains one."""
 
     name = "digits-judge"
     preprocessing = "1 channel; adaptive_avg_pool2d to 8x8; clamp to [-1, 1]; float64"
 
-    def __init__(self, judge: DigitsJudge):
+    def __init__(self, judge: nn.Module):
         super().__init__()
         self.judge = copy.deepcopy(judge).to(torch.float64).eval()
 
@@ -189,14 +188,3 @@ class JudgeFeatures(nn.Module):
         d = self.judge.config.feature_dim
         return out[:, :d], out[:, d:]
 
-
-def load_judge(path: str | Path | None = None, *, device="cpu") -> JudgeFeatures:
-    """The digits judge as an extractor: loaded from the ``.safetensors`` file ``path`` (written
-    by :meth:`DigitsJudge.save`, e.g. ``demo_out/digits_judge.safetensors``); with no path, the
-    default judge is trained afresh on the digits' train split (deterministic, a few seconds)."""
-    if path is None:
-        return JudgeFeatures(DigitsJudge.fit()).to(device)
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no digits judge at {path}: give a .safetensors file written by DigitsJudge.save "
-                                "(the demo writes demo_out/digits_judge.safetensors), or no weights to train one")
-    return JudgeFeatures(DigitsJudge.load(path)).to(device)

@@ -22,7 +22,8 @@ import torch
 
 from ..io.checkpoint import checkpoint_path
 from . import metrics as M
-from .features import extractor_identity, load_judge
+from .default_judge import load_judge
+from .features import extractor_identity
 from .stats import DIGITS, FeatureStats, compute_stats, load_images
 
 METRICS = ("fid", "kid", "precision", "recall", "is", "clip_score")

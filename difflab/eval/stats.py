@@ -22,7 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
+from ..data import image_files, load_digits, load_image_folder
 from .features import extract, extractor_identity
 from .frechet import feature_stats
 
@@ -115,11 +117,7 @@ class FeatureStats:
 
 def _folder_shape(folder: Path) -> tuple[int, int]:
     """(size, channels) of the first image under ``folder``: its shorter side; 1 if grey, else 3."""
-    from PIL import Image
-
-    from ..data.folder import _image_files
-
-    files = _image_files(folder)
+    files = image_files(folder)
     if not files:
         raise ValueError(f"no images found under {folder}")
     with Image.open(files[0]) as im:
@@ -171,12 +169,8 @@ def load_images(source, *, size: int | None = None, channels: int | None = None)
     if kind == "tensor":
         images = obj
     elif kind == "digits":
-        from ..data import load_digits
-
         images = load_digits(size, split="test")[0]
     else:
-        from ..data import load_image_folder
-
         images = load_image_folder(obj, size, channels)
     return images, describe_source(source, size=size, channels=channels)
 

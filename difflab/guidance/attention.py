@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import matches
-from ..nn.layers import SelfAttention, _heads
+from ..nn.layers import SelfAttention, split_heads
 from ..nn.transformer import Attention
 
 DEFAULT_PREFIXES = ("middle.", "mid_block.")
@@ -139,7 +139,7 @@ def identity_attention(net: nn.Module, layers=None):
 def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
     """softmax(Q K^T / sqrt(d)) per head (Vaswani et al. 2017, eq. 1; SDPA's default scale):
     q, k (B, N, heads * d) -> (B, heads, N, N), rows summing to 1."""
-    qh, kh = _heads(q, heads), _heads(k, heads)
+    qh, kh = split_heads(q, heads), split_heads(k, heads)
     return (qh @ kh.transpose(-1, -2) * qh.shape[-1] ** -0.5).softmax(dim=-1)
 
 

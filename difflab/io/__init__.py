@@ -4,10 +4,12 @@ from .checkpoint import (CHECKPOINT_NAME, checkpoint_path, load_checkpoint, load
 from .diffusers_vae import load_diffusers_vae, load_sd_vae_from_single_file, save_diffusers_vae, sd_single_file_state
 from .diffusers_folder import StableDiffusionComponents, load_diffusers_folder, save_diffusers_folder
 from .single_file import load_single_file, save_single_file
+from .text import load_tiny_text, save_tiny_text
 
 __all__ = [
     "CHECKPOINT_NAME", "checkpoint_path", "save_checkpoint", "load_checkpoint", "read_metadata", "strip_prefix",
     "load_model_state", "optimizer_state_to_tensors", "optimizer_state_from_tensors", "load_diffusers_vae",
     "save_diffusers_vae", "load_sd_vae_from_single_file", "sd_single_file_state", "load_diffusers_folder",
     "save_diffusers_folder", "StableDiffusionComponents", "load_single_file", "save_single_file",
+    "save_tiny_text", "load_tiny_text",
 ]

@@ -23,23 +23,21 @@ write the same layout back, which diffusers and transformers load.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from ..core import Denoiser
 from ..core.params import check_prediction
 from ..nn.text import CLIPTextEncoder, CLIPTextEncoderConfig, load_clip_tokenizer
 from ..nn.unet_sd import UNetSD, UNetSDConfig
-from .checkpoint import _atomic_write, _listing, _prepare_tensors, _write_json, load_model_state
+from .diffusers_vae import load_diffusers_vae, save_diffusers_vae
+from .folders import CONFIG_NAME, load_into, read_json, read_safetensors, save_model_folder, write_config
 from .keymaps.clip_text import difflab_to_transformers, transformers_to_difflab
 from .spec import build_frame
 
 MODEL_INDEX = "model_index.json"
-CONFIG_NAME = "config.json"
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 TEXT_WEIGHTS = "model.safetensors"
 SCHEDULER_CONFIG = "scheduler_config.json"
@@ -79,62 +77,6 @@ class StableDiffusionComponents:
 
 
 # ----------------------------------------------------------------------------------------------
-# Files
-
-
-def read_json(path: Path, what: str) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no {path.name} at {path} (expected {what})")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def read_safetensors(folder, name: str, variant: str | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of ``folder / name`` (``name`` with ``.{variant}`` before ``.safetensors`` when a
-    variant such as ``fp16`` is asked), or of its shards listed in ``name + ".index.json"``."""
-    folder = Path(folder)
-    if variant is not None:
-        name = name.replace(".safetensors", f".{variant}.safetensors")
-    path, index = folder / name, folder / (name + ".index.json")
-    if path.is_file():
-        return load_file(str(path))
-    if index.is_file():  # sharded: {"weight_map": {key: shard file}}
-        tensors: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            tensors.update(load_file(str(folder / shard)))
-        return tensors
-    pickled = sorted(p.name for p in folder.glob("*.bin")) if folder.is_dir() else []
-    hint = f" (found {pickled}: pickle files are never loaded; convert them to safetensors)" if pickled else ""
-    raise FileNotFoundError(f"no {name} in {folder}{hint}")
-
-
-def _write_config(folder: Path, name: str, config: dict) -> None:
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _atomic_write(folder / name, lambda tmp: _write_json(tmp, text))
-
-
-def _write_tensors(folder: Path, name: str, tensors: dict[str, torch.Tensor]) -> None:
-    prepared = _prepare_tensors(tensors)
-    _atomic_write(folder / name, lambda tmp: save_file(prepared, tmp, metadata={"format": "pt"}))
-
-
-def _load_into(model: torch.nn.Module, state: dict, source: str, file_name=None) -> None:
-    """Load ``state`` (difflab names) into ``model``; a mismatch raises ValueError naming the
-    missing and unexpected keys as the file names them (``file_name`` maps a difflab key back)."""
-    if file_name is not None:
-        expected = model.state_dict()
-        missing, unexpected = set(expected) - set(state), set(state) - set(expected)
-        if missing or unexpected:
-            problems = [f"{what} keys ({len(keys)}): {_listing([file_name(k) for k in keys])}"
-                        for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
-            raise ValueError(f"{source}: checkpoint does not match {type(model).__name__}: " + "; ".join(problems))
-    try:
-        load_model_state(model, state, prefix="")
-    except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
-
-
-# ----------------------------------------------------------------------------------------------
 # Components
 
 
@@ -143,17 +85,13 @@ def load_diffusers_unet(folder, *, variant: str | None = None, dtype: torch.dtyp
     folder = Path(folder)
     config = UNetSDConfig.from_diffusers_config(read_json(folder / CONFIG_NAME, "a diffusers UNet2DConditionModel config"))
     unet = UNetSD(config)
-    _load_into(unet, read_safetensors(folder, UNET_WEIGHTS, variant), f"diffusers UNet2DConditionModel weights in {folder}")
+    load_into(unet, read_safetensors(folder, UNET_WEIGHTS, variant), f"diffusers UNet2DConditionModel weights in {folder}")
     return unet.to(dtype).eval() if dtype is not None else unet.eval()
 
 
 def save_diffusers_unet(unet: UNetSD, folder) -> Path:
     """Write ``unet`` as a diffusers ``UNet2DConditionModel`` folder (config.json + weights); returns the folder."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_tensors(folder, UNET_WEIGHTS, unet.state_dict())
-    _write_config(folder, CONFIG_NAME, unet.config.to_diffusers_config())
-    return folder
+    return save_model_folder(folder, UNET_WEIGHTS, unet.state_dict(), unet.config.to_diffusers_config())
 
 
 def load_diffusers_text_encoder(folder, *, tokenizer=None, variant: str | None = None, dtype: torch.dtype | None = None,
@@ -167,17 +105,15 @@ def load_diffusers_text_encoder(folder, *, tokenizer=None, variant: str | None =
     encoder = CLIPTextEncoder(config, tokenizer=tokenizer, clip_skip=clip_skip)
     raw = read_safetensors(folder, TEXT_WEIGHTS, variant)
     prefix = "text_model." if any(k.startswith("text_model.") for k in raw) else ""
-    _load_into(encoder, transformers_to_difflab(raw), f"transformers CLIPTextModel weights in {folder}", lambda k: prefix + k)
+    load_into(encoder, transformers_to_difflab(raw), f"transformers CLIPTextModel weights in {folder}", lambda k: prefix + k)
     return encoder.to(dtype).eval() if dtype is not None else encoder.eval()
 
 
 def save_diffusers_text_encoder(encoder: CLIPTextEncoder, folder, *, tokenizer_folder=None) -> Path:
     """Write ``encoder`` as a transformers ``CLIPTextModel`` folder (config.json + model.safetensors
     in the ``text_model.*`` layout); its tokenizer too when ``tokenizer_folder`` is given."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_tensors(folder, TEXT_WEIGHTS, difflab_to_transformers(encoder.state_dict()))
-    _write_config(folder, CONFIG_NAME, encoder.config.to_transformers_config())
+    folder = save_model_folder(folder, TEXT_WEIGHTS, difflab_to_transformers(encoder.state_dict()),
+                               encoder.config.to_transformers_config())
     if tokenizer_folder is not None:
         if encoder.tokenizer is None:
             raise ValueError("tokenizer_folder given, but the encoder has no tokenizer to save")
@@ -291,8 +227,6 @@ def load_diffusers_folder(folder, *, components=COMPONENTS, variant: str | None 
 
     # 4. Autoencoder (difflab.io.diffusers_vae)
     if "vae" in components:
-        from .diffusers_vae import load_diffusers_vae
-
         out.vae = load_diffusers_vae(_component_folder(root, index, "vae", ("AutoencoderKL",)), variant=variant, dtype=dtype).to(device)
     return out
 
@@ -314,15 +248,13 @@ def save_diffusers_folder(components: StableDiffusionComponents, folder, *, pipe
         if tok is not None:
             index["tokenizer"] = ["transformers", "CLIPTokenizer"]
     if components.vae is not None:
-        from .diffusers_vae import save_diffusers_vae
-
         save_diffusers_vae(components.vae, root / "vae")
         index["vae"] = ["diffusers", "AutoencoderKL"]
     sched = components.scheduler_config or scheduler_config_from_diffusion(components.diffusion, components.sampling)
     (root / "scheduler").mkdir(exist_ok=True)
-    _write_config(root / "scheduler", SCHEDULER_CONFIG, sched)
+    write_config(root / "scheduler", SCHEDULER_CONFIG, sched)
     index["scheduler"] = ["diffusers", sched["_class_name"]]
-    _write_config(root, MODEL_INDEX, index)
+    write_config(root, MODEL_INDEX, index)
     return root
 
 

@@ -13,19 +13,17 @@ opened. Nothing here touches the network.
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..nn.vae import AutoencoderKL, VAEConfig
-from .checkpoint import _atomic_write, _prepare_tensors, _write_json, load_model_state
+from .folders import CONFIG_NAME, load_into, read_json, read_safetensors, save_model_folder
 from .keymaps import from_difflab, to_difflab
 from .keymaps.vae import DIFFUSERS, ORIGINAL, ORIGINAL_IGNORED_PREFIXES, ORIGINAL_PREFIX
 
-CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 # diffusers config key -> VAEConfig field
@@ -86,29 +84,10 @@ def config_to_diffusers(config: VAEConfig, sample_size: int = 512) -> dict:
 
 def _load_renamed(config: VAEConfig, state: dict[str, torch.Tensor], source: str, dtype: torch.dtype | None) -> AutoencoderKL:
     vae = AutoencoderKL(config)
-    try:
-        load_model_state(vae, state, prefix="")
-    except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
+    load_into(vae, state, source)
     if dtype is not None:
         vae.to(dtype)
     return vae.eval()
-
-
-def _read_weights(folder: Path, variant: str | None) -> dict[str, torch.Tensor]:
-    name = WEIGHTS_NAME if variant is None else WEIGHTS_NAME.replace(".safetensors", f".{variant}.safetensors")
-    path, index = folder / name, folder / (name + ".index.json")
-    if path.is_file():
-        return load_file(str(path))
-    if index.is_file():  # sharded: {"weight_map": {key: shard file}}
-        weight_map = json.loads(index.read_text())["weight_map"]
-        tensors: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            tensors.update(load_file(str(folder / shard)))
-        return tensors
-    pickled = sorted(p.name for p in folder.glob("*.bin")) if folder.is_dir() else []
-    hint = f" (found {pickled}: pickle files are never loaded; convert them to safetensors)" if pickled else ""
-    raise FileNotFoundError(f"no {name} in {folder}{hint}")
 
 
 def load_diffusers_vae(folder, *, variant: str | None = None, dtype: torch.dtype | None = None) -> AutoencoderKL:
@@ -119,24 +98,16 @@ def load_diffusers_vae(folder, *, variant: str | None = None, dtype: torch.dtype
     (cast to ``dtype`` afterwards when given).
     """
     folder = Path(folder)
-    config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {folder} (expected a diffusers AutoencoderKL folder)")
-    config = config_from_diffusers(json.loads(config_path.read_text()))
-    state = to_difflab(_read_weights(folder, variant), DIFFUSERS)
+    config = config_from_diffusers(read_json(folder / CONFIG_NAME, "a diffusers AutoencoderKL folder"))
+    state = to_difflab(read_safetensors(folder, WEIGHTS_NAME, variant), DIFFUSERS)
     return _load_renamed(config, state, f"diffusers AutoencoderKL weights in {folder}", dtype)
 
 
 def save_diffusers_vae(vae: AutoencoderKL, folder, *, sample_size: int = 512) -> Path:
     """Write ``vae`` as a diffusers ``AutoencoderKL`` folder (``config.json`` +
     ``diffusion_pytorch_model.safetensors``), atomically; returns the folder."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = _prepare_tensors(from_difflab(vae.state_dict(), DIFFUSERS))
-    _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    text = json.dumps(config_to_diffusers(vae.config, sample_size), indent=2, sort_keys=True) + "\n"
-    _atomic_write(folder / CONFIG_NAME, lambda tmp: _write_json(tmp, text))
-    return folder
+    return save_model_folder(folder, WEIGHTS_NAME, from_difflab(vae.state_dict(), DIFFUSERS),
+                             config_to_diffusers(vae.config, sample_size))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,13 +26,15 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..core.params import check_prediction
 from ..nn.text import CLIPTextEncoder, CLIPTextEncoderConfig, load_clip_tokenizer
 from ..nn.unet_sd import UNetSD, UNetSDConfig
-from .checkpoint import _atomic_write, _prepare_tensors, strip_prefix
-from .diffusers_folder import SD_DIFFUSION, SD_SAMPLING, StableDiffusionComponents, _load_into, make_denoiser
+from .checkpoint import strip_prefix
+from .diffusers_folder import SD_DIFFUSION, SD_SAMPLING, StableDiffusionComponents, make_denoiser
+from .diffusers_vae import load_sd_vae_from_single_file, sd_single_file_state
+from .folders import load_into, write_tensors
 from .keymaps import from_difflab, rename_key, to_difflab
 from .keymaps.clip_text import OPEN_CLIP, SD1_PREFIX, SD2_PREFIX, difflab_to_open_clip, difflab_to_transformers, open_clip_to_difflab, transformers_to_difflab
 from .keymaps.unet_sd import ORIGINAL_PREFIX, original_table
@@ -151,7 +153,7 @@ def load_single_file(path, *, prediction: str | None = None, unet_config: UNetSD
     config = unet_config or infer_unet_config(original)
     out.unet = UNetSD(config)
     table = original_table(config)
-    _load_into(out.unet, to_difflab(original, table), f"U-Net of {path}",
+    load_into(out.unet, to_difflab(original, table), f"U-Net of {path}",
                lambda k: ORIGINAL_PREFIX + rename_key(k, table, reverse=True)[0])
 
     # 4. Text encoder
@@ -168,12 +170,10 @@ def load_single_file(path, *, prediction: str | None = None, unet_config: UNetSD
             file_name = lambda k: SD1_PREFIX + "text_model." + k  # noqa: E731
         else:  # q/k/v pieces are fused into attn.in_proj_* in the file
             file_name = lambda k: SD2_PREFIX + rename_key(k, OPEN_CLIP, reverse=True)[0]  # noqa: E731
-        _load_into(out.text_encoder, state, f"text encoder of {path}", file_name)
+        load_into(out.text_encoder, state, f"text encoder of {path}", file_name)
 
     # 5. Autoencoder
     if load_vae and any(k.startswith(VAE_PREFIX) for k in tensors):
-        from .diffusers_vae import load_sd_vae_from_single_file
-
         out.vae = load_sd_vae_from_single_file(tensors, vae_config, prefix=VAE_PREFIX)
 
     for name in ("unet", "text_encoder", "vae"):
@@ -199,8 +199,6 @@ def single_file_state(unet: UNetSD, text_encoder: CLIPTextEncoder | None = None,
             raise ValueError(f"text_layout={text_layout!r} must be 'sd1' or 'sd2'")
         state.update(text)
     if vae is not None:
-        from .diffusers_vae import sd_single_file_state
-
         state.update(sd_single_file_state(vae, prefix=VAE_PREFIX))
     return state
 
@@ -210,8 +208,7 @@ def save_single_file(path, unet: UNetSD, text_encoder: CLIPTextEncoder | None = 
     """Write the models as one original-layout ``.safetensors`` checkpoint, atomically; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = _prepare_tensors(single_file_state(unet, text_encoder, vae, text_layout=text_layout))
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_tensors(path, single_file_state(unet, text_encoder, vae, text_layout=text_layout))
     return path
 
 

@@ -104,13 +104,13 @@ class ResBlock(nn.Module):
         return self.skip(x) + self.out_layers(h)
 
 
-def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """(B, N, C) -> (B, heads, N, C / heads)."""
     b, n, c = x.shape
     return x.reshape(b, n, num_heads, c // num_heads).transpose(1, 2)
 
 
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """(B, heads, N, D) -> (B, N, heads * D)."""
     b, h, n, d = x.shape
     return x.transpose(1, 2).reshape(b, n, h * d)
@@ -138,8 +138,8 @@ class SelfAttention(nn.Module):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
-        q, k, v = (_heads(z, self.num_heads) for z in self.qkv(tokens).chunk(3, dim=-1))
-        out = self.proj(_merge_heads(F.scaled_dot_product_attention(q, k, v)))
+        q, k, v = (split_heads(z, self.num_heads) for z in self.qkv(tokens).chunk(3, dim=-1))
+        out = self.proj(merge_heads(F.scaled_dot_product_attention(q, k, v)))
         return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 
@@ -168,14 +168,14 @@ class CrossAttention(nn.Module):
 
     def _forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         b, c, h, w = x.shape
-        q = _heads(self.q(self.norm(x).flatten(2).transpose(1, 2)), self.num_heads)
-        k, v = (_heads(z, self.num_heads) for z in self.kv(context.to(q.dtype)).chunk(2, dim=-1))
+        q = split_heads(self.q(self.norm(x).flatten(2).transpose(1, 2)), self.num_heads)
+        k, v = (split_heads(z, self.num_heads) for z in self.kv(context.to(q.dtype)).chunk(2, dim=-1))
         attn_mask = keep = None
         if mask is not None:
             keep = mask.any(dim=1)  # (B,): samples with at least one real token
             # a fully masked row would give NaN: let it attend everywhere, then zero its output
             attn_mask = (mask | ~keep[:, None])[:, None, None, :]
-        out = self.proj(_merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)))
+        out = self.proj(merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)))
         if keep is not None:
             out = out * keep[:, None, None].to(out.dtype)
         return x + out.transpose(1, 2).reshape(b, c, h, w)

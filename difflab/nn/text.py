@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import JSONConfig
-from .layers import _heads, _merge_heads
+from .layers import merge_heads, split_heads
 from .transformer import Attention, FeedForward
 
 SD_EXTRA = "pip install 'difflab[sd]' (or pip install transformers)"
@@ -124,8 +124,8 @@ class CLIPAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        q, k, v = (_heads(p(x), self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
-        return self.out_proj(_merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)))
+        q, k, v = (split_heads(p(x), self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
+        return self.out_proj(merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)))
 
 
 class CLIPMLP(nn.Module):
@@ -320,7 +320,8 @@ class TinyTextEncoder(TextEncoder):
 
     Returns ``max_length`` tokens per prompt; the mask marks the real ones. The empty prompt has
     no real token: its mask is all False (the U-Net then skips cross-attention for it) and its
-    pooled vector is 0, a natural null condition for classifier-free guidance.
+    pooled vector is 0, a natural null condition for classifier-free guidance. On disk:
+    :func:`difflab.io.text.save_tiny_text` / :func:`~difflab.io.text.load_tiny_text`.
     """
 
     def __init__(self, config: TinyTextConfig):
@@ -365,21 +366,3 @@ class TinyTextEncoder(TextEncoder):
         ids, mask = self.tokenize(prompts)
         hidden, pooled = self(ids, mask)
         return (hidden, pooled, mask) if return_mask else (hidden, pooled)
-
-    def save(self, path) -> Path:
-        """Weights and config in one safetensors checkpoint (plus its JSON copy); returns the file."""
-        from ..io.checkpoint import save_checkpoint
-
-        return save_checkpoint(path, self.state_dict(), {"kind": "TinyTextEncoder", "config": self.config.to_dict()})
-
-    @classmethod
-    def load(cls, path, device="cpu") -> "TinyTextEncoder":
-        """Inverse of :meth:`save` (a ``.safetensors`` file or the directory holding ``checkpoint.safetensors``)."""
-        from ..io.checkpoint import load_checkpoint, load_model_state
-
-        tensors, meta = load_checkpoint(path, device=device)
-        if meta.get("kind") != "TinyTextEncoder":
-            raise ValueError(f"{path} holds a {meta.get('kind')!r} checkpoint, not a TinyTextEncoder")
-        encoder = cls(TinyTextConfig.from_dict(meta["config"]))
-        load_model_state(encoder, tensors, prefix="")
-        return encoder.to(device).eval()

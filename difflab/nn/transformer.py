@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import _heads, _maybe_checkpoint, _merge_heads
+from .layers import _maybe_checkpoint, merge_heads, split_heads
 
 
 class Attention(nn.Module):
@@ -106,13 +106,13 @@ class Attention(nn.Module):
         return True
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        q, k, v = (_heads(z, self.heads) for z in self.project(x, None if context is None else context.to(x.dtype)))
+        q, k, v = (split_heads(z, self.heads) for z in self.project(x, None if context is None else context.to(x.dtype)))
         attn_mask = keep = None
         if mask is not None:
             keep = mask.any(dim=1)  # (B,): samples with at least one token to attend to
             # a fully masked row would give NaN: let it attend everywhere, then zero its output
             attn_mask = (mask | ~keep[:, None])[:, None, None, :]
-        out = self.to_out[1](self.to_out[0](_merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask))))
+        out = self.to_out[1](self.to_out[0](merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask))))
         if keep is not None:
             out = out * keep[:, None, None].to(out.dtype)
         return out

@@ -30,7 +30,6 @@ no hand-written kernel is added; eager mode runs them as two kernels.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import re
@@ -42,38 +41,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from . import memory
+from ..nn.transformer import Attention
+from .memory import enable_attention_slicing, set_gradient_checkpointing
+from .runtime import PRECISIONS, autocast, blocks, device_of, dtype_of
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES = (False, "regional", "full")
-
-
-def dtype_of(precision: str) -> torch.dtype:
-    """The torch dtype of ``"fp32"``, ``"bf16"`` or ``"fp16"``."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} must be one of {list(PRECISIONS)}")
-    return PRECISIONS[precision]
-
-
-def autocast(precision: str, device="cuda"):
-    """Autocast to bf16 / fp16 on ``device`` (a torch.device or its type); a no-op for fp32.
-
-    Mixed-precision training (Micikevicius et al. 2018): weights stay fp32, matmuls and
-    convolutions run in the lower precision, reductions such as normalizations in fp32.
-    """
-    dtype = dtype_of(precision)
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype)
-
-
-def device_of(module: nn.Module) -> torch.device:
-    """The device of a module's first parameter or buffer (the CPU when it has none)."""
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,9 +101,9 @@ def optimize(model: nn.Module, config: FastConfig | None = None, **overrides) ->
 
     # Memory switches
     if config.gradient_checkpointing is not None:
-        memory.set_gradient_checkpointing(model, config.gradient_checkpointing)
+        set_gradient_checkpointing(model, config.gradient_checkpointing)
     if config.attention_slice is not None:
-        memory.enable_attention_slicing(model, config.attention_slice)
+        enable_attention_slicing(model, config.attention_slice)
 
     # 2. Precision and memory format: weights now, the input and output through hooks
     dtype = dtype_of(config.precision)
@@ -166,7 +138,6 @@ def fuse_projections(model: nn.Module) -> list[str]:
     """Fuse the q/k/v projections of every SD-transformer :class:`~difflab.nn.transformer.Attention`
     of ``model`` (not its subclasses, e.g. IP-Adapter layers, nor projections wrapped by LoRA);
     returns the names of the fused modules. The state dict keeps its keys."""
-    from ..nn.transformer import Attention
     return [name for name, m in model.named_modules() if type(m) is Attention and m.fuse_projections()]
 
 
@@ -190,21 +161,6 @@ def _fast_output(module, args, output):
 
 # ----------------------------------------------------------------------------------------------
 # Regional compilation
-
-
-def blocks(model: nn.Module, predicate=None) -> list[tuple[str, nn.Module]]:
-    """The outermost repeated blocks of ``model``: modules for which ``predicate(module)`` holds
-    (default: difflab's blocks, the modules with a ``checkpoint`` attribute), not counting
-    blocks nested inside another one. ``(name, module)`` pairs in ``named_modules`` order."""
-    predicate = predicate or (lambda m: hasattr(m, "checkpoint"))
-    found, inside = [], []
-    for name, m in model.named_modules():
-        if m is model or any(name.startswith(p + ".") for p in inside):
-            continue
-        if predicate(m):
-            found.append((name, m))
-            inside.append(name)
-    return found
 
 
 def compile_regional(model: nn.Module, *, dynamic: bool | None = None, mode: str | None = None,

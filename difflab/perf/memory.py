@@ -25,6 +25,11 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..nn.unet import PRESETS, UNet, UNetConfig
+from ..nn.unet_sd import PRESETS as SD_PRESETS
+from ..nn.unet_sd import UNetSD, UNetSDConfig
+from .runtime import autocast, blocks, device_of, dtype_of
+
 # ----------------------------------------------------------------------------------------------
 # Gradient checkpointing
 
@@ -172,10 +177,6 @@ def resolve_network(spec, device=None) -> nn.Module:
     """A network from a module (returned as it is), a ``UNetConfig`` / ``UNetSDConfig`` or a
     preset name: ``difflab.nn.PRESETS`` (``"cifar10"``, ...), ``"sd1"`` / ``"sd2"``, or
     ``"sd:<name>"`` for any ``difflab.nn.unet_sd.PRESETS`` entry. Built on ``device``."""
-    from ..nn.unet import PRESETS, UNet, UNetConfig
-    from ..nn.unet_sd import PRESETS as SD_PRESETS
-    from ..nn.unet_sd import UNetSD, UNetSDConfig
-
     if isinstance(spec, nn.Module):
         return spec
     if isinstance(spec, str):
@@ -202,11 +203,6 @@ def example_inputs(net: nn.Module, batch_size: int, image_size: int, *, context_
                    dtype=torch.float32, generator: torch.Generator | None = None):
     """``(x, t, cond)`` for one call ``net(x, t, **cond)`` of a difflab U-Net: random x
     (B, C, H, W), times in [0, 1000), class labels / text context when the network takes them."""
-    from ..nn.unet import UNetConfig
-    from ..nn.unet_sd import UNetSDConfig
-
-    from .fast import device_of
-
     c = net.config
     device = torch.device(device) if device is not None else device_of(net)
     g = generator or torch.Generator().manual_seed(0)
@@ -263,8 +259,6 @@ def _probe_saved(net, batch_size, image_size, precision, device, context_len) ->
     """Bytes of the distinct storages autograd saves in one training forward (parameters
     excluded; autocast's low-precision weight copies included), and their split by block.
     Inputs of checkpointed blocks, which checkpointing keeps for the recomputation, count too."""
-    from .fast import autocast, blocks
-
     exclude = {_storage_key(t) for t in itertools.chain(net.parameters(), net.buffers())}
     saved, owner, stack = {}, {}, []
 
@@ -378,8 +372,6 @@ def estimate_memory(model_or_config, batch_size: int, image_size: int, *, precis
     model's device or the CPU) at batch 1 and 2 and the real ``image_size``; autocast behaves
     differently on the CPU and on CUDA, so probe on the device you will train on.
     """
-    from .fast import device_of, dtype_of
-
     dtype = dtype_of(precision)
     net = resolve_network(model_or_config, device)
     device = device_of(net)
@@ -447,8 +439,6 @@ def measure_peak(net: nn.Module, batch_size: int, image_size: int, *, precision:
     allocator's allocations and frees during the step (``torch.profiler`` with
     ``profile_memory=True``); process RSS is too noisy to use.
     """
-    from .fast import autocast, device_of, dtype_of
-
     device = device_of(net)
     dtype = torch.float32 if training else next(net.parameters()).dtype
     x, t, cond = example_inputs(net, batch_size, image_size, context_len=context_len, device=device, dtype=dtype)

@@ -29,20 +29,7 @@ from typing import Callable
 import torch
 from tqdm.auto import trange
 
-
-def check_sigmas(sigmas) -> torch.Tensor:
-    """Validate a sampling grid (1-D, finite, non-negative, strictly decreasing) and return it as
-    a float64 CPU tensor."""
-    sigmas = torch.as_tensor(sigmas).detach().to("cpu", torch.float64)
-    if sigmas.ndim != 1 or len(sigmas) < 1:
-        raise ValueError(f"sigmas must be a non-empty 1-D tensor, got shape {tuple(sigmas.shape)}")
-    if not bool(torch.isfinite(sigmas).all()):
-        raise ValueError(f"sigmas must be finite, got {sigmas.tolist()}")
-    if bool((sigmas < 0).any()):
-        raise ValueError(f"sigmas must be non-negative, got {sigmas.tolist()}")
-    if not bool((sigmas[1:] < sigmas[:-1]).all()):
-        raise ValueError(f"sigmas must be strictly decreasing (largest noise level first), got {sigmas.tolist()}")
-    return sigmas
+from ..core.grids import check_sigmas  # the grid check lives with the grids; samplers re-export it
 
 
 def prepare(denoiser, x: torch.Tensor, sigmas, extra_args: dict | None = None):

@@ -23,6 +23,8 @@ The diffusers scheduler that corresponds to each name is tabled in ``docs/sample
 """
 from __future__ import annotations
 
+from . import SAMPLERS
+
 # name -> (difflab sampler, its keyword arguments, grid name for difflab.core.grids.for_denoiser)
 KDIFFUSION = {  # k-diffusion's sample_* functions and ComfyUI's sampler names
     "euler": ("euler", {}, "default"),
@@ -45,25 +47,25 @@ KDIFFUSION = {  # k-diffusion's sample_* functions and ComfyUI's sampler names
     "deis": ("deis", {"order": 3}, "default"),
 }
 
-# AUTOMATIC1111's menu names without a scheduler suffix ("Automatic" scheduler): the k-diffusion
-# sampler each runs (same difflab function and keywords), and the grid A1111 picks for it
-A1111_KDIFFUSION = {
-    "Euler": ("euler", "uniform_time"),
-    "Euler a": ("euler_ancestral", "uniform_time"),
-    "Heun": ("heun", "uniform_time"),
-    "LMS": ("lms", "uniform_time"),
-    "DPM2": ("dpm_2", "karras"),
-    "DPM adaptive": ("dpm_adaptive", "uniform_time"),
-    "DPM++ 2S a": ("dpmpp_2s_ancestral", "karras"),
-    "DPM++ 2M": ("dpmpp_2m", "karras"),
-    "DPM++ 2M SDE": ("dpmpp_2m_sde", "exponential"),
-    "DPM++ 2M SDE Heun": ("dpmpp_2m_sde_heun", "exponential"),
-    "DPM++ 3M SDE": ("dpmpp_3m_sde", "exponential"),
-    "DDIM": ("ddim", "uniform_time"),
-    "UniPC": ("uni_pc", "uniform_time"),
-    "DEIS": ("deis", "uniform_time"),
-}
-A1111 = {name: (*KDIFFUSION[kd][:2], grid) for name, (kd, grid) in A1111_KDIFFUSION.items()}
+# AUTOMATIC1111's menu names without a scheduler suffix: the k-diffusion sampler each runs, and the
+# grid its "Automatic" scheduler picks
+A1111_SAMPLERS = (
+    ("Euler", "euler", "uniform_time"),
+    ("Euler a", "euler_ancestral", "uniform_time"),
+    ("Heun", "heun", "uniform_time"),
+    ("LMS", "lms", "uniform_time"),
+    ("DPM2", "dpm_2", "karras"),
+    ("DPM adaptive", "dpm_adaptive", "uniform_time"),
+    ("DPM++ 2S a", "dpmpp_2s_ancestral", "karras"),
+    ("DPM++ 2M", "dpmpp_2m", "karras"),
+    ("DPM++ 2M SDE", "dpmpp_2m_sde", "exponential"),
+    ("DPM++ 2M SDE Heun", "dpmpp_2m_sde_heun", "exponential"),
+    ("DPM++ 3M SDE", "dpmpp_3m_sde", "exponential"),
+    ("DDIM", "ddim", "uniform_time"),
+    ("UniPC", "uni_pc", "uniform_time"),
+    ("DEIS", "deis", "uniform_time"),
+)
+A1111 = {name: (*KDIFFUSION[k][:2], grid) for name, k, grid in A1111_SAMPLERS}
 GRID_SUFFIXES = {"Karras": "karras", "Exponential": "exponential", "Polyexponential": "polyexponential",
                  "Uniform": "uniform_time"}
 
@@ -76,11 +78,8 @@ NAMES = {
 
 
 def registry() -> dict:
-    """Every registered difflab sampler by name: :data:`difflab.samplers.SAMPLERS` and the adaptive solver."""
-    from . import SAMPLERS
-    from .adaptive import SAMPLERS as ADAPTIVE
-
-    return {**ADAPTIVE, **SAMPLERS}
+    """Every registered difflab sampler by name: :data:`difflab.samplers.SAMPLERS` (the adaptive solver included)."""
+    return dict(SAMPLERS)
 
 
 def resolve(name: str):

@@ -71,7 +71,7 @@ def add_tokens(text_encoder: TinyTextEncoder, new_words, *, init_word: str | Non
 
     Module surgery (the encoder's code is untouched): the token embedding is replaced by a larger
     one holding the old rows unchanged; ``config`` (its ``vocab``) and the word index follow, so
-    :meth:`TinyTextEncoder.save` / ``load`` round-trip the grown encoder. Words already known keep
+    :func:`~difflab.io.text.save_tiny_text` / ``load_tiny_text`` round-trip the grown encoder. Words already known keep
     their id and row. A new row is a copy of ``init_word``'s row (textual inversion's coarse
     descriptor, Gal et al. 2023, Section 4.1), or N(0, 1) drawn from ``generator`` (nn.Embedding's
     initialization) when ``init_word`` is None.

@@ -1,0 +1,75 @@
+"""LoRA files people have, read offline: difflab's own ``lora.safetensors``, PEFT's
+``adapter_model.safetensors`` + ``adapter_config.json`` and diffusers' ``pytorch_lora_weights.safetensors``
+(safetensors only, never pickles), and the parts of their configs that set alpha (PEFT's
+``LoraConfig``: ``lora_alpha``, ``alpha_pattern``, ``use_rslora``; Kalajdzievski 2023 for rsLoRA).
+
+The key layouts are data tables in :mod:`difflab.io.keymaps.lora`; putting the tensors into a
+network is module surgery, in :mod:`difflab.adapters.lora`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .checkpoint import METADATA_KEY
+from .keymaps import lora as keymap
+
+LORA_KIND = "difflab.lora"
+LORA_FILE = "lora.safetensors"
+# file names looked for in a directory, in order: difflab, PEFT's save_pretrained, diffusers' save_lora_weights
+DIRECTORY_FILES = (LORA_FILE, "adapter_model.safetensors", "pytorch_lora_weights.safetensors")
+PEFT_CONFIG_FILE = "adapter_config.json"
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers >= 0.34 stores the LoraConfig here
+
+
+def read_lora_file(source) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, config) from a state dict, a safetensors file or a directory (difflab, PEFT, diffusers)."""
+    if isinstance(source, dict):
+        return dict(source), {}
+    path = Path(source)
+    config: dict = {}
+    if path.is_dir():
+        found = [path / f for f in DIRECTORY_FILES if (path / f).is_file()]
+        if not found:
+            raise FileNotFoundError(f"no LoRA file in {path} (looked for {list(DIRECTORY_FILES)})")
+        if (path / PEFT_CONFIG_FILE).is_file():
+            config = json.loads((path / PEFT_CONFIG_FILE).read_text())
+        path = found[0]
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: difflab reads LoRA weights from safetensors files only (never pickles)")
+    if not path.is_file():
+        raise FileNotFoundError(f"no LoRA file at {path}")
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        header = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if METADATA_KEY in header:
+        config = json.loads(header[METADATA_KEY])
+    elif DIFFUSERS_METADATA_KEY in header:
+        config = json.loads(header[DIFFUSERS_METADATA_KEY])
+    return tensors, config
+
+
+def component_config(config: dict, prefix: str) -> dict:
+    """diffusers prefixes each component's LoraConfig entries (``unet.lora_alpha``): keep ``prefix``'s."""
+    if prefix and any(k.startswith(prefix) for k in config):
+        return {k[len(prefix):]: v for k, v in config.items() if k.startswith(prefix)}
+    return config
+
+
+def config_alpha(config: dict, fmt: str, module: str, rank: int) -> float | None:
+    """A module's alpha from a difflab metadata or a PEFT LoraConfig dict, or None."""
+    if fmt == "difflab" or config.get("kind") == LORA_KIND:
+        return config.get("modules", {}).get(module, {}).get("alpha")
+    if "lora_alpha" not in config:
+        return None
+    alpha = keymap.pattern_value(config.get("alpha_pattern") or {}, module)
+    alpha = config["lora_alpha"] if alpha is None else alpha
+    return alpha * math.sqrt(rank) if config.get("use_rslora") else alpha  # rsLoRA: alpha / sqrt(r) = (alpha sqrt r) / r
+
+
+__all__ = ["LORA_KIND", "LORA_FILE", "DIRECTORY_FILES", "PEFT_CONFIG_FILE", "DIFFUSERS_METADATA_KEY", "read_lora_file",
+           "component_config", "config_alpha"]
