@@ -60,7 +60,7 @@ def trained_run(tmp_path_factory):
 
 def test_train_then_sample_writes_a_png(trained_run, tmp_path):
     meta = json.loads((trained_run / "checkpoint.json").read_text())
-    assert meta["step"] == 6 and meta["spec"]["unet"]["num_classes"] == 10
+    assert meta["step"] == 6 and meta["spec"]["network"]["config"]["num_classes"] == 10
     png = tmp_path / "s.png"
     assert main(["sample", "--checkpoint", str(trained_run), "--classes", "0,1,9", "--steps", "3", "--guidance", "2",
                  "--out", str(png)]) == 0
@@ -85,7 +85,7 @@ def test_a_checkpoint_that_does_not_match_the_model_names_the_keys(trained_run, 
     from difflab.io.checkpoint import load_checkpoint, save_checkpoint
 
     tensors, meta = load_checkpoint(trained_run)
-    meta["spec"]["unet"]["model_channels"] = 24  # the spec now describes a different network
+    meta["spec"]["network"]["config"]["model_channels"] = 24  # the spec now describes a different network
     save_checkpoint(tmp_path / "bad.safetensors", tensors, meta)
     assert main(["sample", "--checkpoint", str(tmp_path / "bad.safetensors"), "--out", str(tmp_path / "s.png")]) == 2
     err = capsys.readouterr().err

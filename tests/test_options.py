@@ -103,3 +103,11 @@ def test_the_same_options_give_the_same_images_through_generate_and_sample_check
     torch.testing.assert_close(balanced[:3], sample_checkpoint(checkpoint, labels=[0, 1, 2], options=opts), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="num=None must be a positive number"):
         sample_checkpoint(checkpoint, labels="balanced", options=opts)
+
+
+def test_eta_samplers_are_the_samplers_that_take_eta():
+    import inspect
+
+    from difflab.samplers import ETA_SAMPLERS, SAMPLERS
+
+    assert set(ETA_SAMPLERS) == {n for n, f in SAMPLERS.items() if "eta" in inspect.signature(f).parameters}

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+from pathlib import Path
 
 import torch
 
@@ -25,3 +27,78 @@ def parse_classes(text: str) -> list[int]:
 
 # Errors a command turns into one line on stderr and exit status 2 (no traceback).
 USER_ERRORS = (ValueError, FileNotFoundError, ImportError)
+
+
+# ----------------------------------------------------------------------------------------------
+# argparse types: a bad value is refused while parsing, naming the option, before any work
+
+
+def _number(text: str, kind, what: str, ok) -> float | int:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (steps, batch sizes, counts)."""
+    return _number(text, int, "an integer >= 1", lambda v: v >= 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 (seeds)."""
+    return _number(text, int, "an integer >= 0", lambda v: v >= 0)
+
+
+def finite_float(text: str) -> float:
+    """A finite number (guidance scales): nan and inf are refused."""
+    return _number(text, float, "a finite number", math.isfinite)
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (learning rates)."""
+    return _number(text, float, "a finite number > 0", lambda v: math.isfinite(v) and v > 0)
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0 (eta)."""
+    return _number(text, float, "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def device_name(text: str) -> str:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``mps``, refused when this machine lacks it."""
+    kind, _, index = text.partition(":")
+    if kind not in DEVICE_TYPES or (index and not index.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use one of cpu, cuda, cuda:N, mps")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine; use cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine; use cpu")
+    return text
+
+
+def add_device(parser) -> None:
+    """The ``--device`` option every command shares."""
+    parser.add_argument("--device", type=device_name, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+
+
+def output_file(path: Path, flag: str = "--out") -> Path:
+    """Refuse an output path that is a folder, or whose folder cannot be made, before any work."""
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; give a file name such as {path / 'samples.png'}")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise UsageError(f"{flag} {path}: {path.parent} is a file, not a folder")
+    return path
+
+
+def output_folder(path: Path, flag: str = "--out") -> Path:
+    """Refuse an output folder that is an existing file, before any work."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path} is a file; give a folder (it is created when missing)")
+    return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..demos.digits import run_demo
 from ..demos.text import run_text_demo
 from ..samplers import SAMPLERS
+from .common import finite_float, non_negative_int, positive_int
 
 HELP = "train, sample and judge a model on the embedded digits"
 DESCRIPTION = ("Train a class-conditional U-Net on scikit-learn's digits, sample every class with classifier-free "
@@ -17,12 +18,12 @@ def add_arguments(d) -> None:
                         "digits, sampled from prompts, with inpainting, outpainting and inversion")
     d.add_argument("--out-dir", default=None,
                    help="where samples.png, the checkpoints and report.json go (default: demo_out, or demo_text_out with --text)")
-    d.add_argument("--steps", type=int, default=None, help="training steps (default: 2000)")
+    d.add_argument("--steps", type=positive_int, default=None, help="training steps (default: 2000)")
     d.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS), help="sampler (default: ddim)")
-    d.add_argument("--sampling-steps", type=int, default=50, help="sampler steps (default: 50)")
-    d.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (default: 2; 1 = none)")
-    d.add_argument("--samples-per-class", type=int, default=50, help="samples per class judged (default: 50)")
-    d.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    d.add_argument("--sampling-steps", type=positive_int, default=50, help="sampler steps (default: 50)")
+    d.add_argument("--guidance", type=finite_float, default=2.0, help="classifier-free guidance scale (default: 2; 1 = none)")
+    d.add_argument("--samples-per-class", type=positive_int, default=50, help="samples per class judged (default: 50)")
+    d.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed (default: 0)")
     d.add_argument("--resume", action="store_true", help="continue the training checkpoint in --out-dir")
 
 

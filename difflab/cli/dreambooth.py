@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..data import load_image_folder
 from ..train.dreambooth import DreamBoothConfig, dreambooth, load_text_model, save_dreambooth
-from .common import device
+from .common import device, device_name, finite_float, non_negative_float, non_negative_int, positive_float, positive_int
 
 HELP = "fine-tune on a few images of a subject (DreamBooth, LoRA)"
 DESCRIPTION = ("Bind a rare identifier to a subject shown in a few images (DreamBooth; Ruiz et al. 2023), with "
@@ -25,18 +25,18 @@ def add_arguments(d) -> None:
     d.add_argument("--instance-prompt", default=None, help="prompt of the subject (default: the class prompt with the "
                                                            "identifier before its last word, 'a sks digit')")
     d.add_argument("--out", type=Path, required=True, help="output folder")
-    d.add_argument("--lora-rank", type=int, default=None, help="train LoRA adapters of this rank only (default: the whole U-Net)")
-    d.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    d.add_argument("--lora-rank", type=positive_int, default=None, help="train LoRA adapters of this rank only (default: the whole U-Net)")
+    d.add_argument("--lora-alpha", type=positive_float, default=None, help="LoRA alpha (default: the rank)")
     d.add_argument("--text-encoder", choices=["frozen", "tokens", "full"], default="tokens",
                    help="what of the text encoder trains: nothing, the identifier's embedding (default), or all of it")
-    d.add_argument("--steps", type=int, default=400, help="fine-tuning steps (default: 400)")
-    d.add_argument("--batch-size", type=int, default=4, help="subject images per step, and as many class images (default: 4)")
-    d.add_argument("--lr", type=float, default=None, help="learning rate (default: 2e-4 full, 1e-3 LoRA)")
-    d.add_argument("--prior-weight", type=float, default=1.0, help="lambda of the prior-preservation loss; 0 = off (default: 1)")
-    d.add_argument("--num-prior-images", type=int, default=50, help="class images sampled from the base model (default: 50)")
-    d.add_argument("--prior-guidance", type=float, default=2.0, help="guidance scale of the class images (default: 2)")
-    d.add_argument("--seed", type=int, default=0, help="seed of the class images and of the fine-tuning draws (default: 0)")
-    d.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    d.add_argument("--steps", type=positive_int, default=400, help="fine-tuning steps (default: 400)")
+    d.add_argument("--batch-size", type=positive_int, default=4, help="subject images per step, and as many class images (default: 4)")
+    d.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: 2e-4 full, 1e-3 LoRA)")
+    d.add_argument("--prior-weight", type=non_negative_float, default=1.0, help="lambda of the prior-preservation loss; 0 = off (default: 1)")
+    d.add_argument("--num-prior-images", type=non_negative_int, default=50, help="class images sampled from the base model (default: 50)")
+    d.add_argument("--prior-guidance", type=finite_float, default=2.0, help="guidance scale of the class images (default: 2)")
+    d.add_argument("--seed", type=non_negative_int, default=0, help="seed of the class images and of the fine-tuning draws (default: 0)")
+    d.add_argument("--device", type=device_name, default=None, help="cpu or cuda (default: cuda if available)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

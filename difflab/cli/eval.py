@@ -10,7 +10,7 @@ from ..eval.harness import DEFAULT_METRICS, DEFAULT_NUM_SAMPLES, METRICS
 from ..io.spec import checkpoint_spec
 from ..pipelines import SampleOptions, sample_checkpoint
 from ..pipelines.checkpoint import check_image_kind
-from .common import device
+from .common import UsageError, device, device_name, finite_float, non_negative_int, positive_int
 
 HELP = "measure generated images against a reference (FID, KID, IS, precision/recall)"
 DESCRIPTION = ("Compare generated images (a checkpoint to sample, a folder, or a statistics .npz) with a reference "
@@ -27,19 +27,19 @@ def add_arguments(e) -> None:
     e.add_argument("--clip-dir", default=None, help="local transformers folder for --extractor clip or dinov2")
     e.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help=f"comma-separated, from {', '.join(METRICS)} "
                                                                          f"(default: {','.join(DEFAULT_METRICS)})")
-    e.add_argument("--num", type=int, default=None, help=f"images to sample from a checkpoint (default: {DEFAULT_NUM_SAMPLES}) "
+    e.add_argument("--num", type=positive_int, default=None, help=f"images to sample from a checkpoint (default: {DEFAULT_NUM_SAMPLES}) "
                                                          "or to take from a folder (default: all)")
-    e.add_argument("--batch-size", type=int, default=64, help="batch size of sampling and feature extraction; changes "
+    e.add_argument("--batch-size", type=positive_int, default=64, help="batch size of sampling and feature extraction; changes "
                                                               "no number (default: 64)")
     e.add_argument("--cache", default=None, help="a .npz for the reference statistics: reused when present, else written")
     e.add_argument("--prompts", type=Path, default=None, help="text file, one prompt per generated image (clip_score)")
     e.add_argument("--sampler", default="ddim", help="checkpoint sampling: sampler (default: ddim)")
-    e.add_argument("--steps", type=int, default=50, help="checkpoint sampling: sampler steps (default: 50)")
-    e.add_argument("--guidance", type=float, default=1.0, help="checkpoint sampling: guidance scale (default: 1 = none)")
-    e.add_argument("--seed", type=int, default=0, help="seed of sampling and of the KID subsets (default: 0)")
+    e.add_argument("--steps", type=positive_int, default=50, help="checkpoint sampling: sampler steps (default: 50)")
+    e.add_argument("--guidance", type=finite_float, default=1.0, help="checkpoint sampling: guidance scale (default: 1 = none)")
+    e.add_argument("--seed", type=non_negative_int, default=0, help="seed of sampling and of the KID subsets (default: 0)")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
-    e.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    e.add_argument("--device", type=device_name, default=None, help="cpu or cuda (default: cuda if available)")
 
 
 EVAL_LABELS = {"fid": "FID", "kid": "KID", "precision": "precision", "recall": "recall", "is": "Inception Score",
@@ -67,6 +67,22 @@ def checkpoint_sampler(path, options: SampleOptions):
     return lambda num: sample_checkpoint(path, labels="balanced", num=num, options=options)
 
 
+WEIGHT_SUFFIXES = {"judge": (".safetensors",), "inception": (".safetensors", ".pth", ".pt")}
+
+
+def check_weights(args) -> None:
+    """``--weights`` exists and has a suffix the extractor reads (safetensors; the Inception also a
+    weights-only ``.pth``), checked before any work."""
+    if args.weights is None:
+        return
+    path = Path(args.weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"--weights {path} does not exist")
+    suffixes = WEIGHT_SUFFIXES.get(args.extractor)
+    if suffixes and path.suffix not in suffixes:
+        raise UsageError(f"--weights {path}: the {args.extractor} extractor reads {' or '.join(suffixes)} files")
+
+
 def run(args) -> int:
     # 1. Check everything that can be checked before any work.
     metrics = check_metrics(args.metrics)
@@ -75,6 +91,7 @@ def run(args) -> int:
     for flag, value in (("--generated", args.generated), ("--reference", args.reference)):
         if value is not None and value != "digits" and not Path(value).exists():
             raise FileNotFoundError(f"{flag} {value} does not exist")
+    check_weights(args)
     dev = device(args.device)
     generated, reference = args.generated, args.reference
     if is_checkpoint(generated) or is_checkpoint(reference):

@@ -5,7 +5,7 @@ import json
 
 from ..perf.memory import estimate_memory, format_estimate, measure_peak, resolve_network, set_gradient_checkpointing
 from ..perf.runtime import PRECISIONS, dtype_of
-from .common import device
+from .common import device, device_name, positive_int
 
 HELP = "predict (and measure) the memory of a training step or a call"
 DESCRIPTION = ("Parameters, gradients, optimizer states and activations (counted from what autograd saves) of one "
@@ -14,17 +14,17 @@ DESCRIPTION = ("Parameters, gradients, optimizer states and activations (counted
 
 def add_arguments(m) -> None:
     m.add_argument("--preset", default="cifar10", help="a difflab.nn.PRESETS name, sd1, sd2 or sd:<name> (default: cifar10)")
-    m.add_argument("--batch-size", type=int, default=128, help="batch size (default: 128)")
-    m.add_argument("--image-size", type=int, default=32, help="image (or latent) height and width (default: 32)")
+    m.add_argument("--batch-size", type=positive_int, default=128, help="batch size (default: 128)")
+    m.add_argument("--image-size", type=positive_int, default=32, help="image (or latent) height and width (default: 32)")
     m.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                    help="training: autocast precision (weights stay fp32); inference: weight precision")
     m.add_argument("--optimizer", choices=["adamw", "adam", "sgd", "none"], default="adamw", help="optimizer (default: adamw)")
     m.add_argument("--inference", action="store_true", help="one inference call instead of a training step")
     m.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations in backward")
     m.add_argument("--ema", action="store_true", help="count an fp32 EMA copy of the weights (difflab train keeps one)")
-    m.add_argument("--context-len", type=int, default=77, help="text tokens for cross-attention nets (default: 77)")
+    m.add_argument("--context-len", type=positive_int, default=77, help="text tokens for cross-attention nets (default: 77)")
     m.add_argument("--measure", action="store_true", help="also run the step and print measured against predicted")
-    m.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available); probe on the device you train on")
+    m.add_argument("--device", type=device_name, default=None, help="cpu or cuda (default: cuda if available); probe on the device you train on")
     m.add_argument("--json", action="store_true", help="print JSON")
 
 

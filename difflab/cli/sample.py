@@ -7,8 +7,8 @@ from ..io.images import save_grid
 from ..io.spec import checkpoint_spec
 from ..pipelines import SampleOptions, sample_checkpoint
 from ..pipelines.checkpoint import check_image_kind
-from ..samplers import SAMPLERS
-from .common import device, parse_classes
+from ..samplers import ETA_SAMPLERS, SAMPLERS
+from .common import UsageError, device, device_name, finite_float, non_negative_float, non_negative_int, output_file, parse_classes, positive_int
 
 HELP = "sample a trained checkpoint into a PNG grid"
 DESCRIPTION = "Sample a checkpoint written by 'difflab train' or 'difflab demo' (network kinds whose samples are images)."
@@ -18,18 +18,21 @@ def add_arguments(s) -> None:
     s.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.safetensors or the run directory holding it")
     s.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG to write (default: samples.png)")
     s.add_argument("--sampler", default="ddim", help=f"one of {', '.join(sorted(SAMPLERS))} (default: ddim)")
-    s.add_argument("--steps", type=int, default=50, help="sampler steps (default: 50)")
-    s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default: 1 = none)")
+    s.add_argument("--steps", type=positive_int, default=50, help="sampler steps (default: 50)")
+    s.add_argument("--guidance", type=finite_float, default=1.0, help="classifier-free guidance scale (default: 1 = none)")
     s.add_argument("--classes", type=parse_classes, default=None, help="comma-separated class indices, one image each")
-    s.add_argument("--num", type=int, default=16, help="number of images when --classes is not given (default: 16)")
-    s.add_argument("--seed", type=int, default=0, help="seed; sample i is the same whatever the batch size (default: 0)")
+    s.add_argument("--num", type=positive_int, default=16, help="number of images when --classes is not given (default: 16)")
+    s.add_argument("--seed", type=non_negative_int, default=0, help="seed; sample i is the same whatever the batch size (default: 0)")
     s.add_argument("--weights", choices=["ema", "model"], default="ema", help="EMA or raw weights (default: ema)")
-    s.add_argument("--eta", type=float, default=None, help="DDIM eta (default: 0)")
-    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    s.add_argument("--eta", type=non_negative_float, default=None, help="DDIM eta (default: 0)")
+    s.add_argument("--device", type=device_name, default=None, help="cpu or cuda (default: cuda if available)")
 
 
 def run(args) -> int:
     # 1. Check everything that can be checked before the weights are read.
+    output_file(args.out)
+    if args.eta is not None and args.sampler not in ETA_SAMPLERS:
+        raise UsageError(f"--eta: sampler {args.sampler!r} has no eta; the samplers that take one are {', '.join(ETA_SAMPLERS)}")
     extra = {"eta": args.eta} if args.eta is not None else {}
     options = SampleOptions(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
                             device=device(args.device), sampler_kwargs=extra)

@@ -10,11 +10,11 @@ from ..core.params import PREDICTIONS
 from ..core.schedules import DISCRETE_SCHEDULES
 from ..data import load_digits, load_image_folder
 from ..demos.digits import DEMO_SPEC, DEMO_TRAIN
-from ..io.spec import build_denoiser
+from ..io.spec import build_denoiser, make_spec, read_spec
 from ..nn.unet import PRESETS, UNetConfig
 from ..train import TrainConfig, train
 from ..train.distributed import init_distributed
-from .common import device
+from .common import UsageError, device, device_name, output_folder, positive_float, positive_int
 
 CONFIG_KEYS = ("spec", "train")  # the top level of --config
 HELP = "train a diffusion model"
@@ -25,18 +25,18 @@ def add_arguments(t) -> None:
     t.add_argument("--config", type=Path, help="JSON file: {\"spec\": {\"unet\": {...}, \"diffusion\": {...}}, \"train\": {...}}")
     t.add_argument("--out", type=Path, default=Path("runs/digits"), help="run directory for checkpoint and log (default: runs/digits)")
     t.add_argument("--data", default="digits", help="'digits' (embedded) or a folder of images (subfolders = classes with --labels)")
-    t.add_argument("--size", type=int, default=None, help="image size (digits: 8, 16 or 32; folders: required)")
-    t.add_argument("--channels", type=int, default=None, help="image channels for a folder (1 or 3; default 3)")
+    t.add_argument("--size", type=positive_int, default=None, help="image size (digits: 8, 16 or 32; folders: required)")
+    t.add_argument("--channels", type=positive_int, default=None, help="image channels for a folder (1 or 3; default 3)")
     t.add_argument("--labels", action="store_true", help="folder data: use subfolder names as class labels")
     t.add_argument("--preset", default=None, help="U-Net preset (default: digits)")
     t.add_argument("--schedule", choices=DISCRETE_SCHEDULES, default=None, help="noise schedule (default: cosine)")
     t.add_argument("--prediction", choices=PREDICTIONS, default=None, help="what the network predicts (default: v)")
-    t.add_argument("--steps", type=int, help="training steps")
-    t.add_argument("--batch-size", type=int, help="batch size")
-    t.add_argument("--lr", type=float, help="learning rate")
+    t.add_argument("--steps", type=positive_int, help="training steps")
+    t.add_argument("--batch-size", type=positive_int, help="batch size")
+    t.add_argument("--lr", type=positive_float, help="learning rate")
     t.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="fp32, bf16 autocast, or fp16 (CUDA)")
     t.add_argument("--weighting", choices=["simple", "min_snr", "edm"], help="loss weighting")
-    t.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    t.add_argument("--device", type=device_name, default=None, help="cpu or cuda (default: cuda if available)")
     t.add_argument("--parallel", choices=["none", "ddp", "fsdp"], default=None,
                    help="data parallelism under torchrun: 'torchrun --nproc_per_node=N -m difflab.cli train --parallel ddp'")
     t.add_argument("--fresh", action="store_true", help="start afresh even if --out holds a checkpoint (it is overwritten)")
@@ -58,37 +58,54 @@ def read_config(path: Path | None) -> dict:
     return cfg
 
 
+def check_data(args) -> None:
+    """``--data`` is ``digits`` or an existing folder (with ``--size``), checked before any work."""
+    if args.data == "digits":
+        return
+    folder = Path(args.data)
+    if not folder.exists():
+        raise FileNotFoundError(f"--data {folder} does not exist: give 'digits' or a folder of images")
+    if not folder.is_dir():
+        raise UsageError(f"--data {folder} is a file: give 'digits' or a folder of images")
+    if not args.size:
+        raise UsageError("--size is required for a folder of images (the side the images are resized to)")
+
+
 def load_data(args):
     """(images, labels or None) of ``--data``."""
     if args.data == "digits":
         return load_digits(size=args.size or 8, split="train")
-    if not args.size:
-        raise ValueError("--size is required for a folder of images")
     folder = load_image_folder(args.data, args.size, channels=args.channels or 3, with_labels=args.labels)
     return (folder[0], folder[1]) if args.labels else (folder, None)
 
 
 def model_spec(cfg: dict, args, images, labels) -> dict:
     """The model spec: ``--config``'s (or the demo's), with the preset / schedule / prediction flags
-    and the data's channels and classes."""
-    spec = json.loads(json.dumps(cfg.get("spec") or DEMO_SPEC))
+    and the data's channels and classes; written in the current form (:func:`make_spec`)."""
+    kind, config, diffusion = read_spec(cfg.get("spec") or DEMO_SPEC)
+    if kind != "unet":
+        raise UsageError(f"difflab train builds the 'unet' network kind; the spec names {kind!r}")
     if args.preset:
         if args.preset not in PRESETS:
-            raise ValueError(f"--preset {args.preset!r} is unknown; choose one of {sorted(PRESETS)}")
-        spec["unet"] = PRESETS[args.preset].to_dict()
-    unet = UNetConfig.from_dict(spec["unet"])
+            raise UsageError(f"--preset {args.preset!r} is unknown; choose one of {sorted(PRESETS)}")
+        config = PRESETS[args.preset].to_dict()
+    unet = UNetConfig.from_dict(config, "spec.network.config")
     unet = dataclasses.replace(unet, in_channels=images.shape[1],
                                num_classes=(int(labels.max()) + 1) if labels is not None else None)
-    spec["unet"] = unet.to_dict()
     if args.schedule:
-        spec["diffusion"]["schedule"] = args.schedule
+        diffusion["schedule"] = args.schedule
     if args.prediction:
-        spec["diffusion"]["prediction"] = args.prediction
-    return spec
+        diffusion["prediction"] = args.prediction
+    return make_spec("unet", unet, diffusion)
 
 
 def run(args) -> int:
+    # 1. Check everything that can be checked before any work.
+    output_folder(args.out)
+    check_data(args)
     cfg = read_config(args.config)
+    if "spec" in cfg:
+        read_spec(cfg["spec"])
     train_cfg = TrainConfig.from_dict({**DEMO_TRAIN.to_dict(), **cfg.get("train", {})})
     images, labels = load_data(args)
     spec = model_spec(cfg, args, images, labels)

@@ -128,12 +128,32 @@ def _metadata(f, path: Path) -> dict:
     return json.loads(header[METADATA_KEY])
 
 
-def load_checkpoint(path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
-    """Read ``(tensors, metadata)`` written by :func:`save_checkpoint` (safetensors only)."""
+class NonFiniteError(ValueError):
+    """A tensor holds NaN or infinity where only finite numbers make sense."""
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors that hold a NaN or an infinity."""
+    return sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Raise :class:`NonFiniteError` naming the tensors of ``what`` that are not finite."""
+    bad = non_finite(tensors)
+    if bad:
+        raise NonFiniteError(f"{what} holds tensors that are not finite (NaN or inf): {_listing(bad)}; "
+                             "it cannot be used (resume from an earlier checkpoint, or retrain)")
+
+
+def load_checkpoint(path, device: str | torch.device = "cpu", *, finite: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read ``(tensors, metadata)`` written by :func:`save_checkpoint` (safetensors only). Every
+    floating tensor is checked finite (``finite=False`` reads a damaged file anyway, to inspect it)."""
     path = checkpoint_path(path)
     with _open(path, device) as f:
         metadata = _metadata(f, path)
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if finite:
+        check_finite(tensors, str(path))
     return tensors, metadata
 
 

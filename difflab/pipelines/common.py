@@ -285,7 +285,27 @@ def denoise(denoiser, x: torch.Tensor, sigmas, opts: SampleOptions, noise, cond:
     ``sampler``, e.g. a RePaint wrapper) from ``x`` over ``sigmas``, drawing from ``noise``."""
     model = guided(denoiser, opts.guidance_scale, uncond, opts.guidance_rescale)
     sample = get_sampler(opts.sampler) if sampler is None else sampler
-    return sample(model, x, sigmas, noise=noise, extra_args=cond, **opts.sampler_kwargs)
+    kwargs = dict(opts.sampler_kwargs)
+    user_callback = kwargs.pop("callback", None)
+
+    def callback(info):
+        stop_if_not_finite(info)
+        if user_callback is not None:
+            user_callback(info)
+
+    return sample(model, x, sigmas, noise=noise, extra_args=cond, callback=callback, **kwargs)
+
+
+class NonFiniteSampleError(ValueError):
+    """The network's output stopped being finite while sampling."""
+
+
+def stop_if_not_finite(info: dict) -> None:
+    """A sampler callback that stops sampling when the denoised estimate holds a NaN or an
+    infinity, naming the step and its sigma (a damaged network gives black images otherwise)."""
+    if not bool(torch.isfinite(info["denoised"]).all()):
+        raise NonFiniteSampleError(f"the network's output is not finite at sampling step {info['i']} "
+                                   f"(sigma={info['sigma']:.4g}); the weights or the inputs are damaged")
 
 
 def run_options(n: int, shape, sample_batch, opts: SampleOptions, *, device, desc: str) -> torch.Tensor:

@@ -25,6 +25,11 @@ SAMPLERS = {
 }
 
 
+# The samplers that take ``eta`` (the scale of the fresh noise per step; 0 = deterministic), so a
+# command can refuse --eta for the others before any work (tests/test_options.py checks it).
+ETA_SAMPLERS = ("ddim", "euler_ancestral", "dpmpp_2s", "dpmpp_2s_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde")
+
+
 def get_sampler(name: str):
     """The sampler function registered under ``name`` in :data:`SAMPLERS`."""
     if name not in SAMPLERS:
@@ -32,4 +37,4 @@ def get_sampler(name: str):
     return SAMPLERS[name]
 
 
-__all__ = ["SAMPLERS", "get_sampler", "sample_ddim", "sample_ddpm", "check_sigmas", "ancestral_step", "ode_derivative", "invert_ddim", "BrownianTreeNoise"]
+__all__ = ["SAMPLERS", "ETA_SAMPLERS", "get_sampler", "sample_ddim", "sample_ddpm", "check_sigmas", "ancestral_step", "ode_derivative", "invert_ddim", "BrownianTreeNoise"]
