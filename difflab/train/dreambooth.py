@@ -224,14 +224,16 @@ def fit_subject(denoiser, text_encoder, instance_images: torch.Tensor, instance_
     ``text`` one of :data:`TEXT_MODES`. Each step takes ``batch_size`` instance examples (one
     permutation of them per epoch) and as many class examples; prompts, class examples, sigmas
     and noise are drawn from (``seed``, step); the net's own randomness (dropout) is seeded from
-    ``seed``. Leaves both models in eval mode; returns the log (every ``log_every`` steps)."""
+    ``seed``. Leaves both models in eval mode; returns the log (every ``log_every`` steps, at
+    least one entry)."""
     if unet not in ("train", "frozen"):
         raise ValueError(f"unet={unet!r} must be 'train' or 'frozen'")
     objective = SubjectObjective(denoiser, text_encoder, instance_prompts, train_unet=unet == "train", text=text,
                                  token_ids=token_ids, prior_images=prior_images, prior_prompt=prior_prompt,
                                  prior_weight=prior_weight, weighting=weighting, text_lr=text_lr, name=desc)
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                         grad_clip=max_grad_norm or None, ema_decay=None, log_every=log_every, seed=seed, progress=progress)
+                         grad_clip=max_grad_norm or None, ema_decay=None, log_every=min(log_every, steps), seed=seed,
+                         progress=progress)
     try:
         state = fit(objective, {"x0": instance_images.to(objective.device)}, config)
     finally:
