@@ -53,7 +53,8 @@ LOSSES = ("mse", "hybrid")  # the diffusion objective's losses: losses.diffusion
 LR_SCHEDULES = ("constant", "cosine", "one_cycle")
 ONE_CYCLE_DIV, ONE_CYCLE_FINAL_DIV = 25.0, 1e4  # torch.optim.lr_scheduler.OneCycleLR's div_factor, final_div_factor
 CHECKPOINT_KIND = "difflab.train"
-# Config fields that may change when resuming without changing the math of the steps taken.
+# Config fields that may change when resuming without changing the math of the steps taken
+# (``steps`` only with the constant schedule: cosine and one-cycle decay over the run's steps).
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "progress", "parallel")
 
 
@@ -363,8 +364,9 @@ def restore_training_state(state: TrainState, config: TrainConfig, path) -> None
     if meta.get("kind") != CHECKPOINT_KIND:
         raise ValueError(f"{path} is not a training checkpoint (kind={meta.get('kind')!r})")
     saved = TrainConfig.from_checkpoint(meta["train_config"])
+    free = [n for n in RESUMABLE_CHANGES if not (n == "steps" and config.lr_schedule != "constant")]  # a decay spans the steps
     changed = [f.name for f in dataclasses.fields(TrainConfig)
-               if f.name not in RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(config, f.name)]
+               if f.name not in free and getattr(saved, f.name) != getattr(config, f.name)]
     if changed:
         warnings.warn(f"resuming {path} with a changed config ({', '.join(changed)}): the run will not match an uninterrupted one")
     module, par = state.module, state.parallel
