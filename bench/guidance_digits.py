@@ -32,13 +32,12 @@ from difflab.data import load_digits
 from difflab.demos.digits import DEMO_SPEC, DEMO_TRAIN
 from difflab.eval import DigitsJudge
 from difflab.guidance import (ClassifierConfig, ClassifierGuidance, NoisyClassifier, PerturbedAttentionGuidance,
-                              RewardGuidance, SafetyGuidance, SelfAttentionGuidance, classifier_accuracy,
-                              train_classifier)
+                              RewardGuidance, SafetyGuidance, SelfAttentionGuidance, classifier_accuracy)
 from difflab.guidance.safety import unwanted_log_probs
 from difflab.io.spec import build_denoiser
 from difflab.nn.unet import PRESETS
 from difflab.samplers import sample_ddim
-from difflab.train import train
+from difflab.train import train, train_classifier
 from machine import machine  # bench/machine.py
 
 UNCOND_SPEC = {"unet": dataclasses.replace(PRESETS["digits"], dropout=0.0, num_classes=None).to_dict(),

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from difflab.core import VE, Denoiser, Flow, VPDiscrete, append_dims, grids
-from difflab.guidance import ClassifierConfig, ClassifierGuidance, MixtureClassifier, NoisyClassifier, train_classifier
-from difflab.oracle import GaussianMixture
+from difflab.guidance import ClassifierConfig, ClassifierGuidance, NoisyClassifier
+from difflab.oracle import GaussianMixture, MixtureClassifier
 from difflab.samplers import sample_ddim
+from difflab.train import train_classifier
 
 F64 = torch.float64
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from difflab.core import grids
-from difflab.guidance import MixtureClassifier, RewardGuidance, SafetyGuidance
+from difflab.guidance import RewardGuidance, SafetyGuidance
 from difflab.guidance.safety import unwanted_log_probs
-from difflab.oracle import GaussianMixture
+from difflab.oracle import GaussianMixture, MixtureClassifier
 from difflab.samplers import sample_ddim
 
 F64 = torch.float64

@@ -8,8 +8,8 @@ from torch import nn
 
 from difflab.core import EDM, VE, Denoiser, Flow, VPContinuous, VPDiscrete
 from difflab.io import load_checkpoint
-from difflab.train import (EMA, SigmaBinnedLoss, TrainConfig, TrainingDivergedError, default_noise_level, diffusion_loss,
-                           draw_batch, draw_sigmas, loss_by_sigma_bins, loss_weight, train)
+from difflab.train import (EMA, DiffusionObjective, SigmaBinnedLoss, TrainConfig, TrainingDivergedError, default_noise_level,
+                           diffusion_loss, draw_batch, draw_sigmas, loss_by_sigma_bins, loss_weight, train)
 from difflab.train.loop import accumulate_gradients, batch_indices, lr_at
 
 
@@ -328,7 +328,7 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path):
     d1 = Denoiser(TinyNet(num_classes=3, t_scale=100.0), frame, "eps")
     d2 = Denoiser(TinyNet(num_classes=3, t_scale=100.0), frame, "eps")
     d2.load_state_dict(d1.state_dict())
-    l1, l2 = accumulate_gradients(d1, b1, one), accumulate_gradients(d2, b2, two)
+    (l1, _), (l2, _) = accumulate_gradients(DiffusionObjective(d1), b1, one), accumulate_gradients(DiffusionObjective(d2), b2, two)
     assert torch.allclose(l1, l2, atol=1e-6)
     for p1, p2 in zip(d1.parameters(), d2.parameters()):
         assert torch.allclose(p1.grad, p2.grad, atol=1e-6)

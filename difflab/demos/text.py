@@ -16,22 +16,24 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw
 from torch import nn
-from tqdm.auto import trange
 
 from ..core import Denoiser
 from ..data import load_digits
 from ..eval import DigitsJudge, judge_report
-from ..io.images import save_grid
+from ..io.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from ..io.images import make_grid, save_grid
 from ..io.spec import build_frame
 from ..io.text import save_tiny_text
 from ..nn.text import TinyTextConfig, TinyTextEncoder, build_vocab, words
+from ..nn.text_unet import TextConditionedUNet
 from ..nn.unet import UNet, UNetConfig
 from ..nn.vae import PRESETS as VAE_PRESETS
-from ..nn.vae import AutoencoderKL, estimate_scaling_factor
+from ..nn.vae import AutoencoderKL, VAEConfig, estimate_scaling_factor
 from ..pipelines import inpaint, outpaint, text_to_image
 from ..pipelines.edit import psnr, reconstruct
-from ..train import TrainConfig, train, vae_loss
+from ..train import TrainConfig, VAEObjective, fit, train
 
 # ----------------------------------------------------------------------------------------------
 # Captions
@@ -111,25 +113,6 @@ class TextDemoConfig:
     seed: int = 0
 
 
-class TextConditionedUNet(nn.Module):
-    """``net(x_in, t, input_ids=)``: the text encoder's tokens of ``input_ids`` as the U-Net's
-    cross-attention context (Rombach et al. 2022, Section 3.3, eq. 3, with tau_theta trained
-    jointly with the U-Net). Token id 0 pads; a prompt with no token (the empty caption) gets no
-    cross-attention, the unconditional model. ``context=`` / ``context_mask=`` given directly (as
-    the pipelines do) bypass the encoder."""
-
-    def __init__(self, unet: UNet, text_encoder: TinyTextEncoder):
-        super().__init__()
-        self.unet, self.text_encoder = unet, text_encoder
-        self.config = unet.config
-
-    def forward(self, x, t, input_ids=None, context=None, context_mask=None):
-        if input_ids is not None:
-            context_mask = input_ids != 0
-            context, _ = self.text_encoder(input_ids, context_mask)
-        return self.unet(x, t, context=context, context_mask=context_mask)
-
-
 DIFFUSION = {"frame": "vp_discrete", "schedule": "cosine", "T": 1000, "zero_terminal_snr": False, "prediction": "v"}
 
 
@@ -149,29 +132,17 @@ def build_models(cfg: TextDemoConfig, vocab) -> tuple[AutoencoderKL, TinyTextEnc
 
 
 def train_vae(vae: AutoencoderKL, images: torch.Tensor, cfg: TextDemoConfig, progress: bool = True) -> list[float]:
-    """AdamW on the KL autoencoder's loss (L1 + ``vae_kl_weight`` KL; Rombach et al. 2022,
-    appendix G, without LPIPS or a discriminator), one-cycle LR; batches and posterior samples
-    from a generator seeded with ``cfg.seed``. Returns the reconstruction L1 per pixel, logged."""
-    g = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.vae_lr, total_steps=cfg.vae_steps, pct_start=0.1)
-    pixels = images[0].numel()
-    log = []
-    vae.train()
-    bar = trange(cfg.vae_steps, desc="vae", disable=not progress, dynamic_ncols=True)
-    for step in bar:
-        idx = torch.randint(0, len(images), (cfg.vae_batch,), generator=g)
-        out = vae_loss(vae, images[idx], reconstruction="l1", kl_weight=cfg.vae_kl_weight, generator=g)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].mean().backward()
-        opt.step()
-        sched.step()
-        rec = float(out["reconstruction"].detach().mean()) / pixels
-        bar.set_postfix(l1=f"{rec:.4f}", refresh=False)
-        if step % 100 == 0 or step == cfg.vae_steps - 1:
-            log.append(rec)
+    """The KL autoencoder's loss (L1 + ``vae_kl_weight`` KL; Rombach et al. 2022, appendix G,
+    without LPIPS or a discriminator; :class:`difflab.train.VAEObjective`) trained by
+    :func:`difflab.train.fit`: AdamW, one-cycle LR rising over the first 10% of the steps, no
+    EMA, in memory, seeded with ``cfg.seed``. Returns the reconstruction L1 per pixel, logged
+    every 100 steps."""
+    config = TrainConfig(steps=cfg.vae_steps, batch_size=cfg.vae_batch, lr=cfg.vae_lr, lr_schedule="one_cycle",
+                         warmup_steps=round(0.1 * cfg.vae_steps), grad_clip=None, ema_decay=None,
+                         log_every=min(100, cfg.vae_steps), seed=cfg.seed, progress=progress)
+    state = fit(VAEObjective(vae, reconstruction="l1", kl_weight=cfg.vae_kl_weight), {"x": images}, config)
     vae.eval()
-    return log
+    return [entry["reconstruction"] / images[0].numel() for entry in state.history]
 
 
 @torch.no_grad()
@@ -223,22 +194,62 @@ def run_text_demo(out_dir="demo_text_out", *, steps: int | None = None, vae_step
     t_start, times = time.time(), {}
     say = print if progress else (lambda *a, **k: None)
 
-    # 1. Data: 16x16 digits (nearest upsampling), one caption per (digit, training template).
+    data = load_caption_data(cfg, say)                                                      # 1. data
+    t0 = time.time()                                                                        # 2. the judge
+    judge = DigitsJudge.load_or_train(out_dir / "digits_judge.safetensors")
+    real_accuracy = judge.accuracy(data["held_images"], data["held_labels"])
+    say(f"[2/7] judge ready in {time.time() - t0:.1f}s: {real_accuracy:.1%} on held-out real digits")
+    vae, text_encoder, net, denoiser = build_models(cfg, data["vocab"])
+    vae_report, recon = autoencoder_step(vae, data, judge, cfg, out_dir, resume=resume, progress=progress, say=say)  # 3.
+    times["vae"] = vae_report["seconds"]
+    state, steps_run, times["train"] = text_unet_step(vae, text_encoder, net, denoiser, data, cfg, out_dir,  # 4.
+                                                      resume=resume, progress=progress, say=say)
+    sampling_denoiser = Denoiser(net.unet, denoiser.frame, prediction=denoiser.prediction).eval()
+    common = dict(sampler=sampler, steps=sampling_steps, output_type="pt", progress=progress, batch_size=250)
+    models = (sampling_denoiser, text_encoder, vae)
+    text_report, samples_path, times["sample"] = prompts_step(*models, judge, data, cfg, out_dir,  # 5. and 6.
+                                                              samples_per_prompt=samples_per_prompt,
+                                                              guidance_scale=guidance_scale, seed=seed, say=say, **common)
+    text_report["real_accuracy"] = real_accuracy
+    edits, edit_files, times["edit"] = editing_step(*models, judge, data, cfg, out_dir, recon=recon, n=edit_digits,  # 7.
+                                                    guidance_scale=guidance_scale, seed=seed, say=say, **common)
+
+    ms_per_step = 1000 * times["train"] / max(len(steps_run), 1)
+    result = {
+        "text_to_image": text_report, **edits, "vae": vae_report,
+        "train": {"steps": cfg.steps, "batch_size": cfg.batch_size, "seconds": round(times["train"], 1),
+                  "steps_run": len(steps_run), "ms_per_step": round(ms_per_step, 1),
+                  "unet_parameters": _count(net.unet), "text_encoder_parameters": _count(text_encoder),
+                  "final_loss": state.history[-1]["loss"] if state.history else None},
+        "sampler": sampler, "sampling_steps": sampling_steps, "guidance_scale": guidance_scale,
+        "templates": {"train": list(TRAIN_TEMPLATES), "held_out": list(HELD_OUT_TEMPLATES)},
+        "seconds": {k: round(v, 1) for k, v in times.items()} | {"total": round(time.time() - t_start, 1)},
+        "threads": torch.get_num_threads(), "load_average": [round(x, 2) for x in os.getloadavg()],
+        "files": {"samples": str(samples_path), **edit_files},
+    }
+    (out_dir / "report.json").write_text(json.dumps(result, indent=2))
+    say(format_text_report(result))
+    return result
+
+
+def load_caption_data(cfg: TextDemoConfig, say) -> dict:
+    """Step 1: 16x16 digits (nearest upsampling), one caption per (digit, training template), the vocabulary."""
     images, labels = load_digits(cfg.size, split="train")
     held_images, held_labels = load_digits(cfg.size, split="test")
     index, texts = caption_dataset(labels, TRAIN_TEMPLATES)
     vocab = build_vocab(texts)
     say(f"[1/7] data: {len(images)} training digits x {len(TRAIN_TEMPLATES)} caption templates = {len(texts)} pairs, "
         f"{len(held_images)} held out; {len(vocab) - 2} words; e.g. {texts[0]!r}, {texts[1]!r}")
+    return {"images": images, "labels": labels, "held_images": held_images, "held_labels": held_labels,
+            "index": index, "texts": texts, "vocab": vocab}
 
-    # 2. The judge: an independent classifier, cached in out_dir.
-    t0 = time.time()
-    judge = DigitsJudge.load_or_train(out_dir / "digits_judge.safetensors")
-    real_accuracy = judge.accuracy(held_images, held_labels)
-    say(f"[2/7] judge ready in {time.time() - t0:.1f}s: {real_accuracy:.1%} on held-out real digits")
 
-    # 3. The autoencoder: 16x16x1 <-> 4x4x4, then the latent shift and scale from data.
-    vae, text_encoder, net, denoiser = build_models(cfg, vocab)
+def autoencoder_step(vae: AutoencoderKL, data: dict, judge: DigitsJudge, cfg: TextDemoConfig, out_dir: Path, *,
+                     resume: bool, progress: bool, say) -> tuple[dict, torch.Tensor]:
+    """Step 3: the autoencoder (16x16x1 <-> 4x4x4), then the latent shift and scale from data
+    (or both from ``out_dir/vae.safetensors`` when resuming). Returns its report and its
+    reconstructions of the held-out digits."""
+    images, held_images, held_labels = data["images"], data["held_images"], data["held_labels"]
     f = vae.downsample_factor
     say(f"[3/7] training a KL autoencoder (factor {f}: {cfg.size}x{cfg.size}x1 <-> {cfg.size // f}x{cfg.size // f}x"
         f"{vae.config.latent_channels}, {_count(vae)} parameters) for {cfg.vae_steps} steps")
@@ -250,21 +261,27 @@ def run_text_demo(out_dir="demo_text_out", *, steps: int | None = None, vae_step
         train_vae(vae, images, cfg, progress)
         set_latent_scale(vae, images, cfg.seed)
         _save_vae(vae, vae_path)
-    times["vae"] = time.time() - t0
+    seconds = time.time() - t0
     with torch.no_grad():
         recon = torch.cat([vae.decode(vae.encode(x).mode()) for x in held_images.split(256)]).clamp(-1, 1)
-    vae_report = {"psnr_heldout": mean_psnr(recon, held_images), "judge_accuracy_reconstructed": judge.accuracy(recon, held_labels),
-                  "scaling_factor": vae.config.scaling_factor, "shift_factor": vae.config.shift_factor,
-                  "parameters": _count(vae), "steps": cfg.vae_steps, "seconds": round(times["vae"], 1)}
-    say(f"      {times['vae']:.0f}s; held-out reconstructions: PSNR {vae_report['psnr_heldout']:.1f} dB, judge "
-        f"{vae_report['judge_accuracy_reconstructed']:.1%}; scaling factor {vae.config.scaling_factor:.3f}, "
+    report = {"psnr_heldout": mean_psnr(recon, held_images), "judge_accuracy_reconstructed": judge.accuracy(recon, held_labels),
+              "scaling_factor": vae.config.scaling_factor, "shift_factor": vae.config.shift_factor,
+              "parameters": _count(vae), "steps": cfg.vae_steps, "seconds": round(seconds, 1)}
+    say(f"      {seconds:.0f}s; held-out reconstructions: PSNR {report['psnr_heldout']:.1f} dB, judge "
+        f"{report['judge_accuracy_reconstructed']:.1%}; scaling factor {vae.config.scaling_factor:.3f}, "
         f"shift {vae.config.shift_factor:.3f}")
+    return report, recon
 
-    # 4. Text encoder and latent U-Net, trained together on (latent, caption) pairs.
+
+def text_unet_step(vae, text_encoder, net, denoiser, data: dict, cfg: TextDemoConfig, out_dir: Path, *, resume: bool,
+                   progress: bool, say):
+    """Step 4: the text encoder and the latent U-Net, trained together on (latent, caption) pairs
+    (one posterior draw per pair), with ``cfg_dropout`` empty captions; the EMA weights are
+    loaded into ``net`` after. Returns ``(state, one callback entry per step run, seconds)``."""
     g = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():  # one posterior draw per pair
-        latents = torch.cat([vae.encode_latents(images[i], g) for i in index.split(2048)])
-    ids = encode_captions(text_encoder, texts)
+        latents = torch.cat([vae.encode_latents(data["images"][i], g) for i in data["index"].split(2048)])
+    ids = encode_captions(text_encoder, data["texts"])
     train_config = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                                ema_decay=cfg.ema_decay, cfg_dropout=cfg.cfg_dropout, checkpoint_every=500,
                                log_every=max(cfg.steps // 8, 1), seed=cfg.seed, progress=progress)
@@ -273,16 +290,20 @@ def run_text_demo(out_dir="demo_text_out", *, steps: int | None = None, vae_step
     t0, steps_run = time.time(), []
     state = train(denoiser, (latents, None, {"input_ids": ids}), train_config, out_dir / "unet", resume=resume,
                   null_cond={"input_ids": encode_captions(text_encoder, [EMPTY_CAPTION])[0]}, callback=steps_run.append,
-                  metadata={"demo": "text", "config": _jsonable(dataclasses.asdict(cfg)), "vocab": list(vocab)})
-    times["train"] = time.time() - t0
-    ms_per_step = 1000 * times["train"] / max(len(steps_run), 1)
+                  metadata={"demo": "text", "config": _jsonable(dataclasses.asdict(cfg)), "vocab": list(data["vocab"])})
+    seconds = time.time() - t0
     state.ema.copy_to(net)
     net.eval()
     save_tiny_text(text_encoder, out_dir / "text_encoder.safetensors")
-    sampling_denoiser = Denoiser(net.unet, denoiser.frame, prediction=denoiser.prediction).eval()
-    say(f"      {times['train']:.0f}s for {len(steps_run)} steps ({ms_per_step:.0f} ms per step)")
+    say(f"      {seconds:.0f}s for {len(steps_run)} steps ({1000 * seconds / max(len(steps_run), 1):.0f} ms per step)")
+    return state, steps_run, seconds
 
-    # 5. Sample from prompts: every digit with every template, training and held-out.
+
+def prompts_step(denoiser, text_encoder, vae, judge: DigitsJudge, data: dict, cfg: TextDemoConfig, out_dir: Path, *,
+                 samples_per_prompt: int, guidance_scale: float, seed: int, say, **common) -> tuple[dict, Path, float]:
+    """Steps 5 and 6: sample every digit with every template, training and held-out, with and
+    without guidance, and let the judge say whether each image is the digit its prompt names.
+    Returns ``(report, path of samples.png, seconds)``."""
     templates = TRAIN_TEMPLATES + HELD_OUT_TEMPLATES
     prompts, asked, held = [], [], []
     for d in range(10):
@@ -292,72 +313,56 @@ def run_text_demo(out_dir="demo_text_out", *, steps: int | None = None, vae_step
                 asked.append(d)
                 held.append(j >= len(TRAIN_TEMPLATES))
     asked, held = torch.tensor(asked), torch.tensor(held)
-    common = dict(sampler=sampler, steps=sampling_steps, output_type="pt", progress=progress, batch_size=250)
-    say(f"[5/7] sampling {len(prompts)} images from {len(prompts) // samples_per_prompt} prompts: {sampler}, "
-        f"{sampling_steps} steps, guidance {guidance_scale}")
+    say(f"[5/7] sampling {len(prompts)} images from {len(prompts) // samples_per_prompt} prompts: {common['sampler']}, "
+        f"{common['steps']} steps, guidance {guidance_scale}")
     t0 = time.time()
-    samples = text_to_image(sampling_denoiser, text_encoder, vae, prompts, guidance_scale=guidance_scale,
+    samples = text_to_image(denoiser, text_encoder, vae, prompts, guidance_scale=guidance_scale,
                             height=cfg.size, width=cfg.size, seed=seed, **common)
-    times["sample"] = time.time() - t0
+    unguided = text_to_image(denoiser, text_encoder, vae, prompts[::samples_per_prompt], guidance_scale=1.0,
+                             height=cfg.size, width=cfg.size, seed=seed, **common)
+    seconds = time.time() - t0
     first = samples.reshape(10, len(templates), samples_per_prompt, 1, cfg.size, cfg.size)[:, :, 0]
     samples_path = save_prompt_grid(first.reshape(-1, 1, cfg.size, cfg.size), out_dir / "samples.png", templates,
                                     n_train=len(TRAIN_TEMPLATES))
-
-    # 6. Judge: is each image the digit its prompt names?
-    report = judge_report(judge, samples, asked, held_images, held_labels, real_reference=images)
-    predicted = judge.predict(samples)
-    correct = predicted == asked
+    report = judge_report(judge, samples, asked, data["held_images"], data["held_labels"], real_reference=data["images"])
+    correct = judge.predict(samples) == asked
     text_report = {
         "accuracy": float(correct.float().mean()),
         "accuracy_train_templates": float(correct[~held].float().mean()),
         "accuracy_heldout_templates": float(correct[held].float().mean()),
         "accuracy_by_digit": [float(correct[asked == d].float().mean()) for d in range(10)],
         "frechet": report["frechet"], "frechet_real_reference": report.get("frechet_real_reference"),
-        "real_accuracy": real_accuracy, "n_generated": len(samples), "guidance_scale": guidance_scale,
+        "n_generated": len(samples), "guidance_scale": guidance_scale,
+        "accuracy_unguided": judge.accuracy(unguided, asked[::samples_per_prompt]),
     }
-    t0 = time.time()
-    unguided = text_to_image(sampling_denoiser, text_encoder, vae, prompts[::samples_per_prompt], guidance_scale=1.0,
-                             height=cfg.size, width=cfg.size, seed=seed, **common)
-    text_report["accuracy_unguided"] = judge.accuracy(unguided, asked[::samples_per_prompt])
-    times["sample"] += time.time() - t0
     say(f"[6/7] the judge reads {text_report['accuracy']:.1%} of the generated digits as the digit named "
         f"(training templates {text_report['accuracy_train_templates']:.1%}, held-out templates "
         f"{text_report['accuracy_heldout_templates']:.1%}; without guidance {text_report['accuracy_unguided']:.1%})")
+    return text_report, samples_path, seconds
 
-    # 7. Editing held-out digits under the prompt naming each: inpainting, outpainting, inversion.
+
+def editing_step(denoiser, text_encoder, vae, judge: DigitsJudge, data: dict, cfg: TextDemoConfig, out_dir: Path, *,
+                 recon: torch.Tensor, n: int, guidance_scale: float, seed: int, say, **common) -> tuple[dict, dict, float]:
+    """Step 7: inpaint, outpaint and invert ``n`` held-out digits under the prompt naming each.
+    Returns ``({"inpainting", "outpainting", "inversion"} reports, their image files, seconds)``."""
     t0 = time.time()
-    edit = _edit_set(held_labels, edit_digits, cfg.seed)
-    x_edit, y_edit = held_images[edit], held_labels[edit]
-    models = (sampling_denoiser, text_encoder, vae, [caption(int(d), "the digit {num}") for d in y_edit], x_edit)
+    edit = _edit_set(data["held_labels"], n, cfg.seed)
+    x_edit, y_edit = data["held_images"][edit], data["held_labels"][edit]
+    models = (denoiser, text_encoder, vae, [caption(int(d), "the digit {num}") for d in y_edit], x_edit)
     inpaint_report, filled, masked = inpainting_check(*models, judge, y_edit, guidance_scale=guidance_scale, seed=seed, **common)
-    outpaint_report, wide = outpainting_check(*models, pad=f, guidance_scale=guidance_scale, seed=seed, **common)
-    inversion_report, inverted = inversion_check(*models, judge, y_edit, vae_recon=recon[edit], steps=sampling_steps)
-    times["edit"] = time.time() - t0
+    outpaint_report, wide = outpainting_check(*models, pad=vae.downsample_factor, guidance_scale=guidance_scale, seed=seed,
+                                              **common)
+    inversion_report, inverted = inversion_check(*models, judge, y_edit, vae_recon=recon[edit], steps=common["steps"])
+    seconds = time.time() - t0
     editing_path = save_grid(torch.cat([x_edit[:10], masked[:10], filled[:10], inverted[:10]]), out_dir / "editing.png",
                              nrow=10, upscale=6)
     wide_path = save_grid(wide[:10], out_dir / "outpainting.png", nrow=10, upscale=6)
-    say(f"[7/7] editing {len(edit)} held-out digits in {times['edit']:.0f}s: inpainting keeps the known half "
+    say(f"[7/7] editing {len(edit)} held-out digits in {seconds:.0f}s: inpainting keeps the known half "
         f"(max |diff| {inpaint_report['known_max_abs_diff']:g}) and the judge reads {inpaint_report['judge_accuracy']:.1%} "
         f"as asked; outpainting keeps the original pixels (max |diff| {outpaint_report['known_max_abs_diff']:g}); "
         f"inversion + resampling: PSNR {inversion_report['psnr']:.1f} dB")
-
-    total = time.time() - t_start
-    result = {
-        "text_to_image": text_report, "inpainting": inpaint_report, "outpainting": outpaint_report,
-        "inversion": inversion_report, "vae": vae_report,
-        "train": {"steps": cfg.steps, "batch_size": cfg.batch_size, "seconds": round(times["train"], 1),
-                  "steps_run": len(steps_run), "ms_per_step": round(ms_per_step, 1),
-                  "unet_parameters": _count(net.unet), "text_encoder_parameters": _count(text_encoder),
-                  "final_loss": state.history[-1]["loss"] if state.history else None},
-        "sampler": sampler, "sampling_steps": sampling_steps, "guidance_scale": guidance_scale,
-        "templates": {"train": list(TRAIN_TEMPLATES), "held_out": list(HELD_OUT_TEMPLATES)},
-        "seconds": {k: round(v, 1) for k, v in times.items()} | {"total": round(total, 1)},
-        "threads": torch.get_num_threads(), "load_average": [round(x, 2) for x in os.getloadavg()],
-        "files": {"samples": str(samples_path), "editing": str(editing_path), "outpainting": str(wide_path)},
-    }
-    (out_dir / "report.json").write_text(json.dumps(result, indent=2))
-    say(format_text_report(result))
-    return result
+    reports = {"inpainting": inpaint_report, "outpainting": outpaint_report, "inversion": inversion_report}
+    return reports, {"editing": str(editing_path), "outpainting": str(wide_path)}, seconds
 
 
 def inpainting_check(denoiser, text_encoder, vae, prompts, images, judge, labels, **kwargs):
@@ -410,10 +415,6 @@ def _edit_set(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 def save_prompt_grid(images: torch.Tensor, path, templates, n_train: int, upscale: int = 4) -> Path:
     """One row per digit, one column per template, with the prompts printed: the digit on the
     left of each row, the numbered templates under the grid (held-out ones marked '*')."""
-    from PIL import Image, ImageDraw
-
-    from ..io.images import make_grid
-
     cols = len(templates)
     grid = make_grid(images, nrow=cols, upscale=upscale)
     line, left = 12, 48
@@ -434,15 +435,10 @@ def save_prompt_grid(images: torch.Tensor, path, templates, n_train: int, upscal
 
 
 def _save_vae(vae: AutoencoderKL, path) -> Path:
-    from ..io.checkpoint import save_checkpoint
-
     return save_checkpoint(path, vae.state_dict(), {"kind": "AutoencoderKL", "config": vae.config.to_dict()})
 
 
 def _load_vae(vae: AutoencoderKL, path) -> None:
-    from ..io.checkpoint import load_checkpoint, load_model_state
-    from ..nn.vae import VAEConfig
-
     tensors, meta = load_checkpoint(path)
     load_model_state(vae, tensors, prefix="")
     vae.config = VAEConfig.from_dict(meta["config"])

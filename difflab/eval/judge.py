@@ -3,12 +3,13 @@ digits. Its accuracy on samples asked for class c measures class fidelity; the F
 in its penultimate features (FID's recipe, Heusel et al. 2017, with this net in place of
 Inception-v3) measures how far the samples' distribution is from real held-out digits.
 
-Training is deterministic without touching torch's global RNG: weights are initialised and
-batches ordered from a local ``torch.Generator(seed)``. Checkpoints are safetensors with the
-config in the metadata.
+Training is deterministic without touching torch's global RNG: weights are initialised from a
+local ``torch.Generator(seed)`` and :func:`difflab.train.fit` draws batches and shifts from the
+seed. Checkpoints are safetensors with the config in the metadata.
 """
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -18,9 +19,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..data.digits import load_digits
+from ..train import Classification, TrainConfig, fit
+from ..train.objectives.classification import random_shift
 from .frechet import frechet_distance_features
+from .metrics import fid
 
 CACHE_NAME = "digits_judge.safetensors"
+ONE_CYCLE_RISE = 0.3  # the rising fraction of the one-cycle schedule (OneCycleLR's default pct_start)
 
 
 @dataclass(frozen=True)
@@ -126,32 +132,21 @@ class DigitsJudge(nn.Module):
         fit_config: FitConfig = FitConfig(),
         verbose: bool = False,
     ) -> "DigitsJudge":
-        """Train a judge with Adam on (images, labels), by default the digits train split of
-        ``fit_config``; deterministic given ``fit_config.seed`` (CPU, fixed thread count)."""
+        """Train a judge on (images, labels), by default the digits train split of ``fit_config``:
+        cross-entropy with random shifts (:class:`difflab.train.Classification`) run by
+        :func:`difflab.train.fit`, AdamW with a one-cycle learning rate (30% rising), no EMA, in
+        memory; deterministic given ``fit_config.seed`` (CPU, fixed thread count)."""
         if images is None:
-            from ..data.digits import load_digits
-
             images, labels = load_digits(8, "train", fit_config.test_fraction, fit_config.split_seed)
-        g = torch.Generator().manual_seed(fit_config.seed)
-        judge = cls(config, generator=g)
+        judge = cls(config, generator=torch.Generator().manual_seed(fit_config.seed))
         x, y = cls.prepare(images), torch.as_tensor(labels).long()
-        opt = torch.optim.AdamW(judge.parameters(), lr=fit_config.lr, weight_decay=fit_config.weight_decay)
         steps = fit_config.epochs * -(-len(x) // fit_config.batch_size)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=fit_config.lr, total_steps=steps)
+        train_config = TrainConfig(steps=steps, batch_size=fit_config.batch_size, lr=fit_config.lr, lr_schedule="one_cycle",
+                                   warmup_steps=round(ONE_CYCLE_RISE * steps), weight_decay=fit_config.weight_decay,
+                                   grad_clip=None, ema_decay=None, log_every=0, seed=fit_config.seed, progress=verbose)
+        objective = Classification(judge, augment=lambda xb, g: random_shift(xb, fit_config.shift, g))
         start = time.perf_counter()
-        judge.train()
-        for epoch in range(fit_config.epochs):
-            order = torch.randperm(len(x), generator=g)
-            for i in range(0, len(x), fit_config.batch_size):
-                idx = order[i : i + fit_config.batch_size]
-                xb = _random_shift(x[idx], fit_config.shift, g)
-                loss = F.cross_entropy(judge.head(judge.embed(xb)), y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-            if verbose:
-                print(f"judge epoch {epoch + 1}/{fit_config.epochs} loss {loss.item():.4f}")
+        fit(objective, {"x": x, "y": y}, train_config)
         judge.eval()
         judge.fit_config = fit_config
         judge.train_seconds = time.perf_counter() - start
@@ -204,16 +199,17 @@ class DigitsJudge(nn.Module):
         return judge
 
 
-def _random_shift(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Translate each image by up to ``shift`` pixels in x and y, filling with background (-1)."""
-    if shift == 0:
-        return x
-    n, _, h, w = x.shape
-    padded = F.pad(x, (shift,) * 4, value=-1.0)
-    dy, dx = torch.randint(0, 2 * shift + 1, (2, n), generator=generator)
-    rows = (dy[:, None] + torch.arange(h))[:, :, None]          # (n, h, 1)
-    cols = (dx[:, None] + torch.arange(w))[:, None, :]          # (n, 1, w)
-    return padded[torch.arange(n)[:, None, None], 0, rows, cols].unsqueeze(1)
+@torch.no_grad()
+def judge_features(judge: DigitsJudge, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """The judge's penultimate features (N, feature_dim) in float64, image by image: the numbers of
+    :class:`difflab.eval.features.JudgeFeatures` (which the harness's FID uses), bit for bit."""
+    net = copy.deepcopy(judge).to(torch.float64).eval()
+    device = net.head.weight.device
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = net.prepare(images[start:start + batch_size]).to(device, torch.float64)
+        out.append(torch.cat([net.embed(x[i:i + 1]) for i in range(len(x))]).cpu())
+    return torch.cat(out)
 
 
 def judge_report(
@@ -238,17 +234,12 @@ def judge_report(
     - ``n_generated``, ``n_real``.
 
     The Frechet distances are the harness's FID (:func:`difflab.eval.metrics.fid`) on the judge's
-    float64 features (:class:`difflab.eval.features.JudgeFeatures`), so they equal
+    float64 features (:func:`judge_features`, those of :class:`difflab.eval.features.JudgeFeatures`), so they equal
     ``evaluate(generated, real_heldout, JudgeFeatures(judge), ["fid"])["fid"]`` and differ from
     :meth:`DigitsJudge.frechet` (float32 features) only by float32 rounding (~1e-6 relative).
     """
-    from .features import JudgeFeatures, extract
-    from .metrics import fid
-
-    extractor = JudgeFeatures(judge)
-
     def features(images):
-        return extract(extractor, images, batch_size=1024, progress=False)[0]
+        return judge_features(judge, images)
 
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(real_heldout), generator=g)

@@ -12,14 +12,12 @@ Usage::
 from .attention import (PerturbedAttentionGuidance, SelfAttentionGuidance, find_self_attention, gaussian_blur,
                         identity_attention, record_attention, sag_mask, self_attention_modules)
 from .cfg import ClassifierFreeGuidance, rescale
-from .classifier import (ClassifierConfig, ClassifierGuidance, MixtureClassifier, NoisyClassifier, classifier_accuracy,
-                         train_classifier)
+from .classifier import ClassifierConfig, ClassifierGuidance, NoisyClassifier, classifier_accuracy
 from .inpaint import MaskChannels, check_mask, latent_mask, mask_channels, sample_repaint
 from .safety import RewardGuidance, SafetyGuidance
 
 __all__ = ["ClassifierFreeGuidance", "rescale",
-           "ClassifierGuidance", "NoisyClassifier", "ClassifierConfig", "train_classifier", "classifier_accuracy",
-           "MixtureClassifier",
+           "ClassifierGuidance", "NoisyClassifier", "ClassifierConfig", "classifier_accuracy",
            "SafetyGuidance", "RewardGuidance",
            "PerturbedAttentionGuidance", "SelfAttentionGuidance", "identity_attention", "record_attention",
            "find_self_attention", "self_attention_modules", "sag_mask", "gaussian_blur",

@@ -13,7 +13,7 @@ Modeling through SDEs", Section 5, eq. 14)::
 
 so adding ``scale`` times the classifier's gradient to the score adds
 ``scale * sigma^2 * grad_x log p(y | x, sigma)`` to D. ``scale = 1`` is exact Bayesian
-conditioning: for a Gaussian mixture and its exact classifier (:class:`MixtureClassifier`) the
+conditioning: for a Gaussian mixture and its exact classifier (:class:`difflab.oracle.MixtureClassifier`) the
 guided unconditional denoiser *is* the denoiser of the chosen component. This is Dhariwal &
 Nichol 2021, Algorithm 2 / eq. 14 (``eps_hat = eps - sqrt(1 - ab) grad log p(y | x_t)``, their
 DDIM form, with their gradient taken in the VP frame), rewritten in the canonical frame.
@@ -24,7 +24,7 @@ noisy x and canonical sigma (a (B,) tensor); :class:`NoisyClassifier` is a small
 Usage::
 
     clf = NoisyClassifier(ClassifierConfig(in_channels=1, num_classes=10))
-    train_classifier(clf, images, labels, denoiser.frame, steps=3000)
+    train_classifier(clf, images, labels, denoiser.frame, steps=3000)   # difflab.train.train_classifier
     guided = ClassifierGuidance(uncond_denoiser, clf, scale=2.0)
     x = sample_ddim(guided, x, sigmas, extra_args={"class_labels": wanted})
 """
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -127,37 +126,6 @@ class ClassifierGuidance(nn.Module):
         labels = torch.as_tensor(labels, device=x.device).long().expand(x.shape[0])
         grad = log_prob_gradient(lambda z: class_log_prob(self.classifier(z, sigma), labels), x)
         return score_shift(x0, sigma, grad, scale)
-
-
-# ----------------------------------------------------------------------------------------------
-# The exact classifier of the closed-form test bed
-
-
-class MixtureClassifier(nn.Module):
-    """The exact noise-aware classifier of a :class:`difflab.oracle.GaussianMixture`'s components:
-    logits_k(x, sigma) = log w_k + log N(x; mu_k, Sigma_k + sigma^2 I), so softmax(logits) are the
-    responsibilities p(k | x0 + sigma eps = x). With the mixture's exact denoiser,
-    ``ClassifierGuidance(scale=1)`` gives E[x0 | x, k], the denoiser of component k alone."""
-
-    def __init__(self, mixture):
-        super().__init__()
-        self.mixture = mixture
-
-    def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
-        from ..oracle import GaussianMixture
-
-        gm = self.mixture
-        y = x.reshape(x.shape[0], -1).to(torch.float64)
-        sigma = _sigma_vector(y, sigma)
-        rows = []
-        for s in sigma.unique():  # one noisy mixture per distinct noise level
-            noisy = gm.noisy(float(s))
-            idx = (sigma == s).nonzero()[:, 0]
-            log_n = torch.stack([GaussianMixture([1.0], noisy.means[k:k + 1], noisy.covs[k:k + 1]).log_prob(y[idx])
-                                 for k in range(len(gm.weights))], dim=1)
-            rows.append((idx, gm.weights.log() + log_n))
-        order = torch.cat([idx for idx, _ in rows]).argsort()
-        return torch.cat([logits for _, logits in rows])[order].to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,41 +227,5 @@ def classifier_accuracy(classifier, images: torch.Tensor, labels: torch.Tensor, 
     return correct / len(images)
 
 
-def train_classifier(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, frame, *, steps: int = 3000,
-                     batch_size: int = 128, lr: float = 2e-3, weight_decay: float = 1e-4, noise_level: str | None = None,
-                     seed: int = 0, log_every: int = 0) -> list[dict]:
-    """Train a noise-aware classifier with cross-entropy on noised examples (Dhariwal & Nichol
-    2021, Section 4.3): x = x0 + sigma eps with sigma drawn from the *diffusion model's* training
-    noise distribution (:func:`difflab.train.losses.draw_sigmas` of ``frame``, or ``noise_level``).
-
-    AdamW with a cosine learning-rate decay; batches, sigmas and noise come from a generator
-    seeded with ``seed`` (the classifier's initial weights are the caller's). Trains on the
-    device of the classifier's parameters, leaves it in eval mode and returns the log
-    (``{"step", "loss", "seconds"}`` every ``log_every`` steps; none when 0).
-    """
-    from ..train.losses import draw_sigmas
-
-    device = next(classifier.parameters()).device
-    g = torch.Generator().manual_seed(seed)
-    images, labels = images.float(), torch.as_tensor(labels).long()
-    opt = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    history, start, losses = [], time.perf_counter(), []
-    classifier.train()
-    for step in range(steps):
-        idx = torch.randint(0, len(images), (batch_size,), generator=g)
-        x0 = images[idx]
-        sigma = draw_sigmas(frame, batch_size, g, noise_level).float()
-        x = x0 + append_dims(sigma, x0.ndim) * torch.randn(x0.shape, generator=g)
-        loss = F.cross_entropy(classifier(x.to(device), sigma.to(device)), labels[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if log_every and (step + 1) % log_every == 0:
-            history.append({"step": step + 1, "loss": sum(losses) / len(losses), "seconds": time.perf_counter() - start})
-            losses = []
-    opt.zero_grad(set_to_none=True)
-    classifier.eval()
-    return history
+__all__ = ["log_prob_gradient", "score_shift", "interval_scale", "class_log_prob", "ClassifierGuidance", "ClassifierConfig",
+           "NoisyClassifier", "classifier_accuracy"]

@@ -1,10 +1,14 @@
-"""Training: per-example losses, EMA, the loop and its checkpoints."""
+"""Training: one loop (:func:`fit`) for every objective; per-example losses, EMA, checkpoints."""
 from .distributed import PARALLELS, init_distributed
-from .dreambooth import DreamBoothConfig, dreambooth, prior_preservation_loss
 from .ema import EMA
 from .losses import (NOISE_LEVELS, SIGMA_BIN_EDGES, WEIGHTINGS, SigmaBinnedLoss, default_noise_level, diffusion_loss,
                      draw_sigmas, loss_by_sigma_bins, loss_weight)
-from .loop import LOSSES, TrainConfig, TrainingDivergedError, TrainState, draw_batch, train
+from .loop import LOSSES, LR_SCHEDULES, TrainConfig, TrainingDivergedError, TrainState, fit, lr_at
+from .objective import Objective
+from .objectives import (Classification, DiffusionObjective, NoisyClassification, SubjectObjective, VAEObjective,
+                         train_classifier)
+from .objectives.diffusion import draw_batch, train
+from .dreambooth import DreamBoothConfig, dreambooth, prior_preservation_loss
 from .vae_loss import PatchDiscriminator, adaptive_weight, discriminator_loss, hinge_discriminator_loss, vae_loss
 from .textual_inversion import TextualInversionConfig, textual_inversion
 from .vlb import hybrid_loss, hybrid_terms, vlb_loss
@@ -12,6 +16,8 @@ from .vlb import hybrid_loss, hybrid_terms, vlb_loss
 __all__ = [
     "EMA", "diffusion_loss", "loss_weight", "WEIGHTINGS", "NOISE_LEVELS", "default_noise_level", "draw_sigmas",
     "SIGMA_BIN_EDGES", "SigmaBinnedLoss", "loss_by_sigma_bins", "TrainConfig", "TrainState", "TrainingDivergedError",
+    "fit", "lr_at", "LR_SCHEDULES", "Objective", "DiffusionObjective", "SubjectObjective", "NoisyClassification",
+    "Classification", "VAEObjective", "train_classifier",
     "draw_batch", "train", "LOSSES", "hybrid_loss", "hybrid_terms", "vlb_loss", "vae_loss", "PatchDiscriminator",
     "adaptive_weight", "discriminator_loss", "hinge_discriminator_loss", "PARALLELS", "init_distributed",
     "DreamBoothConfig", "dreambooth", "prior_preservation_loss", "TextualInversionConfig", "textual_inversion",

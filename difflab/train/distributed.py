@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from difflab.core import Denoiser
+from .objective import objective_name
 
 if dist.is_available():
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -82,20 +82,34 @@ def fsdp_units(net: nn.Module) -> list[nn.Module]:
     return [m for m in reversed(list(net.modules())) if id(m) in ids]  # children before their parents
 
 
+class ObjectiveLoss(nn.Module):
+    """An objective's ``loss(batch)`` as the forward of a module holding ``objective.module``, so
+    that DDP wraps the whole loss computation (whatever networks the objective calls inside it)."""
+
+    def __init__(self, objective):
+        super().__init__()
+        self.module = objective.module
+        self.objective = [objective]  # a list: not a submodule (a frozen teacher stays out of DDP)
+
+    def forward(self, batch: dict):
+        return self.objective[0].loss(batch)
+
+
 class Parallel:
     """How one training step is spread over processes; ``Parallel()`` is a single process, whose
     every method is the identity (the single-process loop stays bit-identical).
 
-    ``Parallel.setup(denoiser, config)`` joins torchrun's process group, checks the batch and
-    wraps the net: DDP in a new :class:`Denoiser` (``self.denoiser``; the caller's denoiser keeps
-    the bare net, for checkpoints and EMA), FSDP in place (``self.denoiser`` is None).
+    ``Parallel.setup(objective, config)`` joins torchrun's process group, checks the batch and
+    wraps the objective: DDP around :class:`ObjectiveLoss` (``self.loss`` computes the loss
+    through it; ``objective.module`` stays bare, for checkpoints and EMA), FSDP by sharding
+    ``objective.module`` in place (``self.loss`` is None: the objective's own loss is called).
     """
 
     def __init__(self, mode: str = "none", rank: int = 0, world_size: int = 1, batch_slice: slice | None = None,
-                 denoiser: Denoiser | None = None, net: nn.Module | None = None):
+                 loss: nn.Module | None = None, net: nn.Module | None = None):
         self.mode, self.rank, self.world_size, self.batch_slice = mode, rank, world_size, batch_slice
-        self.denoiser = denoiser  # DDP: the denoiser whose net is the DDP wrapper
-        self.net = net            # FSDP: the sharded net (sharded in place)
+        self.loss = loss  # DDP: the DDP-wrapped ObjectiveLoss
+        self.net = net    # FSDP: the sharded module (sharded in place)
 
     @property
     def is_main(self) -> bool:
@@ -103,8 +117,8 @@ class Parallel:
         return self.rank == 0
 
     @classmethod
-    def setup(cls, denoiser: Denoiser, config) -> "Parallel":
-        """Build the parallel state of ``config.parallel`` for ``denoiser`` (before its optimizer)."""
+    def setup(cls, objective, config) -> "Parallel":
+        """Build the parallel state of ``config.parallel`` for ``objective`` (before its optimizer)."""
         mode = config.parallel
         if mode == "none":
             return cls()
@@ -116,16 +130,18 @@ class Parallel:
                                "MASTER_ADDR, MASTER_PORT) or call torch.distributed.init_process_group first")
         rank, world_size = dist.get_rank(), dist.get_world_size()
         batch_slice = local_slice(config.batch_size, config.grad_accum, rank, world_size)
-        net = denoiser.net
+        net = objective.module
         device = next(net.parameters()).device
         if mode == "ddp":
-            ddp = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-            wrapped = Denoiser(ddp, denoiser.frame, denoiser.prediction, sigma_data=denoiser.sigma_data,
-                               learned_variance=denoiser.learned_variance)
-            return cls(mode, rank, world_size, batch_slice, wrapped.train(denoiser.training))
+            ddp = nn.parallel.DistributedDataParallel(ObjectiveLoss(objective),
+                                                      device_ids=[device.index] if device.type == "cuda" else None)
+            return cls(mode, rank, world_size, batch_slice, loss=ddp)
         if config.precision == "fp16":
             raise ValueError("precision='fp16' with parallel='fsdp' is not supported (GradScaler's inf check would see only "
                              "each rank's shard); use 'bf16', which needs no loss scaling")
+        if isinstance(net, (nn.ModuleDict, nn.ModuleList)):
+            raise ValueError(f"parallel='fsdp' shards a module whose forward the objective {objective_name(objective)!r} "
+                             f"calls; its module is a {type(net).__name__}: use 'ddp'")
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -151,7 +167,7 @@ class Parallel:
     def no_sync(self):
         """A context-manager factory for micro-batches whose gradients are not yet reduced, or None."""
         if self.mode == "ddp":
-            return self.denoiser.net.no_sync
+            return self.loss.no_sync
         if self.mode == "fsdp":
             return self._fsdp_no_sync
         return None
@@ -238,8 +254,8 @@ class Parallel:
             dist.barrier()
 
     def close(self) -> None:
-        """Drop the DDP wrapper (its gradient hooks on the net's parameters go with it)."""
-        self.denoiser = None
+        """Drop the DDP wrapper (its gradient hooks on the module's parameters go with it)."""
+        self.loss = None
 
 
-__all__ = ["PARALLELS", "init_distributed", "local_slice", "full_tensor", "fsdp_units", "Parallel"]
+__all__ = ["PARALLELS", "init_distributed", "local_slice", "full_tensor", "fsdp_units", "ObjectiveLoss", "Parallel"]

@@ -10,14 +10,16 @@ the class prompt, x_pr = x^(z_t1, c_pr) drawn from the *frozen* base model befor
     E[ w_t || x^(a_t x + s_t eps, c) - x ||^2 + lambda w_t' || x^(a_t' x_pr + s_t' eps', c_pr) - x_pr ||^2 ].
 
 Each term is :func:`difflab.train.diffusion_loss` (in the network's own parameterization, one
-value per example); :func:`prior_preservation_loss` runs both halves in one network call.
+value per example); :func:`prior_preservation_loss` runs both halves in one network call. The
+objective (:class:`~difflab.train.objectives.dreambooth.SubjectObjective`) is trained by
+:func:`difflab.train.fit`, the one training loop.
 
 What trains: the whole U-Net, or only LoRA adapters (Hu et al. 2021; :mod:`difflab.adapters.lora`),
 what most users run; the text encoder stays frozen, trains only the identifier's token
 embeddings, or trains whole. A :class:`~difflab.nn.text.TinyTextEncoder` knows only the words of
 its captions, so a new identifier is added to its vocabulary by :func:`add_tokens` (module
 surgery: a larger embedding holding the old rows). Textual inversion (Gal et al. 2023) is the
-same loop with only those rows trained: :mod:`difflab.train.textual_inversion`.
+same objective with only those rows trained: :mod:`difflab.train.textual_inversion`.
 
 The model is a pixel- or latent-space denoiser ``D(x, sigma, context=, context_mask=)`` and a
 text encoder. :func:`save_text_model` / :func:`load_text_model` keep a pixel-space U-Net with a
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,15 +38,18 @@ from torch import nn
 
 from difflab.adapters.lora import adaptable_modules, inject_lora, mark_only_lora_trainable, matches, merge_lora, save_lora
 from difflab.io.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_model_state, save_checkpoint
+from difflab.io.spec import build_denoiser
 from difflab.nn.text import TinyTextConfig, TinyTextEncoder, words
+from difflab.pipelines.text_to_image import text_to_image
 
-from .losses import WEIGHTINGS, diffusion_loss, draw_sigmas
+from .loop import TrainConfig, fit
+from .losses import WEIGHTINGS
+from .objectives.dreambooth import TEXT_MODES, RowsOnly, SubjectObjective, prior_preservation_loss, token_embedding
 
 TEXT_MODEL_KIND = "difflab.text_model"
 MODEL_FILE = "model.safetensors"
 LORA_FILE = "lora.safetensors"
 LORA_NAME = "dreambooth"
-TEXT_MODES = ("frozen", "tokens", "full")  # what of the text encoder trains
 # Attention projections LoRA adapts by default, the first family a model has: the SD U-Net
 # (diffusers' names, the targets of its DreamBooth-LoRA script), then difflab's ADM U-Net
 # (SelfAttention.qkv/proj, CrossAttention.q/kv/proj).
@@ -102,74 +106,6 @@ def add_tokens(text_encoder: TinyTextEncoder, new_words, *, init_word: str | Non
     return [text_encoder.index[w] for w in new_words]
 
 
-def token_embedding(text_encoder) -> nn.Embedding:
-    """The token-embedding table of a TinyTextEncoder or a CLIPTextEncoder."""
-    if isinstance(text_encoder, TinyTextEncoder):
-        return text_encoder.token_embedding
-    if hasattr(text_encoder, "embeddings") and "token_embedding" in text_encoder.embeddings:
-        return text_encoder.embeddings["token_embedding"]
-    raise TypeError(f"cannot find the token embedding of a {type(text_encoder).__name__}")
-
-
-class RowsOnly:
-    """Train only some rows of an embedding table: gradients of the other rows are zeroed (so
-    Adam's moments of those rows stay 0) and, after every optimizer step, :meth:`restore` puts
-    their original values back (so weight decay cannot move them either), as diffusers'
-    textual-inversion script does."""
-
-    def __init__(self, embedding: nn.Embedding, rows):
-        self.embedding = embedding
-        self.train_rows = torch.zeros(embedding.num_embeddings, dtype=torch.bool, device=embedding.weight.device)
-        self.train_rows[torch.as_tensor(list(rows), dtype=torch.long)] = True
-        self.original = embedding.weight.detach().clone()
-        embedding.weight.requires_grad_(True)
-        mask = self.train_rows[:, None].to(embedding.weight.dtype)
-        self.handle = embedding.weight.register_hook(lambda g: g * mask)
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        w = self.embedding.weight
-        w[~self.train_rows] = self.original[~self.train_rows]
-
-    def remove(self) -> None:
-        self.handle.remove()
-
-
-# ----------------------------------------------------------------------------------------------
-# The loss
-
-
-def prior_preservation_loss(denoiser, x_instance: torch.Tensor, x_prior: torch.Tensor | None, sigma, noise: torch.Tensor,
-                            *, instance_cond: dict, prior_cond: dict | None = None, prior_weight: float = 1.0,
-                            weighting: str = "simple", min_snr_gamma: float = 5.0) -> dict:
-    """Ruiz et al. 2023, eq. 2: the instance loss plus lambda times the class-prior loss.
-
-    ``x_instance`` (n, ...) are the subject's images, conditioned by ``instance_cond`` (the
-    network's keywords, e.g. ``context=`` / ``context_mask=`` of "a sks digit"); ``x_prior``
-    (m, ...) the frozen base model's samples of the class prompt, conditioned by ``prior_cond``
-    (the same keys). ``sigma`` (n + m,) and ``noise`` (n + m, ...) noise instance examples first.
-    Both halves run in one network call. Returns ``{"loss": mean(instance) + prior_weight *
-    mean(prior), "instance": (n,), "prior": (m,)}``, the per-example terms being
-    :func:`difflab.train.diffusion_loss`. ``x_prior=None`` (or m = 0) is plain fine-tuning.
-    """
-    n = len(x_instance)
-    if x_prior is None or len(x_prior) == 0:
-        x0, cond = x_instance, dict(instance_cond)
-    else:
-        if prior_cond is None or set(prior_cond) != set(instance_cond):
-            raise ValueError(f"prior_cond must have the keys of instance_cond {sorted(instance_cond)}, got "
-                             f"{None if prior_cond is None else sorted(prior_cond)}")
-        x0 = torch.cat([x_instance, x_prior])
-        cond = {k: torch.cat([instance_cond[k], prior_cond[k]]) for k in instance_cond}
-    if noise.shape != x0.shape:
-        raise ValueError(f"noise must have the shape of the instance and prior images together {tuple(x0.shape)}, "
-                         f"got {tuple(noise.shape)}")
-    losses = diffusion_loss(denoiser, x0, sigma, noise, weighting=weighting, min_snr_gamma=min_snr_gamma, extra_args=cond)
-    instance, prior = losses[:n], losses[n:]
-    total = instance.mean() + (prior_weight * prior.mean() if len(prior) else 0.0)
-    return {"loss": total, "instance": instance, "prior": prior}
-
-
 # ----------------------------------------------------------------------------------------------
 # Class images from the frozen base model
 
@@ -180,8 +116,6 @@ def generate_class_images(denoiser, text_encoder, class_prompt: str, num_images:
     """x_pr of Ruiz et al. 2023, Section 3.3: ``num_images`` samples (N, C, H, W) in [-1, 1] of
     ``class_prompt`` from the model as it is (call before fine-tuning), with classifier-free
     guidance against the empty prompt. ``shape`` is one sample's (C, H, W) (a pixel-space model)."""
-    from difflab.pipelines.text_to_image import text_to_image
-
     if num_images < 1:
         raise ValueError(f"num_images={num_images} must be >= 1")
     was_training = denoiser.training, text_encoder.training
@@ -267,14 +201,6 @@ class DreamBoothResult:
     history: list[dict] = field(default_factory=list)
 
 
-def _encode(text_encoder, prompts: list[str], device) -> dict:
-    hidden, _, mask = text_encoder.encode(prompts, return_mask=True)
-    cond = {"context": hidden.to(device)}
-    if mask is not None:
-        cond["context_mask"] = mask.to(device)
-    return cond
-
-
 def default_lora_targets(net: nn.Module) -> list[str]:
     """The attention patterns of the first family of :data:`ATTENTION_TARGETS` that ``net`` has
     (those of its patterns that name at least one layer)."""
@@ -291,95 +217,28 @@ def fit_subject(denoiser, text_encoder, instance_images: torch.Tensor, instance_
                 prior_weight: float = 0.0, steps: int, batch_size: int, lr: float, text_lr: float | None = None,
                 weighting: str = "simple", max_grad_norm: float = 1.0, weight_decay: float = 0.0, seed: int = 0,
                 log_every: int = 50, progress: bool = True, desc: str = "fine-tune") -> list[dict]:
-    """The loop DreamBooth and textual inversion share: AdamW at constant learning rates on
-    :func:`prior_preservation_loss`. Trainable parameters must already be marked:
+    """What DreamBooth and textual inversion run: the :class:`SubjectObjective` trained by
+    :func:`difflab.train.fit` in memory (no checkpoint, no EMA), AdamW at constant learning rates,
+    gradients clipped at ``max_grad_norm``. Trainable parameters must already be marked:
     ``unet`` is ``"train"`` (the denoiser's parameters with requires_grad) or ``"frozen"``;
-    ``text`` one of :data:`TEXT_MODES` (``"tokens"``: only the rows ``token_ids`` of the token
-    embedding). Every step draws ``batch_size`` instance examples (with replacement), as many
-    class examples, each example's prompt among ``instance_prompts``, its sigma from the frame's
-    training distribution and its noise, from a generator seeded with ``seed``; the net's own
-    randomness (dropout) is seeded from ``seed`` too. Returns the log (every ``log_every`` steps)."""
-    from tqdm.auto import trange
-
-    if unet not in ("train", "frozen") or text not in TEXT_MODES:
-        raise ValueError(f"unet={unet!r} must be 'train' or 'frozen', text={text!r} one of {list(TEXT_MODES)}")
-    if unet == "frozen" and text == "frozen":
-        raise ValueError("nothing to train: the U-Net and the text encoder are both frozen")
-    if text == "tokens" and not len(token_ids):
-        raise ValueError("text='tokens' needs the token_ids whose embedding rows train")
-    device = next(denoiser.parameters()).device
-    g = torch.Generator().manual_seed(seed)
-    groups = []
-    unet_params = [p for p in denoiser.parameters() if p.requires_grad] if unet == "train" else []
-    if unet == "train" and not unet_params:
-        raise ValueError("no trainable U-Net parameter: mark them (full fine-tune or LoRA) before fit_subject")
-    if unet_params:
-        groups.append({"params": unet_params, "lr": lr})
-    rows = RowsOnly(token_embedding(text_encoder), token_ids) if text == "tokens" else None
-    text_params = [rows.embedding.weight] if text == "tokens" else list(text_encoder.parameters()) if text == "full" else []
-    if text_params:
-        groups.append({"params": text_params, "lr": lr if text_lr is None else text_lr})
-    opt = torch.optim.AdamW(groups, weight_decay=weight_decay)
-    params = [p for group in groups for p in group["params"]]
-
-    use_prior = prior_images is not None and prior_weight > 0
-    instance_images = instance_images.to(device)
-    prior_images = prior_images.to(device) if use_prior else None
-    denoiser.train(unet == "train")
-    text_encoder.train(text != "frozen")
-    fixed = text == "frozen"  # the prompts' encodings do not change: encode them once
-    with torch.no_grad():
-        cached = {p: _encode(text_encoder, [p], device) for p in instance_prompts + ([prior_prompt] if use_prior else [])} if fixed else None
-
-    def cond_of(prompts):
-        if fixed:
-            return {k: torch.cat([cached[p][k] for p in prompts]) for k in cached[prompts[0]]}
-        return _encode(text_encoder, prompts, device)
-
-    history = []
+    ``text`` one of :data:`TEXT_MODES`. Each step takes ``batch_size`` instance examples (one
+    permutation of them per epoch) and as many class examples; prompts, class examples, sigmas
+    and noise are drawn from (``seed``, step); the net's own randomness (dropout) is seeded from
+    ``seed``. Leaves both models in eval mode; returns the log (every ``log_every`` steps, at
+    least one entry)."""
+    if unet not in ("train", "frozen"):
+        raise ValueError(f"unet={unet!r} must be 'train' or 'frozen'")
+    objective = SubjectObjective(denoiser, text_encoder, instance_prompts, train_unet=unet == "train", text=text,
+                                 token_ids=token_ids, prior_images=prior_images, prior_prompt=prior_prompt,
+                                 prior_weight=prior_weight, weighting=weighting, text_lr=text_lr, name=desc)
+    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                         grad_clip=max_grad_norm or None, ema_decay=None, log_every=min(log_every, steps), seed=seed,
+                         progress=progress)
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            bar = trange(steps, desc=desc, disable=not progress, dynamic_ncols=True)
-            for step in bar:
-                # 1. Draw the batch: instance examples, then class examples.
-                idx = torch.randint(0, len(instance_images), (batch_size,), generator=g)
-                which = torch.randint(0, len(instance_prompts), (batch_size,), generator=g)
-                prompts = [instance_prompts[int(i)] for i in which]
-                m = batch_size if use_prior else 0
-                pidx = torch.randint(0, len(prior_images), (m,), generator=g) if use_prior else None
-                sigma = draw_sigmas(denoiser.frame, batch_size + m, g).float().to(device)
-                noise = torch.randn((batch_size + m, *instance_images.shape[1:]), generator=g).to(device)
-                # 2. Encode the prompts (with gradients when the text encoder trains).
-                instance_cond = cond_of(prompts)
-                prior_cond = cond_of([prior_prompt] * m) if use_prior else None
-                # 3. Eq. 2, one network call for both halves.
-                out = prior_preservation_loss(denoiser, instance_images[idx.to(device)],
-                                              prior_images[pidx.to(device)] if use_prior else None, sigma, noise,
-                                              instance_cond=instance_cond, prior_cond=prior_cond, prior_weight=prior_weight,
-                                              weighting=weighting)
-                loss = out["loss"]
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise FloatingPointError(f"{desc}: the loss is {value} at step {step}; lower the learning rate")
-                # 4. Step, then put back the embedding rows that must not change.
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)) if max_grad_norm else math.nan
-                opt.step()
-                if rows is not None:
-                    rows.restore()
-                bar.set_postfix(loss=f"{value:.4f}", refresh=False)
-                if step % log_every == 0 or step == steps - 1:
-                    history.append({"step": step, "loss": value, "instance": float(out["instance"].detach().mean()),
-                                    "prior": float(out["prior"].detach().mean()) if len(out["prior"]) else None,
-                                    "grad_norm": grad_norm})
-            bar.close()
+        state = fit(objective, {"x0": instance_images.to(objective.device)}, config)
     finally:
-        if rows is not None:
-            rows.remove()
-        denoiser.eval(), text_encoder.eval()
-    return history
+        objective.close()
+    return state.history
 
 
 def dreambooth(denoiser, text_encoder, instance_images: torch.Tensor, config: DreamBoothConfig = DreamBoothConfig(), *,
@@ -478,8 +337,6 @@ def save_text_model(path, denoiser, text_encoder: TinyTextEncoder, spec: dict, m
 
 def load_text_model(path, device="cpu"):
     """Inverse of :func:`save_text_model`: ``(denoiser, text_encoder, metadata)``, in eval mode."""
-    from difflab.io.spec import build_denoiser
-
     path = Path(path)
     file = path if path.suffix == ".safetensors" or path.is_file() else path / MODEL_FILE
     if path.is_dir() and not file.exists() and (path / CHECKPOINT_NAME).exists():

@@ -1,16 +1,20 @@
-"""The training loop: short and explicit.
+"""The training loop, one for every objective: short and explicit.
 
-One optimizer step:
+:func:`fit` trains an objective (:mod:`difflab.train.objective`: a ``module``, ``draw`` and a
+per-example ``loss``). One optimizer step:
 
-1. draw the batch: example indices, sigmas, noise and the label-dropout mask are functions of
+1. draw the batch: the example indices (one random permutation of the data per epoch) and the
+   objective's random draws (noise levels, noise, label dropout, augmentation) are functions of
    (seed, step) alone, so resuming from a checkpoint continues bit-identically on the CPU;
 2. forward and backward in ``grad_accum`` micro-batches, under bf16/fp16 autocast if asked;
 3. clip the gradient norm, stop with :class:`TrainingDivergedError` if the loss or the norm
    is not finite (before the update, so the weights and the last checkpoint stay good);
-4. AdamW step with linear LR warmup, EMA update;
-5. log the loss by noise level, checkpoint atomically every ``checkpoint_every`` steps.
+4. AdamW step at the scheduled learning rate (:func:`lr_at`), the objective's ``after_step``,
+   EMA update;
+5. log the loss (by noise level when the batch has a ``"sigma"``), checkpoint atomically every
+   ``checkpoint_every`` steps.
 
-The network's own randomness (dropout) uses torch's global generator: it is seeded from
+The module's own randomness (dropout) uses torch's global generator: it is seeded from
 ``config.seed`` inside :func:`torch.random.fork_rng` (the caller's RNG is left untouched) and
 its state is checkpointed.
 
@@ -33,20 +37,24 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from difflab.core import Denoiser, sample_seed
-from difflab.perf.fast import autocast
+from difflab.config import from_dict
+from difflab.core import sample_seed
 from difflab.io.checkpoint import (checkpoint_path, load_checkpoint, load_model_state, optimizer_state_from_tensors,
                                    optimizer_state_to_tensors, save_checkpoint, strip_prefix)
+from difflab.perf.fast import autocast
 
 from .distributed import PARALLELS, Parallel, full_tensor
 from .ema import EMA
-from .losses import NOISE_LEVELS, WEIGHTINGS, SigmaBinnedLoss, diffusion_loss, draw_sigmas
-from .vlb import hybrid_loss
+from .losses import NOISE_LEVELS, WEIGHTINGS, SigmaBinnedLoss
+from .objective import objective_name, param_groups, split_loss, trainable_parameters
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-LOSSES = ("mse", "hybrid")  # losses.diffusion_loss; vlb.hybrid_loss (improved DDPM, learned variance)
+LOSSES = ("mse", "hybrid")  # the diffusion objective's losses: losses.diffusion_loss; vlb.hybrid_loss (learned variance)
+LR_SCHEDULES = ("constant", "cosine", "one_cycle")
+ONE_CYCLE_DIV, ONE_CYCLE_FINAL_DIV = 25.0, 1e4  # torch.optim.lr_scheduler.OneCycleLR's div_factor, final_div_factor
 CHECKPOINT_KIND = "difflab.train"
-# Config fields that may change when resuming without changing the math of the steps taken.
+# Config fields that may change when resuming without changing the math of the steps taken
+# (``steps`` only with the constant schedule: cosine and one-cycle decay over the run's steps).
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "progress", "parallel")
 
 
@@ -55,14 +63,16 @@ class TrainConfig:
     steps: int = 10_000                # total optimizer steps; a resumed run continues up to this
     batch_size: int = 64               # examples per optimizer step
     grad_accum: int = 1                # micro-batches per step (batch_size / grad_accum examples each)
-    lr: float = 1e-4                   # AdamW learning rate after warmup
-    warmup_steps: int = 0              # linear LR warmup: lr * min(1, (step + 1) / warmup_steps)
+    lr: float = 1e-4                   # AdamW learning rate at the top of the schedule
+    lr_schedule: str = "constant"      # "constant", "cosine" or "one_cycle" (see lr_at)
+    warmup_steps: int = 0              # constant/cosine: linear warmup; one_cycle: the rising phase
     weight_decay: float = 0.0          # AdamW decoupled weight decay, on every parameter
     betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     grad_clip: float | None = 1.0      # max global gradient norm; None: no clipping (norm still logged)
-    ema_decay: float = 0.9999          # EMA decay, warmed up as min(decay, (1 + t) / (10 + t))
+    ema_decay: float | None = 0.9999   # EMA decay, warmed up as min(decay, (1 + t) / (10 + t)); None: no EMA
     precision: str = "fp32"            # "fp32", "bf16" (autocast, CPU or CUDA), "fp16" (autocast + GradScaler, CUDA only)
+    # the diffusion objective's settings (objectives/diffusion.py; train() builds it from them)
     cfg_dropout: float = 0.0           # probability of replacing a class label by the null class (Ho & Salimans 2022)
     weighting: str = "simple"          # loss weighting: "simple", "min_snr", "edm" (see losses.loss_weight)
     min_snr_gamma: float = 5.0         # gamma of min-SNR weighting (Hang et al. 2023)
@@ -70,15 +80,20 @@ class TrainConfig:
     vlb_weight: float = 0.001          # lambda of the hybrid loss (Nichol & Dhariwal 2021, eq. 16)
     noise_level: str | None = None     # training sigma distribution (losses.NOISE_LEVELS); None: by frame
     noise_level_kwargs: dict = field(default_factory=dict)  # e.g. {"p_mean": -1.2, "p_std": 1.2}
+    # the loop's bookkeeping
     checkpoint_every: int = 1000       # steps between checkpoints (one is also written at the end); 0: end only
-    log_every: int = 100               # steps between log lines (loss by noise level)
-    seed: int = 0                      # seeds data order, sigmas, noise, label dropout and the net's own RNG
+    log_every: int = 100               # steps between log lines (loss, by noise level when there is one)
+    seed: int = 0                      # seeds data order, the objective's draws and the module's own RNG
     progress: bool = True              # tqdm progress bar
     parallel: str = "none"             # "none", "ddp" or "fsdp" over torchrun's processes (train/distributed.py)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} must be one of {list(PRECISIONS)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r} must be one of {list(LR_SCHEDULES)}")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay <= 1.0:
+            raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1] or None (no EMA)")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting={self.weighting!r} must be one of {list(WEIGHTINGS)}")
         if self.loss not in LOSSES:
@@ -100,12 +115,17 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict, section: str = "train") -> "TrainConfig":
+        """The config of a JSON dict; an unknown key is a :class:`difflab.config.ConfigError`
+        naming it and the closest valid key (:func:`difflab.config.from_dict`)."""
+        return from_dict(cls, d, section)
+
+    @classmethod
+    def from_checkpoint(cls, d: dict) -> "TrainConfig":
+        """The config recorded in a training checkpoint, of this or an older version: keys this
+        version does not know are dropped."""
         names = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in names}
-        if "betas" in d:
-            d["betas"] = tuple(d["betas"])
-        return cls(**d)
+        return cls.from_dict({k: v for k, v in d.items() if k in names}, "checkpoint train_config")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -121,54 +141,51 @@ class TrainingDivergedError(RuntimeError):
 @dataclass
 class TrainState:
     step: int                                   # optimizer steps completed
-    denoiser: Denoiser
+    objective: object                           # what fit trained (its .module holds the weights)
     optimizer: torch.optim.Optimizer
-    ema: EMA
+    ema: EMA | None                             # None when config.ema_decay is None
     scaler: torch.amp.GradScaler | None = None  # fp16 only
     history: list = field(default_factory=list)  # log entries (dicts), one every log_every steps
     checkpoint: str | None = None               # path of the last checkpoint written or resumed from
     parallel: Parallel = field(default_factory=Parallel)  # DDP/FSDP over processes; default one process
+    base_lrs: list = field(default_factory=list)  # each optimizer group's lr at the top of the schedule
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.objective.module
+
+    @property
+    def denoiser(self):
+        """The diffusion objective's denoiser (None for objectives without one)."""
+        return getattr(self.objective, "denoiser", None)
 
 
 # ----------------------------------------------------------------------------------------------
 # Data and the random draws of one step
 
 
-BATCH_KEYS = ("x0", "sigma", "noise")  # every other key of a batch is a keyword of the net (class_labels, cond)
-
-
-def as_dataset(data) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
-    """``(images, labels, cond)`` from ``images`` (N, ...) float, ``(images, labels)`` with labels
-    (N,) long or None, or ``(images, labels, cond)`` with ``cond`` a dict of per-example tensors
-    (N, ...) that reach the net as keywords (e.g. ``{"input_ids": ...}`` for a text-conditioned
-    net); ``cond`` is ``{}`` for the first two forms."""
-    parts = (data,) if torch.is_tensor(data) else tuple(data)
-    if len(parts) not in (1, 2, 3):
-        raise ValueError(f"data must be images, (images, labels) or (images, labels, cond); got {len(parts)} parts")
-    images, labels, cond = (*parts, None, None)[:3]
-    if not torch.is_tensor(images) or not images.is_floating_point() or images.ndim < 2:
-        raise ValueError("data must be a float tensor (N, ...), a pair (images, labels) or a triple (images, labels, cond)")
-    if labels is not None:
-        if not torch.is_tensor(labels) or labels.dtype != torch.long or labels.shape != (len(images),):
-            raise ValueError(f"labels must be a long tensor of shape ({len(images)},), got "
-                             f"{getattr(labels, 'dtype', type(labels))} {tuple(getattr(labels, 'shape', ()))}")
-    cond = dict(cond or {})
-    for name, value in cond.items():
-        if name in BATCH_KEYS or name == "class_labels":
-            raise ValueError(f"cond key {name!r} is reserved; pass labels as the second element of data")
-        if not torch.is_tensor(value) or value.ndim < 1 or len(value) != len(images):
-            raise ValueError(f"cond[{name!r}] must be a tensor with one row per example ({len(images)}, ...), got "
+def as_rows(data: dict) -> dict[str, torch.Tensor]:
+    """Check that ``data`` maps names to tensors with one row per example (N, ...), N >= 1."""
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"data must be a non-empty dict of per-example tensors (N, ...), got {type(data).__name__}")
+    n = None
+    for name, value in data.items():
+        if not torch.is_tensor(value) or value.ndim < 1 or len(value) == 0 or (n is not None and len(value) != n):
+            raise ValueError(f"data[{name!r}] must be a tensor with one row per example ({n or 'N'}, ...), got "
                              f"{tuple(getattr(value, 'shape', ())) or type(value).__name__}")
-    return images, labels, cond
+        n = len(value)
+    return data
 
 
-def _stream_seed(seed: int, stream: int, i: int) -> int:
+def stream_seed(seed: int, stream: int, i: int) -> int:
+    """Seed of item ``i`` of random stream ``stream``: 0 the objective's draws of step i, 1 the data
+    order of epoch i, 2 the module's own RNG of rank i."""
     return sample_seed(sample_seed(seed, stream), i)
 
 
 def _rank_seed(seed: int, rank: int, step: int) -> int:
-    """Seed of the net's own RNG on ``rank`` from ``step``: ``seed`` itself for rank 0 at step 0."""
-    return seed if rank == step == 0 else sample_seed(_stream_seed(seed, 2, rank), step)
+    """Seed of the module's own RNG on ``rank`` from ``step``: ``seed`` itself for rank 0 at step 0."""
+    return seed if rank == step == 0 else sample_seed(stream_seed(seed, 2, rank), step)
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
@@ -177,48 +194,28 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor
     k = torch.arange(step * batch_size, (step + 1) * batch_size)
     epochs, out = k // n, torch.empty(batch_size, dtype=torch.long)
     for e in epochs.unique().tolist():
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(_stream_seed(seed, 1, e)))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(stream_seed(seed, 1, e)))
         mask = epochs == e
         out[mask] = perm[k[mask] % n]
     return out
 
 
-def draw_batch(images, labels, frame, config: TrainConfig, step: int, *, null_class: int | None = None,
-               cond: dict | None = None, null_cond: dict | None = None) -> dict:
-    """The batch of 0-based ``step``: x0, sigma (float32), noise and class_labels (or None), on
-    the CPU (or the data's device), drawn from a generator seeded with (seed, step).
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The CPU generator of the objective's draws at 0-based ``step``."""
+    return torch.Generator().manual_seed(stream_seed(seed, 0, step))
 
-    ``cond`` (per-example tensors, see :func:`as_dataset`) adds one key per entry, its rows of
-    the batch. ``cfg_dropout`` replaces the label by ``null_class`` and each ``cond[k]`` row by
-    ``null_cond[k]`` (one example's value, e.g. the empty prompt's token ids), in the same
-    examples; the drop mask is one draw after the noise, as without ``cond``."""
-    cond = cond or {}
-    g = torch.Generator().manual_seed(_stream_seed(config.seed, 0, step))
-    idx = batch_indices(len(images), config.batch_size, step, config.seed)
-    x0 = images[idx.to(images.device)].float()
-    sigma = draw_sigmas(frame, config.batch_size, g, config.noise_level, **config.noise_level_kwargs).float()
-    noise = torch.randn(x0.shape, generator=g)
-    drop = None
-    if config.cfg_dropout > 0 and (labels is not None or cond):
-        if labels is not None and null_class is None:
-            raise ValueError("cfg_dropout > 0 needs null_class, the label that means 'no class'")
-        missing = sorted(set(cond) - set(null_cond or {}))
-        if missing:
-            raise ValueError(f"cfg_dropout > 0 needs null_cond values for the cond keys {missing} (e.g. the empty prompt's)")
-        drop = torch.rand(config.batch_size, generator=g) < config.cfg_dropout
-    y = None
-    if labels is not None:
-        y = labels[idx.to(labels.device)]
-        if drop is not None:
-            y = torch.where(drop.to(y.device), torch.full_like(y, null_class), y)
-    batch = {"x0": x0, "sigma": sigma, "noise": noise, "class_labels": y}
-    for name, value in cond.items():
-        rows = value[idx.to(value.device)]
-        if drop is not None:
-            null = torch.as_tensor(null_cond[name], dtype=value.dtype, device=value.device)
-            keep = drop.to(value.device).reshape(-1, *([1] * (rows.ndim - 1)))
-            rows = torch.where(keep, null.expand_as(rows), rows)
-        batch[name] = rows
+
+def draw_step(objective, data: dict, config: TrainConfig, step: int) -> dict:
+    """The whole batch of 0-based ``step``: the data's rows of :func:`batch_indices`, with the
+    objective's draws from :func:`step_generator` merged over them."""
+    idx = batch_indices(len(next(iter(data.values()))), config.batch_size, step, config.seed)
+    rows = {k: v[idx.to(v.device)] for k, v in data.items()}
+    drawn = objective.draw(rows, step_generator(config.seed, step))
+    batch = {**rows, **drawn}
+    for name, value in batch.items():
+        if value is not None and (not torch.is_tensor(value) or value.ndim < 1 or len(value) != config.batch_size):
+            raise ValueError(f"{objective_name(objective)}.draw: batch[{name!r}] must be a ({config.batch_size}, ...) tensor "
+                             f"or None, got {tuple(getattr(value, 'shape', ())) or type(value).__name__}")
     return batch
 
 
@@ -226,199 +223,84 @@ def draw_batch(images, labels, frame, config: TrainConfig, step: int, *, null_cl
 # One step
 
 
-def accumulate_gradients(denoiser: Denoiser, batch: dict, config: TrainConfig, scaler=None, no_sync=None) -> torch.Tensor:
+def accumulate_gradients(objective, batch: dict, config: TrainConfig, scaler=None, no_sync=None,
+                         loss_fn: Callable | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward and backward over ``config.grad_accum`` micro-batches, accumulating the gradient
-    of mean(per-example loss) over the whole batch into ``.grad``; returns the (B,) losses.
-    ``no_sync``: a context-manager factory (DDP's ``no_sync``) entered for every micro-batch but
-    the last, so gradients are reduced across processes once per step."""
-    device = next(denoiser.parameters()).device
+    of mean(per-example loss) over the whole batch into ``.grad``; returns the (B,) losses and
+    the objective's other per-example terms. ``no_sync``: a context-manager factory (DDP's
+    ``no_sync``) entered for every micro-batch but the last, so gradients are reduced across
+    processes once per step. ``loss_fn``: what computes the loss (default ``objective.loss``;
+    under DDP its wrapper)."""
+    device = next(objective.module.parameters()).device
+    loss_fn = loss_fn or objective.loss
     batch = {k: (v.to(device) if v is not None else None) for k, v in batch.items()}
-    B = batch["x0"].shape[0]
+    B = len(next(v for v in batch.values() if v is not None))
     m = B // config.grad_accum
-    losses = []
+    losses, terms = [], {}
     for i in range(config.grad_accum):
-        sl = slice(i * m, (i + 1) * m)
-        extra = {k: v[sl] for k, v in batch.items() if k not in BATCH_KEYS and v is not None}  # class_labels, cond
+        micro = {k: (v[i * m:(i + 1) * m] if v is not None else None) for k, v in batch.items()}
         with no_sync() if no_sync is not None and i < config.grad_accum - 1 else contextlib.nullcontext():
             with autocast(config.precision, device):
-                if config.loss == "hybrid":
-                    loss = hybrid_loss(denoiser, batch["x0"][sl], batch["sigma"][sl], batch["noise"][sl], extra_args=extra,
-                                       vlb_weight=config.vlb_weight, weighting=config.weighting, min_snr_gamma=config.min_snr_gamma)
-                else:
-                    loss = diffusion_loss(denoiser, batch["x0"][sl], batch["sigma"][sl], batch["noise"][sl], extra_args=extra,
-                                          weighting=config.weighting, min_snr_gamma=config.min_snr_gamma)
+                loss, extra = split_loss(loss_fn(micro))
+            if loss.shape != (m,):
+                raise ValueError(f"{objective_name(objective)}.loss must return one loss per example ({m},), "
+                                 f"got shape {tuple(loss.shape)}")
             total = loss.sum() / B
             (scaler.scale(total) if scaler is not None else total).backward()
         losses.append(loss.detach())
-    return torch.cat(losses)
+        for k, v in extra.items():
+            terms.setdefault(k, []).append(v.detach())
+    return torch.cat(losses), {k: torch.cat(v) for k, v in terms.items()}
 
 
 def lr_at(config: TrainConfig, step: int) -> float:
-    """Learning rate of 0-based ``step``: linear warmup from lr/warmup_steps to lr."""
-    return config.lr * min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps > 0 else config.lr
+    """Learning rate of 0-based ``step`` (W = ``warmup_steps``, S = ``steps``):
+
+    - ``"constant"``: linear warmup from lr/W to lr, then lr;
+    - ``"cosine"``: the same warmup, then lr (1 + cos(pi p)) / 2, p = (step - W) / (S - W)
+      (Loshchilov & Hutter 2017, SGDR without restarts; ``CosineAnnealingLR`` when W = 0);
+    - ``"one_cycle"``: torch's ``OneCycleLR`` (Smith & Topin 2019) with pct_start = W / S:
+      cosine from lr/25 up to lr over steps 0..W-1, then down to lr/25/1e4 at step S - 1."""
+    lr, w, s = config.lr, config.warmup_steps, config.steps
+    if config.lr_schedule == "one_cycle":
+        initial = lr / ONE_CYCLE_DIV
+        up_end, down_end = float(w) - 1, float(s) - 1
+        if step <= up_end:
+            start, end, pct = initial, lr, step / up_end if up_end > 0 else 1.0
+        else:
+            span = down_end - up_end
+            start, end, pct = lr, initial / ONE_CYCLE_FINAL_DIV, (step - up_end) / span if span > 0 else 1.0
+        return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+    if w > 0 and step < w:
+        return lr * (step + 1) / w
+    if config.lr_schedule == "cosine":
+        return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - w) / max(s - w, 1))))
+    return lr
 
 
-def make_optimizer(net: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW (Loshchilov & Hutter 2019), fused where torch supports it, else foreach."""
+def make_optimizer(groups: list[dict], config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW (Loshchilov & Hutter 2019) over parameter ``groups``, fused where torch supports it, else foreach."""
     kw = dict(lr=config.lr, betas=config.betas, eps=config.adam_eps, weight_decay=config.weight_decay)
     try:
-        return torch.optim.AdamW(net.parameters(), fused=True, **kw)
+        return torch.optim.AdamW(groups, fused=True, **kw)
     except (RuntimeError, ValueError):
-        return torch.optim.AdamW(net.parameters(), foreach=True, **kw)
+        return torch.optim.AdamW(groups, foreach=True, **kw)
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def training_checkpoint(state: TrainState, config: TrainConfig, *, spec: dict | None, null_class: int | None,
-                        metadata: dict | None) -> tuple[dict, dict]:
-    """(tensors, metadata) of a training checkpoint; see docs in :func:`train`."""
-    net, device, par = state.denoiser.net, next(state.denoiser.parameters()).device, state.parallel
-    # DDP/FSDP: every rank calls this (FSDP gathers its shards); rank 0 gets the full tensors and writes them
-    optim_tensors, optim_meta = optimizer_state_to_tensors(par.full_optimizer_state(state.optimizer), prefix="optim.")
-    tensors = {f"model.{k}": v for k, v in par.full_state(net.state_dict()).items()}
-    tensors.update({f"ema.{k}": v for k, v in par.full_state(state.ema.state_dict()).items()})
-    tensors.update(optim_tensors)
-    tensors["rng.torch"] = torch.get_rng_state()
-    if device.type == "cuda":
-        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
-    tensors.update(par.other_rng_states(device))
-    d = state.denoiser
-    meta = {
-        "kind": CHECKPOINT_KIND,
-        "step": state.step,
-        "train_config": config.to_dict(),
-        "net_class": type(net).__name__,
-        "spec": spec,
-        "denoiser": {"frame": type(d.frame).__name__, "prediction": d.prediction, "sigma_data": d.sigma_data},
-        "null_class": null_class,
-        "ema": {"decay": state.ema.decay, "num_updates": state.ema.num_updates},
-        "optimizer": optim_meta,
-        "grad_scaler": state.scaler.state_dict() if state.scaler is not None else None,
-        "metadata": metadata or {},
-        "torch_version": torch.__version__,
-        "world_size": par.world_size,
-    }
-    return tensors, meta
-
-
-def restore_training_state(state: TrainState, config: TrainConfig, path) -> None:
-    """Load model, EMA, optimizer, grad scaler, RNG state and step from a training checkpoint
-    (written at any world size: its tensors are whole; FSDP cuts them into this rank's shards)."""
-    tensors, meta = load_checkpoint(path)
-    if meta.get("kind") != CHECKPOINT_KIND:
-        raise ValueError(f"{path} is not a training checkpoint (kind={meta.get('kind')!r})")
-    saved = TrainConfig.from_dict(meta["train_config"])
-    changed = [f.name for f in dataclasses.fields(TrainConfig)
-               if f.name not in RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(config, f.name)]
-    if changed:
-        warnings.warn(f"resuming {path} with a changed config ({', '.join(changed)}): the run will not match an uninterrupted one")
-    net, device, par = state.denoiser.net, next(state.denoiser.parameters()).device, state.parallel
-    load_model_state(net, par.shard(tensors, net.state_dict(), prefix="model."), prefix="model.")
-    ema = par.shard({k: v.to(device) for k, v in strip_prefix(tensors, "ema.").items()}, state.ema.shadow)
-    state.ema.load_state_dict(ema, meta["ema"]["num_updates"])
-    optim = optimizer_state_from_tensors(tensors, meta["optimizer"])
-    state.optimizer.load_state_dict(par.shard_optimizer_state(optim, state.optimizer))
-    if state.scaler is not None and meta.get("grad_scaler"):
-        state.scaler.load_state_dict(meta["grad_scaler"])
-    if par.rng_key("rng.torch") in tensors:
-        torch.set_rng_state(tensors[par.rng_key("rng.torch")])
-        if device.type == "cuda" and par.rng_key("rng.cuda") in tensors:
-            torch.cuda.set_rng_state(tensors[par.rng_key("rng.cuda")], device)
-    else:  # a rank the saving run did not have
-        _seed_net_rng(device, _rank_seed(config.seed, par.rank, int(meta["step"])))
-    state.step = int(meta["step"])
-    state.checkpoint = str(path)
-
-
-# ----------------------------------------------------------------------------------------------
-# The loop
-
-
-def _resolve_null_class(net, labels, config: TrainConfig, null_class: int | None) -> int | None:
-    if labels is None or config.cfg_dropout == 0:
-        return null_class
-    if null_class is None:
-        cfg = getattr(net, "config", None)
-        null_class = getattr(cfg, "null_class", getattr(cfg, "num_classes", None))
-    if null_class is None:
-        raise ValueError("cfg_dropout > 0 needs the null class index: pass null_class= or give the net a config.num_classes")
-    return int(null_class)
-
-
-def train(denoiser: Denoiser, data, config: TrainConfig, out_dir, *, spec: dict | None = None,
-          null_class: int | None = None, metadata: dict | None = None, resume: bool = True,
-          callback: Callable[[dict], None] | None = None, null_cond: dict | None = None) -> TrainState:
-    """Train ``denoiser.net`` on ``data`` for ``config.steps`` optimizer steps; see the module doc.
-
-    ``data``: images (N, ...) float in [-1, 1], or ``(images, labels)`` with labels (N,) long or
-    None; labels reach the net as ``class_labels=``. ``cfg_dropout`` replaces a label by
-    ``null_class`` (default ``net.config.null_class``, else ``net.config.num_classes``).
-    ``(images, labels, cond)``: ``cond`` maps keyword names to per-example tensors (N, ...)
-    that reach the net as those keywords (e.g. caption token ids); ``cfg_dropout`` replaces a
-    dropped example's rows by ``null_cond[name]`` (see :func:`draw_batch`). Training runs on the device of the
-    net's parameters. ``spec`` (the model spec of :mod:`difflab.io.spec`, ``{"unet": ..., "diffusion":
-    ...}``, which rebuilds the denoiser) and ``metadata`` (anything JSON) go into the checkpoint.
-
-    Checkpoints go to ``out_dir/checkpoint.safetensors`` (+ ``checkpoint.json``), overwritten
-    atomically every ``checkpoint_every`` steps and at the end; with ``resume`` an existing one
-    is continued (``resume=False`` starts afresh and overwrites it). Tensors: ``model.*`` (the
-    net), ``ema.*`` (EMA weights, same keys), ``optim.*`` (AdamW), ``rng.torch`` (``rng.cuda``).
-    ``callback(dict(step=, loss=, grad_norm=, lr=, state=))`` runs after every step. A log entry
-    (mean loss, loss by sigma bin, grad norm, lr) is appended to ``state.history`` and to
-    ``out_dir/log.jsonl`` every ``log_every`` steps.
-
-    ``config.parallel="ddp"`` or ``"fsdp"``: run under ``torchrun``, one process per device, each
-    with the same arguments (the net on ``cuda:LOCAL_RANK``, see
-    :func:`difflab.train.distributed.init_distributed`). Rank 0 alone writes the log, the progress
-    bar and the checkpoint; ``out_dir`` must be on a file system every rank sees. With FSDP the
-    net is sharded in place: after training, sample from the checkpoint.
-    """
-    # 1. Check inputs
-    images, labels, cond = as_dataset(data)
-    net = denoiser.net
-    device = next(denoiser.parameters()).device
-    if config.precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision='fp16' needs CUDA (torch.amp.GradScaler); use 'bf16' on the CPU")
-    null_class = _resolve_null_class(net, labels, config, null_class)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = checkpoint_path(out_dir)
-    was_training = denoiser.training
-    denoiser.train()
-    parallel = Parallel.setup(denoiser, config)  # DDP wraps the net, FSDP shards it: before the optimizer
-
-    # 2. Optimizer, EMA, grad scaler
-    state = TrainState(step=0, denoiser=denoiser, optimizer=make_optimizer(net, config), ema=EMA(net, config.ema_decay),
-                       scaler=torch.amp.GradScaler("cuda") if config.precision == "fp16" else None, parallel=parallel)
-
-    cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    bar = tqdm(total=config.steps, disable=not (config.progress and parallel.is_main), desc="train", dynamic_ncols=True)
-    try:
-        with torch.random.fork_rng(devices=cuda_devices):
-            _run(state, images, labels, config, path, bar, spec=spec, null_class=null_class,
-                 metadata=metadata, resume=resume, callback=callback, cond=cond, null_cond=null_cond)
-        parallel.barrier()  # the last checkpoint is written when train returns on any rank
-    finally:
-        bar.close()
-        parallel.close()
-        denoiser.train(was_training)
-    return state
-
-
-def optimizer_step(state: TrainState, batch: dict, config: TrainConfig, lr: float) -> tuple[torch.Tensor, float]:
-    """Steps 2-4 of the module doc for one batch: returns the (B,) losses and the gradient norm.
-    Raises :class:`TrainingDivergedError` (before any update) when they are not finite."""
-    net, scaler, optimizer, par = state.denoiser.net, state.scaler, state.optimizer, state.parallel
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+def optimizer_step(state: TrainState, batch: dict, config: TrainConfig, lr: float) -> tuple[torch.Tensor, dict, float]:
+    """Steps 2-4 of the module doc for one batch: returns the (B,) losses, the objective's other
+    per-example terms and the gradient norm. Raises :class:`TrainingDivergedError` (before any
+    update) when the loss or the norm is not finite."""
+    objective, scaler, optimizer, par = state.objective, state.scaler, state.optimizer, state.parallel
+    for group, base in zip(optimizer.param_groups, state.base_lrs):  # every group follows the schedule
+        group["lr"] = lr if base == config.lr else base * (lr / config.lr if config.lr else 1.0)
     # DDP/FSDP: this rank's slice of the global batch; the losses of the whole batch come back
-    losses = accumulate_gradients(par.denoiser or state.denoiser, par.local(batch), config, scaler, no_sync=par.no_sync)
-    losses = par.gather(losses)
+    losses, terms = accumulate_gradients(objective, par.local(batch), config, scaler, no_sync=par.no_sync, loss_fn=par.loss)
+    losses, terms = par.gather(losses), {k: par.gather(v) for k, v in terms.items()}
     if scaler is not None:
         scaler.unscale_(optimizer)
-    grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip or math.inf)))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, config.grad_clip or math.inf)))
     loss = float(losses.mean())
     # fp16: a non-finite gradient is an overflow; GradScaler skips that update and lowers its scale.
     if not math.isfinite(loss) or (not math.isfinite(grad_norm) and scaler is None):
@@ -430,59 +312,222 @@ def optimizer_step(state: TrainState, batch: dict, config: TrainConfig, lr: floa
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    state.ema.update(net)
+    if callable(getattr(objective, "after_step", None)):
+        objective.after_step()
+    if state.ema is not None:
+        state.ema.update(objective.module)
     state.step += 1
-    return losses, grad_norm
+    return losses, terms, grad_norm
 
 
-def _seed_net_rng(device: torch.device, seed: int) -> None:
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def training_checkpoint(state: TrainState, config: TrainConfig, *, spec: dict | None, metadata: dict | None,
+                        **extra_meta) -> tuple[dict, dict]:
+    """(tensors, metadata) of a training checkpoint; see :func:`fit`."""
+    module, par = state.module, state.parallel
+    device = next(module.parameters()).device
+    # DDP/FSDP: every rank calls this (FSDP gathers its shards); rank 0 gets the full tensors and writes them
+    optim_tensors, optim_meta = optimizer_state_to_tensors(par.full_optimizer_state(state.optimizer), prefix="optim.")
+    tensors = {f"model.{k}": v for k, v in par.full_state(module.state_dict()).items()}
+    if state.ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in par.full_state(state.ema.state_dict()).items()})
+    tensors.update(optim_tensors)
+    tensors["rng.torch"] = torch.get_rng_state()
+    if device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+    tensors.update(par.other_rng_states(device))
+    meta = {
+        "kind": CHECKPOINT_KIND,
+        "step": state.step,
+        "objective": objective_name(state.objective),
+        "train_config": config.to_dict(),
+        "net_class": type(module).__name__,
+        "spec": spec,
+        "ema": {"decay": state.ema.decay, "num_updates": state.ema.num_updates} if state.ema is not None else None,
+        "optimizer": optim_meta,
+        "grad_scaler": state.scaler.state_dict() if state.scaler is not None else None,
+        "metadata": metadata or {},
+        "torch_version": torch.__version__,
+        "world_size": par.world_size,
+        **extra_meta,
+    }
+    return tensors, meta
+
+
+def restore_training_state(state: TrainState, config: TrainConfig, path) -> None:
+    """Load module, EMA, optimizer, grad scaler, RNG state and step from a training checkpoint
+    (written at any world size: its tensors are whole; FSDP cuts them into this rank's shards)."""
+    tensors, meta = load_checkpoint(path)
+    if meta.get("kind") != CHECKPOINT_KIND:
+        raise ValueError(f"{path} is not a training checkpoint (kind={meta.get('kind')!r})")
+    saved = TrainConfig.from_checkpoint(meta["train_config"])
+    free = [n for n in RESUMABLE_CHANGES if not (n == "steps" and config.lr_schedule != "constant")]  # a decay spans the steps
+    changed = [f.name for f in dataclasses.fields(TrainConfig)
+               if f.name not in free and getattr(saved, f.name) != getattr(config, f.name)]
+    if changed:
+        warnings.warn(f"resuming {path} with a changed config ({', '.join(changed)}): the run will not match an uninterrupted one")
+    module, par = state.module, state.parallel
+    device = next(module.parameters()).device
+    load_model_state(module, par.shard(tensors, module.state_dict(), prefix="model."), prefix="model.")
+    if state.ema is not None and meta.get("ema"):
+        ema = par.shard({k: v.to(device) for k, v in strip_prefix(tensors, "ema.").items()}, state.ema.shadow)
+        state.ema.load_state_dict(ema, meta["ema"]["num_updates"])
+    optim = optimizer_state_from_tensors(tensors, meta["optimizer"])
+    state.optimizer.load_state_dict(par.shard_optimizer_state(optim, state.optimizer))
+    if state.scaler is not None and meta.get("grad_scaler"):
+        state.scaler.load_state_dict(meta["grad_scaler"])
+    if par.rng_key("rng.torch") in tensors:
+        torch.set_rng_state(tensors[par.rng_key("rng.torch")])
+        if device.type == "cuda" and par.rng_key("rng.cuda") in tensors:
+            torch.cuda.set_rng_state(tensors[par.rng_key("rng.cuda")], device)
+    else:  # a rank the saving run did not have
+        _seed_module_rng(device, _rank_seed(config.seed, par.rank, int(meta["step"])))
+    state.step = int(meta["step"])
+    state.checkpoint = str(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def fit(objective, data: dict, config: TrainConfig, out_dir=None, *, metadata: dict | None = None, resume: bool = True,
+        callback: Callable[[dict], None] | None = None, spec: dict | None = None, **extra_meta) -> TrainState:
+    """Train ``objective.module`` on ``data`` for ``config.steps`` optimizer steps; see the module
+    doc and :mod:`difflab.train.objective` for what an objective is.
+
+    ``data``: a dict of per-example tensors (N, ...); each step takes the rows of
+    :func:`batch_indices` and hands them to ``objective.draw``. Training runs on the device of
+    the module's parameters; the module is in train mode during the run, then as it was.
+
+    ``out_dir=None`` trains in memory: no checkpoint, no log file. Otherwise checkpoints go to
+    ``out_dir/checkpoint.safetensors`` (+ ``checkpoint.json``), overwritten atomically every
+    ``checkpoint_every`` steps and at the end; with ``resume`` an existing one is continued
+    (``resume=False`` starts afresh and overwrites it). Tensors: ``model.*`` (the module's state
+    dict), ``ema.*`` (EMA weights, same keys), ``optim.*`` (AdamW), ``rng.torch`` (``rng.cuda``);
+    metadata: the step, the objective's name, the config, ``spec`` (what rebuilds the module),
+    ``metadata`` (anything JSON) and ``extra_meta`` (more top-level JSON entries).
+    ``callback(dict(step=, loss=, grad_norm=, lr=, state=))`` runs after every step. A log entry
+    (mean loss, the objective's other terms, loss by sigma bin, grad norm, lr, seconds) is
+    appended to ``state.history`` (and ``out_dir/log.jsonl``) every ``log_every`` steps.
+
+    ``config.parallel="ddp"`` or ``"fsdp"``: run under ``torchrun``, one process per device, each
+    with the same arguments (the module on ``cuda:LOCAL_RANK``, see
+    :func:`difflab.train.distributed.init_distributed`). Rank 0 alone writes the log, the progress
+    bar and the checkpoint; ``out_dir`` must be on a file system every rank sees. With FSDP the
+    module is sharded in place: after training, sample from the checkpoint.
+    """
+    # 1. Check inputs
+    data = as_rows(data)
+    module = objective.module
+    device = next(module.parameters()).device
+    if config.precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision='fp16' needs CUDA (torch.amp.GradScaler); use 'bf16' on the CPU")
+    path = None
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        path = checkpoint_path(out_dir)
+    was_training = module.training
+    module.train()
+    parallel = Parallel.setup(objective, config)  # DDP wraps the loss, FSDP shards the module: before the optimizer
+
+    # 2. Optimizer, EMA, grad scaler
+    groups = param_groups(objective, config)
+    state = TrainState(step=0, objective=objective, optimizer=make_optimizer(groups, config),
+                       ema=EMA(module, config.ema_decay) if config.ema_decay is not None else None,
+                       scaler=torch.amp.GradScaler("cuda") if config.precision == "fp16" else None, parallel=parallel,
+                       base_lrs=[g["lr"] for g in groups])
+
+    cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    bar = tqdm(total=config.steps, disable=not (config.progress and parallel.is_main), desc=objective_name(objective),
+               dynamic_ncols=True)
+    try:
+        with torch.random.fork_rng(devices=cuda_devices):
+            _run(state, data, config, path, bar, spec=spec, metadata=metadata, resume=resume, callback=callback,
+                 extra_meta=extra_meta)
+        parallel.barrier()  # the last checkpoint is written when fit returns on any rank
+    finally:
+        bar.close()
+        parallel.close()
+        module.train(was_training)
+    return state
+
+
+def _seed_module_rng(device: torch.device, seed: int) -> None:
     torch.default_generator.manual_seed(seed)
     if device.type == "cuda":
         torch.cuda.manual_seed(seed)
 
 
-def _run(state: TrainState, images, labels, config: TrainConfig, path: Path, bar, *, spec, null_class, metadata,
-         resume, callback, cond=None, null_cond=None) -> None:
-    device, par = next(state.denoiser.parameters()).device, state.parallel
-    # 3. Resume, or seed the net's own RNG (dropout), per rank
-    if resume and path.exists():
+class _Log:
+    """The running log between two entries: losses, the objective's terms, by noise level."""
+
+    def __init__(self):
+        self.bins, self.losses, self.terms, self.t0 = SigmaBinnedLoss(), [], {}, time.perf_counter()
+        self.start = self.t0
+
+    def add(self, batch: dict, losses: torch.Tensor, terms: dict) -> None:
+        self.losses.append(float(losses.mean()))
+        if batch.get("sigma") is not None:
+            self.bins.add(batch["sigma"], losses)
+        for k, v in terms.items():
+            self.terms.setdefault(k, []).append(float(v.mean()))
+
+    def entry(self, step: int, grad_norm: float, lr: float) -> dict:
+        now = time.perf_counter()
+        entry = {"step": step, "loss": sum(self.losses) / len(self.losses), "grad_norm": grad_norm, "lr": lr,
+                 "steps_per_s": len(self.losses) / (now - self.t0), "seconds": now - self.start}
+        entry.update({k: sum(v) / len(v) for k, v in self.terms.items()})
+        if self.bins.counts.sum() > 0:
+            entry["loss_by_sigma"] = self.bins.means()
+        self.bins.reset()
+        self.losses, self.terms, self.t0 = [], {}, now
+        return entry
+
+
+def _run(state: TrainState, data: dict, config: TrainConfig, path: Path | None, bar, *, spec, metadata, resume,
+         callback, extra_meta) -> None:
+    device, par = next(state.module.parameters()).device, state.parallel
+    # 3. Resume, or seed the module's own RNG (dropout), per rank
+    if path is not None and resume and path.exists():
         restore_training_state(state, config, path)
     else:
-        _seed_net_rng(device, _rank_seed(config.seed, par.rank, 0))
+        _seed_module_rng(device, _rank_seed(config.seed, par.rank, 0))
     bar.update(state.step)
 
     # 4. The loop
-    bins, losses_since, t0 = SigmaBinnedLoss(), [], time.perf_counter()
+    log = _Log()
     while state.step < config.steps:
-        batch = draw_batch(images, labels, state.denoiser.frame, config, state.step, null_class=null_class,
-                           cond=cond, null_cond=null_cond)
+        batch = draw_step(state.objective, data, config, state.step)
         lr = lr_at(config, state.step)
-        losses, grad_norm = optimizer_step(state, batch, config, lr)
+        losses, terms, grad_norm = optimizer_step(state, batch, config, lr)
 
         # 5. Log, checkpoint
         loss = float(losses.mean())
-        bins.add(batch["sigma"], losses)
-        losses_since.append(loss)
+        log.add(batch, losses, terms)
         bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         bar.update(1)
         if config.log_every and state.step % config.log_every == 0:
-            entry = {"step": state.step, "loss": sum(losses_since) / len(losses_since), "grad_norm": grad_norm, "lr": lr,
-                     "steps_per_s": len(losses_since) / (time.perf_counter() - t0), "loss_by_sigma": bins.means()}
+            entry = log.entry(state.step, grad_norm, lr)
             state.history.append(entry)
-            if par.is_main:
+            if par.is_main and path is not None:
                 with open(path.parent / "log.jsonl", "a", encoding="utf-8") as f:
                     f.write(json.dumps(entry) + "\n")
             if config.progress and par.is_main:
-                bar.write(f"step {state.step}: loss {entry['loss']:.4f}; by sigma "
-                          + " ".join(f"{k}: {v:.4f}" for k, v in entry["loss_by_sigma"].items()))
-            bins.reset()
-            losses_since, t0 = [], time.perf_counter()
-        if (config.checkpoint_every and state.step % config.checkpoint_every == 0) or state.step == config.steps:
-            tensors, meta = training_checkpoint(state, config, spec=spec, null_class=null_class, metadata=metadata)
+                by_sigma = entry.get("loss_by_sigma")
+                bar.write(f"step {state.step}: loss {entry['loss']:.4f}" + ("; by sigma " + " ".join(
+                    f"{k}: {v:.4f}" for k, v in by_sigma.items()) if by_sigma else ""))
+        last = state.step == config.steps
+        if path is not None and ((config.checkpoint_every and state.step % config.checkpoint_every == 0) or last):
+            tensors, meta = training_checkpoint(state, config, spec=spec, metadata=metadata, **extra_meta)
             state.checkpoint = str(save_checkpoint(path, tensors, meta) if par.is_main else path)
         if callback is not None:
             callback({"step": state.step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "state": state})
 
 
-__all__ = ["TrainConfig", "TrainState", "TrainingDivergedError", "train", "as_dataset", "batch_indices", "draw_batch",
-           "autocast", "accumulate_gradients", "optimizer_step", "lr_at", "make_optimizer", "training_checkpoint", "restore_training_state"]
+__all__ = ["TrainConfig", "TrainState", "TrainingDivergedError", "fit", "as_rows", "batch_indices", "step_generator",
+           "draw_step", "stream_seed", "accumulate_gradients", "optimizer_step", "lr_at", "make_optimizer",
+           "training_checkpoint", "restore_training_state", "trainable_parameters", "LR_SCHEDULES", "LOSSES",
+           "PRECISIONS", "CHECKPOINT_KIND"]

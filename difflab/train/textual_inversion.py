@@ -8,7 +8,8 @@ with y a template holding S* ("a picture of a S*") and the text encoder c_theta 
 denoiser frozen. In difflab's loss the squared error is taken in the network's own
 parameterization (:func:`difflab.train.diffusion_loss`). S* joins a TinyTextEncoder's vocabulary
 (:func:`difflab.train.dreambooth.add_tokens`), starting from a coarse descriptor's row; the loop
-is DreamBooth's (:func:`difflab.train.dreambooth.fit_subject`) with only that row trained.
+is DreamBooth's objective (:func:`difflab.train.dreambooth.fit_subject`, run by
+:func:`difflab.train.fit`) with only that row trained.
 The learned rows are saved as ``{word: vector}``, the layout of diffusers' ``learned_embeds``.
 """
 from __future__ import annotations

@@ -83,16 +83,21 @@ def adaptive_weight(rec: torch.Tensor, adv: torch.Tensor, last_layer: torch.Tens
 
 
 def vae_loss(vae, x: torch.Tensor, *, reconstruction: str = "l1", kl_weight: float = 1e-6,
-             generator: torch.Generator | None = None, discriminator: nn.Module | None = None,
-             disc_weight: float = 0.5) -> dict[str, torch.Tensor]:
+             generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+             discriminator: nn.Module | None = None, disc_weight: float = 0.5) -> dict[str, torch.Tensor]:
     """The autoencoder's loss on images ``x``, per example (see the module docstring).
 
     Returns a dict of (B,) tensors ``loss``, ``reconstruction``, ``kl``, ``adversarial`` (zeros
     without a discriminator), the scalar ``adaptive_weight`` (0 without a discriminator, or when
     gradients are disabled, as in LDM's evaluation) and ``x_hat``, the reconstructions, to give
-    to :func:`discriminator_loss`. z is sampled from q(z | x) with ``generator``.
+    to :func:`discriminator_loss`. z is sampled from q(z | x) with ``generator``, or is
+    mean + std ``noise`` when ``noise`` (shaped like the latents) is given.
     """
-    x_hat, posterior = vae(x, sample=True, generator=generator)
+    if noise is None:
+        x_hat, posterior = vae(x, sample=True, generator=generator)
+    else:
+        posterior = vae.encode(x)
+        x_hat = vae.decode(posterior.sample(noise=noise))
     rec = reconstruction_loss(x, x_hat, reconstruction)
     kl = posterior.kl()
     loss = rec + kl_weight * kl
