@@ -88,6 +88,19 @@ class TrainConfig:
     parallel: str = "none"             # "none", "ddp" or "fsdp" over torchrun's processes (train/distributed.py)
 
     def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be an integer >= 1")
+        for name in ("warmup_steps", "checkpoint_every", "log_every", "seed"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be an integer >= 0")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr={self.lr} must be a finite number > 0")
+        for name in ("weight_decay", "adam_eps", "min_snr_gamma", "vlb_weight"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name}={getattr(self, name)} must be a finite number >= 0")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise ValueError(f"grad_clip={self.grad_clip} must be a finite number > 0 or None (no clipping)")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} must be one of {list(PRECISIONS)}")
         if self.lr_schedule not in LR_SCHEDULES:
