@@ -116,7 +116,7 @@ def run(args) -> int:
         train_cfg = dataclasses.replace(train_cfg, cfg_dropout=0.0)
 
     dev = init_distributed() if train_cfg.parallel != "none" else device(args.device)
-    denoiser = build_denoiser(spec).to(dev)
+    denoiser = build_denoiser(spec, seed=train_cfg.seed).to(dev)
     print(f"training on {len(images)} images {tuple(images.shape[1:])} for {train_cfg.steps} steps -> {args.out}")
     state = train(denoiser, (images, labels), train_cfg, args.out, spec=spec, resume=not args.fresh,
                   metadata={"data": args.data, "size": int(images.shape[-1])})

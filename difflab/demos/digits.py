@@ -52,7 +52,7 @@ def run_demo(out_dir="demo_out", *, steps: int | None = None, sampler: str = "dd
 
     # 3. Train the generator.
     print(f"[3/5] training a class-conditional U-Net for {config.steps} steps (batch {config.batch_size})")
-    denoiser = build_denoiser(DEMO_SPEC)
+    denoiser = build_denoiser(DEMO_SPEC, seed=config.seed)
     t0 = time.time()
     state = train(denoiser, (images, labels), config, out_dir, spec=DEMO_SPEC, resume=resume)
     train_seconds = time.time() - t0

@@ -25,6 +25,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import nn
 
 from ..config import ConfigError, check_keys
@@ -178,8 +179,14 @@ def build_network(kind: str, config) -> nn.Module:
     return entry.cls(config)
 
 
-def build_denoiser(spec: dict) -> Denoiser:
-    """Build an untrained denoiser (network + frame + parameterization) from a spec of any kind."""
+def build_denoiser(spec: dict, seed: int | None = None) -> Denoiser:
+    """Build an untrained denoiser (network + frame + parameterization) from a spec of any kind.
+    ``seed`` fixes the initial weights (drawn from torch's generator seeded with it, the caller's
+    random state left untouched); None draws them from the global generator as it stands."""
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build_denoiser(spec)
     kind, config, diffusion = read_spec(spec)
     entry = NETWORKS[kind]
     if entry.output == "codec":
