@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ..data.digits import load_digits
 from ..train import Classification, TrainConfig, fit
 from ..train.objectives.classification import random_shift
+from .features import JudgeFeatures
 from .frechet import frechet_distance_features
 from .metrics import fid
 
@@ -200,18 +201,6 @@ class DigitsJudge(nn.Module):
 
 
 @torch.no_grad()
-def judge_features(judge: DigitsJudge, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """The judge's penultimate features (N, feature_dim) in float64, image by image: the numbers of
-    :class:`difflab.eval.features.JudgeFeatures` (which the harness's FID uses), bit for bit."""
-    net = copy.deepcopy(judge).to(torch.float64).eval()
-    device = net.head.weight.device
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = net.prepare(images[start:start + batch_size]).to(device, torch.float64)
-        out.append(torch.cat([net.embed(x[i:i + 1]) for i in range(len(x))]).cpu())
-    return torch.cat(out)
-
-
 def judge_report(
     judge: DigitsJudge,
     generated: torch.Tensor,
@@ -234,12 +223,12 @@ def judge_report(
     - ``n_generated``, ``n_real``.
 
     The Frechet distances are the harness's FID (:func:`difflab.eval.metrics.fid`) on the judge's
-    float64 features (:func:`judge_features`, those of :class:`difflab.eval.features.JudgeFeatures`), so they equal
+    float64 features (:class:`difflab.eval.features.JudgeFeatures`), so they equal
     ``evaluate(generated, real_heldout, JudgeFeatures(judge), ["fid"])["fid"]`` and differ from
     :meth:`DigitsJudge.frechet` (float32 features) only by float32 rounding (~1e-6 relative).
     """
     def features(images):
-        return judge_features(judge, images)
+        return JudgeFeatures(judge)(images)
 
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(real_heldout), generator=g)
