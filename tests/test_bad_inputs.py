@@ -10,6 +10,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -60,6 +68,10 @@ def world(tmp_path_factory):
     (root / "broken.json").write_text("{not json")
     (root / "list.json").write_text("[1, 2]")
     (root / "nan_train.json").write_text('{"train": {"lr": NaN}}')
+    (root / "locked").mkdir()  # held by a live process on this host (the one that started the tests)
+    (root / "locked" / "train.lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+    (root / "locked_elsewhere").mkdir()
+    (root / "locked_elsewhere" / "train.lock").write_text(json.dumps({"pid": 1, "host": "another-machine"}))
     return root
 
 
@@ -103,6 +115,12 @@ CLI_CASES = [
     ("train-out-is-a-file", ["train", "--preset", "tiny", "--out", "{root}/existing_file"], 2, "--out"),
     ("train-preset-unknown", [*T, "--preset", "huge"], 2, "--preset"),
     ("train-precision-unknown", [*T, "--precision", "fp8"], 2, "invalid choice"),
+    # train: the run itself
+    ("train-diverges", ["train", "--preset", "tiny", "--device", "cpu", "--config", "{root}/tiny.json", "--lr", "1e30",
+                        "--out", "{root}/diverged"], 2, "diverged"),
+    ("train-folder-in-use", [*T[:-2], "--config", "{root}/tiny.json", "--out", "{root}/locked"], 2, "in use by another run"),
+    ("train-folder-locked-elsewhere", [*T[:-2], "--config", "{root}/tiny.json", "--out", "{root}/locked_elsewhere"], 2,
+     "another-machine"),
     # sample
     ("sample-checkpoint-missing", [*S[:1], "--checkpoint", "{root}/missing", "--out", "{root}/s.png"], 2, "does not exist"),
     ("sample-sampler-unknown", [*S, "--sampler", "nope"], 2, "nope"),
@@ -174,5 +192,61 @@ def test_cli_case(case, world, capsys):
     assert not list(world.rglob("*.tmp")), f"{name} left temporary files: {list(world.rglob('*.tmp'))}"
 
 
+# ----------------------------------------------------------------------------------------------
+# Signals: a real process, interrupted while it works. (id, argv, signals sent, when to send them
+# (a file that appears, or a phrase on stderr), exit status, phrase in the message)
+
+LONG = ["train", "--preset", "tiny", "--device", "cpu", "--config", "{root}/long.json"]
+SLOW_SAMPLE = ["sample", "--checkpoint", "{root}/run", "--num", "64", "--steps", "500", "--device", "cpu"]
+
+SIGNAL_CASES = [
+    ("train-sigint", [*LONG, "--out", "{root}/sig_int"], [signal.SIGINT], "log:{root}/sig_int", 130, "to resume"),
+    ("train-sigterm", [*LONG, "--out", "{root}/sig_term"], [signal.SIGTERM], "log:{root}/sig_term", 143, "SIGTERM"),
+    ("train-sigint-twice", [*LONG, "--out", "{root}/sig_twice"], [signal.SIGINT, signal.SIGINT], "log:{root}/sig_twice",
+     130, "SIGINT"),
+    ("sample-sigint", [*SLOW_SAMPLE, "--out", "{root}/sig.png"], [signal.SIGINT], "err:sampling", 130, "interrupted"),
+    ("sample-sigterm", [*SLOW_SAMPLE, "--out", "{root}/sig.png"], [signal.SIGTERM], "err:sampling", 143, "SIGTERM"),
+]
+
+
+def _wait_for(proc, when: str, root, stderr_file) -> None:
+    kind, _, what = when.partition(":")
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if kind == "log" and (path := Path(what.replace("{root}", str(root))) / "log.jsonl").exists() and path.read_text():
+            return
+        if kind == "err" and what in stderr_file.read_text():
+            return
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("case", SIGNAL_CASES, ids=[c[0] for c in SIGNAL_CASES])
+def test_signal_case(case, world):
+    name, argv, signals, when, status, phrase = case
+    if name.startswith("train"):
+        (world / "long.json").write_text(json.dumps({"train": {"steps": 100000, "batch_size": 8, "log_every": 1,
+                                                               "checkpoint_every": 1000, "progress": False}}))
+    err_file = world / f"{name}.stderr"
+    with open(err_file, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "difflab.cli", *_argv(argv, world)], stdout=subprocess.DEVNULL,
+                                stderr=err, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        _wait_for(proc, when, world, err_file)
+        for sig in signals:
+            proc.send_signal(sig)
+        got = proc.wait(timeout=120)
+    message = err_file.read_text()
+    assert got == status, f"{name}: exit status {got}, expected {status}; stderr: {message[-500:]}"
+    assert phrase.lower() in message.lower() and "Traceback" not in message, message[-800:]
+    assert not list(world.rglob("*.tmp")) and not list(world.rglob("sig_*/train.lock"))
+    if name == "train-sigint":  # the checkpoint holds the step the message names, and resuming is a real option
+        step = int(re.search(r"after step (\d+)", message).group(1))
+        assert load_checkpoint(world / "sig_int")[1]["step"] == step >= 1
+    if name == "train-sigint-twice" and (world / "sig_twice" / "checkpoint.safetensors").exists():
+        load_checkpoint(world / "sig_twice")  # whatever the second signal cut short, the newest checkpoint reads
+    if name.startswith("sample"):
+        assert not (world / "sig.png").exists()
+
+
 def test_the_catalogue_is_large_enough():
     assert len(CLI_CASES) >= 60
+    assert len(CLI_CASES) + len(SIGNAL_CASES) >= 70

@@ -8,12 +8,15 @@ naming the command and exit with status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import shlex
+import signal
 import sys
 
 from .. import __version__
+from ..train import TrainingInterrupted
 from . import bench, demo, dreambooth, memory, sample, train
 from . import eval as eval_
-from .common import USER_ERRORS
+from .common import USER_ERRORS, terminate_as_interrupt
 
 COMMANDS = {
     "demo": demo,
@@ -38,18 +41,29 @@ def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv=None, commands: dict | None = None) -> int:
-    """Parse ``argv`` and run the command; 2 on a user error (one line on stderr) or no command."""
+    """Parse ``argv`` and run the command; 2 on a user error (one line on stderr) or no command;
+    128 + the signal's number (130 SIGINT, 143 SIGTERM) when interrupted, with no traceback."""
     commands = commands or COMMANDS
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(commands)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     try:
-        return commands[args.command].run(args)
+        with terminate_as_interrupt():
+            return commands[args.command].run(args)
     except USER_ERRORS as e:
         print(f"difflab {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        print(f"difflab {args.command}: {e}\nto resume, run the same command again: difflab {shlex.join(argv)}", file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"difflab {args.command}: interrupted by {signal.Signals(signum).name}; the files it was writing were not "
+              "replaced", file=sys.stderr)
+        return 128 + signum
 
 
 __all__ = ["COMMANDS", "build_parser", "main"]

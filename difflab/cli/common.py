@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import signal
+import threading
 from pathlib import Path
 
 import torch
+
+from ..train import TrainingDivergedError
 
 
 class UsageError(ValueError):
@@ -26,7 +31,30 @@ def parse_classes(text: str) -> list[int]:
 
 
 # Errors a command turns into one line on stderr and exit status 2 (no traceback).
-USER_ERRORS = (ValueError, FileNotFoundError, ImportError)
+USER_ERRORS = (ValueError, FileNotFoundError, ImportError, TrainingDivergedError)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that ``finally`` blocks run and no temporary file is left."""
+
+    signum = signal.SIGTERM
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """Turn SIGTERM into :class:`Terminated` for the ``with`` block (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ----------------------------------------------------------------------------------------------

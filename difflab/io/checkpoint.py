@@ -70,6 +70,17 @@ def _write_json(tmp: str, text: str) -> None:
         f.write(text)
 
 
+def atomic_write_text(path, text: str) -> None:
+    """Replace the text file ``path`` atomically: readers see the old text or the new, never a mix."""
+    path = Path(path)
+    _atomic_write(path, lambda tmp: _write_json(tmp, text))
+
+
+def temporary_files(folder, name: str) -> list[Path]:
+    """The temporary files an interrupted atomic write of ``folder / name`` can leave behind."""
+    return sorted(Path(folder).glob(f".{name}.*.tmp"))
+
+
 # ----------------------------------------------------------------------------------------------
 # Save and load
 
@@ -249,5 +260,6 @@ def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -
     return {"state": state, "param_groups": groups}
 
 
-__all__ = ["CHECKPOINT_NAME", "checkpoint_path", "save_checkpoint", "load_checkpoint", "read_metadata", "strip_prefix",
+__all__ = ["CHECKPOINT_NAME", "checkpoint_path", "save_checkpoint", "atomic_write_text", "temporary_files",
+           "NonFiniteError", "non_finite", "check_finite", "load_checkpoint", "read_metadata", "strip_prefix",
            "load_model_state", "optimizer_state_to_tensors", "optimizer_state_from_tensors"]

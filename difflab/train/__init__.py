@@ -3,7 +3,9 @@ from .distributed import PARALLELS, init_distributed
 from .ema import EMA
 from .losses import (NOISE_LEVELS, SIGMA_BIN_EDGES, WEIGHTINGS, SigmaBinnedLoss, default_noise_level, diffusion_loss,
                      draw_sigmas, loss_by_sigma_bins, loss_weight)
+from .interrupt import TrainingInterrupted
 from .loop import LOSSES, LR_SCHEDULES, TrainConfig, TrainingDivergedError, TrainState, fit, lr_at
+from .run_folder import RunLockedError
 from .objective import Objective
 from .objectives import (Classification, DiffusionObjective, NoisyClassification, SubjectObjective, VAEObjective,
                          train_classifier)
@@ -16,7 +18,7 @@ from .vlb import hybrid_loss, hybrid_terms, vlb_loss
 __all__ = [
     "EMA", "diffusion_loss", "loss_weight", "WEIGHTINGS", "NOISE_LEVELS", "default_noise_level", "draw_sigmas",
     "SIGMA_BIN_EDGES", "SigmaBinnedLoss", "loss_by_sigma_bins", "TrainConfig", "TrainState", "TrainingDivergedError",
-    "fit", "lr_at", "LR_SCHEDULES", "Objective", "DiffusionObjective", "SubjectObjective", "NoisyClassification",
+    "TrainingInterrupted", "RunLockedError", "fit", "lr_at", "LR_SCHEDULES", "Objective", "DiffusionObjective", "SubjectObjective", "NoisyClassification",
     "Classification", "VAEObjective", "train_classifier",
     "draw_batch", "train", "LOSSES", "hybrid_loss", "hybrid_terms", "vlb_loss", "vae_loss", "PatchDiscriminator",
     "adaptive_weight", "discriminator_loss", "hinge_discriminator_loss", "PARALLELS", "init_distributed",

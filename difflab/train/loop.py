@@ -39,12 +39,14 @@ from tqdm.auto import tqdm
 
 from difflab.config import from_dict
 from difflab.core import sample_seed
-from difflab.io.checkpoint import (checkpoint_path, load_checkpoint, load_model_state, optimizer_state_from_tensors,
-                                   optimizer_state_to_tensors, save_checkpoint, strip_prefix)
+from difflab.io.checkpoint import (checkpoint_path, load_checkpoint, load_model_state, non_finite,
+                                   optimizer_state_from_tensors, optimizer_state_to_tensors, save_checkpoint, strip_prefix)
 from difflab.perf.fast import autocast
 
 from .distributed import PARALLELS, Parallel, full_tensor
 from .ema import EMA
+from .interrupt import TrainingInterrupted, graceful_stop
+from .run_folder import LOG_NAME, locked_run, truncate_log
 from .losses import NOISE_LEVELS, WEIGHTINGS, SigmaBinnedLoss
 from .objective import objective_name, param_groups, split_loss, trainable_parameters
 
@@ -142,13 +144,26 @@ class TrainConfig:
 
 
 class TrainingDivergedError(RuntimeError):
-    """The loss or the gradient norm stopped being finite; the update of ``step`` was not applied."""
+    """Training stopped being finite at ``step``: the loss or gradient norm (the update of ``step``
+    was not applied) or, before a checkpoint, the parameters, EMA or optimizer state (``bad``
+    names them; nothing was written). ``checkpoint`` is the last good checkpoint, of step
+    ``good_step``; when the weights in memory were not finite the run was rolled back to it."""
 
-    def __init__(self, step: int, loss: float, grad_norm: float, checkpoint: str | None):
+    def __init__(self, step: int, loss: float, grad_norm: float, checkpoint: str | None, *, bad: list[str] = (),
+                 good_step: int | None = None, rolled_back: bool = False):
         self.step, self.loss, self.grad_norm, self.checkpoint = step, loss, grad_norm, checkpoint
-        last = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
-        super().__init__(f"training diverged at step {step}: loss={loss}, grad_norm={grad_norm}; "
-                         f"the update was not applied and {last}")
+        self.bad, self.good_step, self.rolled_back = list(bad), good_step, rolled_back
+        if self.bad:
+            shown = ", ".join(self.bad[:3]) + (f" and {len(self.bad) - 3} more" if len(self.bad) > 3 else "")
+            what = f"after step {step} these tensors are not finite: {shown}; no checkpoint was written"
+        else:
+            what = f"at step {step}: loss={loss}, grad_norm={grad_norm}; the update was not applied"
+        if checkpoint:
+            last = f"the last good checkpoint is {checkpoint} (step {good_step})"
+            last += f"; rolled back to step {good_step}" if rolled_back else ""
+        else:
+            last = "no checkpoint was written yet"
+        super().__init__(f"training diverged {what}; {last}. Lower the learning rate (or clip gradients) and resume")
 
 
 @dataclass
@@ -160,6 +175,7 @@ class TrainState:
     scaler: torch.amp.GradScaler | None = None  # fp16 only
     history: list = field(default_factory=list)  # log entries (dicts), one every log_every steps
     checkpoint: str | None = None               # path of the last checkpoint written or resumed from
+    checkpoint_step: int | None = None          # the step it holds
     parallel: Parallel = field(default_factory=Parallel)  # DDP/FSDP over processes; default one process
     base_lrs: list = field(default_factory=list)  # each optimizer group's lr at the top of the schedule
 
@@ -318,7 +334,7 @@ def optimizer_step(state: TrainState, batch: dict, config: TrainConfig, lr: floa
     # fp16: a non-finite gradient is an overflow; GradScaler skips that update and lowers its scale.
     if not math.isfinite(loss) or (not math.isfinite(grad_norm) and scaler is None):
         optimizer.zero_grad(set_to_none=True)
-        raise TrainingDivergedError(state.step + 1, loss, grad_norm, state.checkpoint)
+        raise TrainingDivergedError(state.step + 1, loss, grad_norm, state.checkpoint, good_step=state.checkpoint_step)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -399,7 +415,47 @@ def restore_training_state(state: TrainState, config: TrainConfig, path) -> None
     else:  # a rank the saving run did not have
         _seed_module_rng(device, _rank_seed(config.seed, par.rank, int(meta["step"])))
     state.step = int(meta["step"])
-    state.checkpoint = str(path)
+    state.checkpoint, state.checkpoint_step = str(path), state.step
+
+
+def non_finite_state(state: TrainState, tensors: dict | None = None) -> list[str]:
+    """Names of the parameters, EMA weights and optimizer moments that hold NaN or infinity:
+    of ``tensors`` (a :func:`training_checkpoint`'s) when given, else of the state in memory."""
+    if tensors is None:
+        tensors = {f"model.{k}": full_tensor(v) for k, v in state.module.state_dict().items()}
+        if state.ema is not None:
+            tensors.update({f"ema.{k}": full_tensor(v) for k, v in state.ema.state_dict().items()})
+        for i, s in state.optimizer.state.items():
+            tensors.update({f"optim.state.{i}.{k}": full_tensor(v) for k, v in s.items() if torch.is_tensor(v)})
+    return non_finite({k: v for k, v in tensors.items() if not k.startswith("rng.")})
+
+
+def roll_back(state: TrainState, config: TrainConfig) -> bool:
+    """Reload the last good checkpoint into ``state`` when the weights in memory are not finite;
+    True when it did."""
+    if state.checkpoint is None or not any(non_finite_state(state)):
+        return False
+    restore_training_state(state, config, state.checkpoint)
+    return True
+
+
+def write_checkpoint(state: TrainState, config: TrainConfig, path: Path, **kw) -> None:
+    """Write the training checkpoint of ``state`` to ``path`` (rank 0), after checking that every
+    parameter, EMA weight and optimizer moment is finite: if one is not, the previous checkpoint
+    is kept, the run is rolled back to it and :class:`TrainingDivergedError` names the tensors."""
+    tensors, meta = training_checkpoint(state, config, **kw)
+    par = state.parallel
+    bad = non_finite_state(state, tensors) if par.is_main else []
+    if par.world_size > 1:  # every rank must agree to stop
+        any_bad = par.gather(torch.tensor([float(len(bad))], device=next(state.module.parameters()).device))
+        bad = bad or (["(on rank 0)"] if float(any_bad.sum()) > 0 else [])
+    if bad:
+        step = state.step
+        rolled_back = roll_back(state, config)
+        raise TrainingDivergedError(step, math.nan, math.nan, state.checkpoint, bad=bad, good_step=state.checkpoint_step,
+                                    rolled_back=rolled_back)
+    state.checkpoint = str(save_checkpoint(path, tensors, meta) if par.is_main else path)
+    state.checkpoint_step = state.step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -457,8 +513,10 @@ def fit(objective, data: dict, config: TrainConfig, out_dir=None, *, metadata: d
     bar = tqdm(total=config.steps, disable=not (config.progress and parallel.is_main), desc=objective_name(objective),
                dynamic_ncols=True)
     try:
-        with torch.random.fork_rng(devices=cuda_devices):
-            _run(state, data, config, path, bar, spec=spec, metadata=metadata, resume=resume, callback=callback,
+        # the run folder's lock, held by rank 0; Ctrl-C / SIGTERM stop after a step (one process only)
+        with locked_run(path, enabled=path is not None and parallel.is_main), \
+                graceful_stop(enabled=parallel.world_size == 1) as stop, torch.random.fork_rng(devices=cuda_devices):
+            _run(state, data, config, path, bar, stop, spec=spec, metadata=metadata, resume=resume, callback=callback,
                  extra_meta=extra_meta)
         parallel.barrier()  # the last checkpoint is written when fit returns on any rank
     finally:
@@ -500,22 +558,32 @@ class _Log:
         return entry
 
 
-def _run(state: TrainState, data: dict, config: TrainConfig, path: Path | None, bar, *, spec, metadata, resume,
+def _run(state: TrainState, data: dict, config: TrainConfig, path: Path | None, bar, stop, *, spec, metadata, resume,
          callback, extra_meta) -> None:
     device, par = next(state.module.parameters()).device, state.parallel
-    # 3. Resume, or seed the module's own RNG (dropout), per rank
+    # 3. Resume, or seed the module's own RNG (dropout), per rank; the log keeps the steps taken
     if path is not None and resume and path.exists():
         restore_training_state(state, config, path)
     else:
         _seed_module_rng(device, _rank_seed(config.seed, par.rank, 0))
+    log_file = path.parent / LOG_NAME if path is not None and par.is_main else None
+    if log_file is not None:
+        truncate_log(log_file, state.step)
     bar.update(state.step)
 
     # 4. The loop
     log = _Log()
+    save = dict(spec=spec, metadata=metadata, **extra_meta)
     while state.step < config.steps:
         batch = draw_step(state.objective, data, config, state.step)
         lr = lr_at(config, state.step)
-        losses, terms, grad_norm = optimizer_step(state, batch, config, lr)
+        try:
+            losses, terms, grad_norm = optimizer_step(state, batch, config, lr)
+        except TrainingDivergedError as e:
+            if roll_back(state, config):
+                raise TrainingDivergedError(e.step, e.loss, e.grad_norm, state.checkpoint, good_step=state.checkpoint_step,
+                                            rolled_back=True) from None
+            raise
 
         # 5. Log, checkpoint
         loss = float(losses.mean())
@@ -525,8 +593,8 @@ def _run(state: TrainState, data: dict, config: TrainConfig, path: Path | None, 
         if config.log_every and state.step % config.log_every == 0:
             entry = log.entry(state.step, grad_norm, lr)
             state.history.append(entry)
-            if par.is_main and path is not None:
-                with open(path.parent / "log.jsonl", "a", encoding="utf-8") as f:
+            if log_file is not None:
+                with open(log_file, "a", encoding="utf-8") as f:
                     f.write(json.dumps(entry) + "\n")
             if config.progress and par.is_main:
                 by_sigma = entry.get("loss_by_sigma")
@@ -534,13 +602,17 @@ def _run(state: TrainState, data: dict, config: TrainConfig, path: Path | None, 
                     f"{k}: {v:.4f}" for k, v in by_sigma.items()) if by_sigma else ""))
         last = state.step == config.steps
         if path is not None and ((config.checkpoint_every and state.step % config.checkpoint_every == 0) or last):
-            tensors, meta = training_checkpoint(state, config, spec=spec, metadata=metadata, **extra_meta)
-            state.checkpoint = str(save_checkpoint(path, tensors, meta) if par.is_main else path)
+            write_checkpoint(state, config, path, **save)
         if callback is not None:
             callback({"step": state.step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "state": state})
+        if stop and not last:  # Ctrl-C or SIGTERM during this step: save it and stop
+            if path is not None and state.checkpoint_step != state.step:
+                write_checkpoint(state, config, path, **save)
+            raise TrainingInterrupted(state.step, state.checkpoint if path is not None else None, stop.signum)
 
 
-__all__ = ["TrainConfig", "TrainState", "TrainingDivergedError", "fit", "as_rows", "batch_indices", "step_generator",
+__all__ = ["TrainConfig", "TrainState", "TrainingDivergedError", "TrainingInterrupted", "fit", "write_checkpoint",
+           "non_finite_state", "roll_back", "as_rows", "batch_indices", "step_generator",
            "draw_step", "stream_seed", "accumulate_gradients", "optimizer_step", "lr_at", "make_optimizer",
            "training_checkpoint", "restore_training_state", "trainable_parameters", "LR_SCHEDULES", "LOSSES",
            "PRECISIONS", "CHECKPOINT_KIND"]
