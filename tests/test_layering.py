@@ -26,24 +26,25 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "difflab"
 DESIGN = ROOT / "docs" / "design.md"
 
-_ALL = ("config", "core", "samplers", "nn", "data", "io", "adapters", "perf", "guidance", "pipelines", "train", "eval",
+_ALL = ("config", "progress", "core", "samplers", "nn", "data", "io", "adapters", "perf", "guidance", "pipelines", "train", "eval",
         "oracle", "demos")
 # package -> the packages its modules may import (besides itself and the root ``difflab``); the same
 # table is in docs/design.md, "## Layers" (test_the_design_doc_has_the_same_table).
 LAYERS = {
     "config": (),
-    "core": ("config",),
-    "samplers": ("core", "config"),
-    "nn": ("core", "config"),
-    "data": ("core", "config"),
-    "io": ("core", "nn", "data", "config"),
-    "adapters": ("core", "nn", "io", "config"),
-    "perf": ("core", "nn", "io", "config"),
-    "guidance": ("core", "samplers", "nn", "adapters", "config"),
-    "pipelines": ("core", "samplers", "guidance", "nn", "adapters", "io", "data", "config"),
-    "train": ("core", "samplers", "nn", "io", "adapters", "data", "perf", "pipelines", "config"),
-    "eval": ("core", "samplers", "nn", "io", "data", "train", "config"),
-    "oracle": ("core", "samplers", "eval", "config"),
+    "progress": (),
+    "core": ("config", "progress"),
+    "samplers": ("core", "config", "progress"),
+    "nn": ("core", "config", "progress"),
+    "data": ("core", "config", "progress"),
+    "io": ("core", "nn", "data", "config", "progress"),
+    "adapters": ("core", "nn", "io", "config", "progress"),
+    "perf": ("core", "nn", "io", "config", "progress"),
+    "guidance": ("core", "samplers", "nn", "adapters", "config", "progress"),
+    "pipelines": ("core", "samplers", "guidance", "nn", "adapters", "io", "data", "config", "progress"),
+    "train": ("core", "samplers", "nn", "io", "adapters", "data", "perf", "pipelines", "config", "progress"),
+    "eval": ("core", "samplers", "nn", "io", "data", "train", "config", "progress"),
+    "oracle": ("core", "samplers", "eval", "config", "progress"),
     "demos": tuple(p for p in _ALL if p != "demos"),
     "cli": _ALL,
 }

@@ -43,7 +43,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
+
+from ..progress import progress_bar
 
 
 @runtime_checkable
@@ -125,7 +126,7 @@ def extract(extractor, images: torch.Tensor, *, batch_size: int = 64, logits: bo
     if isinstance(extractor, nn.Module):
         extractor.eval()
     feats, outs = [], []
-    bar = tqdm(total=len(images), desc=desc, unit="img", disable=not progress)
+    bar = progress_bar(len(images), desc=desc, unit="img", disable=not progress)
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
         if logits:

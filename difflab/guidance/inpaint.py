@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import trange
 
+from ..progress import progress_range
 from ..core import Denoiser
 from ..core.forward import ve_sample
 from ..samplers.common import check_sigmas, noise_source
@@ -91,7 +91,7 @@ def sample_repaint(denoiser, x: torch.Tensor, sigmas, *, known: torch.Tensor, ma
     known = known.to(x.device, x.dtype)
     draw = noise_source(noise, x)
     n = len(sigmas) - 1
-    for start in trange(0, n, jump_length, disable=not progress):
+    for start in progress_range(0, n, jump_length, disable=not progress):
         end = min(start + jump_length, n)
         repeats = 1 if float(sigmas[end]) == 0 else resample
         for r in range(repeats):

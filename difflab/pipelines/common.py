@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
+from ..progress import progress_bar
 from ..core import SampleNoise, VPDiscrete, grids
 from ..guidance import ClassifierFreeGuidance
 from ..nn.unet_sd import UNetSD
@@ -240,7 +240,7 @@ def run_batches(n: int, batch_size: int, seed: int, shape, sample_batch, *, devi
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     out = []
-    bar = tqdm(total=n, desc=desc, unit="img", disable=not progress)
+    bar = progress_bar(n, desc=desc, unit="img", disable=not progress)
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         noise = SampleNoise.for_run(seed, b, shape, start=start, device=device, dtype=dtype)

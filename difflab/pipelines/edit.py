@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import trange
 
+from ..progress import progress_range
 from ..guidance import ClassifierFreeGuidance
 from ..samplers import invert_ddim, sample_ddim
 from ..samplers.euler import euler_step
@@ -84,7 +84,7 @@ def null_text_optimization(denoiser, inversion: Inversion, guidance_scale: float
         model = ClassifierFreeGuidance(denoiser, guidance_scale, uncond=uncond)
         return euler_step(x, sigma, sigma_next, model(x, sigma * s_in, **cond))  # the DDIM (eta = 0) step
 
-    for i in trange(n, disable=not progress, desc="null-text optimization"):
+    for i in progress_range(n, disable=not progress, desc="null-text optimization"):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         scale = float(denoiser.frame.scale(torch.tensor(sigma_next, dtype=torch.float64)))  # network input scale
         null = null.detach().requires_grad_(True)
@@ -186,7 +186,7 @@ def edit(denoiser, text_encoder, vae, inversion: Inversion, prompts, *, output_t
         mask = {}
         if "context_mask" in inversion.uncond:  # as in null_text_optimization: every null token attended to
             mask = {"context_mask": torch.ones_like(inversion.uncond["context_mask"])}
-        for i in trange(len(sigmas) - 1, disable=not progress):
+        for i in progress_range(len(sigmas) - 1, disable=not progress):
             x = sample_ddim(guided(denoiser, scale, {"context": nulls[i], **mask}), x, sigmas[i:i + 2], extra_args=cond)
     # 4. Decode and convert.
     return finish(x.cpu(), vae, output_type, batch_size=len(x))

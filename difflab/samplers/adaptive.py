@@ -19,8 +19,8 @@ from __future__ import annotations
 import math
 
 import torch
-from tqdm.auto import trange
 
+from ..progress import progress_range
 from .common import check_sigmas
 
 # Dormand-Prince 5(4): nodes c, stage matrix a, 5th-order weights b (= the last row of a: FSAL) and
@@ -75,7 +75,7 @@ def sample_adaptive(denoiser, x: torch.Tensor, sigmas, *, rtol: float = 1e-5, at
     info = dict(nfe=0, accepted=0, rejected=0)
     denoise = _counted(denoiser, x, extra_args, info, max_nfe)
     denoised_next = None  # D(x, sigma) at the start of an interval, known from the last stage of the one before
-    for i in trange(len(sigmas) - 1, disable=not progress):
+    for i in progress_range(len(sigmas) - 1, disable=not progress):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         denoised = denoise(x, sigma) if denoised_next is None else denoised_next
         if sigma_next == 0:

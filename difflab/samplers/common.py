@@ -27,8 +27,8 @@ import math
 from typing import Callable
 
 import torch
-from tqdm.auto import trange
 
+from ..progress import progress_range
 from ..core.grids import check_sigmas  # the grid check lives with the grids; samplers re-export it
 
 
@@ -45,7 +45,7 @@ def prepare(denoiser, x: torch.Tensor, sigmas, extra_args: dict | None = None):
 def grid_steps(sigmas: torch.Tensor, progress: bool = False):
     """``(i, sigma_i, sigma_{i+1})`` for each step of a checked grid, the levels as Python floats,
     under a tqdm progress bar when ``progress``."""
-    for i in trange(len(sigmas) - 1, disable=not progress):
+    for i in progress_range(len(sigmas) - 1, disable=not progress):
         yield i, float(sigmas[i]), float(sigmas[i + 1])
 
 

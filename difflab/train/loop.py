@@ -12,7 +12,12 @@ per-example ``loss``). One optimizer step:
 4. AdamW step at the scheduled learning rate (:func:`lr_at`), the objective's ``after_step``,
    EMA update;
 5. log the loss (by noise level when the batch has a ``"sigma"``), checkpoint atomically every
-   ``checkpoint_every`` steps.
+   ``checkpoint_every`` steps after checking the whole state is finite (:func:`write_checkpoint`:
+   if it is not, nothing is written and the run rolls back to the last good checkpoint);
+6. on Ctrl-C or SIGTERM, checkpoint the step just taken and stop (:mod:`difflab.train.interrupt`).
+
+The run folder is locked for the run's life and cleaned of a crash's debris on start
+(:mod:`difflab.train.run_folder`).
 
 The module's own randomness (dropout) uses torch's global generator: it is seeded from
 ``config.seed`` inside :func:`torch.random.fork_rng` (the caller's RNG is left untouched) and
@@ -35,13 +40,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from difflab.config import from_dict
 from difflab.core import sample_seed
 from difflab.io.checkpoint import (checkpoint_path, load_checkpoint, load_model_state, non_finite,
                                    optimizer_state_from_tensors, optimizer_state_to_tensors, save_checkpoint, strip_prefix)
 from difflab.perf.fast import autocast
+from difflab.progress import progress_bar
 
 from .distributed import PARALLELS, Parallel, full_tensor
 from .ema import EMA
@@ -510,8 +515,8 @@ def fit(objective, data: dict, config: TrainConfig, out_dir=None, *, metadata: d
                        base_lrs=[g["lr"] for g in groups])
 
     cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    bar = tqdm(total=config.steps, disable=not (config.progress and parallel.is_main), desc=objective_name(objective),
-               dynamic_ncols=True)
+    bar = progress_bar(config.steps, desc=objective_name(objective), unit="step",
+                       disable=not (config.progress and parallel.is_main))
     try:
         # the run folder's lock, held by rank 0; Ctrl-C / SIGTERM stop after a step (one process only)
         with locked_run(path, enabled=path is not None and parallel.is_main), \
