@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from .. import __version__
-from . import bench, demo, dreambooth, memory, sample, train
+from . import bench, check, demo, dreambooth, memory, sample, train
 from . import eval as eval_
 from .common import USER_ERRORS
 
@@ -23,6 +23,7 @@ COMMANDS = {
     "dreambooth": dreambooth,
     "memory": memory,
     "bench": bench,
+    "check": check,
 }
 EPILOG = "Run 'difflab COMMAND --help' for the options of a command."
 
