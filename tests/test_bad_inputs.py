@@ -3,8 +3,9 @@ and a phrase the one-line message must hold. No case may print a traceback or le
 file behind. A new command adds its cases here (docs/design.md, "a command").
 
 Command-line cases run ``difflab.cli.main`` in-process (an exception escaping it is what a user
-would see as a traceback); API cases call the library and expect a ``ValueError`` (or subclass)
-whose message holds the phrase.
+would see as a traceback); API cases call the library and expect a ``ValueError`` or a
+``FileNotFoundError`` (or a subclass) whose message holds the phrase, never a ``TypeError``,
+``KeyError``, ``IndexError`` or ``RuntimeError`` from deep inside.
 """
 from __future__ import annotations
 
@@ -24,8 +25,23 @@ import pytest
 import torch
 from PIL import Image
 
+from difflab.adapters.controlnet import ControlledUNet, ControlNet, ControlNetConfig
+from difflab.adapters.lora import load_lora, load_lora_weights
 from difflab.cli import main
-from difflab.io.checkpoint import load_checkpoint, save_checkpoint
+from difflab.config import ConfigError
+from difflab.core import Denoiser, VPDiscrete
+from difflab.data.folder import load_image_folder
+from difflab.eval import evaluate, fid, precision_recall
+from difflab.guidance import ClassifierFreeGuidance
+from difflab.io.checkpoint import NonFiniteError, load_checkpoint, save_checkpoint
+from difflab.io.spec import build_denoiser, load_denoiser
+from difflab.nn.text import TinyTextConfig, TinyTextEncoder
+from difflab.nn.unet import UNet, UNetConfig
+from difflab.nn.unet_sd import UNetSD, UNetSDConfig
+from difflab.pipelines import SampleOptions, generate, text_to_image
+from difflab.samplers import get_sampler
+from difflab.samplers.euler import sample_euler
+from difflab.train import TrainConfig
 
 # ----------------------------------------------------------------------------------------------
 # Fixtures: one tiny trained run, and the broken things made from it
@@ -45,6 +61,10 @@ def world(tmp_path_factory):
     bad[key] = tensors[key].clone()
     bad[key].view(-1)[0] = math.nan
     save_checkpoint(root / "nan.safetensors", bad, meta)
+    shape = dict(tensors)
+    conv = next(k for k in sorted(tensors) if k.startswith("model.") and tensors[k].ndim == 4)
+    shape[conv] = torch.zeros(tensors[conv].shape[0] + 1, *tensors[conv].shape[1:])
+    save_checkpoint(root / "shape.safetensors", shape, meta)
     (root / "garbage.safetensors").write_bytes(b"this is not a safetensors file")
     (root / "truncated.safetensors").write_bytes(ckpt.read_bytes()[:200])
     (root / "notes.txt").write_text("hello")
@@ -163,6 +183,17 @@ CLI_CASES = [
     ("memory-preset-unknown", ["memory", "--preset", "nope"], 2, "nope"),
     ("memory-batch-size-0", ["memory", "--preset", "tiny", "--batch-size", "0"], 2, "--batch-size"),
     ("bench-workload-unknown", ["bench", "--quick", "--workloads", "warp_drive"], 2, "warp_drive"),
+    # check (cli/check.py)
+    ("check-no-argument", ["check"], 2, "CKPT"),
+    ("check-missing", ["check", "{root}/nope.safetensors"], 2, "does not exist"),
+    ("check-empty-folder", ["check", "{root}/a_folder"], 2, "no checkpoint"),
+    ("check-text-file", ["check", "{root}/notes.txt"], 2, "not a .safetensors checkpoint"),
+    ("check-garbage", ["check", "{root}/garbage.safetensors"], 2, "not a valid safetensors file"),
+    ("check-truncated", ["check", "{root}/truncated.safetensors"], 2, "not a valid safetensors file"),
+    ("check-nan", ["check", "{root}/nan.safetensors"], 2, "not finite"),
+    ("check-shape-mismatch", ["check", "{root}/shape.safetensors"], 2, "but the UNet its metadata describes has"),
+    ("check-sha256-wrong", ["check", "{root}/run", "--sha256", "0" * 64], 2, "sha256 mismatch"),
+    ("check-sha256-not-hex", ["check", "{root}/run", "--sha256", "xyz"], 2, "--sha256"),
 ]
 
 
@@ -247,6 +278,147 @@ def test_signal_case(case, world):
         assert not (world / "sig.png").exists()
 
 
+# ----------------------------------------------------------------------------------------------
+# API cases: (id, call(root) with root the fixture folder, the exception type(s) expected, phrase in
+# the message). A user error is a ValueError or a FileNotFoundError raised where the bad value
+# enters, naming it; never a TypeError, KeyError, IndexError or RuntimeError from deep inside.
+
+
+def _zero(x, sigma, **cond):
+    return torch.zeros_like(x)
+
+
+def _unet(**config) -> Denoiser:
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(model_channels=8, channel_mult=(1,), num_res_blocks=1, attention_levels=(), num_heads=1,
+                          groups=8, **config))
+    return Denoiser(net, VPDiscrete.from_name("cosine", 1000), "eps")
+
+
+def _text_to_image(prompts, **kwargs):
+    text = TinyTextEncoder(TinyTextConfig(vocab=("<pad>", "<unk>", "a", "cat"), max_length=4, width=8, layers=1, heads=2))
+    return text_to_image(_unet(context_dim=8), text, None, prompts, height=8, width=8, steps=2, progress=False,
+                         output_type="pt", **kwargs)
+
+
+def _controlnet(control, controls=1):
+    """One ControlNet on a tiny U-Net, called directly or (``controls=2``) through a ControlledUNet."""
+    config = UNetSDConfig(block_out_channels=(8, 16), layers_per_block=1, down_attention=(True, False),
+                          up_attention=(False, True), num_heads=(2, 2), cross_attention_dim=8, norm_num_groups=4)
+    controlnet = ControlNet(ControlNetConfig(config, 3, (8,)))
+    x, t, context = torch.zeros(1, 4, 8, 8), torch.tensor([10.0]), torch.zeros(1, 3, 8)
+    if controls == 1:
+        return controlnet(x, t, control, context)
+    return ControlledUNet(UNetSD(config), controlnet)(x, t, context, control=control)
+
+
+class _Flat(torch.nn.Module):
+    """A feature extractor for the eval cases: the pixels themselves."""
+
+    name = "flat"
+
+    def forward(self, images):
+        return images.flatten(1)
+
+
+GRID = torch.tensor([1.0, 0.5, 0.0])
+API_CASES = [
+    # samplers: the grid, the sample, the name
+    ("sampler-increasing-sigmas", lambda r: sample_euler(_zero, torch.zeros(1, 2), [0.5, 1.0, 0.0]), ValueError, "strictly decreasing"),
+    ("sampler-nan-sigma", lambda r: sample_euler(_zero, torch.zeros(1, 2), [1.0, math.nan, 0.0]), ValueError, "finite"),
+    ("sampler-negative-sigma", lambda r: sample_euler(_zero, torch.zeros(1, 2), [1.0, -0.5]), ValueError, "non-negative"),
+    ("sampler-2d-grid", lambda r: sample_euler(_zero, torch.zeros(1, 2), torch.ones(2, 2)), ValueError, "1-D"),
+    ("sampler-scalar-x", lambda r: sample_euler(_zero, torch.tensor(1.0), GRID), ValueError, "x must be"),
+    ("sampler-x-not-a-tensor", lambda r: get_sampler("ddim")(_zero, [[1.0, 2.0]], GRID), ValueError, "x must be"),
+    ("sampler-unknown", lambda r: get_sampler("eulr"), ValueError, "euler"),
+    # pipelines: SampleOptions and the keywords that become them
+    ("options-steps-0", lambda r: SampleOptions(steps=0), ConfigError, "steps=0"),
+    ("options-sampler-unknown", lambda r: SampleOptions(sampler="nope"), ConfigError, "sampler='nope'"),
+    ("options-guidance-nan", lambda r: SampleOptions(guidance_scale=math.nan), ConfigError, "guidance_scale"),
+    ("options-from-dict-typo", lambda r: SampleOptions.from_dict({"stpes": 3}), ConfigError, "stpes"),
+    ("options-sampler-keyword-typo", lambda r: SampleOptions(sampler="euler", sampler_kwargs={"s_chrun": 1.0}),
+     ConfigError, "s_chrun"),
+    ("generate-keyword-typo", lambda r: generate(_unet(num_classes=3), [1], shape=(1, 8, 8), steps=2, stpes=3, progress=False),
+     ConfigError, "stpes"),
+    ("generate-eta-for-euler", lambda r: generate(_unet(num_classes=3), [1], shape=(1, 8, 8), sampler="euler", eta=0.5,
+                                                  progress=False), ConfigError, "eta"),
+    ("generate-guidance-nan", lambda r: generate(_unet(num_classes=3), [1], shape=(1, 8, 8), guidance_scale=math.nan),
+     ConfigError, "guidance_scale"),
+    ("generate-label-out-of-range", lambda r: generate(_unet(num_classes=3), [5], shape=(1, 8, 8)), ValueError, "[0, 2]"),
+    ("generate-increasing-grid", lambda r: generate(_unet(), num_samples=1, shape=(1, 8, 8), grid=torch.tensor([0.5, 1.0, 0.0])),
+     ValueError, "strictly decreasing"),
+    # text to image: prompts
+    ("text-prompt-not-a-string", lambda r: _text_to_image(7), ValueError, "prompts"),
+    ("text-prompt-list-of-numbers", lambda r: _text_to_image([1, 2]), ValueError, "prompts"),
+    ("text-prompt-dict", lambda r: _text_to_image({"a": 1}), ValueError, "prompts"),
+    ("text-prompt-empty-list", lambda r: _text_to_image([]), ValueError, "empty"),
+    ("text-negative-not-a-string", lambda r: _text_to_image(["a cat"], negative_prompts=3), ValueError, "negative_prompts"),
+    ("text-negatives-count", lambda r: _text_to_image(["a", "cat"], negative_prompts=["a", "a", "a"]), ValueError,
+     "negative_prompts has 3"),
+    ("text-prompt-too-long", lambda r: _text_to_image("a a a a a a"), ValueError, "longer"),
+    # ControlNet: the control image
+    ("controlnet-control-wrong-size", lambda r: _controlnet(torch.zeros(1, 3, 16, 16)), ValueError, "control must be"),
+    ("controlnet-control-wrong-channels", lambda r: _controlnet(torch.zeros(1, 1, 8, 8)), ValueError, "control must be"),
+    ("controlnet-control-not-a-tensor", lambda r: _controlnet(np.zeros((1, 3, 8, 8), np.float32)), ValueError, "control must be"),
+    ("controlnet-two-controls-for-one", lambda r: _controlnet([torch.zeros(1, 3, 8, 8)] * 2, controls=2), ValueError,
+     "2 entries for 1"),
+    # LoRA files
+    ("lora-keys-match-nothing", lambda r: load_lora_weights(_unet().net, {"foo.lora_A.weight": torch.zeros(2, 4),
+                                                                       "foo.lora_B.weight": torch.zeros(4, 2)}),
+     ValueError, "match no"),
+    ("lora-wrong-shapes", lambda r: load_lora_weights(_unet().net, {"time_embed.net.0.lora_A.weight": torch.zeros(2, 999),
+                                                                 "time_embed.net.0.lora_B.weight": torch.zeros(32, 2)},
+                                                      prefix=""), ValueError, "does not fit"),
+    ("lora-unknown-layout", lambda r: load_lora_weights(_unet().net, {"hello": torch.zeros(2)}), ValueError, "LoRA format"),
+    ("lora-not-safetensors", lambda r: load_lora_weights(_unet().net, r / "notes.txt"), ValueError, "safetensors"),
+    ("lora-garbage-safetensors", lambda r: load_lora_weights(_unet().net, r / "garbage.safetensors"), ValueError, "garbage.safetensors"),
+    ("lora-missing", lambda r: load_lora_weights(_unet().net, r / "nope.safetensors"), FileNotFoundError, "nope.safetensors"),
+    ("lora-training-checkpoint", lambda r: load_lora(r / "run" / "checkpoint.safetensors", _unet().net), ValueError, "not a LoRA"),
+    # checkpoints
+    ("load-checkpoint-nan", lambda r: load_checkpoint(r / "nan.safetensors"), NonFiniteError, "not finite"),
+    ("load-checkpoint-garbage", lambda r: load_checkpoint(r / "garbage.safetensors"), ValueError, "safetensors"),
+    ("load-denoiser-weights-unknown", lambda r: load_denoiser(r / "run", weights="best"), ValueError, "weights='best'"),
+    ("load-denoiser-shape-mismatch", lambda r: load_denoiser(r / "shape.safetensors", weights="model"), ValueError, "shape"),
+    # configs and specs
+    ("train-config-unknown-key", lambda r: TrainConfig.from_dict({"lerning_rate": 1e-3}), ConfigError, "lerning_rate"),
+    ("train-config-lr-string", lambda r: TrainConfig(lr="1e-3"), ValueError, "lr"),
+    ("train-config-lr-nan", lambda r: TrainConfig(lr=math.nan), ValueError, "lr"),
+    ("unet-config-typo", lambda r: UNetConfig.from_dict({"model_chanels": 8}), ConfigError, "model_chanels"),
+    ("spec-unknown-kind", lambda r: build_denoiser({"network": {"kind": "transformer", "config": {}}}), ConfigError, "transformer"),
+    ("spec-model-channels-0", lambda r: build_denoiser({"unet": {"model_channels": 0}}), ValueError, "model_channels"),
+    ("spec-in-channels-0", lambda r: build_denoiser({"unet": {"in_channels": 0}}), ValueError, "in_channels"),
+    ("spec-heads-do-not-divide", lambda r: build_denoiser({"unet": {"model_channels": 16, "num_heads": 3}}), ValueError, "num_heads"),
+    ("spec-schedule-typo", lambda r: build_denoiser({"unet": {}, "diffusion": {"frame": "vp_discrete", "schedule": "cosin"}}),
+     ValueError, "cosin"),
+    # data folders
+    ("image-folder-missing", lambda r: load_image_folder(r / "nowhere", 8), FileNotFoundError, "does not exist"),
+    ("image-folder-is-a-file", lambda r: load_image_folder(r / "notes.txt", 8), ValueError, "not a folder"),
+    ("image-folder-empty", lambda r: load_image_folder(r / "empty", 8), ValueError, "no images"),
+    # evaluation
+    ("fid-one-image", lambda r: fid(torch.zeros(1, 4), torch.randn(5, 4)), ValueError, "N >= 2"),
+    ("evaluate-too-few-images", lambda r: evaluate(torch.zeros(1, 1, 8, 8), r / "images", _Flat(), ["fid"], progress=False),
+     ValueError, "N >= 2"),
+    ("precision-k-too-large", lambda r: precision_recall(torch.randn(3, 4), torch.randn(3, 4), k=3), ValueError, "k=3"),
+    # guidance
+    ("cfg-scale-nan", lambda r: ClassifierFreeGuidance(_zero, math.nan, uncond={}), ValueError, "scale"),
+    ("cfg-scale-inf", lambda r: ClassifierFreeGuidance(_zero, math.inf, uncond={}), ValueError, "scale"),
+]
+
+
+@pytest.mark.parametrize("case", API_CASES, ids=[c[0] for c in API_CASES])
+def test_api_case(case, world):
+    name, call, expected, phrase = case
+    with pytest.raises(Exception) as info:
+        call(world)
+    error = info.value
+    assert isinstance(error, (ValueError, FileNotFoundError)), f"{name}: a {type(error).__name__} is not a user error: {error}"
+    assert isinstance(error, expected), f"{name}: expected {expected}, got {type(error).__name__}: {error}"
+    assert phrase.lower() in str(error).lower(), f"{name}: {phrase!r} not in the message: {error}"
+
+
 def test_the_catalogue_is_large_enough():
     assert len(CLI_CASES) >= 60
-    assert len(CLI_CASES) + len(SIGNAL_CASES) >= 70
+    assert len(API_CASES) >= 15
+    assert len(CLI_CASES) + len(API_CASES) + len(SIGNAL_CASES) >= 100
+    ids = [c[0] for c in CLI_CASES + API_CASES + SIGNAL_CASES]
+    assert len(set(ids)) == len(ids)

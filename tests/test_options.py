@@ -64,7 +64,7 @@ def test_unknown_keys_are_named():
 
 
 def test_every_sampler_takes_the_shared_keywords():
-    """One signature for every sampler, so nothing inspects signatures at run time."""
+    """One signature for every sampler, so no pipeline dispatches on signatures at run time."""
     frame = VPDiscrete.from_name("linear", 100)
     d = Denoiser(lambda x_in, t: 0.5 * x_in, frame, "eps")
     sigmas = torch.tensor([frame.sigma_max, 1.0, 0.3, 0.0], dtype=torch.float64)

@@ -239,6 +239,9 @@ class ControlNet(nn.Module):
             raise ValueError(f"x must be (B, {u.in_channels}, H, W), got shape {tuple(x.shape)}")
         f, (b, _, hgt, wid) = self.config.control_factor, x.shape
         want = (self.config.conditioning_channels, hgt * f, wid * f)
+        if not torch.is_tensor(control):
+            raise ValueError(f"control must be a (B or 1, {want[0]}, {want[1]}, {want[2]}) tensor, got a {type(control).__name__}"
+                             " (torch.as_tensor converts an array; values as the ControlNet was trained on)")
         if control.ndim != 4 or tuple(control.shape[1:]) != want or control.shape[0] not in (1, b):
             raise ValueError(f"control must be (B or 1, {want[0]}, {want[1]}, {want[2]}) for x of shape {tuple(x.shape)}, "
                              f"got {tuple(control.shape)}")

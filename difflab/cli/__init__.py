@@ -14,7 +14,7 @@ import sys
 
 from .. import __version__
 from ..train import TrainingInterrupted
-from . import bench, demo, dreambooth, memory, sample, train
+from . import bench, check, demo, dreambooth, memory, sample, train
 from . import eval as eval_
 from .common import USER_ERRORS, terminate_as_interrupt
 
@@ -26,6 +26,7 @@ COMMANDS = {
     "dreambooth": dreambooth,
     "memory": memory,
     "bench": bench,
+    "check": check,
 }
 EPILOG = "Run 'difflab COMMAND --help' for the options of a command."
 

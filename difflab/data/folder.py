@@ -11,6 +11,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+class NotAFolderError(NotADirectoryError, ValueError):
+    """A path that should be a folder of images is a file: a user error (a ValueError), and an OSError as before."""
+
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -56,7 +60,7 @@ def load_image_folder(path: str | Path, size: int, channels: int = 3, *, with_la
     if not folder.exists():
         raise FileNotFoundError(f"image folder {folder} does not exist")
     if not folder.is_dir():
-        raise NotADirectoryError(f"{folder} is not a folder")
+        raise NotAFolderError(f"{folder} is a file, not a folder of images")
 
     # 2. Find the files (and their classes)
     files = image_files(folder)

@@ -1,6 +1,8 @@
 """Classifier-free guidance as a denoiser -> denoiser wrapper."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -38,9 +40,15 @@ class ClassifierFreeGuidance(nn.Module):
 
     def __init__(self, denoiser, scale: float, uncond: dict, guidance_rescale: float = 0.0):
         super().__init__()
+        try:
+            value = float(scale)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value):
+            raise ValueError(f"guidance scale={scale!r} must be a finite number (1 = no guidance)")
         if not 0.0 <= guidance_rescale <= 1.0:
             raise ValueError(f"guidance_rescale={guidance_rescale} must be in [0, 1]")
-        self.denoiser, self.scale, self.uncond = denoiser, float(scale), dict(uncond)
+        self.denoiser, self.scale, self.uncond = denoiser, value, dict(uncond)
         self.guidance_rescale = float(guidance_rescale)
 
     def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:

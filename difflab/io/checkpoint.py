@@ -175,6 +175,15 @@ def read_metadata(path) -> dict:
         return _metadata(f, path)
 
 
+def format_version(path) -> int | None:
+    """The difflab format version in a checkpoint's header (:data:`FORMAT_VERSION` when written
+    by this difflab), None when it has none; read without its tensors."""
+    path = checkpoint_path(path)
+    with _open(path, "cpu") as f:
+        version = (f.metadata() or {}).get("difflab.version")
+    return int(version) if version is not None and version.isdigit() else None
+
+
 # ----------------------------------------------------------------------------------------------
 # Model state
 
@@ -260,6 +269,6 @@ def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -
     return {"state": state, "param_groups": groups}
 
 
-__all__ = ["CHECKPOINT_NAME", "checkpoint_path", "save_checkpoint", "atomic_write_text", "temporary_files",
-           "NonFiniteError", "non_finite", "check_finite", "load_checkpoint", "read_metadata", "strip_prefix",
+__all__ = ["CHECKPOINT_NAME", "FORMAT_VERSION", "checkpoint_path", "save_checkpoint", "atomic_write_text", "temporary_files",
+           "load_checkpoint", "read_metadata", "format_version", "non_finite", "check_finite", "NonFiniteError", "strip_prefix",
            "load_model_state", "optimizer_state_to_tensors", "optimizer_state_from_tensors"]

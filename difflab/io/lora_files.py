@@ -43,7 +43,11 @@ def read_lora_file(source) -> tuple[dict[str, torch.Tensor], dict]:
         raise ValueError(f"{path}: difflab reads LoRA weights from safetensors files only (never pickles)")
     if not path.is_file():
         raise FileNotFoundError(f"no LoRA file at {path}")
-    with safe_open(str(path), framework="pt", device="cpu") as f:
+    try:
+        f = safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error type for a bad header
+        raise ValueError(f"{path} is not a LoRA file: not a valid safetensors file ({e})") from None
+    with f:
         header = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if METADATA_KEY in header:

@@ -187,18 +187,26 @@ def build_denoiser(spec: dict, seed: int | None = None) -> Denoiser:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return build_denoiser(spec)
+    net = spec_network(spec)
+    _, _, diffusion = read_spec(spec)
+    return Denoiser(net, build_frame(diffusion), prediction=check_prediction(diffusion.get("prediction", "eps")),
+                    learned_variance=bool(diffusion.get("learned_variance", False)))
+
+
+def spec_network(spec: dict) -> nn.Module:
+    """The untrained network of the denoiser a spec names, without its frame (output channels
+    doubled for a learned variance). Built under ``torch.device("meta")`` it gives the shapes of a
+    checkpoint's weights without allocating them (:func:`difflab.io.verify.verify_checkpoint`)."""
     kind, config, diffusion = read_spec(spec)
     entry = NETWORKS[kind]
     if entry.output == "codec":
         raise ConfigError(f"network kind {kind!r} is a codec, not a denoiser: build it with build_network({kind!r}, config)")
     config = entry.config_cls.from_dict(config, "spec.network.config")
-    learned = bool(diffusion.get("learned_variance", False))
-    if learned:  # the network also outputs the variance interpolation v (improved DDPM)
+    if diffusion.get("learned_variance", False):  # the network also outputs the variance interpolation v (improved DDPM)
         if not {"in_channels", "out_channels"} <= {f.name for f in dataclasses.fields(config)}:
             raise ConfigError(f"learned_variance needs a network with in_channels and out_channels; kind {kind!r} has not")
         config = dataclasses.replace(config, out_channels=2 * config.in_channels)
-    return Denoiser(entry.cls(config), build_frame(diffusion), prediction=check_prediction(diffusion.get("prediction", "eps")),
-                    learned_variance=learned)
+    return entry.cls(config)
 
 
 def checkpoint_spec(path) -> tuple[str, dict]:
@@ -235,4 +243,4 @@ def sample_shape(spec: dict, meta: dict | None = None) -> tuple:
 
 __all__ = ["NETWORKS", "NetworkKind", "DEFAULT_DIFFUSION", "FRAME_ARGS", "FRAME_BUILDERS", "network_kind", "kinds_with_output",
            "read_spec", "make_spec", "spec_kind", "check_diffusion", "build_frame", "build_network", "build_denoiser",
-           "checkpoint_spec", "load_denoiser", "sample_shape", "image_shape", "latent_shape"]
+           "spec_network", "checkpoint_spec", "load_denoiser", "sample_shape", "image_shape", "latent_shape"]

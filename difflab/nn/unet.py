@@ -51,6 +51,15 @@ class UNetConfig(JSONConfig):
         object.__setattr__(self, "attention_levels", tuple(self.attention_levels))
         if not self.channel_mult:
             raise ValueError("channel_mult must have at least one level")
+        def count(v, least=1):
+            return isinstance(v, int) and not isinstance(v, bool) and v >= least
+        bad = [f"{k}={getattr(self, k)!r}" for k in ("in_channels", "model_channels", "num_heads", "groups")
+               if not count(getattr(self, k))]
+        bad += [] if self.out_channels is None or count(self.out_channels) else [f"out_channels={self.out_channels!r}"]
+        bad += [] if all(count(m) for m in self.channel_mult) else [f"channel_mult={self.channel_mult}"]
+        bad += [] if count(self.num_res_blocks, 0) else [f"num_res_blocks={self.num_res_blocks!r}"]
+        if bad:
+            raise ValueError(f"UNetConfig sizes must be positive integers (num_res_blocks >= 0): {', '.join(bad)}")
         bad = [i for i in self.attention_levels if not 0 <= i < len(self.channel_mult)]
         if bad:
             raise ValueError(f"attention_levels {bad} are not levels of channel_mult (valid: 0..{len(self.channel_mult) - 1})")

@@ -107,6 +107,16 @@ def default_size(denoiser, vae) -> tuple[int, int]:
     return size * vae_factor(vae), size * vae_factor(vae)
 
 
+def as_prompts(value, name: str = "prompts") -> list[str]:
+    """A string or a list (tuple) of strings as a list; a ValueError naming ``name`` otherwise."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(p, str) for p in items):
+        got = type(value).__name__ if not isinstance(items, (list, tuple)) else \
+            f"a list holding {sorted({type(p).__name__ for p in items if not isinstance(p, str)})}"
+        raise ValueError(f"{name} must be a string or a list of strings, got {got}")
+    return list(items)
+
+
 def encode_prompts(text_encoder, prompts, negative_prompts=None, *, guided: bool = True, prompt_embeds=None,
                    negative_prompt_embeds=None, dtype=None, device=None) -> tuple[dict, dict | None, int]:
     """Prompts -> ``(cond, uncond, n)``: the keyword arguments of the conditional branch
@@ -121,7 +131,7 @@ def encode_prompts(text_encoder, prompts, negative_prompts=None, *, guided: bool
     if prompt_embeds is None:
         if prompts is None:
             raise ValueError("give prompts (a non-empty list of strings) or prompt_embeds")
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = as_prompts(prompts)
         if not prompts:
             raise ValueError("prompts is an empty list: give at least one prompt (use '' for an unconditional image)")
         n = len(prompts)
@@ -133,8 +143,7 @@ def encode_prompts(text_encoder, prompts, negative_prompts=None, *, guided: bool
         n = prompt_embeds.shape[0]
     if negative_prompts is not None and negative_prompt_embeds is not None:
         raise ValueError("give negative_prompts or negative_prompt_embeds, not both")
-    negatives = [""] * n if negative_prompts is None else negative_prompts
-    negatives = [negatives] if isinstance(negatives, str) else list(negatives)
+    negatives = [""] * n if negative_prompts is None else as_prompts(negative_prompts, "negative_prompts")
     if len(negatives) == 1:
         negatives = negatives * n
     if len(negatives) != n:

@@ -14,6 +14,8 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
 import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -95,6 +97,7 @@ class SampleOptions:
         supplied = [k for k in self.sampler_kwargs if k in PIPELINE_SUPPLIED]
         if supplied:
             raise ConfigError(f"sampler_kwargs {supplied} are supplied by the pipeline (per-sample noise, conditioning)")
+        check_sampler_keywords(self.sampler, self.sampler_kwargs)
         object.__setattr__(self, "sampler_kwargs", MappingProxyType(dict(self.sampler_kwargs)))
 
     @classmethod
@@ -126,6 +129,22 @@ class SampleOptions:
         return next((p.device for p in module.parameters()), torch.device("cpu"))
 
 
+def check_sampler_keywords(sampler: str, keywords) -> None:
+    """A ConfigError naming the keywords (a pipeline's ``eta=``, ``s_churn=``, ...) that the sampler
+    does not take, with the option fields and the keywords it does take, before any model runs.
+    A sampler that forwards ``**kwargs`` is taken at its word."""
+    params = inspect.signature(SAMPLERS[sampler]).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    own = [k for k, p in list(params.items())[3:] if k not in PIPELINE_SUPPLIED and p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    unknown = [k for k in keywords if k not in params]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], [*own, *SampleOptions.fields()], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{', '.join(map(repr, unknown))} is neither a SampleOptions field nor a keyword of sampler "
+                          f"{sampler!r}{hint}. Fields: {', '.join(SampleOptions.fields())}; {sampler!r} takes: {', '.join(own)}")
+
+
 # The defaults of the class-conditional pipeline (generate) and of the text pipelines (diffusers').
 CLASS_DEFAULTS = SampleOptions()
 TEXT_DEFAULTS = SampleOptions(guidance_scale=7.5, batch_size=8)
@@ -146,4 +165,4 @@ def resolve(options: SampleOptions | None, defaults: SampleOptions, overrides: d
     return dataclasses.replace(base, **changes) if changes else base
 
 
-__all__ = ["SampleOptions", "resolve", "CLASS_DEFAULTS", "TEXT_DEFAULTS", "SHARED_SAMPLER_KEYWORDS", "DTYPES"]
+__all__ = ["SampleOptions", "resolve", "check_sampler_keywords", "CLASS_DEFAULTS", "TEXT_DEFAULTS", "SHARED_SAMPLER_KEYWORDS", "DTYPES"]

@@ -21,7 +21,7 @@ import math
 import torch
 
 from ..progress import progress_range
-from .common import check_sigmas
+from .common import check_sample, check_sigmas
 
 # Dormand-Prince 5(4): nodes c, stage matrix a, 5th-order weights b (= the last row of a: FSAL) and
 # the error weights e = b - b_hat (b_hat the embedded 4th-order weights).
@@ -71,6 +71,7 @@ def sample_adaptive(denoiser, x: torch.Tensor, sigmas, *, rtol: float = 1e-5, at
     if rtol <= 0 or atol <= 0:
         raise ValueError(f"rtol={rtol} and atol={atol} must be positive")
     sigmas = check_sigmas(sigmas)
+    check_sample(x)
     extra_args = {} if extra_args is None else extra_args
     info = dict(nfe=0, accepted=0, rejected=0)
     denoise = _counted(denoiser, x, extra_args, info, max_nfe)

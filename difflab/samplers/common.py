@@ -32,11 +32,19 @@ from ..progress import progress_range
 from ..core.grids import check_sigmas  # the grid check lives with the grids; samplers re-export it
 
 
+def check_sample(x) -> None:
+    """A ValueError unless ``x`` is a floating (B, ...) tensor: samplers see a batch along dim 0."""
+    if not torch.is_tensor(x) or x.ndim < 1 or not x.is_floating_point():
+        got = f"a {x.dtype} tensor of shape {tuple(x.shape)}" if torch.is_tensor(x) else f"a {type(x).__name__}"
+        raise ValueError(f"x must be a floating-point (B, ...) tensor with the batch along dim 0, got {got}")
+
+
 def prepare(denoiser, x: torch.Tensor, sigmas, extra_args: dict | None = None):
     """``(sigmas, model)``: the checked grid (:func:`check_sigmas`) and the denoiser as
     ``model(x, sigma) = denoiser(x, sigma * ones(B), **extra_args)``, i.e. with the conditioning
-    bound and a Python-float sigma broadcast over the batch of ``x``."""
+    bound and a Python-float sigma broadcast over the batch of ``x`` (checked: :func:`check_sample`)."""
     sigmas = check_sigmas(sigmas)
+    check_sample(x)
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones(x.shape[0])
     return sigmas, lambda x_, sigma: denoiser(x_, sigma * s_in, **extra_args)

@@ -41,7 +41,7 @@ from typing import Callable
 
 import torch
 
-from difflab.config import from_dict
+from difflab.config import check_types, from_dict
 from difflab.core import sample_seed
 from difflab.io.checkpoint import (checkpoint_path, load_checkpoint, load_model_state, non_finite,
                                    optimizer_state_from_tensors, optimizer_state_to_tensors, save_checkpoint, strip_prefix)
@@ -95,6 +95,7 @@ class TrainConfig:
     parallel: str = "none"             # "none", "ddp" or "fsdp" over torchrun's processes (train/distributed.py)
 
     def __post_init__(self):
+        check_types(TrainConfig, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "TrainConfig")
         for name in ("steps", "batch_size", "grad_accum"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be an integer >= 1")
