@@ -88,6 +88,8 @@ def world(tmp_path_factory):
     (root / "broken.json").write_text("{not json")
     (root / "list.json").write_text("[1, 2]")
     (root / "nan_train.json").write_text('{"train": {"lr": NaN}}')
+    (root / "every_step.json").write_text(json.dumps({"train": {"steps": 5, "batch_size": 8, "checkpoint_every": 1,
+                                                                 "progress": False}}))
     (root / "locked").mkdir()  # held by a live process on this host (the one that started the tests)
     (root / "locked" / "train.lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
     (root / "locked_elsewhere").mkdir()
@@ -138,6 +140,8 @@ CLI_CASES = [
     # train: the run itself
     ("train-diverges", ["train", "--preset", "tiny", "--device", "cpu", "--config", "{root}/tiny.json", "--lr", "1e30",
                         "--out", "{root}/diverged"], 2, "diverged"),
+    ("train-diverges-after-a-checkpoint", ["train", "--preset", "tiny", "--device", "cpu", "--config", "{root}/every_step.json",
+                                           "--lr", "1e30", "--out", "{root}/diverged_later"], 2, "(step 1)"),
     ("train-folder-in-use", [*T[:-2], "--config", "{root}/tiny.json", "--out", "{root}/locked"], 2, "in use by another run"),
     ("train-folder-locked-elsewhere", [*T[:-2], "--config", "{root}/tiny.json", "--out", "{root}/locked_elsewhere"], 2,
      "another-machine"),
