@@ -15,14 +15,6 @@ from difflab.io import load_checkpoint
 from difflab.train import DiffusionObjective, TrainConfig, TrainingDivergedError, fit, lr_at
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def quiet(**kw):
     return TrainConfig(**{"progress": False, "log_every": 0, "checkpoint_every": 0, **kw})
 

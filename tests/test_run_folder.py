@@ -22,14 +22,6 @@ from difflab.train import RunLockedError, TrainConfig, TrainingDivergedError, Tr
 from difflab.train.run_folder import LOCK_NAME, acquire_lock, release_lock, sync_pointer, truncate_log
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def quiet(**kw):
     return TrainConfig(**{"progress": False, "log_every": 1, "checkpoint_every": 2, "batch_size": 8, "lr": 1e-2,
                           "ema_decay": 0.9, **kw})

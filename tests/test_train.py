@@ -13,15 +13,6 @@ from difflab.train import (EMA, DiffusionObjective, SigmaBinnedLoss, TrainConfig
 from difflab.train.loop import accumulate_gradients, batch_indices, lr_at
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny nets gain nothing from threads, and lose much when the CPU is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class TinyNet(nn.Module):
     """An MLP with the U-Net's call signature net(x_in, t, class_labels=None)."""
 

@@ -19,14 +19,6 @@ from difflab.train.vlb import (discretized_gaussian_log_likelihood, hybrid_loss,
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class ExactNet(nn.Module):
     """An x0-predicting learned-variance network built from a canonical denoiser D(x, sigma):
     outputs cat([D(x, sigma), raw]) along dim 1, raw a constant in [-1, 1]."""

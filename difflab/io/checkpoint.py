@@ -28,10 +28,11 @@ FORMAT_VERSION = 1
 
 
 def checkpoint_path(path) -> Path:
-    """A directory (existing, or any path not ending in ``.safetensors``) means
-    ``path / "checkpoint.safetensors"``; a ``.safetensors`` path is used as it is."""
+    """A directory (existing, or any path not ending in ``.safetensors`` that is not an existing
+    file) means ``path / "checkpoint.safetensors"``; a ``.safetensors`` path or an existing file is
+    used as it is (so a wrong file is reported as what it is, not as a missing folder)."""
     path = Path(path)
-    return path if path.suffix == ".safetensors" else path / CHECKPOINT_NAME
+    return path if path.suffix == ".safetensors" or path.is_file() else path / CHECKPOINT_NAME
 
 
 # ----------------------------------------------------------------------------------------------
