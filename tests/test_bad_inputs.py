@@ -34,7 +34,7 @@ from difflab.data.folder import load_image_folder
 from difflab.eval import evaluate, fid, precision_recall
 from difflab.guidance import ClassifierFreeGuidance
 from difflab.io.checkpoint import NonFiniteError, load_checkpoint, save_checkpoint
-from difflab.io.spec import build_denoiser, load_denoiser
+from difflab.io.spec import DEFAULT_DIFFUSION, build_denoiser, load_denoiser
 from difflab.nn.text import TinyTextConfig, TinyTextEncoder
 from difflab.nn.unet import UNet, UNetConfig
 from difflab.nn.unet_sd import UNetSD, UNetSDConfig
@@ -42,6 +42,7 @@ from difflab.pipelines import SampleOptions, generate, text_to_image
 from difflab.samplers import get_sampler
 from difflab.samplers.euler import sample_euler
 from difflab.train import TrainConfig
+from difflab.train.dreambooth import save_text_model
 
 # ----------------------------------------------------------------------------------------------
 # Fixtures: one tiny trained run, and the broken things made from it
@@ -94,6 +95,23 @@ def world(tmp_path_factory):
     (root / "locked" / "train.lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
     (root / "locked_elsewhere").mkdir()
     (root / "locked_elsewhere" / "train.lock").write_text(json.dumps({"pid": 1, "host": "another-machine"}))
+    # image folders with broken files (data/folder.py), and a tiny text model for dreambooth to reach them
+    png = (images / "0.png").read_bytes()
+    big = root / "big.png"
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(big)
+    broken = {"bad_truncated": {"0.png": png, "cut.png": big.read_bytes()[:1500]},
+              "bad_empty": {"0.png": png, "empty.png": b""},
+              "bad_text": {"0.png": png, "notes.jpg": b"hello, not a picture"},
+              "bad_all": {"cut.png": big.read_bytes()[:1500], "empty.png": b"", "notes.jpg": b"hello"}}
+    for folder, files in broken.items():
+        (root / folder).mkdir()
+        for name, data in files.items():
+            (root / folder / name).write_bytes(data)
+    unet = UNetConfig(in_channels=1, model_channels=8, channel_mult=(1,), num_res_blocks=1, attention_levels=(0,),
+                      num_heads=2, context_dim=16, groups=4)
+    text_spec = {"unet": unet.to_dict(), "diffusion": DEFAULT_DIFFUSION}
+    text = TinyTextEncoder.from_texts(["a digit"], max_length=6, width=16, layers=1, heads=2)
+    save_text_model(root / "text_base", build_denoiser(text_spec), text, text_spec, {"size": 8})
     return root
 
 
@@ -198,6 +216,14 @@ CLI_CASES = [
     ("check-shape-mismatch", ["check", "{root}/shape.safetensors"], 2, "but the UNet its metadata describes has"),
     ("check-sha256-wrong", ["check", "{root}/run", "--sha256", "0" * 64], 2, "sha256 mismatch"),
     ("check-sha256-not-hex", ["check", "{root}/run", "--sha256", "xyz"], 2, "--sha256"),
+    # image folders (data/folder.py)
+    ("train-folder-truncated-png", [*T, "--data", "{root}/bad_truncated", "--size", "8"], 2, "cut.png"),
+    ("train-folder-all-bad-skip", [*T, "--data", "{root}/bad_all", "--size", "8", "--bad-images", "skip"], 2, "no readable images"),
+    ("train-folder-zero-byte-png", [*T, "--data", "{root}/bad_empty", "--size", "8"], 2, "empty.png"),
+    ("train-folder-text-as-jpg", [*T, "--data", "{root}/bad_text", "--size", "8"], 2, "notes.jpg"),
+    ("train-bad-images-unknown", [*T, "--data", "{root}/images", "--size", "8", "--bad-images", "ignore"], 2, "invalid choice"),
+    ("dreambooth-images-corrupt", [*DB[:1], "--base", "{root}/text_base", "--images", "{root}/bad_truncated", *DB[5:]], 2, "cut.png"),
+    ("eval-generated-unreadable-image", ["eval", "--generated", "{root}/bad_all", "--reference", "digits", "--no-progress"], 2, "cut.png"),
 ]
 
 

@@ -67,11 +67,13 @@ def test_image_folder_crop_resize_range(tmp_path):
     _write(tmp_path / "a.png", wide, "RGB")
     grey = np.full((16, 16), 0, np.uint8)
     _write(tmp_path / "sub" / "b.png", grey, "L")
-    x = load_image_folder(tmp_path, 8)
+    with pytest.warns(UserWarning, match="2 sizes"):  # 40x20 and 16x16, RGB and L: one warning
+        x = load_image_folder(tmp_path, 8)
     assert x.shape == (2, 3, 8, 8) and x.dtype == torch.float32
     assert torch.allclose(x[0], torch.ones(3, 8, 8))      # centre crop kept only the white square
     assert torch.allclose(x[1], -torch.ones(3, 8, 8))     # grey image promoted to RGB, black -> -1
-    g = load_image_folder(tmp_path, 4, channels=1)
+    with pytest.warns(UserWarning, match="2 modes"):
+        g = load_image_folder(tmp_path, 4, channels=1)
     assert g.shape == (2, 1, 4, 4) and g.min() >= -1 and g.max() <= 1
 
 

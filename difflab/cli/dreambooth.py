@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..data import load_image_folder
+from ..data import ON_ERROR, ImageReadError, load_image_folder
 from ..train.dreambooth import DreamBoothConfig, dreambooth, load_text_model, save_dreambooth
 from .common import device, device_name, finite_float, non_negative_float, non_negative_int, positive_float, positive_int
 
@@ -20,6 +20,8 @@ def add_arguments(d) -> None:
     d.add_argument("--base", type=Path, required=True, help="base text model: a checkpoint of kind difflab.text_model "
                                                             "(U-Net with cross-attention + TinyTextEncoder)")
     d.add_argument("--images", type=Path, required=True, help="folder of the subject's images (3-5 are enough)")
+    d.add_argument("--bad-images", choices=ON_ERROR, default="stop",
+                   help="an unreadable image file stops with its name (default) or is skipped with a warning")
     d.add_argument("--identifier", default="sks", help="the rare identifier word [V] (default: sks)")
     d.add_argument("--class-prompt", required=True, help="prompt of the subject's class, e.g. 'a digit'")
     d.add_argument("--instance-prompt", default=None, help="prompt of the subject (default: the class prompt with the "
@@ -64,7 +66,10 @@ def run(args) -> int:
     size = meta.get("size")
     if not size:
         raise ValueError(f"--base {args.base} records no image size ('size' in its metadata)")
-    images = load_image_folder(args.images, size, channels=net_config.in_channels)
+    try:
+        images = load_image_folder(args.images, size, channels=net_config.in_channels, on_error=args.bad_images)
+    except ImageReadError as err:
+        raise ValueError(f"{err} (--bad-images skip leaves unreadable files out)") from None
     print(f"dreambooth: {len(images)} subject images {tuple(images.shape[1:])}, prompt {config.prompt!r}, class prompt "
           f"{config.class_prompt!r}, {'LoRA rank ' + str(config.lora_rank) if config.lora_rank else 'full U-Net'}, "
           f"{config.steps} steps")

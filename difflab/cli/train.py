@@ -8,7 +8,7 @@ from pathlib import Path
 from ..config import ConfigError, check_keys
 from ..core.params import PREDICTIONS
 from ..core.schedules import DISCRETE_SCHEDULES
-from ..data import load_digits, load_image_folder
+from ..data import ON_ERROR, ImageReadError, load_digits, load_image_folder
 from ..demos.digits import DEMO_SPEC, DEMO_TRAIN
 from ..io.spec import build_denoiser, make_spec, read_spec
 from ..nn.unet import PRESETS, UNetConfig
@@ -28,6 +28,8 @@ def add_arguments(t) -> None:
     t.add_argument("--size", type=positive_int, default=None, help="image size (digits: 8, 16 or 32; folders: required)")
     t.add_argument("--channels", type=positive_int, default=None, help="image channels for a folder (1 or 3; default 3)")
     t.add_argument("--labels", action="store_true", help="folder data: use subfolder names as class labels")
+    t.add_argument("--bad-images", choices=ON_ERROR, default="stop",
+                   help="folder data: an unreadable image file stops with its name (default) or is skipped with a warning")
     t.add_argument("--preset", default=None, help="U-Net preset (default: digits)")
     t.add_argument("--schedule", choices=DISCRETE_SCHEDULES, default=None, help="noise schedule (default: cosine)")
     t.add_argument("--prediction", choices=PREDICTIONS, default=None, help="what the network predicts (default: v)")
@@ -75,7 +77,11 @@ def load_data(args):
     """(images, labels or None) of ``--data``."""
     if args.data == "digits":
         return load_digits(size=args.size or 8, split="train")
-    folder = load_image_folder(args.data, args.size, channels=args.channels or 3, with_labels=args.labels)
+    try:
+        folder = load_image_folder(args.data, args.size, channels=args.channels or 3, with_labels=args.labels,
+                                   on_error=args.bad_images)
+    except ImageReadError as err:
+        raise ValueError(f"{err} (--bad-images skip leaves unreadable files out)") from None
     return (folder[0], folder[1]) if args.labels else (folder, None)
 
 

@@ -22,9 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from ..data import image_files, load_digits, load_image_folder
+from ..data import image_files, load_digits, load_image_folder, read_image
 from .features import extract, extractor_identity
 from .frechet import feature_stats
 
@@ -120,8 +119,8 @@ def _folder_shape(folder: Path) -> tuple[int, int]:
     files = image_files(folder)
     if not files:
         raise ValueError(f"no images found under {folder}")
-    with Image.open(files[0]) as im:
-        return min(im.size), (1 if im.mode in ("1", "L", "LA", "I", "I;16", "F") else 3)
+    im = read_image(files[0])  # an unreadable file is a ValueError naming it
+    return min(im.size), (1 if im.mode in ("1", "L", "LA", "I", "I;16", "F") else 3)
 
 
 def _resolve(source, size: int | None, channels: int | None):
