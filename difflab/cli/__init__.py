@@ -16,7 +16,7 @@ from .. import __version__
 from ..train import TrainingInterrupted
 from . import bench, check, demo, dreambooth, memory, sample, train
 from . import eval as eval_
-from .common import USER_ERRORS, terminate_as_interrupt
+from .common import USER_ERRORS, plain_warnings, terminate_as_interrupt
 
 COMMANDS = {
     "demo": demo,
@@ -52,7 +52,7 @@ def main(argv=None, commands: dict | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        with terminate_as_interrupt():
+        with terminate_as_interrupt(), plain_warnings(args.command):
             return commands[args.command].run(args)
     except USER_ERRORS as e:
         print(f"difflab {args.command}: error: {e}", file=sys.stderr)

@@ -5,7 +5,9 @@ import argparse
 import contextlib
 import math
 import signal
+import sys
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -38,6 +40,17 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that ``finally`` blocks run and no temporary file is left."""
 
     signum = signal.SIGTERM
+
+
+@contextlib.contextmanager
+def plain_warnings(command: str):
+    """Show warnings as ``difflab COMMAND: warning: message`` lines (no file, line or source)."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"difflab {command}: warning: {message}", file=file or sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
 
 
 @contextlib.contextmanager
