@@ -3,7 +3,12 @@ from .classification import Classification, random_shift
 from .classifier import NoisyClassification, train_classifier
 from .diffusion import DiffusionObjective, draw_diffusion
 from .dreambooth import SubjectObjective
+from .guided import GuidedDistillation, guided_progressive_distillation, guided_student
+from .progressive import DistilledRound, ProgressiveDistillation, progressive_distillation
+from .reflow import Reflow, reflow_pairs, straightness
 from .vae import VAEObjective
 
 __all__ = ["DiffusionObjective", "draw_diffusion", "SubjectObjective", "NoisyClassification", "train_classifier",
-           "Classification", "random_shift", "VAEObjective"]
+           "Classification", "random_shift", "VAEObjective", "ProgressiveDistillation", "progressive_distillation",
+           "DistilledRound", "GuidedDistillation", "guided_progressive_distillation", "guided_student", "Reflow", "reflow_pairs",
+           "straightness"]
