@@ -7,8 +7,8 @@ from .interrupt import TrainingInterrupted
 from .loop import LOSSES, LR_SCHEDULES, TrainConfig, TrainingDivergedError, TrainState, fit, lr_at
 from .run_folder import RunLockedError
 from .objective import Objective
-from .objectives import (Classification, DiffusionObjective, NoisyClassification, SubjectObjective, VAEObjective,
-                         train_classifier)
+from .objectives import (Classification, ConsistencyDistillation, ConsistencyTraining, DiffusionObjective,
+                         NoisyClassification, SubjectObjective, VAEObjective, train_classifier)
 from .objectives.diffusion import draw_batch, train
 from .dreambooth import DreamBoothConfig, dreambooth, prior_preservation_loss
 from .vae_loss import PatchDiscriminator, adaptive_weight, discriminator_loss, hinge_discriminator_loss, vae_loss
@@ -19,7 +19,7 @@ __all__ = [
     "EMA", "diffusion_loss", "loss_weight", "WEIGHTINGS", "NOISE_LEVELS", "default_noise_level", "draw_sigmas",
     "SIGMA_BIN_EDGES", "SigmaBinnedLoss", "loss_by_sigma_bins", "TrainConfig", "TrainState", "TrainingDivergedError",
     "TrainingInterrupted", "RunLockedError", "fit", "lr_at", "LR_SCHEDULES", "Objective", "DiffusionObjective", "SubjectObjective", "NoisyClassification",
-    "Classification", "VAEObjective", "train_classifier",
+    "Classification", "VAEObjective", "train_classifier", "ConsistencyDistillation", "ConsistencyTraining",
     "draw_batch", "train", "LOSSES", "hybrid_loss", "hybrid_terms", "vlb_loss", "vae_loss", "PatchDiscriminator",
     "adaptive_weight", "discriminator_loss", "hinge_discriminator_loss", "PARALLELS", "init_distributed",
     "DreamBoothConfig", "dreambooth", "prior_preservation_loss", "TextualInversionConfig", "textual_inversion",
