@@ -47,6 +47,7 @@ def test_names_match_case_and_spacing_and_return_fresh_kwargs():
     ("DPM++ 2S a", "dpmpp_2s_ancestral", "karras"), ("UniPC", "unipc", "uniform_time"),
     ("uni_pc_bh2", "unipc", "default"), ("DDIM", "ddim", "uniform_time"), ("DEIS", "deis", "uniform_time"),
     ("dpm_adaptive", "adaptive", "default"), ("Euler Polyexponential", "euler", "polyexponential"),
+    ("lcm", "lcm", "default"), ("LCM", "lcm", "uniform_time"), ("LCM Karras", "lcm", "karras"),
 ])
 def test_the_names_people_type(name, sampler, grid):
     fn, _, g = names.resolve(name)

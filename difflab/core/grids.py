@@ -53,6 +53,24 @@ def discrete_timesteps(T: int, n: int, spacing: str = "leading", steps_offset: i
     return ts.long().flip(0)
 
 
+def lcm_timesteps(T: int, n: int, original_steps: int = 50) -> torch.Tensor:
+    """``n`` timesteps of a latent consistency model, largest first (Luo et al. 2023, section 4.3,
+    "skipping-step" schedule; diffusers' ``LCMScheduler.set_timesteps``): the distillation schedule
+    of ``original_steps`` steps k - 1, 2k - 1, ..., original_steps k - 1 with k = T // original_steps,
+    and of it, counted from its largest, the entries floor(j original_steps / n), j = 0 .. n - 1.
+    T = 1000, n = 4: 999, 759, 499, 259. ``TCDScheduler`` gives the same; with an explicit
+    ``original_inference_steps`` it picks from every step instead, i.e. ``original_steps=T``."""
+    if not 1 <= original_steps <= T:
+        raise ValueError(f"original_steps={original_steps} must be between 1 and the model's {T} training steps")
+    if not 1 <= n <= original_steps:
+        raise ValueError(f"steps={n} must be between 1 and original_steps={original_steps} (LCM picks its steps "
+                         f"from that schedule)")
+    k = T // original_steps
+    origin = (torch.arange(1, original_steps + 1) * k - 1).flip(0)
+    index = (torch.arange(n, dtype=torch.float64) * (original_steps / n)).floor().long()  # numpy's linspace, endpoint=False
+    return origin[index]
+
+
 def timestep_sigmas(frame, timesteps: torch.Tensor, final: float | None = 0.0) -> torch.Tensor:
     """Sigmas of a discrete frame at ``timesteps``, followed by ``final`` (0 = step to the clean
     sample, like diffusers' ``set_alpha_to_one=True``; ``None`` = stop at the last timestep)."""
@@ -184,11 +202,11 @@ def _check(n: int, sigma_min: float, sigma_max: float) -> None:
 
 
 GRIDS = ("default", "timesteps", "uniform_time", "karras", "exponential", "log_snr", "polyexponential", "flow",
-         "optimized")
+         "optimized", "lcm")
 
 
 def for_denoiser(denoiser, steps: int, grid: str = "default", spacing: str = "trailing", rho: float = 7.0, *,
-                 poly_rho: float = 1.0) -> torch.Tensor:
+                 poly_rho: float = 1.0, original_steps: int = 50) -> torch.Tensor:
     """The sampling grid ``grid`` with ``steps`` levels for a wrapped model, ending in 0.
 
     ``default`` picks the natural grid of the model's frame: its training timesteps for a
@@ -197,17 +215,20 @@ def for_denoiser(denoiser, steps: int, grid: str = "default", spacing: str = "tr
     ``timesteps``: the discrete model's own steps (``spacing``); ``uniform_time``: uniform in the
     frame's time (:func:`uniform_time_sigmas`); ``karras`` (``rho``); ``exponential`` or its
     synonym ``log_snr``: uniform in log-SNR; ``polyexponential`` (``poly_rho``, 1 as in k-diffusion
-    and A1111); ``flow``: the flow-matching grid; ``optimized``: :func:`optimized_sigmas`. All but
-    ``flow`` and ``optimized`` span the frame's sigma_min to sigma_max.
+    and A1111); ``flow``: the flow-matching grid; ``optimized``: :func:`optimized_sigmas`; ``lcm``: a
+    discrete model's :func:`lcm_timesteps` (``original_steps``). All but ``flow``, ``optimized`` and
+    ``lcm`` span the frame's sigma_min to sigma_max.
     """
     if grid not in GRIDS:
         raise ValueError(f"grid={grid!r} is unknown; choose one of {list(GRIDS)}")
     frame = denoiser.frame
     if grid == "default":
         grid = "timesteps" if isinstance(frame, VPDiscrete) else "flow" if isinstance(frame, Flow) else "karras"
-    if grid == "timesteps":
+    if grid in ("timesteps", "lcm"):
         if not isinstance(frame, VPDiscrete):
-            raise ValueError("grid='timesteps' needs a discrete-time model (VPDiscrete frame)")
+            raise ValueError(f"grid={grid!r} needs a discrete-time model (VPDiscrete frame)")
+        if grid == "lcm":
+            return timestep_sigmas(frame, lcm_timesteps(frame.T, steps, original_steps))
         return timestep_sigmas(frame, discrete_timesteps(frame.T, steps, spacing))
     if grid == "flow":
         return flow_sigmas(steps)

@@ -32,3 +32,33 @@ def logit_normal(n: int, mean: float = 0.0, std: float = 1.0, generator: torch.G
     returned as the canonical sigma t / (1 - t)."""
     u = mean + std * torch.randn(n, generator=generator, dtype=torch.float64)
     return u.exp()  # sigmoid(u) / (1 - sigmoid(u)) = e^u
+
+
+# ----------------------------------------------------------------------------------------------
+# Consistency training and distillation: adjacent pairs of a fixed discretization
+
+
+def karras_levels(N: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+    """The N noise levels consistency models train on, increasing: sigma_i = (sigma_min^(1/rho)
+    + (i - 1)/(N - 1) (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho, i = 1 .. N (Song et al. 2023,
+    section 5 and Appendix C, after Karras et al. 2022, eq. 5), float64 (N,)."""
+    if N < 2:
+        raise ValueError(f"N={N} must be at least 2 (consistency losses compare adjacent levels)")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    ramp = torch.linspace(0, 1, N, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (lo + ramp * (hi - lo)) ** rho
+
+
+def adjacent_levels(levels: torch.Tensor, n: int, generator: torch.Generator | None = None, *,
+                    p_mean: float | None = None, p_std: float = 2.0) -> torch.Tensor:
+    """Indices i (n,) of adjacent pairs (sigma_i, sigma_{i+1}) of increasing ``levels`` (N,):
+    i ~ Uniform{0 .. N-2} (Song et al. 2023, Algorithms 2 and 3), or with ``p_mean`` the
+    discretized log-normal of improved consistency training, p(i) proportional to
+    erf((ln sigma_{i+1} - P_mean) / (sqrt 2 P_std)) - erf((ln sigma_i - P_mean) / (sqrt 2 P_std))
+    (Song & Dhariwal 2023, section 3.5; P_mean = -1.1, P_std = 2.0)."""
+    if p_mean is None:
+        return torch.randint(0, len(levels) - 1, (n,), generator=generator)
+    cdf = torch.erf((levels.log() - p_mean) / (2**0.5 * p_std))
+    return torch.multinomial(cdf[1:] - cdf[:-1], n, replacement=True, generator=generator)

@@ -10,7 +10,7 @@ Usage::
     x = torch.randn(shape) * denoiser.prior_std(sigmas[0])
     sample = get_sampler("ddim")(denoiser, x, sigmas, extra_args={"class_labels": y})
 """
-from . import adaptive, deis, dpm_solver, euler, flow, lms, sde, unipc
+from . import adaptive, consistency, deis, dpm_solver, euler, flow, lms, sde, unipc
 from .brownian import BrownianTreeNoise
 from .common import ancestral_step, check_sigmas, ode_derivative
 from .ddim import sample_ddim
@@ -22,11 +22,13 @@ SAMPLERS = {
     "ddim": sample_ddim, "ddpm": sample_ddpm,
     **euler.SAMPLERS, **lms.SAMPLERS, **flow.SAMPLERS,
     **dpm_solver.SAMPLERS, **sde.SAMPLERS, **unipc.SAMPLERS, **deis.SAMPLERS, **adaptive.SAMPLERS,
+    **consistency.SAMPLERS,
 }
 
 
 # The samplers that take ``eta`` (the scale of the fresh noise per step; 0 = deterministic), so a
-# command can refuse --eta for the others before any work (tests/test_options.py checks it).
+# command can refuse --eta for the others before any work (tests/test_options.py checks it). TCD's
+# stochasticity is its own keyword, ``gamma`` (the paper's symbol; diffusers calls it eta).
 ETA_SAMPLERS = ("ddim", "euler_ancestral", "dpmpp_2s", "dpmpp_2s_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde")
 
 

@@ -45,6 +45,7 @@ KDIFFUSION = {  # k-diffusion's sample_* functions and ComfyUI's sampler names
     "uni_pc": ("unipc", {"order": 3, "variant": "bh1"}, "default"),
     "uni_pc_bh2": ("unipc", {"order": 3, "variant": "bh2"}, "default"),
     "deis": ("deis", {"order": 3}, "default"),
+    "lcm": ("lcm", {}, "default"),
 }
 
 # AUTOMATIC1111's menu names without a scheduler suffix: the k-diffusion sampler each runs, and the
@@ -64,6 +65,7 @@ A1111_SAMPLERS = (
     ("DDIM", "ddim", "uniform_time"),
     ("UniPC", "uni_pc", "uniform_time"),
     ("DEIS", "deis", "uniform_time"),
+    ("LCM", "lcm", "uniform_time"),
 )
 A1111 = {name: (*KDIFFUSION[k][:2], grid) for name, k, grid in A1111_SAMPLERS}
 GRID_SUFFIXES = {"Karras": "karras", "Exponential": "exponential", "Polyexponential": "polyexponential",

@@ -7,9 +7,10 @@ from .interrupt import TrainingInterrupted
 from .loop import LOSSES, LR_SCHEDULES, TrainConfig, TrainingDivergedError, TrainState, fit, lr_at
 from .run_folder import RunLockedError
 from .objective import Objective
-from .objectives import (Classification, DiffusionObjective, GuidedDistillation, NoisyClassification,
-                         ProgressiveDistillation, Reflow, SubjectObjective, VAEObjective, guided_progressive_distillation,
-                         progressive_distillation, reflow_pairs, train_classifier)
+from .objectives import (Classification, ConsistencyDistillation, ConsistencyTraining, DiffusionObjective,
+                         GuidedDistillation, NoisyClassification, ProgressiveDistillation, Reflow, SubjectObjective,
+                         VAEObjective, guided_progressive_distillation, progressive_distillation, reflow_pairs,
+                         train_classifier)
 from .objectives.diffusion import draw_batch, train
 from .dreambooth import DreamBoothConfig, dreambooth, prior_preservation_loss
 from .vae_loss import PatchDiscriminator, adaptive_weight, discriminator_loss, hinge_discriminator_loss, vae_loss
@@ -21,7 +22,8 @@ __all__ = [
     "SIGMA_BIN_EDGES", "SigmaBinnedLoss", "loss_by_sigma_bins", "TrainConfig", "TrainState", "TrainingDivergedError",
     "TrainingInterrupted", "RunLockedError", "fit", "lr_at", "LR_SCHEDULES", "Objective", "DiffusionObjective", "SubjectObjective", "NoisyClassification",
     "Classification", "VAEObjective", "train_classifier", "ProgressiveDistillation", "progressive_distillation",
-    "GuidedDistillation", "guided_progressive_distillation", "Reflow", "reflow_pairs",
+    "GuidedDistillation", "guided_progressive_distillation", "Reflow", "reflow_pairs", "ConsistencyDistillation",
+    "ConsistencyTraining",
     "draw_batch", "train", "LOSSES", "hybrid_loss", "hybrid_terms", "vlb_loss", "vae_loss", "PatchDiscriminator",
     "adaptive_weight", "discriminator_loss", "hinge_discriminator_loss", "PARALLELS", "init_distributed",
     "DreamBoothConfig", "dreambooth", "prior_preservation_loss", "TextualInversionConfig", "textual_inversion",

@@ -1,6 +1,7 @@
 """Objectives for :func:`difflab.train.fit`, one file per concept (see :mod:`difflab.train.objective`)."""
 from .classification import Classification, random_shift
 from .classifier import NoisyClassification, train_classifier
+from .consistency import ConsistencyDistillation, ConsistencyTraining
 from .diffusion import DiffusionObjective, draw_diffusion
 from .dreambooth import SubjectObjective
 from .guided import GuidedDistillation, guided_progressive_distillation, guided_student
@@ -11,4 +12,4 @@ from .vae import VAEObjective
 __all__ = ["DiffusionObjective", "draw_diffusion", "SubjectObjective", "NoisyClassification", "train_classifier",
            "Classification", "random_shift", "VAEObjective", "ProgressiveDistillation", "progressive_distillation",
            "DistilledRound", "GuidedDistillation", "guided_progressive_distillation", "guided_student", "Reflow", "reflow_pairs",
-           "straightness"]
+           "straightness", "ConsistencyDistillation", "ConsistencyTraining"]
