@@ -42,7 +42,7 @@ LAYERS = {
     "perf": ("core", "nn", "io", "config", "progress"),
     "guidance": ("core", "samplers", "nn", "adapters", "config", "progress"),
     "pipelines": ("core", "samplers", "guidance", "nn", "adapters", "io", "data", "config", "progress"),
-    "train": ("core", "samplers", "nn", "io", "adapters", "data", "perf", "pipelines", "config", "progress"),
+    "train": ("core", "samplers", "guidance", "nn", "io", "adapters", "data", "perf", "pipelines", "config", "progress"),
     "eval": ("core", "samplers", "nn", "io", "data", "train", "config", "progress"),
     "oracle": ("core", "samplers", "eval", "config", "progress"),
     "demos": tuple(p for p in _ALL if p != "demos"),

@@ -8,8 +8,8 @@ from ..eval import check_metrics, evaluate, is_checkpoint, load_extractor
 from ..eval.features import EXTRACTORS
 from ..eval.harness import DEFAULT_METRICS, DEFAULT_NUM_SAMPLES, METRICS
 from ..io.spec import checkpoint_spec
-from ..pipelines import SampleOptions, sample_checkpoint
-from ..pipelines.checkpoint import check_image_kind
+from ..pipelines import sample_checkpoint
+from ..pipelines.checkpoint import check_image_kind, sampling_defaults
 from .common import UsageError, device, device_name, finite_float, non_negative_int, positive_int
 
 HELP = "measure generated images against a reference (FID, KID, IS, precision/recall)"
@@ -33,9 +33,10 @@ def add_arguments(e) -> None:
                                                               "no number (default: 64)")
     e.add_argument("--cache", default=None, help="a .npz for the reference statistics: reused when present, else written")
     e.add_argument("--prompts", type=Path, default=None, help="text file, one prompt per generated image (clip_score)")
-    e.add_argument("--sampler", default="ddim", help="checkpoint sampling: sampler (default: ddim)")
-    e.add_argument("--steps", type=positive_int, default=50, help="checkpoint sampling: sampler steps (default: 50)")
-    e.add_argument("--guidance", type=finite_float, default=1.0, help="checkpoint sampling: guidance scale (default: 1 = none)")
+    e.add_argument("--sampler", default=None, help="checkpoint sampling: sampler (default: the checkpoint's, else ddim)")
+    e.add_argument("--steps", type=positive_int, default=None, help="checkpoint sampling: sampler steps (default: the checkpoint's, else 50)")
+    e.add_argument("--guidance", type=finite_float, default=None,
+                   help="checkpoint sampling: guidance scale (default: the checkpoint's, else 1 = none)")
     e.add_argument("--seed", type=non_negative_int, default=0, help="seed of sampling and of the KID subsets (default: 0)")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -59,12 +60,14 @@ def format_eval(results: dict) -> str:
     return f"  features: {results['extractor']}\n" + "\n".join(f"  {a:<{w}}  {b}" for a, b in rows)
 
 
-def checkpoint_sampler(path, options: SampleOptions):
+def checkpoint_sampler(path, overrides: dict):
     """A checkpoint side as a callable ``num -> images`` (class-balanced labels), checked now and
-    sampled only when :func:`difflab.eval.evaluate` has checked everything else."""
-    kind, _ = checkpoint_spec(path)
+    sampled only when :func:`difflab.eval.evaluate` has checked everything else; ``overrides``
+    replace the checkpoint's own sampling defaults (:func:`difflab.pipelines.checkpoint.sampling_defaults`)."""
+    kind, meta = checkpoint_spec(path)
     check_image_kind(kind, "difflab eval")
-    return lambda num: sample_checkpoint(path, labels="balanced", num=num, options=options)
+    sampling_defaults(meta).replace(**overrides)  # a bad combination is refused now, not after the extractor loads
+    return lambda num: sample_checkpoint(path, labels="balanced", num=num, **overrides)
 
 
 WEIGHT_SUFFIXES = {"judge": (".safetensors",), "inception": (".safetensors", ".pth", ".pt")}
@@ -95,9 +98,10 @@ def run(args) -> int:
     dev = device(args.device)
     generated, reference = args.generated, args.reference
     if is_checkpoint(generated) or is_checkpoint(reference):
-        options = SampleOptions(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                                batch_size=args.batch_size, device=dev, progress=not args.no_progress)
-        generated, reference = (checkpoint_sampler(v, options) if is_checkpoint(v) else v for v in (generated, reference))
+        given = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)
+        overrides = dict({k: v for k, v in given.items() if v is not None}, seed=args.seed, batch_size=args.batch_size,
+                         device=dev, progress=not args.no_progress)
+        generated, reference = (checkpoint_sampler(v, overrides) if is_checkpoint(v) else v for v in (generated, reference))
     prompts = None
     if args.prompts is not None:
         if not args.prompts.is_file():

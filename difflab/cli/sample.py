@@ -5,8 +5,8 @@ from pathlib import Path
 
 from ..io.images import save_grid
 from ..io.spec import checkpoint_spec
-from ..pipelines import SampleOptions, sample_checkpoint
-from ..pipelines.checkpoint import check_image_kind
+from ..pipelines import sample_checkpoint
+from ..pipelines.checkpoint import check_image_kind, sampling_defaults
 from ..samplers import ETA_SAMPLERS, SAMPLERS
 from .common import UsageError, device, device_name, finite_float, non_negative_float, non_negative_int, output_file, parse_classes, positive_int
 
@@ -17,9 +17,11 @@ DESCRIPTION = "Sample a checkpoint written by 'difflab train' or 'difflab demo' 
 def add_arguments(s) -> None:
     s.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.safetensors or the run directory holding it")
     s.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG to write (default: samples.png)")
-    s.add_argument("--sampler", default="ddim", help=f"one of {', '.join(sorted(SAMPLERS))} (default: ddim)")
-    s.add_argument("--steps", type=positive_int, default=50, help="sampler steps (default: 50)")
-    s.add_argument("--guidance", type=finite_float, default=1.0, help="classifier-free guidance scale (default: 1 = none)")
+    s.add_argument("--sampler", default=None,
+                   help=f"one of {', '.join(sorted(SAMPLERS))} (default: the checkpoint's own, else ddim)")
+    s.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: the checkpoint's own, else 50)")
+    s.add_argument("--guidance", type=finite_float, default=None,
+                   help="classifier-free guidance scale (default: the checkpoint's own, else 1 = none)")
     s.add_argument("--classes", type=parse_classes, default=None, help="comma-separated class indices, one image each")
     s.add_argument("--num", type=positive_int, default=16, help="number of images when --classes is not given (default: 16)")
     s.add_argument("--seed", type=non_negative_int, default=0, help="seed; sample i is the same whatever the batch size (default: 0)")
@@ -31,16 +33,20 @@ def add_arguments(s) -> None:
 def run(args) -> int:
     # 1. Check everything that can be checked before the weights are read.
     output_file(args.out)
-    if args.eta is not None and args.sampler not in ETA_SAMPLERS:
-        raise UsageError(f"--eta: sampler {args.sampler!r} has no eta; the samplers that take one are {', '.join(ETA_SAMPLERS)}")
-    extra = {"eta": args.eta} if args.eta is not None else {}
-    options = SampleOptions(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                            device=device(args.device), sampler_kwargs=extra)
     if not args.checkpoint.exists():
         raise FileNotFoundError(f"--checkpoint {args.checkpoint} does not exist")
-    kind, _ = checkpoint_spec(args.checkpoint)
+    kind, meta = checkpoint_spec(args.checkpoint)
     check_image_kind(kind, "difflab sample")
+    given = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)
+    overrides = dict({k: v for k, v in given.items() if v is not None}, seed=args.seed, device=device(args.device))
+    sampler = overrides.get("sampler") or sampling_defaults(meta).sampler
+    if args.eta is not None:
+        if sampler not in ETA_SAMPLERS:
+            raise UsageError(f"--eta: sampler {sampler!r} has no eta; the samplers that take one are {', '.join(ETA_SAMPLERS)}")
+        overrides["sampler_kwargs"] = {"eta": args.eta}
+    options = sampling_defaults(meta).replace(**overrides)  # checked here, before the weights are read
     # 2. Sample and write the grid.
+    print(f"sampling with {options.sampler}, {options.steps} steps, guidance {options.guidance_scale:g}")
     images = sample_checkpoint(args.checkpoint, labels=args.classes, num=None if args.classes else args.num,
                                options=options, weights=args.weights)
     size = images.shape[-1]

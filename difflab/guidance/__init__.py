@@ -9,6 +9,7 @@ Usage::
     guided = SafetyGuidance(denoiser, noisy_classifier, unwanted_class=7, scale=1.0)
     guided = PerturbedAttentionGuidance(denoiser, scale=2.0)                         # or SelfAttentionGuidance
 """
+from .as_input import GuidanceInput, takes_guidance_scale
 from .attention import (PerturbedAttentionGuidance, SelfAttentionGuidance, find_self_attention, gaussian_blur,
                         identity_attention, record_attention, sag_mask, self_attention_modules)
 from .cfg import ClassifierFreeGuidance, rescale
@@ -16,7 +17,7 @@ from .classifier import ClassifierConfig, ClassifierGuidance, NoisyClassifier, c
 from .inpaint import MaskChannels, check_mask, latent_mask, mask_channels, sample_repaint
 from .safety import RewardGuidance, SafetyGuidance
 
-__all__ = ["ClassifierFreeGuidance", "rescale",
+__all__ = ["ClassifierFreeGuidance", "rescale", "GuidanceInput", "takes_guidance_scale",
            "ClassifierGuidance", "NoisyClassifier", "ClassifierConfig", "classifier_accuracy",
            "SafetyGuidance", "RewardGuidance",
            "PerturbedAttentionGuidance", "SelfAttentionGuidance", "identity_attention", "record_attention",

@@ -18,6 +18,12 @@ arguments (:data:`FRAME_ARGS`: ``schedule``/``T``/``zero_terminal_snr`` for vp_d
 which doubles the network's output channels for the variance interpolation of improved DDPM
 (Nichol & Dhariwal 2021, Section 3.1). An unknown key anywhere is a :class:`~difflab.config.ConfigError`
 naming its section (``spec``, ``spec.network``, ``spec.diffusion``, ``spec.network.config``).
+
+A distilled student adds an optional ``"student"`` section (:data:`STUDENT_KEYS`) saying what
+distillation put around the base network: ``"guidance_input"`` (the keywords of
+:class:`difflab.nn.GuidanceEmbedding`: the net takes the guidance scale as an input, Meng et al.
+2023) and ``"consistency"`` (the keywords of :class:`difflab.core.ConsistencyFunction`: the
+denoiser is a consistency function, Song et al. 2023).
 """
 from __future__ import annotations
 
@@ -30,7 +36,9 @@ from torch import nn
 
 from ..config import ConfigError, check_keys
 from ..core import FRAMES, Denoiser, VPDiscrete
+from ..core.consistency import ConsistencyFunction
 from ..core.params import check_prediction
+from ..nn.guidance_embedding import GuidanceEmbedding
 from ..nn.unet import UNet, UNetConfig
 from ..nn.unet_sd import UNetSD, UNetSDConfig
 from ..nn.vae import AutoencoderKL, VAEConfig
@@ -96,7 +104,7 @@ def kinds_with_output(output: str) -> list[str]:
 def read_spec(spec: dict) -> tuple[str, dict, dict]:
     """``(kind, config, diffusion)`` of a spec in either form, every section checked for unknown
     keys; ``diffusion`` defaults to :data:`DEFAULT_DIFFUSION`."""
-    check_keys(spec, ("network", "unet", "diffusion"), "spec")
+    check_keys(spec, ("network", "unet", "diffusion", "student"), "spec")
     if ("network" in spec) == ("unet" in spec):
         raise ConfigError(f"spec needs exactly one of 'network' ({{\"kind\": ..., \"config\": ...}}) or the older "
                           f"'unet', got keys {sorted(spec)}")
@@ -111,7 +119,27 @@ def read_spec(spec: dict) -> tuple[str, dict, dict]:
     check_keys(config, [f.name for f in dataclasses.fields(NETWORKS[kind].config_cls)], "spec.network.config")
     diffusion = dict(spec.get("diffusion") or DEFAULT_DIFFUSION)
     check_diffusion(diffusion)
+    student_section(spec)
     return kind, dict(config), diffusion
+
+
+# What a spec's "student" section may hold, and the keywords of each entry.
+STUDENT_KEYS = {"guidance_input": ("embed", "dim", "features", "w_scale"),
+                "consistency": ("form", "sigma_min", "sigma_data", "timestep_scaling")}
+
+
+def student_section(spec: dict) -> dict:
+    """The spec's ``"student"`` section (``{}`` for a model that was not distilled), checked."""
+    student = spec.get("student") or {}
+    if not isinstance(student, dict):
+        raise ConfigError(f"spec.student must be a JSON object, got {type(student).__name__}")
+    check_keys(student, tuple(STUDENT_KEYS), "spec.student")
+    for name, keys in STUDENT_KEYS.items():
+        if name in student:
+            if not isinstance(student[name], dict):
+                raise ConfigError(f"spec.student.{name} must be a JSON object, got {type(student[name]).__name__}")
+            check_keys(student[name], keys, f"spec.student.{name}")
+    return dict(student)
 
 
 def make_spec(kind: str, config, diffusion: dict | None = None) -> dict:
@@ -180,8 +208,8 @@ def build_network(kind: str, config) -> nn.Module:
 
 
 def build_denoiser(spec: dict, seed: int | None = None) -> Denoiser:
-    """Build an untrained denoiser (network + frame + parameterization) from a spec of any kind.
-    ``seed`` fixes the initial weights (drawn from torch's generator seeded with it, the caller's
+    """Build an untrained denoiser (network + frame + parameterization) from a spec of any kind,
+    wrapped as its ``"student"`` section says (a :class:`~difflab.core.ConsistencyFunction`). ``seed`` fixes the initial weights (drawn from torch's generator seeded with it, the caller's
     random state left untouched); None draws them from the global generator as it stands."""
     if seed is not None:
         with torch.random.fork_rng(devices=[]):
@@ -189,8 +217,10 @@ def build_denoiser(spec: dict, seed: int | None = None) -> Denoiser:
             return build_denoiser(spec)
     net = spec_network(spec)
     _, _, diffusion = read_spec(spec)
-    return Denoiser(net, build_frame(diffusion), prediction=check_prediction(diffusion.get("prediction", "eps")),
-                    learned_variance=bool(diffusion.get("learned_variance", False)))
+    denoiser = Denoiser(net, build_frame(diffusion), prediction=check_prediction(diffusion.get("prediction", "eps")),
+                        learned_variance=bool(diffusion.get("learned_variance", False)))
+    consistency = student_section(spec).get("consistency")
+    return ConsistencyFunction(denoiser, **consistency) if consistency is not None else denoiser
 
 
 def spec_network(spec: dict) -> nn.Module:
@@ -206,7 +236,8 @@ def spec_network(spec: dict) -> nn.Module:
         if not {"in_channels", "out_channels"} <= {f.name for f in dataclasses.fields(config)}:
             raise ConfigError(f"learned_variance needs a network with in_channels and out_channels; kind {kind!r} has not")
         config = dataclasses.replace(config, out_channels=2 * config.in_channels)
-    return entry.cls(config)
+    guidance = student_section(spec).get("guidance_input")
+    return GuidanceEmbedding(entry.cls(config), **guidance) if guidance is not None else entry.cls(config)
 
 
 def checkpoint_spec(path) -> tuple[str, dict]:
@@ -243,4 +274,5 @@ def sample_shape(spec: dict, meta: dict | None = None) -> tuple:
 
 __all__ = ["NETWORKS", "NetworkKind", "DEFAULT_DIFFUSION", "FRAME_ARGS", "FRAME_BUILDERS", "network_kind", "kinds_with_output",
            "read_spec", "make_spec", "spec_kind", "check_diffusion", "build_frame", "build_network", "build_denoiser",
-           "spec_network", "checkpoint_spec", "load_denoiser", "sample_shape", "image_shape", "latent_shape"]
+           "spec_network", "checkpoint_spec", "load_denoiser", "sample_shape", "image_shape", "latent_shape",
+           "STUDENT_KEYS", "student_section"]

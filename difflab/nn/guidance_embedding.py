@@ -24,6 +24,8 @@ class GuidanceEmbedding(nn.Module):
     (:func:`~difflab.nn.layers.timestep_embedding`) of ``w_scale * w`` with ``features``
     channels, to ``dim`` channels (default: the out_features of the last ``nn.Linear`` in ``embed``)."""
 
+    takes_guidance_scale = True  # pipelines pass the scale as an input instead of guiding (difflab.guidance.GuidanceInput)
+
     def __init__(self, net: nn.Module, embed: str = "time_embed", *, dim: int | None = None, features: int = 64,
                  w_scale: float = 100.0):
         super().__init__()
@@ -48,6 +50,11 @@ class GuidanceEmbedding(nn.Module):
         w = self._w.to(output.device)
         emb = timestep_embedding(self.w_scale * w, self.features).to(self.guidance_embed[0].weight.dtype)
         return output + self.guidance_embed(emb).to(output.dtype)
+
+    @property
+    def config(self):
+        """The wrapped network's config (its classes, channels, ...)."""
+        return getattr(self.net, "config", None)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, guidance_scale=None, **cond) -> torch.Tensor:
         if guidance_scale is None:

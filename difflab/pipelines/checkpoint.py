@@ -5,6 +5,10 @@ Usage::
 
     images = sample_checkpoint("runs/digits", labels=[0, 1, 2], steps=20)        # one per label
     images = sample_checkpoint("runs/digits", labels="balanced", num=1000)        # labels i mod K (eval)
+
+A checkpoint may name how it samples best (a distilled student: ``difflab distill`` writes its
+sampler, steps, grid and guidance scale under ``"sampling"`` in the metadata); those are the
+defaults that ``options`` and keyword overrides replace.
 """
 from __future__ import annotations
 
@@ -24,6 +28,21 @@ def check_image_kind(kind: str, what: str = "this") -> None:
                          f"{', '.join(kinds_with_output('image'))}")
 
 
+SAMPLING_KEYS = ("sampler", "steps", "grid", "guidance_scale", "sampler_kwargs")
+
+
+def sampling_defaults(meta: dict) -> SampleOptions:
+    """:data:`CLASS_DEFAULTS` with the checkpoint's own ``"sampling"`` entries (a grid given as a
+    list of sigmas becomes a tensor)."""
+    sampling = dict(meta.get("sampling") or {})
+    unknown = sorted(set(sampling) - set(SAMPLING_KEYS))
+    if unknown:
+        raise ValueError(f"checkpoint metadata 'sampling' has unknown keys {unknown}; valid: {', '.join(SAMPLING_KEYS)}")
+    if isinstance(sampling.get("grid"), list):
+        sampling["grid"] = torch.tensor(sampling["grid"], dtype=torch.float64)
+    return CLASS_DEFAULTS.replace(**sampling)
+
+
 def sample_checkpoint(path, *, labels=None, num: int | None = None, options: SampleOptions | None = None,
                       weights: str = "ema", **overrides) -> torch.Tensor:
     """Images (N, C, H, W) in [-1, 1] sampled from a training checkpoint whose network kind makes
@@ -37,14 +56,14 @@ def sample_checkpoint(path, *, labels=None, num: int | None = None, options: Sam
     there, default CPU). ``weights``: ``"ema"`` or ``"model"``. The shape of a sample comes from
     the network kind and the checkpoint's metadata (its training image size).
     """
-    # 1. Check inputs, then the checkpoint's kind from its metadata alone.
-    opts = resolve(options, CLASS_DEFAULTS, overrides)
+    # 1. Check inputs, then the checkpoint's kind and sampling defaults from its metadata alone.
+    kind, meta = checkpoint_spec(path)
+    opts = resolve(options, sampling_defaults(meta), overrides)
     if labels is None or isinstance(labels, str):
         if labels not in (None, "balanced"):
             raise ValueError(f"labels={labels!r}: give class labels, None or 'balanced'")
         if num is None or num < 1:
             raise ValueError(f"num={num} must be a positive number of images when labels is {labels!r}")
-    kind, _ = checkpoint_spec(path)
     check_image_kind(kind, "sample_checkpoint")
     # 2. Load the denoiser (on the options' device).
     device = "cpu" if opts.device is None else opts.device
@@ -61,4 +80,4 @@ def sample_checkpoint(path, *, labels=None, num: int | None = None, options: Sam
                     null_class=meta.get("null_class"), options=opts.replace(device=device))
 
 
-__all__ = ["sample_checkpoint", "check_image_kind"]
+__all__ = ["sample_checkpoint", "check_image_kind", "sampling_defaults", "SAMPLING_KEYS"]

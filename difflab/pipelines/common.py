@@ -22,7 +22,7 @@ from PIL import Image
 
 from ..progress import progress_bar
 from ..core import SampleNoise, VPDiscrete, grids
-from ..guidance import ClassifierFreeGuidance
+from ..guidance import ClassifierFreeGuidance, GuidanceInput, takes_guidance_scale
 from ..nn.unet_sd import UNetSD
 from ..samplers import check_sigmas, get_sampler
 from .options import SampleOptions
@@ -203,7 +203,10 @@ def batch_slice(d: dict | None, start: int, b: int) -> dict | None:
 
 
 def guided(denoiser, guidance_scale: float, uncond: dict | None, guidance_rescale: float = 0.0):
-    """The denoiser wrapped with classifier-free guidance when ``guidance_scale != 1``."""
+    """The denoiser wrapped with classifier-free guidance when ``guidance_scale != 1``; a
+    guidance-distilled student (its network takes the scale as an input) gets the scale instead."""
+    if takes_guidance_scale(denoiser):
+        return GuidanceInput(denoiser, guidance_scale)
     if guidance_scale == 1.0 or uncond is None:
         return denoiser
     return ClassifierFreeGuidance(denoiser, guidance_scale, uncond=uncond, guidance_rescale=guidance_rescale)
