@@ -121,6 +121,8 @@ def world(tmp_path_factory):
 T = ["train", "--preset", "tiny", "--device", "cpu", "--out", "{root}/out_train"]
 S = ["sample", "--checkpoint", "{root}/run", "--out", "{root}/s.png", "--steps", "2", "--device", "cpu"]
 E = ["eval", "--generated", "{root}/images", "--reference", "{root}/images", "--no-progress", "--device", "cpu"]
+D = ["distill", "--method", "progressive", "--teacher", "{root}/run", "--out", "{root}/distilled", "--steps", "1",
+     "--batch-size", "4", "--device", "cpu", "--no-progress"]
 DB = ["dreambooth", "--base", "{root}/run", "--images", "{root}/images", "--class-prompt", "a digit",
       "--out", "{root}/db", "--no-progress", "--device", "cpu"]
 
@@ -224,6 +226,17 @@ CLI_CASES = [
     ("train-bad-images-unknown", [*T, "--data", "{root}/images", "--size", "8", "--bad-images", "ignore"], 2, "invalid choice"),
     ("dreambooth-images-corrupt", [*DB[:1], "--base", "{root}/text_base", "--images", "{root}/bad_truncated", *DB[5:]], 2, "cut.png"),
     ("eval-generated-unreadable-image", ["eval", "--generated", "{root}/bad_all", "--reference", "digits", "--no-progress"], 2, "cut.png"),
+    # distill (cli/distill.py)
+    ("distill-teacher-missing", [*D[:4], "{root}/nope", *D[5:]], 2, "does not exist"),
+    ("distill-method-unknown", ["distill", "--method", "magic", *D[2:]], 2, "invalid choice"),
+    ("distill-steps-0", [*D, "--steps", "0"], 2, "--steps"),
+    ("distill-guidance-nan", [*D, "--guidance", "nan"], 2, "--guidance"),
+    ("distill-steps-not-halvable", [*D, "--teacher-steps", "6", "--student-steps", "4"], 2, "power of two"),
+    ("distill-reflow-needs-flow", ["distill", "--method", "reflow", *D[3:]], 2, "must be 'flow'"),
+    ("distill-out-is-a-file", [*D[:6], "{root}/existing_file", *D[7:]], 2, "--out"),
+    ("distill-teacher-not-a-checkpoint", [*D[:4], "{root}/notes.txt", *D[5:]], 2, "safetensors"),
+    ("distill-teacher-nan", [*D[:4], "{root}/nan.safetensors", *D[5:]], 2, "not finite"),
+    ("distill-data-missing", [*D, "--data", "{root}/nowhere"], 2, "--data"),
 ]
 
 

@@ -19,6 +19,7 @@ from difflab.nn.unet import UNetConfig
 from difflab.nn.vae import PRESETS as VAE_PRESETS
 from difflab.nn.vae import AutoencoderKL
 from difflab.train.dreambooth import TEXT_MODEL_KIND, save_text_model
+from difflab.train.distill import STUDENT_KIND
 from difflab.train.loop import CHECKPOINT_KIND
 from difflab.train.textual_inversion import EMBEDS_KIND, save_learned_embeds
 
@@ -129,7 +130,7 @@ def test_files_that_are_not_checkpoints_are_refused(run, tmp_path, capsys):
 def test_every_kind_difflab_writes_is_recognised(tmp_path):
     """Training checkpoints, text models, tiny text encoders, VAEs, LoRA files and textual-inversion
     embeddings: each passes, says what it is, and a damaged one is refused."""
-    assert {CHECKPOINT_KIND, TEXT_MODEL_KIND, EMBEDS_KIND} <= set(KINDS)  # the names train writes
+    assert {CHECKPOINT_KIND, STUDENT_KIND, TEXT_MODEL_KIND, EMBEDS_KIND} <= set(KINDS)  # the names train writes
     text = TinyTextEncoder(TinyTextConfig(vocab=("<pad>", "<unk>", "a", "cat"), max_length=4, width=16, layers=1, heads=2))
     spec = make_spec("unet", UNetConfig(model_channels=16, channel_mult=(1,), num_res_blocks=1, attention_levels=(0,),
                                         num_heads=2, context_dim=16, groups=8))

@@ -14,7 +14,7 @@ import sys
 
 from .. import __version__
 from ..train import TrainingInterrupted
-from . import bench, check, demo, dreambooth, memory, sample, train
+from . import bench, check, demo, distill, dreambooth, memory, sample, train
 from . import eval as eval_
 from .common import USER_ERRORS, plain_warnings, terminate_as_interrupt
 
@@ -23,6 +23,7 @@ COMMANDS = {
     "train": train,
     "sample": sample,
     "eval": eval_,
+    "distill": distill,
     "dreambooth": dreambooth,
     "memory": memory,
     "bench": bench,

@@ -161,10 +161,11 @@ def _embeddings(meta: dict, tensors: dict, report: Verification) -> list:
 
 
 # kind in the metadata -> (what it is, the function returning the (prefix, module) pairs to compare).
-# "difflab.train", "difflab.text_model" and "difflab.textual_inversion" are written by difflab.train,
+# "difflab.train", "difflab.student", "difflab.text_model" and "difflab.textual_inversion" are written by difflab.train,
 # a layer above io; tests/test_check_command.py checks the names agree.
 KINDS = {
     "difflab.train": ("training checkpoint (difflab train)", _training),
+    "difflab.student": ("distilled few-step student (difflab distill)", _training),
     "difflab.text_model": ("text-to-image model: U-Net and tiny text encoder (difflab dreambooth, demo --text)", _text_model),
     TEXT_ENCODER_KIND: ("tiny text encoder (difflab.io.save_tiny_text)", _own(TinyTextEncoder, TinyTextConfig)),
     "AutoencoderKL": ("VAE (difflab demo --text)", _own(AutoencoderKL, VAEConfig)),

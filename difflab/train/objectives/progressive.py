@@ -166,7 +166,7 @@ def progressive_distillation(teacher: Denoiser, data, config: TrainConfig | Sequ
                              start_steps: int | None = None, sigmas=None, grid: str = "default", rounds: int | None = None,
                              student: Denoiser | None = None, weighting: str = "truncated_snr",
                              draw_cond: Callable | None = None, use_ema: bool = True, spec: dict | None = None,
-                             callback: Callable[[dict], None] | None = None) -> list[DistilledRound]:
+                             callback: Callable[[dict], None] | None = None, resume: bool = True) -> list[DistilledRound]:
     """Progressive distillation (Salimans & Ho 2022, Algorithm 2): ``rounds`` rounds of
     :class:`ProgressiveDistillation`, each through :func:`difflab.train.fit`, each halving the steps.
 
@@ -179,7 +179,8 @@ def progressive_distillation(teacher: Denoiser, data, config: TrainConfig | Sequ
 
     Resumable: round k runs in ``out_dir/round{k:02d}_{steps}steps``; on a rerun a round whose
     checkpoint holds all its steps is loaded, not trained, and an unfinished one resumes
-    (:func:`~difflab.train.fit`). The checkpoint's metadata holds the student's grid, so
+    (:func:`~difflab.train.fit`). Once a round trains, the rounds after it start afresh (their
+    old checkpoints learned from another teacher); ``resume=False`` starts every round afresh. The checkpoint's metadata holds the student's grid, so
     ``difflab.io.load_denoiser`` (with ``spec``) and ``sample_ddim`` on that grid sample it.
     Returns the rounds, last the fewest steps.
     """
@@ -194,22 +195,24 @@ def progressive_distillation(teacher: Denoiser, data, config: TrainConfig | Sequ
         raise ValueError(f"config: one TrainConfig, or one per round ({rounds}), got {len(configs)}")
     rows = {"x0": data} if torch.is_tensor(data) else dict(data)
     done = []
+    trained = not resume  # whether an earlier round's student changed in this call
     for k, cfg in enumerate(configs, start=1):
         objective = ProgressiveDistillation(teacher, sigmas[::2 ** (k - 1)], student=student if k == 1 else None,
                                             weighting=weighting, draw_cond=draw_cond)
         low = objective.student_sigmas
         folder = Path(out_dir) / f"round{k:02d}_{len(low) - 1}steps"
-        if _finished(folder, cfg, low):
+        if not trained and _finished(folder, cfg, low):
             tensors, meta = load_checkpoint(folder)
             load_model_state(objective.module, tensors, "ema." if use_ema and meta.get("ema") else "model.")
         else:
             meta = {"round": k, "teacher_steps": len(objective.sigmas) - 1, "student_steps": len(low) - 1,
                     "student_sigmas": low.tolist(), "weighting": weighting}
-            state = fit(objective, rows, cfg, folder, metadata=meta, spec=spec, callback=callback,
+            state = fit(objective, rows, cfg, folder, metadata=meta, spec=spec, callback=callback, resume=not trained,
                         denoiser={"frame": type(objective.student.frame).__name__, "prediction": objective.student.prediction,
                                   "sigma_data": objective.student.sigma_data})
             if use_ema and state.ema is not None:
                 state.ema.copy_to(objective.module)
+            trained = True
         done.append(DistilledRound(len(low) - 1, low, objective.student.eval(), folder))
         teacher = objective.student
     return done
