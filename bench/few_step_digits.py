@@ -1,0 +1,155 @@
+"""Few-step students of the digits demo's model, judged like the demo (issue 14's table).
+
+The teacher is the demo's class-conditional U-Net (``--teacher``: a run folder of ``difflab demo``
+or ``difflab train``; trained here with the demo's recipe when missing), sampled with DDIM at 50
+steps and classifier-free guidance ``--guidance`` as the reference. Each method distils it within
+its CPU budget, through the same library calls as ``difflab distill``:
+
+- ``progressive``: Salimans & Ho 2022, 64 -> 32 -> ... -> 1 DDIM steps; the students of the
+  4-, 2- and 1-step rounds are judged;
+- ``consistency``: Song et al. 2023, Algorithm 2 (Heun teacher steps on 18 Karras levels), sampled
+  with 1, 2 and 4 steps of multistep consistency sampling;
+- ``solver``: no training, the teacher itself: DDIM without guidance at 4, 2 and 1 steps, and
+  DPM-Solver++(2M) with guidance at 2 and 1 steps (each step two evaluations: 4 and 2 NFE).
+
+Each row: judge accuracy for the digit asked (500 samples, 50 per class), the judge-feature Frechet
+distance to held-out digits, its ratio to the teacher's, and the wall time of the distillation.
+
+    python bench/few_step_digits.py --teacher demo_out --out /tmp/few_step --record BENCHMARKS.md
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from difflab.core import grids
+from difflab.core.consistency import ConsistencyFunction
+from difflab.data import load_digits
+from difflab.demos.digits import run_demo
+from difflab.eval import DigitsJudge, judge_report
+from difflab.io.spec import load_denoiser
+from difflab.pipelines import generate
+from difflab.train import TrainConfig, fit
+from difflab.train.distill import consistency_grid, guided_teacher
+from difflab.train.objectives.consistency import ConsistencyDistillation
+from difflab.train.objectives.progressive import progressive_distillation
+
+SAMPLES_PER_CLASS = 50
+
+
+def judge(student, sampler: str, steps: int, grid, guidance: float, world: dict) -> dict:
+    """Judge accuracy and Frechet distance of 500 class-balanced samples."""
+    asked = torch.arange(10).repeat_interleave(SAMPLES_PER_CLASS)
+    t0 = time.perf_counter()
+    samples = generate(student, asked, shape=(1, 8, 8), sampler=sampler, steps=steps, grid=grid,
+                       guidance_scale=guidance, seed=0, batch_size=250, progress=False)
+    r = judge_report(world["judge"], samples, asked, world["held"], world["held_labels"], real_reference=world["train"])
+    return {"accuracy": r["class_accuracy"], "frechet": r["frechet"], "floor": r["frechet_real_reference"],
+            "sample_seconds": time.perf_counter() - t0}
+
+
+def progressive_rows(teacher, world, args, null_class):
+    t0 = time.perf_counter()
+    cfg = TrainConfig(steps=args.progressive_steps, batch_size=args.batch_size, lr=args.lr, ema_decay=0.999,
+                      checkpoint_every=args.progressive_steps, log_every=args.progressive_steps, progress=False, seed=0)
+    rounds = progressive_distillation(guided_teacher(teacher, args.guidance, null_class), world["data"], cfg,
+                                      Path(args.out) / "progressive", sigmas=grids.for_denoiser(teacher, 64, "default"),
+                                      student=copy.deepcopy(teacher).requires_grad_(True))
+    seconds = time.perf_counter() - t0
+    return [("progressive", r.steps, judge(r.denoiser, "ddim", r.steps, r.sigmas.float(), 1.0, world), seconds)
+            for r in rounds if r.steps in (4, 2, 1)]
+
+
+def consistency_rows(teacher, world, args, null_class):
+    t0 = time.perf_counter()
+    student = ConsistencyFunction(copy.deepcopy(teacher).requires_grad_(True), form="lcm")
+    objective = ConsistencyDistillation(student, guided_teacher(teacher, args.guidance, null_class), N=18)
+    cfg = TrainConfig(steps=args.consistency_steps, batch_size=args.batch_size, lr=args.lr, ema_decay=0.999,
+                      checkpoint_every=args.consistency_steps, log_every=args.consistency_steps, progress=False, seed=0)
+    state = fit(objective, world["data"], cfg, Path(args.out) / "consistency")
+    state.ema.copy_to(objective.module)
+    seconds = time.perf_counter() - t0
+    student.eval()
+    return [("consistency", n, judge(student, "consistency", n, torch.tensor(consistency_grid(student, n, 18)), 1.0, world),
+             seconds) for n in (4, 2, 1)]
+
+
+def solver_rows(teacher, world, args, null_class):
+    """No training: the teacher with few steps. Under guidance each step is two evaluations."""
+    rows = [("teacher, DDIM, no guidance", n, judge(teacher, "ddim", n, "default", 1.0, world), 0.0) for n in (4, 2, 1)]
+    rows += [(f"teacher, dpmpp_2m, guidance {args.guidance}", 2 * n, judge(teacher, "dpmpp_2m", n, "default", args.guidance,
+                                                                          world), 0.0) for n in (2, 1)]
+    return rows
+
+
+METHODS = {"progressive": progressive_rows, "consistency": consistency_rows, "solver": solver_rows}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", default=None, help="run folder of the teacher (default: train one in OUT/teacher)")
+    p.add_argument("--out", default="/tmp/difflab_few_step")
+    p.add_argument("--guidance", type=float, default=1.5)
+    p.add_argument("--methods", default="solver,progressive,consistency")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--progressive-steps", type=int, default=300, help="optimizer steps per round (6 rounds)")
+    p.add_argument("--consistency-steps", type=int, default=1500)
+    p.add_argument("--record", default=None, help="append the table to this markdown file")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+
+    # 1. The teacher, the judge, the data.
+    teacher_dir = Path(args.teacher or Path(args.out) / "teacher")
+    if not (teacher_dir / "checkpoint.safetensors").exists():
+        run_demo(teacher_dir)
+    teacher, meta = load_denoiser(teacher_dir)
+    teacher.requires_grad_(False)
+    null_class = meta.get("null_class", teacher.net.config.num_classes)
+    images, labels = load_digits(split="train")
+    held, held_labels = load_digits(split="test")
+    world = {"judge": DigitsJudge.load_or_train(teacher_dir / "digits_judge.safetensors"), "held": held,
+             "held_labels": held_labels, "train": images, "data": {"x0": images, "class_labels": labels}}
+    reference = judge(teacher, "ddim", 50, "default", args.guidance, world)
+    print(f"teacher, DDIM 50 steps, guidance {args.guidance} (100 NFE): accuracy {reference['accuracy']:.1%}, "
+          f"FD {reference['frechet']:.2f} (real-data floor {reference['floor']:.2f})", flush=True)
+
+    # 2. The methods, one table.
+    rows = []
+    for name in args.methods.split(","):
+        for method, nfe, r, seconds in METHODS[name](teacher, world, args, null_class):
+            rows.append({"method": method, "nfe": nfe, **r, "train_seconds": seconds})
+            print(f"{method:<32} {nfe:>3} NFE  accuracy {r['accuracy']:6.1%}  FD {r['frechet']:6.2f} "
+                  f"({r['frechet'] / reference['frechet']:.2f}x teacher)  distillation {seconds:5.0f}s", flush=True)
+    table = format_table(reference, rows, args)
+    print(table)
+    (Path(args.out) / "few_step.json").write_text(json.dumps({"reference": reference, "rows": rows}, indent=1))
+    if args.record:
+        with open(args.record, "a") as f:
+            f.write("\n" + table + "\n")
+    return 0
+
+
+def format_table(reference: dict, rows: list, args) -> str:
+    lines = [f"## Few-step students of the digits model (`python bench/few_step_digits.py`)", "",
+             f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+             f"{torch.__version__}. Teacher: DDIM 50 steps, guidance {args.guidance}: accuracy "
+             f"{reference['accuracy']:.1%}, FD {reference['frechet']:.2f} (real-data floor {reference['floor']:.2f}). "
+             f"Batch {args.batch_size}, lr {args.lr}; progressive {args.progressive_steps} steps a round, consistency "
+             f"{args.consistency_steps} steps.", "",
+             "| method | NFE | judge accuracy | FD | FD / teacher | distillation wall time |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['nfe']} | {r['accuracy']:.1%} | {r['frechet']:.2f} | "
+                     f"{r['frechet'] / reference['frechet']:.2f} | {r['train_seconds']:.0f} s |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
