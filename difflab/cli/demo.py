@@ -21,7 +21,7 @@ def add_arguments(d) -> None:
     d.add_argument("--steps", type=positive_int, default=None, help="training steps (default: 2000)")
     d.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS), help="sampler (default: ddim)")
     d.add_argument("--sampling-steps", type=positive_int, default=50, help="sampler steps (default: 50)")
-    d.add_argument("--guidance", type=finite_float, default=2.0, help="classifier-free guidance scale (default: 2; 1 = none)")
+    d.add_argument("--guidance", type=finite_float, default=1.5, help="classifier-free guidance scale (default: 1.5; 1 = none)")
     d.add_argument("--samples-per-class", type=positive_int, default=50, help="samples per class judged (default: 50)")
     d.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed (default: 0)")
     d.add_argument("--resume", action="store_true", help="continue the training checkpoint in --out-dir")

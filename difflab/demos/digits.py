@@ -29,7 +29,7 @@ DEMO_TRAIN = TrainConfig(steps=2000, batch_size=128, lr=2e-3, warmup_steps=100, 
 
 
 def run_demo(out_dir="demo_out", *, steps: int | None = None, sampler: str = "ddim", sampling_steps: int = 50,
-             guidance_scale: float = 2.0, samples_per_class: int = 50, seed: int = 0, resume: bool = False,
+             guidance_scale: float = 1.5, samples_per_class: int = 50, seed: int = 0, resume: bool = False,
              threads: int | None = None) -> dict:
     """Train, sample and judge; writes ``out_dir/samples.png`` and ``out_dir/report.json`` and
     returns the report (figures of :func:`difflab.eval.judge_report` plus timings)."""
