@@ -10,12 +10,12 @@ from .ip_adapter import (DecoupledCrossAttention, ImageProjection, IPAdapterUNet
                          set_ip_adapter_scale)
 from .lora import (AdapterSpec, LoRAConv2d, LoRALinear, adaptable_modules, find_modules, inject_lora, list_adapters,
                    load_lora, load_lora_weights, lora_layers, lora_parameters, lora_state_dict, mark_only_lora_trainable,
-                   merge_lora, remove_lora, save_lora, set_adapter_weights, unmerge_lora)
+                   merge_lora, remove_lora, save_lora, save_lora_weights, set_adapter_weights, unmerge_lora)
 from .surgery import matches, outermost, replace_module, select
 
 __all__ = ["AdapterSpec", "LoRALinear", "LoRAConv2d", "inject_lora", "set_adapter_weights", "merge_lora", "unmerge_lora",
            "remove_lora", "lora_state_dict", "lora_parameters", "mark_only_lora_trainable", "save_lora", "load_lora",
-           "load_lora_weights", "list_adapters", "lora_layers", "adaptable_modules", "find_modules",
+           "save_lora_weights", "load_lora_weights", "list_adapters", "lora_layers", "adaptable_modules", "find_modules",
            "matches", "select", "outermost", "replace_module",
            "ControlNetConfig", "ControlNet", "ControlNetConditioningEmbedding", "ControlledUNet", "ControlledDenoiser",
            "control_sigma_range", "skip_channels", "load_diffusers_controlnet", "save_diffusers_controlnet",

@@ -24,7 +24,8 @@ merged adapters must not be trained (their A and B no longer act on the output s
 
 Files: :func:`save_lora` / :func:`load_lora` write and read one small safetensors file (the
 adapter's tensors in PEFT's key layout, rank/alpha/targets in its metadata);
-:func:`load_lora_weights` reads the PEFT / diffusers and kohya layouts (the files through
+:func:`save_lora_weights` writes diffusers' layout and :func:`load_lora_weights` reads the PEFT /
+diffusers and kohya layouts (the files through
 :mod:`difflab.io.lora_files`, the keys through the key-map tables of :mod:`difflab.io.keymaps.lora`).
 """
 from __future__ import annotations
@@ -41,7 +42,7 @@ from torch import nn
 from ..io.checkpoint import load_checkpoint, save_checkpoint
 from ..io.keymaps import TRANSFORMS
 from ..io.keymaps import lora as keymap
-from ..io.lora_files import LORA_FILE, LORA_KIND, component_config, config_alpha, read_lora_file
+from ..io.lora_files import LORA_FILE, LORA_KIND, component_config, config_alpha, read_lora_file, write_diffusers_lora
 from .surgery import matches, outermost, replace_module, select
 
 
@@ -376,6 +377,24 @@ def save_lora(path, model: nn.Module, name: str = "default") -> Path:
     return save_checkpoint(path if path.suffix == ".safetensors" else path / LORA_FILE, lora_state_dict(model, name), meta)
 
 
+def save_lora_weights(path, model: nn.Module, name: str = "default", *, prefix: str = "unet.") -> Path:
+    """Write adapter ``name`` in diffusers' layout (:func:`difflab.io.lora_files.write_diffusers_lora`):
+    keys ``{prefix}{module}.lora_A.weight`` / ``.lora_B.weight`` and the PEFT ``LoraConfig`` (rank,
+    alpha, their per-module exceptions as ``rank_pattern`` / ``alpha_pattern`` keyed by full module
+    names, the modules as ``target_modules``) in the ``lora_adapter_metadata`` header. The module
+    names are the model's own: a file of difflab's ``UNetSD`` (diffusers' names) loads into
+    diffusers' ``UNet2DConditionModel``; :func:`load_lora_weights` reads any such file back.
+    ``path``: a ``.safetensors`` file or a directory (gets ``pytorch_lora_weights.safetensors``)."""
+    specs = {m: layer.lora[name] for m, layer in _check_name(model, name).items()}
+    rank, alpha = _most_common(s.rank for s in specs.values()), _most_common(s.alpha for s in specs.values())
+    config = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(specs),
+              "rank_pattern": {m: s.rank for m, s in specs.items() if s.rank != rank},
+              "alpha_pattern": {m: s.alpha for m, s in specs.items() if s.alpha != alpha},
+              "lora_dropout": next(iter(specs.values())).dropout, "bias": "none", "use_rslora": False,
+              "use_dora": False, "init_lora_weights": True}
+    return write_diffusers_lora(path, lora_state_dict(model, name), config, prefix)
+
+
 def load_lora(path, model: nn.Module, name: str | None = None, *, weight: float = 1.0) -> list[str]:
     """Load a file written by :func:`save_lora` as adapter ``name`` (default: the saved name);
     returns the adapted modules' names."""
@@ -490,5 +509,5 @@ def _load(model, tensors, config, fmt, name, *, prefix, alpha, weight, module_ta
 
 __all__ = ["AdapterSpec", "LoRALinear", "LoRAConv2d", "inject_lora", "set_adapter_weights", "merge_lora", "unmerge_lora",
            "remove_lora", "lora_state_dict", "lora_parameters", "mark_only_lora_trainable", "save_lora", "load_lora",
-           "load_lora_weights", "list_adapters", "lora_layers", "adaptable_modules", "find_modules",
+           "save_lora_weights", "load_lora_weights", "list_adapters", "lora_layers", "adaptable_modules", "find_modules",
            "matches"]  # matches lives in .surgery; named here for train.dreambooth

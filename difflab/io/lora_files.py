@@ -2,6 +2,7 @@
 ``adapter_model.safetensors`` + ``adapter_config.json`` and diffusers' ``pytorch_lora_weights.safetensors``
 (safetensors only, never pickles), and the parts of their configs that set alpha (PEFT's
 ``LoraConfig``: ``lora_alpha``, ``alpha_pattern``, ``use_rslora``; Kalajdzievski 2023 for rsLoRA).
+:func:`write_diffusers_lora` writes diffusers' layout, as its ``save_lora_weights`` does.
 
 The key layouts are data tables in :mod:`difflab.io.keymaps.lora`; putting the tensors into a
 network is module surgery, in :mod:`difflab.adapters.lora`.
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
-from .checkpoint import METADATA_KEY
+from .checkpoint import METADATA_KEY, _atomic_write
 from .keymaps import lora as keymap
 
 LORA_KIND = "difflab.lora"
@@ -24,6 +26,7 @@ LORA_FILE = "lora.safetensors"
 DIRECTORY_FILES = (LORA_FILE, "adapter_model.safetensors", "pytorch_lora_weights.safetensors")
 PEFT_CONFIG_FILE = "adapter_config.json"
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers >= 0.34 stores the LoraConfig here
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 
 
 def read_lora_file(source) -> tuple[dict[str, torch.Tensor], dict]:
@@ -75,5 +78,22 @@ def config_alpha(config: dict, fmt: str, module: str, rank: int) -> float | None
     return alpha * math.sqrt(rank) if config.get("use_rslora") else alpha  # rsLoRA: alpha / sqrt(r) = (alpha sqrt r) / r
 
 
-__all__ = ["LORA_KIND", "LORA_FILE", "DIRECTORY_FILES", "PEFT_CONFIG_FILE", "DIFFUSERS_METADATA_KEY", "read_lora_file",
-           "component_config", "config_alpha"]
+def write_diffusers_lora(path, tensors: dict[str, torch.Tensor], lora_config: dict, prefix: str = "unet.") -> Path:
+    """Write a LoRA in diffusers' layout, as its ``save_lora_weights`` does: every key of ``tensors``
+    (PEFT's ``{module}.lora_A.weight`` / ``.lora_B.weight``) behind the component ``prefix``, and a
+    header ``lora_adapter_metadata`` holding the PEFT ``LoraConfig`` dict ``lora_config`` with each
+    entry behind the same prefix (``unet.r``, ``unet.lora_alpha``, ...), which diffusers'
+    ``load_lora_weights`` builds its ``LoraConfig`` from. ``path``: a ``.safetensors`` file, or a
+    directory that gets ``pytorch_lora_weights.safetensors``. Atomic; returns the file's path."""
+    path = Path(path)
+    path = path if path.suffix == ".safetensors" else path / DIFFUSERS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps({f"{prefix}{k}": v for k, v in lora_config.items()},
+                                                                 indent=2, sort_keys=True)}
+    prepared = {f"{prefix}{k}": v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _atomic_write(path, lambda tmp: save_file(prepared, tmp, metadata=header))
+    return path
+
+
+__all__ = ["LORA_KIND", "LORA_FILE", "DIRECTORY_FILES", "PEFT_CONFIG_FILE", "DIFFUSERS_METADATA_KEY", "DIFFUSERS_FILE",
+           "read_lora_file", "component_config", "config_alpha", "write_diffusers_lora"]

@@ -8,7 +8,7 @@ from .loop import LOSSES, LR_SCHEDULES, TrainConfig, TrainingDivergedError, Trai
 from .run_folder import RunLockedError
 from .objective import Objective
 from .objectives import (Classification, ConsistencyDistillation, ConsistencyTraining, DiffusionObjective,
-                         GuidedDistillation, NoisyClassification, ProgressiveDistillation, Reflow, SubjectObjective,
+                         GuidedDistillation, LatentConsistencyDistillation, NoisyClassification, ProgressiveDistillation, Reflow, SubjectObjective,
                          VAEObjective, guided_progressive_distillation, progressive_distillation, reflow_pairs,
                          train_classifier)
 from .objectives.diffusion import draw_batch, train
@@ -23,7 +23,7 @@ __all__ = [
     "TrainingInterrupted", "RunLockedError", "fit", "lr_at", "LR_SCHEDULES", "Objective", "DiffusionObjective", "SubjectObjective", "NoisyClassification",
     "Classification", "VAEObjective", "train_classifier", "ProgressiveDistillation", "progressive_distillation",
     "GuidedDistillation", "guided_progressive_distillation", "Reflow", "reflow_pairs", "ConsistencyDistillation",
-    "ConsistencyTraining",
+    "ConsistencyTraining", "LatentConsistencyDistillation",
     "draw_batch", "train", "LOSSES", "hybrid_loss", "hybrid_terms", "vlb_loss", "vae_loss", "PatchDiscriminator",
     "adaptive_weight", "discriminator_loss", "hinge_discriminator_loss", "PARALLELS", "init_distributed",
     "DreamBoothConfig", "dreambooth", "prior_preservation_loss", "TextualInversionConfig", "textual_inversion",

@@ -5,6 +5,7 @@ from .consistency import ConsistencyDistillation, ConsistencyTraining
 from .diffusion import DiffusionObjective, draw_diffusion
 from .dreambooth import SubjectObjective
 from .guided import GuidedDistillation, guided_progressive_distillation, guided_student
+from .lcm import LatentConsistencyDistillation, apply_lcm_lora, lcm_lora_student, lcm_student, save_lcm_lora
 from .progressive import DistilledRound, ProgressiveDistillation, progressive_distillation
 from .reflow import Reflow, reflow_pairs, straightness
 from .vae import VAEObjective
@@ -12,4 +13,5 @@ from .vae import VAEObjective
 __all__ = ["DiffusionObjective", "draw_diffusion", "SubjectObjective", "NoisyClassification", "train_classifier",
            "Classification", "random_shift", "VAEObjective", "ProgressiveDistillation", "progressive_distillation",
            "DistilledRound", "GuidedDistillation", "guided_progressive_distillation", "guided_student", "Reflow", "reflow_pairs",
-           "straightness", "ConsistencyDistillation", "ConsistencyTraining"]
+           "straightness", "ConsistencyDistillation", "ConsistencyTraining", "LatentConsistencyDistillation", "lcm_student",
+           "lcm_lora_student", "save_lcm_lora", "apply_lcm_lora"]
