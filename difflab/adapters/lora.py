@@ -199,6 +199,17 @@ def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
     return outermost(model, lambda m: isinstance(m, _LoRA) or type(m) in WRAPPERS)
 
 
+def first_present(model: nn.Module, families, what: str = "layers") -> list[str]:
+    """The patterns of the first family in ``families`` (tuples of name patterns) that name at least
+    one adaptable layer of ``model``: those of its patterns that do. A ValueError when none does."""
+    names = list(adaptable_modules(model))
+    for family in families:
+        found = [p for p in family if any(matches(n, p) for n in names)]
+        if found:
+            return found
+    raise ValueError(f"{type(model).__name__} has none of the {what} {[list(f) for f in families]}: give the targets")
+
+
 def find_modules(model: nn.Module, target) -> list[str]:
     """Names of the adaptable modules matching any pattern of ``target`` (see :func:`matches`), in
     model order. A pattern that matches none is a ValueError naming it."""
@@ -507,7 +518,7 @@ def _load(model, tensors, config, fmt, name, *, prefix, alpha, weight, module_ta
     return modules
 
 
-__all__ = ["AdapterSpec", "LoRALinear", "LoRAConv2d", "inject_lora", "set_adapter_weights", "merge_lora", "unmerge_lora",
+__all__ = ["first_present", "AdapterSpec", "LoRALinear", "LoRAConv2d", "inject_lora", "set_adapter_weights", "merge_lora", "unmerge_lora",
            "remove_lora", "lora_state_dict", "lora_parameters", "mark_only_lora_trainable", "save_lora", "load_lora",
            "save_lora_weights", "load_lora_weights", "list_adapters", "lora_layers", "adaptable_modules", "find_modules",
            "matches"]  # matches lives in .surgery; named here for train.dreambooth

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from ..io.spec import checkpoint_spec
+from ..pipelines.checkpoint import check_image_kind
 from ..train import TrainingDivergedError
 
 
@@ -136,6 +138,16 @@ def output_file(path: Path, flag: str = "--out") -> Path:
     if path.parent.exists() and not path.parent.is_dir():
         raise UsageError(f"{flag} {path}: {path.parent} is a file, not a folder")
     return path
+
+
+def image_checkpoint(path: Path, flag: str, command: str) -> dict:
+    """The metadata of the checkpoint at ``path``, refused before any work when it is missing or
+    its network kind does not make images."""
+    if not path.exists():
+        raise FileNotFoundError(f"{flag} {path} does not exist")
+    kind, meta = checkpoint_spec(path)
+    check_image_kind(kind, command)
+    return meta
 
 
 def output_folder(path: Path, flag: str = "--out") -> Path:

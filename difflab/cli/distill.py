@@ -6,11 +6,10 @@ from pathlib import Path
 import torch
 
 from ..data import load_digits, load_image_folder
-from ..io.spec import checkpoint_spec, load_denoiser
-from ..pipelines.checkpoint import check_image_kind
+from ..io.spec import load_denoiser
 from ..train.distill import METHODS, DistillConfig, distill
-from .common import (UsageError, device, device_name, finite_float, non_negative_int, output_folder, positive_float,
-                     positive_int)
+from .common import (UsageError, device, device_name, finite_float, image_checkpoint, non_negative_int, output_folder,
+                     positive_float, positive_int)
 
 HELP = "distil a checkpoint into a few-step student"
 DESCRIPTION = ("Distil a checkpoint of 'difflab train' or 'difflab demo' into a student that samples in a few steps "
@@ -66,10 +65,7 @@ def _channels(meta: dict) -> int:
 def run(args) -> int:
     # 1. Check everything that can be checked before any work.
     output_folder(args.out)
-    if not args.teacher.exists():
-        raise FileNotFoundError(f"--teacher {args.teacher} does not exist")
-    kind, meta = checkpoint_spec(args.teacher)
-    check_image_kind(kind, "difflab distill")
+    image_checkpoint(args.teacher, "--teacher", "difflab distill")
     config = DistillConfig(method=args.method, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                            guidance_scale=args.guidance, w_min=args.w_min, w_max=args.w_max,
                            teacher_steps=args.teacher_steps, student_steps=args.student_steps, levels=args.levels,

@@ -4,11 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..io.images import save_grid
-from ..io.spec import checkpoint_spec
 from ..pipelines import sample_checkpoint
-from ..pipelines.checkpoint import check_image_kind, sampling_defaults
+from ..pipelines.checkpoint import sampling_defaults
 from ..samplers import ETA_SAMPLERS, SAMPLERS
-from .common import UsageError, device, device_name, finite_float, non_negative_float, non_negative_int, output_file, parse_classes, positive_int
+from .common import (UsageError, device, device_name, finite_float, image_checkpoint, non_negative_float, non_negative_int,
+                     output_file, parse_classes, positive_int)
 
 HELP = "sample a trained checkpoint into a PNG grid"
 DESCRIPTION = "Sample a checkpoint written by 'difflab train' or 'difflab demo' (network kinds whose samples are images)."
@@ -33,10 +33,7 @@ def add_arguments(s) -> None:
 def run(args) -> int:
     # 1. Check everything that can be checked before the weights are read.
     output_file(args.out)
-    if not args.checkpoint.exists():
-        raise FileNotFoundError(f"--checkpoint {args.checkpoint} does not exist")
-    kind, meta = checkpoint_spec(args.checkpoint)
-    check_image_kind(kind, "difflab sample")
+    meta = image_checkpoint(args.checkpoint, "--checkpoint", "difflab sample")
     given = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)
     overrides = dict({k: v for k, v in given.items() if v is not None}, seed=args.seed, device=device(args.device))
     sampler = overrides.get("sampler") or sampling_defaults(meta).sampler

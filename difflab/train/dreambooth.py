@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from difflab.adapters.lora import adaptable_modules, inject_lora, mark_only_lora_trainable, matches, merge_lora, save_lora
+from difflab.adapters.lora import first_present, inject_lora, mark_only_lora_trainable, merge_lora, save_lora
 from difflab.io.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_model_state, save_checkpoint
 from difflab.io.spec import build_denoiser
 from difflab.nn.text import TinyTextConfig, TinyTextEncoder, words
@@ -204,12 +204,7 @@ class DreamBoothResult:
 def default_lora_targets(net: nn.Module) -> list[str]:
     """The attention patterns of the first family of :data:`ATTENTION_TARGETS` that ``net`` has
     (those of its patterns that name at least one layer)."""
-    names = list(adaptable_modules(net))
-    for family in ATTENTION_TARGETS:
-        found = [p for p in family if any(matches(n, p) for n in names)]
-        if found:
-            return found
-    raise ValueError(f"{type(net).__name__} has none of the attention layers {list(ATTENTION_TARGETS)}: give lora_targets")
+    return first_present(net, ATTENTION_TARGETS, "attention layers")
 
 
 def fit_subject(denoiser, text_encoder, instance_images: torch.Tensor, instance_prompts: list[str], *, unet: str, text: str,

@@ -40,8 +40,7 @@ import copy
 import torch
 from torch import nn
 
-from difflab.adapters import (adaptable_modules, inject_lora, load_lora_weights, mark_only_lora_trainable, matches,
-                              save_lora_weights)
+from difflab.adapters import first_present, inject_lora, load_lora_weights, mark_only_lora_trainable, save_lora_weights
 from difflab.core import ConsistencyFunction, Denoiser, VPDiscrete, append_dims
 from difflab.guidance import takes_guidance_scale
 from difflab.nn import GuidanceEmbedding
@@ -104,12 +103,7 @@ def lcm_student(teacher: Denoiser, embed: str = "time_embed", **kwargs) -> Consi
 
 def lora_targets(net: nn.Module) -> list[str]:
     """The patterns of the first family of :data:`LORA_TARGETS` that ``net`` has (those naming a layer)."""
-    names = list(adaptable_modules(net))
-    for family in LORA_TARGETS:
-        found = [p for p in family if any(matches(n, p) for n in names)]
-        if found:
-            return found
-    raise ValueError(f"{type(net).__name__} has none of the layers {list(LORA_TARGETS)}: pass targets=")
+    return first_present(net, LORA_TARGETS)
 
 
 def lcm_lora_student(teacher: Denoiser, targets=None, *, rank: int = 64, alpha: float | None = None,
