@@ -35,8 +35,8 @@ def guided_x0(teacher, x: torch.Tensor, sigma: torch.Tensor, scale: torch.Tensor
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6) with a per-example ``scale`` (B,):
     x0_u + scale (x0_c - x0_u), from one call of ``teacher`` on the conditional and unconditional
     branches stacked along the batch (``uncond``'s values replace those keys of ``cond``; other
-    (B, ...) tensors are shared). The combination of ``difflab.guidance.ClassifierFreeGuidance``,
-    written here because ``train`` may not import ``guidance`` and its scale is one number."""
+    (B, ...) tensors are shared). The combination of ``difflab.guidance.ClassifierFreeGuidance``
+    with one scale per example (that wrapper takes one number for the whole batch)."""
     missing = sorted(set(uncond) - set(cond))
     if missing:
         raise ValueError(f"uncond keys {missing} have no conditional counterpart in the batch's {sorted(cond)}")
