@@ -17,11 +17,12 @@ Usage::
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .core.denoiser import append_dims
+from .core.denoiser import EDM, Denoiser, VPDiscrete, append_dims
 from .core.params import check_prediction, from_x0_eps
 from .eval.frechet import feature_stats, frechet_distance
 from .samplers.adaptive import sample_adaptive, solve_ode
@@ -56,8 +57,9 @@ class GaussianMixture:
 
     @classmethod
     def random(cls, dim: int, components: int, seed: int, *, mean_scale: float = 0.25,
-               std_range: tuple[float, float] = (0.05, 0.5)) -> "GaussianMixture":
-        """A random mixture for benchmarks and tests, fixed by ``seed``: weights ~ Dirichlet(1),
+               std_range: tuple[float, float] = (0.05, 0.5), weight_spread: float | None = None) -> "GaussianMixture":
+        """A random mixture for benchmarks and tests, fixed by ``seed``: weights ~ Dirichlet(1)
+        (or, with ``weight_spread`` = s, proportional to exp(s z) with z standard normal),
         means ~ N(0, mean_scale^2 I), covariances U diag(s^2) U^T with U a random rotation and the
         standard deviations s log-uniform in ``std_range`` (data spread over several scales, like
         images: coarse directions with large variance, fine ones with small). The default
@@ -65,7 +67,10 @@ class GaussianMixture:
         32 dimensions) a few ODE trajectories run along the boundary between two components, and
         the RMSE of a few-step sampler then counts which side they fall on rather than its accuracy."""
         g = torch.Generator().manual_seed(seed)
-        weights = -torch.rand(components, generator=g, dtype=torch.float64).log()
+        if weight_spread is None:
+            weights = -torch.rand(components, generator=g, dtype=torch.float64).log()
+        else:
+            weights = (weight_spread * torch.randn(components, generator=g, dtype=torch.float64)).exp()
         weights = weights / weights.sum()
         means = mean_scale * torch.randn(components, dim, generator=g, dtype=torch.float64)
         lo, hi = math.log(std_range[0]), math.log(std_range[1])
@@ -183,6 +188,75 @@ class GaussianMixture:
         log_det = 2 * torch.diagonal(self.chol, dim1=-2, dim2=-1).log().sum(-1)
         log_n = -0.5 * (z**2).sum(-1) - 0.5 * log_det - 0.5 * self.dim * math.log(2 * math.pi)
         return torch.logsumexp(self.weights.log() + log_n, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# A family of closed-form models, drawn at random: what a rule that must work without knowing the data is checked on
+
+FAMILY_FRAMES = ("vp_linear", "vp_scaled_linear", "vp_cosine", "edm")
+FAMILY_PREDICTIONS = ("eps", "v")
+
+
+@dataclass(frozen=True)
+class OracleModel:
+    """One member of :func:`random_family`: a mixture, the frame of the model trained on it, and
+    what its network predicts. ``params`` are the drawn values (for a report)."""
+
+    mixture: GaussianMixture
+    frame: object
+    prediction: str
+    params: dict
+
+    def network(self):
+        return self.mixture.network(self.frame, self.prediction)
+
+    def denoiser(self) -> Denoiser:
+        """The member's exact model, wrapped as difflab wraps any network."""
+        return Denoiser(self.network(), self.frame, self.prediction)
+
+    def describe(self) -> str:
+        p = self.params
+        return (f"d={p['dim']} K={p['components']} stds {p['std_lo']:.3g}-{p['std_hi']:.3g} "
+                f"mean scale {p['mean_scale']:.2g} weight spread {p['weight_spread']:.2f} {p['frame']} {p['prediction']}")
+
+
+def _log_uniform(g: torch.Generator, lo: float, hi: float) -> float:
+    return math.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * torch.rand((), generator=g, dtype=torch.float64).item())
+
+
+def random_family(n: int, seed: int, *, dims: tuple[int, int] = (2, 64), components: tuple[int, int] = (2, 32),
+                  std_range: tuple[float, float] = (0.01, 0.5), mean_scale: float = 0.25,
+                  weight_spreads: tuple[float, float] = (0.0, 1.5), frames=FAMILY_FRAMES,
+                  predictions=FAMILY_PREDICTIONS) -> list[OracleModel]:
+    """``n`` closed-form models drawn at random, fixed by ``seed``; member i depends only on
+    (seed, i), so a larger family extends a smaller one.
+
+    Each member draws: the dimension and the number of components, log-uniform integers in
+    ``dims`` and ``components``; a band of component scales [lo, hi], two log-uniform draws in
+    ``std_range`` sorted, inside which every component's standard deviations are log-uniform
+    (:meth:`GaussianMixture.random`: random rotations, so each component is an ellipsoid with
+    axes between lo and hi; the means are N(0, ``mean_scale``^2 I), :meth:`GaussianMixture.random`'s
+    default); a weight spread s,
+    uniform in ``weight_spreads`` (weights proportional to exp(s z): s = 0 is equal weights, 1.5
+    makes the largest about 20 times the smallest); a frame, one of ``frames`` (a discrete VP model,
+    T = 1000, with linear / scaled-linear / cosine betas, or EDM's frame, sigma 0.002 to 80); and a
+    prediction, one of ``predictions``."""
+    members = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(1_000_003 * seed + i)
+        dim = round(_log_uniform(g, dims[0], dims[1]))
+        k = round(_log_uniform(g, components[0], components[1]))
+        lo, hi = sorted(_log_uniform(g, *std_range) for _ in range(2))
+        spread = weight_spreads[0] + (weight_spreads[1] - weight_spreads[0]) * torch.rand((), generator=g).item()
+        frame_name = frames[int(torch.randint(len(frames), (), generator=g))]
+        prediction = predictions[int(torch.randint(len(predictions), (), generator=g))]
+        mixture_seed = int(torch.randint(2**31 - 1, (), generator=g))
+        gm = GaussianMixture.random(dim, k, mixture_seed, mean_scale=mean_scale, std_range=(lo, hi), weight_spread=spread)
+        frame = EDM() if frame_name == "edm" else VPDiscrete.from_name(frame_name[3:], 1000)
+        params = dict(index=i, dim=dim, components=k, std_lo=lo, std_hi=hi, mean_scale=mean_scale, weight_spread=spread,
+                      frame=frame_name, prediction=prediction, mixture_seed=mixture_seed)
+        members.append(OracleModel(gm, frame, prediction, params))
+    return members
 
 
 def single_gaussian_ode(x_start: torch.Tensor, sigma_start: float, sigma_end: float, mu, s: float) -> torch.Tensor:

@@ -194,6 +194,49 @@ def optimized_sigmas(n: int, sigma_max: float, sigma_min: float = 0.0) -> torch.
     return exponential_sigmas(n, min(last, sigma_max / 2), sigma_max)
 
 
+def density_sigmas(n: int, sigma_max: float, sigma_first: float, sigma_last: float, log_density=(0.0,)) -> torch.Tensor:
+    """sigma_max, then n - 1 levels from ``sigma_first`` down to ``sigma_last`` at equal quantiles of a
+    step density in log sigma, then 0: the grids that :func:`difflab.samplers.fit_grid.fit_sigmas`
+    fits to a model (four numbers describe one).
+
+    The density is log-linear between knots spaced evenly in log sigma from ``sigma_first`` (the
+    first value of ``log_density``) to ``sigma_last`` (the last); one value is a uniform density,
+    i.e. :func:`exponential_sigmas` between the two ends. Level j of the n - 1 is where the
+    integral of the density from ``sigma_first`` reaches j / (n - 2) of the whole (computed in
+    closed form per segment). The first step, sigma_max to sigma_first, is a leap as in
+    :func:`leap_sigmas`. With n = 2 the grid is [sigma_max, sigma_first, 0]."""
+    if n < 1:
+        raise ValueError(f"steps={n} must be at least 1")
+    if n == 1:
+        return torch.tensor([sigma_max, 0.0], dtype=torch.float64)
+    if not 0 < sigma_first < sigma_max or (n > 2 and not 0 < sigma_last < sigma_first):
+        raise ValueError(f"need 0 < sigma_last < sigma_first < sigma_max, got {sigma_last}, {sigma_first}, {sigma_max}")
+    c = [float(v) for v in log_density]
+    if not c or not all(math.isfinite(v) for v in c):
+        raise ValueError(f"log_density must be one or more finite numbers, got {log_density}")
+    m = n - 1
+    if m == 1:
+        inner = [0.0]
+    elif len(c) == 1:
+        inner = [j / (m - 1) for j in range(m)]
+    else:
+        width = 1.0 / (len(c) - 1)  # knots at t_k = k * width, t = 0 at sigma_first, 1 at sigma_last
+        masses = [width * (math.exp(c1) - math.exp(c0)) / (c1 - c0) if c1 != c0 else width * math.exp(c0)
+                  for c0, c1 in zip(c[:-1], c[1:])]
+        total, inner = sum(masses), []
+        for j in range(m):
+            r, k = j / (m - 1) * total, 0
+            while k < len(masses) - 1 and r > masses[k]:
+                r, k = r - masses[k], k + 1
+            g = (c[k + 1] - c[k]) / width  # d log(density) / dt on segment k
+            dt = r / math.exp(c[k]) if g == 0 else math.log1p(g * r / math.exp(c[k])) / g
+            inner.append(min(k * width + dt, 1.0))
+        inner[-1] = 1.0  # the last quantile is the end, whatever the rounding
+    log_first, log_last = math.log(sigma_first), math.log(sigma_last) if n > 2 else math.log(sigma_first)
+    levels = [math.exp(log_first + t * (log_last - log_first)) for t in inner]
+    return torch.tensor([sigma_max, *levels, 0.0], dtype=torch.float64)
+
+
 def _check(n: int, sigma_min: float, sigma_max: float) -> None:
     if n < 1:
         raise ValueError(f"steps={n} must be at least 1")
