@@ -47,7 +47,7 @@ from difflab.samplers.fit_grid import SAMPLER_KWARGS, default_samples, fit_sigma
 from difflab.samplers.unipc import sample_unipc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine  # noqa: E402
+from machine import machine, write_section  # noqa: E402
 
 F64 = torch.float64
 NFES = (5, 10, 20)
@@ -264,16 +264,8 @@ def main():
     text = report(rows, time.time() - start)
     print(text)
     if args.write:
-        path = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
-        begin, end = "<!-- bench/few_step_solvers.py: begin -->", "<!-- bench/few_step_solvers.py: end -->"
-        section = (f"{begin}\n## Few-step solvers on a family of models (`python bench/few_step_solvers.py`)\n\n"
-                   f"{text}\n{end}")
-        old = path.read_text() if path.exists() else "# Benchmarks\n"
-        if begin in old:
-            new = old[:old.index(begin)] + section + old[old.index(end) + len(end):]
-        else:
-            new = old.rstrip("\n") + "\n\n" + section + "\n"
-        path.write_text(new)
+        path = write_section("bench/few_step_solvers.py", "Few-step solvers on a family of models (`python bench/few_step_solvers.py`)",
+                             text)
         print(f"\nwritten to {path}", file=sys.stderr)
 
 

@@ -16,3 +16,18 @@ def machine() -> str:
     except OSError:
         pass
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+
+
+def write_section(script: str, title: str, text: str) -> Path:
+    """Put ``text`` under ``## title`` in BENCHMARKS.md between the markers of ``script``
+    (``<!-- bench/x.py: begin -->`` ... ``end -->``), replacing that section or appending it."""
+    path = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+    begin, end = f"<!-- {script}: begin -->", f"<!-- {script}: end -->"
+    section = f"{begin}\n## {title}\n\n{text}\n{end}"
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    if begin in old:
+        new = old[:old.index(begin)] + section + old[old.index(end) + len(end):]
+    else:
+        new = old.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(new)
+    return path

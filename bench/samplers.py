@@ -29,13 +29,13 @@ import subprocess
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
 from difflab.core import Denoiser, VPDiscrete, grids
 from difflab.oracle import GaussianMixture, rmse_to_exact
 from difflab.samplers import names
+from machine import write_section  # bench/machine.py
 
 F64 = torch.float64
 NFES = (5, 10, 20, 50)
@@ -376,15 +376,7 @@ def main():
     text = report(dl_rows, df_rows, ad_rows, st_rows, truth, ho_rows, floor, time.time() - start)
     print(text)
     if args.write:
-        path = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
-        begin, end = "<!-- bench/samplers.py: begin -->", "<!-- bench/samplers.py: end -->"
-        section = f"{begin}\n## Samplers: RMSE to the exact ODE at equal NFE (`python bench/samplers.py`)\n\n{text}\n{end}"
-        old = path.read_text() if path.exists() else "# Benchmarks\n"
-        if begin in old:
-            new = old[:old.index(begin)] + section + old[old.index(end) + len(end):]
-        else:
-            new = old.rstrip("\n") + "\n\n" + section + "\n"
-        path.write_text(new)
+        path = write_section("bench/samplers.py", "Samplers: RMSE to the exact ODE at equal NFE (`python bench/samplers.py`)", text)
         print(f"\nwritten to {path}", file=sys.stderr)
 
 
