@@ -123,6 +123,7 @@ S = ["sample", "--checkpoint", "{root}/run", "--out", "{root}/s.png", "--steps",
 E = ["eval", "--generated", "{root}/images", "--reference", "{root}/images", "--no-progress", "--device", "cpu"]
 D = ["distill", "--method", "progressive", "--teacher", "{root}/run", "--out", "{root}/distilled", "--steps", "1",
      "--batch-size", "4", "--device", "cpu", "--no-progress"]
+M = ["sample", "--model", "{root}/text_base", "--out", "{root}/s.png", "--steps", "2", "--device", "cpu"]
 DB = ["dreambooth", "--base", "{root}/run", "--images", "{root}/images", "--class-prompt", "a digit",
       "--out", "{root}/db", "--no-progress", "--device", "cpu"]
 
@@ -184,6 +185,14 @@ CLI_CASES = [
     ("sample-text-file", [*S[:1], "--checkpoint", "{root}/notes.txt", "--out", "{root}/s.png"], 2, "notes.txt"),
     ("sample-device-tpu", [*S, "--device", "tpu"], 2, "--device"),
     ("sample-weights-unknown", [*S, "--weights", "best"], 2, "invalid choice"),
+    ("sample-model-and-checkpoint", [*S, "--model", "{root}/text_base"], 2, "exactly one of --checkpoint"),
+    ("sample-neither-model-nor-checkpoint", ["sample", "--out", "{root}/s.png"], 2, "exactly one of --checkpoint"),
+    ("sample-model-without-prompt", [*M], 2, "--prompt"),
+    ("sample-model-missing", ["sample", "--model", "{root}/nope", "--prompt", "a digit"], 2, "not a folder"),
+    ("sample-model-not-a-model", ["sample", "--model", "{root}/a_folder", "--prompt", "a digit"], 2, "not a model folder"),
+    ("sample-model-with-classes", [*M, "--prompt", "a digit", "--classes", "3"], 2, "--classes"),
+    ("sample-prompt-without-model", [*S, "--prompt", "a digit"], 2, "--prompt needs --model"),
+    ("sample-model-sampler-unknown", [*M, "--prompt", "a digit", "--sampler", "nope"], 2, "nope"),
     # eval
     ("eval-generated-missing", ["eval", "--generated", "{root}/missing"], 2, "does not exist"),
     ("eval-metric-unknown", [*E, "--metrics", "fid,beauty"], 2, "beauty"),
@@ -237,6 +246,13 @@ CLI_CASES = [
     ("distill-teacher-not-a-checkpoint", [*D[:4], "{root}/notes.txt", *D[5:]], 2, "safetensors"),
     ("distill-teacher-nan", [*D[:4], "{root}/nan.safetensors", *D[5:]], 2, "not finite"),
     ("distill-data-missing", [*D, "--data", "{root}/nowhere"], 2, "--data"),
+    ("distill-lcm-needs-a-text-model", ["distill", "--method", "lcm", *D[3:]], 2, "text-to-image model"),
+    ("distill-progressive-of-a-text-model", [*D[:4], "{root}/text_base", *D[5:]], 2, "image checkpoint"),
+    ("distill-w-range-inverted", [*D, "--w-min", "3", "--w-max", "2"], 2, "--w-min"),
+    ("distill-lcm-rank-0", ["distill", "--method", "lcm-lora", *D[3:4], "{root}/text_base", *D[5:], "--rank", "0"], 2,
+     "--rank"),
+    ("distill-lcm-data-not-captioned", ["distill", "--method", "lcm", *D[3:4], "{root}/text_base", *D[5:]], 2,
+     "captioned digits"),
 ]
 
 

@@ -18,7 +18,8 @@ from difflab.nn.text import TinyTextConfig, TinyTextEncoder
 from difflab.nn.unet import UNetConfig
 from difflab.nn.vae import PRESETS as VAE_PRESETS
 from difflab.nn.vae import AutoencoderKL
-from difflab.train.dreambooth import TEXT_MODEL_KIND, save_text_model
+from difflab.io.text_model import KIND as TEXT_MODEL_KIND
+from difflab.train.dreambooth import save_text_model
 from difflab.train.distill import STUDENT_KIND
 from difflab.train.loop import CHECKPOINT_KIND
 from difflab.train.textual_inversion import EMBEDS_KIND, save_learned_embeds

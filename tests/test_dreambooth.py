@@ -19,7 +19,8 @@ from difflab.io.text import load_tiny_text, save_tiny_text
 from difflab.nn.text import TinyTextEncoder
 from difflab.nn.unet import UNetConfig
 from difflab.train import diffusion_loss
-from difflab.train.dreambooth import (DreamBoothConfig, add_tokens, dreambooth, load_text_model, prior_preservation_loss,
+from difflab.io.text_model import read_text_model
+from difflab.train.dreambooth import (DreamBoothConfig, add_tokens, dreambooth, prior_preservation_loss,
                                       save_text_model)
 from difflab.train.textual_inversion import (TextualInversionConfig, load_learned_embeds, save_learned_embeds,
                                              textual_inversion)
@@ -201,7 +202,7 @@ def test_end_to_end_lora_and_full_runs_write_checkpoints_that_reload(tmp_path):
         assert dreambooth_command.run(args) == 0
         names = sorted(p.name for p in out.iterdir())
         assert names == (["lora.json", "lora.safetensors"] if mode == "lora" else []) + ["model.json", "model.safetensors"]
-        tuned, tuned_text, meta = load_text_model(out)
+        tuned, tuned_text, meta = _tuple(read_text_model(out))
         assert meta["dreambooth"]["instance_prompt"] == "a sks digit" and meta["size"] == 8
         assert "sks" in tuned_text.index
         h, _, m = tuned_text.encode(["a sks digit", "a digit"], return_mask=True)
@@ -209,7 +210,7 @@ def test_end_to_end_lora_and_full_runs_write_checkpoints_that_reload(tmp_path):
         h0, _, m0 = text.encode(["a sks digit", "a digit"], return_mask=True)
         assert (changed - denoiser(x, 1.0, context=h0, context_mask=m0)).abs().max() > 1e-6  # it did fine-tune
         # the reloaded (merged) model computes what the fine-tuned one does: rerun it in memory
-        again, again_text, _ = load_text_model(base_file)
+        again, again_text, _ = _tuple(read_text_model(base_file))
         cfg = DreamBoothConfig(class_prompt="a digit", steps=3, batch_size=2, num_prior_images=2, lr=1e-2,
                                lora_rank=2 if mode == "lora" else None)
         dreambooth(again, again_text, load_image_folder(images, 8, channels=1), cfg, progress=False)
@@ -239,7 +240,7 @@ def test_command_errors(tmp_path):
         run(base_file, tmp_path / "empty")
     # a class-conditional training checkpoint is no text model
     save_checkpoint(tmp_path / "run", {"model.w": torch.zeros(1)}, {"kind": "difflab.train", "spec": SPEC})
-    with pytest.raises(ValueError, match="'difflab.train' checkpoint, not a text-conditional model"):
+    with pytest.raises(ValueError, match="'difflab.train' checkpoint, not a text-to-image model"):
         run(tmp_path / "run", images)
     # a spec that does not match the stored weights (a wider U-Net)
     wide = {**SPEC, "unet": {**SPEC["unet"], "model_channels": 16}}
@@ -285,3 +286,7 @@ def test_lora_dreambooth_on_the_sd_unet_with_clip_adapts_attention_only(tmp_path
     state = denoiser.net.state_dict()
     assert all(torch.equal(state[k], v) for k, v in base.items())
     assert all(torch.equal(clip.state_dict()[k], v) for k, v in clip_state.items())
+
+
+def _tuple(model):
+    return model.denoiser, model.text_encoder, model.meta

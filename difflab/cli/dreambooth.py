@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 
 from ..data import ON_ERROR, ImageReadError, load_image_folder
-from ..train.dreambooth import DreamBoothConfig, dreambooth, load_text_model, save_dreambooth
-from .common import device, device_name, finite_float, non_negative_float, non_negative_int, positive_float, positive_int
+from ..io.text_model import RESERVED, read_text_model
+from ..train.dreambooth import DreamBoothConfig, dreambooth, save_dreambooth
+from .common import (UsageError, device, device_name, finite_float, non_negative_float, non_negative_int, positive_float,
+                     positive_int)
 
 HELP = "fine-tune on a few images of a subject (DreamBooth, LoRA)"
 DESCRIPTION = ("Bind a rare identifier to a subject shown in a few images (DreamBooth; Ruiz et al. 2023), with "
@@ -61,7 +63,11 @@ def run(args) -> int:
     dev = device(args.device)
 
     # 2. The base model, then the subject's images at its size and channels.
-    denoiser, text_encoder, meta = load_text_model(args.base, device=dev)
+    base = read_text_model(args.base, device=dev)
+    if base.vae is not None:
+        raise UsageError(f"--base {args.base} is a latent model (it has a VAE): difflab dreambooth fine-tunes "
+                         "pixel-space text models")
+    denoiser, text_encoder, meta = base.denoiser, base.text_encoder, base.meta
     net_config = denoiser.net.config
     size = meta.get("size")
     if not size:
@@ -76,7 +82,7 @@ def run(args) -> int:
 
     # 3. Fine-tune and write.
     result = dreambooth(denoiser, text_encoder, images.to(dev), config, progress=not args.no_progress)
-    extra = {k: v for k, v in meta.items() if k not in ("kind", "spec", "text_encoder", "dreambooth")}
+    extra = {k: v for k, v in meta.items() if k not in (*RESERVED, "file", "dreambooth")}
     files = save_dreambooth(args.out, denoiser, text_encoder, meta["spec"], config, result,
                             metadata={**extra, "base": str(args.base)})
     last = result.history[-1]

@@ -6,16 +6,25 @@ from pathlib import Path
 from ..io.images import save_grid
 from ..pipelines import sample_checkpoint
 from ..pipelines.checkpoint import sampling_defaults
+from ..pipelines.models import load_text_model, model_family, model_options, sample_text_model
 from ..samplers import ETA_SAMPLERS, SAMPLERS
 from .common import (UsageError, device, device_name, finite_float, image_checkpoint, non_negative_float, non_negative_int,
                      output_file, parse_classes, positive_int)
 
-HELP = "sample a trained checkpoint into a PNG grid"
-DESCRIPTION = "Sample a checkpoint written by 'difflab train' or 'difflab demo' (network kinds whose samples are images)."
+HELP = "sample a trained checkpoint or a text-to-image model folder into a PNG grid"
+DESCRIPTION = ("Sample a checkpoint written by 'difflab train' or 'difflab demo' (network kinds whose samples are images), "
+               "or a text-to-image model folder (--model) from prompts.")
 
 
 def add_arguments(s) -> None:
-    s.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.safetensors or the run directory holding it")
+    s.add_argument("--checkpoint", type=Path, default=None, help="checkpoint.safetensors or the run directory holding it")
+    s.add_argument("--model", type=Path, default=None,
+                   help="instead of --checkpoint: a text-to-image model folder (difflab demo --text, difflab distill "
+                        "--method lcm|lcm-lora, a diffusers Stable Diffusion folder), sampled from --prompt")
+    s.add_argument("--prompt", action="append", default=None, help="--model: a prompt (repeat for several)")
+    s.add_argument("--negative-prompt", default=None, help="--model: the negative prompt (default: empty)")
+    s.add_argument("--height", type=positive_int, default=None, help="--model: image height (default: the model's)")
+    s.add_argument("--width", type=positive_int, default=None, help="--model: image width (default: the model's)")
     s.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG to write (default: samples.png)")
     s.add_argument("--sampler", default=None,
                    help=f"one of {', '.join(sorted(SAMPLERS))} (default: the checkpoint's own, else ddim)")
@@ -23,7 +32,8 @@ def add_arguments(s) -> None:
     s.add_argument("--guidance", type=finite_float, default=None,
                    help="classifier-free guidance scale (default: the checkpoint's own, else 1 = none)")
     s.add_argument("--classes", type=parse_classes, default=None, help="comma-separated class indices, one image each")
-    s.add_argument("--num", type=positive_int, default=16, help="number of images when --classes is not given (default: 16)")
+    s.add_argument("--num", type=positive_int, default=None,
+                   help="number of images when --classes is not given (default: 16); --model: images per prompt (default: 1)")
     s.add_argument("--seed", type=non_negative_int, default=0, help="seed; sample i is the same whatever the batch size (default: 0)")
     s.add_argument("--weights", choices=["ema", "model"], default="ema", help="EMA or raw weights (default: ema)")
     s.add_argument("--eta", type=non_negative_float, default=None, help="DDIM eta (default: 0)")
@@ -31,6 +41,14 @@ def add_arguments(s) -> None:
 
 
 def run(args) -> int:
+    if (args.checkpoint is None) == (args.model is None):
+        raise UsageError("give exactly one of --checkpoint (a trained checkpoint) or --model (a text-to-image model folder)")
+    if args.model is not None:
+        return run_model(args)
+    for flag, value in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt), ("--height", args.height),
+                        ("--width", args.width)):
+        if value is not None:
+            raise UsageError(f"{flag} needs --model (a text-to-image model folder); a --checkpoint takes --classes or --num")
     # 1. Check everything that can be checked before the weights are read.
     output_file(args.out)
     meta = image_checkpoint(args.checkpoint, "--checkpoint", "difflab sample")
@@ -44,8 +62,37 @@ def run(args) -> int:
     options = sampling_defaults(meta).replace(**overrides)  # checked here, before the weights are read
     # 2. Sample and write the grid.
     print(f"sampling with {options.sampler}, {options.steps} steps, guidance {options.guidance_scale:g}")
-    images = sample_checkpoint(args.checkpoint, labels=args.classes, num=None if args.classes else args.num,
+    images = sample_checkpoint(args.checkpoint, labels=args.classes, num=None if args.classes else args.num or 16,
                                options=options, weights=args.weights)
+    size = images.shape[-1]
+    path = save_grid(images, args.out, nrow=min(10, len(images)), upscale=max(1, 48 // size))
+    print(f"wrote {len(images)} samples to {path}")
+    return 0
+
+
+def run_model(args) -> int:
+    """``--model FOLDER --prompt ...``: text-to-image with the folder's family and its defaults."""
+    # 1. Check the arguments and the folder's layout before any weights are read.
+    output_file(args.out)
+    if not args.prompt:
+        raise UsageError("--model needs at least one --prompt")
+    if args.classes is not None:
+        raise UsageError("--classes is for class-conditional checkpoints; --model samples from --prompt")
+    family = model_family(args.model)
+    # 2. Load, resolve the options over the model's defaults, sample, write the grid.
+    model = load_text_model(args.model, device=device(args.device))
+    given = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)
+    overrides = dict({k: v for k, v in given.items() if v is not None}, seed=args.seed, device=device(args.device))
+    if args.eta is not None:
+        overrides["sampler_kwargs"] = {"eta": args.eta}
+    options = model_options(model).replace(**overrides)
+    if args.eta is not None and options.sampler not in ETA_SAMPLERS:
+        raise UsageError(f"--eta: sampler {options.sampler!r} has no eta; the samplers that take one are {', '.join(ETA_SAMPLERS)}")
+    prompts = [p for p in args.prompt for _ in range(args.num or 1)]
+    print(f"{family} model {args.model}: {len(prompts)} images with {options.sampler}, {options.steps} steps, "
+          f"guidance {options.guidance_scale:g}")
+    images = sample_text_model(model, prompts, negative_prompts=args.negative_prompt, options=options,
+                               height=args.height, width=args.width)
     size = images.shape[-1]
     path = save_grid(images, args.out, nrow=min(10, len(images)), upscale=max(1, 48 // size))
     print(f"wrote {len(images)} samples to {path}")

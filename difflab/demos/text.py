@@ -26,6 +26,7 @@ from ..io.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from ..io.images import make_grid, save_grid
 from ..io.spec import build_frame
 from ..io.text import save_tiny_text
+from ..io.text_model import save_text_model
 from ..nn.text import TinyTextConfig, TinyTextEncoder, build_vocab, words
 from ..nn.text_unet import TextConditionedUNet
 from ..nn.unet import UNet, UNetConfig
@@ -205,6 +206,11 @@ def run_text_demo(out_dir="demo_text_out", *, steps: int | None = None, vae_step
     state, steps_run, times["train"] = text_unet_step(vae, text_encoder, net, denoiser, data, cfg, out_dir,  # 4.
                                                       resume=resume, progress=progress, say=say)
     sampling_denoiser = Denoiser(net.unet, denoiser.frame, prediction=denoiser.prediction).eval()
+    save_text_model(out_dir, sampling_denoiser, text_encoder,  # model.safetensors: what `difflab sample --model` reads
+                    {"network": {"kind": "unet", "config": net.unet.config.to_dict()}, "diffusion": DIFFUSION},
+                    {"demo": "text", "data": "captioned_digits", "size": cfg.size}, vae=vae,
+                    sampling={"sampler": sampler, "steps": sampling_steps, "guidance_scale": guidance_scale,
+                              "height": cfg.size, "width": cfg.size})
     common = dict(sampler=sampler, steps=sampling_steps, output_type="pt", progress=progress, batch_size=250)
     models = (sampling_denoiser, text_encoder, vae)
     text_report, samples_path, times["sample"] = prompts_step(*models, judge, data, cfg, out_dir,  # 5. and 6.

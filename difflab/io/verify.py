@@ -37,7 +37,7 @@ from .text import KIND as TEXT_ENCODER_KIND
 
 CHECKS = ("format", "sha256", "finite", "shapes")
 # The first part of a tensor's name that makes a group of its own; other tensors are "weights".
-GROUPS = ("model", "ema", "optim", "rng", "unet", "text_encoder")
+GROUPS = ("model", "ema", "optim", "rng", "unet", "text_encoder", "vae")
 # The training config's settings worth a line.
 TRAIN_SUMMARY = ("steps", "batch_size", "lr", "lr_schedule", "precision", "ema_decay", "seed")
 
@@ -117,12 +117,16 @@ def _training(meta: dict, tensors: dict, report: Verification) -> list:
 
 
 def _text_model(meta: dict, tensors: dict, report: Verification) -> list:
-    """A text-to-image model: ``unet.*`` against its spec's network, ``text_encoder.*`` against its tiny encoder."""
+    """A text-to-image model: ``unet.*`` against its spec's network, ``text_encoder.*`` against its
+    tiny encoder, ``vae.*`` (a latent model) against its AutoencoderKL."""
     unet = _spec_module(meta["spec"])
     encoder = _on_meta(lambda: TinyTextEncoder(TinyTextConfig.from_dict(meta["text_encoder"], "text_encoder")))
     report.facts["network"] = _network_facts(meta["spec"], unet)
     report.facts["text_encoder"] = {"class": "TinyTextEncoder", "parameters": sum(p.numel() for p in encoder.parameters())}
-    return [("unet.", unet), ("text_encoder.", encoder)]
+    parts = [("unet.", unet), ("text_encoder.", encoder)]
+    if meta.get("vae"):
+        parts.append(("vae.", _on_meta(lambda: AutoencoderKL(VAEConfig.from_dict(meta["vae"], "vae")))))
+    return parts
 
 
 def _own(cls, config_cls):

@@ -14,6 +14,11 @@ and its ``"sampling"`` defaults (sampler, steps, grid, guidance scale), so that
 | ``guided`` | Meng et al. 2023, section 4.1 | + the guidance scale as an input | the same, w as an input |
 | ``consistency`` | Song et al. 2023, Algorithm 2 | a consistency function of it | multistep consistency sampling |
 | ``reflow`` | Liu et al. 2023, Algorithm 1 | a flow model (flow teachers) | flow Euler |
+| ``lcm`` | Luo et al. 2023a, Algorithm 1 | + w as an input, a consistency function | LCM, w as an input |
+| ``lcm-lora`` | Luo et al. 2023b | a LoRA on the teacher's network | LCM, guidance 1 |
+
+``lcm`` and ``lcm-lora`` distil a latent text-to-image model (:func:`distill_text`, on
+:func:`caption_data`) and write a text-model folder (:mod:`difflab.io.text_model`).
 
 A teacher with classifier-free guidance (``guidance_scale != 1``) is distilled guided: the
 student learns the guided map and samples without an unconditional branch.
@@ -34,14 +39,18 @@ from difflab.core.consistency import ConsistencyFunction
 from difflab.core.noise_levels import karras_levels
 from difflab.guidance import ClassifierFreeGuidance
 from difflab.io.checkpoint import checkpoint_path, read_metadata, save_checkpoint
+from difflab.io.text_model import save_text_model
 
 from .loop import TrainConfig, fit
 from .objectives.consistency import ConsistencyDistillation
 from .objectives.guided import GuidedDistillation, guided_progressive_distillation
+from .objectives.lcm import LatentConsistencyDistillation, caption_conditioning, lcm_lora_student, lcm_student, save_lcm_lora
 from .objectives.progressive import progressive_distillation
 from .objectives.reflow import Reflow, reflow_pairs
 
-METHODS = ("progressive", "guided", "consistency", "reflow")
+IMAGE_METHODS = ("progressive", "guided", "consistency", "reflow")
+TEXT_METHODS = ("lcm", "lcm-lora")  # latent text-to-image teachers (difflab.io.text_model): distill_text
+METHODS = IMAGE_METHODS + TEXT_METHODS
 STUDENT_KIND = "difflab.student"
 
 
@@ -59,6 +68,8 @@ class DistillConfig(JSONConfig):
     student_steps: int = 1          # the evaluations the student is made for (its sampling default)
     levels: int = 18                # consistency: N Karras levels (Song et al. 2023)
     pairs: int = 4096               # reflow: noise / teacher-sample pairs
+    original_steps: int = 50        # lcm: the skipping schedule, k = T / original_steps (Luo et al. 2023, section 4.3)
+    rank: int = 64                  # lcm-lora: the adapter's rank
     seed: int = 0
     checkpoint_every: int = 250
     progress: bool = True
@@ -66,12 +77,14 @@ class DistillConfig(JSONConfig):
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is unknown; choose one of {', '.join(METHODS)}")
-        for name in ("steps", "batch_size", "teacher_steps", "student_steps", "levels", "pairs"):
+        for name in ("steps", "batch_size", "teacher_steps", "student_steps", "levels", "pairs", "original_steps", "rank"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be an integer >= 1")
         for name in ("lr", "guidance_scale", "w_min", "w_max"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)} must be a finite number")
+        if self.w_min > self.w_max:
+            raise ValueError(f"w_min={self.w_min} must be at most w_max={self.w_max}")
         if self.method in ("progressive", "guided"):
             ratio = self.teacher_steps // self.student_steps
             if self.teacher_steps % self.student_steps or ratio < 2 or ratio & (ratio - 1):
@@ -100,6 +113,8 @@ def distill(teacher, spec: dict, data: dict, config: DistillConfig, out_dir, *, 
     """Distil ``teacher`` (a :class:`~difflab.core.Denoiser` built from ``spec``) on ``data``
     (``{"x0": (N, ...), "class_labels": (N,)?}``) by ``config.method``; returns the student's
     checkpoint path (module doc). Reruns resume each run from ``out_dir/runs/``."""
+    if config.method in TEXT_METHODS:
+        raise ValueError(f"method {config.method!r} distils a text-to-image model: use distill_text")
     out_dir = Path(out_dir)
     runs = out_dir / "runs"
     teacher = teacher.eval().requires_grad_(False)
@@ -193,4 +208,61 @@ def _reflow(teacher, data, config: DistillConfig, runs: Path, null_class):
 
 METHOD_RUNS = {"progressive": _progressive, "guided": _guided, "consistency": _consistency, "reflow": _reflow}
 
-__all__ = ["DistillConfig", "distill", "guided_teacher", "consistency_grid", "METHODS", "STUDENT_KIND", "METHOD_RUNS"]
+
+# ----------------------------------------------------------------------------------------------
+# Latent text-to-image teachers: LCM and LCM-LoRA (Luo et al. 2023a, 2023b)
+
+
+def caption_data(text_encoder, vae, images: torch.Tensor, captions, seed: int = 0) -> tuple[dict, dict]:
+    """``(data, uncond)`` for :func:`distill_text`: one posterior draw of the VAE's latents per
+    (image, caption) pair (``images`` (N, C, H, W), one caption each) and the captions' encodings
+    (:func:`~difflab.train.objectives.lcm.caption_conditioning`), and the empty prompt's."""
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions: give one caption per image")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode_latents(x, g) for x in images.split(2048)]) if vae is not None else images
+    cond, uncond = caption_conditioning(text_encoder, captions)
+    return {"x0": latents, **cond}, uncond
+
+
+def distill_text(teacher, text_encoder, vae, spec: dict, data: dict, uncond: dict, config: DistillConfig, out_dir, *,
+                 metadata: dict | None = None, sampling_size: dict | None = None) -> Path:
+    """Latent consistency distillation of a text-to-image ``teacher`` (a VP-discrete denoiser
+    ``D(x, sigma, context=, ...)`` built from ``spec``) on ``data`` (:func:`caption_data`), by
+    ``config.method``: ``lcm`` (the whole network, w as an input, Luo et al. 2023a, Algorithm 1)
+    or ``lcm-lora`` (a rank-``config.rank`` adapter, no w input, Luo et al. 2023b). Writes the
+    student as ``out_dir/model.safetensors`` (:func:`difflab.io.text_model.save_text_model`;
+    LCM-LoRA: the base model naming ``lcm_lora.safetensors``, the adapter in diffusers' LoRA
+    layout) sampled by default with the LCM sampler at ``config.student_steps`` (and
+    ``sampling_size``'s height and width); reruns resume from ``out_dir/runs/``. Returns the model file."""
+    if config.method not in TEXT_METHODS:
+        raise ValueError(f"distill_text runs {', '.join(TEXT_METHODS)}, not {config.method!r}")
+    out_dir = Path(out_dir)
+    teacher = teacher.eval().requires_grad_(False)
+    w = min(max(config.guidance_scale, config.w_min), config.w_max)
+    if config.method == "lcm":
+        embed = "time_embed" if hasattr(teacher.net, "time_embed") else "time_embedding"
+        student = lcm_student(teacher, embed)
+    else:
+        student = lcm_lora_student(teacher, rank=config.rank, generator=torch.Generator().manual_seed(config.seed))
+    objective = LatentConsistencyDistillation(teacher, uncond, student=student, w_min=config.w_min, w_max=config.w_max,
+                                              original_steps=config.original_steps)
+    state = fit(objective, data, config.train_config(), out_dir / "runs" / config.method)
+    if state.ema is not None:
+        state.ema.copy_to(objective.module)
+    student.eval()
+    sampling = {"sampler": "lcm", "grid": "lcm", "steps": config.student_steps}
+    sampling.update({k: v for k, v in (sampling_size or {}).items() if k in ("height", "width")})
+    meta = {**(metadata or {}), "method": config.method, "distill_config": config.to_dict()}
+    if config.method == "lcm-lora":
+        save_lcm_lora(out_dir / "lcm_lora.safetensors", student)
+        return save_text_model(out_dir, teacher, text_encoder, spec, meta, vae=vae, lora="lcm_lora.safetensors",
+                               sampling={**sampling, "guidance_scale": 1.0})
+    net = student.net  # the GuidanceEmbedding around the teacher's network
+    section = {"guidance_input": {"embed": net.embed, "features": net.features, "w_scale": net.w_scale},
+               "consistency": {"form": "lcm"}}
+    return save_text_model(out_dir, student, text_encoder, {**spec, "student": section}, meta, vae=vae,
+                           sampling={**sampling, "guidance_scale": w})
+
+__all__ = ["DistillConfig", "distill", "distill_text", "caption_data", "IMAGE_METHODS", "TEXT_METHODS", "guided_teacher", "consistency_grid", "METHODS", "STUDENT_KIND", "METHOD_RUNS"]

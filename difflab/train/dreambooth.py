@@ -22,9 +22,9 @@ surgery: a larger embedding holding the old rows). Textual inversion (Gal et al.
 same objective with only those rows trained: :mod:`difflab.train.textual_inversion`.
 
 The model is a pixel- or latent-space denoiser ``D(x, sigma, context=, context_mask=)`` and a
-text encoder. :func:`save_text_model` / :func:`load_text_model` keep a pixel-space U-Net with a
-TinyTextEncoder in one safetensors checkpoint (``kind: "difflab.text_model"``): the base model of
-``difflab dreambooth`` and what it writes.
+text encoder, kept in one safetensors file (:mod:`difflab.io.text_model`, ``kind:
+"difflab.text_model"``): the base model of ``difflab dreambooth`` and what it writes
+(:func:`save_text_model` merges the LoRA adapters in).
 """
 from __future__ import annotations
 
@@ -37,17 +37,15 @@ import torch
 from torch import nn
 
 from difflab.adapters.lora import first_present, inject_lora, mark_only_lora_trainable, merge_lora, save_lora
-from difflab.io.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_model_state, save_checkpoint
-from difflab.io.spec import build_denoiser
-from difflab.nn.text import TinyTextConfig, TinyTextEncoder, words
+from difflab.io.text_model import MODEL_FILE
+from difflab.io.text_model import save_text_model as io_save_text_model
+from difflab.nn.text import TinyTextEncoder, words
 from difflab.pipelines.text_to_image import text_to_image
 
 from .loop import TrainConfig, fit
 from .losses import WEIGHTINGS
 from .objectives.dreambooth import TEXT_MODES, RowsOnly, SubjectObjective, prior_preservation_loss, token_embedding
 
-TEXT_MODEL_KIND = "difflab.text_model"
-MODEL_FILE = "model.safetensors"
 LORA_FILE = "lora.safetensors"
 LORA_NAME = "dreambooth"
 # Attention projections LoRA adapts by default, the first family a model has: the SD U-Net
@@ -317,39 +315,9 @@ def _plain_state(net: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_text_model(path, denoiser, text_encoder: TinyTextEncoder, spec: dict, metadata: dict | None = None) -> Path:
-    """Write a pixel-space text-conditional model atomically (:func:`difflab.io.save_checkpoint`):
-    tensors ``unet.*`` (LoRA adapters merged in) and ``text_encoder.*``; metadata ``kind``,
-    ``spec`` (:func:`difflab.io.spec.build_denoiser`), the text encoder's config and ``metadata``
-    (e.g. ``size``). ``path``: a ``.safetensors`` file or a directory (gets ``model.safetensors``)."""
-    if not isinstance(text_encoder, TinyTextEncoder):
-        raise TypeError(f"a text-model checkpoint holds a TinyTextEncoder, got {type(text_encoder).__name__}")
-    tensors = {f"unet.{k}": v for k, v in _plain_state(denoiser.net).items()}
-    tensors.update({f"text_encoder.{k}": v for k, v in text_encoder.state_dict().items()})
-    meta = {**(metadata or {}), "kind": TEXT_MODEL_KIND, "spec": spec, "text_encoder": text_encoder.config.to_dict()}
-    path = Path(path)
-    return save_checkpoint(path if path.suffix == ".safetensors" else path / MODEL_FILE, tensors, meta)
-
-
-def load_text_model(path, device="cpu"):
-    """Inverse of :func:`save_text_model`: ``(denoiser, text_encoder, metadata)``, in eval mode."""
-    path = Path(path)
-    file = path if path.suffix == ".safetensors" or path.is_file() else path / MODEL_FILE
-    if path.is_dir() and not file.exists() and (path / CHECKPOINT_NAME).exists():
-        file = path / CHECKPOINT_NAME  # a training run's folder: read it, to say what it holds
-    tensors, meta = load_checkpoint(file, device=device)
-    if meta.get("kind") != TEXT_MODEL_KIND:
-        raise ValueError(f"{file} holds a {meta.get('kind')!r} checkpoint, not a text-conditional model "
-                         f"(kind {TEXT_MODEL_KIND!r}: a U-Net with cross-attention and its TinyTextEncoder, written "
-                         "by difflab.train.dreambooth.save_text_model)")
-    denoiser = build_denoiser(meta["spec"])
-    text_config = TinyTextConfig.from_dict(meta["text_encoder"])
-    context_dim = denoiser.net.config.context_dim
-    if context_dim != text_config.width:
-        raise ValueError(f"{file}: the U-Net's context_dim={context_dim} does not match the text encoder's width {text_config.width}")
-    text_encoder = TinyTextEncoder(text_config)
-    load_model_state(denoiser.net, tensors, prefix="unet.")
-    load_model_state(text_encoder, tensors, prefix="text_encoder.")
-    return denoiser.to(device).eval(), text_encoder.to(device).eval(), meta
+    """:func:`difflab.io.text_model.save_text_model` with every LoRA adapter of the network merged in
+    (the file loads as a base model again). ``path``: a ``.safetensors`` file or a folder."""
+    return io_save_text_model(path, denoiser, text_encoder, spec, metadata, state=_plain_state(denoiser.net))
 
 
 def save_dreambooth(out_dir, denoiser, text_encoder: TinyTextEncoder, spec: dict, config: DreamBoothConfig,
@@ -370,4 +338,4 @@ def save_dreambooth(out_dir, denoiser, text_encoder: TinyTextEncoder, spec: dict
 
 __all__ = ["DreamBoothConfig", "DreamBoothResult", "dreambooth", "fit_subject", "prior_preservation_loss",
            "generate_class_images", "add_tokens", "check_word", "token_embedding", "RowsOnly", "default_lora_targets",
-           "save_text_model", "load_text_model", "save_dreambooth", "ATTENTION_TARGETS", "TEXT_MODES", "TEXT_MODEL_KIND"]
+           "save_text_model", "save_dreambooth", "ATTENTION_TARGETS", "TEXT_MODES"]
