@@ -184,6 +184,12 @@ CLI_CASES = [
     ("sample-text-file", [*S[:1], "--checkpoint", "{root}/notes.txt", "--out", "{root}/s.png"], 2, "notes.txt"),
     ("sample-device-tpu", [*S, "--device", "tpu"], 2, "--device"),
     ("sample-weights-unknown", [*S, "--weights", "best"], 2, "invalid choice"),
+    ("sample-model-and-checkpoint", [*S, "--model", "{root}/run"], 2, "not allowed with"),
+    ("sample-model-without-prompt", ["sample", "--model", "{root}/run", "--out", "{root}/s.png"], 2, "--prompt"),
+    ("sample-model-not-a-folder", ["sample", "--model", "{root}/missing", "--prompt", "a", "--out", "{root}/s.png"], 2,
+     "model_index.json"),
+    ("sample-prompt-with-checkpoint", [*S, "--prompt", "a fox"], 2, "--prompt applies to --model"),
+    ("sample-model-height-0", ["sample", "--model", "{root}/run", "--prompt", "a", "--height", "0"], 2, "--height"),
     # eval
     ("eval-generated-missing", ["eval", "--generated", "{root}/missing"], 2, "does not exist"),
     ("eval-metric-unknown", [*E, "--metrics", "fid,beauty"], 2, "beauty"),

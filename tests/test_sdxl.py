@@ -11,14 +11,23 @@ import torch
 from diffusers import (EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline,
                        StableDiffusionXLPipeline, UNet2DConditionModel)
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+from PIL import Image
+from safetensors.torch import save_file
+
+from difflab.adapters import load_lora_weights
+from difflab.cli import main
 
 from difflab.io import is_sdxl_folder, load_diffusers_folder, load_sdxl_folder
+from difflab.io.images import make_grid
 from difflab.io.keymaps import from_difflab, to_difflab
+from difflab.io.keymaps.clip_text import TRANSFORMERS as CLIP_TRANSFORMERS
 from difflab.io.keymaps.unet_sd import original_table
 from difflab.nn.text_dual import DualCLIPTextEncoder
 from difflab.nn.unet_sd import PRESETS, UNetSD, UNetSDConfig
 from difflab.pipelines.sdxl import (MicroConditioning, handoff_index, sdxl_image_to_image, sdxl_inpaint, sdxl_text_to_image)
+from difflab.perf.memory import estimate_memory, example_inputs
 from difflab.pipelines.common import sampling_grid
+from difflab.pipelines.folder import folder_defaults, sample_folder
 
 transformers = pytest.importorskip("transformers", reason="the CLIP text encoders need transformers (the 'sd' extra)")
 from test_text import tiny_clip_config, write_tiny_tokenizer  # noqa: E402
@@ -315,3 +324,66 @@ def test_bad_input_is_named(base, refiner):
     with pytest.raises(ValueError, match="not an SDXL U-Net"):
         sdxl_text_to_image(refiner[1].denoiser.__class__(UNetSD(PRESETS["tiny"]), parts.denoiser.frame), parts.text_encoder,
                            None, PROMPTS, steps=2, progress=False)
+
+
+def test_kohya_lora_on_sdxl_matches_diffusers(base, tmp_path):
+    """kohya's SDXL LoRA files spell the sgm U-Net (input_blocks...) and both encoders (lora_te1_, lora_te2_):
+    the U-Net's key-map table and the CLIP one resolve them; the U-Net against diffusers' own kohya
+    loader, the encoders against the merged weights W + (alpha / r) B A (Hu et al. 2021, eq. 3)."""
+    _, _, folder = base
+    parts, ref = load_sdxl_folder(folder), StableDiffusionXLPipeline.from_pretrained(folder)
+    encoders = (parts.text_encoder.text_encoder, parts.text_encoder.text_encoder_2)
+    modules = {"lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k": (parts.unet, "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k"),
+               "lora_unet_output_blocks_1_1_proj_in": (parts.unet, "up_blocks.0.attentions.1.proj_in"),
+               "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (encoders[0], "encoder.layers.0.self_attn.q_proj"),
+               "lora_te2_text_model_encoder_layers_1_mlp_fc1": (encoders[1], "encoder.layers.1.mlp.fc1")}
+    g, kohya = torch.Generator().manual_seed(0), {}
+    for key, (model, name) in modules.items():
+        layer = model.get_submodule(name)
+        kohya[key + ".lora_down.weight"] = torch.randn(2, layer.in_features, generator=g)
+        kohya[key + ".lora_up.weight"] = torch.randn(layer.out_features, 2, generator=g)
+        kohya[key + ".alpha"] = torch.tensor(1.0)
+    save_file({k: v for k, v in kohya.items() if k.startswith("lora_unet_")}, tmp_path / "unet_lora.safetensors")
+    ref.load_lora_weights(str(tmp_path / "unet_lora.safetensors"))  # (diffusers 0.42 cannot read kohya lora_te2_ alone)
+    assert load_lora_weights(parts.unet, kohya, module_table=original_table(parts.unet.config)) == [
+        "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k", "up_blocks.0.attentions.1.proj_in"]
+    for model, prefix, ref_model in zip(encoders, ("text_encoder.", "text_encoder_2."), (ref.text_encoder, ref.text_encoder_2)):
+        (name,) = load_lora_weights(model, kohya, prefix=prefix, module_table=CLIP_TRANSFORMERS)
+        key = next(k for k, (m, n) in modules.items() if m is model)
+        with torch.no_grad():  # the reference: the merged weight
+            getattr(ref_model, "text_model", ref_model).get_submodule(name).weight += 0.5 * kohya[key + ".lora_up.weight"] @ kohya[key + ".lora_down.weight"]
+    with torch.no_grad():
+        hidden, pooled = parts.text_encoder.encode(PROMPTS)
+        want = ref.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=False)
+        x, t = start_latents(), torch.tensor([10.0, 500.0])
+        ids = torch.tensor([[16.0, 16, 0, 0, 16, 16]] * 2)
+        got = parts.unet(x, t, context=hidden, text_embeds=pooled, time_ids=ids)
+        theirs = ref.unet(x, t, encoder_hidden_states=hidden, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+        plain = base[0].unet(x, t, encoder_hidden_states=hidden, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+    torch.testing.assert_close(hidden, want[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(pooled, want[2], atol=1e-5, rtol=0)
+    assert (theirs - plain).abs().max() > 0.1  # the LoRA changes the U-Net ...
+    torch.testing.assert_close(got, theirs, atol=1e-5, rtol=0)  # ... as diffusers applies it
+
+
+def test_sample_command_on_an_sdxl_folder(base, tmp_path):
+    """``difflab sample --model FOLDER --prompt ...``: the folder's scheduler gives the sampler and grid
+    (Euler, leading, offset 1), SDXL guides at 5, and the grid holds what sample_folder returns."""
+    _, parts, folder = base
+    opts = folder_defaults(parts.sampling, sdxl=True)
+    assert (opts.sampler, opts.spacing, opts.steps_offset, opts.guidance_scale) == ("euler", "leading", 1, 5.0)
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--model", str(folder), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--steps", "2",
+                 "--seed", "3", "--out", str(out), "--device", "cpu"]) == 0
+    images = sample_folder(folder, PROMPTS, steps=2, seed=3, progress=False)
+    assert images.shape == (2, 3, 16, 16)
+    grid = np.asarray(Image.open(out), dtype=np.float32)
+    np.testing.assert_allclose(grid, np.asarray(make_grid(images, nrow=2), dtype=np.float32), atol=1)
+
+
+def test_memory_estimate_takes_the_added_conditions():
+    config = UNetSDConfig.from_diffusers_config(SDXL_TINY)
+    x, t, cond = example_inputs(UNetSD(config), 2, 8)
+    assert cond["text_embeds"].shape == (2, 32) and cond["time_ids"].shape == (2, 6)
+    est = estimate_memory(config, 2, 8, training=False)
+    assert est["total"] >= est["parameters"] > 0

@@ -1,4 +1,4 @@
-"""``difflab sample``: sample a trained checkpoint into a PNG grid."""
+"""``difflab sample``: sample a trained checkpoint, or a diffusers SD / SDXL folder with prompts, into a PNG grid."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,16 +6,24 @@ from pathlib import Path
 from ..io.images import save_grid
 from ..pipelines import sample_checkpoint
 from ..pipelines.checkpoint import sampling_defaults
+from ..pipelines.folder import sample_folder
 from ..samplers import ETA_SAMPLERS, SAMPLERS
 from .common import (UsageError, device, device_name, finite_float, image_checkpoint, non_negative_float, non_negative_int,
                      output_file, parse_classes, positive_int)
 
-HELP = "sample a trained checkpoint into a PNG grid"
-DESCRIPTION = "Sample a checkpoint written by 'difflab train' or 'difflab demo' (network kinds whose samples are images)."
+HELP = "sample a trained checkpoint (or a diffusers SD / SDXL folder) into a PNG grid"
+DESCRIPTION = ("Sample a checkpoint written by 'difflab train' or 'difflab demo' (network kinds whose samples are images), "
+               "or a local diffusers Stable Diffusion 1.x / 2.x / XL folder with --model FOLDER --prompt TEXT.")
 
 
 def add_arguments(s) -> None:
-    s.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.safetensors or the run directory holding it")
+    source = s.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="checkpoint.safetensors or the run directory holding it")
+    source.add_argument("--model", type=Path, help="a local diffusers pipeline folder (SD 1.x / 2.x or SDXL; model_index.json)")
+    s.add_argument("--prompt", action="append", default=None, help="with --model: a prompt, one image each (repeat for more)")
+    s.add_argument("--negative-prompt", default=None, help="with --model: the negative prompt of every image")
+    s.add_argument("--height", type=positive_int, default=None, help="with --model: image height (default: the model's)")
+    s.add_argument("--width", type=positive_int, default=None, help="with --model: image width (default: the model's)")
     s.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG to write (default: samples.png)")
     s.add_argument("--sampler", default=None,
                    help=f"one of {', '.join(sorted(SAMPLERS))} (default: the checkpoint's own, else ddim)")
@@ -31,6 +39,12 @@ def add_arguments(s) -> None:
 
 
 def run(args) -> int:
+    if args.model is not None:
+        return run_folder(args)
+    for flag, value in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt), ("--height", args.height),
+                        ("--width", args.width)):
+        if value is not None:
+            raise UsageError(f"{flag} applies to --model FOLDER (a diffusers folder), not to --checkpoint")
     # 1. Check everything that can be checked before the weights are read.
     output_file(args.out)
     meta = image_checkpoint(args.checkpoint, "--checkpoint", "difflab sample")
@@ -48,5 +62,27 @@ def run(args) -> int:
                                options=options, weights=args.weights)
     size = images.shape[-1]
     path = save_grid(images, args.out, nrow=min(10, len(images)), upscale=max(1, 48 // size))
+    print(f"wrote {len(images)} samples to {path}")
+    return 0
+
+
+def run_folder(args) -> int:
+    """``--model FOLDER``: one image per ``--prompt`` from a diffusers SD 1.x / 2.x / XL folder."""
+    # 1. Check everything that can be checked before the weights are read.
+    output_file(args.out)
+    if not args.prompt:
+        raise UsageError("--model needs at least one --prompt")
+    if not (args.model / "model_index.json").is_file():
+        raise FileNotFoundError(f"--model {args.model} is not a diffusers pipeline folder (no model_index.json)")
+    if args.classes is not None:
+        raise UsageError("--classes applies to class-conditional checkpoints, not to --model")
+    given = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)
+    overrides = dict({k: v for k, v in given.items() if v is not None}, seed=args.seed, device=device(args.device))
+    if args.eta is not None:
+        overrides["eta"] = args.eta
+    # 2. Sample and write the grid.
+    images = sample_folder(args.model, args.prompt, negative_prompts=args.negative_prompt, height=args.height,
+                           width=args.width, **overrides)
+    path = save_grid(images, args.out, nrow=min(10, len(images)))
     print(f"wrote {len(images)} samples to {path}")
     return 0
