@@ -385,5 +385,7 @@ def test_memory_estimate_takes_the_added_conditions():
     config = UNetSDConfig.from_diffusers_config(SDXL_TINY)
     x, t, cond = example_inputs(UNetSD(config), 2, 8)
     assert cond["text_embeds"].shape == (2, 32) and cond["time_ids"].shape == (2, 6)
+    _, _, refiner_cond = example_inputs(UNetSD(UNetSDConfig.from_diffusers_config(REFINER_TINY)), 2, 8)
+    assert refiner_cond["text_embeds"].shape == (2, 32) and refiner_cond["time_ids"].shape == (2, 5)
     est = estimate_memory(config, 2, 8, training=False)
     assert est["total"] >= est["parameters"] > 0

@@ -212,8 +212,10 @@ def example_inputs(net: nn.Module, batch_size: int, image_size: int, *, context_
     cond = {}
     if isinstance(c, UNetSDConfig):
         cond["context"] = torch.randn(batch_size, context_len, c.cross_attention_dim, generator=g).to(device, dtype)
-        if c.addition_embed_type == "text_time":  # SDXL: 6 time ids (5 for the refiner), the rest is the pooled text
-            ids = 6 if c.projection_class_embeddings_input_dim > 6 * c.addition_time_embed_dim else 5
+        if c.addition_embed_type == "text_time":  # SDXL: 6 time ids, the rest is the pooled text; the refiner
+            # (one encoder, pooled as wide as its context) takes 5
+            refiner = c.projection_class_embeddings_input_dim - 5 * c.addition_time_embed_dim == c.cross_attention_dim
+            ids = 5 if refiner else 6
             pooled = c.projection_class_embeddings_input_dim - ids * c.addition_time_embed_dim
             cond["text_embeds"] = torch.randn(batch_size, pooled, generator=g).to(device, dtype)
             cond["time_ids"] = torch.full((batch_size, ids), float(image_size * 8), device=device)
