@@ -112,7 +112,7 @@ class UNetSDConfig(JSONConfig):
 
     @classmethod
     def from_diffusers_config(cls, d: dict) -> "UNetSDConfig":
-        """Read a diffusers ``UNet2DConditionModel`` ``config.json`` dict (SD 1.x / 2.x family).
+        """Read a diffusers ``UNet2DConditionModel`` ``config.json`` dict (SD 1.x / 2.x / XL family).
 
         Settings this U-Net does not implement raise ValueError naming them (class embeddings,
         per-block layer counts, other ``addition_embed_type`` than SDXL's ``"text_time"``, ...); settings that do
@@ -140,7 +140,7 @@ class UNetSDConfig(JSONConfig):
         if not isinstance(depth, int) and not all(isinstance(v, int) for v in depth):
             unsupported.append(f"transformer_layers_per_block={depth!r} (supported: one int, or one int per level)")
         if unsupported:
-            raise ValueError(f"this diffusers UNet2DConditionModel config is outside the SD 1.x/2.x family UNetSD implements: {'; '.join(unsupported)}")
+            raise ValueError(f"this diffusers UNet2DConditionModel config is outside the SD 1.x / 2.x / XL family UNetSD implements: {'; '.join(unsupported)}")
         n = len(get("block_out_channels"))
         heads = get("num_attention_heads") or get("attention_head_dim")
         heads = (heads,) * n if isinstance(heads, int) else tuple(heads)
@@ -307,7 +307,7 @@ class UpBlock(nn.Module):
 
 
 class UNetSD(nn.Module):
-    """The Stable Diffusion 1.x / 2.x U-Net; see the module docstring for the layout."""
+    """The Stable Diffusion 1.x / 2.x / XL U-Net; see the module docstring for the layout."""
 
     def __init__(self, config: UNetSDConfig):
         super().__init__()
