@@ -174,6 +174,8 @@ def sdxl_image_to_image(denoiser, text_encoder, vae, prompts, image, *, strength
     ``strength`` is ignored.
     """
     opts = resolve(options, TEXT_DEFAULTS, overrides)
+    if denoising_start is not None and noise is not None:
+        raise ValueError("noise is added to the image by SDEdit (strength); with denoising_start the latents are continued as they are")
     if denoising_start is None:
         # 1-7. SDEdit with SDXL's conditioning.
         size = tuple(torch.as_tensor(image).shape[-2:]) if torch.is_tensor(image) else _pil_size(image)
