@@ -31,7 +31,7 @@ from difflab.pipelines.folder import folder_defaults, sample_folder
 
 transformers = pytest.importorskip("transformers", reason="the CLIP text encoders need transformers (the 'sd' extra)")
 from test_text import tiny_clip_config, write_tiny_tokenizer  # noqa: E402
-from test_text_to_image import SD_BETAS, parity_error, tiny_diffusers_vae  # noqa: E402
+from test_text_to_image import SD_BETAS, build_pipeline, parity_error, tiny_diffusers_vae  # noqa: E402
 
 # diffusers' own tiny SDXL U-Net (tests/pipelines/stable_diffusion_xl): no attention in the first level,
 # transformer depth (1, 2), 6 time ids x 8 + a pooled embedding of 32 = 80; context 32 + 32 = 64
@@ -389,3 +389,13 @@ def test_memory_estimate_takes_the_added_conditions():
     assert refiner_cond["text_embeds"].shape == (2, 32) and refiner_cond["time_ids"].shape == (2, 5)
     est = estimate_memory(config, 2, 8, training=False)
     assert est["total"] >= est["parameters"] > 0
+
+
+def test_sample_command_on_an_sd_folder(tmp_path):
+    """The same command on an SD 1.x folder: DDIM from its scheduler, guidance 7.5, text_to_image."""
+    pipe, parts = build_pipeline(tmp_path / "sd", write_tiny_tokenizer(tmp_path / "tok"))
+    opts = folder_defaults(parts.sampling, sdxl=False)
+    assert (opts.sampler, opts.spacing, opts.steps_offset, opts.guidance_scale) == ("ddim", "leading", 1, 7.5)
+    assert main(["sample", "--model", str(tmp_path / "sd"), "--prompt", "abc", "--steps", "2", "--out", str(tmp_path / "g.png"),
+                 "--device", "cpu"]) == 0
+    assert Image.open(tmp_path / "g.png").size == (18, 18)  # one 16 x 16 image and its 1-pixel border

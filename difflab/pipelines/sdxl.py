@@ -117,7 +117,7 @@ def sdxl_conditioning(denoiser, text_encoder, prompts, negative_prompts, size: t
         raise ValueError(f"negative_prompts has {len(negatives)} entries for {n} prompts: give one, or one per prompt")
     hidden, pooled = text_encoder.encode(prompts + negatives)
     count = time_id_count(net_config(denoiser), pooled.shape[-1])
-    ids, neg_ids = ((micro or MicroConditioning()).time_ids(tuple(size), count))
+    ids, neg_ids = (micro or MicroConditioning()).time_ids(tuple(size), count)
     out = {"prompt_embeds": hidden[:n], "negative_prompt_embeds": None, "negative_added_cond": None,
            "added_cond": {"text_embeds": pooled[:n], "time_ids": torch.tensor([ids], dtype=torch.float32)}}
     if guided:
