@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from difflab.adapters import load_lora_weights
 from difflab.cli import main
-
+from difflab.core import Denoiser
 from difflab.io import is_sdxl_folder, load_diffusers_folder, load_sdxl_folder
 from difflab.io.images import make_grid
 from difflab.io.keymaps import from_difflab, to_difflab
@@ -24,10 +24,10 @@ from difflab.io.keymaps.clip_text import TRANSFORMERS as CLIP_TRANSFORMERS
 from difflab.io.keymaps.unet_sd import original_table
 from difflab.nn.text_dual import DualCLIPTextEncoder
 from difflab.nn.unet_sd import PRESETS, UNetSD, UNetSDConfig
-from difflab.pipelines.sdxl import (MicroConditioning, handoff_index, sdxl_image_to_image, sdxl_inpaint, sdxl_text_to_image)
 from difflab.perf.memory import estimate_memory, example_inputs
 from difflab.pipelines.common import sampling_grid
 from difflab.pipelines.folder import folder_defaults, sample_folder
+from difflab.pipelines.sdxl import MicroConditioning, handoff_index, sdxl_image_to_image, sdxl_inpaint, sdxl_text_to_image
 
 transformers = pytest.importorskip("transformers", reason="the CLIP text encoders need transformers (the 'sd' extra)")
 from test_text import tiny_clip_config, write_tiny_tokenizer  # noqa: E402
@@ -310,7 +310,7 @@ def test_mask_channel_inpainting_matches_diffusers(tmp_path, base, tokenizers):
     assert parity_error(ours, theirs) < 1e-4
 
 
-def test_bad_input_is_named(base, refiner):
+def test_bad_input_is_named(base):
     _, parts, _ = base
     args = (parts.denoiser, parts.text_encoder, parts.vae, PROMPTS)
     with pytest.raises(ValueError, match="denoising_end=1.5 must be a float in"):
@@ -322,8 +322,8 @@ def test_bad_input_is_named(base, refiner):
     with pytest.raises(ValueError, match="original_size=.* must be a pair"):
         sdxl_text_to_image(*args, micro=MicroConditioning(original_size=(1, 2, 3)), steps=2, progress=False)
     with pytest.raises(ValueError, match="not an SDXL U-Net"):
-        sdxl_text_to_image(refiner[1].denoiser.__class__(UNetSD(PRESETS["tiny"]), parts.denoiser.frame), parts.text_encoder,
-                           None, PROMPTS, steps=2, progress=False)
+        sdxl_text_to_image(Denoiser(UNetSD(PRESETS["tiny"]), parts.denoiser.frame), parts.text_encoder, None, PROMPTS,
+                           steps=2, progress=False)
 
 
 def test_kohya_lora_on_sdxl_matches_diffusers(base, tmp_path):
