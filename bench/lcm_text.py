@@ -29,7 +29,7 @@ from difflab.data import load_digits
 from difflab.demos import text as dt
 from difflab.eval import DigitsJudge, judge_report
 from difflab.io.text_model import is_text_model, read_text_model
-from difflab.pipelines.models import load_text_model, sample_text_model
+from difflab.pipelines.folder import load_text_model, sample_text_model
 from difflab.pipelines.options import TEXT_DEFAULTS
 from difflab.train.distill import DistillConfig, caption_data, distill_text
 

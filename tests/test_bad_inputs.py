@@ -193,6 +193,7 @@ CLI_CASES = [
     ("sample-model-with-classes", [*M, "--prompt", "a digit", "--classes", "3"], 2, "--classes"),
     ("sample-prompt-without-model", [*S, "--prompt", "a digit"], 2, "--prompt needs --model"),
     ("sample-model-sampler-unknown", [*M, "--prompt", "a digit", "--sampler", "nope"], 2, "nope"),
+    ("sample-model-height-0", [*M, "--prompt", "a", "--height", "0"], 2, "--height"),
     # eval
     ("eval-generated-missing", ["eval", "--generated", "{root}/missing"], 2, "does not exist"),
     ("eval-metric-unknown", [*E, "--metrics", "fid,beauty"], 2, "beauty"),
@@ -415,6 +416,10 @@ API_CASES = [
     ("text-negatives-count", lambda r: _text_to_image(["a", "cat"], negative_prompts=["a", "a", "a"]), ValueError,
      "negative_prompts has 3"),
     ("text-prompt-too-long", lambda r: _text_to_image("a a a a a a"), ValueError, "longer"),
+    ("text-added-cond-rows", lambda r: _text_to_image(["a", "cat"], added_cond={"time_ids": torch.zeros(3, 6)}), ValueError,
+     "added_cond['time_ids']"),
+    ("text-negative-added-cond-alone", lambda r: _text_to_image(["a"], negative_added_cond={"time_ids": torch.zeros(1, 6)}),
+     ValueError, "without added_cond"),
     # ControlNet: the control image
     ("controlnet-control-wrong-size", lambda r: _controlnet(torch.zeros(1, 3, 16, 16)), ValueError, "control must be"),
     ("controlnet-control-wrong-channels", lambda r: _controlnet(torch.zeros(1, 1, 8, 8)), ValueError, "control must be"),

@@ -1,4 +1,4 @@
-"""Text-to-image models on disk (difflab.io.text_model) and from folders (difflab.pipelines.models):
+"""Text-to-image models on disk (difflab.io.text_model) and from folders (difflab.pipelines.folder):
 the file round-trips a latent model exactly, `difflab distill --method lcm|lcm-lora` turns one into
 a few-step student that `difflab sample --model` samples with the LCM sampler by default, the
 LCM-LoRA student is the base model plus a diffusers-layout adapter, and distillation resumes exactly."""
@@ -14,7 +14,7 @@ from difflab.demos import text as dt
 from difflab.io import load_checkpoint
 from difflab.io.text_model import is_text_model, read_text_model, save_text_model
 from difflab.nn.text import build_vocab
-from difflab.pipelines.models import load_text_model, model_family, model_options, sample_text_model
+from difflab.pipelines.folder import load_text_model, model_family, model_options, sample_folder, sample_text_model
 
 TINY = dataclasses.replace(dt.DEMO, vae_channels=(8, 16, 16), text_width=16, text_layers=1, unet_channels=16)
 SPEC = {"network": {"kind": "unet", "config": None}, "diffusion": dt.DIFFUSION}
@@ -75,8 +75,11 @@ def test_lcm_student_samples_with_its_own_defaults(teacher, tmp_path, capsys):
     capsys.readouterr()
     assert main(["sample", "--model", str(out), "--prompt", "the digit 3", "--prompt", "a seven", "--num", "2",
                  "--out", str(tmp_path / "lcm.png"), "--device", "cpu"]) == 0
-    said = capsys.readouterr().out
-    assert "4 images with lcm, 4 steps, guidance 2" in said and (tmp_path / "lcm.png").exists()
+    assert "difflab model" in capsys.readouterr().out and (tmp_path / "lcm.png").exists()
+    loaded = load_text_model(out)
+    explicit = sample_text_model(loaded, ["the digit 3"], options=model_options(loaded).replace(
+        sampler="lcm", grid="lcm", steps=4, guidance_scale=2.0, progress=False))
+    torch.testing.assert_close(sample_folder(out, ["the digit 3"], progress=False), explicit, rtol=0, atol=0)
 
 
 def test_lcm_lora_student_is_the_base_plus_an_adapter(teacher, tmp_path):

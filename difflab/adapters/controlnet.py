@@ -77,6 +77,9 @@ class ControlNetConfig:
             object.__setattr__(self, "unet", UNetSDConfig.from_dict(self.unet))
         if not self.conditioning_embedding_out_channels:
             raise ValueError("conditioning_embedding_out_channels must name at least one width")
+        if self.unet.addition_embed_type is not None:
+            raise ValueError(f"addition_embed_type={self.unet.addition_embed_type!r}: SDXL ControlNets are not supported "
+                             "(only the SD 1.x / 2.x family)")
         if self.conditioning_channel_order not in CHANNEL_ORDERS:
             raise ValueError(f"conditioning_channel_order={self.conditioning_channel_order!r} must be one of {CHANNEL_ORDERS}")
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from ..io.images import save_grid
 from ..pipelines import sample_checkpoint
 from ..pipelines.checkpoint import sampling_defaults
-from ..pipelines.models import load_text_model, model_family, model_options, sample_text_model
+from ..pipelines.folder import model_family, sample_folder
 from ..samplers import ETA_SAMPLERS, SAMPLERS
 from .common import (UsageError, device, device_name, finite_float, image_checkpoint, non_negative_float, non_negative_int,
                      output_file, parse_classes, positive_int)
@@ -71,7 +71,8 @@ def run(args) -> int:
 
 
 def run_model(args) -> int:
-    """``--model FOLDER --prompt ...``: text-to-image with the folder's family and its defaults."""
+    """``--model FOLDER --prompt ...``: text-to-image with the folder's family and its defaults
+    (:func:`difflab.pipelines.folder.sample_folder`)."""
     # 1. Check the arguments and the folder's layout before any weights are read.
     output_file(args.out)
     if not args.prompt:
@@ -79,20 +80,15 @@ def run_model(args) -> int:
     if args.classes is not None:
         raise UsageError("--classes is for class-conditional checkpoints; --model samples from --prompt")
     family = model_family(args.model)
-    # 2. Load, resolve the options over the model's defaults, sample, write the grid.
-    model = load_text_model(args.model, device=device(args.device))
     given = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)
     overrides = dict({k: v for k, v in given.items() if v is not None}, seed=args.seed, device=device(args.device))
     if args.eta is not None:
-        overrides["sampler_kwargs"] = {"eta": args.eta}
-    options = model_options(model).replace(**overrides)
-    if args.eta is not None and options.sampler not in ETA_SAMPLERS:
-        raise UsageError(f"--eta: sampler {options.sampler!r} has no eta; the samplers that take one are {', '.join(ETA_SAMPLERS)}")
+        overrides["eta"] = args.eta
+    # 2. Sample (the folder's own defaults under the overrides) and write the grid.
     prompts = [p for p in args.prompt for _ in range(args.num or 1)]
-    print(f"{family} model {args.model}: {len(prompts)} images with {options.sampler}, {options.steps} steps, "
-          f"guidance {options.guidance_scale:g}")
-    images = sample_text_model(model, prompts, negative_prompts=args.negative_prompt, options=options,
-                               height=args.height, width=args.width)
+    print(f"{family} model {args.model}: {len(prompts)} images")
+    images = sample_folder(args.model, prompts, negative_prompts=args.negative_prompt, height=args.height,
+                           width=args.width, **overrides)
     size = images.shape[-1]
     path = save_grid(images, args.out, nrow=min(10, len(images)), upscale=max(1, 48 // size))
     print(f"wrote {len(images)} samples to {path}")

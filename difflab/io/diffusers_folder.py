@@ -23,6 +23,7 @@ write the same layout back, which diffusers and transformers load.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,17 +96,22 @@ def save_diffusers_unet(unet: UNetSD, folder) -> Path:
 
 
 def load_diffusers_text_encoder(folder, *, tokenizer=None, variant: str | None = None, dtype: torch.dtype | None = None,
-                                clip_skip: int = 0) -> CLIPTextEncoder:
-    """A :class:`CLIPTextEncoder` from a transformers ``CLIPTextModel`` folder (config.json +
-    model.safetensors), in eval mode. ``tokenizer``: a tokenizer folder, a tokenizer object, or None."""
+                                clip_skip: int = 0, norm_hidden: bool = True) -> CLIPTextEncoder:
+    """A :class:`CLIPTextEncoder` from a transformers ``CLIPTextModel`` or
+    ``CLIPTextModelWithProjection`` folder (config.json + model.safetensors; a ``text_projection``
+    in the weights gives the projection), in eval mode. ``tokenizer``: a tokenizer folder, a
+    tokenizer object, or None. ``clip_skip`` and ``norm_hidden`` as :class:`CLIPTextEncoder`'s."""
     folder = Path(folder)
     config = CLIPTextEncoderConfig.from_transformers_config(read_json(folder / CONFIG_NAME, "a transformers CLIPTextModel config"))
     if isinstance(tokenizer, (str, Path)):
         tokenizer = load_clip_tokenizer(tokenizer)
-    encoder = CLIPTextEncoder(config, tokenizer=tokenizer, clip_skip=clip_skip)
     raw = read_safetensors(folder, TEXT_WEIGHTS, variant)
+    projection = raw.get("text_projection.weight")
+    config = dataclasses.replace(config, projection_dim=None if projection is None else int(projection.shape[0]))
+    encoder = CLIPTextEncoder(config, tokenizer=tokenizer, clip_skip=clip_skip, norm_hidden=norm_hidden)
     prefix = "text_model." if any(k.startswith("text_model.") for k in raw) else ""
-    load_into(encoder, transformers_to_difflab(raw), f"transformers CLIPTextModel weights in {folder}", lambda k: prefix + k)
+    load_into(encoder, transformers_to_difflab(raw), f"transformers CLIPTextModel weights in {folder}",
+              lambda k: k if k.startswith("text_projection.") else prefix + k)
     return encoder.to(dtype).eval() if dtype is not None else encoder.eval()
 
 
@@ -201,7 +207,8 @@ def load_diffusers_folder(folder, *, components=COMPONENTS, variant: str | None 
     if unknown:
         raise ValueError(f"unknown components {unknown}; choose from {list(COMPONENTS)}")
     if index.get("text_encoder_2") or index.get("_class_name", "").startswith("StableDiffusionXL"):
-        raise ValueError(f"{root} is a {index.get('_class_name')} (two text encoders): only SD 1.x / 2.x folders are supported")
+        raise ValueError(f"{root} is a {index.get('_class_name')} (two text encoders): load SDXL folders with "
+                         "difflab.io.load_sdxl_folder (load_diffusers_folder reads SD 1.x / 2.x)")
     out = StableDiffusionComponents()
 
     # 1. Scheduler -> frame, prediction, grid hints

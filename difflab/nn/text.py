@@ -82,6 +82,7 @@ class CLIPTextEncoderConfig(JSONConfig):
     bos_token_id: int = 49406
     eos_token_id: int = 49407
     pad_token_id: int = 49407
+    projection_dim: int | None = None  # CLIPTextModelWithProjection: the pooled vector through text_projection (SDXL's ViT-bigG: 1280)
 
     def __post_init__(self):
         if self.hidden_act not in _ACTIVATIONS:
@@ -95,16 +96,20 @@ class CLIPTextEncoderConfig(JSONConfig):
         inference, such as dropout or initializer ranges, are ignored)."""
         if d.get("model_type", "clip_text_model") not in ("clip_text_model", "clip"):
             raise ValueError(f"config.json describes a {d.get('model_type')!r} model, not a CLIP text model")
+        projected = "CLIPTextModelWithProjection" in (d.get("architectures") or [])
         if "text_config" in d:  # a full CLIPModel config: use its text tower
             d = d["text_config"]
-        fields = {f.name: f.default for f in dataclasses.fields(cls)}
-        return cls(**{k: d.get(k, v) if d.get(k) is not None else v for k, v in fields.items()})
+        fields = {f.name: f.default for f in dataclasses.fields(cls) if f.name != "projection_dim"}
+        values = {k: d.get(k, v) if d.get(k) is not None else v for k, v in fields.items()}
+        return cls(**values, projection_dim=d.get("projection_dim", 512) if projected else None)
 
     def to_transformers_config(self) -> dict:
-        """The transformers ``config.json`` dict of the same model."""
-        return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "attention_dropout": 0.0,
-                "dropout": 0.0, "initializer_factor": 1.0, "initializer_range": 0.02, "projection_dim": 768,
-                **self.to_dict()}
+        """The transformers ``config.json`` dict of the same model (``CLIPTextModelWithProjection``
+        when it has a projection)."""
+        arch = "CLIPTextModel" if self.projection_dim is None else "CLIPTextModelWithProjection"
+        return {"architectures": [arch], "model_type": "clip_text_model", "attention_dropout": 0.0,
+                "dropout": 0.0, "initializer_factor": 1.0, "initializer_range": 0.02,
+                **self.to_dict(), "projection_dim": self.projection_dim or 768}
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -161,24 +166,30 @@ class CLIPTextEncoder(TextEncoder):
     ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id``), needed by :meth:`encode` only;
     :meth:`forward` takes token ids. ``clip_skip`` takes the hidden states that many layers before
     the last (then the final LayerNorm), as diffusers' ``clip_skip`` does (A1111's "Clip skip" is
-    this plus one); the pooled vector always comes from the last layer.
+    this plus one); the pooled vector always comes from the last layer. ``norm_hidden=False``
+    leaves the chosen hidden states without the final LayerNorm: SDXL conditions on transformers'
+    ``hidden_states[-2]`` as they are (Podell et al. 2023, Section 2.1), which is ``clip_skip=1,
+    norm_hidden=False``. A config with ``projection_dim`` adds ``text_projection`` (no bias, as
+    transformers' ``CLIPTextModelWithProjection``): the pooled vector is then projected.
     """
 
-    def __init__(self, config: CLIPTextEncoderConfig, tokenizer=None, clip_skip: int = 0):
+    def __init__(self, config: CLIPTextEncoderConfig, tokenizer=None, clip_skip: int = 0, norm_hidden: bool = True):
         super().__init__()
         self.config = c = config
         self.hidden_size = c.hidden_size
-        self.tokenizer, self.clip_skip = tokenizer, clip_skip
+        self.tokenizer, self.clip_skip, self.norm_hidden = tokenizer, clip_skip, norm_hidden
         if not 0 <= clip_skip < c.num_hidden_layers:
             raise ValueError(f"clip_skip={clip_skip} must be in [0, {c.num_hidden_layers - 1}]")
         self.embeddings = nn.ModuleDict({"token_embedding": nn.Embedding(c.vocab_size, c.hidden_size),
                                          "position_embedding": nn.Embedding(c.max_position_embeddings, c.hidden_size)})
         self.encoder = nn.ModuleDict({"layers": nn.ModuleList([CLIPLayer(c) for _ in range(c.num_hidden_layers)])})
         self.final_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        if c.projection_dim is not None:
+            self.text_projection = nn.Linear(c.hidden_size, c.projection_dim, bias=False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(hidden_states (B, L, D), pooled (B, D))`` for token ids (B, L), L <= max_position_embeddings.
+        """``(hidden_states (B, L, D), pooled (B, D or projection_dim))`` for token ids (B, L), L <= max_position_embeddings.
 
         ``attention_mask`` (B, L), 1/True for real tokens, is combined with the causal mask
         (Stable Diffusion passes none: it attends to the padding tokens too).
@@ -200,12 +211,16 @@ class CLIPTextEncoder(TextEncoder):
             if i == len(layers) - 1 - skip:
                 chosen = h
         last = self.final_layer_norm(h)
-        hidden = last if skip == 0 else self.final_layer_norm(chosen)
+        if not self.norm_hidden:
+            hidden = chosen
+        else:
+            hidden = last if skip == 0 else self.final_layer_norm(chosen)
         if c.eos_token_id == 2:  # transformers' legacy config: the end token has the largest id
             eos = input_ids.to(torch.int).argmax(dim=-1)
         else:  # the first end token (padding may repeat it)
             eos = (input_ids == c.eos_token_id).int().argmax(dim=-1)
-        return hidden, last[torch.arange(b, device=h.device), eos]
+        pooled = last[torch.arange(b, device=h.device), eos]
+        return hidden, pooled if c.projection_dim is None else self.text_projection(pooled)
 
     def token_windows(self, prompts, min_chunks: int = 1) -> tuple[torch.Tensor, int]:
         """Token ids (B * K, window) of the prompts, K windows each, and K (see :meth:`encode`)."""

@@ -2,9 +2,13 @@
 
 A network, not a denoiser: ``net(x_in, t, context=, context_mask=)`` maps the latent at network
 scale, a (B,) float time and the text encoder's hidden states to the raw prediction (eps for SD
-1.x and 2-base, v for SD 2.x 768-v); ``difflab.core.Denoiser`` wraps it.
+1.x and 2-base, v for SD 2.x 768-v); ``difflab.core.Denoiser`` wraps it. SDXL's U-Net (Podell et
+al. 2023, Section 2.1-2.2) is the same network with a few settings more: a transformer depth per
+level (``transformer_layers_per_block=(1, 2, 10)``), no attention in the first level, and the
+added conditions ``text_embeds`` (the pooled text embedding) and ``time_ids`` (the
+micro-conditioning sizes; ``addition_embed_type="text_time"``), see :meth:`UNetSD.forward`.
 
-Architecturally it is diffusers' ``UNet2DConditionModel`` for the SD 1.x / 2.x family, with the
+Architecturally it is diffusers' ``UNet2DConditionModel`` for the SD 1.x / 2.x / XL family, with the
 same module and parameter names, so a diffusers ``unet/`` state dict loads as it is (the key map
 to the original ``ldm`` layout is :mod:`difflab.io.keymaps.unet_sd`). For level ``i`` of
 ``block_out_channels = (c_0, ..., c_{n-1})`` (resolution H / 2**i):
@@ -20,7 +24,9 @@ to the original ``ldm`` layout is :mod:`difflab.io.keymaps.unet_sd`). For level 
 - out: GroupNorm, SiLU, ``conv_out``.
 
 A ResnetBlock *adds* the projected time embedding between its two convs (DDPM's form, Ho et al.
-2020, Appendix B), unlike difflab's ADM ``ResBlock`` which scales and shifts.
+2020, Appendix B), unlike difflab's ADM ``ResBlock`` which scales and shifts. With
+``addition_embed_type="text_time"`` (SDXL) ``add_embedding`` (Linear-SiLU-Linear) maps
+``[text_embeds, sinusoidal(time_ids)]`` to the same ``4 c_0`` channels, added to the time embedding.
 """
 from __future__ import annotations
 
@@ -55,13 +61,16 @@ class UNetSDConfig(JSONConfig):
     up_attention: tuple[bool, ...] = (False, True, True, True)  # deepest first: CrossAttnUpBlock2D or UpBlock2D
     num_heads: tuple[int, ...] = (8, 8, 8, 8)  # attention heads per level (diffusers' "attention_head_dim")
     cross_attention_dim: int = 768  # width of the text tokens (CLIP ViT-L: 768; OpenCLIP ViT-H: 1024)
-    transformer_layers_per_block: int = 1  # BasicTransformerBlocks in each SpatialTransformer
+    transformer_layers_per_block: int | tuple[int, ...] = 1  # BasicTransformerBlocks per SpatialTransformer: one int, or one per level (SDXL: (1, 2, 10))
     use_linear_projection: bool = False  # SD 2.x: linear proj_in/proj_out on tokens; SD 1.x: 1x1 convs
     norm_num_groups: int = 32  # GroupNorm groups (must divide every width)
     norm_eps: float = 1e-5  # GroupNorm eps of the ResnetBlocks and the output norm (LayerNorms keep 1e-5, as in diffusers)
     dropout: float = 0.0  # dropout in ResnetBlocks and attention
     sample_size: int = 64  # the latent size the model was trained at (pipelines' default)
     gradient_checkpointing: bool = False  # recompute block activations in backward to save memory
+    addition_embed_type: str | None = None  # SDXL: "text_time" (pooled text + micro-conditioning added to the time embedding)
+    addition_time_embed_dim: int = 256  # sinusoidal width of each time id (SDXL: 256)
+    projection_class_embeddings_input_dim: int | None = None  # pooled width + ids x addition_time_embed_dim (SDXL base: 1280 + 6 x 256)
 
     def __post_init__(self):
         for name in ("block_out_channels", "down_attention", "up_attention", "num_heads"):
@@ -69,6 +78,16 @@ class UNetSDConfig(JSONConfig):
         n = len(self.block_out_channels)
         if n < 1:
             raise ValueError("block_out_channels must have at least one level")
+        if not isinstance(self.transformer_layers_per_block, int):
+            layers = tuple(self.transformer_layers_per_block)
+            object.__setattr__(self, "transformer_layers_per_block", layers)
+            if len(layers) != n or not all(isinstance(d, int) and d >= 1 for d in layers):
+                raise ValueError(f"transformer_layers_per_block={list(layers)} must be one int >= 1 or one per level ({n})")
+        if self.addition_embed_type not in (None, "text_time"):
+            raise ValueError(f"addition_embed_type={self.addition_embed_type!r} is not supported; choose None or 'text_time'")
+        if self.addition_embed_type and (self.projection_class_embeddings_input_dim or 0) <= 0:
+            raise ValueError("addition_embed_type='text_time' needs projection_class_embeddings_input_dim "
+                             "(pooled text width + number of time ids x addition_time_embed_dim)")
         for name in ("down_attention", "up_attention", "num_heads"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"{name} has {len(getattr(self, name))} entries but block_out_channels has {n} levels")
@@ -83,15 +102,20 @@ class UNetSDConfig(JSONConfig):
         """How much the deepest level is smaller than the input: 2 ** (levels - 1)."""
         return 2 ** (len(self.block_out_channels) - 1)
 
+    def transformer_depth(self, level: int) -> int:
+        """BasicTransformerBlocks in the SpatialTransformers of down level ``level`` (its up level too)."""
+        d = self.transformer_layers_per_block
+        return d if isinstance(d, int) else d[level]
+
 
     # -- diffusers' config.json ----------------------------------------------------------------
 
     @classmethod
     def from_diffusers_config(cls, d: dict) -> "UNetSDConfig":
-        """Read a diffusers ``UNet2DConditionModel`` ``config.json`` dict (SD 1.x / 2.x family).
+        """Read a diffusers ``UNet2DConditionModel`` ``config.json`` dict (SD 1.x / 2.x / XL family).
 
-        Settings this U-Net does not implement raise ValueError naming them (SDXL's
-        ``addition_embed_type``, class embeddings, per-block layer counts, ...); settings that do
+        Settings this U-Net does not implement raise ValueError naming them (class embeddings,
+        per-block layer counts, other ``addition_embed_type`` than SDXL's ``"text_time"``, ...); settings that do
         not change the function (``upcast_attention``, which diffusers' SDPA attention ignores too,
         ``sample_size``, ...) are accepted.
         """
@@ -99,6 +123,8 @@ class UNetSDConfig(JSONConfig):
         unsupported = []
         for key, ok in _DIFFUSERS_REQUIRED.items():
             value = get(key)
+            if key == "addition_embed_type" and value == "text_time":  # SDXL's added conditions
+                continue
             if isinstance(value, (list, tuple)):  # one flag per block: fine when every entry is the supported value
                 value = ok if all(v == ok for v in value) else tuple(value)
             if value != ok:
@@ -107,11 +133,14 @@ class UNetSDConfig(JSONConfig):
         allowed_down, allowed_up = {"CrossAttnDownBlock2D", "DownBlock2D"}, {"CrossAttnUpBlock2D", "UpBlock2D"}
         if set(down) - allowed_down or set(up) - allowed_up:
             unsupported.append(f"down_block_types={list(down)}, up_block_types={list(up)} (supported: {sorted(allowed_down | allowed_up)})")
-        for key in ("layers_per_block", "transformer_layers_per_block", "cross_attention_dim"):
+        for key in ("layers_per_block", "cross_attention_dim"):
             if not isinstance(get(key), int):
                 unsupported.append(f"{key}={get(key)!r} (supported: one int for every level)")
+        depth = get("transformer_layers_per_block")
+        if not isinstance(depth, int) and not all(isinstance(v, int) for v in depth):
+            unsupported.append(f"transformer_layers_per_block={depth!r} (supported: one int, or one int per level)")
         if unsupported:
-            raise ValueError(f"this diffusers UNet2DConditionModel config is outside the SD 1.x/2.x family UNetSD implements: {'; '.join(unsupported)}")
+            raise ValueError(f"this diffusers UNet2DConditionModel config is outside the SD 1.x / 2.x / XL family UNetSD implements: {'; '.join(unsupported)}")
         n = len(get("block_out_channels"))
         heads = get("num_attention_heads") or get("attention_head_dim")
         heads = (heads,) * n if isinstance(heads, int) else tuple(heads)
@@ -122,10 +151,12 @@ class UNetSDConfig(JSONConfig):
             down_attention=tuple(b == "CrossAttnDownBlock2D" for b in down),
             up_attention=tuple(b == "CrossAttnUpBlock2D" for b in up),
             num_heads=heads, cross_attention_dim=get("cross_attention_dim"),
-            transformer_layers_per_block=get("transformer_layers_per_block"),
+            transformer_layers_per_block=depth if isinstance(depth, int) else tuple(depth),
             use_linear_projection=bool(get("use_linear_projection")), norm_num_groups=get("norm_num_groups"),
             norm_eps=get("norm_eps"), dropout=get("dropout"),
             sample_size=sample_size if isinstance(sample_size, int) else 64,
+            addition_embed_type=get("addition_embed_type"), addition_time_embed_dim=get("addition_time_embed_dim") or 256,
+            projection_class_embeddings_input_dim=get("projection_class_embeddings_input_dim"),
         )
 
     def to_diffusers_config(self) -> dict:
@@ -138,7 +169,10 @@ class UNetSDConfig(JSONConfig):
             "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in self.down_attention],
             "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in self.up_attention],
             "attention_head_dim": list(self.num_heads), "cross_attention_dim": self.cross_attention_dim,
-            "transformer_layers_per_block": self.transformer_layers_per_block,
+            "transformer_layers_per_block": self.transformer_layers_per_block if isinstance(self.transformer_layers_per_block, int)
+            else list(self.transformer_layers_per_block),
+            "addition_embed_type": self.addition_embed_type, "addition_time_embed_dim": self.addition_time_embed_dim,
+            "projection_class_embeddings_input_dim": self.projection_class_embeddings_input_dim,
             "use_linear_projection": self.use_linear_projection, "norm_num_groups": self.norm_num_groups,
             "norm_eps": self.norm_eps, "dropout": self.dropout, "sample_size": self.sample_size,
             "act_fn": "silu", "downsample_padding": 1, "center_input_sample": False,
@@ -162,7 +196,8 @@ _DIFFUSERS_DEFAULTS = {
     "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
     "attention_head_dim": 8, "num_attention_heads": None, "cross_attention_dim": 1280, "transformer_layers_per_block": 1,
     "use_linear_projection": False, "norm_num_groups": 32, "norm_eps": 1e-5, "dropout": 0.0, "sample_size": None,
-    **_DIFFUSERS_REQUIRED, "mid_block_only_cross_attention": None,
+    **_DIFFUSERS_REQUIRED, "mid_block_only_cross_attention": None, "addition_time_embed_dim": None,
+    "projection_class_embeddings_input_dim": None,
 }
 
 
@@ -272,7 +307,7 @@ class UpBlock(nn.Module):
 
 
 class UNetSD(nn.Module):
-    """The Stable Diffusion 1.x / 2.x U-Net; see the module docstring for the layout."""
+    """The Stable Diffusion 1.x / 2.x / XL U-Net; see the module docstring for the layout."""
 
     def __init__(self, config: UNetSDConfig):
         super().__init__()
@@ -283,12 +318,14 @@ class UNetSD(nn.Module):
         def resnet(cin, cout):
             return ResnetBlock(cin, cout, emb_dim, c.norm_num_groups, c.norm_eps, c.dropout)
 
-        def attention(ch, heads):
-            return SpatialTransformer(ch, heads, ch // heads, c.cross_attention_dim, c.transformer_layers_per_block,
+        def attention(ch, heads, level):
+            return SpatialTransformer(ch, heads, ch // heads, c.cross_attention_dim, c.transformer_depth(level),
                                       c.norm_num_groups, c.use_linear_projection, c.dropout)
 
         self.conv_in = nn.Conv2d(c.in_channels, chans[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(chans[0], emb_dim)
+        if c.addition_embed_type == "text_time":  # SDXL (Podell et al. 2023, Section 2.2)
+            self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, emb_dim)
 
         self.down_blocks = nn.ModuleList()
         ch = chans[0]
@@ -297,11 +334,11 @@ class UNetSD(nn.Module):
             for k in range(c.layers_per_block):
                 resnets.append(resnet(ch if k == 0 else chans[i], chans[i]))
                 if c.down_attention[i]:
-                    attns.append(attention(chans[i], c.num_heads[i]))
+                    attns.append(attention(chans[i], c.num_heads[i], i))
             ch = chans[i]
             self.down_blocks.append(DownBlock(resnets, attns, Downsample(ch) if i < n - 1 else None))
 
-        self.mid_block = MidBlock([resnet(ch, ch), resnet(ch, ch)], attention(ch, c.num_heads[-1]))
+        self.mid_block = MidBlock([resnet(ch, ch), resnet(ch, ch)], attention(ch, c.num_heads[-1], n - 1))
 
         # up level j is down level n - 1 - j; its k-th ResnetBlock takes the skip of the matching
         # down output (the level's input width for the last one, which comes from one level above)
@@ -314,7 +351,7 @@ class UNetSD(nn.Module):
                 skip_ch = skip_ch_last if k == c.layers_per_block else out_ch
                 resnets.append(resnet((ch if k == 0 else out_ch) + skip_ch, out_ch))
                 if c.up_attention[j]:
-                    attns.append(attention(out_ch, c.num_heads[i]))
+                    attns.append(attention(out_ch, c.num_heads[i], i))
             ch = out_ch
             self.up_blocks.append(UpBlock(resnets, attns, SizedUpsample(ch) if j < n - 1 else None))
 
@@ -332,6 +369,8 @@ class UNetSD(nn.Module):
         class_labels: torch.Tensor | None = None,
         down_block_additional_residuals: list[torch.Tensor] | tuple[torch.Tensor, ...] | None = None,
         mid_block_additional_residual: torch.Tensor | None = None,
+        text_embeds: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict from the latent ``x`` (B, C, H, W) at times ``t`` (B,) float (a scalar is broadcast).
 
@@ -345,12 +384,20 @@ class UNetSD(nn.Module):
         skips and to the middle output: the ControlNet hook (Zhang et al. 2023, Section 3.2;
         diffusers' arguments of the same names, :mod:`difflab.adapters.controlnet`). None leaves
         the computation untouched.
+
+        ``text_embeds`` (B, D) and ``time_ids`` (B, K): SDXL's added conditions (Podell et al. 2023,
+        Section 2.2; diffusers' ``added_cond_kwargs``), required exactly when the config has
+        ``addition_embed_type="text_time"``. ``time_ids`` are the micro-conditioning numbers
+        (original height and width, crop top and left, then the target height and width, or the
+        refiner's aesthetic score); each gets a sinusoidal embedding of ``addition_time_embed_dim``
+        and ``add_embedding([text_embeds, those])`` is added to the time embedding.
         """
         # 1. Check inputs
         t = self._check_inputs(x, t, context, context_mask, class_labels)
 
-        # 2. Embed time
+        # 2. Embed time (and SDXL's added conditions)
         emb = self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0]).to(self.conv_in.weight.dtype))
+        emb = self._add_conditions(emb, text_embeds, time_ids, x.shape[0])
 
         # 3. Down, keeping every output as a skip
         h = self.conv_in(x)
@@ -372,6 +419,26 @@ class UNetSD(nn.Module):
 
         # 6. Out
         return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+    def _add_conditions(self, emb, text_embeds, time_ids, b: int) -> torch.Tensor:
+        """``emb + add_embedding([text_embeds, sinusoidal(time_ids)])`` (SDXL), after checking the inputs."""
+        c = self.config
+        if c.addition_embed_type is None:
+            if text_embeds is not None or time_ids is not None:
+                raise ValueError("text_embeds / time_ids given, but this UNetSD has no added conditions (addition_embed_type=None)")
+            return emb
+        if text_embeds is None or time_ids is None:
+            raise ValueError("this UNetSD (addition_embed_type='text_time', SDXL) needs text_embeds (B, D) and time_ids (B, K)")
+        if text_embeds.ndim != 2 or time_ids.ndim != 2 or len(text_embeds) != b or len(time_ids) != b:
+            raise ValueError(f"text_embeds must be (B, D) and time_ids (B, K) with B = {b}, got shapes "
+                             f"{tuple(text_embeds.shape)} and {tuple(time_ids.shape)}")
+        width = text_embeds.shape[1] + time_ids.shape[1] * c.addition_time_embed_dim
+        if width != c.projection_class_embeddings_input_dim:
+            raise ValueError(f"text_embeds ({text_embeds.shape[1]}) + {time_ids.shape[1]} time_ids x {c.addition_time_embed_dim} "
+                             f"= {width} features, but the U-Net takes projection_class_embeddings_input_dim="
+                             f"{c.projection_class_embeddings_input_dim} (a refiner takes 5 ids with an aesthetic score, a base 6)")
+        ids = timestep_embedding(time_ids.flatten(), c.addition_time_embed_dim).reshape(b, -1)
+        return emb + self.add_embedding(torch.cat([text_embeds.to(ids.dtype), ids], dim=-1).to(emb.dtype))
 
     def _check_inputs(self, x, t, context, context_mask, class_labels) -> torch.Tensor:
         """Raise a ValueError naming the bad argument; return ``t`` as a (B,) tensor."""
@@ -409,4 +476,15 @@ PRESETS = {
     # a few hundred thousand parameters, for tests and the embedded digits demo's latent model
     "tiny": UNetSDConfig(block_out_channels=(32, 64), layers_per_block=1, down_attention=(True, True), up_attention=(True, True),
                          num_heads=(2, 4), cross_attention_dim=32, norm_num_groups=8, sample_size=8),
+    # SDXL base 1.0 (Podell et al. 2023, Table 1): 2.6 B parameters, CLIP ViT-L + OpenCLIP ViT-bigG text (768 + 1280)
+    "sdxl": UNetSDConfig(block_out_channels=(320, 640, 1280), down_attention=(False, True, True), up_attention=(True, True, False),
+                         num_heads=(5, 10, 20), cross_attention_dim=2048, transformer_layers_per_block=(1, 2, 10),
+                         use_linear_projection=True, sample_size=128, addition_embed_type="text_time",
+                         addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816),
+    # SDXL refiner 1.0: OpenCLIP ViT-bigG text only, 5 time ids (aesthetic score instead of the target size)
+    "sdxl_refiner": UNetSDConfig(block_out_channels=(384, 768, 1536, 1536), down_attention=(False, True, True, False),
+                                 up_attention=(False, True, True, False), num_heads=(6, 12, 24, 24), cross_attention_dim=1280,
+                                 transformer_layers_per_block=4, use_linear_projection=True, sample_size=128,
+                                 addition_embed_type="text_time", addition_time_embed_dim=256,
+                                 projection_class_embeddings_input_dim=2560),
 }

@@ -202,7 +202,8 @@ def resolve_network(spec, device=None) -> nn.Module:
 def example_inputs(net: nn.Module, batch_size: int, image_size: int, *, context_len: int = 77, device=None,
                    dtype=torch.float32, generator: torch.Generator | None = None):
     """``(x, t, cond)`` for one call ``net(x, t, **cond)`` of a difflab U-Net: random x
-    (B, C, H, W), times in [0, 1000), class labels / text context when the network takes them."""
+    (B, C, H, W), times in [0, 1000), class labels / text context (and SDXL's pooled text and time
+    ids) when the network takes them."""
     c = net.config
     device = torch.device(device) if device is not None else device_of(net)
     g = generator or torch.Generator().manual_seed(0)
@@ -211,6 +212,13 @@ def example_inputs(net: nn.Module, batch_size: int, image_size: int, *, context_
     cond = {}
     if isinstance(c, UNetSDConfig):
         cond["context"] = torch.randn(batch_size, context_len, c.cross_attention_dim, generator=g).to(device, dtype)
+        if c.addition_embed_type == "text_time":  # SDXL: 6 time ids, the rest is the pooled text; the refiner
+            # (one encoder, pooled as wide as its context) takes 5
+            refiner = c.projection_class_embeddings_input_dim - 5 * c.addition_time_embed_dim == c.cross_attention_dim
+            ids = 5 if refiner else 6
+            pooled = c.projection_class_embeddings_input_dim - ids * c.addition_time_embed_dim
+            cond["text_embeds"] = torch.randn(batch_size, pooled, generator=g).to(device, dtype)
+            cond["time_ids"] = torch.full((batch_size, ids), float(image_size * 8), device=device)
     elif isinstance(c, UNetConfig):
         if c.num_classes is not None:
             cond["class_labels"] = torch.randint(0, c.num_classes, (batch_size,), generator=g).to(device)

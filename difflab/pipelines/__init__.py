@@ -3,11 +3,14 @@ they share are in :mod:`.common`, the sampling options in :mod:`.options`."""
 from .checkpoint import sample_checkpoint
 from .class_to_image import generate
 from .edit import Inversion, edit, invert, null_text_optimization, reconstruct
+from .folder import sample_folder
 from .image_to_image import image_to_image
 from .inpaint import inpaint
 from .options import SampleOptions
 from .outpaint import outpaint
+from .sdxl import MicroConditioning, sdxl_image_to_image, sdxl_inpaint, sdxl_text_to_image
 from .text_to_image import text_to_image
 
 __all__ = ["generate", "text_to_image", "image_to_image", "inpaint", "outpaint", "invert", "edit", "reconstruct",
-           "null_text_optimization", "Inversion", "SampleOptions", "sample_checkpoint"]
+           "null_text_optimization", "Inversion", "SampleOptions", "sample_checkpoint", "sdxl_text_to_image",
+           "sdxl_image_to_image", "sdxl_inpaint", "MicroConditioning", "sample_folder"]

@@ -1,5 +1,5 @@
 """The stages every pipeline shares, as small functions: inputs (:func:`check_size`,
-:func:`as_images`, :func:`encode_prompts`), the grid (:func:`sampling_grid`), guidance and the
+:func:`as_images`, :func:`encode_prompts`, :func:`add_conditions`), the grid (:func:`sampling_grid`), guidance and the
 sampler (:func:`guided`, :func:`denoise`), batching (:func:`run_batches`) and the way out
 (:func:`decode`, :func:`finish`, :func:`to_output`).
 
@@ -180,6 +180,37 @@ def encode_prompts(text_encoder, prompts, negative_prompts=None, *, guided: bool
         cond["context_mask"] = (full if cmask is None else cmask).to(device)
         uncond["context_mask"] = (full if nmask is None else nmask.expand(n, -1)).to(device)
     return cond, uncond, n
+
+
+def add_conditions(cond: dict, uncond: dict | None, added: dict | None, negative_added: dict | None, n: int, *,
+                   dtype=None, device=None) -> tuple[dict, dict | None]:
+    """Join extra network inputs to the prompts' conditioning: ``added`` (name -> (n or 1, ...)
+    tensor) for the conditional branch, ``negative_added`` (default: ``added``) for the
+    unconditional one (e.g. SDXL's pooled ``text_embeds`` and ``time_ids``). Floating tensors go
+    to the network's ``dtype``; everything to ``device``."""
+    if not added:
+        if negative_added:
+            raise ValueError("negative_added_cond given without added_cond")
+        return cond, uncond
+    negative_added = added if negative_added is None else negative_added
+    extra = sorted(set(negative_added) - set(added))
+    if extra:
+        raise ValueError(f"negative_added_cond has keys {extra} that added_cond lacks ({sorted(added)})")
+
+    def rows(d: dict, name: str) -> dict:
+        out = {}
+        for key, value in d.items():
+            value = torch.as_tensor(value)
+            if value.ndim < 1 or value.shape[0] not in (1, n):
+                raise ValueError(f"{name}[{key!r}] must be a (N, ...) or (1, ...) tensor for N = {n} prompts, got shape {tuple(value.shape)}")
+            value = value.to(device, dtype if value.is_floating_point() else None)
+            out[key] = value.expand(n, *value.shape[1:])
+        return out
+
+    cond = {**cond, **rows(added, "added_cond")}
+    if uncond is not None:
+        uncond = {**uncond, **rows({**added, **negative_added}, "negative_added_cond")}
+    return cond, uncond
 
 
 def sampling_grid(denoiser, steps: int, grid="default", spacing: str = "trailing", steps_offset: int = 0) -> torch.Tensor:

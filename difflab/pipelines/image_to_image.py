@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.forward import ve_sample
-from .common import (as_images, batch_slice, check_output_type, check_size, denoise, encode, encode_request, finish,
+from .common import (add_conditions, as_images, batch_slice, check_output_type, check_size, denoise, encode, encode_request, finish,
                      image_channels, latent_channels, run_options, sample_device, sampling_grid)
 from .options import TEXT_DEFAULTS, SampleOptions, resolve
 
@@ -49,18 +49,20 @@ class ImageRequest:
 
 def image_request(denoiser, text_encoder, vae, prompts, image, options, overrides: dict, *, output_type: str,
                   strength: float, negative_prompts=None, prompt_embeds=None, negative_prompt_embeds=None,
-                  channels: int | None = None) -> ImageRequest:
+                  channels: int | None = None, added_cond: dict | None = None, negative_added_cond: dict | None = None) -> ImageRequest:
     """Stages 1-3 of img2img and inpainting: the options (:func:`~difflab.pipelines.options.resolve`),
     the grid sliced by ``strength`` (:func:`start_index`), the prompts and negatives encoded in one
     call, the images checked (``channels`` of them, None for any) and the sample shape (latent
-    channels, image size / VAE factor)."""
+    channels, image size / VAE factor); ``added_cond`` / ``negative_added_cond`` joined by
+    :func:`~difflab.pipelines.common.add_conditions`."""
     opts = resolve(options, TEXT_DEFAULTS, overrides)
     check_output_type(output_type)
-    _, device = sample_device(denoiser, opts)
+    net_dtype, device = sample_device(denoiser, opts)
     sigmas = sampling_grid(denoiser, opts.steps, opts.grid, opts.spacing, opts.steps_offset)
     k = start_index(len(sigmas) - 1, strength)
     cond, uncond, n = encode_request(denoiser, text_encoder, prompts, negative_prompts, opts, prompt_embeds=prompt_embeds,
                                      negative_prompt_embeds=negative_prompt_embeds)
+    cond, uncond = add_conditions(cond, uncond, added_cond, negative_added_cond, n, dtype=net_dtype, device=device)
     images = as_images(image, n, channels)
     latent = images.shape[1] if vae is None else latent_channels(denoiser, vae)
     shape = (latent, *check_size(denoiser, vae, *images.shape[2:], names=("image height", "image width")))
@@ -71,6 +73,7 @@ def image_request(denoiser, text_encoder, vae, prompts, image, options, override
 def image_to_image(denoiser, text_encoder, vae, prompts, image, *, strength: float = 0.8, negative_prompts=None,
                    output_type: str = "pil", noise: torch.Tensor | None = None, sample_posterior: bool = True,
                    prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+                   added_cond: dict | None = None, negative_added_cond: dict | None = None,
                    options: SampleOptions | None = None, **overrides):
     """SDEdit (Meng et al. 2022, Algorithm 1): encode ``image``, add noise to the level
     sigmas[k] with k = :func:`start_index` (``strength``), and run the sampler on sigmas[k:].
@@ -85,7 +88,8 @@ def image_to_image(denoiser, text_encoder, vae, prompts, image, *, strength: flo
     # 1-3. Check inputs, encode the prompts (and negatives, in the same call), slice the grid at sigmas[k].
     req = image_request(denoiser, text_encoder, vae, prompts, image, options, overrides, output_type=output_type,
                         strength=strength, negative_prompts=negative_prompts, prompt_embeds=prompt_embeds,
-                        negative_prompt_embeds=negative_prompt_embeds, channels=image_channels(denoiser, vae))
+                        negative_prompt_embeds=negative_prompt_embeds, channels=image_channels(denoiser, vae),
+                        added_cond=added_cond, negative_added_cond=negative_added_cond)
     opts, device, sigmas, images, n, shape = req.opts, req.device, req.sigmas, req.images, req.n, req.shape
     if noise is not None and tuple(noise.shape) != (n, *shape):
         raise ValueError(f"noise must be (N, C, h, w) = {(n, *shape)}, got {tuple(noise.shape)}")

@@ -41,6 +41,7 @@ def inpaint(denoiser, text_encoder, vae, prompts, image, mask, *, mode: str = "a
             resample: int = 1, jump_length: int = 1, keep_known_pixels: bool = True, negative_prompts=None,
             output_type: str = "pil", latents: torch.Tensor | None = None, sample_posterior: bool = True,
             prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+            added_cond: dict | None = None, negative_added_cond: dict | None = None,
             options: SampleOptions | None = None, **overrides):
     """Inpainting by replacement (RePaint; Lugmayr et al. 2022, Algorithm 1) or with a mask-channel
     model (Rombach et al. 2022, Section 4.5): fill the region of ``image`` (N or 1, C, H, W in
@@ -67,7 +68,8 @@ def inpaint(denoiser, text_encoder, vae, prompts, image, mask, *, mode: str = "a
     req = image_request(denoiser, text_encoder, vae, prompts, image, options, overrides, output_type=output_type,
                         strength=strength, negative_prompts=negative_prompts, prompt_embeds=prompt_embeds,
                         negative_prompt_embeds=negative_prompt_embeds,
-                        channels=None if vae is None else int(vae.config.in_channels))
+                        channels=None if vae is None else int(vae.config.in_channels),
+                        added_cond=added_cond, negative_added_cond=negative_added_cond)
     opts, device, sigmas, images, n, shape = req.opts, req.device, req.sigmas, req.images, req.n, req.shape
     masks = check_mask(mask, images).expand(n, -1, -1, -1)
     mode = inpaint_mode(denoiser, shape[0], mode)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import (batch_slice, check_output_type, check_size, default_size, denoise, encode_request, finish,
+from .common import (add_conditions, batch_slice, check_output_type, check_size, default_size, denoise, encode_request, finish,
                      latent_channels, net_config, run_options, sample_device, sampling_grid)
 from .options import TEXT_DEFAULTS, SampleOptions, resolve
 
@@ -41,7 +41,8 @@ def text_sample_shape(denoiser, vae, *, height=None, width=None, latent_shape=No
 def text_to_image(denoiser, text_encoder, vae, prompts, *, negative_prompts=None, height: int | None = None,
                   width: int | None = None, latent_shape: tuple[int, int, int] | None = None, output_type: str = "pil",
                   latents: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
-                  negative_prompt_embeds: torch.Tensor | None = None, options: SampleOptions | None = None, **overrides):
+                  negative_prompt_embeds: torch.Tensor | None = None, added_cond: dict | None = None,
+                  negative_added_cond: dict | None = None, options: SampleOptions | None = None, **overrides):
     """Latent diffusion from text (Rombach et al. 2022, Section 3.3) with classifier-free guidance
     (Ho & Salimans 2022, eq. 6) and optional guidance rescale (Lin et al. 2024, Section 3.4).
 
@@ -56,7 +57,9 @@ def text_to_image(denoiser, text_encoder, vae, prompts, *, negative_prompts=None
     ``sample_size`` times the VAE factor; ``latent_shape`` (C, h, w) gives the sample shape
     directly. ``latents``: standard normal starting noise (N, C, h, w) (diffusers' ``latents=``
     before ``init_noise_sigma``), used instead of the per-sample draws; it is scaled by
-    ``denoiser.prior_std(sigmas[0])``.
+    ``denoiser.prior_std(sigmas[0])``. ``added_cond`` / ``negative_added_cond``: more network
+    inputs per prompt for the conditional / unconditional branch (:func:`~difflab.pipelines.common.add_conditions`;
+    SDXL's ``text_embeds`` and ``time_ids``, see :mod:`difflab.pipelines.sdxl`).
 
     Returns N images as ``output_type`` (see :mod:`difflab.pipelines.common`). The same ``seed``
     gives the same image i whatever ``batch_size``.
@@ -70,6 +73,8 @@ def text_to_image(denoiser, text_encoder, vae, prompts, *, negative_prompts=None
     # 2. Encode the prompts (and negatives, in the same call).
     cond, uncond, n = encode_request(denoiser, text_encoder, prompts, negative_prompts, opts, prompt_embeds=prompt_embeds,
                                      negative_prompt_embeds=negative_prompt_embeds)
+    cond, uncond = add_conditions(cond, uncond, added_cond, negative_added_cond, n, dtype=sample_device(denoiser, opts)[0],
+                                  device=device)
     if latents is not None and len(latents) != n:
         raise ValueError(f"latents has {len(latents)} samples for {n} prompts")
 

@@ -22,8 +22,9 @@ import torch
 
 from . import from_difflab, prefixed, to_difflab
 
-# (transformers 4 CLIPTextModel, difflab); keys without the prefix (transformers 5) keep their names
-TRANSFORMERS = [("text_model.", "")]
+# (transformers 4 CLIPTextModel, difflab); keys without the prefix (transformers 5) keep their names;
+# CLIPTextModelWithProjection's text_projection sits outside text_model. in both layouts
+TRANSFORMERS = [("text_projection.", "text_projection."), ("text_model.", "")]
 # a buffer older transformers versions saved; not a weight
 TRANSFORMERS_UNUSED = ("text_model.embeddings.position_ids", "embeddings.position_ids")
 

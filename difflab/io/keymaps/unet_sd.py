@@ -11,7 +11,9 @@ without that prefix here) numbers its blocks in one flat sequence per direction:
 sits in that sequence depends on the config (layers per block, which levels have attention), so
 the table is generated from the config by :func:`original_table` -- as rows of literal prefixes,
 data that :mod:`difflab.io.keymaps` applies in both directions. Inside a SpatialTransformer the
-names are the same in both layouts; inside a ResBlock they differ (:data:`RESNET`).
+names are the same in both layouts; inside a ResBlock they differ (:data:`RESNET`). SDXL's
+single files (Podell et al. 2023; the ``sgm`` layout) number their blocks the same way and add
+``label_emb.0.{0,2}`` for the added-condition embedding (:data:`ADDED`).
 """
 from __future__ import annotations
 
@@ -32,6 +34,10 @@ EMBEDDING = [
 
 # (original, difflab) outside the down / middle / up blocks
 TOP = [*EMBEDDING, ("out.0.", "conv_norm_out."), ("out.2.", "conv_out.")]
+
+# (original sgm, difflab) of SDXL's added-condition embedding (Podell et al. 2023, Section 2.2),
+# present when the config has addition_embed_type="text_time"
+ADDED = [("label_emb.0.0.", "add_embedding.linear_1."), ("label_emb.0.2.", "add_embedding.linear_2.")]
 
 # (original ResBlock, difflab ResnetBlock) inside a residual block
 RESNET = [
@@ -76,10 +82,10 @@ def original_blocks(config) -> list[tuple[str, str, str]]:
 def original_table(config) -> list[tuple[str, str]]:
     """The (original, difflab) rows for a :class:`~difflab.nn.unet_sd.UNetSDConfig`; use with
     :func:`difflab.io.keymaps.to_difflab` / :func:`~difflab.io.keymaps.from_difflab`."""
-    rows = list(TOP)
+    rows = list(TOP) + (list(ADDED) if getattr(config, "addition_embed_type", None) else [])
     for original, ours, kind in original_blocks(config):
         rows += prefixed(original, ours, RESNET) if kind == "resnet" else [(original, ours)]
     return rows
 
 
-__all__ = ["DIFFUSERS", "ORIGINAL_PREFIX", "EMBEDDING", "TOP", "RESNET", "original_blocks", "original_table"]
+__all__ = ["DIFFUSERS", "ORIGINAL_PREFIX", "EMBEDDING", "TOP", "ADDED", "RESNET", "original_blocks", "original_table"]

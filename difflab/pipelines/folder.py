@@ -1,0 +1,156 @@
+"""Sampling a text-to-image model folder: the one place ``difflab sample --model FOLDER`` (and Python
+users) turn a folder and prompts into images, whatever the family.
+
+Usage::
+
+    images = sample_folder("models/sdxl-base", ["a red fox in snow"], steps=30, seed=1)   # (N, 3, H, W) in [-1, 1]
+
+:data:`MODEL_FOLDERS` is the table of layouts, tried in order; each entry is ``(name, detect(folder)
+-> bool, sample(folder, prompts, negative_prompts, height, width, options, overrides) -> images)``.
+A new family is one entry.
+
+| layout | recognized by | defaults |
+| --- | --- | --- |
+| ``difflab`` | a ``model.safetensors`` of kind ``difflab.text_model`` (``difflab demo --text``, ``difflab distill --method lcm|lcm-lora``, ``difflab dreambooth``) | the file's own ``"sampling"`` |
+| ``sdxl`` | ``model_index.json`` of an SDXL pipeline, a ``text_encoder_2``, or a U-Net with ``text_time`` | the scheduler's sampler and spacing, guidance 5 |
+| ``stable-diffusion`` | ``model_index.json`` of a ``StableDiffusion*Pipeline`` (1.x / 2.x) | the scheduler's sampler and spacing, guidance 7.5 |
+
+The diffusers folders' scheduler gives their defaults: its timestep spacing and offset, and the
+sampler that does what its scheduler class does (:data:`SCHEDULER_SAMPLERS`; DDIM otherwise).
+``options`` and keyword overrides replace them.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..adapters import load_lora_weights
+from ..core.consistency import ConsistencyFunction
+from ..io.diffusers_folder import load_diffusers_folder
+from ..io.sdxl_folder import is_sdxl_folder, load_sdxl_folder
+from ..io.text_model import TextModel, is_text_model, read_text_model
+from .options import TEXT_DEFAULTS, SampleOptions, resolve
+from .sdxl import sdxl_text_to_image
+from .text_to_image import text_to_image
+
+# diffusers scheduler class -> the difflab sampler taking the same steps
+SCHEDULER_SAMPLERS = {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_ancestral",
+                      "DPMSolverMultistepScheduler": "dpmpp_2m", "HeunDiscreteScheduler": "heun", "LMSDiscreteScheduler": "lms",
+                      "UniPCMultistepScheduler": "unipc", "DDPMScheduler": "ddpm", "LCMScheduler": "lcm"}
+LORA_NAME = "lcm"
+SIZE_KEYS = ("height", "width")
+
+
+def folder_defaults(sampling: dict, sdxl: bool) -> SampleOptions:
+    """:data:`TEXT_DEFAULTS` with a diffusers folder's scheduler hints (``sampling`` of the loaded components)."""
+    return TEXT_DEFAULTS.replace(sampler=SCHEDULER_SAMPLERS.get(sampling.get("scheduler"), "ddim"),
+                                 spacing=sampling.get("timestep_spacing", "leading"),
+                                 steps_offset=int(sampling.get("steps_offset", 0)), guidance_scale=5.0 if sdxl else 7.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# difflab's own text models
+
+
+def load_text_model(path, device="cpu") -> TextModel:
+    """A difflab text model (:mod:`difflab.io.text_model`); an LCM-LoRA it names is plugged into the
+    base network and the model becomes its consistency function (Luo et al. 2023b: sampled with
+    the LCM sampler, guidance 1)."""
+    model = read_text_model(path, device)
+    if model.meta.get("lora"):
+        load_lora_weights(model.denoiser.net, model.meta["lora"], name=LORA_NAME, prefix="unet.")
+        model.denoiser = ConsistencyFunction(model.denoiser, form="lcm").eval()
+    return model
+
+
+def model_options(model: TextModel) -> SampleOptions:
+    """The text pipelines' defaults with the model's own sampling entries (its sampler, steps, grid,
+    guidance scale, ...); a grid given as a list of sigmas becomes a tensor."""
+    sampling = {k: v for k, v in model.sampling.items() if k not in SIZE_KEYS}
+    if isinstance(sampling.get("grid"), list):
+        sampling["grid"] = torch.tensor(sampling["grid"], dtype=torch.float64)
+    return TEXT_DEFAULTS.replace(**sampling)
+
+
+def sample_text_model(model: TextModel, prompts, *, negative_prompts=None, options: SampleOptions | None = None,
+                      height: int | None = None, width: int | None = None, output_type: str = "pt"):
+    """Images of ``prompts`` from a loaded difflab text model with its defaults (:func:`model_options`),
+    ``options`` replacing them, at ``height`` x ``width`` (default: the model's own size)."""
+    options = model_options(model) if options is None else options
+    height, width = height or model.sampling.get("height"), width or model.sampling.get("width")
+    return text_to_image(model.denoiser, model.text_encoder, model.vae, prompts, negative_prompts=negative_prompts,
+                         height=height, width=width, output_type=output_type, options=options)
+
+
+# ----------------------------------------------------------------------------------------------
+# The families: (folder, prompts, negative_prompts, height, width, options, overrides) -> images
+
+
+def _sample_difflab(folder, prompts, negative_prompts, height, width, options, overrides):
+    device = (options.device if options is not None else None) or overrides.get("device") or "cpu"
+    model = load_text_model(folder, device)
+    opts = resolve(options, model_options(model), overrides).replace(device=device)
+    return sample_text_model(model, prompts, negative_prompts=negative_prompts, options=opts, height=height, width=width)
+
+
+def _sample_diffusers(folder, prompts, negative_prompts, height, width, options, overrides, *, sdxl: bool):
+    device = (options.device if options is not None else None) or overrides.get("device") or "cpu"
+    parts = load_sdxl_folder(folder, device=device) if sdxl else load_diffusers_folder(folder, device=device)
+    opts = resolve(options, folder_defaults(parts.sampling, sdxl), overrides).replace(device=device)
+    args = (parts.denoiser, parts.text_encoder, parts.vae, prompts)
+    if sdxl:
+        return sdxl_text_to_image(*args, negative_prompts=negative_prompts, height=height, width=width, output_type="pt",
+                                  force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt, options=opts)
+    return text_to_image(*args, negative_prompts=negative_prompts, height=height, width=width, output_type="pt", options=opts)
+
+
+def pipeline_class(folder) -> str:
+    """The ``_class_name`` of a folder's ``model_index.json`` ("" when there is none)."""
+    index = Path(folder) / "model_index.json"
+    try:
+        return str(json.loads(index.read_text()).get("_class_name", "")) if index.is_file() else ""
+    except (OSError, ValueError):
+        return ""
+
+
+def is_stable_diffusion(folder) -> bool:
+    """A diffusers Stable Diffusion 1.x / 2.x folder."""
+    return pipeline_class(folder).startswith("StableDiffusion") and not is_sdxl_folder(folder)
+
+
+MODEL_FOLDERS = [
+    ("difflab", is_text_model, _sample_difflab),
+    ("sdxl", is_sdxl_folder, lambda *a: _sample_diffusers(*a, sdxl=True)),
+    ("stable-diffusion", is_stable_diffusion, lambda *a: _sample_diffusers(*a, sdxl=False)),
+]
+
+
+def model_family(folder) -> str:
+    """The name of the :data:`MODEL_FOLDERS` layout ``folder`` has; an error naming them otherwise."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder} is not a folder (give a model folder: {', '.join(n for n, _, _ in MODEL_FOLDERS)})")
+    for name, detect, _ in MODEL_FOLDERS:
+        if detect(folder):
+            return name
+    named = pipeline_class(folder)
+    raise ValueError(f"{folder} is not a model folder difflab knows: it needs a model.safetensors of difflab or a "
+                     f"diffusers pipeline's model_index.json; known layouts: {', '.join(n for n, _, _ in MODEL_FOLDERS)}"
+                     + (f" (its model_index.json names {named!r})" if named else ""))
+
+
+@torch.no_grad()
+def sample_folder(folder, prompts, *, negative_prompts=None, height: int | None = None, width: int | None = None,
+                  options: SampleOptions | None = None, **overrides) -> torch.Tensor:
+    """Images (N, C, H, W) in [-1, 1], one per prompt, from the model in ``folder`` (any layout of
+    :data:`MODEL_FOLDERS`) with its family's defaults; ``options`` / ``overrides`` as the
+    pipelines'; ``device`` also loads the weights there (default CPU)."""
+    family = model_family(folder)
+    sample = next(fn for name, _, fn in MODEL_FOLDERS if name == family)
+    return sample(folder, prompts, negative_prompts, height, width, options, overrides)
+
+
+__all__ = ["sample_folder", "folder_defaults", "SCHEDULER_SAMPLERS", "MODEL_FOLDERS", "model_family", "load_text_model",
+           "model_options", "sample_text_model", "pipeline_class", "is_stable_diffusion"]
