@@ -177,11 +177,13 @@ class CLIPTextEncoder(TextEncoder):
         self.final_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                clip_skip: int | None = None, final_norm: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """``(hidden_states (B, L, D), pooled (B, D))`` for token ids (B, L), L <= max_position_embeddings.
 
         ``attention_mask`` (B, L), 1/True for real tokens, is combined with the causal mask
-        (Stable Diffusion passes none: it attends to the padding tokens too).
+        (Stable Diffusion passes none: it attends to the padding tokens too). ``final_norm=False``
+        returns a skipped layer's hidden states without the final LayerNorm (transformers'
+        ``hidden_states[-1 - clip_skip]``, what SD3 and SDXL condition on).
         """
         c = self.config
         skip = self.clip_skip if clip_skip is None else clip_skip
@@ -200,7 +202,7 @@ class CLIPTextEncoder(TextEncoder):
             if i == len(layers) - 1 - skip:
                 chosen = h
         last = self.final_layer_norm(h)
-        hidden = last if skip == 0 else self.final_layer_norm(chosen)
+        hidden = last if skip == 0 else self.final_layer_norm(chosen) if final_norm else chosen
         if c.eos_token_id == 2:  # transformers' legacy config: the end token has the largest id
             eos = input_ids.to(torch.int).argmax(dim=-1)
         else:  # the first end token (padding may repeat it)

@@ -1,0 +1,135 @@
+"""Stable Diffusion 3 text to image (Esser et al. 2024): prompts in, images out, by rectified flow.
+
+The stages are :func:`difflab.pipelines.text_to_image`'s, with SD3's conditioning (the text
+tokens ``context`` and the pooled vector ``pooled`` of :class:`~difflab.nn.sd3_text.SD3TextEncoder`)
+and SD3's grid: t uniform, then shifted, t' = shift t / (1 + (shift - 1) t) (Esser et al. 2024,
+eq. 23; ``shift = 3`` for SD3), as diffusers' ``FlowMatchEulerDiscreteScheduler`` builds it
+(:func:`sd3_sigmas`). Its step is difflab's ``flow_euler`` sampler, the default; any sampler works.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..core import grids
+from .common import as_prompts, batch_slice, check_output_type, denoise, finish, run_options, sample_device, sampling_grid
+from .options import SampleOptions, resolve
+from .text_to_image import text_sample_shape
+
+# diffusers' StableDiffusion3Pipeline defaults: 28 steps, guidance 7
+SD3_DEFAULTS = SampleOptions(sampler="flow_euler", steps=28, guidance_scale=7.0, batch_size=8)
+
+
+def sd3_sigmas(steps: int, shift: float = 3.0, T: int = 1000) -> torch.Tensor:
+    """SD3's sampling grid (diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps``): t uniform from
+    1 to shift(1 / T), each then time-shifted (Esser et al. 2024, eq. 23), as canonical sigmas ending
+    in 0; t = 1 is the largest finite sigma (see :func:`difflab.core.grids.flow_sigmas`)."""
+    if not shift > 0:
+        raise ValueError(f"shift={shift} must be > 0")
+    t_min = shift / T / (1 + (shift - 1) / T)  # the scheduler's sigma_min: the smallest training level, shifted
+    return grids.flow_sigmas(steps, shift=shift, t_min=t_min)
+
+
+def _embeds(name: str, value, n: int | None, width: int | None = None) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or (n is not None and value.shape[0] not in (1, n)):
+        raise ValueError(f"{name} must be a tensor with one row per prompt, got {getattr(value, 'shape', type(value).__name__)}")
+    return value.expand(n, *value.shape[1:]) if n is not None else value
+
+
+def encode_sd3_prompts(text_encoder, prompts, negative_prompts=None, *, guided: bool = True, prompt_embeds=None,
+                       pooled_prompt_embeds=None, negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
+                       dtype=None, device=None) -> tuple[dict, dict | None, int]:
+    """Prompts -> ``(cond, uncond, n)`` with ``cond = {"context": (n, L, D), "pooled": (n, P)}`` and
+    the unconditional branch from the negative prompts (default ``""``, encoded like any prompt, as
+    diffusers does; None when not ``guided``). Prompts and negatives are encoded in one call.
+    Precomputed ``prompt_embeds`` and ``pooled_prompt_embeds`` (and the negative pair) replace the encoder.
+    """
+    if (prompt_embeds is None) != (pooled_prompt_embeds is None):
+        raise ValueError("give prompt_embeds and pooled_prompt_embeds together (SD3 conditions on both)")
+    if (negative_prompt_embeds is None) != (negative_pooled_prompt_embeds is None):
+        raise ValueError("give negative_prompt_embeds and negative_pooled_prompt_embeds together")
+    if prompt_embeds is not None and prompts is not None:
+        raise ValueError("give prompts or prompt_embeds, not both")
+    if prompt_embeds is None and prompts is None:
+        raise ValueError("give prompts (a non-empty list of strings) or prompt_embeds and pooled_prompt_embeds")
+    prompts = None if prompts is None else as_prompts(prompts)
+    if prompts is not None and not prompts:
+        raise ValueError("prompts is an empty list: give at least one prompt (use '' for an unconditional image)")
+    n = len(prompts) if prompts is not None else prompt_embeds.shape[0]
+    negatives = [""] * n if negative_prompts is None else as_prompts(negative_prompts, "negative_prompts")
+    negatives = negatives * n if len(negatives) == 1 else negatives
+    if len(negatives) != n:
+        raise ValueError(f"negative_prompts has {len(negatives)} entries for {n} prompts: give one, or one per prompt")
+    if negative_prompts is not None and negative_prompt_embeds is not None:
+        raise ValueError("give negative_prompts or negative_prompt_embeds, not both")
+    negatives = negatives if guided and negative_prompt_embeds is None else []
+    to_encode = (prompts or []) + negatives
+    if to_encode:
+        if text_encoder is None:
+            raise ValueError("prompts need a text_encoder (or pass the prompt and pooled embeddings)")
+        context, pooled = text_encoder.encode(to_encode)
+    if prompts is not None:
+        cond = {"context": context[:n], "pooled": pooled[:n]}
+    else:
+        cond = {"context": _embeds("prompt_embeds", prompt_embeds, None), "pooled": _embeds("pooled_prompt_embeds", pooled_prompt_embeds, n)}
+    cond = {k: v.to(device, dtype) for k, v in cond.items()}
+    if not guided:
+        return cond, None, n
+    if negative_prompt_embeds is not None:
+        uncond = {"context": _embeds("negative_prompt_embeds", negative_prompt_embeds, n),
+                  "pooled": _embeds("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds, n)}
+    else:
+        rest = slice(len(to_encode) - n, None)
+        uncond = {"context": context[rest], "pooled": pooled[rest]}
+    if uncond["context"].shape[1:] != cond["context"].shape[1:] or uncond["pooled"].shape[1:] != cond["pooled"].shape[1:]:
+        raise ValueError(f"negative embeddings {tuple(uncond['context'].shape)}, {tuple(uncond['pooled'].shape)} do not match "
+                         f"the prompt embeddings {tuple(cond['context'].shape)}, {tuple(cond['pooled'].shape)}")
+    return cond, {k: v.to(device, dtype) for k, v in uncond.items()}, n
+
+
+@torch.no_grad()
+def sd3_text_to_image(denoiser, text_encoder, vae, prompts=None, *, negative_prompts=None, height: int | None = None,
+                      width: int | None = None, shift: float = 3.0, output_type: str = "pil",
+                      latents: torch.Tensor | None = None, prompt_embeds=None, pooled_prompt_embeds=None,
+                      negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
+                      options: SampleOptions | None = None, **overrides):
+    """Rectified-flow text to image (Esser et al. 2024) with classifier-free guidance (Ho & Salimans
+    2022, eq. 6; on x0, which is the same as on the velocity since x0 = x_t - t u is affine in u).
+
+    ``denoiser``: ``D(x, sigma, context=, pooled=)`` (``SD3Components.denoiser``); ``text_encoder``:
+    an :class:`~difflab.nn.sd3_text.SD3TextEncoder`; ``vae``: the 16-channel ``AutoencoderKL``.
+    ``shift``: the grid's time shift (``SD3Components.sampling["shift"]``, 3 for SD3), used by the
+    default grid :func:`sd3_sigmas`; ``options`` / ``overrides`` as :func:`~difflab.pipelines.text_to_image`
+    (defaults: ``flow_euler``, 28 steps, guidance 7, diffusers'). ``latents``: standard normal starting
+    noise (N, C, h, w), diffusers' ``latents=``. Returns N images as ``output_type``.
+    """
+    # 1. Check inputs.
+    opts = resolve(options, SD3_DEFAULTS, overrides)
+    check_output_type(output_type)
+    net_dtype, device = sample_device(denoiser, opts)
+    shape = text_sample_shape(denoiser, vae, height=height, width=width, latents=latents)
+
+    # 2. Encode the prompts and negatives: text tokens and pooled vectors.
+    cond, uncond, n = encode_sd3_prompts(
+        text_encoder, prompts, negative_prompts, guided=opts.guidance_scale != 1.0, prompt_embeds=prompt_embeds,
+        pooled_prompt_embeds=pooled_prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+        negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, dtype=net_dtype, device=device)
+    if latents is not None and len(latents) != n:
+        raise ValueError(f"latents has {len(latents)} samples for {n} prompts")
+
+    # 3. Build the grid: SD3's shifted one unless another is asked for.
+    T = int(getattr(denoiser.frame, "time_scale", 1000))
+    sigmas = sd3_sigmas(opts.steps, shift, T) if isinstance(opts.grid, str) and opts.grid == "default" else \
+        sampling_grid(denoiser, opts.steps, opts.grid, opts.spacing, opts.steps_offset)
+    prior = float(denoiser.prior_std(sigmas[0]))
+
+    def sample_batch(start, b, noise):
+        # 4. Per-sample noise (or the given latents), scaled to the grid's first level.
+        x = noise()  # drawn even when latents are given, so the sampler's later draws stay the same
+        if latents is not None:
+            x = latents[start:start + b].to(device, opts.dtype)
+        # 5-6. Guidance (the unconditional branch sees the negative prompts), then the sampler.
+        return denoise(denoiser, x * prior, sigmas, opts, noise, batch_slice(cond, start, b), batch_slice(uncond, start, b))
+
+    samples = run_options(n, shape, sample_batch, opts, device=device, desc=f"SD3 ({opts.sampler}, {len(sigmas) - 1} steps)")
+    # 7. Decode ((z / scaling_factor) + shift_factor) and convert.
+    return finish(samples, vae, output_type, opts.batch_size)
