@@ -72,6 +72,8 @@ def world(tmp_path_factory):
     (root / "a_folder").mkdir()
     (root / "existing_file").write_text("x")
     (root / "empty").mkdir()
+    (root / "sd3").mkdir()  # a pipeline folder's index alone: enough for the checks made before any weights are read
+    (root / "sd3" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
     images = root / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
@@ -120,6 +122,7 @@ def world(tmp_path_factory):
 
 T = ["train", "--preset", "tiny", "--device", "cpu", "--out", "{root}/out_train"]
 S = ["sample", "--checkpoint", "{root}/run", "--out", "{root}/s.png", "--steps", "2", "--device", "cpu"]
+SM = ["sample", "--model", "{root}/sd3", "--out", "{root}/s.png"]  # a pipeline folder (its model_index.json alone)
 E = ["eval", "--generated", "{root}/images", "--reference", "{root}/images", "--no-progress", "--device", "cpu"]
 D = ["distill", "--method", "progressive", "--teacher", "{root}/run", "--out", "{root}/distilled", "--steps", "1",
      "--batch-size", "4", "--device", "cpu", "--no-progress"]
@@ -184,6 +187,15 @@ CLI_CASES = [
     ("sample-text-file", [*S[:1], "--checkpoint", "{root}/notes.txt", "--out", "{root}/s.png"], 2, "notes.txt"),
     ("sample-device-tpu", [*S, "--device", "tpu"], 2, "--device"),
     ("sample-weights-unknown", [*S, "--weights", "best"], 2, "invalid choice"),
+    ("sample-model-and-checkpoint", [*S, "--model", "{root}"], 2, "one of them"),
+    ("sample-neither-model-nor-checkpoint", ["sample", "--out", "{root}/s.png"], 2, "--model"),
+    ("sample-model-missing", ["sample", "--model", "{root}/missing", "--prompt", "a", "--out", "{root}/s.png"], 2, "not a folder"),
+    ("sample-model-no-index", ["sample", "--model", "{root}/run", "--prompt", "a", "--out", "{root}/s.png"], 2, "model_index.json"),
+    ("sample-prompt-without-model", [*S, "--prompt", "a"], 2, "--model"),
+    ("sample-model-no-prompt", [*SM], 2, "--prompt"),
+    ("sample-model-classes", [*SM, "--prompt", "a", "--classes", "1"], 2, "--classes"),
+    ("sample-model-sampler-unknown", [*SM, "--prompt", "a", "--sampler", "nope"], 2, "nope"),
+    ("sample-model-eta-without-eta", [*SM, "--prompt", "a", "--eta", "0.5"], 2, "--eta"),
     # eval
     ("eval-generated-missing", ["eval", "--generated", "{root}/missing"], 2, "does not exist"),
     ("eval-metric-unknown", [*E, "--metrics", "fid,beauty"], 2, "beauty"),

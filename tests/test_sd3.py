@@ -248,3 +248,41 @@ def test_tiny_mmdit_trains_by_flow_matching_and_round_trips(tmp_path):
     cond = dict(context=data["context"][:2], pooled=data["pooled"][:2])
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, sigma, **cond), denoiser.eval()(x, sigma, **cond))
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line: difflab sample --model FOLDER --prompt ...
+
+
+def test_sample_command_draws_an_sd3_folder(sd3, parts, tmp_path):
+    from PIL import Image
+
+    from difflab.cli import main
+    from difflab.pipelines.folder import sample_folder
+
+    _, folder = sd3
+    out = tmp_path / "sd3.png"
+    argv = ["sample", "--model", str(folder), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--steps", "2",
+            "--height", "16", "--width", "16", "--out", str(out), "--device", "cpu", "--seed", "3"]
+    assert main(argv) == 0
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (1 + 17, 1 + 2 * 17, 3)  # two 16x16 images side by side, one-pixel borders
+    # the images are those of the API with the folder's own settings (T5's default 256 tokens)
+    images = sample_folder(folder, PROMPTS, height=16, width=16, steps=2, seed=3, progress=False)
+    want = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.abs(grid[1:17, 1:17].astype(int) - want[0]).max() <= 1
+    assert np.abs(grid[1:17, 18:34].astype(int) - want[1]).max() <= 1
+
+
+def test_sample_folder_reads_an_sd1_folder_with_its_scheduler_spacing(tmp_path):
+    from test_text_to_image import build_pipeline
+
+    from difflab.pipelines import text_to_image
+    from difflab.pipelines.folder import folder_family, sample_folder
+
+    _, sd = build_pipeline(tmp_path / "sd1", write_tiny_tokenizer(tmp_path / "tok"))  # DDIM, "leading", steps_offset 1
+    assert folder_family(tmp_path / "sd1") == "sd" and sd.sampling["timestep_spacing"] == "leading"
+    got = sample_folder(tmp_path / "sd1", PROMPTS, steps=3, seed=1, output_type="latent", progress=False)
+    want = text_to_image(sd.denoiser, sd.text_encoder, sd.vae, PROMPTS, steps=3, seed=1, spacing="leading", steps_offset=1,
+                         output_type="latent", progress=False)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -1,4 +1,4 @@
-"""``difflab sample``: sample a trained checkpoint into a PNG grid."""
+"""``difflab sample``: sample a trained checkpoint, or a diffusers pipeline folder from prompts, into a PNG grid."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,16 +6,24 @@ from pathlib import Path
 from ..io.images import save_grid
 from ..pipelines import sample_checkpoint
 from ..pipelines.checkpoint import sampling_defaults
+from ..pipelines.folder import folder_family, folder_options, sample_folder
 from ..samplers import ETA_SAMPLERS, SAMPLERS
 from .common import (UsageError, device, device_name, finite_float, image_checkpoint, non_negative_float, non_negative_int,
                      output_file, parse_classes, positive_int)
 
 HELP = "sample a trained checkpoint into a PNG grid"
-DESCRIPTION = "Sample a checkpoint written by 'difflab train' or 'difflab demo' (network kinds whose samples are images)."
+DESCRIPTION = ("Sample a checkpoint written by 'difflab train' or 'difflab demo' (network kinds whose samples are images), "
+               "or a local diffusers pipeline folder (Stable Diffusion 1.x/2.x or 3) from --prompt.")
 
 
 def add_arguments(s) -> None:
-    s.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.safetensors or the run directory holding it")
+    s.add_argument("--checkpoint", type=Path, default=None, help="checkpoint.safetensors or the run directory holding it")
+    s.add_argument("--model", type=Path, default=None,
+                   help="a diffusers pipeline folder (model_index.json: Stable Diffusion 1.x/2.x or 3), sampled from --prompt")
+    s.add_argument("--prompt", action="append", default=None, help="with --model: a prompt, one image each (repeat for more)")
+    s.add_argument("--negative-prompt", default=None, help="with --model: the negative prompt of every image (default: '')")
+    s.add_argument("--height", type=positive_int, default=None, help="with --model: image height (default: the model's)")
+    s.add_argument("--width", type=positive_int, default=None, help="with --model: image width (default: the model's)")
     s.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG to write (default: samples.png)")
     s.add_argument("--sampler", default=None,
                    help=f"one of {', '.join(sorted(SAMPLERS))} (default: the checkpoint's own, else ddim)")
@@ -33,6 +41,12 @@ def add_arguments(s) -> None:
 def run(args) -> int:
     # 1. Check everything that can be checked before the weights are read.
     output_file(args.out)
+    if (args.checkpoint is None) == (args.model is None):
+        raise UsageError("give --checkpoint (a difflab checkpoint) or --model (a diffusers pipeline folder), one of them")
+    if args.model is not None:
+        return run_folder(args)
+    if args.prompt or args.negative_prompt is not None or args.height or args.width:
+        raise UsageError("--prompt, --negative-prompt, --height and --width go with --model (a text-to-image folder)")
     meta = image_checkpoint(args.checkpoint, "--checkpoint", "difflab sample")
     given = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)
     overrides = dict({k: v for k, v in given.items() if v is not None}, seed=args.seed, device=device(args.device))
@@ -49,4 +63,29 @@ def run(args) -> int:
     size = images.shape[-1]
     path = save_grid(images, args.out, nrow=min(10, len(images)), upscale=max(1, 48 // size))
     print(f"wrote {len(images)} samples to {path}")
+    return 0
+
+
+def run_folder(args) -> int:
+    """``--model FOLDER``: text to image from a diffusers pipeline folder, one image per ``--prompt``."""
+    if not args.model.is_dir():
+        raise FileNotFoundError(f"--model {args.model} is not a folder (expected a diffusers pipeline folder with model_index.json)")
+    family = folder_family(args.model)
+    if not args.prompt:
+        raise UsageError("--model needs at least one --prompt")
+    if args.classes is not None:
+        raise UsageError("--classes goes with --checkpoint (class-conditional models); --model takes --prompt")
+    given = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)
+    overrides = dict({k: v for k, v in given.items() if v is not None}, seed=args.seed, progress=False)
+    if args.eta is not None:
+        sampler = args.sampler or folder_options(family).sampler
+        if sampler not in ETA_SAMPLERS:
+            raise UsageError(f"--eta: sampler {sampler!r} has no eta; the samplers that take one are {', '.join(ETA_SAMPLERS)}")
+        overrides["eta"] = args.eta
+    folder_options(family, **overrides)  # checked here, before the weights are read
+    print(f"sampling the {family} folder {args.model} ({len(args.prompt)} prompts)")
+    images = sample_folder(args.model, args.prompt, negative_prompts=args.negative_prompt, height=args.height,
+                           width=args.width, device=device(args.device), **overrides)
+    path = save_grid(images, args.out, nrow=min(10, len(images)))
+    print(f"wrote {len(images)} images to {path}")
     return 0
