@@ -11,7 +11,7 @@ from difflab.core import Denoiser, Flow, schedules
 from difflab.io.sd3_folder import diffusion_from_flow_scheduler, load_sd3_folder, load_sd3_transformer
 from difflab.io.spec import build_denoiser, load_denoiser, make_spec
 from difflab.nn.mmdit import PRESETS, MMDiT, MMDiTConfig
-from difflab.pipelines.sd3 import sd3_sigmas, sd3_text_to_image
+from difflab.pipelines.sd3 import sd3_image_to_image, sd3_sigmas, sd3_text_to_image
 from difflab.train import DiffusionObjective, TrainConfig, fit
 
 transformers = pytest.importorskip("transformers", reason="the text encoders need transformers (the 'sd' extra)")
@@ -108,6 +108,9 @@ def tiny_vae(seed=4):
                                   sample_size=16, down_block_types=("DownEncoderBlock2D",) * 2,
                                   up_block_types=("UpDecoderBlock2D",) * 2, use_quant_conv=False, use_post_quant_conv=False,
                                   shift_factor=0.0609, scaling_factor=1.5035)
+    with torch.no_grad():  # a (nearly) point-mass posterior: logvar = -30, std 3e-7, whoever draws its noise
+        vae.encoder.conv_out.weight[4:] = 0
+        vae.encoder.conv_out.bias[4:] = -30.0
     return vae.eval()
 
 
@@ -209,6 +212,26 @@ def test_text_to_image_matches_stable_diffusion_3_pipeline(sd3, parts):
     ours_np, theirs_np = run_both(pipe, parts, output_type="np")
     assert ours_np.shape == theirs_np.shape == (2, 16, 16, 3)
     assert np.abs(ours_np - theirs_np).max() < 1e-4
+
+
+def test_image_to_image_matches_stable_diffusion_3_img2img_pipeline(sd3, parts):
+    """Started at sigmas[2] of 4 (strength 0.5), so the grid is diffusers' own (its t = 1 level is skipped)."""
+    pipe, _ = sd3
+    img2img = diffusers.StableDiffusion3Img2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    image = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    g = torch.Generator().manual_seed(7)
+    torch.randn(2, 4, 8, 8, generator=g)  # diffusers draws the posterior sample first, then the noise
+    noise = torch.randn(2, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        theirs = img2img(PROMPTS, image=(image + 1) / 2, height=16, width=16, strength=0.5, num_inference_steps=4, guidance_scale=5.0,
+                         negative_prompt=NEGATIVES, generator=torch.Generator().manual_seed(7), max_sequence_length=12,
+                         output_type="latent").images
+    ours = sd3_image_to_image(parts.denoiser, parts.text_encoder, parts.vae, PROMPTS, image, strength=0.5, steps=4,
+                              guidance_scale=5.0, negative_prompts=NEGATIVES, noise=noise, output_type="latent", progress=False)
+    assert theirs.abs().max() > 0.5
+    err = float((ours - theirs).abs().max()) / max(1.0, float(theirs.pow(2).mean().sqrt()))
+    assert err < 1e-4, err
 
 
 def test_flow_scheduler_settings():

@@ -7,10 +7,10 @@ from .image_to_image import image_to_image
 from .inpaint import inpaint
 from .options import SampleOptions
 from .outpaint import outpaint
-from .sd3 import sd3_text_to_image
+from .sd3 import sd3_image_to_image, sd3_text_to_image
 from .folder import sample_folder
 from .text_to_image import text_to_image
 
 __all__ = ["generate", "text_to_image", "image_to_image", "inpaint", "outpaint", "invert", "edit", "reconstruct",
-           "null_text_optimization", "Inversion", "SampleOptions", "sample_checkpoint", "sd3_text_to_image",
+           "null_text_optimization", "Inversion", "SampleOptions", "sample_checkpoint", "sd3_text_to_image", "sd3_image_to_image",
            "sample_folder"]

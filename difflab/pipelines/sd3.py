@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 
 from ..core import grids
-from .common import as_prompts, batch_slice, check_output_type, denoise, finish, run_options, sample_device, sampling_grid
+from .common import (as_images, as_prompts, batch_slice, check_output_type, check_size, denoise, encode, finish,
+                     image_channels, latent_channels, run_options, sample_device, sampling_grid)
+from .image_to_image import noised_start, start_index
 from .options import SampleOptions, resolve
 from .text_to_image import text_sample_shape
 
@@ -27,6 +29,14 @@ def sd3_sigmas(steps: int, shift: float = 3.0, T: int = 1000) -> torch.Tensor:
         raise ValueError(f"shift={shift} must be > 0")
     t_min = shift / T / (1 + (shift - 1) / T)  # the scheduler's sigma_min: the smallest training level, shifted
     return grids.flow_sigmas(steps, shift=shift, t_min=t_min)
+
+
+def sd3_grid(denoiser, opts: SampleOptions, shift: float) -> torch.Tensor:
+    """The grid of ``opts``: :func:`sd3_sigmas` with the frame's ``time_scale`` as T for the default,
+    any other grid as :func:`~difflab.pipelines.common.sampling_grid` builds it."""
+    if isinstance(opts.grid, str) and opts.grid == "default":
+        return sd3_sigmas(opts.steps, shift, int(getattr(denoiser.frame, "time_scale", 1000)))
+    return sampling_grid(denoiser, opts.steps, opts.grid, opts.spacing, opts.steps_offset)
 
 
 def _embeds(name: str, value, n: int | None, width: int | None = None) -> torch.Tensor:
@@ -117,9 +127,7 @@ def sd3_text_to_image(denoiser, text_encoder, vae, prompts=None, *, negative_pro
         raise ValueError(f"latents has {len(latents)} samples for {n} prompts")
 
     # 3. Build the grid: SD3's shifted one unless another is asked for.
-    T = int(getattr(denoiser.frame, "time_scale", 1000))
-    sigmas = sd3_sigmas(opts.steps, shift, T) if isinstance(opts.grid, str) and opts.grid == "default" else \
-        sampling_grid(denoiser, opts.steps, opts.grid, opts.spacing, opts.steps_offset)
+    sigmas = sd3_grid(denoiser, opts, shift)
     prior = float(denoiser.prior_std(sigmas[0]))
 
     def sample_batch(start, b, noise):
@@ -132,4 +140,45 @@ def sd3_text_to_image(denoiser, text_encoder, vae, prompts=None, *, negative_pro
 
     samples = run_options(n, shape, sample_batch, opts, device=device, desc=f"SD3 ({opts.sampler}, {len(sigmas) - 1} steps)")
     # 7. Decode ((z / scaling_factor) + shift_factor) and convert.
+    return finish(samples, vae, output_type, opts.batch_size)
+
+
+@torch.no_grad()
+def sd3_image_to_image(denoiser, text_encoder, vae, prompts, image, *, strength: float = 0.6, negative_prompts=None,
+                       shift: float = 3.0, output_type: str = "pil", noise: torch.Tensor | None = None,
+                       sample_posterior: bool = True, options: SampleOptions | None = None, **overrides):
+    """SDEdit (Meng et al. 2022, Algorithm 1) with SD3: encode ``image`` ((N or 1, C, H, W) in [-1, 1] or
+    Pillow images), noise its latents to sigmas[k] of SD3's grid, x_t = (1 - t) z + t eps (diffusers'
+    ``scale_noise``; k by :func:`~difflab.pipelines.image_to_image.start_index`, i.e. diffusers'
+    ``StableDiffusion3Img2ImgPipeline`` when ``steps * strength`` is a whole number), and sample
+    sigmas[k:]. ``noise``: the standard-normal noise (N, C, h, w) instead of the per-sample draw.
+    Other arguments as :func:`sd3_text_to_image`. Returns N images.
+    """
+    # 1. Check inputs; slice the grid at sigmas[k].
+    opts = resolve(options, SD3_DEFAULTS, overrides)
+    check_output_type(output_type)
+    net_dtype, device = sample_device(denoiser, opts)
+    sigmas = sd3_grid(denoiser, opts, shift)
+    sigmas = sigmas[start_index(len(sigmas) - 1, strength):]
+
+    # 2. Encode the prompts and negatives; check the images.
+    cond, uncond, n = encode_sd3_prompts(text_encoder, prompts, negative_prompts, guided=opts.guidance_scale != 1.0,
+                                         dtype=net_dtype, device=device)
+    images = as_images(image, n, image_channels(denoiser, vae))
+    shape = (latent_channels(denoiser, vae), *check_size(denoiser, vae, *images.shape[2:], names=("image height", "image width")))
+    if noise is not None and tuple(noise.shape) != (n, *shape):
+        raise ValueError(f"noise must be (N, C, h, w) = {(n, *shape)}, got {tuple(noise.shape)}")
+
+    def sample_batch(start, b, draws):
+        # 3. Encode the images ((z - shift_factor) * scaling_factor) and noise them to sigmas[0].
+        eps = draws()  # drawn even when noise is given, so the later draws stay the same
+        if noise is not None:
+            eps = noise[start:start + b]
+        z = encode(vae, images[start:start + b], sample=sample_posterior, noise=draws).to(device, opts.dtype)
+        x = noised_start(z, float(sigmas[0]), eps)
+        # 4-5. Guidance, then the sampler from sigmas[k].
+        return denoise(denoiser, x, sigmas, opts, draws, batch_slice(cond, start, b), batch_slice(uncond, start, b))
+
+    samples = run_options(n, shape, sample_batch, opts, device=device, desc=f"SD3 img2img ({opts.sampler}, {len(sigmas) - 1} steps)")
+    # 6. Decode and convert.
     return finish(samples, vae, output_type, opts.batch_size)
