@@ -214,6 +214,20 @@ def test_text_to_image_matches_stable_diffusion_3_pipeline(sd3, parts):
     assert np.abs(ours_np - theirs_np).max() < 1e-4
 
 
+def test_precomputed_embeddings_give_the_same_images(parts):
+    kw = dict(steps=2, guidance_scale=3.0, height=16, width=16, output_type="latent", progress=False, seed=2)
+    with torch.no_grad():
+        ctx, pooled = parts.text_encoder.encode(PROMPTS + NEGATIVES)
+    want = sd3_text_to_image(parts.denoiser, parts.text_encoder, parts.vae, PROMPTS, negative_prompts=NEGATIVES, **kw)
+    got = sd3_text_to_image(parts.denoiser, None, parts.vae, prompt_embeds=ctx[:2], pooled_prompt_embeds=pooled[:2],
+                            negative_prompt_embeds=ctx[2:], negative_pooled_prompt_embeds=pooled[2:], **kw)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="together"):
+        sd3_text_to_image(parts.denoiser, None, parts.vae, prompt_embeds=ctx[:2], **kw)
+    with pytest.raises(ValueError, match="pooled_prompt_embeds must be"):
+        sd3_text_to_image(parts.denoiser, None, parts.vae, prompt_embeds=ctx[:2], pooled_prompt_embeds=pooled[:3], **kw)
+
+
 def test_image_to_image_matches_stable_diffusion_3_img2img_pipeline(sd3, parts):
     """Started at sigmas[2] of 4 (strength 0.5), so the grid is diffusers' own (its t = 1 level is skipped)."""
     pipe, _ = sd3

@@ -39,10 +39,13 @@ def sd3_grid(denoiser, opts: SampleOptions, shift: float) -> torch.Tensor:
     return sampling_grid(denoiser, opts.steps, opts.grid, opts.spacing, opts.steps_offset)
 
 
-def _embeds(name: str, value, n: int | None, width: int | None = None) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor) or (n is not None and value.shape[0] not in (1, n)):
-        raise ValueError(f"{name} must be a tensor with one row per prompt, got {getattr(value, 'shape', type(value).__name__)}")
-    return value.expand(n, *value.shape[1:]) if n is not None else value
+def _rows(name: str, value, n: int, ndim: int) -> torch.Tensor:
+    """``value`` (n or 1, ...) with ``ndim`` dims, expanded to n rows; a ValueError naming ``name`` otherwise."""
+    if not isinstance(value, torch.Tensor) or value.ndim != ndim or value.shape[0] not in (1, n):
+        shape = "(N, L, D)" if ndim == 3 else "(N, P)"
+        raise ValueError(f"{name} must be a {shape} tensor with N = {n} rows (or one), "
+                         f"got {tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
+    return value.expand(n, *value.shape[1:])
 
 
 def encode_sd3_prompts(text_encoder, prompts, negative_prompts=None, *, guided: bool = True, prompt_embeds=None,
@@ -64,13 +67,15 @@ def encode_sd3_prompts(text_encoder, prompts, negative_prompts=None, *, guided: 
     prompts = None if prompts is None else as_prompts(prompts)
     if prompts is not None and not prompts:
         raise ValueError("prompts is an empty list: give at least one prompt (use '' for an unconditional image)")
-    n = len(prompts) if prompts is not None else prompt_embeds.shape[0]
+    n = len(prompts) if prompts is not None else _rows("prompt_embeds", prompt_embeds, len(prompt_embeds), 3).shape[0]
     negatives = [""] * n if negative_prompts is None else as_prompts(negative_prompts, "negative_prompts")
     negatives = negatives * n if len(negatives) == 1 else negatives
     if len(negatives) != n:
         raise ValueError(f"negative_prompts has {len(negatives)} entries for {n} prompts: give one, or one per prompt")
     if negative_prompts is not None and negative_prompt_embeds is not None:
         raise ValueError("give negative_prompts or negative_prompt_embeds, not both")
+    if prompts is None:
+        cond = {"context": prompt_embeds, "pooled": _rows("pooled_prompt_embeds", pooled_prompt_embeds, n, 2)}
     negatives = negatives if guided and negative_prompt_embeds is None else []
     to_encode = (prompts or []) + negatives
     if to_encode:
@@ -79,14 +84,12 @@ def encode_sd3_prompts(text_encoder, prompts, negative_prompts=None, *, guided: 
         context, pooled = text_encoder.encode(to_encode)
     if prompts is not None:
         cond = {"context": context[:n], "pooled": pooled[:n]}
-    else:
-        cond = {"context": _embeds("prompt_embeds", prompt_embeds, None), "pooled": _embeds("pooled_prompt_embeds", pooled_prompt_embeds, n)}
     cond = {k: v.to(device, dtype) for k, v in cond.items()}
     if not guided:
         return cond, None, n
     if negative_prompt_embeds is not None:
-        uncond = {"context": _embeds("negative_prompt_embeds", negative_prompt_embeds, n),
-                  "pooled": _embeds("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds, n)}
+        uncond = {"context": _rows("negative_prompt_embeds", negative_prompt_embeds, n, 3),
+                  "pooled": _rows("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds, n, 2)}
     else:
         rest = slice(len(to_encode) - n, None)
         uncond = {"context": context[rest], "pooled": pooled[rest]}
