@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from difflab.core import Denoiser, Flow, schedules
-from difflab.io.sd3_folder import diffusion_from_flow_scheduler, load_sd3_folder, load_sd3_transformer
+from difflab.io.sd3_folder import diffusion_from_flow_scheduler, load_sd3_folder, load_sd3_transformer, save_sd3_transformer
+from difflab.io.verify import verify_checkpoint
 from difflab.io.spec import build_denoiser, load_denoiser, make_spec
 from difflab.nn.mmdit import PRESETS, MMDiT, MMDiTConfig
 from difflab.pipelines.sd3 import sd3_image_to_image, sd3_sigmas, sd3_text_to_image
@@ -285,6 +286,16 @@ def test_tiny_mmdit_trains_by_flow_matching_and_round_trips(tmp_path):
     cond = dict(context=data["context"][:2], pooled=data["pooled"][:2])
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, sigma, **cond), denoiser.eval()(x, sigma, **cond))
+    report = verify_checkpoint(tmp_path)  # difflab check: shapes against the spec, finite weights
+    assert report.ok and report.checks["shapes"] == report.checks["finite"] == "ok", report.checks
+    # exported as a diffusers folder, it is diffusers' SD3Transformer2DModel with the same output
+    save_sd3_transformer(denoiser.net, tmp_path / "export")
+    ref = diffusers.SD3Transformer2DModel.from_pretrained(tmp_path / "export").eval()
+    t = torch.tensor([500.0, 20.0])
+    with torch.no_grad():
+        want = ref(x, encoder_hidden_states=cond["context"], pooled_projections=cond["pooled"], timestep=t).sample
+        torch.testing.assert_close(denoiser.net(x, t, **cond), want, rtol=0, atol=1e-6)
+    assert want.abs().max() > 0  # trained away from the zero-initialised output
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from ..nn.sd3_text import SD3_CLIP_WIDTHS, CLIPWithProjection, SD3TextEncoder
 from ..nn.text import SD_EXTRA, CLIPTextEncoderConfig, load_clip_tokenizer
 from .diffusers_folder import MODEL_INDEX, SCHEDULER_CONFIG, TEXT_WEIGHTS, UNET_WEIGHTS, _component_folder
 from .diffusers_vae import load_diffusers_vae
-from .folders import CONFIG_NAME, load_into, read_json, read_safetensors
+from .folders import CONFIG_NAME, load_into, read_json, read_safetensors, save_model_folder
 from .keymaps.clip_text import TRANSFORMERS_UNUSED
 from .spec import build_frame
 
@@ -88,6 +88,11 @@ def load_sd3_transformer(folder, *, variant: str | None = None, dtype: torch.dty
     net = MMDiT(MMDiTConfig.from_diffusers_config(read_json(folder / CONFIG_NAME, "a diffusers SD3Transformer2DModel config")))
     load_into(net, read_safetensors(folder, UNET_WEIGHTS, variant), f"diffusers SD3Transformer2DModel weights in {folder}")
     return net.to(dtype).eval() if dtype is not None else net.eval()
+
+
+def save_sd3_transformer(net: MMDiT, folder) -> Path:
+    """Write ``net`` as a diffusers ``SD3Transformer2DModel`` folder (config.json + weights); returns the folder."""
+    return save_model_folder(folder, UNET_WEIGHTS, net.state_dict(), net.config.to_diffusers_config())
 
 
 def load_clip_with_projection(folder, *, tokenizer=None, variant: str | None = None,
@@ -190,5 +195,5 @@ def load_sd3_folder(folder, *, components=COMPONENTS, variant: str | None = None
     return out
 
 
-__all__ = ["SD3Components", "load_sd3_folder", "load_sd3_transformer", "load_clip_with_projection", "load_t5_encoder",
+__all__ = ["SD3Components", "load_sd3_folder", "load_sd3_transformer", "save_sd3_transformer", "load_clip_with_projection", "load_t5_encoder",
            "diffusion_from_flow_scheduler", "is_sd3_folder", "SD3_DIFFUSION", "SD3_SHIFT", "COMPONENTS"]

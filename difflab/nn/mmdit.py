@@ -315,7 +315,7 @@ class MMDiT(nn.Module):
                 pooled: torch.Tensor | None = None) -> torch.Tensor:
         # 1. Check inputs
         c = self.config
-        t, context, pooled = self._check_inputs(x, t, context, pooled)
+        x, t, context, pooled = self._check_inputs(x, t, context, pooled)
         # 2. Tokens: patches + positions; text tokens; the conditioning vector
         h = self.pos_embed(x)
         emb = self.time_text_embed(t, pooled)
@@ -331,7 +331,8 @@ class MMDiT(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", out).reshape(x.shape[0], c.out_channels, hh * p, ww * p)
 
     def _check_inputs(self, x, t, context, pooled):
-        """A ValueError naming the bad argument; returns (t (B,), context, pooled) with Nones filled."""
+        """A ValueError naming the bad argument; returns (x, t (B,), context, pooled), Nones filled and
+        x, context and pooled in the weights' dtype (the sampler's float32 samples meet bf16/fp16 weights)."""
         c = self.config
         if x.ndim != 4 or x.shape[1] != c.in_channels or x.shape[2] % c.patch_size or x.shape[3] % c.patch_size:
             raise ValueError(f"x must be (B, {c.in_channels}, H, W) with H and W multiples of patch_size={c.patch_size}, "
@@ -351,7 +352,7 @@ class MMDiT(nn.Module):
         if pooled.shape != (b, c.pooled_projection_dim):
             raise ValueError(f"pooled must be (B, pooled_projection_dim) = ({b}, {c.pooled_projection_dim}), "
                              f"got shape {tuple(pooled.shape)}")
-        return t, context.to(dtype), pooled.to(dtype)
+        return x.to(dtype), t, context.to(dtype), pooled.to(dtype)
 
 
 PRESETS = {
