@@ -10,8 +10,8 @@ The layout is diffusers' ``SD3Transformer2DModel``, with its module and paramete
 ``transformer/`` state dict loads as it is:
 
 - ``pos_embed``: p x p patches by a stride-p conv, plus a 2-D sin-cos position embedding cropped
-  from the centre of a ``pos_embed_max_size``^2 table (Section 5.3.1; the table is a persistent
-  buffer, as in diffusers);
+  from the centre of a ``pos_embed_max_size``^2 table (Section 5.3.2, positional encodings for
+  varying aspect ratios; the table is a persistent buffer, as in diffusers);
 - ``time_text_embed``: c = MLP(sinusoid(t)) + MLP(pooled) (Figure 2a, "y");
 - ``context_embedder``: a linear map of the text tokens to the model width;
 - ``transformer_blocks``: joint blocks (Figure 2b). Each stream (image tokens x, text tokens c)
@@ -119,7 +119,7 @@ def sincos_pos_embed_2d(dim: int, grid: int, base_size: int) -> torch.Tensor:
 
 
 class PatchEmbed(nn.Module):
-    """Patches to tokens plus the centre crop of the position table (Esser et al. 2024, Section 5.3.1)."""
+    """Patches to tokens plus the centre crop of the position table (Esser et al. 2024, Section 5.3.2)."""
 
     def __init__(self, c: MMDiTConfig):
         super().__init__()
@@ -295,7 +295,7 @@ class MMDiT(nn.Module):
     ``context`` (B, L, joint_attention_dim): the text tokens (SD3: CLIP-L and CLIP-G hidden states
     zero-padded to 4096 channels, then T5's tokens, :class:`difflab.nn.sd3_text.SD3TextEncoder`);
     None means no text token. ``pooled`` (B, pooled_projection_dim): None means zeros (the
-    paper's dropped encoders are zero vectors, Section 5.3.2).
+    paper drops each text encoder to zeros in training).
     """
 
     def __init__(self, config: MMDiTConfig):

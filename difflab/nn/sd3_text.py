@@ -1,4 +1,4 @@
-"""The three text encoders of Stable Diffusion 3 as one (Esser et al. 2024, Section 5.3.2 and Figure 2a).
+"""The three text encoders of Stable Diffusion 3 as one (Esser et al. 2024, Section 4 and Figure 2a).
 
 SD3 conditions on CLIP-L/14 and OpenCLIP bigG/14 (both ``CLIPTextModelWithProjection``) and T5-XXL:
 
@@ -9,7 +9,7 @@ SD3 conditions on CLIP-L/14 and OpenCLIP bigG/14 (both ``CLIPTextModelWithProjec
 - ``pooled`` = [CLIP-L pooled | CLIP-G pooled]: (B, 2048).
 
 Any encoder may be absent: its output is zeros of its shape, which is how SD3 was trained to see a
-dropped encoder (each dropped independently 46.3% of the time, Section 5.3.2) and what diffusers'
+dropped encoder (each dropped independently 46.3% of the time in training) and what diffusers'
 ``StableDiffusion3Pipeline`` feeds for a missing T5 (zeros (B, max_sequence_length, 4096)).
 
 T5 runs through transformers' ``T5EncoderModel`` (loaded by :func:`difflab.io.sd3_folder.load_sd3_folder`,
