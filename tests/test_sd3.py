@@ -146,9 +146,13 @@ def test_text_encoders_match_encode_prompt(sd3, parts):
     torch.testing.assert_close(got_pooled, want_pooled, rtol=0, atol=1e-5)
 
 
-def test_missing_encoders_are_zeros(sd3, parts):
+def test_missing_encoders_are_zeros(sd3, parts, tmp_path):
     pipe, folder = sd3
-    no_t5 = load_sd3_folder(folder, components=("text_encoder", "text_encoder_2"), max_sequence_length=12).text_encoder
+    # a folder saved without T5 (model_index.json lists it as null) reads like one whose T5 is left out
+    diffusers.StableDiffusion3Pipeline(**{**pipe.components, "text_encoder_3": None, "tokenizer_3": None}).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["text_encoder_3"] == [None, None]
+    no_t5 = load_sd3_folder(tmp_path, max_sequence_length=12).text_encoder
+    assert no_t5.t5 is None and no_t5.clip_l is not None and no_t5.clip_g is not None
     t5 = pipe.text_encoder_3
     pipe.text_encoder_3 = None  # diffusers' pipeline without T5: zeros (B, max_sequence_length, joint_attention_dim)
     try:

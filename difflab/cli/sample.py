@@ -26,10 +26,12 @@ def add_arguments(s) -> None:
     s.add_argument("--width", type=positive_int, default=None, help="with --model: image width (default: the model's)")
     s.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG to write (default: samples.png)")
     s.add_argument("--sampler", default=None,
-                   help=f"one of {', '.join(sorted(SAMPLERS))} (default: the checkpoint's own, else ddim)")
-    s.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: the checkpoint's own, else 50)")
+                   help=f"one of {', '.join(sorted(SAMPLERS))} (default: the checkpoint's own, else ddim; "
+                        "--model: flow_euler for SD3, ddim for SD 1.x/2.x)")
+    s.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: the checkpoint's own, else 50; --model: 28 for SD3)")
     s.add_argument("--guidance", type=finite_float, default=None,
-                   help="classifier-free guidance scale (default: the checkpoint's own, else 1 = none)")
+                   help="classifier-free guidance scale (default: the checkpoint's own, else 1 = none; "
+                        "--model: 7 for SD3, 7.5 for SD 1.x/2.x)")
     s.add_argument("--classes", type=parse_classes, default=None, help="comma-separated class indices, one image each")
     s.add_argument("--num", type=positive_int, default=16, help="number of images when --classes is not given (default: 16)")
     s.add_argument("--seed", type=non_negative_int, default=0, help="seed; sample i is the same whatever the batch size (default: 0)")
