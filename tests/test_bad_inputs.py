@@ -34,11 +34,15 @@ from difflab.data.folder import load_image_folder
 from difflab.eval import evaluate, fid, precision_recall
 from difflab.guidance import ClassifierFreeGuidance
 from difflab.io.checkpoint import NonFiniteError, load_checkpoint, save_checkpoint
+from difflab.io.diffusers_folder import load_diffusers_folder
+from difflab.io.sd3_folder import load_sd3_folder
 from difflab.io.spec import DEFAULT_DIFFUSION, build_denoiser, load_denoiser
+from difflab.nn.mmdit import MMDiTConfig
 from difflab.nn.text import TinyTextConfig, TinyTextEncoder
 from difflab.nn.unet import UNet, UNetConfig
 from difflab.nn.unet_sd import UNetSD, UNetSDConfig
 from difflab.pipelines import SampleOptions, generate, text_to_image
+from difflab.pipelines.sd3 import sd3_sigmas
 from difflab.samplers import get_sampler
 from difflab.samplers.euler import sample_euler
 from difflab.train import TrainConfig
@@ -457,6 +461,13 @@ API_CASES = [
     # guidance
     ("cfg-scale-nan", lambda r: ClassifierFreeGuidance(_zero, math.nan, uncond={}), ValueError, "scale"),
     ("cfg-scale-inf", lambda r: ClassifierFreeGuidance(_zero, math.inf, uncond={}), ValueError, "scale"),
+    # Stable Diffusion 3 (an index alone is enough to be refused or to fail on the first missing part)
+    ("sd3-folder-index-only", lambda r: load_sd3_folder(r / "sd3"), FileNotFoundError, "scheduler"),
+    ("sd3-folder-not-a-pipeline", lambda r: load_sd3_folder(r / "run"), FileNotFoundError, "model_index.json"),
+    ("sd3-folder-to-sd-loader", lambda r: load_diffusers_folder(r / "sd3"), ValueError, "load_sd3_folder"),
+    ("mmdit-qk-norm-unknown", lambda r: MMDiTConfig(qk_norm="l2"), ValueError, "qk_norm"),
+    ("mmdit-dual-layer-out-of-range", lambda r: MMDiTConfig(num_layers=2, dual_attention_layers=(5,)), ValueError, "dual_attention_layers"),
+    ("sd3-grid-shift-0", lambda r: sd3_sigmas(4, 0.0), ValueError, "shift"),
 ]
 
 

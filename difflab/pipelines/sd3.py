@@ -67,7 +67,9 @@ def encode_sd3_prompts(text_encoder, prompts, negative_prompts=None, *, guided: 
     prompts = None if prompts is None else as_prompts(prompts)
     if prompts is not None and not prompts:
         raise ValueError("prompts is an empty list: give at least one prompt (use '' for an unconditional image)")
-    n = len(prompts) if prompts is not None else _rows("prompt_embeds", prompt_embeds, len(prompt_embeds), 3).shape[0]
+    if prompts is None and (not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.ndim != 3):
+        raise ValueError(f"prompt_embeds must be an (N, L, D) tensor, got {getattr(prompt_embeds, 'shape', type(prompt_embeds).__name__)}")
+    n = len(prompts) if prompts is not None else prompt_embeds.shape[0]
     negatives = [""] * n if negative_prompts is None else as_prompts(negative_prompts, "negative_prompts")
     negatives = negatives * n if len(negatives) == 1 else negatives
     if len(negatives) != n:
