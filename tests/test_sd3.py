@@ -338,3 +338,15 @@ def test_sample_folder_reads_an_sd1_folder_with_its_scheduler_spacing(tmp_path):
     want = text_to_image(sd.denoiser, sd.text_encoder, sd.vae, PROMPTS, steps=3, seed=1, spacing="leading", steps_offset=1,
                          output_type="latent", progress=False)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_bfloat16_folder_samples(sd3, parts):
+    """Weights in bf16 (the sampler's arithmetic stays float32): the images are those of float32 up
+    to bf16's 8-bit mantissa carried through a random transformer."""
+    half = load_sd3_folder(sd3[1], max_sequence_length=12, dtype=torch.bfloat16)
+    assert half.transformer.proj_out.weight.dtype == half.text_encoder.t5.dtype == torch.bfloat16
+    kw = dict(steps=2, height=16, width=16, output_type="latent", progress=False)
+    got = sd3_text_to_image(half.denoiser, half.text_encoder, half.vae, PROMPTS, **kw)
+    want = sd3_text_to_image(parts.denoiser, parts.text_encoder, parts.vae, PROMPTS, **kw)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert 0 < float((got - want).abs().max()) < 0.1 * float(want.abs().max())

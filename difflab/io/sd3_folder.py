@@ -119,7 +119,9 @@ def load_t5_encoder(folder, tokenizer_folder, *, variant: str | None = None, dty
     name = TEXT_WEIGHTS if variant is None else TEXT_WEIGHTS.replace(".safetensors", f".{variant}.safetensors")
     if not ((Path(folder) / name).is_file() or (Path(folder) / (name + ".index.json")).is_file()):
         raise FileNotFoundError(f"no {name} (or its shard index) in {folder}: T5 is read from safetensors only, never a pickle")
-    model = transformers.T5EncoderModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True, variant=variant)
+    kwargs = {} if dtype is None else {"dtype": dtype}  # loaded in dtype (T5-XXL is 19 GB in float32)
+    model = transformers.T5EncoderModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True, variant=variant,
+                                                        **kwargs)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_folder), local_files_only=True)
     return (model.to(dtype) if dtype is not None else model).eval(), tokenizer
 
