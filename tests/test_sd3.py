@@ -350,3 +350,12 @@ def test_a_bfloat16_folder_samples(sd3, parts):
     want = sd3_text_to_image(parts.denoiser, parts.text_encoder, parts.vae, PROMPTS, **kw)
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     assert 0 < float((got - want).abs().max()) < 0.1 * float(want.abs().max())
+
+
+def test_clip_hidden_states_without_the_final_norm_are_transformers_hidden_states(sd3, parts):
+    clip = parts.text_encoder.clip_g.text_model
+    ids = torch.randint(0, 514, (2, 77), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = sd3[0].text_encoder_2(ids, output_hidden_states=True).hidden_states
+        for skip in (0, 1):
+            torch.testing.assert_close(clip(ids, clip_skip=skip, final_norm=False)[0], want[-1 - skip], rtol=0, atol=1e-5)

@@ -182,8 +182,8 @@ class CLIPTextEncoder(TextEncoder):
 
         ``attention_mask`` (B, L), 1/True for real tokens, is combined with the causal mask
         (Stable Diffusion passes none: it attends to the padding tokens too). ``final_norm=False``
-        returns a skipped layer's hidden states without the final LayerNorm (transformers'
-        ``hidden_states[-1 - clip_skip]``, what SD3 and SDXL condition on).
+        returns the chosen layer's hidden states without the final LayerNorm (transformers'
+        ``hidden_states[-1 - clip_skip]``; SD3 and SDXL condition on ``clip_skip=1``).
         """
         c = self.config
         skip = self.clip_skip if clip_skip is None else clip_skip
@@ -202,7 +202,7 @@ class CLIPTextEncoder(TextEncoder):
             if i == len(layers) - 1 - skip:
                 chosen = h
         last = self.final_layer_norm(h)
-        hidden = last if skip == 0 else self.final_layer_norm(chosen) if final_norm else chosen
+        hidden = chosen if not final_norm else last if skip == 0 else self.final_layer_norm(chosen)
         if c.eos_token_id == 2:  # transformers' legacy config: the end token has the largest id
             eos = input_ids.to(torch.int).argmax(dim=-1)
         else:  # the first end token (padding may repeat it)
