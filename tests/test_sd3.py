@@ -62,6 +62,23 @@ def test_mmdit_matches_sd3_transformer(tmp_path, kw):
     assert MMDiTConfig.from_diffusers_config(config.to_diffusers_config()) == config
 
 
+def test_gradient_checkpointing_changes_no_gradient():
+    from difflab.perf.memory import set_gradient_checkpointing
+
+    torch.manual_seed(0)
+    net = randomize(MMDiT(PRESETS["tiny"]), 0).train()
+    x, ctx, pooled = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 16), torch.randn(2, 8)
+    grads = []
+    for on in (False, True):
+        assert set_gradient_checkpointing(net, on) == 2
+        net.zero_grad()
+        net(x, torch.tensor([10.0, 900.0]), context=ctx, pooled=pooled).square().mean().backward()
+        grads.append([p.grad.clone() for p in net.parameters()])
+    assert any(g.abs().max() > 0 for g in grads[0])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_mmdit_bad_inputs():
     net = MMDiT(PRESETS["tiny"])
     with pytest.raises(ValueError, match="patch_size=2"):

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import JSONConfig
-from .layers import merge_heads, split_heads, timestep_embedding
+from .layers import _maybe_checkpoint, merge_heads, split_heads, timestep_embedding
 from .unet_sd import TimestepEmbedding
 
 DIFFUSERS_CLASS = "SD3Transformer2DModel"
@@ -266,8 +266,12 @@ class JointBlock(nn.Module):
                                     qk_norm=c.qk_norm) if dual else None
         self.ff = FeedForward(dim)
         self.ff_context = None if context_pre_only else FeedForward(dim)
+        self.checkpoint = False  # recompute activations in backward (difflab.perf.memory.set_gradient_checkpointing)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, emb: torch.Tensor):
+        return _maybe_checkpoint(self.checkpoint, self._forward, x, ctx, emb)
+
+    def _forward(self, x: torch.Tensor, ctx: torch.Tensor, emb: torch.Tensor):
         h, m = self.norm1(x, emb)
         shift, scale, gate, shift2, scale2, gate2 = m[:6]
         hc, mc = self.norm1_context(ctx, emb)
