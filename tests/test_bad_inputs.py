@@ -200,6 +200,8 @@ CLI_CASES = [
     ("sample-model-classes", [*SM, "--prompt", "a", "--classes", "1"], 2, "--classes"),
     ("sample-model-sampler-unknown", [*SM, "--prompt", "a", "--sampler", "nope"], 2, "nope"),
     ("sample-model-eta-without-eta", [*SM, "--prompt", "a", "--eta", "0.5"], 2, "--eta"),
+    ("sample-model-dtype-unknown", [*SM, "--prompt", "a", "--dtype", "int8"], 2, "invalid choice"),
+    ("sample-dtype-without-model", [*S, "--dtype", "bfloat16"], 2, "--model"),
     # eval
     ("eval-generated-missing", ["eval", "--generated", "{root}/missing"], 2, "does not exist"),
     ("eval-metric-unknown", [*E, "--metrics", "fid,beauty"], 2, "beauty"),

@@ -332,7 +332,7 @@ def test_sample_command_draws_an_sd3_folder(sd3, parts, tmp_path):
     _, folder = sd3
     out = tmp_path / "sd3.png"
     argv = ["sample", "--model", str(folder), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--steps", "2",
-            "--height", "16", "--width", "16", "--out", str(out), "--device", "cpu", "--seed", "3"]
+            "--height", "16", "--width", "16", "--out", str(out), "--device", "cpu", "--seed", "3", "--dtype", "float32"]
     assert main(argv) == 0
     grid = np.asarray(Image.open(out))
     assert grid.shape == (1 + 17, 1 + 2 * 17, 3)  # two 16x16 images side by side, one-pixel borders

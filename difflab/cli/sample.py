@@ -7,6 +7,7 @@ from ..io.images import save_grid
 from ..pipelines import sample_checkpoint
 from ..pipelines.checkpoint import sampling_defaults
 from ..pipelines.folder import folder_family, folder_options, sample_folder
+from ..pipelines.options import DTYPES
 from ..samplers import ETA_SAMPLERS, SAMPLERS
 from .common import (UsageError, device, device_name, finite_float, image_checkpoint, non_negative_float, non_negative_int,
                      output_file, parse_classes, positive_int)
@@ -24,6 +25,8 @@ def add_arguments(s) -> None:
     s.add_argument("--negative-prompt", default=None, help="with --model: the negative prompt of every image (default: '')")
     s.add_argument("--height", type=positive_int, default=None, help="with --model: image height (default: the model's)")
     s.add_argument("--width", type=positive_int, default=None, help="with --model: image width (default: the model's)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="with --model: the weights' dtype (default: float32; sampling arithmetic stays float32)")
     s.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG to write (default: samples.png)")
     s.add_argument("--sampler", default=None,
                    help=f"one of {', '.join(sorted(SAMPLERS))} (default: the checkpoint's own, else ddim; "
@@ -47,8 +50,8 @@ def run(args) -> int:
         raise UsageError("give --checkpoint (a difflab checkpoint) or --model (a diffusers pipeline folder), one of them")
     if args.model is not None:
         return run_folder(args)
-    if args.prompt or args.negative_prompt is not None or args.height or args.width:
-        raise UsageError("--prompt, --negative-prompt, --height and --width go with --model (a text-to-image folder)")
+    if args.prompt or args.negative_prompt is not None or args.height or args.width or args.dtype:
+        raise UsageError("--prompt, --negative-prompt, --height, --width and --dtype go with --model (a text-to-image folder)")
     meta = image_checkpoint(args.checkpoint, "--checkpoint", "difflab sample")
     given = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)
     overrides = dict({k: v for k, v in given.items() if v is not None}, seed=args.seed, device=device(args.device))
@@ -87,7 +90,7 @@ def run_folder(args) -> int:
     folder_options(family, **overrides)  # checked here, before the weights are read
     print(f"sampling the {family} folder {args.model} ({len(args.prompt)} prompts)")
     images = sample_folder(args.model, args.prompt, negative_prompts=args.negative_prompt, height=args.height,
-                           width=args.width, device=device(args.device), **overrides)
+                           width=args.width, device=device(args.device), dtype=DTYPES[args.dtype or "float32"], **overrides)
     path = save_grid(images, args.out, nrow=min(10, len(images)))
     print(f"wrote {len(images)} images to {path}")
     return 0
