@@ -34,11 +34,15 @@ from difflab.data.folder import load_image_folder
 from difflab.eval import evaluate, fid, precision_recall
 from difflab.guidance import ClassifierFreeGuidance
 from difflab.io.checkpoint import NonFiniteError, load_checkpoint, save_checkpoint
+from difflab.io.diffusers_folder import load_diffusers_folder
+from difflab.io.sd3_folder import load_sd3_folder
 from difflab.io.spec import DEFAULT_DIFFUSION, build_denoiser, load_denoiser
+from difflab.nn.mmdit import MMDiTConfig
 from difflab.nn.text import TinyTextConfig, TinyTextEncoder
 from difflab.nn.unet import UNet, UNetConfig
 from difflab.nn.unet_sd import UNetSD, UNetSDConfig
 from difflab.pipelines import SampleOptions, generate, text_to_image
+from difflab.pipelines.sd3 import sd3_sigmas
 from difflab.samplers import get_sampler
 from difflab.samplers.euler import sample_euler
 from difflab.train import TrainConfig
@@ -72,6 +76,8 @@ def world(tmp_path_factory):
     (root / "a_folder").mkdir()
     (root / "existing_file").write_text("x")
     (root / "empty").mkdir()
+    (root / "sd3").mkdir()  # a pipeline folder's index alone: enough for the checks made before any weights are read
+    (root / "sd3" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
     images = root / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
@@ -120,6 +126,7 @@ def world(tmp_path_factory):
 
 T = ["train", "--preset", "tiny", "--device", "cpu", "--out", "{root}/out_train"]
 S = ["sample", "--checkpoint", "{root}/run", "--out", "{root}/s.png", "--steps", "2", "--device", "cpu"]
+SM = ["sample", "--model", "{root}/sd3", "--out", "{root}/s.png"]  # a pipeline folder (its model_index.json alone)
 E = ["eval", "--generated", "{root}/images", "--reference", "{root}/images", "--no-progress", "--device", "cpu"]
 D = ["distill", "--method", "progressive", "--teacher", "{root}/run", "--out", "{root}/distilled", "--steps", "1",
      "--batch-size", "4", "--device", "cpu", "--no-progress"]
@@ -194,6 +201,10 @@ CLI_CASES = [
     ("sample-prompt-without-model", [*S, "--prompt", "a digit"], 2, "--prompt needs --model"),
     ("sample-model-sampler-unknown", [*M, "--prompt", "a digit", "--sampler", "nope"], 2, "nope"),
     ("sample-model-height-0", [*M, "--prompt", "a", "--height", "0"], 2, "--height"),
+    ("sample-model-no-index", ["sample", "--model", "{root}/run", "--prompt", "a", "--out", "{root}/s.png"], 2, "not a model folder"),
+    ("sample-model-eta-without-eta", [*SM, "--prompt", "a", "--eta", "0.5"], 2, "eta"),
+    ("sample-model-dtype-unknown", [*SM, "--prompt", "a", "--dtype", "int8"], 2, "invalid choice"),
+    ("sample-dtype-without-model", [*S, "--dtype", "bfloat16"], 2, "--dtype needs --model"),
     # eval
     ("eval-generated-missing", ["eval", "--generated", "{root}/missing"], 2, "does not exist"),
     ("eval-metric-unknown", [*E, "--metrics", "fid,beauty"], 2, "beauty"),
@@ -466,6 +477,13 @@ API_CASES = [
     # guidance
     ("cfg-scale-nan", lambda r: ClassifierFreeGuidance(_zero, math.nan, uncond={}), ValueError, "scale"),
     ("cfg-scale-inf", lambda r: ClassifierFreeGuidance(_zero, math.inf, uncond={}), ValueError, "scale"),
+    # Stable Diffusion 3 (an index alone is enough to be refused or to fail on the first missing part)
+    ("sd3-folder-index-only", lambda r: load_sd3_folder(r / "sd3"), FileNotFoundError, "scheduler"),
+    ("sd3-folder-not-a-pipeline", lambda r: load_sd3_folder(r / "run"), FileNotFoundError, "model_index.json"),
+    ("sd3-folder-to-sd-loader", lambda r: load_diffusers_folder(r / "sd3"), ValueError, "load_sd3_folder"),
+    ("mmdit-qk-norm-unknown", lambda r: MMDiTConfig(qk_norm="l2"), ValueError, "qk_norm"),
+    ("mmdit-dual-layer-out-of-range", lambda r: MMDiTConfig(num_layers=2, dual_attention_layers=(5,)), ValueError, "dual_attention_layers"),
+    ("sd3-grid-shift-0", lambda r: sd3_sigmas(4, 0.0), ValueError, "shift"),
 ]
 
 

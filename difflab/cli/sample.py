@@ -7,6 +7,7 @@ from ..io.images import save_grid
 from ..pipelines import sample_checkpoint
 from ..pipelines.checkpoint import sampling_defaults
 from ..pipelines.folder import model_family, sample_folder
+from ..pipelines.options import DTYPES
 from ..samplers import ETA_SAMPLERS, SAMPLERS
 from .common import (UsageError, device, device_name, finite_float, image_checkpoint, non_negative_float, non_negative_int,
                      output_file, parse_classes, positive_int)
@@ -25,6 +26,8 @@ def add_arguments(s) -> None:
     s.add_argument("--negative-prompt", default=None, help="--model: the negative prompt (default: empty)")
     s.add_argument("--height", type=positive_int, default=None, help="--model: image height (default: the model's)")
     s.add_argument("--width", type=positive_int, default=None, help="--model: image width (default: the model's)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="--model: the weights' dtype (default: float32; sampling arithmetic stays float32)")
     s.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG to write (default: samples.png)")
     s.add_argument("--sampler", default=None,
                    help=f"one of {', '.join(sorted(SAMPLERS))} (default: the checkpoint's own, else ddim)")
@@ -46,7 +49,7 @@ def run(args) -> int:
     if args.model is not None:
         return run_model(args)
     for flag, value in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt), ("--height", args.height),
-                        ("--width", args.width)):
+                        ("--width", args.width), ("--dtype", args.dtype)):
         if value is not None:
             raise UsageError(f"{flag} needs --model (a text-to-image model folder); a --checkpoint takes --classes or --num")
     # 1. Check everything that can be checked before the weights are read.
@@ -88,8 +91,7 @@ def run_model(args) -> int:
     prompts = [p for p in args.prompt for _ in range(args.num or 1)]
     print(f"{family} model {args.model}: {len(prompts)} images")
     images = sample_folder(args.model, prompts, negative_prompts=args.negative_prompt, height=args.height,
-                           width=args.width, **overrides)
-    size = images.shape[-1]
-    path = save_grid(images, args.out, nrow=min(10, len(images)), upscale=max(1, 48 // size))
+                           width=args.width, dtype=DTYPES[args.dtype] if args.dtype else None, **overrides)
+    path = save_grid(images, args.out, nrow=min(10, len(images)))
     print(f"wrote {len(images)} samples to {path}")
     return 0

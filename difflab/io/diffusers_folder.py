@@ -206,6 +206,8 @@ def load_diffusers_folder(folder, *, components=COMPONENTS, variant: str | None 
     unknown = sorted(set(components) - set(COMPONENTS))
     if unknown:
         raise ValueError(f"unknown components {unknown}; choose from {list(COMPONENTS)}")
+    if index.get("_class_name", "").startswith("StableDiffusion3"):
+        raise ValueError(f"{root} is a {index['_class_name']}: read it with difflab.io.sd3_folder.load_sd3_folder")
     if index.get("text_encoder_2") or index.get("_class_name", "").startswith("StableDiffusionXL"):
         raise ValueError(f"{root} is a {index.get('_class_name')} (two text encoders): load SDXL folders with "
                          "difflab.io.load_sdxl_folder (load_diffusers_folder reads SD 1.x / 2.x)")

@@ -3,6 +3,8 @@ from .layers import (
     CrossAttention, Downsample, ResBlock, SelfAttention, TimestepMLP, Upsample, group_norm, timestep_embedding, zero_,
 )
 from .guidance_embedding import GuidanceEmbedding
+from .mmdit import MMDiT, MMDiTConfig
+from .sd3_text import SD3TextEncoder
 from .unet import PRESETS, UNet, UNetConfig
 from .text import CLIPTextEncoder, CLIPTextEncoderConfig, TextEncoder, TinyTextConfig, TinyTextEncoder
 from .transformer import SpatialTransformer
@@ -16,4 +18,5 @@ __all__ = [
     "Downsample", "Upsample", "group_norm", "zero_", "AutoencoderKL", "VAEConfig", "DiagonalGaussian",
     "estimate_scaling_factor", "VAE_PRESETS", "UNetSD", "UNetSDConfig", "SD_PRESETS", "SpatialTransformer",
     "TextEncoder", "CLIPTextEncoder", "CLIPTextEncoderConfig", "TinyTextEncoder", "TinyTextConfig", "GuidanceEmbedding",
+    "MMDiT", "MMDiTConfig", "SD3TextEncoder",
 ]

@@ -188,11 +188,14 @@ class CLIPTextEncoder(TextEncoder):
             self.text_projection = nn.Linear(c.hidden_size, c.projection_dim, bias=False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                clip_skip: int | None = None, final_norm: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(hidden_states (B, L, D), pooled (B, D or projection_dim))`` for token ids (B, L), L <= max_position_embeddings.
 
         ``attention_mask`` (B, L), 1/True for real tokens, is combined with the causal mask
-        (Stable Diffusion passes none: it attends to the padding tokens too).
+        (Stable Diffusion passes none: it attends to the padding tokens too). ``final_norm=False``
+        returns the chosen layer's hidden states without the final LayerNorm (default: the encoder's
+        ``norm_hidden``; transformers'
+        ``hidden_states[-1 - clip_skip]``; SD3 and SDXL condition on ``clip_skip=1``).
         """
         c = self.config
         skip = self.clip_skip if clip_skip is None else clip_skip
@@ -211,10 +214,8 @@ class CLIPTextEncoder(TextEncoder):
             if i == len(layers) - 1 - skip:
                 chosen = h
         last = self.final_layer_norm(h)
-        if not self.norm_hidden:
-            hidden = chosen
-        else:
-            hidden = last if skip == 0 else self.final_layer_norm(chosen)
+        normed = self.norm_hidden if final_norm is None else final_norm
+        hidden = chosen if not normed else last if skip == 0 else self.final_layer_norm(chosen)
         if c.eos_token_id == 2:  # transformers' legacy config: the end token has the largest id
             eos = input_ids.to(torch.int).argmax(dim=-1)
         else:  # the first end token (padding may repeat it)

@@ -6,12 +6,14 @@ Usage::
     images = sample_folder("models/sdxl-base", ["a red fox in snow"], steps=30, seed=1)   # (N, 3, H, W) in [-1, 1]
 
 :data:`MODEL_FOLDERS` is the table of layouts, tried in order; each entry is ``(name, detect(folder)
--> bool, sample(folder, prompts, negative_prompts, height, width, options, overrides) -> images)``.
+-> bool, sample(folder, prompts, request, options, overrides, dtype) -> images)``, ``request`` holding
+``negative_prompts``, ``height``, ``width`` and ``output_type``.
 A new family is one entry.
 
 | layout | recognized by | defaults |
 | --- | --- | --- |
 | ``difflab`` | a ``model.safetensors`` of kind ``difflab.text_model`` (``difflab demo --text``, ``difflab distill --method lcm|lcm-lora``, ``difflab dreambooth``) | the file's own ``"sampling"`` |
+| ``sd3`` | ``model_index.json`` of a ``StableDiffusion3*Pipeline`` | flow Euler, 28 steps, guidance 7, the scheduler's shift |
 | ``sdxl`` | ``model_index.json`` of an SDXL pipeline, a ``text_encoder_2``, or a U-Net with ``text_time`` | the scheduler's sampler and spacing, guidance 5 |
 | ``stable-diffusion`` | ``model_index.json`` of a ``StableDiffusion*Pipeline`` (1.x / 2.x) | the scheduler's sampler and spacing, guidance 7.5 |
 
@@ -29,9 +31,11 @@ import torch
 from ..adapters import load_lora_weights
 from ..core.consistency import ConsistencyFunction
 from ..io.diffusers_folder import load_diffusers_folder
+from ..io.sd3_folder import is_sd3_folder, load_sd3_folder
 from ..io.sdxl_folder import is_sdxl_folder, load_sdxl_folder
 from ..io.text_model import TextModel, is_text_model, read_text_model
 from .options import TEXT_DEFAULTS, SampleOptions, resolve
+from .sd3 import SD3_DEFAULTS, sd3_text_to_image
 from .sdxl import sdxl_text_to_image
 from .text_to_image import text_to_image
 
@@ -85,25 +89,42 @@ def sample_text_model(model: TextModel, prompts, *, negative_prompts=None, optio
 
 
 # ----------------------------------------------------------------------------------------------
-# The families: (folder, prompts, negative_prompts, height, width, options, overrides) -> images
+# The families: (folder, prompts, request, options, overrides, dtype) -> images
 
 
-def _sample_difflab(folder, prompts, negative_prompts, height, width, options, overrides):
-    device = (options.device if options is not None else None) or overrides.get("device") or "cpu"
+def _device(options, overrides) -> str:
+    return (options.device if options is not None else None) or overrides.get("device") or "cpu"
+
+
+def _sample_difflab(folder, prompts, request, options, overrides, dtype):
+    device = _device(options, overrides)
     model = load_text_model(folder, device)
+    if dtype is not None:
+        for part in (model.denoiser, model.text_encoder, model.vae):
+            if part is not None:
+                part.to(dtype)
     opts = resolve(options, model_options(model), overrides).replace(device=device)
-    return sample_text_model(model, prompts, negative_prompts=negative_prompts, options=opts, height=height, width=width)
+    return sample_text_model(model, prompts, options=opts, **request)
 
 
-def _sample_diffusers(folder, prompts, negative_prompts, height, width, options, overrides, *, sdxl: bool):
-    device = (options.device if options is not None else None) or overrides.get("device") or "cpu"
-    parts = load_sdxl_folder(folder, device=device) if sdxl else load_diffusers_folder(folder, device=device)
+def _sample_sd3(folder, prompts, request, options, overrides, dtype):
+    device = _device(options, overrides)
+    parts = load_sd3_folder(folder, device=device, dtype=dtype)
+    opts = resolve(options, SD3_DEFAULTS, overrides).replace(device=device)
+    return sd3_text_to_image(parts.denoiser, parts.text_encoder, parts.vae, prompts, shift=parts.sampling["shift"],
+                             options=opts, **request)
+
+
+def _sample_diffusers(folder, prompts, request, options, overrides, dtype, *, sdxl: bool):
+    device = _device(options, overrides)
+    load = load_sdxl_folder if sdxl else load_diffusers_folder
+    parts = load(folder, device=device, dtype=dtype)
     opts = resolve(options, folder_defaults(parts.sampling, sdxl), overrides).replace(device=device)
     args = (parts.denoiser, parts.text_encoder, parts.vae, prompts)
     if sdxl:
-        return sdxl_text_to_image(*args, negative_prompts=negative_prompts, height=height, width=width, output_type="pt",
-                                  force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt, options=opts)
-    return text_to_image(*args, negative_prompts=negative_prompts, height=height, width=width, output_type="pt", options=opts)
+        return sdxl_text_to_image(*args, force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt, options=opts,
+                                  **request)
+    return text_to_image(*args, options=opts, **request)
 
 
 def pipeline_class(folder) -> str:
@@ -117,11 +138,12 @@ def pipeline_class(folder) -> str:
 
 def is_stable_diffusion(folder) -> bool:
     """A diffusers Stable Diffusion 1.x / 2.x folder."""
-    return pipeline_class(folder).startswith("StableDiffusion") and not is_sdxl_folder(folder)
+    return pipeline_class(folder).startswith("StableDiffusion") and not (is_sdxl_folder(folder) or is_sd3_folder(folder))
 
 
 MODEL_FOLDERS = [
     ("difflab", is_text_model, _sample_difflab),
+    ("sd3", is_sd3_folder, _sample_sd3),  # before sdxl: an SD3 folder has a text_encoder_2 too
     ("sdxl", is_sdxl_folder, lambda *a: _sample_diffusers(*a, sdxl=True)),
     ("stable-diffusion", is_stable_diffusion, lambda *a: _sample_diffusers(*a, sdxl=False)),
 ]
@@ -143,13 +165,16 @@ def model_family(folder) -> str:
 
 @torch.no_grad()
 def sample_folder(folder, prompts, *, negative_prompts=None, height: int | None = None, width: int | None = None,
-                  options: SampleOptions | None = None, **overrides) -> torch.Tensor:
+                  options: SampleOptions | None = None, dtype: torch.dtype | None = None, output_type: str = "pt",
+                  **overrides) -> torch.Tensor:
     """Images (N, C, H, W) in [-1, 1], one per prompt, from the model in ``folder`` (any layout of
     :data:`MODEL_FOLDERS`) with its family's defaults; ``options`` / ``overrides`` as the
-    pipelines'; ``device`` also loads the weights there (default CPU)."""
+    pipelines'; ``device`` also loads the weights there (default CPU), ``dtype`` casts them
+    (sampling arithmetic stays float32); ``output_type`` as the pipelines' (``"pt"``, ``"latent"``, ...)."""
     family = model_family(folder)
     sample = next(fn for name, _, fn in MODEL_FOLDERS if name == family)
-    return sample(folder, prompts, negative_prompts, height, width, options, overrides)
+    request = dict(negative_prompts=negative_prompts, height=height, width=width, output_type=output_type)
+    return sample(folder, prompts, request, options, overrides, dtype)
 
 
 __all__ = ["sample_folder", "folder_defaults", "SCHEDULER_SAMPLERS", "MODEL_FOLDERS", "model_family", "load_text_model",
