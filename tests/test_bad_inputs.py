@@ -202,7 +202,7 @@ CLI_CASES = [
     ("sample-model-sampler-unknown", [*M, "--prompt", "a digit", "--sampler", "nope"], 2, "nope"),
     ("sample-model-height-0", [*M, "--prompt", "a", "--height", "0"], 2, "--height"),
     ("sample-model-no-index", ["sample", "--model", "{root}/run", "--prompt", "a", "--out", "{root}/s.png"], 2, "not a model folder"),
-    ("sample-model-eta-without-eta", [*SM, "--prompt", "a", "--eta", "0.5"], 2, "eta"),
+    ("sample-model-eta-without-eta", [*SM, "--prompt", "a", "--sampler", "flow_euler", "--eta", "0.5"], 2, "--eta"),
     ("sample-model-dtype-unknown", [*SM, "--prompt", "a", "--dtype", "int8"], 2, "invalid choice"),
     ("sample-dtype-without-model", [*S, "--dtype", "bfloat16"], 2, "--dtype needs --model"),
     # eval

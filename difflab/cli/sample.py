@@ -86,6 +86,8 @@ def run_model(args) -> int:
     given = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)
     overrides = dict({k: v for k, v in given.items() if v is not None}, seed=args.seed, device=device(args.device))
     if args.eta is not None:
+        if args.sampler is not None and args.sampler not in ETA_SAMPLERS:
+            raise UsageError(f"--eta: sampler {args.sampler!r} has no eta; the samplers that take one are {', '.join(ETA_SAMPLERS)}")
         overrides["eta"] = args.eta
     # 2. Sample (the folder's own defaults under the overrides) and write the grid.
     prompts = [p for p in args.prompt for _ in range(args.num or 1)]
