@@ -149,8 +149,9 @@ def test_denoiser_parity_in_the_papers_frame_with_learned_sigma(tmp_path):
     """DiT's frame (DDPM linear betas, T = 1000, eps): D(x, sigma_t) is x - sigma_t eps(x_in, t) of
     diffusers' model at the integer step t, and v is (r + 1) / 2 of its variance channels."""
     model = diffusers_dit(2, **CONFIGS["learned-sigma-p2"])
-    model.save_pretrained(tmp_path / "dit")
-    denoiser = dit_denoiser(load_diffusers_dit(tmp_path / "dit"))
+    model.save_pretrained(tmp_path / "pipeline" / "transformer")  # a DiTPipeline folder: its transformer/ is read
+    (tmp_path / "pipeline" / "model_index.json").write_text('{"_class_name": "DiTPipeline"}')
+    denoiser = dit_denoiser(load_diffusers_dit(tmp_path / "pipeline"))
     assert denoiser.learned_variance and denoiser.prediction == "eps"
     frame = VPDiscrete.from_name("linear", 1000)
     t = torch.tensor([0, 10, 500, 999])
