@@ -89,6 +89,8 @@ def world(tmp_path_factory):
         "type": {"train": {"steps": "abc"}},
         "spec": {"spec": {"unet": {"model_chanels": 8}}},
         "diffusion": {"spec": {"unet": {}, "diffusion": {"frame": "vp_discrete", "shedule": "cosine"}}},
+        "unet_spec": {"spec": {"unet": {"model_channels": 8}}},
+        "dit_patch3": {"spec": {"network": {"kind": "dit", "config": {"patch_size": 3, "hidden_size": 16, "depth": 1}}}},
     }
     for name, body in configs.items():
         (root / f"{name}.json").write_text(json.dumps(body))
@@ -165,6 +167,12 @@ CLI_CASES = [
     ("train-out-is-a-file", ["train", "--preset", "tiny", "--out", "{root}/existing_file"], 2, "--out"),
     ("train-preset-unknown", [*T, "--preset", "huge"], 2, "--preset"),
     ("train-precision-unknown", [*T, "--precision", "fp8"], 2, "invalid choice"),
+    ("train-network-unknown", [*T, "--network", "transformer"], 2, "--network"),
+    ("train-dit-preset-unknown", ["train", "--network", "dit", "--preset", "DiT-XXL/2", "--device", "cpu", "--out",
+                                  "{root}/out_train"], 2, "DiT-S/2"),
+    ("train-dit-patch-not-dividing", ["train", "--network", "dit", "--config", "{root}/dit_patch3.json", "--device", "cpu",
+                                      "--out", "{root}/out_train"], 2, "patch_size=3 must divide"),
+    ("train-network-contradicts-config", [*T, "--network", "dit", "--config", "{root}/unet_spec.json"], 2, "contradicts"),
     # train: the run itself
     ("train-diverges", ["train", "--preset", "tiny", "--device", "cpu", "--config", "{root}/tiny.json", "--lr", "1e30",
                         "--out", "{root}/diverged"], 2, "diverged"),
@@ -226,6 +234,7 @@ CLI_CASES = [
     ("dreambooth-steps-0", [*DB, "--steps", "0"], 2, "--steps"),
     # memory, bench
     ("memory-preset-unknown", ["memory", "--preset", "nope"], 2, "nope"),
+    ("memory-dit-preset-unknown", ["memory", "--preset", "dit:DiT-XXL/2"], 2, "DiT-XL/2"),
     ("memory-batch-size-0", ["memory", "--preset", "tiny", "--batch-size", "0"], 2, "--batch-size"),
     ("bench-workload-unknown", ["bench", "--quick", "--workloads", "warp_drive"], 2, "warp_drive"),
     # check (cli/check.py)

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from difflab.cli import main as perf_main
 from difflab.nn import UNet, UNetConfig
+from difflab.nn.dit import DiTConfig
 from difflab.perf.memory import (_probe_saved, disable_attention_slicing, enable_attention_slicing, estimate_memory,
                                measure_peak, offload, resolve_network, set_gradient_checkpointing, sliced_attention)
 from difflab.nn.unet_sd import PRESETS as SD_PRESETS
@@ -13,6 +14,7 @@ from difflab.nn.unet_sd import UNetSD
 SMALL = UNetConfig(in_channels=3, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2)
 SMALL_COND = UNetConfig(in_channels=3, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
                         num_heads=2, num_classes=10, dropout=0.1)
+SMALL_DIT = DiTConfig(in_channels=3, sample_size=16, patch_size=2, hidden_size=64, depth=3, num_heads=4, num_classes=10)
 DEEPER = UNetConfig(in_channels=3, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(1,), num_heads=1)
 
 
@@ -35,7 +37,9 @@ def randomized(net):
     (SMALL_COND, 16, 16, "bf16", False),               # autocast, dropout masks, class labels
     (SD_PRESETS["tiny"], 8, 16, "fp32", True),         # SD U-Net with cross-attention, gradient checkpointing
     (DEEPER, 1, 8, "fp32", False),                     # gradients outweigh activations: the peak is at the optimizer step
-], ids=["unet-fp32", "unet-bf16-classes", "sd-checkpointing", "gradients-dominate"])
+    (SMALL_DIT, 16, 16, "fp32", False),                # a DiT: 64 tokens, adaLN-Zero blocks
+    (SMALL_DIT, 16, 16, "bf16", True),                 # a DiT with autocast and gradient checkpointing
+], ids=["unet-fp32", "unet-bf16-classes", "sd-checkpointing", "gradients-dominate", "dit-fp32", "dit-bf16-checkpointing"])
 def test_estimate_is_within_15_percent_of_the_measured_peak(config, batch, size, precision, checkpointing):
     est = estimate_memory(config, batch, size, precision=precision, gradient_checkpointing=checkpointing)
     net = resolve_network(config)

@@ -9,11 +9,11 @@ from .common import device, device_name, positive_int
 
 HELP = "predict (and measure) the memory of a training step or a call"
 DESCRIPTION = ("Parameters, gradients, optimizer states and activations (counted from what autograd saves) of one "
-               "training step, for a U-Net preset; --measure runs the step and compares with its measured peak.")
+               "training step, for a U-Net or DiT preset; --measure runs the step and compares with its measured peak.")
 
 
 def add_arguments(m) -> None:
-    m.add_argument("--preset", default="cifar10", help="a difflab.nn.PRESETS name, sd1, sd2 or sd:<name> (default: cifar10)")
+    m.add_argument("--preset", default="cifar10", help="a difflab.nn.PRESETS name, sd1, sd2, sd:<name>, a DiT preset (DiT-S/2 ... DiT-XL/8) or dit:<name> (default: cifar10)")
     m.add_argument("--batch-size", type=positive_int, default=128, help="batch size (default: 128)")
     m.add_argument("--image-size", type=positive_int, default=32, help="image (or latent) height and width (default: 32)")
     m.add_argument("--precision", choices=list(PRECISIONS), default="fp32",

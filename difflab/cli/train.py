@@ -1,4 +1,5 @@
-"""``difflab train``: train a U-Net diffusion model on the digits or a folder of images."""
+"""``difflab train``: train a diffusion model (a U-Net, a DiT: any network kind whose samples are
+images) on the digits or a folder of images."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,15 +11,14 @@ from ..core.params import PREDICTIONS
 from ..core.schedules import DISCRETE_SCHEDULES
 from ..data import ON_ERROR, ImageReadError, load_digits, load_image_folder
 from ..demos.digits import DEMO_SPEC, DEMO_TRAIN
-from ..io.spec import build_denoiser, make_spec, read_spec
-from ..nn.unet import PRESETS, UNetConfig
+from ..io.spec import build_denoiser, kinds_with_output, make_spec, network_kind, read_spec
 from ..train import TrainConfig, train
 from ..train.distributed import init_distributed
 from .common import UsageError, device, device_name, output_folder, positive_float, positive_int
 
 CONFIG_KEYS = ("spec", "train")  # the top level of --config
 HELP = "train a diffusion model"
-DESCRIPTION = "Train a U-Net diffusion model. Flags override the values of --config (a JSON file with optional 'spec' and 'train' objects)."
+DESCRIPTION = "Train a diffusion model (--network unet or dit). Flags override the values of --config (a JSON file with optional 'spec' and 'train' objects)."
 
 
 def add_arguments(t) -> None:
@@ -30,7 +30,10 @@ def add_arguments(t) -> None:
     t.add_argument("--labels", action="store_true", help="folder data: use subfolder names as class labels")
     t.add_argument("--bad-images", choices=ON_ERROR, default="stop",
                    help="folder data: an unreadable image file stops with its name (default) or is skipped with a warning")
-    t.add_argument("--preset", default=None, help="U-Net preset (default: digits)")
+    t.add_argument("--network", choices=kinds_with_output("image"), default=None,
+                   help="network kind (default: the --config spec's, else unet)")
+    t.add_argument("--preset", default=None,
+                   help="a preset of the network kind (unet: digits, tiny, cifar10; dit: digits, DiT-S/2 ... DiT-XL/8); default: digits")
     t.add_argument("--schedule", choices=DISCRETE_SCHEDULES, default=None, help="noise schedule (default: cosine)")
     t.add_argument("--prediction", choices=PREDICTIONS, default=None, help="what the network predicts (default: v)")
     t.add_argument("--steps", type=positive_int, help="training steps")
@@ -86,23 +89,33 @@ def load_data(args):
 
 
 def model_spec(cfg: dict, args, images, labels) -> dict:
-    """The model spec: ``--config``'s (or the demo's), with the preset / schedule / prediction flags
-    and the data's channels and classes; written in the current form (:func:`make_spec`)."""
+    """The model spec: ``--config``'s (or the demo's), with the network / preset / schedule /
+    prediction flags and the data's channels, classes and (for kinds that have one) image size;
+    written in the current form (:func:`make_spec`)."""
     kind, config, diffusion = read_spec(cfg.get("spec") or DEMO_SPEC)
-    if kind != "unet":
-        raise UsageError(f"difflab train builds the 'unet' network kind; the spec names {kind!r}")
-    if args.preset:
-        if args.preset not in PRESETS:
-            raise UsageError(f"--preset {args.preset!r} is unknown; choose one of {sorted(PRESETS)}")
-        config = PRESETS[args.preset].to_dict()
-    unet = UNetConfig.from_dict(config, "spec.network.config")
-    unet = dataclasses.replace(unet, in_channels=images.shape[1],
-                               num_classes=(int(labels.max()) + 1) if labels is not None else None)
+    if args.network and args.network != kind:
+        if "spec" in cfg:
+            raise UsageError(f"--network {args.network} contradicts the --config spec's network kind {kind!r}")
+        kind, config = args.network, {}
+    entry = network_kind(kind)
+    if entry.output != "image":
+        raise UsageError(f"difflab train trains the network kinds whose samples are images ({', '.join(kinds_with_output('image'))}); "
+                         f"the spec names {kind!r}")
+    preset = args.preset or (None if config else "digits")
+    if preset:
+        if preset not in entry.presets:
+            raise UsageError(f"--preset {preset!r} is unknown for --network {kind}; choose one of {sorted(entry.presets)}")
+        config = entry.presets[preset].to_dict()
+    net = entry.config_cls.from_dict(config, "spec.network.config")
+    fit = {"in_channels": images.shape[1], "num_classes": (int(labels.max()) + 1) if labels is not None else None,
+           "sample_size": int(images.shape[-1])}
+    names = {f.name for f in dataclasses.fields(net)}
+    net = dataclasses.replace(net, **{k: v for k, v in fit.items() if k in names})
     if args.schedule:
         diffusion["schedule"] = args.schedule
     if args.prediction:
         diffusion["prediction"] = args.prediction
-    return make_spec("unet", unet, diffusion)
+    return make_spec(kind, net, diffusion)
 
 
 def run(args) -> int:

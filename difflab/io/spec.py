@@ -38,9 +38,13 @@ from ..config import ConfigError, check_keys
 from ..core import FRAMES, Denoiser, VPDiscrete
 from ..core.consistency import ConsistencyFunction
 from ..core.params import check_prediction
+from ..nn.dit import PRESETS as DIT_PRESETS
+from ..nn.dit import DiT, DiTConfig
 from ..nn.guidance_embedding import GuidanceEmbedding
 from ..nn.mmdit import MMDiT, MMDiTConfig
+from ..nn.unet import PRESETS as UNET_PRESETS
 from ..nn.unet import UNet, UNetConfig
+from ..nn.unet_sd import PRESETS as UNET_SD_PRESETS
 from ..nn.unet_sd import UNetSD, UNetSDConfig
 from ..nn.vae import AutoencoderKL, VAEConfig
 from .checkpoint import load_checkpoint, load_model_state, read_metadata
@@ -58,12 +62,14 @@ class NetworkKind:
     ``output`` says what one sample of a denoiser around it is (``"image"``: pixels a PNG can
     show; ``"latent"``: latents a codec decodes; ``"codec"``: not a denoiser at all; later kinds
     add ``"sequence"``, ``"video"``, ``"points"``, ...); ``sample_shape(config, meta)`` is the
-    shape of one sample from the config and the checkpoint's metadata (None for a codec)."""
+    shape of one sample from the config and the checkpoint's metadata (None for a codec);
+    ``presets`` its named configs (``difflab train --network KIND --preset NAME``)."""
 
     cls: type
     config_cls: type
     output: str
     sample_shape: Callable[[object, dict], tuple] | None = None
+    presets: dict = dataclasses.field(default_factory=dict)
 
 
 def image_shape(config, meta: dict) -> tuple:
@@ -80,8 +86,9 @@ def latent_shape(config, meta: dict) -> tuple:
 
 # One plain dict: adding a kind is one import and one entry.
 NETWORKS: dict[str, NetworkKind] = {
-    "unet": NetworkKind(UNet, UNetConfig, "image", image_shape),
-    "unet_sd": NetworkKind(UNetSD, UNetSDConfig, "latent", latent_shape),
+    "unet": NetworkKind(UNet, UNetConfig, "image", image_shape, UNET_PRESETS),
+    "unet_sd": NetworkKind(UNetSD, UNetSDConfig, "latent", latent_shape, UNET_SD_PRESETS),
+    "dit": NetworkKind(DiT, DiTConfig, "image", image_shape, DIT_PRESETS),
     "vae": NetworkKind(AutoencoderKL, VAEConfig, "codec"),
     "mmdit": NetworkKind(MMDiT, MMDiTConfig, "latent", latent_shape),
 }

@@ -22,16 +22,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, shift: float = 0.0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) times (Vaswani et al. 2017, Section 3.5; Ho et al. 2020).
 
-    With ``half = dim // 2`` and frequencies ``w_i = max_period ** (-i / half)`` for ``i < half``,
-    returns ``[cos(t * w_0), ..., cos(t * w_{half-1}), sin(t * w_0), ..., sin(t * w_{half-1})]``
+    With ``half = dim // 2`` and frequencies ``w_i = max_period ** (-i / (half - shift))`` for
+    ``i < half``, returns ``[cos(t * w_0), ..., cos(t * w_{half-1}), sin(t * w_0), ..., sin(t * w_{half-1})]``
     (ADM's ordering), plus one zero column when ``dim`` is odd. ``t`` is a (B,) tensor; the result
-    is (B, dim) float32.
+    is (B, dim) float32. ``shift`` is diffusers' ``downscale_freq_shift`` (0 in ADM and DiT; 1 in
+    diffusers' port of DiT, ``CombinedTimestepLabelEmbeddings``).
     """
     half = dim // 2
-    w = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    w = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - shift))
     args = t.float()[:, None] * w[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -203,6 +204,30 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def tracing() -> bool:
+    """True under torch.compile or CUDA-graph capture, where a value check would break the graph."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def check_class_labels(class_labels, batch: int, num_classes: int | None, net: str = "network") -> None:
+    """Clear errors for integer (B,) ``class_labels`` in [0, num_classes] (num_classes = the null
+    class); labels given to an unconditional ``net`` (``num_classes`` None) are an error too."""
+    if class_labels is None:
+        return
+    if num_classes is None:
+        raise ValueError(f"class_labels given, but this {net} is unconditional (config.num_classes is None)")
+    if class_labels.shape != (batch,) or class_labels.dtype.is_floating_point or class_labels.dtype == torch.bool:
+        raise ValueError(f"class_labels must be an integer (B,) = ({batch},) tensor, got {class_labels.dtype} of shape {tuple(class_labels.shape)}")
+    # reading the values syncs with the device: skipped while compiling or capturing a CUDA graph
+    if batch and not tracing() and (int(class_labels.min()) < 0 or int(class_labels.max()) > num_classes):
+        raise ValueError(
+            f"class_labels must be in [0, {num_classes}] ({num_classes} = the null class), "
+            f"got values in [{int(class_labels.min())}, {int(class_labels.max())}]"
+        )
 
 
 def check_context(context, context_mask, batch: int, context_dim: int, dim_name: str = "context_dim") -> None:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..config import JSONConfig
-from .layers import (CrossAttention, check_context, Downsample, ResBlock, SelfAttention, TimestepMLP, Upsample, group_norm,
+from .layers import (CrossAttention, check_class_labels, check_context, Downsample, ResBlock, SelfAttention, TimestepMLP, Upsample, group_norm,
                      set_checkpointing, timestep_embedding, zero_)
 
 
@@ -210,17 +210,7 @@ class UNet(nn.Module):
         if t.shape != (b,):
             raise ValueError(f"t must be a (B,) = ({b},) tensor, got shape {tuple(t.shape)}")
 
-        if c.num_classes is None and class_labels is not None:
-            raise ValueError("class_labels given, but this UNet is unconditional (config.num_classes is None)")
-        if class_labels is not None:
-            if class_labels.shape != (b,) or class_labels.dtype.is_floating_point or class_labels.dtype == torch.bool:
-                raise ValueError(f"class_labels must be an integer (B,) = ({b},) tensor, got {class_labels.dtype} of shape {tuple(class_labels.shape)}")
-            # reading the values syncs with the device: skipped while compiling or capturing a CUDA graph
-            if b and not _tracing() and (int(class_labels.min()) < 0 or int(class_labels.max()) > c.num_classes):
-                raise ValueError(
-                    f"class_labels must be in [0, {c.num_classes}] ({c.num_classes} = the null class), "
-                    f"got values in [{int(class_labels.min())}, {int(class_labels.max())}]"
-                )
+        check_class_labels(class_labels, b, c.num_classes, "UNet")
 
         if c.context_dim is None and context is not None:
             raise ValueError("context given, but this UNet has no cross-attention (config.context_dim is None)")
@@ -238,9 +228,3 @@ PRESETS = {
     "cifar10": UNetConfig(in_channels=3, model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attention_levels=(1,), num_heads=1, dropout=0.1),
 }
 
-
-def _tracing() -> bool:
-    """True under torch.compile or CUDA-graph capture, where a value check would break the graph."""
-    if torch.compiler.is_compiling():
-        return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

@@ -25,6 +25,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..nn.dit import PRESETS as DIT_PRESETS
+from ..nn.dit import DiT, DiTConfig
 from ..nn.unet import PRESETS, UNet, UNetConfig
 from ..nn.unet_sd import PRESETS as SD_PRESETS
 from ..nn.unet_sd import UNetSD, UNetSDConfig
@@ -174,34 +176,43 @@ def offload(module: nn.Module, device, *, pin_memory: bool = True) -> Offloaded 
 
 
 def resolve_network(spec, device=None) -> nn.Module:
-    """A network from a module (returned as it is), a ``UNetConfig`` / ``UNetSDConfig`` or a
-    preset name: ``difflab.nn.PRESETS`` (``"cifar10"``, ...), ``"sd1"`` / ``"sd2"``, or
-    ``"sd:<name>"`` for any ``difflab.nn.unet_sd.PRESETS`` entry. Built on ``device``."""
+    """A network from a module (returned as it is), a ``UNetConfig`` / ``UNetSDConfig`` /
+    ``DiTConfig`` or a preset name: ``difflab.nn.PRESETS`` (``"cifar10"``, ...), ``"sd1"`` /
+    ``"sd2"``, ``"sd:<name>"`` for any ``difflab.nn.unet_sd.PRESETS`` entry, a DiT preset
+    (``"DiT-S/2"`` ... ``"DiT-XL/8"``) or ``"dit:<name>"`` for any ``difflab.nn.dit.PRESETS`` entry.
+    Built on ``device``."""
     if isinstance(spec, nn.Module):
         return spec
     if isinstance(spec, str):
-        name = spec
-        if name.startswith("sd:") or (name not in PRESETS and name in SD_PRESETS):
-            name = name.removeprefix("sd:")
-            if name not in SD_PRESETS:
-                raise ValueError(f"unknown SD U-Net preset {name!r}; choose one of {sorted(SD_PRESETS)}")
-            spec = SD_PRESETS[name]
-        elif name in PRESETS:
-            spec = PRESETS[name]
-        else:
-            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}, "
-                             f"{sorted(n for n in SD_PRESETS if n not in PRESETS)} or sd:<{'|'.join(sorted(SD_PRESETS))}>")
+        spec = _preset(spec)
     with torch.device(device or "cpu"):
         if isinstance(spec, UNetConfig):
             return UNet(spec)
         if isinstance(spec, UNetSDConfig):
             return UNetSD(spec)
-    raise TypeError(f"expected a network, a UNetConfig, a UNetSDConfig or a preset name, got {type(spec).__name__}")
+        if isinstance(spec, DiTConfig):
+            return DiT(spec)
+    raise TypeError(f"expected a network, a UNetConfig, a UNetSDConfig, a DiTConfig or a preset name, got {type(spec).__name__}")
+
+
+def _preset(name: str):
+    """The config a preset name of :func:`resolve_network` names; a ValueError listing them otherwise."""
+    for prefix, table in (("sd:", SD_PRESETS), ("dit:", DIT_PRESETS)):
+        if name.startswith(prefix):
+            if name[len(prefix):] not in table:
+                raise ValueError(f"unknown {prefix[:-1]} preset {name[len(prefix):]!r}; choose one of {sorted(table)}")
+            return table[name[len(prefix):]]
+    for table in (PRESETS, SD_PRESETS, DIT_PRESETS):
+        if name in table:
+            return table[name]
+    raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}, "
+                     f"{sorted(n for n in SD_PRESETS if n not in PRESETS)}, sd:<{'|'.join(sorted(SD_PRESETS))}>, "
+                     f"{sorted(n for n in DIT_PRESETS if n not in PRESETS)} or dit:<name>")
 
 
 def example_inputs(net: nn.Module, batch_size: int, image_size: int, *, context_len: int = 77, device=None,
                    dtype=torch.float32, generator: torch.Generator | None = None):
-    """``(x, t, cond)`` for one call ``net(x, t, **cond)`` of a difflab U-Net: random x
+    """``(x, t, cond)`` for one call ``net(x, t, **cond)`` of a difflab U-Net or DiT: random x
     (B, C, H, W), times in [0, 1000), class labels / text context (and SDXL's pooled text and time
     ids) when the network takes them."""
     c = net.config
@@ -219,13 +230,13 @@ def example_inputs(net: nn.Module, batch_size: int, image_size: int, *, context_
             pooled = c.projection_class_embeddings_input_dim - ids * c.addition_time_embed_dim
             cond["text_embeds"] = torch.randn(batch_size, pooled, generator=g).to(device, dtype)
             cond["time_ids"] = torch.full((batch_size, ids), float(image_size * 8), device=device)
-    elif isinstance(c, UNetConfig):
+    elif isinstance(c, (UNetConfig, DiTConfig)):
         if c.num_classes is not None:
             cond["class_labels"] = torch.randint(0, c.num_classes, (batch_size,), generator=g).to(device)
-        if c.context_dim is not None:
+        if getattr(c, "context_dim", None) is not None:
             cond["context"] = torch.randn(batch_size, context_len, c.context_dim, generator=g).to(device, dtype)
     else:
-        raise TypeError(f"example_inputs knows difflab's UNet and UNetSD, not {type(net).__name__}")
+        raise TypeError(f"example_inputs knows difflab's UNet, UNetSD and DiT, not {type(net).__name__}")
     return x, t, cond
 
 
