@@ -174,6 +174,19 @@ def test_top1_gate_is_the_probability_and_top2_gates_are_renormalized():
             assert (gates[:, 0] >= gates[:, 1]).all()
 
 
+def test_router_runs_in_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    layer = MoEFeedForward(8, 16, num_experts=4, top_k=2, router_sees_sigma=True, cond_dim=3)
+    x, c = torch.randn(2, 5, 8), torch.randn(2, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        probs = layer.router_probs(x, c)
+        y = layer(x, cond=c)
+        assert layer.experts[0].fc1(x).dtype == torch.bfloat16  # the experts do run in bf16
+    assert probs.dtype == layer.aux_loss.dtype == torch.float32
+    torch.testing.assert_close(probs, layer.router_probs(x, c), rtol=0, atol=0)  # the same routing as in fp32
+    torch.testing.assert_close(y, layer(x, cond=c), rtol=0.05, atol=0.05)
+
+
 def test_shared_expert_is_added_for_every_token():
     torch.manual_seed(0)
     layer = MoEFeedForward(8, 16, num_experts=4, top_k=1, capacity_factor=0.25, shared_expert=True)
@@ -319,6 +332,33 @@ def test_resume_with_an_moe_is_bit_exact(tmp_path):
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     assert [e["aux_loss"] for e in a.history][2:] == [e["aux_loss"] for e in b.history]
     assert any(k.startswith("model.mlp.experts.3.") for k in ta)
+
+
+class Penalized(nn.Module):
+    """Any layer may record an aux loss: here the mean |activation| of a linear map."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.lin, self.weight = nn.Linear(3, 3), weight
+
+    def forward(self, x, t):
+        h = self.lin(x)
+        if self.weight is not None:
+            self.aux_loss = self.weight * h.abs().mean()
+        return h
+
+
+def test_the_seam_is_generic_and_absent_without_aux_losses():
+    data = {"x0": torch.rand(16, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1}
+    runs = {}
+    for weight in (None, 0.0, 10.0):
+        torch.manual_seed(0)
+        d = Denoiser(Penalized(weight), VPDiscrete.from_name("linear", 100), "eps")
+        state = fit(DiffusionObjective(d), data, quiet(steps=20, batch_size=8, lr=1e-2, log_every=20, ema_decay=None))
+        runs[weight] = (d.net.lin.weight.detach().clone(), state.history[-1])
+    assert "aux_loss" not in runs[None][1] and runs[0.0][1]["aux_loss"] == 0.0
+    assert torch.equal(runs[None][0], runs[0.0][0])  # a zero term changes nothing, bit for bit
+    assert runs[10.0][0].abs().sum() < 0.8 * runs[None][0].abs().sum()  # the penalty reached the weights
 
 
 def test_aux_protocol_collects_sums_and_clears():
