@@ -396,6 +396,8 @@ def test_routing_by_sigma_reports_the_load_at_each_sigma():
     with torch.no_grad(), recording_routing(denoiser) as records:
         denoiser(x0 + 20.0 * noise, torch.full((6,), 20.0))
     assert torch.equal(load[2], records["net.mlp"][0].load)
+    assert len(out["routing"]["net.mlp"]) == 3 and len(out["routing"]["net.mlp"][2]) == 1
+    assert torch.equal(out["routing"]["net.mlp"][2][0].experts, records["net.mlp"][0].experts)  # (6, 5, 1)
     assert float(out["dropped"]["net.mlp"][2]) == pytest.approx(records["net.mlp"][0].dropped_assignments / 30)
     assert denoiser.net.mlp.recorded is None and denoiser.training  # left as it was
     with pytest.raises(ValueError, match="no MoEFeedForward"):

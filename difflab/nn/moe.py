@@ -257,8 +257,9 @@ def routing_by_sigma(denoiser, x0: torch.Tensor, sigmas, *, noise: torch.Tensor 
     ``denoiser`` is called as ``denoiser(x0 + sigma * noise, sigma, **cond)`` (difflab's denoiser
     contract) in eval mode, once per sigma in ``sigmas`` (the buckets), with the same ``noise``
     (standard normal from ``generator`` when None). Returns ``{"sigmas": (S,), "load": {layer:
-    (S, E)}, "dropped": {layer: (S,)}}``: the fraction of routed assignments each expert got and
-    the fraction dropped over capacity, summed over all the layer's calls at that sigma."""
+    (S, E)}, "dropped": {layer: (S,)}, "routing": {layer: [[Routing, ...] per sigma]}}``: the
+    fraction of routed assignments each expert got and the fraction dropped over capacity, summed
+    over all the layer's calls at that sigma, and the assignments themselves (:class:`Routing`)."""
     layers = moe_layers(denoiser)
     if not layers:
         raise ValueError(f"routing_by_sigma: {type(denoiser).__name__} has no MoEFeedForward layer")
@@ -268,6 +269,7 @@ def routing_by_sigma(denoiser, x0: torch.Tensor, sigmas, *, noise: torch.Tensor 
     noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device) if noise is None else noise
     load = {name: torch.zeros(len(sigmas), m.num_experts) for name, m in layers.items()}
     dropped = {name: torch.zeros(len(sigmas)) for name in layers}
+    routing = {name: [] for name in layers}
     was_training = denoiser.training
     denoiser.eval()
     try:
@@ -276,6 +278,7 @@ def routing_by_sigma(denoiser, x0: torch.Tensor, sigmas, *, noise: torch.Tensor 
             with recording_routing(denoiser) as records:
                 denoiser(x0 + s * noise, sigma, **cond)
             for name, calls in records.items():
+                routing[name].append(calls)
                 if not calls:  # a layer this call did not reach
                     load[name][i], dropped[name][i] = math.nan, math.nan
                     continue
@@ -284,7 +287,7 @@ def routing_by_sigma(denoiser, x0: torch.Tensor, sigmas, *, noise: torch.Tensor 
                 dropped[name][i] = sum(r.dropped_assignments for r in calls) / counts.sum()
     finally:
         denoiser.train(was_training)
-    return {"sigmas": sigmas, "load": load, "dropped": dropped}
+    return {"sigmas": sigmas, "load": load, "dropped": dropped, "routing": routing}
 
 
 __all__ = ["MoEFeedForward", "ExpertMLP", "Routing", "top_k_gates", "expert_capacity", "within_capacity",
