@@ -6,7 +6,8 @@ per-example ``loss``). One optimizer step:
 1. draw the batch: the example indices (one random permutation of the data per epoch) and the
    objective's random draws (noise levels, noise, label dropout, augmentation) are functions of
    (seed, step) alone, so resuming from a checkpoint continues bit-identically on the CPU;
-2. forward and backward in ``grad_accum`` micro-batches, under bf16/fp16 autocast if asked;
+2. forward and backward in ``grad_accum`` micro-batches, under bf16/fp16 autocast if asked,
+   with the auxiliary losses the module's layers record (:mod:`difflab.nn.aux`) added;
 3. clip the gradient norm, stop with :class:`TrainingDivergedError` if the loss or the norm
    is not finite (before the update, so the weights and the last checkpoint stay good);
 4. AdamW step at the scheduled learning rate (:func:`lr_at`), the objective's ``after_step``,
@@ -45,6 +46,7 @@ from difflab.config import check_types, from_dict
 from difflab.core import sample_seed
 from difflab.io.checkpoint import (checkpoint_path, load_checkpoint, load_model_state, non_finite,
                                    optimizer_state_from_tensors, optimizer_state_to_tensors, save_checkpoint, strip_prefix)
+from difflab.nn.aux import AUX_LOSS, clear_aux_losses, collect_aux_loss
 from difflab.perf.fast import autocast
 from difflab.progress import progress_bar
 
@@ -85,6 +87,7 @@ class TrainConfig:
     min_snr_gamma: float = 5.0         # gamma of min-SNR weighting (Hang et al. 2023)
     loss: str = "mse"                  # "mse": losses.diffusion_loss; "hybrid": + vlb_weight * L_vlb (vlb.hybrid_loss; learned variance)
     vlb_weight: float = 0.001          # lambda of the hybrid loss (Nichol & Dhariwal 2021, eq. 16)
+    aux_loss_weight: float = 1.0       # weight of the auxiliary losses layers record (difflab.nn.aux; MoE load balancing)
     noise_level: str | None = None     # training sigma distribution (losses.NOISE_LEVELS); None: by frame
     noise_level_kwargs: dict = field(default_factory=dict)  # e.g. {"p_mean": -1.2, "p_std": 1.2}
     # the loop's bookkeeping
@@ -104,7 +107,7 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be an integer >= 0")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr={self.lr} must be a finite number > 0")
-        for name in ("weight_decay", "adam_eps", "min_snr_gamma", "vlb_weight"):
+        for name in ("weight_decay", "adam_eps", "min_snr_gamma", "vlb_weight", "aux_loss_weight"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name}={getattr(self, name)} must be a finite number >= 0")
         if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
@@ -265,7 +268,12 @@ def accumulate_gradients(objective, batch: dict, config: TrainConfig, scaler=Non
     the objective's other per-example terms. ``no_sync``: a context-manager factory (DDP's
     ``no_sync``) entered for every micro-batch but the last, so gradients are reduced across
     processes once per step. ``loss_fn``: what computes the loss (default ``objective.loss``;
-    under DDP its wrapper)."""
+    under DDP its wrapper).
+
+    Auxiliary losses that layers of ``objective.module`` record in their forward
+    (:mod:`difflab.nn.aux`, e.g. a mixture-of-experts router's load balancing) are added, times
+    ``config.aux_loss_weight``, to each micro-batch's mean loss, and returned as the term
+    ``"aux_loss"`` (the micro-batch's value for each of its examples); without them nothing changes."""
     device = next(objective.module.parameters()).device
     loss_fn = loss_fn or objective.loss
     batch = {k: (v.to(device) if v is not None else None) for k, v in batch.items()}
@@ -274,6 +282,7 @@ def accumulate_gradients(objective, batch: dict, config: TrainConfig, scaler=Non
     losses, terms = [], {}
     for i in range(config.grad_accum):
         micro = {k: (v[i * m:(i + 1) * m] if v is not None else None) for k, v in batch.items()}
+        clear_aux_losses(objective.module)
         with no_sync() if no_sync is not None and i < config.grad_accum - 1 else contextlib.nullcontext():
             with autocast(config.precision, device):
                 loss, extra = split_loss(loss_fn(micro))
@@ -281,6 +290,10 @@ def accumulate_gradients(objective, batch: dict, config: TrainConfig, scaler=Non
                 raise ValueError(f"{objective_name(objective)}.loss must return one loss per example ({m},), "
                                  f"got shape {tuple(loss.shape)}")
             total = loss.sum() / B
+            aux = collect_aux_loss(objective.module)
+            if aux is not None:  # a micro-batch's term, weighted by its share of the batch
+                total = total + config.aux_loss_weight * aux * (m / B)
+                extra = {**extra, AUX_LOSS: aux.detach().expand(m)}
             (scaler.scale(total) if scaler is not None else total).backward()
         losses.append(loss.detach())
         for k, v in extra.items():

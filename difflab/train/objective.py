@@ -26,6 +26,10 @@ and optionally:
   inversion's :meth:`~difflab.train.objectives.dreambooth.RowsOnly.restore`).
 - ``name``: recorded in the checkpoint's metadata and shown by the progress bar.
 
+Layers of ``module`` may record an auxiliary loss in their forward (a mixture-of-experts
+router's load balancing): the loop adds it, times ``TrainConfig.aux_loss_weight``, and logs it
+as ``"aux_loss"`` (:mod:`difflab.nn.aux`); the objective does nothing for it.
+
 The loop knows nothing of sigmas except for its log: when the drawn batch has a ``"sigma"``
 key the loss is also logged by noise level (:class:`difflab.train.losses.SigmaBinnedLoss`).
 A new training method is a new objective class handed to ``fit``; the loop is not edited.
