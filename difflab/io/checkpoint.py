@@ -281,4 +281,5 @@ def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -
 
 __all__ = ["CHECKPOINT_NAME", "FORMAT_VERSION", "checkpoint_path", "save_checkpoint", "atomic_write_text", "temporary_files",
            "load_checkpoint", "read_metadata", "format_version", "non_finite", "check_finite", "NonFiniteError", "strip_prefix",
-           "TRAINING_BUFFERS", "without_training_buffers", "load_model_state", "optimizer_state_to_tensors", "optimizer_state_from_tensors"]
+           "TRAINING_BUFFERS", "without_training_buffers",
+           "load_model_state", "optimizer_state_to_tensors", "optimizer_state_from_tensors"]

@@ -115,7 +115,8 @@ class TrainConfig:
             raise ValueError(f"precision={self.precision!r} must be one of {list(PRECISIONS)}")
         if self.fp8 and self.precision == "fp16":
             raise ValueError("fp8=True combines with precision 'fp32' or 'bf16', not 'fp16': FP8's per-tensor gradient "
-                             "scaling replaces fp16's loss scaling (GradScaler), and its backoffs would make the delayed scales stale")
+                             "scaling replaces fp16's loss scaling (GradScaler), whose backoffs would make the delayed "
+                             "scales stale")
         if self.fp8 and self.parallel != "none":
             raise ValueError(f"fp8=True trains in one process (parallel='none'), not parallel={self.parallel!r}: "
                              "the FP8 amax histories are not all-reduced across processes")
