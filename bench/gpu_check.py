@@ -9,7 +9,9 @@
 2. compile + CUDA graphs: the inference fast path matches eager fp32 within bf16 tolerance.
 3. FP8: ``torch._scaled_mm`` on this device equals the dequantized product, and FP8 linears
    leave the SD U-Net within FP8's few percent of its bf16 output.
-4. The memory estimator within 15% of ``torch.cuda.max_memory_allocated`` for three configurations.
+4. FP8 training (``difflab.perf.fp8``): the ``torch._scaled_mm`` path of an FP8 training layer
+   (E4M3 forward, E5M2 x E4M3 backward) gives the float32 emulation's output and gradients.
+5. The memory estimator within 15% of ``torch.cuda.max_memory_allocated`` for three configurations.
 
 Each line prints PASS, FAIL or SKIP (with why); SKIP is never a pass.
 """
@@ -25,6 +27,7 @@ from difflab.perf.bench import BF16_TOLERANCE, rel_err
 from difflab.core import Denoiser, VPDiscrete, grids
 from difflab.nn import PRESETS, UNet, UNetConfig
 from difflab.perf.fast import CUDAGraphed, FP8Linear, fp8_matmul, fp8_matmul_emulated, fp8_supported, optimize, quantize_fp8
+from difflab.perf.fp8 import swap_fp8_training
 from difflab.perf.memory import estimate_memory, measure_peak, resolve_network, set_gradient_checkpointing
 from difflab.nn.unet_sd import PRESETS as SD_PRESETS
 from difflab.nn.unet_sd import UNetSD
@@ -133,6 +136,30 @@ def fp8(device) -> None:
     check("FP8 linears vs bf16 (SD tiny)", swapped > 0 and err < 0.1, f"{swapped} FP8 linears, relative error {err:.1e}")
 
 
+def fp8_training(device) -> None:
+    if not fp8_supported(device):
+        check("FP8 training on this device", None, f"{device} has no FP8 tensor cores (CUDA capability >= 8.9)")
+        return
+    torch.manual_seed(0)
+    layers = [torch.nn.Sequential(torch.nn.Linear(512, 384)).to(device) for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    for net in layers:
+        swap_fp8_training(net)
+    layers[1][0].fp8_scaled_mm = False  # the float32 emulation, the CPU's arithmetic
+    x, dy = torch.randn(256, 512, device=device), torch.randn(256, 384, device=device)
+    for _ in range(2):  # the second call runs on delayed scales
+        out = []
+        for net in layers:
+            xi = x.clone().requires_grad_()
+            net.zero_grad()
+            y = net(xi)
+            y.backward(dy)
+            out.append((y.detach(), xi.grad, net[0].weight.grad))
+    errs = [rel_err(a, b) for a, b in zip(*out)]
+    check("FP8 training layer: _scaled_mm vs emulation (y, dx, dW)", max(errs) < 1e-3,
+          "relative errors " + ", ".join(f"{e:.1e}" for e in errs))
+
+
 def memory(device) -> None:
     small = UNetConfig(in_channels=3, model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(1,),
                        num_heads=4)
@@ -160,7 +187,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     print(f"difflab GPU checks on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'the CPU'}; "
           f"torch {torch.__version__}", flush=True)
-    for part in (cuda_graphs, compiled_fast_path, fp8, memory):
+    for part in (cuda_graphs, compiled_fast_path, fp8, fp8_training, memory):
         try:
             part(device)
         except Exception as e:  # a crash is a failure of that part, reported, and the rest still runs

@@ -41,6 +41,7 @@ from difflab.nn.mmdit import MMDiTConfig
 from difflab.nn.text import TinyTextConfig, TinyTextEncoder
 from difflab.nn.unet import UNet, UNetConfig
 from difflab.nn.unet_sd import UNetSD, UNetSDConfig
+from difflab.perf.fp8 import swap_fp8_training
 from difflab.pipelines import SampleOptions, generate, text_to_image
 from difflab.pipelines.sd3 import sd3_sigmas
 from difflab.samplers import get_sampler
@@ -173,6 +174,8 @@ CLI_CASES = [
     ("train-dit-patch-not-dividing", ["train", "--network", "dit", "--config", "{root}/dit_patch3.json", "--device", "cpu",
                                       "--out", "{root}/out_train"], 2, "patch_size=3 must divide"),
     ("train-network-contradicts-config", [*T, "--network", "dit", "--config", "{root}/unet_spec.json"], 2, "contradicts"),
+    ("train-fp8-with-fp16", [*T, "--fp8", "--precision", "fp16"], 2, "fp8=True combines with precision"),
+    ("train-fp8-with-ddp", [*T, "--fp8", "--parallel", "ddp"], 2, "fp8=True trains in one process"),
     # train: the run itself
     ("train-diverges", ["train", "--preset", "tiny", "--device", "cpu", "--config", "{root}/tiny.json", "--lr", "1e30",
                         "--out", "{root}/diverged"], 2, "diverged"),
@@ -467,6 +470,9 @@ API_CASES = [
     ("train-config-unknown-key", lambda r: TrainConfig.from_dict({"lerning_rate": 1e-3}), ConfigError, "lerning_rate"),
     ("train-config-lr-string", lambda r: TrainConfig(lr="1e-3"), ValueError, "lr"),
     ("train-config-lr-nan", lambda r: TrainConfig(lr=math.nan), ValueError, "lr"),
+    ("train-config-fp8-fp16", lambda r: TrainConfig(fp8=True, precision="fp16"), ValueError, "not 'fp16'"),
+    ("train-config-fp8-fsdp", lambda r: TrainConfig(fp8=True, parallel="fsdp"), ValueError, "parallel='fsdp'"),
+    ("fp8-history-len-0", lambda r: swap_fp8_training(torch.nn.Linear(2, 2), history_len=0), ValueError, "history_len"),
     ("unet-config-typo", lambda r: UNetConfig.from_dict({"model_chanels": 8}), ConfigError, "model_chanels"),
     ("spec-unknown-kind", lambda r: build_denoiser({"network": {"kind": "transformer", "config": {}}}), ConfigError, "transformer"),
     ("spec-model-channels-0", lambda r: build_denoiser({"unet": {"model_channels": 0}}), ValueError, "model_channels"),

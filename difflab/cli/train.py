@@ -40,6 +40,8 @@ def add_arguments(t) -> None:
     t.add_argument("--batch-size", type=positive_int, help="batch size")
     t.add_argument("--lr", type=positive_float, help="learning rate")
     t.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="fp32, bf16 autocast, or fp16 (CUDA)")
+    t.add_argument("--fp8", action="store_true", default=None,
+                   help="train the linears and 1x1 convs in FP8 (E4M3 forward, E5M2 gradients, delayed scaling); with fp32 or bf16")
     t.add_argument("--weighting", choices=["simple", "min_snr", "edm"], help="loss weighting")
     t.add_argument("--device", type=device_name, default=None, help="cpu or cuda (default: cuda if available)")
     t.add_argument("--parallel", choices=["none", "ddp", "fsdp"], default=None,
@@ -129,7 +131,7 @@ def run(args) -> int:
     images, labels = load_data(args)
     spec = model_spec(cfg, args, images, labels)
     overrides = {k: v for k, v in dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, precision=args.precision,
-                                       weighting=args.weighting, parallel=args.parallel).items() if v is not None}
+                                       fp8=args.fp8, weighting=args.weighting, parallel=args.parallel).items() if v is not None}
     train_cfg = dataclasses.replace(train_cfg, **overrides)
     if labels is None:
         train_cfg = dataclasses.replace(train_cfg, cfg_dropout=0.0)

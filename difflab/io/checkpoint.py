@@ -25,6 +25,10 @@ from safetensors.torch import save_file
 CHECKPOINT_NAME = "checkpoint.safetensors"
 METADATA_KEY = "difflab.metadata"
 FORMAT_VERSION = 1
+# Buffers only training adds to a network: the FP8 scaling state of difflab.perf.fp8 (amax history,
+# scales). A training checkpoint's model.* / ema.* hold them (exact resume); a network built for
+# inference has none, so without_training_buffers drops them before loading.
+TRAINING_BUFFERS = ("fp8_amax_history", "fp8_scale")
 
 
 def checkpoint_path(path) -> Path:
@@ -200,6 +204,11 @@ def strip_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, tor
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+def without_training_buffers(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` without the :data:`TRAINING_BUFFERS` (keys whose last part names one)."""
+    return {k: v for k, v in tensors.items() if k.rsplit(".", 1)[-1] not in TRAINING_BUFFERS}
+
+
 def load_model_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str = "model.") -> None:
     """Load the tensors under ``prefix`` (``"model."`` or ``"ema."`` in training checkpoints)
     into ``model``. A checkpoint that does not match the model raises ValueError listing the
@@ -272,4 +281,5 @@ def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -
 
 __all__ = ["CHECKPOINT_NAME", "FORMAT_VERSION", "checkpoint_path", "save_checkpoint", "atomic_write_text", "temporary_files",
            "load_checkpoint", "read_metadata", "format_version", "non_finite", "check_finite", "NonFiniteError", "strip_prefix",
+           "TRAINING_BUFFERS", "without_training_buffers",
            "load_model_state", "optimizer_state_to_tensors", "optimizer_state_from_tensors"]

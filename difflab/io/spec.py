@@ -47,7 +47,7 @@ from ..nn.unet import UNet, UNetConfig
 from ..nn.unet_sd import PRESETS as UNET_SD_PRESETS
 from ..nn.unet_sd import UNetSD, UNetSDConfig
 from ..nn.vae import AutoencoderKL, VAEConfig
-from .checkpoint import load_checkpoint, load_model_state, read_metadata
+from .checkpoint import load_checkpoint, load_model_state, read_metadata, without_training_buffers
 
 DEFAULT_DIFFUSION = {"frame": "vp_discrete", "schedule": "cosine", "T": 1000, "zero_terminal_snr": False, "prediction": "v"}
 
@@ -261,14 +261,16 @@ def checkpoint_spec(path) -> tuple[str, dict]:
 def load_denoiser(path, weights: str = "ema", device="cpu") -> tuple[Denoiser, dict]:
     """Rebuild a trained denoiser of any kind from a training checkpoint (a ``.safetensors`` file
     or the run directory holding ``checkpoint.safetensors``). ``weights`` is ``"ema"`` or
-    ``"model"``. Returns (denoiser in eval mode, checkpoint metadata)."""
+    ``"model"``. Returns (denoiser in eval mode, checkpoint metadata). The FP8 scaling state of
+    a run trained with ``fp8`` (:data:`~difflab.io.checkpoint.TRAINING_BUFFERS`) is dropped: the
+    network runs from its fp32 weights."""
     if weights not in ("ema", "model"):
         raise ValueError(f"weights={weights!r} must be 'ema' or 'model'")
     tensors, meta = load_checkpoint(path, device=device)
     if not meta.get("spec"):
         raise ValueError(f"checkpoint {path} has no model spec: it was not written by difflab train (or train() got no spec=)")
     denoiser = build_denoiser(meta["spec"])
-    load_model_state(denoiser.net, tensors, prefix=f"{weights}.")
+    load_model_state(denoiser.net, without_training_buffers(tensors), prefix=f"{weights}.")
     return denoiser.to(device).eval(), meta
 
 

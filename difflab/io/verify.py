@@ -30,7 +30,7 @@ from torch import nn
 
 from ..nn.text import TinyTextConfig, TinyTextEncoder
 from ..nn.vae import AutoencoderKL, VAEConfig
-from .checkpoint import FORMAT_VERSION, checkpoint_path, format_version, load_checkpoint, non_finite
+from .checkpoint import FORMAT_VERSION, checkpoint_path, format_version, load_checkpoint, non_finite, without_training_buffers
 from .lora_files import LORA_KIND
 from .spec import NETWORKS, build_network, read_spec, spec_network
 from .text import KIND as TEXT_ENCODER_KIND
@@ -213,7 +213,7 @@ def _finite(tensors: dict, report: Verification) -> None:
 def _compare(module: nn.Module, tensors: dict, prefix: str) -> list[str]:
     """One line per missing key, unexpected key or shape mismatch of ``tensors[prefix*]`` against ``module``."""
     expected = {prefix + k: tuple(v.shape) for k, v in module.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in tensors.items() if k.startswith(prefix)}
+    found = {k: tuple(v.shape) for k, v in without_training_buffers(tensors).items() if k.startswith(prefix)}
     where = f"the {type(module).__name__} its metadata describes"
     out = [f"{k}: missing ({where} has it, shape {s})" for k, s in expected.items() if k not in found]
     out += [f"{k}: unexpected ({where} has no such tensor)" for k in found if k not in expected]

@@ -48,6 +48,7 @@ from difflab.io.checkpoint import (checkpoint_path, load_checkpoint, load_model_
                                    optimizer_state_from_tensors, optimizer_state_to_tensors, save_checkpoint, strip_prefix)
 from difflab.nn.aux import AUX_LOSS, clear_aux_losses, collect_aux_loss
 from difflab.perf.fast import autocast
+from difflab.perf.fp8 import fp8_layers, swap_fp8_training
 from difflab.progress import progress_bar
 
 from .distributed import PARALLELS, Parallel, full_tensor
@@ -81,6 +82,7 @@ class TrainConfig:
     grad_clip: float | None = 1.0      # max global gradient norm; None: no clipping (norm still logged)
     ema_decay: float | None = 0.9999   # EMA decay, warmed up as min(decay, (1 + t) / (10 + t)); None: no EMA
     precision: str = "fp32"            # "fp32", "bf16" (autocast, CPU or CUDA), "fp16" (autocast + GradScaler, CUDA only)
+    fp8: bool = False                  # linears and 1x1 convs in FP8, delayed scaling (perf.fp8); with fp32 or bf16
     # the diffusion objective's settings (objectives/diffusion.py; train() builds it from them)
     cfg_dropout: float = 0.0           # probability of replacing a class label by the null class (Ho & Salimans 2022)
     weighting: str = "simple"          # loss weighting: "simple", "min_snr", "edm" (see losses.loss_weight)
@@ -114,6 +116,13 @@ class TrainConfig:
             raise ValueError(f"grad_clip={self.grad_clip} must be a finite number > 0 or None (no clipping)")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} must be one of {list(PRECISIONS)}")
+        if self.fp8 and self.precision == "fp16":
+            raise ValueError("fp8=True combines with precision 'fp32' or 'bf16', not 'fp16': FP8's per-tensor gradient "
+                             "scaling replaces fp16's loss scaling (GradScaler), whose backoffs would make the delayed "
+                             "scales stale")
+        if self.fp8 and self.parallel != "none":
+            raise ValueError(f"fp8=True trains in one process (parallel='none'), not parallel={self.parallel!r}: "
+                             "the FP8 amax histories are not all-reduced across processes")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule={self.lr_schedule!r} must be one of {list(LR_SCHEDULES)}")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay <= 1.0:
@@ -517,6 +526,7 @@ def fit(objective, data: dict, config: TrainConfig, out_dir=None, *, metadata: d
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         path = checkpoint_path(out_dir)
+    prepare_module(module, config)
     was_training = module.training
     module.train()
     parallel = Parallel.setup(objective, config)  # DDP wraps the loss, FSDP shards the module: before the optimizer
@@ -543,6 +553,17 @@ def fit(objective, data: dict, config: TrainConfig, out_dir=None, *, metadata: d
         parallel.close()
         module.train(was_training)
     return state
+
+
+def prepare_module(module: torch.nn.Module, config: TrainConfig) -> None:
+    """The changes to the module itself that ``config`` asks for, made in place before the optimizer,
+    the EMA and DDP/FSDP see it: ``fp8`` swaps its linears and 1x1 convs for FP8 training layers
+    (:func:`difflab.perf.fp8.swap_fp8_training`; their scaling state joins the state dict, so
+    checkpoints and resume carry it). The module keeps the swap after the run."""
+    if config.fp8:
+        swap_fp8_training(module)
+        if not fp8_layers(module):
+            raise ValueError(f"fp8=True: {type(module).__name__} has no nn.Linear or 1x1 nn.Conv2d to train in FP8")
 
 
 def _seed_module_rng(device: torch.device, seed: int) -> None:
@@ -633,5 +654,5 @@ def _run(state: TrainState, data: dict, config: TrainConfig, path: Path | None, 
 __all__ = ["TrainConfig", "TrainState", "TrainingDivergedError", "TrainingInterrupted", "fit", "write_checkpoint",
            "non_finite_state", "roll_back", "as_rows", "batch_indices", "step_generator",
            "draw_step", "stream_seed", "accumulate_gradients", "optimizer_step", "lr_at", "make_optimizer",
-           "training_checkpoint", "restore_training_state", "trainable_parameters", "LR_SCHEDULES", "LOSSES",
+           "training_checkpoint", "restore_training_state", "prepare_module", "trainable_parameters", "LR_SCHEDULES", "LOSSES",
            "PRECISIONS", "CHECKPOINT_KIND"]
