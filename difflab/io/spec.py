@@ -167,7 +167,7 @@ def _vp_discrete(schedule: str = "cosine", T: int = 1000, **kwargs) -> VPDiscret
 FRAME_BUILDERS = {"vp_discrete": _vp_discrete}
 FRAME_ARGS = {
     "vp_discrete": ("schedule", "T", "zero_terminal_snr", "beta_start", "beta_end", "s", "max_beta"),
-    "vp": ("schedule", "time_scale", "t_min", "t_max", "s", "beta_min", "beta_max", "start", "end", "tau"),
+    "vp": ("schedule", "time_scale", "t_min", "t_max", "s", "beta_min", "beta_max", "start", "end", "tau", "shift"),
     "ve": ("sigma_min", "sigma_max", "time"),
     "edm": ("sigma_data", "sigma_min", "sigma_max"),
     "flow": ("time_scale", "t_min", "t_max"),
