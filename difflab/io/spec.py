@@ -39,6 +39,7 @@ from ..core import FRAMES, Denoiser, VPDiscrete
 from ..core.consistency import ConsistencyFunction
 from ..core.params import check_prediction
 from ..nn.guidance_embedding import GuidanceEmbedding
+from ..nn.sr import SRUNet, SRUNetConfig
 from ..nn.unet import UNet, UNetConfig
 from ..nn.unet_sd import UNetSD, UNetSDConfig
 from ..nn.vae import AutoencoderKL, VAEConfig
@@ -82,6 +83,7 @@ NETWORKS: dict[str, NetworkKind] = {
     "unet": NetworkKind(UNet, UNetConfig, "image", image_shape),
     "unet_sd": NetworkKind(UNetSD, UNetSDConfig, "latent", latent_shape),
     "vae": NetworkKind(AutoencoderKL, VAEConfig, "codec"),
+    "sr_unet": NetworkKind(SRUNet, SRUNetConfig, "image", image_shape),  # super-resolution: low_res= conditioning (SR3, CDM)
 }
 
 

@@ -4,6 +4,7 @@ from .layers import (
 )
 from .guidance_embedding import GuidanceEmbedding
 from .unet import PRESETS, UNet, UNetConfig
+from .sr import SRUNet, SRUNetConfig
 from .text import CLIPTextEncoder, CLIPTextEncoderConfig, TextEncoder, TinyTextConfig, TinyTextEncoder
 from .transformer import SpatialTransformer
 from .unet_sd import PRESETS as SD_PRESETS
@@ -16,4 +17,5 @@ __all__ = [
     "Downsample", "Upsample", "group_norm", "zero_", "AutoencoderKL", "VAEConfig", "DiagonalGaussian",
     "estimate_scaling_factor", "VAE_PRESETS", "UNetSD", "UNetSDConfig", "SD_PRESETS", "SpatialTransformer",
     "TextEncoder", "CLIPTextEncoder", "CLIPTextEncoderConfig", "TinyTextEncoder", "TinyTextConfig", "GuidanceEmbedding",
+    "SRUNet", "SRUNetConfig",
 ]

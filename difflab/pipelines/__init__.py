@@ -1,5 +1,6 @@
 """Pipelines: short functions with numbered stages that turn a request into images. The stages
 they share are in :mod:`.common`, the sampling options in :mod:`.options`."""
+from .cascade import cascade
 from .checkpoint import sample_checkpoint
 from .class_to_image import generate
 from .edit import Inversion, edit, invert, null_text_optimization, reconstruct
@@ -7,7 +8,9 @@ from .image_to_image import image_to_image
 from .inpaint import inpaint
 from .options import SampleOptions
 from .outpaint import outpaint
+from .super_resolution import super_resolve
 from .text_to_image import text_to_image
 
 __all__ = ["generate", "text_to_image", "image_to_image", "inpaint", "outpaint", "invert", "edit", "reconstruct",
-           "null_text_optimization", "Inversion", "SampleOptions", "sample_checkpoint"]
+           "null_text_optimization", "Inversion", "SampleOptions", "sample_checkpoint",
+           "super_resolve", "cascade"]
