@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ from difflab.demos.cascade import SR_AUGMENT, SR_BACKBONE, SR_TRAIN, train_stage
 from difflab.eval import DigitsJudge  # noqa: E402
 from difflab.eval.features import JudgeFeatures  # noqa: E402
 from difflab.eval.metrics import fid  # noqa: E402
+from difflab.io.images import save_grid  # noqa: E402
 from difflab.io.spec import load_denoiser, make_spec  # noqa: E402
 from difflab.nn.sr import SRUNetConfig, upsample  # noqa: E402
 from difflab.pipelines import SampleOptions, cascade, super_resolve  # noqa: E402
@@ -62,24 +64,28 @@ def sr_rows(judge, out_dir: Path, demo: Path | None, steps: int, sampling_steps:
         t0, c0 = time.perf_counter(), time.process_time()
         sr = train_stage(spec, high, None, low, dataclasses.replace(SR_TRAIN, steps=steps, progress=False),
                          out_dir / name.split()[0] / str(lo_size), augment=SR_AUGMENT)
-        rows.append(evaluate_sr(judge, name, sr, lo_size, hi_size, None, sampling_steps,
+        rows.append(evaluate_sr(judge, name, sr, lo_size, hi_size, None, sampling_steps, out_dir,
                                 train=(time.perf_counter() - t0, time.process_time() - c0)))
     if demo is not None:
         sr, _ = load_denoiser(demo / "sr_x2")
-        rows.append(evaluate_sr(judge, "x2 8->16 (demo stage, class-conditional)", sr, 8, 16, True, sampling_steps))
+        rows.append(evaluate_sr(judge, "x2 8->16 (demo stage, class-conditional)", sr, 8, 16, True, sampling_steps, out_dir))
     return rows
 
 
-def evaluate_sr(judge, name, sr, lo_size, hi_size, with_labels, sampling_steps, train=(0.0, 0.0)) -> dict:
+def evaluate_sr(judge, name, sr, lo_size, hi_size, with_labels, sampling_steps, out_dir: Path, train=(0.0, 0.0)) -> dict:
     truth, labels = load_digits(hi_size, split="test")
     low = load_digits(lo_size, split="test")[0]
     t0, c0 = time.perf_counter(), time.process_time()
     out = super_resolve(sr, low, labels if with_labels else None, steps=sampling_steps, progress=False, batch_size=400)
     cost = (time.perf_counter() - t0, time.process_time() - c0)
     bicubic = upsample(low, (hi_size, hi_size), "bicubic").clamp(-1, 1)
+    first = torch.tensor([int(torch.nonzero(labels == c)[0]) for c in range(10)])  # one held-out digit per class
+    rows = [upsample(low[first], (hi_size, hi_size), "nearest"), bicubic[first], out[first], truth[first]]
+    picture = save_grid(upsample(torch.cat(rows), (16, 16), "nearest"), out_dir / f"{name.split()[0]}_{lo_size}.png",
+                        nrow=10, upscale=4)
     row = {"name": name, "sr": scores(judge, out, truth, labels, low), "bicubic": scores(judge, bicubic, truth, labels, low),
            "truth": judge.accuracy(truth, labels), "train_seconds": train[0], "train_cpu_seconds": train[1],
-           "sample_seconds": cost[0], "sample_cpu_seconds": cost[1]}
+           "sample_seconds": cost[0], "sample_cpu_seconds": cost[1], "picture": str(picture)}
     print(json.dumps(row), flush=True)
     return row
 
@@ -163,6 +169,7 @@ def main() -> None:
     print(text)
     (args.out / "sr_digits.json").write_text(json.dumps({"sr": sr, "sweep": sweep}, indent=2))
     if args.write:
+        shutil.copyfile(sr[1]["picture"], Path(__file__).resolve().parents[1] / "docs" / "sr_digits.png")
         write_section("bench/sr_digits.py", "Super-resolution and cascaded diffusion on the digits", text)
 
 
