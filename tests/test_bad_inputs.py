@@ -229,6 +229,12 @@ CLI_CASES = [
     ("demo-steps-0", ["demo", "--steps", "0", "--out-dir", "{root}/demo"], 2, "--steps"),
     ("demo-guidance-nan", ["demo", "--guidance", "nan", "--out-dir", "{root}/demo"], 2, "--guidance"),
     ("demo-sampler-unknown", ["demo", "--sampler", "nope"], 2, "invalid choice"),
+    ("demo-cascade-aug-sigma-negative", ["demo", "--cascade", "--aug-sigma", "-0.5", "--out-dir", "{root}/demo"], 2, "--aug-sigma"),
+    ("demo-cascade-aug-sigma-nan", ["demo", "--cascade", "--aug-sigma", "nan", "--out-dir", "{root}/demo"], 2, "--aug-sigma"),
+    ("demo-cascade-sr-steps-0", ["demo", "--cascade", "--sr-steps", "0", "--out-dir", "{root}/demo"], 2, "--sr-steps"),
+    ("demo-aug-sigma-without-cascade", ["demo", "--aug-sigma", "0.2", "--out-dir", "{root}/demo"], 2, "needs --cascade"),
+    ("demo-truncated-without-cascade", ["demo", "--truncated", "--out-dir", "{root}/demo"], 2, "needs --cascade"),
+    ("demo-cascade-and-text", ["demo", "--cascade", "--text", "--out-dir", "{root}/demo"], 2, "not both"),
     # dreambooth
     ("dreambooth-base-missing", [*DB[:1], "--base", "{root}/nope", *DB[3:]], 2, "--base"),
     ("dreambooth-base-not-text-model", DB, 2, "text"),

@@ -2,10 +2,11 @@
 text-to-image version)."""
 from __future__ import annotations
 
+from ..demos.cascade import run_cascade_demo
 from ..demos.digits import run_demo
 from ..demos.text import run_text_demo
 from ..samplers import SAMPLERS
-from .common import finite_float, non_negative_int, positive_int
+from .common import UsageError, finite_float, non_negative_float, non_negative_int, positive_int
 
 HELP = "train, sample and judge a model on the embedded digits"
 DESCRIPTION = ("Train a class-conditional U-Net on scikit-learn's digits, sample every class with classifier-free "
@@ -16,11 +17,21 @@ def add_arguments(d) -> None:
     d.add_argument("--text", action="store_true",
                    help="the latent text-to-image demo instead: a small VAE and a text-conditional U-Net on captioned "
                         "digits, sampled from prompts, with inpainting, outpainting and inversion")
+    d.add_argument("--cascade", action="store_true",
+                   help="the cascaded demo instead: a class-conditional 8x8 base and an x2 super-resolution stage to "
+                        "16x16 with noise-conditioning augmentation, judged at 16x16")
+    d.add_argument("--aug-sigma", type=non_negative_float, default=None,
+                   help="--cascade: the noise level of the base's samples given to the x2 stage (default: 0.1)")
+    d.add_argument("--truncated", action="store_true",
+                   help="--cascade: truncated augmentation (stop the base at --aug-sigma) instead of noising its samples")
+    d.add_argument("--sr-steps", type=positive_int, default=None, help="--cascade: training steps of the x2 stage (default: 600)")
     d.add_argument("--out-dir", default=None,
-                   help="where samples.png, the checkpoints and report.json go (default: demo_out, or demo_text_out with --text)")
+                   help="where samples.png, the checkpoints and report.json go (default: demo_out, demo_text_out with "
+                        "--text, demo_cascade_out with --cascade)")
     d.add_argument("--steps", type=positive_int, default=None, help="training steps (default: 2000)")
     d.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS), help="sampler (default: ddim)")
-    d.add_argument("--sampling-steps", type=positive_int, default=50, help="sampler steps (default: 50)")
+    d.add_argument("--sampling-steps", type=positive_int, default=None,
+                   help="sampler steps (default: 50; 25 per stage with --cascade)")
     d.add_argument("--guidance", type=finite_float, default=1.5, help="classifier-free guidance scale (default: 1.5; 1 = none)")
     d.add_argument("--samples-per-class", type=positive_int, default=50, help="samples per class judged (default: 50)")
     d.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed (default: 0)")
@@ -28,10 +39,23 @@ def add_arguments(d) -> None:
 
 
 def run(args) -> int:
+    cascade_only = [flag for flag, v in (("--aug-sigma", args.aug_sigma is not None), ("--truncated", args.truncated),
+                                         ("--sr-steps", args.sr_steps is not None)) if v]
+    if cascade_only and not args.cascade:
+        raise UsageError(f"{', '.join(cascade_only)} needs --cascade")
+    if args.cascade and args.text:
+        raise UsageError("give --text or --cascade, not both")
+    if args.cascade:
+        run_cascade_demo(args.out_dir or "demo_cascade_out", base_steps=args.steps, sr_steps=args.sr_steps,
+                         sampler=args.sampler, sampling_steps=args.sampling_steps or 25,
+                         guidance_scale=args.guidance, aug_sigma=0.1 if args.aug_sigma is None else args.aug_sigma,
+                         truncated=args.truncated, samples_per_class=args.samples_per_class, seed=args.seed,
+                         resume=args.resume)
+        return 0
     if args.text:
         run_text_demo(args.out_dir or "demo_text_out", steps=args.steps, sampler=args.sampler,
-                      sampling_steps=args.sampling_steps, guidance_scale=args.guidance, seed=args.seed, resume=args.resume)
+                      sampling_steps=args.sampling_steps or 50, guidance_scale=args.guidance, seed=args.seed, resume=args.resume)
         return 0
-    run_demo(args.out_dir or "demo_out", steps=args.steps, sampler=args.sampler, sampling_steps=args.sampling_steps,
+    run_demo(args.out_dir or "demo_out", steps=args.steps, sampler=args.sampler, sampling_steps=args.sampling_steps or 50,
              guidance_scale=args.guidance, samples_per_class=args.samples_per_class, seed=args.seed, resume=args.resume)
     return 0

@@ -23,6 +23,14 @@ def ve_sample(x0: torch.Tensor, sigma, noise: torch.Tensor) -> torch.Tensor:
     return x0 + s * noise
 
 
+def noise_augment(x: torch.Tensor, sigma, noise: torch.Tensor) -> torch.Tensor:
+    """Noise-conditioning augmentation of a conditioning image (Ho et al. 2022, "Cascaded Diffusion
+    Models", Section 4.1: z_s = alpha_s z + sigma_s eps) in the variance-preserving form of a
+    canonical level: (x + sigma eps) / sqrt(1 + sigma^2); sigma = 0 returns x unchanged."""
+    s = append_dims(torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0]), x.ndim)
+    return (x + s * noise) / (1 + s**2).sqrt()
+
+
 def flow_sample(x0: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
     """Rectified flow: x_t = (1 - t) x0 + t eps (Liu et al. 2023, eq. 1)."""
     t = append_dims(torch.as_tensor(t, dtype=x0.dtype, device=x0.device).expand(x0.shape[0]), x0.ndim)

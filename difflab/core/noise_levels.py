@@ -27,11 +27,16 @@ def log_normal(n: int, p_mean: float = -1.2, p_std: float = 1.2, generator: torc
     return (p_mean + p_std * torch.randn(n, generator=generator, dtype=torch.float64)).exp()
 
 
-def logit_normal(n: int, mean: float = 0.0, std: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+def logit_normal(n: int, mean: float = 0.0, std: float = 1.0, generator: torch.Generator | None = None,
+                 shift: float = 1.0) -> torch.Tensor:
     """Flow matching's t = sigmoid(u), u ~ N(mean, std^2) (Esser et al. 2024, SD3, eq. 19),
-    returned as the canonical sigma t / (1 - t)."""
+    returned as the canonical sigma t / (1 - t). ``shift`` applies SD3's resolution-dependent
+    time shift t' = shift t / (1 + (shift - 1) t) (eq. 23), which is sigma' = shift sigma
+    (:func:`difflab.core.schedules.resolution_shift` gives shift = size / base)."""
+    if not shift > 0:
+        raise ValueError(f"shift={shift} must be > 0")
     u = mean + std * torch.randn(n, generator=generator, dtype=torch.float64)
-    return u.exp()  # sigmoid(u) / (1 - sigmoid(u)) = e^u
+    return shift * u.exp()  # sigmoid(u) / (1 - sigmoid(u)) = e^u
 
 
 # ----------------------------------------------------------------------------------------------

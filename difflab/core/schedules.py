@@ -128,7 +128,33 @@ def sigmoid_alpha_bar(t: torch.Tensor, start: float = -3.0, end: float = 3.0, ta
     return out.clamp(0, 1)
 
 
-CONTINUOUS_SCHEDULES = {"cosine": cosine_alpha_bar, "linear": vp_linear_alpha_bar, "sigmoid": sigmoid_alpha_bar}
+def resolution_shift(size: int, base: int = 64) -> float:
+    """The factor by which a schedule tuned at ``base`` x ``base`` should scale sigma at ``size`` x
+    ``size``: size / base. Average-pooling a size-s image by k = s / base divides its noise std by k,
+    so the noise a model sees at the base resolution's scale matches the base schedule only when
+    sigma is k times larger. Hoogeboom et al. 2023 ("simple diffusion", Section 3.1, eq. 4) shift
+    the log-SNR by 2 log(base / size); SD3's time shift t' = a t / (1 + (a - 1) t) with
+    a = sqrt(m / n), m and n the pixel counts (Esser et al. 2024, Section 5.3.2, eq. 23), is, for
+    square images, sigma' = t' / (1 - t') = (size / base) sigma: the same shift."""
+    if not (isinstance(size, int) and size >= 1 and isinstance(base, int) and base >= 1):
+        raise ValueError(f"size={size!r} and base={base!r} must be positive ints (image side lengths)")
+    return size / base
+
+
+def shifted_cosine_alpha_bar(t: torch.Tensor, shift: float = 1.0) -> torch.Tensor:
+    """Simple diffusion's shifted cosine schedule (Hoogeboom et al. 2023, Section 3.1, eq. 4):
+    log-SNR(t) = -2 log tan(pi t / 2) - 2 log(shift), with shift = size / base
+    (:func:`resolution_shift`); alpha_bar = sigmoid(log-SNR), so sigma(t) = shift tan(pi t / 2).
+    shift = 1 is the cosine schedule with s = 0."""
+    if not shift > 0:
+        raise ValueError(f"shift={shift} must be > 0")
+    t = torch.as_tensor(t, dtype=torch.float64)
+    log_snr = -2 * torch.log(torch.tan(math.pi * t / 2)) - 2 * math.log(shift)
+    return torch.sigmoid(log_snr)
+
+
+CONTINUOUS_SCHEDULES = {"cosine": cosine_alpha_bar, "linear": vp_linear_alpha_bar, "sigmoid": sigmoid_alpha_bar,
+                        "shifted_cosine": shifted_cosine_alpha_bar}
 
 
 def flow_sigma(t: torch.Tensor) -> torch.Tensor:
@@ -162,4 +188,9 @@ def sigmoid_t(alpha_bar: torch.Tensor, start: float = -3.0, end: float = 3.0, ta
     return (u * tau - start) / (end - start)
 
 
-CONTINUOUS_INVERSES = {"cosine": cosine_t, "linear": vp_linear_t, "sigmoid": sigmoid_t}
+def shifted_cosine_t(alpha_bar: torch.Tensor, shift: float = 1.0) -> torch.Tensor:
+    """Inverse of :func:`shifted_cosine_alpha_bar`: t = (2 / pi) atan(sigma / shift)."""
+    return torch.atan(sigma_from_alpha_bar(alpha_bar) / shift) * 2 / math.pi
+
+
+CONTINUOUS_INVERSES = {"cosine": cosine_t, "linear": vp_linear_t, "sigmoid": sigmoid_t, "shifted_cosine": shifted_cosine_t}

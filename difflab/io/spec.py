@@ -43,6 +43,7 @@ from ..nn.dit import DiT, DiTConfig
 from ..nn.guidance_embedding import GuidanceEmbedding
 from ..nn.mmdit import MMDiT, MMDiTConfig
 from ..nn.unet import PRESETS as UNET_PRESETS
+from ..nn.sr import SRUNet, SRUNetConfig
 from ..nn.unet import UNet, UNetConfig
 from ..nn.unet_sd import PRESETS as UNET_SD_PRESETS
 from ..nn.unet_sd import UNetSD, UNetSDConfig
@@ -91,6 +92,7 @@ NETWORKS: dict[str, NetworkKind] = {
     "dit": NetworkKind(DiT, DiTConfig, "image", image_shape, DIT_PRESETS),
     "vae": NetworkKind(AutoencoderKL, VAEConfig, "codec"),
     "mmdit": NetworkKind(MMDiT, MMDiTConfig, "latent", latent_shape),
+    "sr_unet": NetworkKind(SRUNet, SRUNetConfig, "image", image_shape),  # super-resolution: low_res= conditioning (SR3, CDM)
 }
 
 
@@ -176,7 +178,7 @@ def _vp_discrete(schedule: str = "cosine", T: int = 1000, **kwargs) -> VPDiscret
 FRAME_BUILDERS = {"vp_discrete": _vp_discrete}
 FRAME_ARGS = {
     "vp_discrete": ("schedule", "T", "zero_terminal_snr", "beta_start", "beta_end", "s", "max_beta"),
-    "vp": ("schedule", "time_scale", "t_min", "t_max", "s", "beta_min", "beta_max", "start", "end", "tau"),
+    "vp": ("schedule", "time_scale", "t_min", "t_max", "s", "beta_min", "beta_max", "start", "end", "tau", "shift"),
     "ve": ("sigma_min", "sigma_max", "time"),
     "edm": ("sigma_data", "sigma_min", "sigma_max"),
     "flow": ("time_scale", "t_min", "t_max"),

@@ -1,4 +1,5 @@
 """Training: one loop (:func:`fit`) for every objective; per-example losses, EMA, checkpoints."""
+from .augment import NoiseConditioningAugmentation
 from .distributed import PARALLELS, init_distributed
 from .ema import EMA
 from .losses import (NOISE_LEVELS, SIGMA_BIN_EDGES, WEIGHTINGS, SigmaBinnedLoss, default_noise_level, diffusion_loss,
@@ -26,5 +27,5 @@ __all__ = [
     "ConsistencyTraining", "LatentConsistencyDistillation",
     "draw_batch", "train", "LOSSES", "hybrid_loss", "hybrid_terms", "vlb_loss", "vae_loss", "PatchDiscriminator",
     "adaptive_weight", "discriminator_loss", "hinge_discriminator_loss", "PARALLELS", "init_distributed",
-    "DreamBoothConfig", "dreambooth", "prior_preservation_loss", "TextualInversionConfig", "textual_inversion",
+    "NoiseConditioningAugmentation", "DreamBoothConfig", "dreambooth", "prior_preservation_loss", "TextualInversionConfig", "textual_inversion",
 ]

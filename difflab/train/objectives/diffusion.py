@@ -69,15 +69,26 @@ class DiffusionObjective:
     """Per-example denoising loss of ``denoiser`` (its ``net`` trains): ``loss="mse"`` is
     :func:`~difflab.train.losses.diffusion_loss`, ``"hybrid"`` adds ``vlb_weight`` L_vlb
     (:func:`~difflab.train.vlb.hybrid_loss`, learned variance). Batches hold ``x0`` and, as the
-    net's keywords, ``class_labels`` and any per-example conditioning (``input_ids``, ...)."""
+    net's keywords, ``class_labels`` and any per-example conditioning (``input_ids``, ``low_res``, ...).
+
+    ``augment``: a function ``(batch, generator) -> batch`` run at the end of :meth:`draw`, after
+    the sigmas, the noise and the dropout mask were drawn, from the same generator: the seam for
+    conditioning inputs that get random draws of their own per example, e.g. cascaded diffusion's
+    noise-conditioning augmentation of the low-res image
+    (:class:`difflab.train.NoiseConditioningAugmentation`). Drawing from ``generator`` keeps resumes
+    bit-exact; keys it adds reach the net as keywords."""
 
     name = "diffusion"
 
     def __init__(self, denoiser: Denoiser, *, weighting: str = "simple", min_snr_gamma: float = 5.0, loss: str = "mse",
                  vlb_weight: float = 0.001, noise_level: str | None = None, noise_level_kwargs: dict | None = None,
-                 cfg_dropout: float = 0.0, null_class: int | None = None, null_cond: dict | None = None):
+                 cfg_dropout: float = 0.0, null_class: int | None = None, null_cond: dict | None = None,
+                 augment: Callable[[dict, torch.Generator], dict] | None = None):
         if loss not in LOSS_FUNCTIONS:
             raise ValueError(f"loss={loss!r} must be one of {sorted(LOSS_FUNCTIONS)}")
+        if augment is not None and not callable(augment):
+            raise ValueError(f"augment must be a function (batch, generator) -> batch or None, got {type(augment).__name__}")
+        self.augment = augment
         self.denoiser, self.module = denoiser, denoiser.net
         self.weighting, self.min_snr_gamma, self.loss_name, self.vlb_weight = weighting, min_snr_gamma, loss, vlb_weight
         self.draw_kwargs = dict(noise_level=noise_level, noise_level_kwargs=dict(noise_level_kwargs or {}),
@@ -85,14 +96,15 @@ class DiffusionObjective:
 
     @classmethod
     def from_config(cls, denoiser: Denoiser, config: TrainConfig, *, null_class: int | None = None,
-                    null_cond: dict | None = None) -> "DiffusionObjective":
+                    null_cond: dict | None = None, augment=None) -> "DiffusionObjective":
         """The objective of ``config``'s diffusion fields (weighting, loss, noise level, cfg_dropout)."""
         return cls(denoiser, weighting=config.weighting, min_snr_gamma=config.min_snr_gamma, loss=config.loss,
                    vlb_weight=config.vlb_weight, noise_level=config.noise_level, noise_level_kwargs=config.noise_level_kwargs,
-                   cfg_dropout=config.cfg_dropout, null_class=null_class, null_cond=null_cond)
+                   cfg_dropout=config.cfg_dropout, null_class=null_class, null_cond=null_cond, augment=augment)
 
     def draw(self, batch: dict, generator: torch.Generator) -> dict:
-        return draw_diffusion(batch, generator, self.denoiser.frame, **self.draw_kwargs)
+        out = draw_diffusion(batch, generator, self.denoiser.frame, **self.draw_kwargs)
+        return out if self.augment is None else self.augment(out, generator)
 
     def loss(self, batch: dict) -> torch.Tensor:
         extra = {k: v for k, v in batch.items() if k not in DRAWN and v is not None}  # class_labels, cond
@@ -166,7 +178,7 @@ def resolve_null_class(net, labels, config: TrainConfig, null_class: int | None)
 
 def train(denoiser: Denoiser, data, config: TrainConfig, out_dir, *, spec: dict | None = None,
           null_class: int | None = None, metadata: dict | None = None, resume: bool = True,
-          callback: Callable[[dict], None] | None = None, null_cond: dict | None = None) -> TrainState:
+          callback: Callable[[dict], None] | None = None, null_cond: dict | None = None, augment=None) -> TrainState:
     """Train ``denoiser.net`` on ``data`` for ``config.steps`` optimizer steps: the
     :class:`DiffusionObjective` of ``config`` run by :func:`difflab.train.fit` (see it for
     checkpoints, resuming, logging and DDP/FSDP).
@@ -180,10 +192,11 @@ def train(denoiser: Denoiser, data, config: TrainConfig, out_dir, *, spec: dict 
     spec of :mod:`difflab.io.spec`, ``{"unet": ..., "diffusion": ...}``, which rebuilds the
     denoiser) and ``metadata`` (anything JSON) go into the checkpoint, with the denoiser's frame,
     prediction and sigma_data and the null class. Checkpoint tensors ``model.*`` are the net's.
+    ``augment``: the :class:`DiffusionObjective`'s draw-time hook (e.g. noise-conditioning augmentation).
     """
     images, labels, cond = as_dataset(data)
     null_class = resolve_null_class(denoiser.net, labels, config, null_class)
-    objective = DiffusionObjective.from_config(denoiser, config, null_class=null_class, null_cond=null_cond)
+    objective = DiffusionObjective.from_config(denoiser, config, null_class=null_class, null_cond=null_cond, augment=augment)
     was_training = denoiser.training
     denoiser.train()
     try:
