@@ -193,6 +193,21 @@ def _component_folder(root: Path, index: dict, name: str, allowed: tuple[str, ..
     return folder
 
 
+def read_scheduler_and_unet(out, root: Path, index: dict, components, prediction, variant, dtype, device) -> None:
+    """Fill ``out`` (components of an SD-family folder) with the scheduler's frame, prediction and
+    grid hints, and the U-Net and its denoiser, for the components asked."""
+    if "scheduler" in components:
+        sched = _component_folder(root, index, "scheduler")
+        out.scheduler_config = read_json(sched / SCHEDULER_CONFIG, "a diffusers scheduler config")
+        out.diffusion, out.sampling = diffusion_from_scheduler_config(out.scheduler_config, prediction)
+    elif prediction is not None:
+        out.diffusion["prediction"] = check_prediction(prediction)
+    if "unet" in components:
+        out.unet = load_diffusers_unet(_component_folder(root, index, "unet", ("UNet2DConditionModel",)), variant=variant,
+                                       dtype=dtype).to(device)
+        out.denoiser = make_denoiser(out.unet, out.diffusion)
+
+
 def load_diffusers_folder(folder, *, components=COMPONENTS, variant: str | None = None, dtype: torch.dtype | None = None,
                           device="cpu", prediction: str | None = None, clip_skip: int = 0) -> StableDiffusionComponents:
     """Read a local diffusers Stable Diffusion 1.x / 2.x pipeline folder (never the network).
@@ -213,18 +228,8 @@ def load_diffusers_folder(folder, *, components=COMPONENTS, variant: str | None 
                          "difflab.io.load_sdxl_folder (load_diffusers_folder reads SD 1.x / 2.x)")
     out = StableDiffusionComponents()
 
-    # 1. Scheduler -> frame, prediction, grid hints
-    if "scheduler" in components:
-        sched = _component_folder(root, index, "scheduler")
-        out.scheduler_config = read_json(sched / SCHEDULER_CONFIG, "a diffusers scheduler config")
-        out.diffusion, out.sampling = diffusion_from_scheduler_config(out.scheduler_config, prediction)
-    elif prediction is not None:
-        out.diffusion["prediction"] = check_prediction(prediction)
-
-    # 2. U-Net
-    if "unet" in components:
-        out.unet = load_diffusers_unet(_component_folder(root, index, "unet", ("UNet2DConditionModel",)), variant=variant, dtype=dtype).to(device)
-        out.denoiser = make_denoiser(out.unet, out.diffusion)
+    # 1. Scheduler -> frame, prediction, grid hints; 2. U-Net
+    read_scheduler_and_unet(out, root, index, components, prediction, variant, dtype, device)
 
     # 3. Tokenizer and text encoder
     tokenizer = None

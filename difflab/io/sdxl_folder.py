@@ -24,13 +24,11 @@ from pathlib import Path
 import torch
 
 from ..core import Denoiser
-from ..core.params import check_prediction
 from ..nn.text import CLIPTextEncoder, load_clip_tokenizer
 from ..nn.text_dual import DualCLIPTextEncoder
 from ..nn.unet_sd import UNetSD
-from .diffusers_folder import (MODEL_INDEX, SCHEDULER_CONFIG, SD_DIFFUSION, SD_SAMPLING, _component_folder,
-                               diffusion_from_scheduler_config, load_diffusers_text_encoder, load_diffusers_unet,
-                               make_denoiser)
+from .diffusers_folder import (MODEL_INDEX, SD_DIFFUSION, SD_SAMPLING, _component_folder, load_diffusers_text_encoder,
+                               read_scheduler_and_unet)
 from .diffusers_vae import load_diffusers_vae
 from .folders import read_json
 
@@ -93,17 +91,8 @@ def load_sdxl_folder(folder, *, components=SDXL_COMPONENTS, variant: str | None 
                          force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
                          requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)))
 
-    # 1. Scheduler -> frame, prediction, grid hints
-    if "scheduler" in components:
-        out.scheduler_config = read_json(_component_folder(root, index, "scheduler") / SCHEDULER_CONFIG, "a diffusers scheduler config")
-        out.diffusion, out.sampling = diffusion_from_scheduler_config(out.scheduler_config, prediction)
-    elif prediction is not None:
-        out.diffusion["prediction"] = check_prediction(prediction)
-
-    # 2. U-Net (with the added conditions)
-    if "unet" in components:
-        out.unet = load_diffusers_unet(_component_folder(root, index, "unet", ("UNet2DConditionModel",)), variant=variant, dtype=dtype).to(device)
-        out.denoiser = make_denoiser(out.unet, out.diffusion)
+    # 1. Scheduler -> frame, prediction, grid hints; 2. U-Net (with the added conditions)
+    read_scheduler_and_unet(out, root, index, components, prediction, variant, dtype, device)
 
     # 3. Text encoders: penultimate hidden states, no final LayerNorm (Podell et al. 2023, Section 2.1)
     encoders = [_text_encoder(root, index, name, tok, name in components, tok in components, variant, dtype)
