@@ -10,16 +10,22 @@ import torch
 from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline, FluxPipeline,
                        FluxTransformer2DModel)
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from PIL import Image
 
+from difflab.cli import main
 from difflab.core import schedules
 from difflab.core.denoiser import SIGMA_MAX_FINITE
 from difflab.core.grids import resolution_shift
 from difflab.io.flux_folder import is_flux_folder, load_flux_folder, load_flux_transformer, sampling_from_scheduler_config
 from difflab.nn.flux import FluxConfig, FluxTransformer, latent_image_ids, pack_latents, unpack_latents
+from difflab.io.images import make_grid
+from difflab.pipelines import text_to_image
+from difflab.pipelines.folder import sample_folder
 from difflab.pipelines.flux import encode_flux_prompts, flux_image_to_image, flux_sigmas, flux_text_to_image
 
 transformers = pytest.importorskip("transformers", reason="CLIP and T5 need transformers (the 'sd' extra)")
 from test_text import tiny_clip, write_tiny_tokenizer  # noqa: E402
+from test_text_to_image import build_pipeline as build_sd_pipeline  # noqa: E402
 
 TINY = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
             joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
@@ -79,7 +85,7 @@ def build(folder, tokenizer_dir, guidance_embeds: bool, scheduler: dict):
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(folder)
     assert is_flux_folder(folder) and not is_flux_folder(tokenizer_dir)
-    return pipe, load_flux_folder(folder)
+    return pipe, load_flux_folder(folder), folder
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +193,7 @@ def diffusers_sigmas_for(ours: torch.Tensor, sampling: dict, seq_len: int) -> li
 
 
 def test_folder_is_read(flux):
-    pipe, parts = flux
+    pipe, parts, _ = flux
     assert parts.transformer.takes_guidance_scale == pipe.transformer.config.guidance_embeds
     assert parts.sampling["use_dynamic_shifting"] == pipe.scheduler.config.use_dynamic_shifting
     assert parts.vae.config.shift_factor == pytest.approx(0.1159) and parts.vae.config.latent_channels == 4
@@ -200,7 +206,7 @@ def test_folder_is_read(flux):
 
 
 def test_text_to_image_matches_flux_pipeline(flux):
-    pipe, parts = flux
+    pipe, parts, _ = flux
     steps, h = 4, 8  # 16 x 16 images, 8 x 8 latents, 16 tokens
     latents = torch.randn(2, 4, h, h, generator=torch.Generator().manual_seed(5))
     ours = flux_text_to_image(parts, PROMPTS, height=16, width=16, steps=steps, max_sequence_length=T5_LENGTH,
@@ -219,7 +225,7 @@ def test_text_to_image_matches_flux_pipeline(flux):
 
 
 def test_image_to_image_matches_flux_img2img_pipeline(flux):
-    pipe, parts = flux
+    pipe, parts, _ = flux
     i2i = FluxImg2ImgPipeline.from_pipe(pipe)
     i2i.set_progress_bar_config(disable=True)
     image = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))  # diffusers' [0, 1]
@@ -235,7 +241,7 @@ def test_image_to_image_matches_flux_img2img_pipeline(flux):
 
 
 def test_same_seed_same_image_whatever_the_batch_size_and_prompt_embeds(flux):
-    _, parts = flux
+    _, parts, _ = flux
     kw = dict(height=16, width=16, steps=2, max_sequence_length=T5_LENGTH, output_type="latent", progress=False, seed=3)
     together = flux_text_to_image(parts, PROMPTS, batch_size=2, **kw)
     alone = flux_text_to_image(parts, PROMPTS, batch_size=1, **kw)
@@ -255,7 +261,29 @@ def test_same_seed_same_image_whatever_the_batch_size_and_prompt_embeds(flux):
     (dict(sampler="nope"), "sampler='nope' is unknown"),
 ])
 def test_bad_pipeline_input_is_named(flux, kwargs, match):
-    _, parts = flux
+    _, parts, _ = flux
     prompts = kwargs.pop("prompts", PROMPTS)
     with pytest.raises(ValueError, match=match):
         flux_text_to_image(parts, prompts, **{"height": 16, "width": 16, "progress": False, **kwargs})
+
+
+def test_sample_command_reads_a_flux_folder(flux, tmp_path):
+    _, parts, folder = flux
+    out = tmp_path / "flux.png"
+    argv = ["sample", "--model", str(folder), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--height", "16", "--width",
+            "24", "--steps", "2", "--seed", "4", "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 0
+    images = sample_folder(folder, PROMPTS, height=16, width=24, steps=2, seed=4, progress=False)
+    want = flux_text_to_image(parts, PROMPTS, height=16, width=24, steps=2, seed=4, output_type="pt", progress=False)
+    assert images.shape == (2, 3, 16, 24) and torch.equal(images, want)
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(make_grid(want, nrow=2)))
+
+
+def test_sample_command_reads_a_stable_diffusion_folder(tmp_path, tokenizer_dir):
+    _, parts = build_sd_pipeline(tmp_path / "sd", tokenizer_dir)
+    out = tmp_path / "sd.png"
+    assert main(["sample", "--model", str(tmp_path / "sd"), "--prompt", "abc", "--height", "16", "--width", "16",
+                 "--steps", "2", "--device", "cpu", "--out", str(out)]) == 0
+    want = text_to_image(parts.denoiser, parts.text_encoder, parts.vae, ["abc"], height=16, width=16, steps=2,
+                         output_type="pt", progress=False)
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(make_grid(want, nrow=1)))
