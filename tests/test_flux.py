@@ -287,3 +287,47 @@ def test_sample_command_reads_a_stable_diffusion_folder(tmp_path, tokenizer_dir)
     want = text_to_image(parts.denoiser, parts.text_encoder, parts.vae, ["abc"], height=16, width=16, steps=2,
                          output_type="pt", progress=False)
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(make_grid(want, nrow=1)))
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA: diffusers' Flux files load with the existing machinery (same module names, prefix "transformer.")
+
+
+def test_diffusers_flux_lora_file_loads_with_the_transformer_prefix(tmp_path):
+    pytest.importorskip("peft", reason="peft (test extra) makes the reference LoRA")
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from difflab.adapters.lora import load_lora_weights
+
+    base = tiny_transformer(True)
+    base.save_pretrained(tmp_path / "base")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "add_v_proj", "to_out.0", "proj_mlp", "proj_out",
+                                                           "ff.net.2", "x_embedder"], alpha_pattern={"proj_mlp": 2})
+    base.add_adapter(config)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    FluxLoraLoaderMixin.save_lora_weights(tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(base),
+                                          transformer_lora_adapter_metadata=config.to_dict())
+    net = load_flux_transformer(tmp_path / "base")
+    with torch.no_grad():
+        plain = net(*_inputs(), **_cond())
+    modules = load_lora_weights(net, tmp_path / "lora", prefix="transformer.")
+    with torch.no_grad():
+        want = base(pack_latents(_inputs()[0]), _cond()["context"], _cond()["pooled"], _inputs()[1],
+                    img_ids=latent_image_ids(2, 2), txt_ids=torch.zeros(3, 3), guidance=torch.tensor([3.5])).sample
+        got = net(*_inputs(), **_cond())
+    assert len(modules) == len(get_peft_model_state_dict(base)) // 2 and (pack_latents(plain) - want).abs().max() > 1e-2
+    torch.testing.assert_close(pack_latents(got), want, atol=1e-5, rtol=0)
+
+
+def _inputs():
+    return torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(8)), torch.tensor([0.6])
+
+
+def _cond():
+    g = torch.Generator().manual_seed(9)
+    return dict(context=torch.randn(1, 3, 32, generator=g), pooled=torch.randn(1, 32, generator=g), guidance_scale=3.5)
