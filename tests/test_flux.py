@@ -36,7 +36,7 @@ VAE_TINY = dict(block_out_channels=(8, 16), layers_per_block=1, latent_channels=
 DEV_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                      max_image_seq_len=4096)
 SCHNELL_SCHEDULER = dict(shift=1.0, use_dynamic_shifting=False)
-PROMPTS = ["a photo of abc", "b"]
+PROMPTS, NEGATIVES = ["a photo of abc", "b"], ["", "c d"]
 T5_LENGTH = 16
 
 
@@ -205,17 +205,19 @@ def test_folder_is_read(flux):
     torch.testing.assert_close(ours["pooled"], pooled, atol=1e-6, rtol=0)
 
 
-def test_text_to_image_matches_flux_pipeline(flux):
+@pytest.mark.parametrize("true_cfg", [1.0, 2.5], ids=["guidance-input", "true-cfg"])
+def test_text_to_image_matches_flux_pipeline(flux, true_cfg):
     pipe, parts, _ = flux
     steps, h = 4, 8  # 16 x 16 images, 8 x 8 latents, 16 tokens
     latents = torch.randn(2, 4, h, h, generator=torch.Generator().manual_seed(5))
-    ours = flux_text_to_image(parts, PROMPTS, height=16, width=16, steps=steps, max_sequence_length=T5_LENGTH,
-                              latents=latents, output_type="latent", progress=False)
-    ours_np = flux_text_to_image(parts, PROMPTS, height=16, width=16, steps=steps, max_sequence_length=T5_LENGTH,
-                                 latents=latents, output_type="np", progress=False)
+    negatives = dict(negative_prompts=NEGATIVES, true_cfg_scale=true_cfg) if true_cfg != 1 else {}
+    kw = dict(height=16, width=16, steps=steps, max_sequence_length=T5_LENGTH, latents=latents, progress=False, **negatives)
+    ours = flux_text_to_image(parts, PROMPTS, output_type="latent", **kw)
+    ours_np = flux_text_to_image(parts, PROMPTS, output_type="np", **kw)
     sigmas = flux_sigmas(parts.sampling, steps, (h // 2) ** 2)
+    negatives = dict(negative_prompt=NEGATIVES, true_cfg_scale=true_cfg) if true_cfg != 1 else {}
     kw = dict(height=16, width=16, num_inference_steps=steps, guidance_scale=3.5, max_sequence_length=T5_LENGTH,
-              sigmas=diffusers_sigmas_for(sigmas, parts.sampling, (h // 2) ** 2), latents=pack_latents(latents))
+              sigmas=diffusers_sigmas_for(sigmas, parts.sampling, (h // 2) ** 2), latents=pack_latents(latents), **negatives)
     with torch.no_grad():
         theirs = pipe(PROMPTS, output_type="latent", **kw).images
         theirs_np = pipe(PROMPTS, output_type="np", **kw).images
@@ -238,6 +240,13 @@ def test_image_to_image_matches_flux_img2img_pipeline(flux):
     ours = flux_image_to_image(parts, PROMPTS, image * 2 - 1, strength=0.5, steps=4, noise=noise, output_type="latent",
                                max_sequence_length=T5_LENGTH, progress=False)
     assert parity_error(pack_latents(ours), theirs) < 1e-4  # starts at t < 1: no clamped level, exact parity
+    with torch.no_grad():  # true CFG with one negative prompt for both
+        theirs = i2i(PROMPTS, image=image, height=16, width=16, strength=0.5, num_inference_steps=4, guidance_scale=3.5,
+                     negative_prompt=["c d"] * 2, true_cfg_scale=3.0, max_sequence_length=T5_LENGTH, output_type="latent",
+                     generator=torch.Generator().manual_seed(7)).images
+    ours = flux_image_to_image(parts, PROMPTS, image * 2 - 1, strength=0.5, steps=4, noise=noise, output_type="latent",
+                               negative_prompts="c d", true_cfg_scale=3.0, max_sequence_length=T5_LENGTH, progress=False)
+    assert parity_error(pack_latents(ours), theirs) < 1e-4
 
 
 def test_same_seed_same_image_whatever_the_batch_size_and_prompt_embeds(flux):
@@ -259,6 +268,9 @@ def test_same_seed_same_image_whatever_the_batch_size_and_prompt_embeds(flux):
     (dict(latents=torch.zeros(3, 4, 8, 8)), "latents has 3 samples for 2 prompts"),
     (dict(prompts=None, prompt_embeds=torch.zeros(2, 4, 32)), "prompt_embeds and pooled_prompt_embeds together"),
     (dict(sampler="nope"), "sampler='nope' is unknown"),
+    (dict(true_cfg_scale=2.0), "true_cfg_scale=2.0 needs negative_prompts"),
+    (dict(true_cfg_scale=math.nan, negative_prompts=""), "true_cfg_scale=nan must be a finite number"),
+    (dict(true_cfg_scale=2.0, negative_prompts=["a", "b", "c"]), "give one or 2 negatives"),
 ])
 def test_bad_pipeline_input_is_named(flux, kwargs, match):
     _, parts, _ = flux

@@ -10,7 +10,9 @@ The same numbered stages as :mod:`difflab.pipelines.text_to_image` and
   computes it from the scheduler config (:func:`flux_sigmas`);
 - FLUX.1-dev is guidance-distilled: ``guidance_scale`` is an input of the network
   (:class:`difflab.guidance.GuidanceInput`), one evaluation per step, no unconditional branch.
-  FLUX.1-schnell takes none and ignores it, as diffusers does.
+  FLUX.1-schnell takes none and ignores it, as diffusers does. On top of it, ``true_cfg_scale``
+  with negative prompts is classifier-free guidance (Ho & Salimans 2022, eq. 6) between the
+  prompt's and the negative prompt's guided predictions, diffusers' ``true_cfg_scale``.
 
 Samples are the unpacked latents (B, C, H, W); the transformer packs them into 2x2 patches
 itself, so every sampler, the VAE and the per-sample seeds work as for Stable Diffusion.
@@ -22,9 +24,12 @@ from __future__ import annotations
 
 import torch
 
+import math
+
 from ..core import grids
+from ..guidance import ClassifierFreeGuidance
 from ..io.flux_folder import FluxComponents
-from .common import (as_images, batch_slice, check_output_type, check_size, denoise, encode, finish, run_options,
+from .common import (as_images, batch_slice, check_output_type, check_size, denoise, encode, finish, guided, run_options,
                      sample_device, sampling_grid)
 from .image_to_image import noised_start, start_index
 from .options import SampleOptions, resolve
@@ -99,31 +104,68 @@ def flux_sample_shape(flux: FluxComponents, height, width, latents=None) -> tupl
     return shape
 
 
+def encode_flux_request(flux: FluxComponents, prompts, opts: SampleOptions, *, negative_prompts=None,
+                        true_cfg_scale: float = 1.0, max_sequence_length: int = 512, prompt_embeds=None,
+                        pooled_prompt_embeds=None, negative_prompt_embeds=None,
+                        negative_pooled_prompt_embeds=None) -> tuple[dict, dict | None, int]:
+    """The prompt stage of both Flux pipelines: ``(cond, uncond, n)``, with ``uncond`` the negative
+    prompts' conditioning (one, or one per prompt) when ``true_cfg_scale != 1``, else None."""
+    if isinstance(true_cfg_scale, bool) or not isinstance(true_cfg_scale, (int, float)) or not math.isfinite(true_cfg_scale):
+        raise ValueError(f"true_cfg_scale={true_cfg_scale!r} must be a finite number (1 = off)")
+    net_dtype, device = sample_device(flux.denoiser, opts)
+    kw = dict(max_sequence_length=max_sequence_length, dtype=net_dtype, device=device)
+    cond, n = encode_flux_prompts(flux.text_encoder, flux.text_encoder_2, prompts, prompt_embeds=prompt_embeds,
+                                  pooled_prompt_embeds=pooled_prompt_embeds, **kw)
+    if true_cfg_scale == 1.0:
+        return cond, None, n
+    if negative_prompts is None and negative_prompt_embeds is None:
+        raise ValueError(f"true_cfg_scale={true_cfg_scale} needs negative_prompts (or negative_prompt_embeds with "
+                         "negative_pooled_prompt_embeds); '' is the empty prompt")
+    uncond, m = encode_flux_prompts(flux.text_encoder, flux.text_encoder_2, negative_prompts, prompt_embeds=negative_prompt_embeds,
+                                    pooled_prompt_embeds=negative_pooled_prompt_embeds, **kw)
+    if m not in (1, n) or uncond["context"].shape[1:] != cond["context"].shape[1:]:
+        raise ValueError(f"negative prompts give {tuple(uncond['context'].shape)} T5 states for prompts' "
+                         f"{tuple(cond['context'].shape)}: give one or {n} negatives of the same length")
+    return cond, {k: v.expand(n, *v.shape[1:]) for k, v in uncond.items()}, n
+
+
+def flux_model(flux: FluxComponents, opts: SampleOptions, true_cfg_scale: float, uncond: dict | None):
+    """The denoiser a Flux run samples: the guidance scale as an input (FLUX.1-dev), then, with
+    ``uncond``, classifier-free guidance of scale ``true_cfg_scale`` on top (Ho & Salimans 2022, eq. 6)."""
+    model = guided(flux.denoiser, opts.guidance_scale, None)
+    return model if uncond is None else ClassifierFreeGuidance(model, true_cfg_scale, uncond=uncond)
+
+
 @torch.no_grad()
 def flux_text_to_image(flux: FluxComponents, prompts, *, height: int | None = None, width: int | None = None,
-                       max_sequence_length: int = 512, latents: torch.Tensor | None = None,
-                       prompt_embeds: torch.Tensor | None = None, pooled_prompt_embeds: torch.Tensor | None = None,
-                       output_type: str = "pil", options: SampleOptions | None = None, **overrides):
+                       negative_prompts=None, true_cfg_scale: float = 1.0, max_sequence_length: int = 512,
+                       latents: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
+                       pooled_prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+                       negative_pooled_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil",
+                       options: SampleOptions | None = None, **overrides):
     """Flux from text: rectified flow (Esser et al. 2024) on the size-shifted grid, with the guidance
     scale as an input of a guidance-distilled transformer.
 
     ``flux``: :func:`difflab.io.flux_folder.load_flux_folder`'s components. ``options``: a
     :class:`~difflab.pipelines.options.SampleOptions` (default :data:`FLUX_DEFAULTS`: flow Euler,
     28 steps, guidance 3.5); keyword ``overrides`` replace its fields, other keywords go to the
-    sampler. ``latents``: standard-normal starting noise (N, C, h, w), unpacked (diffusers takes
+    sampler. ``negative_prompts`` (one, or one per prompt) with ``true_cfg_scale`` > 1: classifier-free
+    guidance on top of the guidance input (diffusers' ``true_cfg_scale``; two evaluations per step).
+    ``latents``: standard-normal starting noise (N, C, h, w), unpacked (diffusers takes
     them packed: :func:`difflab.nn.flux.pack_latents`). Returns N images as ``output_type``
     (``"latent"``: the unpacked latents); image i depends on ``seed`` and i only.
     """
     # 1. Check inputs.
     opts = resolve(options, FLUX_DEFAULTS, overrides)
     check_output_type(output_type)
-    net_dtype, device = sample_device(flux.denoiser, opts)
+    _, device = sample_device(flux.denoiser, opts)
     shape = flux_sample_shape(flux, height, width, latents)
 
-    # 2. Encode the prompts: T5's sequence and CLIP's pooled vector.
-    cond, n = encode_flux_prompts(flux.text_encoder, flux.text_encoder_2, prompts, max_sequence_length=max_sequence_length,
-                                  prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
-                                  dtype=net_dtype, device=device)
+    # 2. Encode the prompts (T5's sequence and CLIP's pooled vector), and the negatives for true CFG.
+    cond, uncond, n = encode_flux_request(flux, prompts, opts, negative_prompts=negative_prompts, true_cfg_scale=true_cfg_scale,
+                                          max_sequence_length=max_sequence_length, prompt_embeds=prompt_embeds,
+                                          pooled_prompt_embeds=pooled_prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                                          negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
     if latents is not None and len(latents) != n:
         raise ValueError(f"latents has {len(latents)} samples for {n} prompts")
 
@@ -134,8 +176,9 @@ def flux_text_to_image(flux: FluxComponents, prompts, *, height: int | None = No
     def sample_batch(start, b, noise):
         # 4. Per-sample noise (its first draw is the starting noise).
         x = noise() if latents is None else latents[start:start + b].to(device, opts.dtype)
-        # 5-6. The guidance scale as an input (FLUX.1-dev), then the sampler.
-        return denoise(flux.denoiser, x * prior, sigmas, opts, noise, batch_slice(cond, start, b))
+        # 5-6. The guidance scale as an input (FLUX.1-dev) [and true CFG], then the sampler.
+        model = flux_model(flux, opts, true_cfg_scale, batch_slice(uncond, start, b))
+        return denoise(model, x * prior, sigmas, opts.replace(guidance_scale=1.0), noise, batch_slice(cond, start, b))
 
     samples = run_options(n, shape, sample_batch, opts, device=device,
                           desc=f"flux text to image ({opts.sampler}, {len(sigmas) - 1} steps)")
@@ -144,10 +187,12 @@ def flux_text_to_image(flux: FluxComponents, prompts, *, height: int | None = No
 
 
 @torch.no_grad()
-def flux_image_to_image(flux: FluxComponents, prompts, image, *, strength: float = 0.6, max_sequence_length: int = 512,
-                        noise: torch.Tensor | None = None, sample_posterior: bool = True,
-                        prompt_embeds: torch.Tensor | None = None, pooled_prompt_embeds: torch.Tensor | None = None,
-                        output_type: str = "pil", options: SampleOptions | None = None, **overrides):
+def flux_image_to_image(flux: FluxComponents, prompts, image, *, strength: float = 0.6, negative_prompts=None,
+                        true_cfg_scale: float = 1.0, max_sequence_length: int = 512, noise: torch.Tensor | None = None,
+                        sample_posterior: bool = True, prompt_embeds: torch.Tensor | None = None,
+                        pooled_prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+                        negative_pooled_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil",
+                        options: SampleOptions | None = None, **overrides):
     """SDEdit (Meng et al. 2022, Algorithm 1) with Flux: encode ``image`` ((N or 1, C, H, W) in
     [-1, 1] or Pillow images), noise its latents to sigmas[k] of the shifted grid (k =
     :func:`~difflab.pipelines.image_to_image.start_index`: int(steps * strength) steps run;
@@ -158,12 +203,13 @@ def flux_image_to_image(flux: FluxComponents, prompts, image, *, strength: float
     # 1. Check inputs.
     opts = resolve(options, FLUX_DEFAULTS, overrides)
     check_output_type(output_type)
-    net_dtype, device = sample_device(flux.denoiser, opts)
+    _, device = sample_device(flux.denoiser, opts)
     if flux.vae is None:
         raise ValueError("image to image needs the vae to encode the image")
-    cond, n = encode_flux_prompts(flux.text_encoder, flux.text_encoder_2, prompts, max_sequence_length=max_sequence_length,
-                                  prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
-                                  dtype=net_dtype, device=device)
+    cond, uncond, n = encode_flux_request(flux, prompts, opts, negative_prompts=negative_prompts, true_cfg_scale=true_cfg_scale,
+                                          max_sequence_length=max_sequence_length, prompt_embeds=prompt_embeds,
+                                          pooled_prompt_embeds=pooled_prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                                          negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
     images = as_images(image, n, flux.vae.config.in_channels)
     shape = flux_sample_shape(flux, *images.shape[2:])
     if noise is not None and tuple(noise.shape) != (n, *shape):
@@ -179,8 +225,10 @@ def flux_image_to_image(flux: FluxComponents, prompts, image, *, strength: float
         if noise is not None:
             eps = noise[start:start + b]
         z = encode(flux.vae, images[start:start + b], sample=sample_posterior, noise=draws).to(device, opts.dtype)
-        # 5-6. Guidance as an input, then the sampler from sigmas[k].
-        return denoise(flux.denoiser, noised_start(z, float(sigmas[0]), eps), sigmas, opts, draws, batch_slice(cond, start, b))
+        # 5-6. Guidance as an input [and true CFG], then the sampler from sigmas[k].
+        model = flux_model(flux, opts, true_cfg_scale, batch_slice(uncond, start, b))
+        return denoise(model, noised_start(z, float(sigmas[0]), eps), sigmas, opts.replace(guidance_scale=1.0), draws,
+                       batch_slice(cond, start, b))
 
     samples = run_options(n, shape, sample_batch, opts, device=device,
                           desc=f"flux image to image ({opts.sampler}, {len(sigmas) - 1} steps)")
@@ -189,4 +237,4 @@ def flux_image_to_image(flux: FluxComponents, prompts, image, *, strength: float
 
 
 __all__ = ["flux_text_to_image", "flux_image_to_image", "flux_sigmas", "flux_grid", "encode_flux_prompts",
-           "flux_sample_shape", "FLUX_DEFAULTS"]
+           "encode_flux_request", "flux_model", "flux_sample_shape", "FLUX_DEFAULTS"]
