@@ -2,6 +2,7 @@
 embedding), the size-shifted grid against FlowMatchEulerDiscreteScheduler, and text-to-image and
 image-to-image against diffusers' FluxPipeline / FluxImg2ImgPipeline on a tiny random folder
 (CLIP, T5, VAE, transformer) saved with save_pretrained and read back by difflab, float32."""
+import json
 import math
 
 import numpy as np
@@ -107,7 +108,9 @@ def flux(request, tmp_path_factory, tokenizer_dir):
 def test_transformer_matches_diffusers(tmp_path, guidance_embeds):
     ref = tiny_transformer(guidance_embeds)
     ref.save_pretrained(tmp_path)
-    ours = load_flux_transformer(tmp_path)
+    ours = load_flux_transformer(tmp_path)  # built on the meta device, the file's tensors assigned
+    assert {(p.device.type, p.dtype, p.requires_grad) for p in ours.parameters()} == {("cpu", torch.float32, True)}
+    assert {p.dtype for p in load_flux_transformer(tmp_path, dtype=torch.bfloat16).parameters()} == {torch.bfloat16}
     g = torch.Generator().manual_seed(1)
     z, context, pooled = torch.randn(2, 4, 6, 8, generator=g), torch.randn(2, 7, 32, generator=g), torch.randn(2, 32, generator=g)
     t, w = torch.tensor([0.3, 0.95]), (torch.tensor([3.5, 1.0]) if guidance_embeds else None)
@@ -121,6 +124,15 @@ def test_transformer_matches_diffusers(tmp_path, guidance_embeds):
     assert want.abs().max() > 1.0 and got.shape == z.shape
     torch.testing.assert_close(pack_latents(got), want, atol=1e-5, rtol=0)
     torch.testing.assert_close(tokens, want, atol=1e-5, rtol=0)
+
+
+def test_weights_that_do_not_fit_are_named(tmp_path):
+    ref = tiny_transformer(False)
+    ref.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_single_layers": 2}))
+    with pytest.raises(ValueError, match=r"missing keys .*single_transformer_blocks\.1\."):
+        load_flux_transformer(tmp_path)
 
 
 def test_packing_round_trip_and_layout():

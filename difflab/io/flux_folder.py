@@ -87,13 +87,18 @@ def sampling_from_scheduler_config(config: dict) -> dict:
 
 def load_flux_transformer(folder, *, variant: str | None = None, dtype: torch.dtype | None = None) -> FluxTransformer:
     """A :class:`FluxTransformer` from a diffusers ``FluxTransformer2DModel`` folder (config.json +
-    safetensors, sharded or not), in eval mode."""
+    safetensors, sharded or not), in eval mode, its parameters in ``dtype`` (default float32).
+
+    The network is built on the meta device and takes the file's tensors (cast one by one) as its
+    parameters: a 12B model never allocates a random copy of itself first."""
     folder = Path(folder)
     config = FluxConfig.from_diffusers_config(read_json(folder / CONFIG_NAME, "a diffusers FluxTransformer2DModel config"))
-    net = FluxTransformer(config)
-    load_into(net, read_safetensors(folder, UNET_WEIGHTS, variant), f"diffusers FluxTransformer2DModel weights in {folder}",
-              lambda k: k)
-    return net.to(dtype).eval() if dtype is not None else net.eval()
+    with torch.device("meta"):
+        net = FluxTransformer(config)
+    state = read_safetensors(folder, UNET_WEIGHTS, variant)
+    state = {k: v.to(dtype or torch.float32) for k, v in state.items()}
+    load_into(net, state, f"diffusers FluxTransformer2DModel weights in {folder}", lambda k: k, assign=True)
+    return net.eval()
 
 
 def save_flux_transformer(net: FluxTransformer, folder) -> Path:
