@@ -340,7 +340,8 @@ class FluxTransformer(nn.Module):
         w = self._guidance(guidance_scale, x.shape[0], x.device)
         dtype = self.x_embedder.weight.dtype
         self._check_text(context, pooled, x.shape[0])
-        temb = self.time_text_embed(t.to(dtype), pooled.to(dtype), w)
+        # t and w pass through the network's dtype before the 1000x scaling, as in diffusers' forward
+        temb = self.time_text_embed(t.to(dtype), pooled.to(dtype), None if w is None else w.to(dtype))
         h, c = self.x_embedder(tokens.to(dtype)), self.context_embedder(context.to(dtype))
         txt_ids = text_ids(c.shape[1], x.device) if txt_ids is None else txt_ids
         cos, sin = rope_cos_sin(torch.cat([txt_ids, img_ids]), self.config.axes_dims_rope)
