@@ -107,6 +107,9 @@ def sample_text_model(model: TextModel, prompts, *, negative_prompts=None, optio
     ``options`` replacing them, at ``height`` x ``width`` (default: the model's own size)."""
     options = model_options(model) if options is None else options
     height, width = height or model.sampling.get("height"), width or model.sampling.get("width")
+    if model.pipeline is not None:  # the family's own pipeline (TextModel.pipeline)
+        return model.pipeline(prompts, negative_prompts=negative_prompts, height=height, width=width,
+                              output_type=output_type, options=options)
     return text_to_image(model.denoiser, model.text_encoder, model.vae, prompts, negative_prompts=negative_prompts,
                          height=height, width=width, output_type=output_type, options=options)
 
