@@ -20,13 +20,11 @@ from difflab.core.grids import resolution_shift
 from difflab.io.flux_folder import is_flux_folder, load_flux_folder, load_flux_transformer, sampling_from_scheduler_config
 from difflab.nn.flux import FluxConfig, FluxTransformer, latent_image_ids, pack_latents, unpack_latents
 from difflab.io.images import make_grid
-from difflab.pipelines import text_to_image
-from difflab.pipelines.folder import sample_folder
+from difflab.pipelines.models import load_text_model, model_family, model_options, sample_text_model
 from difflab.pipelines.flux import encode_flux_prompts, flux_image_to_image, flux_sigmas, flux_text_to_image
 
 transformers = pytest.importorskip("transformers", reason="CLIP and T5 need transformers (the 'sd' extra)")
 from test_text import tiny_clip, write_tiny_tokenizer  # noqa: E402
-from test_text_to_image import build_pipeline as build_sd_pipeline  # noqa: E402
 
 TINY = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
             joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
@@ -293,24 +291,19 @@ def test_bad_pipeline_input_is_named(flux, kwargs, match):
 
 def test_sample_command_reads_a_flux_folder(flux, tmp_path):
     _, parts, folder = flux
+    assert model_family(folder) == "flux"
     out = tmp_path / "flux.png"
     argv = ["sample", "--model", str(folder), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--height", "16", "--width",
             "24", "--steps", "2", "--seed", "4", "--device", "cpu", "--out", str(out)]
     assert main(argv) == 0
-    images = sample_folder(folder, PROMPTS, height=16, width=24, steps=2, seed=4, progress=False)
+    model = load_text_model(folder)
+    options = model_options(model)
+    assert (options.sampler, options.steps, options.guidance_scale) == ("flow_euler", 28, 3.5)
+    images = sample_text_model(model, PROMPTS, options=options.replace(steps=2, seed=4, progress=False), height=16, width=24)
     want = flux_text_to_image(parts, PROMPTS, height=16, width=24, steps=2, seed=4, output_type="pt", progress=False)
     assert images.shape == (2, 3, 16, 24) and torch.equal(images, want)
-    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(make_grid(want, nrow=2)))
-
-
-def test_sample_command_reads_a_stable_diffusion_folder(tmp_path, tokenizer_dir):
-    _, parts = build_sd_pipeline(tmp_path / "sd", tokenizer_dir)
-    out = tmp_path / "sd.png"
-    assert main(["sample", "--model", str(tmp_path / "sd"), "--prompt", "abc", "--height", "16", "--width", "16",
-                 "--steps", "2", "--device", "cpu", "--out", str(out)]) == 0
-    want = text_to_image(parts.denoiser, parts.text_encoder, parts.vae, ["abc"], height=16, width=16, steps=2,
-                         output_type="pt", progress=False)
-    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(make_grid(want, nrow=1)))
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(make_grid(want, nrow=2, upscale=2)))
+    assert main([*argv, "--negative-prompt", "c d"]) == 2  # a Flux negative prompt needs true_cfg_scale (Python API)
 
 
 # ----------------------------------------------------------------------------------------------

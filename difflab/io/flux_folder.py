@@ -176,8 +176,11 @@ def load_flux_folder(folder, *, components=COMPONENTS, variant: str | None = Non
 def is_flux_folder(folder) -> bool:
     """Whether ``folder`` is a diffusers pipeline folder whose transformer is a Flux one."""
     index = Path(folder) / MODEL_INDEX
-    return index.is_file() and (read_json(index, "a diffusers pipeline folder").get("transformer") or [None, None])[1] == \
-        "FluxTransformer2DModel"
+    try:
+        entry = read_json(index, "a diffusers pipeline folder").get("transformer") if index.is_file() else None
+    except (OSError, ValueError):
+        return False
+    return isinstance(entry, list) and len(entry) == 2 and entry[1] == "FluxTransformer2DModel"
 
 
 __all__ = ["FluxComponents", "load_flux_folder", "load_flux_transformer", "save_flux_transformer", "load_t5_encoder",

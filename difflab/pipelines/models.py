@@ -6,6 +6,7 @@
 | --- | --- | --- |
 | ``difflab`` | ``model.safetensors`` of kind ``difflab.text_model`` (``difflab demo --text``, ``difflab distill --method lcm|lcm-lora``, ``difflab dreambooth``) | the file's own ``"sampling"`` |
 | ``stable-diffusion`` | ``model_index.json`` naming a ``StableDiffusion*Pipeline`` | 50 steps, guidance 7.5, the U-Net's size |
+| ``flux`` | ``model_index.json`` naming a ``FluxTransformer2DModel`` transformer | flow Euler, 28 steps, guidance 3.5, 1024 x 1024 (diffusers'); sampled by :func:`~difflab.pipelines.flux.flux_text_to_image` |
 
 A new family is one entry: ``(name, detect(folder) -> bool, load(folder, device) -> TextModel)``.
 """
@@ -19,7 +20,9 @@ import torch
 from ..adapters import load_lora_weights
 from ..core.consistency import ConsistencyFunction
 from ..io.diffusers_folder import load_diffusers_folder
+from ..io.flux_folder import is_flux_folder, load_flux_folder
 from ..io.text_model import TextModel, is_text_model, read_text_model
+from .flux import DEFAULT_LATENT_SIZE, FLUX_DEFAULTS, flux_text_to_image
 from .options import TEXT_DEFAULTS, SampleOptions
 from .text_to_image import text_to_image
 
@@ -61,9 +64,29 @@ def load_stable_diffusion(folder, device="cpu") -> TextModel:
                      {"family": "stable-diffusion", "folder": str(folder)})
 
 
+def load_flux(folder, device="cpu") -> TextModel:
+    """A diffusers Flux folder (:func:`difflab.io.flux_folder.load_flux_folder`), sampled by its own
+    pipeline (:func:`difflab.pipelines.flux.flux_text_to_image`: T5 and CLIP, the size-shifted grid,
+    the guidance scale as an input of FLUX.1-dev)."""
+    flux = load_flux_folder(folder, device=device)
+    size = DEFAULT_LATENT_SIZE * flux.vae.downsample_factor
+    sampling = {"sampler": FLUX_DEFAULTS.sampler, "steps": FLUX_DEFAULTS.steps, "guidance_scale": FLUX_DEFAULTS.guidance_scale,
+                "height": size, "width": size}
+
+    def pipeline(prompts, *, negative_prompts=None, height=None, width=None, output_type="pt", options=None):
+        if negative_prompts is not None:
+            raise ValueError("a Flux model takes a negative prompt only with true_cfg_scale > 1: call "
+                             "difflab.pipelines.flux.flux_text_to_image(..., negative_prompts=, true_cfg_scale=)")
+        return flux_text_to_image(flux, prompts, height=height, width=width, output_type=output_type, options=options)
+
+    return TextModel(flux.denoiser, flux.text_encoder, flux.vae, sampling, {"family": "flux", "folder": str(folder)},
+                     pipeline=pipeline)
+
+
 MODEL_FOLDERS = [
     ("difflab", is_text_model, load_difflab_folder),
     ("stable-diffusion", is_stable_diffusion, load_stable_diffusion),
+    ("flux", is_flux_folder, load_flux),
 ]
 
 
@@ -114,5 +137,5 @@ def sample_text_model(model: TextModel, prompts, *, negative_prompts=None, optio
                          height=height, width=width, output_type=output_type, options=options)
 
 
-__all__ = ["MODEL_FOLDERS", "load_text_model", "model_family", "load_difflab_folder", "load_stable_diffusion",
+__all__ = ["MODEL_FOLDERS", "load_text_model", "model_family", "load_difflab_folder", "load_stable_diffusion", "load_flux",
            "model_options", "sample_text_model"]
