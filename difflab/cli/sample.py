@@ -21,7 +21,7 @@ def add_arguments(s) -> None:
     s.add_argument("--checkpoint", type=Path, default=None, help="checkpoint.safetensors or the run directory holding it")
     s.add_argument("--model", type=Path, default=None,
                    help="instead of --checkpoint: a text-to-image model folder (difflab demo --text, difflab distill "
-                        "--method lcm|lcm-lora, a diffusers Stable Diffusion folder), sampled from --prompt")
+                        "--method lcm|lcm-lora, a diffusers Stable Diffusion or Flux folder), sampled from --prompt")
     s.add_argument("--prompt", action="append", default=None, help="--model: a prompt (repeat for several)")
     s.add_argument("--negative-prompt", default=None, help="--model: the negative prompt (default: empty)")
     s.add_argument("--height", type=positive_int, default=None, help="--model: image height (default: the model's)")

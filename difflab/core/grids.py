@@ -107,6 +107,20 @@ def flow_sigmas(n: int, shift: float = 1.0, t_max: float = 1.0, t_min: float | N
     return torch.cat([sig, torch.zeros(1, dtype=torch.float64)])
 
 
+def resolution_shift(seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+                     max_shift: float = 1.15) -> float:
+    """Flux's resolution-dependent shift of the flow grid: mu linear in the number of image tokens,
+    from ``base_shift`` at ``base_seq_len`` to ``max_shift`` at ``max_seq_len`` (extrapolated
+    outside), returned as the shift exp(mu) of :func:`flow_sigmas` (Esser et al. 2024, SD3,
+    Section 5.3.2: more tokens need more noise; diffusers' ``calculate_shift``). The time shift
+    exp(mu) / (exp(mu) + (1/t - 1)) of diffusers' ``use_dynamic_shifting`` is eq. 23 with shift
+    exp(mu). Defaults: FLUX.1's scheduler config; 1024 x 1024 images (4096 tokens) get exp(1.15)."""
+    if seq_len < 1 or max_seq_len == base_seq_len:
+        raise ValueError(f"need seq_len >= 1 and max_seq_len != base_seq_len, got {seq_len}, {base_seq_len}, {max_seq_len}")
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return math.exp(base_shift + m * (seq_len - base_seq_len))
+
+
 def polyexponential_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 1.0) -> torch.Tensor:
     """k-diffusion's polyexponential grid: log sigma = log sigma_min + r^rho (log sigma_max - log sigma_min)
     with r uniform from 1 to 0 (k-diffusion ``get_sigmas_polyexponential``), then 0. rho = 1 is

@@ -209,10 +209,12 @@ def without_training_buffers(tensors: dict[str, torch.Tensor]) -> dict[str, torc
     return {k: v for k, v in tensors.items() if k.rsplit(".", 1)[-1] not in TRAINING_BUFFERS}
 
 
-def load_model_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str = "model.") -> None:
+def load_model_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str = "model.", *,
+                     assign: bool = False) -> None:
     """Load the tensors under ``prefix`` (``"model."`` or ``"ema."`` in training checkpoints)
     into ``model``. A checkpoint that does not match the model raises ValueError listing the
-    missing keys, unexpected keys and shape mismatches."""
+    missing keys, unexpected keys and shape mismatches. ``assign``: the tensors become the
+    parameters (a model built on the meta device takes them without ever allocating its own)."""
     state = strip_prefix(tensors, prefix)
     if not state:
         prefixes = sorted({k.split(".", 1)[0] + "." for k in tensors})
@@ -230,7 +232,7 @@ def load_model_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], p
         if shapes:
             problems.append(f"shape mismatches ({len(shapes)}): " + "; ".join(shapes[:10]))
         raise ValueError(f"checkpoint does not match {type(model).__name__} (prefix {prefix!r}): " + "; ".join(problems))
-    model.load_state_dict(state)
+    model.load_state_dict(state, assign=assign)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -69,9 +69,10 @@ def save_model_folder(folder, weights_name: str, tensors: dict[str, torch.Tensor
     return folder
 
 
-def load_into(model: torch.nn.Module, state: dict, source: str, file_name=None) -> None:
+def load_into(model: torch.nn.Module, state: dict, source: str, file_name=None, *, assign: bool = False) -> None:
     """Load ``state`` (difflab names) into ``model``; a mismatch raises ValueError naming the
-    missing and unexpected keys as the file names them (``file_name`` maps a difflab key back)."""
+    missing and unexpected keys as the file names them (``file_name`` maps a difflab key back).
+    ``assign``: the tensors become the parameters (for a model built on the meta device)."""
     if file_name is not None:
         expected = model.state_dict()
         missing, unexpected = set(expected) - set(state), set(state) - set(expected)
@@ -80,7 +81,7 @@ def load_into(model: torch.nn.Module, state: dict, source: str, file_name=None) 
                         for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
             raise ValueError(f"{source}: checkpoint does not match {type(model).__name__}: " + "; ".join(problems))
     try:
-        load_model_state(model, state, prefix="")
+        load_model_state(model, state, prefix="", assign=assign)
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
 

@@ -33,13 +33,17 @@ RESERVED = ("kind", "spec", "text_encoder", "vae", "sampling", "lora")
 class TextModel:
     """The pieces of a text-to-image model: ``denoiser`` ``D(x, sigma, context=, context_mask=)``,
     ``text_encoder``, ``vae`` (None for a pixel-space model), ``sampling`` (the model's own
-    sampling defaults) and ``meta`` (the file's header; ``lora`` an absolute path or None)."""
+    sampling defaults), ``meta`` (the file's header; ``lora`` an absolute path or None) and
+    ``pipeline``: the family's own text-to-image function ``pipeline(prompts, *, negative_prompts,
+    height, width, output_type, options)``, for a family that conditions or samples otherwise (Flux:
+    two text encoders, a size-shifted grid); None means :func:`difflab.pipelines.text_to_image`."""
 
     denoiser: torch.nn.Module
     text_encoder: torch.nn.Module
     vae: torch.nn.Module | None = None
     sampling: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    pipeline: object = None
 
 
 def model_file(path) -> Path:

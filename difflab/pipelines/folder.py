@@ -16,6 +16,7 @@ A new family is one entry.
 | ``sd3`` | ``model_index.json`` of a ``StableDiffusion3*Pipeline`` | flow Euler, 28 steps, guidance 7, the scheduler's shift |
 | ``sdxl`` | ``model_index.json`` of an SDXL pipeline, a ``text_encoder_2``, or a U-Net with ``text_time`` | the scheduler's sampler and spacing, guidance 5 |
 | ``stable-diffusion`` | ``model_index.json`` of a ``StableDiffusion*Pipeline`` (1.x / 2.x) | the scheduler's sampler and spacing, guidance 7.5 |
+| ``flux`` | ``model_index.json`` naming a ``FluxTransformer2DModel`` transformer | flow Euler, 28 steps, guidance 3.5, 1024 x 1024 (diffusers'); :func:`~difflab.pipelines.flux.flux_text_to_image` |
 
 The diffusers folders' scheduler gives their defaults: its timestep spacing and offset, and the
 sampler that does what its scheduler class does (:data:`SCHEDULER_SAMPLERS`; DDIM otherwise).
@@ -31,9 +32,11 @@ import torch
 from ..adapters import load_lora_weights
 from ..core.consistency import ConsistencyFunction
 from ..io.diffusers_folder import load_diffusers_folder
+from ..io.flux_folder import is_flux_folder, load_flux_folder
 from ..io.sd3_folder import is_sd3_folder, load_sd3_folder
 from ..io.sdxl_folder import is_sdxl_folder, load_sdxl_folder
 from ..io.text_model import TextModel, is_text_model, read_text_model
+from .flux import DEFAULT_LATENT_SIZE, FLUX_DEFAULTS, flux_text_to_image
 from .options import TEXT_DEFAULTS, SampleOptions, resolve
 from .sd3 import SD3_DEFAULTS, sd3_text_to_image
 from .sdxl import sdxl_text_to_image
@@ -115,6 +118,20 @@ def _sample_sd3(folder, prompts, request, options, overrides, dtype):
                              options=opts, **request)
 
 
+def _sample_flux(folder, prompts, request, options, overrides, dtype):
+    """Flux (T5 and CLIP, the size-shifted grid, the guidance scale as an input of FLUX.1-dev);
+    a negative prompt needs ``true_cfg_scale``, which only the Python call takes."""
+    if request.get("negative_prompts") is not None:
+        raise ValueError("a Flux model takes a negative prompt only with true_cfg_scale > 1: call "
+                         "difflab.pipelines.flux.flux_text_to_image(..., negative_prompts=, true_cfg_scale=)")
+    device = _device(options, overrides)
+    flux = load_flux_folder(folder, device=device, dtype=dtype)
+    size = DEFAULT_LATENT_SIZE * flux.vae.downsample_factor
+    opts = resolve(options, FLUX_DEFAULTS, overrides).replace(device=device)
+    return flux_text_to_image(flux, prompts, height=request["height"] or size, width=request["width"] or size,
+                              output_type=request["output_type"], options=opts)
+
+
 def _sample_diffusers(folder, prompts, request, options, overrides, dtype, *, sdxl: bool):
     device = _device(options, overrides)
     load = load_sdxl_folder if sdxl else load_diffusers_folder
@@ -143,7 +160,8 @@ def is_stable_diffusion(folder) -> bool:
 
 MODEL_FOLDERS = [
     ("difflab", is_text_model, _sample_difflab),
-    ("sd3", is_sd3_folder, _sample_sd3),  # before sdxl: an SD3 folder has a text_encoder_2 too
+    ("sd3", is_sd3_folder, _sample_sd3),  # SD3 and Flux before SDXL: their folders have a text_encoder_2 too
+    ("flux", is_flux_folder, _sample_flux),
     ("sdxl", is_sdxl_folder, lambda *a: _sample_diffusers(*a, sdxl=True)),
     ("stable-diffusion", is_stable_diffusion, lambda *a: _sample_diffusers(*a, sdxl=False)),
 ]
