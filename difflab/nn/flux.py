@@ -35,6 +35,7 @@ from torch import nn
 
 from ..config import JSONConfig
 from .layers import merge_heads, split_heads, timestep_embedding
+from .unet_sd import TimestepEmbedding  # Linear-SiLU-Linear, diffusers' names
 
 DIFFUSERS_CLASS = "FluxTransformer2DModel"
 ROPE_THETA = 10000.0
@@ -155,26 +156,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # Embeddings and modulation
 
 
-class MLPEmbedder(nn.Module):
-    """Linear-SiLU-Linear (diffusers' ``TimestepEmbedding`` / ``PixArtAlphaTextProjection`` with SiLU)."""
-
-    def __init__(self, dim_in: int, dim: int):
-        super().__init__()
-        self.linear_1, self.linear_2 = nn.Linear(dim_in, dim), nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(x)))
-
-
 class TimeTextEmbedding(nn.Module):
     """temb = MLP(sinusoidal(1000 t, 256)) + MLP(pooled) [+ MLP(sinusoidal(1000 w, 256))] (SD3, Figure 2a)."""
 
     def __init__(self, dim: int, pooled_dim: int, guidance: bool):
         super().__init__()
-        self.timestep_embedder = MLPEmbedder(256, dim)
+        self.timestep_embedder = TimestepEmbedding(256, dim)
         if guidance:
-            self.guidance_embedder = MLPEmbedder(256, dim)
-        self.text_embedder = MLPEmbedder(pooled_dim, dim)
+            self.guidance_embedder = TimestepEmbedding(256, dim)
+        self.text_embedder = TimestepEmbedding(pooled_dim, dim)
 
     def forward(self, t: torch.Tensor, pooled: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
         emb = self.timestep_embedder(timestep_embedding(TIME_SCALE * t, 256).to(pooled.dtype))

@@ -139,24 +139,13 @@ class PatchEmbed(nn.Module):
         return tokens + pos.reshape(1, h * w, -1).to(tokens.dtype)
 
 
-class TextProjection(nn.Module):
-    """Linear-SiLU-Linear of the pooled text vector (diffusers' ``PixArtAlphaTextProjection``, act silu)."""
-
-    def __init__(self, in_dim: int, dim: int):
-        super().__init__()
-        self.linear_1, self.linear_2 = nn.Linear(in_dim, dim), nn.Linear(dim, dim)
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(y)))
-
-
 class TimeTextEmbed(nn.Module):
     """c = MLP(sinusoid_256(t)) + MLP(pooled) (Esser et al. 2024, Figure 2a)."""
 
     def __init__(self, dim: int, pooled_dim: int):
         super().__init__()
         self.timestep_embedder = TimestepEmbedding(256, dim)
-        self.text_embedder = TextProjection(pooled_dim, dim)
+        self.text_embedder = TimestepEmbedding(pooled_dim, dim)  # Linear-SiLU-Linear, as diffusers' PixArtAlphaTextProjection
 
     def forward(self, t: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         return self.timestep_embedder(timestep_embedding(t, 256).to(pooled.dtype)) + self.text_embedder(pooled)

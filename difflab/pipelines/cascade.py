@@ -16,9 +16,9 @@ import torch
 
 from ..core import sample_seed
 from .class_to_image import check_labels
-from .common import denoise, net_config, run_options, sample_device, sampling_grid
+from .common import denoise, net_config, run_options
 from .options import CLASS_DEFAULTS, SampleOptions, resolve
-from .super_resolution import check_levels, super_resolve, truncate_grid
+from .super_resolution import check_levels, stage_grid, super_resolve
 
 
 def stage_options(options, n_stages: int, overrides: dict) -> list[SampleOptions]:
@@ -36,11 +36,7 @@ def stage_options(options, n_stages: int, overrides: dict) -> list[SampleOptions
 def base_stage(denoiser, labels, n: int, shape, opts: SampleOptions, stop_sigma: float) -> torch.Tensor:
     """Stage 1: class-conditional samples of the base model (classifier-free guidance towards
     ``labels``, Ho & Salimans 2022), stopped at ``stop_sigma`` (unclamped) when it is > 0."""
-    null_class = getattr(net_config(denoiser), "num_classes", None)
-    _, device = sample_device(denoiser, opts)
-    sigmas = truncate_grid(sampling_grid(denoiser, opts.steps, opts.grid, opts.spacing, opts.steps_offset), stop_sigma)
-    sigmas = sigmas.to(device, torch.float32)
-    prior = float(denoiser.prior_std(sigmas[0].double()))
+    null_class, device, sigmas, prior = stage_grid(denoiser, opts, stop_sigma)
 
     def sample_batch(start, b, noise):
         cond = uncond = None

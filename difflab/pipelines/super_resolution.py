@@ -36,6 +36,16 @@ def truncate_grid(sigmas: torch.Tensor, stop_sigma: float) -> torch.Tensor:
     return torch.cat([above, torch.tensor([stop_sigma], dtype=sigmas.dtype)])
 
 
+def stage_grid(denoiser, opts: SampleOptions, stop_sigma: float):
+    """``(null class, device, sigmas, prior std at sigmas[0])`` of one stage: the options' grid for
+    ``denoiser``, truncated at ``stop_sigma`` (:func:`truncate_grid`)."""
+    null_class = getattr(net_config(denoiser), "num_classes", None)
+    _, device = sample_device(denoiser, opts)
+    sigmas = truncate_grid(sampling_grid(denoiser, opts.steps, opts.grid, opts.spacing, opts.steps_offset), stop_sigma)
+    sigmas = sigmas.to(device, torch.float32)
+    return null_class, device, sigmas, float(denoiser.prior_std(sigmas[0].double()))
+
+
 def check_levels(aug_sigma, n: int, name: str = "aug_sigma") -> torch.Tensor:
     """``aug_sigma`` (a number or n numbers, each finite and >= 0) as a float32 (n,) tensor."""
     s = torch.as_tensor(aug_sigma, dtype=torch.float32).reshape(-1)
@@ -75,13 +85,8 @@ def super_resolve(denoiser, low_res: torch.Tensor, labels=None, *, aug_sigma=0.0
     if labels is not None and len(labels) != n:
         raise ValueError(f"labels has {len(labels)} entries for {n} low-res images")
     levels = check_levels(aug_sigma, n)
-    null_class = getattr(net_config(denoiser), "num_classes", None)
-    _, device = sample_device(denoiser, opts)
-
     # 2. Build the grid.
-    sigmas = truncate_grid(sampling_grid(denoiser, opts.steps, opts.grid, opts.spacing, opts.steps_offset), stop_sigma)
-    sigmas = sigmas.to(device, torch.float32)
-    prior = float(denoiser.prior_std(sigmas[0].double()))
+    null_class, device, sigmas, prior = stage_grid(denoiser, opts, stop_sigma)
 
     def sample_batch(start, b, noise):
         # 3. Starting noise, then the conditioning image at its level (own noise stream).
