@@ -194,14 +194,6 @@ def parity_error(ours, theirs) -> float:
     return float((ours - theirs).abs().max()) / max(1.0, float(theirs.pow(2).mean().sqrt()))
 
 
-def diffusers_sigmas_for(ours: torch.Tensor, sampling: dict, seq_len: int) -> list:
-    """The unshifted t's that diffusers shifts into our grid's levels (t' = S t / (1 + (S - 1) t)
-    inverted), so that its first level is our clamped t = 4096/4097 instead of 1."""
-    s = resolution_shift(seq_len) if sampling["use_dynamic_shifting"] else sampling["shift"]
-    t = schedules.flow_t(ours[:-1])
-    return (t / (s - (s - 1) * t)).tolist()
-
-
 def test_folder_is_read(flux):
     pipe, parts, _ = flux
     assert parts.transformer.takes_guidance_scale == pipe.transformer.config.guidance_embeds
@@ -224,10 +216,10 @@ def test_text_to_image_matches_flux_pipeline(flux, true_cfg):
     kw = dict(height=16, width=16, steps=steps, max_sequence_length=T5_LENGTH, latents=latents, progress=False, **negatives)
     ours = flux_text_to_image(parts, PROMPTS, output_type="latent", **kw)
     ours_np = flux_text_to_image(parts, PROMPTS, output_type="np", **kw)
-    sigmas = flux_sigmas(parts.sampling, steps, (h // 2) ** 2)
+    sigmas = flux_sigmas(parts.sampling, steps, (h // 2) ** 2, exact_one=True)
     negatives = dict(negative_prompt=NEGATIVES, true_cfg_scale=true_cfg) if true_cfg != 1 else {}
     kw = dict(height=16, width=16, num_inference_steps=steps, guidance_scale=3.5, max_sequence_length=T5_LENGTH,
-              sigmas=diffusers_sigmas_for(sigmas, parts.sampling, (h // 2) ** 2), latents=pack_latents(latents), **negatives)
+              latents=pack_latents(latents), **negatives)  # diffusers' own grid, from t = 1
     with torch.no_grad():
         theirs = pipe(PROMPTS, output_type="latent", **kw).images
         theirs_np = pipe(PROMPTS, output_type="np", **kw).images

@@ -9,7 +9,7 @@ from test_samplers import SmoothNet, from_list
 from test_samplers_euler import TimeSensitiveNet, rel_err
 
 from difflab.core import Denoiser, Flow, VPContinuous, append_dims, grids, params, schedules
-from difflab.core.denoiser import SIGMA_MAX_FINITE
+from difflab.core.denoiser import FLOW_SIGMA_ONE, SIGMA_MAX_FINITE
 from difflab.oracle import GaussianMixture, single_gaussian_ode
 from difflab.samplers import sample_ddim
 from difflab.samplers.euler import sample_euler, sample_heun
@@ -28,7 +28,7 @@ SCHEDULERS = {"flow_euler": FlowMatchEulerDiscreteScheduler, "flow_heun": FlowMa
 # core.denoiser). That first level is the only difference: from a grid that starts below 1 the
 # two agree to float32 rounding (diffusers upcasts the sample to float32 in `step`).
 
-def flow_run(name, net, shift, t_max, steps, x_t):
+def flow_run(name, net, shift, t_max, steps, x_t, exact_one=False):
     sched = SCHEDULERS[name](num_train_timesteps=1000, shift=shift)
     sched.sigma_max = t_max  # the top of the grid; set_timesteps spaces t from it down to sigma_min
     sched.set_timesteps(steps)
@@ -40,6 +40,8 @@ def flow_run(name, net, shift, t_max, steps, x_t):
         theirs = [theirs[min(2 * i + 1, len(theirs) - 1)] for i in range(steps)]
     ts = torch.unique_consecutive(sched.sigmas).to(F64)
     sigmas = schedules.flow_sigma(ts).clamp(max=SIGMA_MAX_FINITE)  # t = 1 -> the largest finite sigma
+    if exact_one and ts[0] == 1:
+        sigmas[0] = FLOW_SIGMA_ONE  # ... or held exactly, as the flow samplers can
     denoiser = Denoiser(net, Flow(time_scale=1000), "flow")
     ours = []
     SAMPLERS[name](denoiser, x_t * (1 + sigmas[0]), sigmas,
@@ -65,6 +67,22 @@ def test_from_t_one_the_only_difference_is_the_clamped_first_level(name):
     # The first step starts from t = 1 - 1/4097 instead of 1: O(2.4e-4) relative, made once and
     # carried along (later steps add nothing of their own).
     assert 1e-5 < errors[0] < 1e-3 and max(errors) < 1.5 * errors[0], errors
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_from_exact_t_one_matches_diffusers_step_by_step(name):
+    """FLOW_SIGMA_ONE = 2**53: t = s / (1 + s) is exactly 1, x * 2**53 / (1 + 2**53) is exactly x,
+    so the flow samplers start where diffusers does and agree to rounding from the first step."""
+    assert schedules.flow_t(torch.tensor(FLOW_SIGMA_ONE, dtype=F64)) == 1.0
+    shape = (2, 3, 3)
+    x_t = torch.randn((4,) + shape, generator=torch.Generator().manual_seed(2), dtype=F64)
+    errors = flow_run(name, SmoothNet(shape), 1.0, 1.0, 10, x_t, exact_one=True)
+    assert max(errors) < 1e-5, errors
+    # a grid from t = 1 exactly, for the flow samplers only
+    exact = grids.flow_sigmas(10, shift=3.0, exact_one=True)
+    assert exact[0] == FLOW_SIGMA_ONE and torch.equal(exact[1:], grids.flow_sigmas(10, shift=3.0)[1:])
+    with pytest.raises(ValueError, match="flow_euler"):
+        sample_euler(SmoothNet(shape), x_t * FLOW_SIGMA_ONE, exact)
 
 
 @pytest.mark.parametrize("shift", [1.0, 3.0])

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from difflab.samplers.euler import sample_euler
 from difflab.core import Denoiser, Flow, schedules
 from difflab.io.sd3_folder import diffusion_from_flow_scheduler, load_sd3_folder, load_sd3_transformer, save_sd3_transformer
 from difflab.io.verify import verify_checkpoint
@@ -195,29 +196,27 @@ def test_default_grid_is_flow_match_euler_grid():
     sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
     sched.set_timesteps(7)
     ours = sd3_sigmas(7, 3.0)
-    # the first level is t = 1 in diffusers, the largest finite sigma (t = 4096/4097) in difflab
+    # the first level is t = 1 in diffusers; the largest finite sigma (t = 4096/4097) for difflab's
+    # general samplers, exactly 1 (FLOW_SIGMA_ONE) for the flow samplers
     assert float(schedules.flow_t(ours[:1])) == pytest.approx(4096 / 4097) and ours[-1] == 0
     torch.testing.assert_close(schedules.flow_t(ours[1:-1]), sched.sigmas[1:-1].double(), rtol=2e-7, atol=0)
+    exact = sd3_sigmas(7, 3.0, exact_one=True)
+    assert float(schedules.flow_t(exact[:1])) == 1.0 and torch.equal(exact[1:], ours[1:])
+    with pytest.raises(ValueError, match="flow_euler"):  # only the flow samplers step from t = 1 exactly
+        sample_euler(lambda x, s: x, torch.zeros(1, 2), exact)
 
 
 def run_both(pipe, parts, *, steps=4, guidance_scale=5.0, output_type="latent"):
-    """diffusers' pipeline and difflab's sd3_text_to_image on the same prompts, negatives, starting
-    latents and grid: difflab's (first level t = 4096/4097, not 1), which diffusers is given as
-    ``sigmas`` and rounds to float32; difflab then walks those float32 levels too."""
+    """diffusers' pipeline and difflab's sd3_text_to_image on the same prompts, negatives and
+    starting latents, each on its own default grid: t = 1 exactly, then diffusers' shifted levels
+    (which it rounds to float32)."""
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
-    t = schedules.flow_t(sd3_sigmas(steps, 3.0)[:-1])
-    unshifted = (t / (3.0 - 2.0 * t)).tolist()  # the scheduler shifts the sigmas it is given
-    sched = diffusers.FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    sched.set_timesteps(sigmas=unshifted)
-    t32 = sched.sigmas[:-1].double()
-    assert torch.allclose(t32, t, rtol=1e-6, atol=0)
     with torch.no_grad():
-        theirs = pipe(PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=steps, sigmas=unshifted, guidance_scale=guidance_scale,
+        theirs = pipe(PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=steps, guidance_scale=guidance_scale,
                       latents=latents, height=16, width=16, max_sequence_length=12, output_type=output_type).images
     ours = sd3_text_to_image(parts.denoiser, parts.text_encoder, parts.vae, PROMPTS, negative_prompts=NEGATIVES,
-                             grid=schedules.flow_sigma(torch.cat([t32, t32.new_zeros(1)])), guidance_scale=guidance_scale,
-                             shift=parts.sampling["shift"], latents=latents, height=16, width=16, output_type=output_type,
-                             progress=False)
+                             steps=steps, guidance_scale=guidance_scale, shift=parts.sampling["shift"], latents=latents,
+                             height=16, width=16, output_type=output_type, progress=False)
     return ours, theirs
 
 
@@ -227,7 +226,7 @@ def test_text_to_image_matches_stable_diffusion_3_pipeline(sd3, parts):
     ours, theirs = run_both(pipe, parts)
     assert theirs.abs().max() > 0.5  # a real signal
     # max error in units of max(1, RMS) as tests/test_text_to_image.py measures it: float32 rounding
-    # (the timesteps, x * 4097 / 4097 at the first level) grows through the random transformer
+    # of diffusers' timesteps grows through the random transformer
     err = float((ours - theirs).abs().max()) / max(1.0, float(theirs.pow(2).mean().sqrt()))
     assert err < 1e-4, err
     # decoded through the 16-channel-style VAE's shift and scale (diffusers' "np": (B, H, W, C) in [0, 1])

@@ -24,6 +24,13 @@ Levels with no finite sigma are replaced by a large finite one, as diffusers doe
 alpha_bar (zero terminal SNR) by min(2**-24, a quarter of the smallest positive alpha_bar), i.e.
 sigma >= 4096; flow's t = 1 by sigma = 4096. Sampler arithmetic stays finite and the network
 sees an input within about 1e-7 of pure noise.
+
+Flow's t = 1 also has an exact level for the flow samplers, ``FLOW_SIGMA_ONE`` = 2**53: there
+1 + s rounds to s in float64 and float32, so t = s / (1 + s) is exactly 1, the prior sample is
+``randn * 2**53`` and the network's input x / (1 + s) is exactly the noise (a power-of-two
+scaling), as in diffusers' flow schedulers. Only :mod:`difflab.samplers.flow` steps from it
+(it works in the flow frame, x_t = x / (1 + s)); the other samplers refuse a grid that starts
+there (:func:`difflab.samplers.common.prepare`).
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ from .params import check_prediction, from_x0_eps, to_x0_eps
 
 ALPHA_BAR_MIN = 2.0**-24
 SIGMA_MAX_FINITE = (1 / ALPHA_BAR_MIN - 1) ** 0.5
+FLOW_SIGMA_ONE = 2.0**53  # flow's t = 1 exactly, for the flow samplers (see above)
 
 
 def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:

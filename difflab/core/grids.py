@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .denoiser import SIGMA_MAX_FINITE, Flow, VPDiscrete
+from .denoiser import FLOW_SIGMA_ONE, SIGMA_MAX_FINITE, Flow, VPDiscrete
 
 SPACINGS = ("leading", "trailing", "linspace")
 
@@ -96,14 +96,18 @@ def exponential_sigmas(n: int, sigma_min: float, sigma_max: float) -> torch.Tens
     return torch.cat([s, torch.zeros(1, dtype=torch.float64)])
 
 
-def flow_sigmas(n: int, shift: float = 1.0, t_max: float = 1.0, t_min: float | None = None) -> torch.Tensor:
+def flow_sigmas(n: int, shift: float = 1.0, t_max: float = 1.0, t_min: float | None = None,
+                exact_one: bool = False) -> torch.Tensor:
     """Flow-matching grid: t uniform from ``t_max`` to ``t_min`` (default 1/n), time-shifted
     t' = shift t / (1 + (shift - 1) t) (Esser et al. 2024, SD3, eq. 23), as canonical sigmas
-    t'/(1 - t'), then 0. t = 1 is clamped to the largest finite sigma (see core.denoiser)."""
+    t'/(1 - t'), then 0. t = 1 is clamped to the largest finite sigma (see core.denoiser), or,
+    with ``exact_one``, held exactly as ``FLOW_SIGMA_ONE`` (for the flow samplers only)."""
     t_min = 1.0 / n if t_min is None else t_min
     t = torch.linspace(t_max, t_min, n, dtype=torch.float64)
     t = shift * t / (1 + (shift - 1) * t)
     sig = (t / (1 - t)).clamp(max=SIGMA_MAX_FINITE)
+    if exact_one:
+        sig = torch.where(t >= 1, torch.full_like(sig, FLOW_SIGMA_ONE), sig)
     return torch.cat([sig, torch.zeros(1, dtype=torch.float64)])
 
 

@@ -17,8 +17,8 @@ The same numbered stages as :mod:`difflab.pipelines.text_to_image` and
 Samples are the unpacked latents (B, C, H, W); the transformer packs them into 2x2 patches
 itself, so every sampler, the VAE and the per-sample seeds work as for Stable Diffusion.
 
-The grid starts at t = 1, which difflab's canonical frame holds as sigma = 4096, t = 1 - 1/4097
-(see :mod:`difflab.core.denoiser`): the first step differs from diffusers' by that much.
+The grid starts at t = 1: exactly, as diffusers, for the flow samplers (``FLOW_SIGMA_ONE``, see
+:mod:`difflab.core.denoiser`); other samplers start at the largest finite level, t = 4096/4097.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import torch
 import math
 
 from ..core import grids
+from ..samplers.flow import SAMPLERS as FLOW_SAMPLERS
 from ..guidance import ClassifierFreeGuidance
 from ..io.flux_folder import FluxComponents
 from .common import (as_images, batch_slice, check_output_type, check_size, denoise, encode, finish, guided, run_options,
@@ -39,23 +40,24 @@ FLUX_DEFAULTS = SampleOptions(sampler="flow_euler", steps=28, guidance_scale=3.5
 DEFAULT_LATENT_SIZE = 128  # diffusers' default_sample_size: 1024 x 1024 images through an 8x VAE
 
 
-def flux_sigmas(sampling: dict, steps: int, seq_len: int) -> torch.Tensor:
+def flux_sigmas(sampling: dict, steps: int, seq_len: int, exact_one: bool = False) -> torch.Tensor:
     """diffusers' ``FluxPipeline`` grid as canonical sigmas: t uniform from 1 to 1/steps, shifted
     by ``resolution_shift(seq_len, ...)`` when ``sampling["use_dynamic_shifting"]``, else by
-    ``sampling["shift"]`` (:func:`difflab.core.grids.flow_sigmas`), then 0."""
+    ``sampling["shift"]`` (:func:`difflab.core.grids.flow_sigmas`), then 0; from t = 1 exactly with
+    ``exact_one`` (the flow samplers)."""
     if sampling.get("use_dynamic_shifting", False):
         shift = grids.resolution_shift(seq_len, sampling["base_image_seq_len"], sampling["max_image_seq_len"],
                                        sampling["base_shift"], sampling["max_shift"])
     else:
         shift = float(sampling.get("shift", 1.0))
-    return grids.flow_sigmas(steps, shift=shift)
+    return grids.flow_sigmas(steps, shift=shift, exact_one=exact_one)
 
 
 def flux_grid(flux: FluxComponents, opts: SampleOptions, seq_len: int) -> torch.Tensor:
     """The grid of a run: :func:`flux_sigmas` for ``grid="default"``, else ``opts.grid`` (a name
     of :data:`difflab.core.grids.GRIDS` or explicit sigmas)."""
     if isinstance(opts.grid, str) and opts.grid == "default":
-        return flux_sigmas(flux.sampling, opts.steps, seq_len)
+        return flux_sigmas(flux.sampling, opts.steps, seq_len, exact_one=opts.sampler in FLOW_SAMPLERS)
     return sampling_grid(flux.denoiser, opts.steps, opts.grid, opts.spacing)
 
 

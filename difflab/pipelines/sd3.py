@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..core import grids
+from ..samplers.flow import SAMPLERS as FLOW_SAMPLERS
 from .common import (as_images, as_prompts, batch_slice, check_output_type, check_size, denoise, encode, finish,
                      image_channels, latent_channels, run_options, sample_device, sampling_grid)
 from .image_to_image import noised_start, start_index
@@ -21,21 +22,24 @@ from .text_to_image import text_sample_shape
 SD3_DEFAULTS = SampleOptions(sampler="flow_euler", steps=28, guidance_scale=7.0, batch_size=8)
 
 
-def sd3_sigmas(steps: int, shift: float = 3.0, T: int = 1000) -> torch.Tensor:
+def sd3_sigmas(steps: int, shift: float = 3.0, T: int = 1000, exact_one: bool = False) -> torch.Tensor:
     """SD3's sampling grid (diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps``): t uniform from
     1 to shift(1 / T), each then time-shifted (Esser et al. 2024, eq. 23), as canonical sigmas ending
-    in 0; t = 1 is the largest finite sigma (see :func:`difflab.core.grids.flow_sigmas`)."""
+    in 0; t = 1 is the largest finite sigma, or exactly 1 with ``exact_one`` (the flow samplers; see
+    :func:`difflab.core.grids.flow_sigmas`)."""
     if not shift > 0:
         raise ValueError(f"shift={shift} must be > 0")
     t_min = shift / T / (1 + (shift - 1) / T)  # the scheduler's sigma_min: the smallest training level, shifted
-    return grids.flow_sigmas(steps, shift=shift, t_min=t_min)
+    return grids.flow_sigmas(steps, shift=shift, t_min=t_min, exact_one=exact_one)
 
 
 def sd3_grid(denoiser, opts: SampleOptions, shift: float) -> torch.Tensor:
-    """The grid of ``opts``: :func:`sd3_sigmas` with the frame's ``time_scale`` as T for the default,
-    any other grid as :func:`~difflab.pipelines.common.sampling_grid` builds it."""
+    """The grid of ``opts``: :func:`sd3_sigmas` with the frame's ``time_scale`` as T for the default
+    (from t = 1 exactly for the flow samplers, as diffusers), any other grid as
+    :func:`~difflab.pipelines.common.sampling_grid` builds it."""
     if isinstance(opts.grid, str) and opts.grid == "default":
-        return sd3_sigmas(opts.steps, shift, int(getattr(denoiser.frame, "time_scale", 1000)))
+        return sd3_sigmas(opts.steps, shift, int(getattr(denoiser.frame, "time_scale", 1000)),
+                          exact_one=opts.sampler in FLOW_SAMPLERS)
     return sampling_grid(denoiser, opts.steps, opts.grid, opts.spacing, opts.steps_offset)
 
 

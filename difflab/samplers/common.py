@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from ..progress import progress_range
+from ..core.denoiser import FLOW_SIGMA_ONE, SIGMA_MAX_FINITE
 from ..core.grids import check_sigmas  # the grid check lives with the grids; samplers re-export it
 
 
@@ -39,11 +40,17 @@ def check_sample(x) -> None:
         raise ValueError(f"x must be a floating-point (B, ...) tensor with the batch along dim 0, got {got}")
 
 
-def prepare(denoiser, x: torch.Tensor, sigmas, extra_args: dict | None = None):
+def prepare(denoiser, x: torch.Tensor, sigmas, extra_args: dict | None = None, exact_flow_one: bool = False):
     """``(sigmas, model)``: the checked grid (:func:`check_sigmas`) and the denoiser as
     ``model(x, sigma) = denoiser(x, sigma * ones(B), **extra_args)``, i.e. with the conditioning
-    bound and a Python-float sigma broadcast over the batch of ``x`` (checked: :func:`check_sample`)."""
+    bound and a Python-float sigma broadcast over the batch of ``x`` (checked: :func:`check_sample`).
+    Flow's exact t = 1 (``FLOW_SIGMA_ONE`` = 2**53, and anything above) is refused unless
+    ``exact_flow_one`` (the flow samplers, which step from it exactly; others would lose x0 to rounding)."""
     sigmas = check_sigmas(sigmas)
+    if not exact_flow_one and float(sigmas[0]) >= FLOW_SIGMA_ONE:
+        raise ValueError(f"sigmas[0]={float(sigmas[0]):.6g} is flow's exact t = 1 (FLOW_SIGMA_ONE = 2**53), which only the "
+                         "flow samplers 'flow_euler' and 'flow_heun' step from; use grids.flow_sigmas(..., exact_one=False) "
+                         f"(first level {SIGMA_MAX_FINITE:.6g}) with other samplers")
     check_sample(x)
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones(x.shape[0])

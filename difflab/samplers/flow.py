@@ -2,7 +2,8 @@
 frame x_t = (1 - t) x0 + t eps (Liu et al. 2023; Lipman et al. 2023; Esser et al. 2024).
 
 The canonical sample maps to the flow frame by t = sigma / (1 + sigma) and x_t = (1 - t) x
-(:func:`difflab.core.schedules.flow_t`), and the ODE there is dx_t/dt = u with the velocity
+= x / (1 + sigma) (:func:`difflab.core.schedules.flow_t`); a grid may start at flow's exact
+t = 1, ``FLOW_SIGMA_ONE`` (:mod:`difflab.core.denoiser`), as diffusers' flow schedulers do, and the ODE there is dx_t/dt = u with the velocity
 u = (x_t - x0_hat) / t = eps_hat - x0_hat (Liu et al. 2023, eq. 1). Any denoiser works (flow,
 eps or v models all reach the sampler as D(x, sigma)); the samplers return the canonical x at
 the grid's last sigma. See :mod:`difflab.samplers.common` for the shared keywords.
@@ -40,12 +41,13 @@ def _sample_flow(step, denoiser, x, sigmas, extra_args, callback, progress):
     """The loop of the flow samplers: map x to the flow frame, x_t = (1 - t) x, take
     ``step(model, x_t, t, t_next, sigma_next, denoised)`` and map back, x = x_t / (1 - t_next).
     The step to t = 0 returns the denoised estimate: x_0 = x_t - t u = x0_hat, exactly."""
-    sigmas, model = prepare(denoiser, x, sigmas, extra_args)
+    sigmas, model = prepare(denoiser, x, sigmas, extra_args, exact_flow_one=True)
     ts = flow_t(sigmas).tolist()
     for i, sigma, sigma_next in grid_steps(sigmas, progress):
         t, t_next = ts[i], ts[i + 1]
         denoised = model(x, sigma)
-        x = denoised if sigma_next == 0 else step(model, (1 - t) * x, t, t_next, sigma_next, denoised) / (1 - t_next)
+        # x_t = (1 - t) x written as x / (1 + sigma): exact at FLOW_SIGMA_ONE, where 1 - t is 0
+        x = denoised if sigma_next == 0 else step(model, x / (1 + sigma), t, t_next, sigma_next, denoised) / (1 - t_next)
         if callback is not None:
             callback(dict(i=i, x=x, sigma=sigma, sigma_next=sigma_next, denoised=denoised))
     return x
