@@ -35,6 +35,7 @@ from torch import nn
 
 from ..config import JSONConfig
 from .layers import merge_heads, split_heads, timestep_embedding
+from .mmdit import AdaNorm, FeedForward, modulate  # adaLN-Zero and the tanh-GELU MLP, shared with SD3's MMDiT
 from .unet_sd import TimestepEmbedding  # Linear-SiLU-Linear, diffusers' names
 
 DIFFUSERS_CLASS = "FluxTransformer2DModel"
@@ -173,49 +174,6 @@ class TimeTextEmbedding(nn.Module):
         return emb + self.text_embedder(pooled)
 
 
-class AdaNorm(nn.Module):
-    """adaLN-Zero (Peebles & Xie 2023, Section 3.2): ``linear(SiLU(temb))`` gives ``n`` (B, dim)
-    chunks; the first two shift and scale a LayerNorm without affine weights (eps 1e-6):
-    ``LN(x) (1 + scale) + shift``. Returns the modulated x and the remaining chunks."""
-
-    def __init__(self, dim: int, chunks: int):
-        super().__init__()
-        self.linear = nn.Linear(dim, chunks * dim)
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.chunks = chunks
-
-    def forward(self, x: torch.Tensor, temb: torch.Tensor):
-        shift, scale, *rest = self.linear(F.silu(temb)).chunk(self.chunks, dim=1)
-        return modulate(self.norm, x, shift, scale), rest
-
-
-def modulate(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """LN(x) (1 + scale) + shift, with (B, dim) shift and scale."""
-    return norm(x) * (1 + scale[:, None]) + shift[:, None]
-
-
-class GELUProj(nn.Module):
-    """Linear then tanh-approximated GELU (diffusers' ``GELU(approximate="tanh")``, named ``proj``)."""
-
-    def __init__(self, dim_in: int, dim_out: int):
-        super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.proj(x), approximate="tanh")
-
-
-class FeedForward(nn.Module):
-    """The MLP, ``net = [GELUProj(dim, 4 dim), Dropout, Linear(4 dim, dim)]`` (Vaswani et al. 2017, eq. 2)."""
-
-    def __init__(self, dim: int, mult: int = 4):
-        super().__init__()
-        self.net = nn.Sequential(GELUProj(dim, mult * dim), nn.Dropout(0.0), nn.Linear(mult * dim, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
 # ----------------------------------------------------------------------------------------------
 # Attention and blocks
 
@@ -265,15 +223,16 @@ class FluxTransformerBlock(nn.Module):
         self.ff_context = FeedForward(dim)
 
     def forward(self, x, c, temb, cos, sin):
-        h, (gate, shift_mlp, scale_mlp, gate_mlp) = self.norm1(x, temb)
-        hc, (c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp) = self.norm1_context(c, temb)
-        (q, k, v), (qc, kc, vc) = self.attn.qkv(h), self.attn.qkv(hc, added=True)
+        h, (shift, scale, gate, shift_mlp, scale_mlp, gate_mlp) = self.norm1(x, temb)
+        hc, (c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp) = self.norm1_context(c, temb)
+        (q, k, v) = self.attn.qkv(modulate(h, shift, scale))
+        (qc, kc, vc) = self.attn.qkv(modulate(hc, c_shift, c_scale), added=True)
         out = joint_attention(torch.cat([qc, q], 2), torch.cat([kc, k], 2), torch.cat([vc, v], 2), cos, sin)
         out_c, out_x = out.split([c.shape[1], x.shape[1]], dim=1)
-        x = x + gate[:, None] * self.attn.to_out[0](out_x)
-        x = x + gate_mlp[:, None] * self.ff(modulate(self.norm2, x, shift_mlp, scale_mlp))
-        c = c + c_gate[:, None] * self.attn.to_add_out(out_c)
-        c = c + c_gate_mlp[:, None] * self.ff_context(modulate(self.norm2_context, c, c_shift_mlp, c_scale_mlp))
+        x = x + gate * self.attn.to_out[0](out_x)
+        x = x + gate_mlp * self.ff(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        c = c + c_gate * self.attn.to_add_out(out_c)
+        c = c + c_gate_mlp * self.ff_context(modulate(self.norm2_context(c), c_shift_mlp, c_scale_mlp))
         return x, c
 
 
@@ -290,10 +249,11 @@ class FluxSingleTransformerBlock(nn.Module):
         self.attn = FluxAttention(dim, heads, head_dim, context=False, pre_only=True)
 
     def forward(self, h, temb, cos, sin):
-        y, (gate,) = self.norm(h, temb)
+        y, (shift, scale, gate) = self.norm(h, temb)
+        y = modulate(y, shift, scale)
         attn = joint_attention(*self.attn.qkv(y), cos, sin)
         mlp = F.gelu(self.proj_mlp(y), approximate="tanh")
-        return h + gate[:, None] * self.proj_out(torch.cat([attn, mlp], dim=2))
+        return h + gate * self.proj_out(torch.cat([attn, mlp], dim=2))
 
 
 class FluxTransformer(nn.Module):
@@ -321,7 +281,7 @@ class FluxTransformer(nn.Module):
             [FluxTransformerBlock(dim, c.num_attention_heads, c.attention_head_dim) for _ in range(c.num_layers)])
         self.single_transformer_blocks = nn.ModuleList(
             [FluxSingleTransformerBlock(dim, c.num_attention_heads, c.attention_head_dim) for _ in range(c.num_single_layers)])
-        self.norm_out = ContinuousAdaNorm(dim)
+        self.norm_out = AdaNorm(dim, 2)  # diffusers' AdaLayerNormContinuous: (scale, shift), scale first
         self.proj_out = nn.Linear(dim, c.patch_size ** 2 * (c.out_channels or c.in_channels))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
@@ -340,7 +300,8 @@ class FluxTransformer(nn.Module):
         hc = torch.cat([c, h], dim=1)
         for block in self.single_transformer_blocks:
             hc = block(hc, temb, cos, sin)
-        out = self.proj_out(self.norm_out(hc[:, c.shape[1]:], temb))
+        hn, (scale, shift) = self.norm_out(hc[:, c.shape[1]:], temb)
+        out = self.proj_out(modulate(hn, shift, scale))
         return unpack_latents(out, *x.shape[2:]) if x.ndim == 4 else out
 
     def _tokens(self, x, img_ids):
@@ -380,20 +341,6 @@ class FluxTransformer(nn.Module):
         if pooled is None or tuple(pooled.shape) != (batch, c.pooled_projection_dim):
             raise ValueError(f"pooled must be CLIP's pooled text embedding ({batch}, {c.pooled_projection_dim}), got "
                              f"{None if pooled is None else tuple(pooled.shape)}")
-
-
-class ContinuousAdaNorm(nn.Module):
-    """diffusers' ``AdaLayerNormContinuous``: ``linear(SiLU(temb))`` = [scale, shift] (scale first),
-    then ``LN(x) (1 + scale) + shift`` with no affine weights (eps 1e-6)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.linear = nn.Linear(dim, 2 * dim)
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.linear(F.silu(temb)).chunk(2, dim=1)
-        return modulate(self.norm, x, shift, scale)
 
 
 __all__ = ["FluxConfig", "FluxTransformer", "pack_latents", "unpack_latents", "latent_image_ids", "text_ids",
