@@ -79,7 +79,7 @@ def test_x4_unet_matches_diffusers_and_its_settings_matter():
     net = difflab_copy(ref)
     c = net.config
     assert c.num_class_embeds == 100 and c.only_cross_attention == (True, True, False)
-    assert UNetSDConfig.from_diffusers_config(c.to_diffusers_config()) == c
+    assert UNetSDConfig.from_diffusers_config(c.to_diffusers_config()) == c == UNetSDConfig.from_dict(c.to_dict())
     x, ctx, t, labels = randn(2, 7, 8, 8), randn(2, 5, 32, seed=6), torch.tensor([10.0, 900.0]), torch.tensor([20, 70])
     with torch.no_grad():
         want = ref(x, t, encoder_hidden_states=ctx, class_labels=labels).sample
@@ -101,7 +101,7 @@ def test_latent_upscaler_unet_matches_diffusers():
     net = difflab_copy(ref)
     c = net.config
     assert (c.block_style, c.time_embedding_type, c.head_dim, c.mid_block, c.norm_num_groups) == ("k", "fourier", 8, False, None)
-    assert UNetSDConfig.from_diffusers_config(c.to_diffusers_config()) == c
+    assert UNetSDConfig.from_diffusers_config(c.to_diffusers_config()) == c == UNetSDConfig.from_dict(c.to_dict())
     x, ctx, cond = randn(2, 8, 16, 16), randn(2, 5, 32, seed=6), randn(2, 160, seed=7)
     t = torch.tensor([-1.2, 0.6])  # ln(sigma) / 4
     with torch.no_grad():

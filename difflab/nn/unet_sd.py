@@ -76,7 +76,7 @@ class UNetSDConfig(JSONConfig):
     cross_attention_dim: int = 768  # width of the text tokens (CLIP ViT-L: 768; OpenCLIP ViT-H: 1024)
     transformer_layers_per_block: int | tuple[int, ...] = 1  # BasicTransformerBlocks per SpatialTransformer: one int, or one per level (SDXL: (1, 2, 10))
     use_linear_projection: bool = False  # SD 2.x: linear proj_in/proj_out on tokens; SD 1.x: 1x1 convs
-    norm_num_groups: int = 32  # GroupNorm groups (must divide every width)
+    norm_num_groups: int | None = 32  # GroupNorm groups (must divide every width); None: K blocks only, no output norm
     norm_eps: float = 1e-5  # GroupNorm eps of the ResnetBlocks and the output norm (LayerNorms keep 1e-5, as in diffusers)
     dropout: float = 0.0  # dropout in ResnetBlocks and attention
     sample_size: int = 64  # the latent size the model was trained at (pipelines' default)
