@@ -150,7 +150,6 @@ def upscale_latent(denoiser, text_encoder, vae, prompts, image, *, negative_prom
         opts = opts.replace(guidance_scale=1.0)
     if text_encoder is None:
         raise ValueError("the latent upscaler needs its text_encoder (hidden states and the pooled vector)")
-    image = torch.as_tensor(image) if torch.is_tensor(image) else image
     pixels = not (torch.is_tensor(image) and image.ndim == 4 and image.shape[1] == 4)
     images = as_images(image, n, channels=3) if pixels else as_images(image, n, channels=4, name="image (latents)")
     if pixels and vae is None:
