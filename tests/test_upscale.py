@@ -221,3 +221,14 @@ def test_latent_bad_input_is_named(latent, x4, tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionPipeline"}))
     with pytest.raises(ValueError, match="not an upscaler"):
         load_upscaler_folder(tmp_path)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(class_embed_type="timestep"), "class_embed_type='timestep'"),
+    (dict(down_block_types=["KDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]), "down_block_types="),
+    (dict(time_embedding_type="learned"), "time_embedding_type='learned'"),
+])
+def test_configs_outside_the_family_are_named(change, match):
+    config = {**tiny_diffusers_unet(**X4_TINY).config, **change}
+    with pytest.raises(ValueError, match=match):
+        UNetSDConfig.from_diffusers_config(config)

@@ -168,8 +168,10 @@ class UNetSDConfig(JSONConfig):
     def from_diffusers_config(cls, d: dict) -> "UNetSDConfig":
         """Read a diffusers ``UNet2DConditionModel`` ``config.json`` dict (SD 1.x / 2.x / XL family).
 
-        Settings this U-Net does not implement raise ValueError naming them (class embeddings,
-        per-block layer counts, other ``addition_embed_type`` than SDXL's ``"text_time"``, ...); settings that do
+        The upscalers' settings are read too (``num_class_embeds``, ``only_cross_attention``, K
+        blocks, Fourier time, ``time_cond_proj_dim``, ...). Settings this U-Net does not implement
+        raise ValueError naming them (a ``class_embed_type``, per-block layer counts, other
+        ``addition_embed_type`` than SDXL's ``"text_time"``, SD and K blocks mixed, ...); settings that do
         not change the function (``upcast_attention``, which diffusers' SDPA attention ignores too,
         ``sample_size``, ...) are accepted.
         """
@@ -214,7 +216,7 @@ class UNetSDConfig(JSONConfig):
         if get("norm_num_groups") is None and not k_style:
             unsupported.append("norm_num_groups=None (supported with K blocks only)")
         if unsupported:
-            raise ValueError(f"this diffusers UNet2DConditionModel config is outside the SD 1.x / 2.x / XL family UNetSD implements: {'; '.join(unsupported)}")
+            raise ValueError(f"this diffusers UNet2DConditionModel config is outside the SD 1.x / 2.x / XL / upscaler family UNetSD implements: {'; '.join(unsupported)}")
         n = len(get("block_out_channels"))
         heads = get("num_attention_heads") or get("attention_head_dim")
         heads = (heads,) * n if isinstance(heads, int) else tuple(heads)
