@@ -8,7 +8,7 @@ import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_upscale as
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionLatentUpscalePipeline, StableDiffusionUpscalePipeline
+from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, StableDiffusionLatentUpscalePipeline, StableDiffusionUpscalePipeline
 from PIL import Image
 
 from difflab.cli import main
@@ -19,7 +19,7 @@ from difflab.pipelines.upscale import upscale, upscale_latent
 
 transformers = pytest.importorskip("transformers", reason="the CLIP text encoder needs transformers (the 'sd' extra)")
 from test_text import tiny_clip, write_tiny_tokenizer  # noqa: E402
-from test_text_to_image import SD_BETAS, ddim_scheduler, parity_error, tiny_diffusers_vae  # noqa: E402
+from test_text_to_image import SD_BETAS, VAE_TINY, ddim_scheduler, parity_error, tiny_diffusers_vae  # noqa: E402
 from test_unet_sd import difflab_copy, tiny_diffusers_unet  # noqa: E402
 
 # diffusers' own tiny upscaler U-Nets (tests/pipelines/stable_diffusion_2 and stable_diffusion_latent_upscale)
@@ -48,8 +48,9 @@ def tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def x4(tmp_path_factory, tokenizer):
-    vae = tiny_diffusers_vae()
-    vae.register_to_config(scaling_factor=0.08333)
+    torch.manual_seed(0)  # the x4 VAE: three levels, so its decoder upsamples 4x; scaling factor 0.08333
+    vae = AutoencoderKL(**{**VAE_TINY, "block_out_channels": (8, 16, 16), "down_block_types": ("DownEncoderBlock2D",) * 3,
+                           "up_block_types": ("UpDecoderBlock2D",) * 3, "scaling_factor": 0.08333}).eval()
     pipe = StableDiffusionUpscalePipeline(vae=vae, text_encoder=tiny_clip(), tokenizer=tokenizer, unet=tiny_diffusers_unet(**X4_TINY),
                                           low_res_scheduler=DDPMScheduler(**LOW_RES),
                                           scheduler=ddim_scheduler(prediction_type="v_prediction"), max_noise_level=350)
@@ -136,7 +137,7 @@ def test_x4_pipeline_matches_diffusers(x4, monkeypatch, output_type):
     ours = upscale(parts, PROMPTS, image, negative_prompts=NEGATIVES, steps=5, guidance_scale=5.0, noise_level=40,
                    latents=latents, low_res_noise=eps, output_type=output_type, progress=False)
     if output_type == "np":
-        assert ours.shape == theirs.shape == (2, 16, 16, 3)
+        assert ours.shape == theirs.shape == (2, 32, 32, 3)  # 4x the 8 x 8 input
         assert np.abs(ours - theirs).max() < 1e-4
     else:
         assert parity_error(ours, theirs) < 1e-4
@@ -175,9 +176,9 @@ def test_same_seed_same_image_whatever_the_batch_size(x4):
     one = upscale(parts, PROMPTS, image, steps=2, seed=3, batch_size=1, output_type="pt", progress=False)
     two = upscale(parts, PROMPTS, image, steps=2, seed=3, batch_size=2, output_type="pt", progress=False)
     other = upscale(parts, PROMPTS, image, steps=2, seed=4, batch_size=2, output_type="pt", progress=False)
-    assert one.shape == (2, 3, 16, 16)
-    torch.testing.assert_close(one, two, atol=1e-5, rtol=0)
-    assert (other - two).abs().max() > 1e-3
+    assert one.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(one, two, atol=1e-4, rtol=0)  # batched kernels round differently, no more
+    assert (other - two).abs().max() > 1e-2
 
 
 def test_a_folder_upscales_through_sample_folder_and_the_cli(x4, latent, tmp_path):
@@ -189,7 +190,7 @@ def test_a_folder_upscales_through_sample_folder_and_the_cli(x4, latent, tmp_pat
     Image.fromarray(np.full((8, 8, 3), 120, dtype=np.uint8)).save(tmp_path / "low.png")
     assert main(["sample", "--model", str(x4[2]), "--image", str(tmp_path / "low.png"), "--prompt", "a", "--steps", "2",
                  "--device", "cpu", "--out", str(tmp_path / "up.png")]) == 0
-    assert Image.open(tmp_path / "up.png").size[0] >= 16
+    assert Image.open(tmp_path / "up.png").size[0] >= 32
 
 
 @pytest.mark.parametrize("kwargs,match", [
