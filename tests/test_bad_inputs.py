@@ -79,6 +79,8 @@ def world(tmp_path_factory):
     (root / "empty").mkdir()
     (root / "sd3").mkdir()  # a pipeline folder's index alone: enough for the checks made before any weights are read
     (root / "sd3" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    (root / "x4").mkdir()  # an upscaler folder's index alone: --image is checked before any weights are read
+    (root / "x4" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionUpscalePipeline"}))
     images = root / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
@@ -216,6 +218,13 @@ CLI_CASES = [
     ("sample-model-eta-without-eta", [*SM, "--prompt", "a", "--sampler", "flow_euler", "--eta", "0.5"], 2, "--eta"),
     ("sample-model-dtype-unknown", [*SM, "--prompt", "a", "--dtype", "int8"], 2, "invalid choice"),
     ("sample-dtype-without-model", [*S, "--dtype", "bfloat16"], 2, "--dtype needs --model"),
+    ("sample-image-without-model", [*S, "--image", "{root}/big.png"], 2, "--image needs --model"),
+    ("sample-image-to-a-text-model", [*SM, "--prompt", "a", "--image", "{root}/big.png"], 2, "--image: image is for upscaler folders"),
+    ("sample-upscaler-without-image", ["sample", "--model", "{root}/x4", "--prompt", "a", "--out", "{root}/s.png"], 2, "give image="),
+    ("sample-upscaler-image-missing", ["sample", "--model", "{root}/x4", "--prompt", "a", "--image", "{root}/nope.png",
+                                       "--out", "{root}/s.png"], 2, "nope.png is not a file"),
+    ("sample-upscaler-image-not-an-image", ["sample", "--model", "{root}/x4", "--prompt", "a", "--image", "{root}/notes.txt",
+                                            "--out", "{root}/s.png"], 2, "not a readable image"),
     # eval
     ("eval-generated-missing", ["eval", "--generated", "{root}/missing"], 2, "does not exist"),
     ("eval-metric-unknown", [*E, "--metrics", "fid,beauty"], 2, "beauty"),

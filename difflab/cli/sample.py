@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from PIL import Image, UnidentifiedImageError
+
 from ..io.images import save_grid
 from ..pipelines import sample_checkpoint
 from ..pipelines.checkpoint import sampling_defaults
-from ..pipelines.folder import model_family, sample_folder
+from ..pipelines.folder import IMAGE_FAMILIES, check_image_request, model_family, sample_folder
 from ..pipelines.options import DTYPES
 from ..samplers import ETA_SAMPLERS, SAMPLERS
 from .common import (UsageError, device, device_name, finite_float, image_checkpoint, non_negative_float, non_negative_int,
@@ -24,6 +26,9 @@ def add_arguments(s) -> None:
                         "--method lcm|lcm-lora, a diffusers Stable Diffusion or Flux folder), sampled from --prompt")
     s.add_argument("--prompt", action="append", default=None, help="--model: a prompt (repeat for several)")
     s.add_argument("--negative-prompt", default=None, help="--model: the negative prompt (default: empty)")
+    s.add_argument("--image", type=Path, default=None,
+                   help="--model with an upscaler folder (Stable Diffusion's x4 or x2 latent upscaler): the low-resolution "
+                        "image to upscale (PNG, JPEG, ...), one for every prompt")
     s.add_argument("--height", type=positive_int, default=None, help="--model: image height (default: the model's)")
     s.add_argument("--width", type=positive_int, default=None, help="--model: image width (default: the model's)")
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -49,7 +54,7 @@ def run(args) -> int:
     if args.model is not None:
         return run_model(args)
     for flag, value in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt), ("--height", args.height),
-                        ("--width", args.width), ("--dtype", args.dtype)):
+                        ("--width", args.width), ("--dtype", args.dtype), ("--image", args.image)):
         if value is not None:
             raise UsageError(f"{flag} needs --model (a text-to-image model folder); a --checkpoint takes --classes or --num")
     # 1. Check everything that can be checked before the weights are read.
@@ -83,6 +88,7 @@ def run_model(args) -> int:
     if args.classes is not None:
         raise UsageError("--classes is for class-conditional checkpoints; --model samples from --prompt")
     family = model_family(args.model)
+    image = read_image_argument(args.image, family)
     given = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)
     overrides = dict({k: v for k, v in given.items() if v is not None}, seed=args.seed, device=device(args.device))
     if args.eta is not None:
@@ -93,7 +99,26 @@ def run_model(args) -> int:
     prompts = [p for p in args.prompt for _ in range(args.num or 1)]
     print(f"{family} model {args.model}: {len(prompts)} images")
     images = sample_folder(args.model, prompts, negative_prompts=args.negative_prompt, height=args.height,
-                           width=args.width, dtype=DTYPES[args.dtype] if args.dtype else None, **overrides)
+                           width=args.width, dtype=DTYPES[args.dtype] if args.dtype else None, image=image, **overrides)
     path = save_grid(images, args.out, nrow=min(10, len(images)))
     print(f"wrote {len(images)} samples to {path}")
     return 0
+
+
+def read_image_argument(path: Path | None, family: str):
+    """``--image``: the Pillow image an upscaler folder needs (RGB), checked before any weights are
+    read; a UsageError when it is missing, unreadable, or given to a folder that takes none."""
+    try:
+        check_image_request(family, path)
+    except ValueError as e:
+        raise UsageError(f"--image: {e}") from None
+    if path is None:
+        return None
+    if not path.is_file():
+        raise UsageError(f"--image {path} is not a file (give the low-resolution image to upscale, e.g. a PNG; "
+                         f"upscaler layouts: {', '.join(IMAGE_FAMILIES)})")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise UsageError(f"--image {path} is not a readable image ({e})") from None

@@ -181,19 +181,26 @@ class BasicTransformerBlock(nn.Module):
 
     ``context=None`` skips the cross-attention (the same as a fully masked context), as in
     difflab's ``UNet``; diffusers would run ``attn2`` as self-attention instead.
+    ``only_cross_attention`` (diffusers' setting, the x4 upscaler's): ``attn1`` attends to the
+    context too, so the block has no self-attention (skipped, like ``attn2``, without context).
     """
 
-    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, dropout: float = 0.0, eps: float = 1e-5):
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, dropout: float = 0.0, eps: float = 1e-5,
+                 only_cross_attention: bool = False):
         super().__init__()
+        self.only_cross_attention = only_cross_attention
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn1 = Attention(dim, None, heads, dim_head, dropout)
+        self.attn1 = Attention(dim, context_dim if only_cross_attention else None, heads, dim_head, dropout)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.attn2 = Attention(dim, context_dim, heads, dim_head, dropout)
         self.norm3 = nn.LayerNorm(dim, eps=eps)
         self.ff = FeedForward(dim, dropout=dropout)
 
     def forward(self, h: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        h = h + self.attn1(self.norm1(h))
+        if not self.only_cross_attention:
+            h = h + self.attn1(self.norm1(h))
+        elif context is not None:
+            h = h + self.attn1(self.norm1(h), context, mask)
         if context is not None:
             h = h + self.attn2(self.norm2(h), context, mask)
         return h + self.ff(self.norm3(h))
@@ -209,14 +216,14 @@ class SpatialTransformer(nn.Module):
     """
 
     def __init__(self, channels: int, heads: int, dim_head: int, context_dim: int, depth: int = 1, groups: int = 32,
-                 use_linear_projection: bool = False, dropout: float = 0.0, eps: float = 1e-5):
+                 use_linear_projection: bool = False, dropout: float = 0.0, eps: float = 1e-5, only_cross_attention: bool = False):
         super().__init__()
         inner = heads * dim_head
         self.use_linear_projection = use_linear_projection
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, inner) if use_linear_projection else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
-            [BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout, eps) for _ in range(depth)])
+            [BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout, eps, only_cross_attention) for _ in range(depth)])
         self.proj_out = nn.Linear(inner, channels) if use_linear_projection else nn.Conv2d(inner, channels, 1)
         self.checkpoint = False
 

@@ -17,6 +17,7 @@ A new family is one entry.
 | ``sdxl`` | ``model_index.json`` of an SDXL pipeline, a ``text_encoder_2``, or a U-Net with ``text_time`` | the scheduler's sampler and spacing, guidance 5 |
 | ``stable-diffusion`` | ``model_index.json`` of a ``StableDiffusion*Pipeline`` (1.x / 2.x) | the scheduler's sampler and spacing, guidance 7.5 |
 | ``flux`` | ``model_index.json`` naming a ``FluxTransformer2DModel`` transformer | flow Euler, 28 steps, guidance 3.5, 1024 x 1024 (diffusers'); :func:`~difflab.pipelines.flux.flux_text_to_image` |
+| ``sd-upscaler`` | ``model_index.json`` of a ``StableDiffusionUpscalePipeline`` (x4) or ``StableDiffusionLatentUpscalePipeline`` (x2) | the scheduler's sampler and grid, 75 steps, guidance 9; needs ``image=`` (the size comes from it); :func:`~difflab.pipelines.upscale.upscale` |
 
 The diffusers folders' scheduler gives their defaults: its timestep spacing and offset, and the
 sampler that does what its scheduler class does (:data:`SCHEDULER_SAMPLERS`; DDIM otherwise).
@@ -36,11 +37,13 @@ from ..io.flux_folder import is_flux_folder, load_flux_folder
 from ..io.sd3_folder import is_sd3_folder, load_sd3_folder
 from ..io.sdxl_folder import is_sdxl_folder, load_sdxl_folder
 from ..io.text_model import TextModel, is_text_model, read_text_model
+from ..io.upscaler_folder import is_upscaler_folder, load_upscaler_folder
 from .flux import DEFAULT_LATENT_SIZE, FLUX_DEFAULTS, flux_text_to_image
 from .options import TEXT_DEFAULTS, SampleOptions, resolve
 from .sd3 import SD3_DEFAULTS, sd3_text_to_image
 from .sdxl import sdxl_text_to_image
 from .text_to_image import text_to_image
+from .upscale import upscale, upscaler_defaults
 
 # diffusers scheduler class -> the difflab sampler taking the same steps
 SCHEDULER_SAMPLERS = {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_ancestral",
@@ -144,6 +147,18 @@ def _sample_diffusers(folder, prompts, request, options, overrides, dtype, *, sd
     return text_to_image(*args, options=opts, **request)
 
 
+def _sample_upscaler(folder, prompts, request, options, overrides, dtype):
+    """Stable Diffusion's x4 or x2 latent upscaler: the low-resolution ``image`` sets the size."""
+    for key in ("height", "width"):
+        if request.get(key) is not None:
+            raise ValueError(f"{key} is set by the low-resolution image of an upscaler (x4 or x2 its size), not given")
+    device = _device(options, overrides)
+    parts = load_upscaler_folder(folder, device=device, dtype=dtype)
+    opts = resolve(options, upscaler_defaults(parts), overrides).replace(device=device)
+    return upscale(parts, prompts, request["image"], negative_prompts=request["negative_prompts"],
+                   output_type=request["output_type"], options=opts)
+
+
 def pipeline_class(folder) -> str:
     """The ``_class_name`` of a folder's ``model_index.json`` ("" when there is none)."""
     index = Path(folder) / "model_index.json"
@@ -155,16 +170,22 @@ def pipeline_class(folder) -> str:
 
 def is_stable_diffusion(folder) -> bool:
     """A diffusers Stable Diffusion 1.x / 2.x folder."""
-    return pipeline_class(folder).startswith("StableDiffusion") and not (is_sdxl_folder(folder) or is_sd3_folder(folder))
+    return pipeline_class(folder).startswith("StableDiffusion") and not (is_sdxl_folder(folder) or is_sd3_folder(folder)
+                                                                         or is_upscaler_folder(folder))
 
 
 MODEL_FOLDERS = [
     ("difflab", is_text_model, _sample_difflab),
     ("sd3", is_sd3_folder, _sample_sd3),  # SD3 and Flux before SDXL: their folders have a text_encoder_2 too
     ("flux", is_flux_folder, _sample_flux),
+    ("sd-upscaler", is_upscaler_folder, _sample_upscaler),  # before stable-diffusion: its class name starts alike
     ("sdxl", is_sdxl_folder, lambda *a: _sample_diffusers(*a, sdxl=True)),
     ("stable-diffusion", is_stable_diffusion, lambda *a: _sample_diffusers(*a, sdxl=False)),
 ]
+
+
+# the layouts that take a low-resolution image (``image=``, ``difflab sample --image``)
+IMAGE_FAMILIES = ("sd-upscaler",)
 
 
 def model_family(folder) -> str:
@@ -181,19 +202,33 @@ def model_family(folder) -> str:
                      + (f" (its model_index.json names {named!r})" if named else ""))
 
 
+def check_image_request(family: str, image) -> None:
+    """A ValueError when an image is given to a layout that takes none, or missing for one that needs it."""
+    if image is None and family in IMAGE_FAMILIES:
+        raise ValueError(f"a {family} folder upscales an image: give image= (difflab sample --image LOW.png)")
+    if image is not None and family not in IMAGE_FAMILIES:
+        raise ValueError(f"image is for upscaler folders ({', '.join(IMAGE_FAMILIES)}); this {family} folder samples from prompts alone")
+
+
 @torch.no_grad()
 def sample_folder(folder, prompts, *, negative_prompts=None, height: int | None = None, width: int | None = None,
                   options: SampleOptions | None = None, dtype: torch.dtype | None = None, output_type: str = "pt",
-                  **overrides) -> torch.Tensor:
+                  image=None, **overrides) -> torch.Tensor:
     """Images (N, C, H, W) in [-1, 1], one per prompt, from the model in ``folder`` (any layout of
     :data:`MODEL_FOLDERS`) with its family's defaults; ``options`` / ``overrides`` as the
     pipelines'; ``device`` also loads the weights there (default CPU), ``dtype`` casts them
-    (sampling arithmetic stays float32); ``output_type`` as the pipelines' (``"pt"``, ``"latent"``, ...)."""
+    (sampling arithmetic stays float32); ``output_type`` as the pipelines' (``"pt"``, ``"latent"``, ...).
+    ``image``: the low-resolution image(s) an upscaler folder (:data:`IMAGE_FAMILIES`) needs, and
+    no other takes (a (N or 1, C, H, W) tensor in [-1, 1], or Pillow images)."""
     family = model_family(folder)
+    check_image_request(family, image)
     sample = next(fn for name, _, fn in MODEL_FOLDERS if name == family)
     request = dict(negative_prompts=negative_prompts, height=height, width=width, output_type=output_type)
+    if image is not None:
+        request["image"] = image
     return sample(folder, prompts, request, options, overrides, dtype)
 
 
 __all__ = ["sample_folder", "folder_defaults", "SCHEDULER_SAMPLERS", "MODEL_FOLDERS", "model_family", "load_text_model",
-           "model_options", "sample_text_model", "pipeline_class", "is_stable_diffusion"]
+           "model_options", "sample_text_model", "pipeline_class", "is_stable_diffusion", "IMAGE_FAMILIES",
+           "check_image_request"]
