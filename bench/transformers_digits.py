@@ -7,7 +7,7 @@ from the EMA weights and scores them with the digits judge: accuracy for the dig
 Frechet distance of the judge's features to the held-out digits, beside the floor (500 real
 training digits against the same held-out ones).
 
-- ``dense``: ``--network dit --preset PRESET``, fp32;
+- ``dense``: ``--network dit --preset PRESET`` (default ``digits-small``, 64 wide), fp32;
 - ``moe``: ``--network moe-dit --preset PRESET``: the same DiT with every feed-forward a mixture
   of 8 experts, top-2, each expert half the dense hidden width (the same active compute), the
   router seeing the block's conditioning (time and class); the Switch load-balancing loss flows
@@ -128,10 +128,10 @@ def routing_table(r: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=2000, help="training steps per variant (default 2000)")
-    p.add_argument("--preset", default="digits", help="the dit / moe-dit preset (default digits)")
+    p.add_argument("--preset", default="digits-small", help="the dit / moe-dit preset (default digits-small)")
     p.add_argument("--variants", default="dense,moe,fp8", help="comma-separated from dense, moe, fp8")
     p.add_argument("--samples-per-class", type=int, default=50)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the recorded runs ran side by side)")
     p.add_argument("--out", default="/tmp/difflab_transformers_digits")
     p.add_argument("--record", action="store_true", help="write the table of every variant in --out into BENCHMARKS.md")
     args = p.parse_args(argv)
