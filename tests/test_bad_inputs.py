@@ -35,9 +35,10 @@ from difflab.eval import evaluate, fid, precision_recall
 from difflab.guidance import ClassifierFreeGuidance
 from difflab.io.checkpoint import NonFiniteError, load_checkpoint, save_checkpoint
 from difflab.io.diffusers_folder import load_diffusers_folder
+from difflab.io.dit_files import save_diffusers_dit
 from difflab.io.sd3_folder import load_sd3_folder
 from difflab.io.spec import DEFAULT_DIFFUSION, build_denoiser, load_denoiser
-from difflab.nn.dit import DiTConfig
+from difflab.nn.dit import DiT, DiTConfig
 from difflab.nn.mmdit import MMDiTConfig
 from difflab.nn.text import TinyTextConfig, TinyTextEncoder
 from difflab.nn.unet import UNet, UNetConfig
@@ -516,6 +517,9 @@ API_CASES = [
     # the mixture-of-experts DiT
     ("dit-moe-experts-negative", lambda r: DiTConfig(moe_experts=-1), ValueError, "moe_experts=-1"),
     ("dit-moe-capacity-0", lambda r: DiTConfig(moe_experts=4, moe_capacity_factor=0.0), ValueError, "moe_capacity_factor"),
+    ("dit-moe-saved-as-diffusers", lambda r: save_diffusers_dit(DiT(DiTConfig(hidden_size=16, depth=1, num_classes=2, moe_experts=2,
+                                                                              frequency_shift=1)), r / "moe_export"),
+     ValueError, "mixture-of-experts DiT"),
 ]
 
 

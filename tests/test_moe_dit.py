@@ -147,7 +147,7 @@ def test_train_command_moe_dit_resumes_exactly(tmp_path):
     assert main([*cmd, "--steps", "4", "--out", str(tmp_path / "a")]) == 0
     assert main([*cmd, "--steps", "2", "--out", str(tmp_path / "b")]) == 0
     assert main([*cmd, "--steps", "4", "--out", str(tmp_path / "b")]) == 0  # resumes at step 2
-    ta, meta = load_checkpoint(tmp_path / "a")
+    ta, _ = load_checkpoint(tmp_path / "a")
     tb, _ = load_checkpoint(tmp_path / "b")
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     assert "model.blocks.0.mlp.experts.2.fc2.weight" in ta and "model.blocks.0.mlp.router.weight" in ta
