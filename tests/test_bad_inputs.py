@@ -35,8 +35,10 @@ from difflab.eval import evaluate, fid, precision_recall
 from difflab.guidance import ClassifierFreeGuidance
 from difflab.io.checkpoint import NonFiniteError, load_checkpoint, save_checkpoint
 from difflab.io.diffusers_folder import load_diffusers_folder
+from difflab.io.dit_files import save_diffusers_dit
 from difflab.io.sd3_folder import load_sd3_folder
 from difflab.io.spec import DEFAULT_DIFFUSION, build_denoiser, load_denoiser
+from difflab.nn.dit import DiT, DiTConfig
 from difflab.nn.mmdit import MMDiTConfig
 from difflab.nn.text import TinyTextConfig, TinyTextEncoder
 from difflab.nn.unet import UNet, UNetConfig
@@ -94,6 +96,8 @@ def world(tmp_path_factory):
         "diffusion": {"spec": {"unet": {}, "diffusion": {"frame": "vp_discrete", "shedule": "cosine"}}},
         "unet_spec": {"spec": {"unet": {"model_channels": 8}}},
         "dit_patch3": {"spec": {"network": {"kind": "dit", "config": {"patch_size": 3, "hidden_size": 16, "depth": 1}}}},
+        "moe_top_k3": {"spec": {"network": {"kind": "moe-dit", "config": {"hidden_size": 16, "depth": 1, "moe_experts": 2,
+                                                                         "moe_top_k": 3}}}},
     }
     for name, body in configs.items():
         (root / f"{name}.json").write_text(json.dumps(body))
@@ -176,6 +180,10 @@ CLI_CASES = [
     ("train-dit-patch-not-dividing", ["train", "--network", "dit", "--config", "{root}/dit_patch3.json", "--device", "cpu",
                                       "--out", "{root}/out_train"], 2, "patch_size=3 must divide"),
     ("train-network-contradicts-config", [*T, "--network", "dit", "--config", "{root}/unet_spec.json"], 2, "contradicts"),
+    ("train-moe-dit-preset-unknown", ["train", "--network", "moe-dit", "--preset", "DiT-XXL/2", "--device", "cpu", "--out",
+                                      "{root}/out_train"], 2, "DiT-S/2"),
+    ("train-moe-dit-top-k-over-experts", ["train", "--network", "moe-dit", "--config", "{root}/moe_top_k3.json", "--device",
+                                          "cpu", "--out", "{root}/out_train"], 2, "moe_top_k=3 must be an integer in 1..moe_experts=2"),
     ("train-fp8-with-fp16", [*T, "--fp8", "--precision", "fp16"], 2, "fp8=True combines with precision"),
     ("train-fp8-with-ddp", [*T, "--fp8", "--parallel", "ddp"], 2, "fp8=True trains in one process"),
     # train: the run itself
@@ -253,6 +261,7 @@ CLI_CASES = [
     # memory, bench
     ("memory-preset-unknown", ["memory", "--preset", "nope"], 2, "nope"),
     ("memory-dit-preset-unknown", ["memory", "--preset", "dit:DiT-XXL/2"], 2, "DiT-XL/2"),
+    ("memory-moe-dit-preset-unknown", ["memory", "--preset", "moe-dit:DiT-XXL/2"], 2, "DiT-XL/2"),
     ("memory-batch-size-0", ["memory", "--preset", "tiny", "--batch-size", "0"], 2, "--batch-size"),
     ("bench-workload-unknown", ["bench", "--quick", "--workloads", "warp_drive"], 2, "warp_drive"),
     # check (cli/check.py)
@@ -514,6 +523,12 @@ API_CASES = [
     ("mmdit-qk-norm-unknown", lambda r: MMDiTConfig(qk_norm="l2"), ValueError, "qk_norm"),
     ("mmdit-dual-layer-out-of-range", lambda r: MMDiTConfig(num_layers=2, dual_attention_layers=(5,)), ValueError, "dual_attention_layers"),
     ("sd3-grid-shift-0", lambda r: sd3_sigmas(4, 0.0), ValueError, "shift"),
+    # the mixture-of-experts DiT
+    ("dit-moe-experts-negative", lambda r: DiTConfig(moe_experts=-1), ValueError, "moe_experts=-1"),
+    ("dit-moe-capacity-0", lambda r: DiTConfig(moe_experts=4, moe_capacity_factor=0.0), ValueError, "moe_capacity_factor"),
+    ("dit-moe-saved-as-diffusers", lambda r: save_diffusers_dit(DiT(DiTConfig(hidden_size=16, depth=1, num_classes=2, moe_experts=2,
+                                                                              frequency_shift=1)), r / "moe_export"),
+     ValueError, "mixture-of-experts DiT"),
 ]
 
 

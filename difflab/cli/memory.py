@@ -13,7 +13,7 @@ DESCRIPTION = ("Parameters, gradients, optimizer states and activations (counted
 
 
 def add_arguments(m) -> None:
-    m.add_argument("--preset", default="cifar10", help="a difflab.nn.PRESETS name, sd1, sd2, sd:<name>, a DiT preset (DiT-S/2 ... DiT-XL/8) or dit:<name> (default: cifar10)")
+    m.add_argument("--preset", default="cifar10", help="a difflab.nn.PRESETS name, sd1, sd2, sd:<name>, a DiT preset (DiT-S/2 ... DiT-XL/8), dit:<name> or moe-dit:<name> (default: cifar10)")
     m.add_argument("--batch-size", type=positive_int, default=128, help="batch size (default: 128)")
     m.add_argument("--image-size", type=positive_int, default=32, help="image (or latent) height and width (default: 32)")
     m.add_argument("--precision", choices=list(PRECISIONS), default="fp32",

@@ -18,7 +18,7 @@ from .common import UsageError, device, device_name, output_folder, positive_flo
 
 CONFIG_KEYS = ("spec", "train")  # the top level of --config
 HELP = "train a diffusion model"
-DESCRIPTION = "Train a diffusion model (--network unet or dit). Flags override the values of --config (a JSON file with optional 'spec' and 'train' objects)."
+DESCRIPTION = "Train a diffusion model (--network unet, dit or moe-dit). Flags override the values of --config (a JSON file with optional 'spec' and 'train' objects)."
 
 
 def add_arguments(t) -> None:
@@ -33,7 +33,8 @@ def add_arguments(t) -> None:
     t.add_argument("--network", choices=kinds_with_output("image"), default=None,
                    help="network kind (default: the --config spec's, else unet)")
     t.add_argument("--preset", default=None,
-                   help="a preset of the network kind (unet: digits, tiny, cifar10; dit: digits, DiT-S/2 ... DiT-XL/8); default: digits")
+                   help="a preset of the network kind (unet: digits, tiny, cifar10; dit: digits, digits-small, DiT-S/2 ... DiT-XL/8; "
+                        "moe-dit: the same names with 8 experts, top-2); default: digits")
     t.add_argument("--schedule", choices=DISCRETE_SCHEDULES, default=None, help="noise schedule (default: cosine)")
     t.add_argument("--prediction", choices=PREDICTIONS, default=None, help="what the network predicts (default: v)")
     t.add_argument("--steps", type=positive_int, help="training steps")

@@ -136,10 +136,14 @@ def save_diffusers_dit(net: DiT, folder, *, exact: bool = True) -> Path:
     diffusers' DiT always uses timestep frequencies with ``frequency_shift = 1`` and has a null
     class row: a net with ``frequency_shift = 0`` (the original DiT's) would compute a slightly
     different function there, so it is a ValueError unless ``exact=False`` (which writes it as
-    diffusers' own conversion script does); an unconditional net cannot be written."""
+    diffusers' own conversion script does); an unconditional net or a mixture-of-experts one
+    (``moe_experts >= 1``) cannot be written."""
     c = net.config
     if c.num_classes is None:
         raise ValueError("diffusers' DiTTransformer2DModel is class-conditional: an unconditional DiT (num_classes=None) cannot be saved as one")
+    if c.moe_experts:
+        raise ValueError(f"diffusers' DiTTransformer2DModel has dense feed-forwards: a mixture-of-experts DiT "
+                         f"(moe_experts={c.moe_experts}) cannot be saved as one")
     if c.frequency_shift != 1 and exact:
         raise ValueError(f"this DiT has frequency_shift={c.frequency_shift}, diffusers' DiT uses 1: its outputs would differ "
                          "slightly; pass exact=False to write it anyway (as diffusers' conversion script does)")

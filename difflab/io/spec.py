@@ -38,6 +38,7 @@ from ..config import ConfigError, check_keys
 from ..core import FRAMES, Denoiser, VPDiscrete
 from ..core.consistency import ConsistencyFunction
 from ..core.params import check_prediction
+from ..nn.dit import MOE_PRESETS as MOE_DIT_PRESETS
 from ..nn.dit import PRESETS as DIT_PRESETS
 from ..nn.dit import DiT, DiTConfig
 from ..nn.guidance_embedding import GuidanceEmbedding
@@ -90,6 +91,7 @@ NETWORKS: dict[str, NetworkKind] = {
     "unet": NetworkKind(UNet, UNetConfig, "image", image_shape, UNET_PRESETS),
     "unet_sd": NetworkKind(UNetSD, UNetSDConfig, "latent", latent_shape, UNET_SD_PRESETS),
     "dit": NetworkKind(DiT, DiTConfig, "image", image_shape, DIT_PRESETS),
+    "moe-dit": NetworkKind(DiT, DiTConfig, "image", image_shape, MOE_DIT_PRESETS),  # DiT with MoE feed-forwards (moe_experts)
     "vae": NetworkKind(AutoencoderKL, VAEConfig, "codec"),
     "mmdit": NetworkKind(MMDiT, MMDiTConfig, "latent", latent_shape),
     "sr_unet": NetworkKind(SRUNet, SRUNetConfig, "image", image_shape),  # super-resolution: low_res= conditioning (SR3, CDM)

@@ -30,16 +30,26 @@ the DDPM sampler's ``variance="learned"`` uses it. A spec with ``"learned_varian
 
 The feed-forward of a block is its own submodule, ``block.mlp`` (``nn.Module`` mapping (B, T, D)
 tokens to (B, T, D)), so a variant can swap it (e.g. for a mixture of experts) with
-``block.mlp = ...`` and nothing else changes. Attention is ``F.scaled_dot_product_attention``
+``block.mlp = ...`` and nothing else changes; a :class:`~difflab.nn.moe.MoEFeedForward` there is also
+given the conditioning vector c (``mlp(h, cond=c)``) for its router. Attention is ``F.scaled_dot_product_attention``
 with one fused ``qkv`` projection (with bias) and the default scale 1 / sqrt(head dim).
 
 Two settings exist only to reproduce diffusers' port (``DiTTransformer2DModel``) exactly:
 ``frequency_shift = 1`` (its timestep frequencies are ``10000 ** (-i / (half - 1))``, the
 original's ``10000 ** (-i / half)``) and ``mlp_norm_eps = 1e-5`` (its ``norm_eps`` on the second
 LayerNorm; the original uses 1e-6 everywhere). Loaders set them (:mod:`difflab.io.dit_files`).
+
+Mixture of experts (the ``moe-dit`` network kind; DiT-MoE, Fei et al. 2024): with ``moe_experts = E
+>= 1`` every block's feed-forward is a :class:`~difflab.nn.moe.MoEFeedForward` of E experts, each
+token routed to ``moe_top_k`` of them. By default each expert's hidden width is the dense one
+divided by the experts a token goes through (top-k, plus the shared expert when there is one), so
+the MoE-DiT computes as much per token as the dense DiT of the same width ("same active compute")
+while holding about E / k times the feed-forward weights.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +59,7 @@ from torch import nn
 from ..config import JSONConfig
 from .layers import (TimestepMLP, _maybe_checkpoint, check_class_labels, merge_heads, set_checkpointing, split_heads,
                      timestep_embedding, zero_)
+from .moe import MoEFeedForward
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,14 @@ class DiTConfig(JSONConfig):
     frequency_shift: int = 0  # 0: the original DiT's frequencies; 1: diffusers' port (downscale_freq_shift)
     mlp_norm_eps: float = 1e-6  # eps of the LayerNorm before the feed-forward (diffusers' port: its norm_eps, 1e-5)
     gradient_checkpointing: bool = False  # recompute block activations in backward to save memory
+    # mixture of experts (the moe-dit kind): 0 = the dense feed-forward of DiT
+    moe_experts: int = 0  # E: experts per block's feed-forward (MoEFeedForward); 0 = dense
+    moe_top_k: int = 2  # experts each token goes through (1: Switch, 2: GShard / DiT-MoE)
+    moe_mlp_ratio: float | None = None  # an expert's hidden width / D; None = mlp_ratio / (top_k + shared): same active compute
+    moe_capacity_factor: float | None = None  # Switch's capacity factor; None = dropless
+    moe_shared_expert: bool = False  # one more expert every token goes through (DeepSeekMoE)
+    moe_router_sees_sigma: bool = False  # the router reads token + W c, c the block's conditioning (time and class)
+    moe_aux_alpha: float = 0.01  # alpha of the Switch load-balancing loss, recorded for the loop (nn.aux)
 
     def __post_init__(self):
         def count(v):
@@ -87,6 +106,34 @@ class DiTConfig(JSONConfig):
         if not self.mlp_ratio > 0 or self.frequency_dim % 2 or not 0 <= self.frequency_shift < self.frequency_dim // 2:
             raise ValueError(f"DiTConfig needs mlp_ratio > 0, an even frequency_dim and 0 <= frequency_shift < frequency_dim / 2, got "
                              f"mlp_ratio={self.mlp_ratio}, frequency_dim={self.frequency_dim}, frequency_shift={self.frequency_shift}")
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        """Errors naming the bad ``moe_*`` field, before any weight is made."""
+        def number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        E, k = self.moe_experts, self.moe_top_k
+        if not isinstance(E, int) or isinstance(E, bool) or E < 0:
+            raise ValueError(f"DiTConfig moe_experts={E!r} must be an integer >= 0 (0: the dense feed-forward)")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1 or (E and k > E):
+            raise ValueError(f"DiTConfig moe_top_k={k!r} must be an integer in 1..moe_experts={E}")
+        for name in ("moe_mlp_ratio", "moe_capacity_factor"):
+            v = getattr(self, name)
+            if v is not None and not (number(v) and v > 0):
+                raise ValueError(f"DiTConfig {name}={v!r} must be a finite number > 0, or None")
+        if not (number(self.moe_aux_alpha) and self.moe_aux_alpha >= 0):
+            raise ValueError(f"DiTConfig moe_aux_alpha={self.moe_aux_alpha!r} must be a finite number >= 0")
+        if E and self.expert_hidden < 1:
+            raise ValueError(f"DiTConfig: an expert's hidden width int(hidden_size * moe_mlp_ratio) is {self.expert_hidden}; "
+                             f"raise moe_mlp_ratio (now {self.moe_mlp_ratio}) or mlp_ratio")
+
+    @property
+    def expert_hidden(self) -> int:
+        """An expert's hidden width: ``moe_mlp_ratio * D``, else the dense width split over the
+        experts a token goes through (top-k plus the shared one): the dense DiT's active compute."""
+        if self.moe_mlp_ratio is not None:
+            return int(self.hidden_size * self.moe_mlp_ratio)
+        return int(self.hidden_size * self.mlp_ratio) // (self.moe_top_k + int(self.moe_shared_expert))
 
     @property
     def null_class(self) -> int | None:
@@ -157,14 +204,16 @@ class DiTBlock(nn.Module):
     """An adaLN-Zero block (Peebles & Xie 2023, Section 3.2, Figure 3): attention and feed-forward
     branches, each pre-normed and modulated by a shift and scale and gated, all six regressed from
     the conditioning by ``adaLN_modulation``, whose linear layer starts at zero (the block starts
-    as the identity). ``mlp`` is any module mapping (B, T, D) -> (B, T, D)."""
+    as the identity). ``mlp`` is any module mapping (B, T, D) -> (B, T, D) (default: DiT's
+    :class:`FeedForward`); a :class:`~difflab.nn.moe.MoEFeedForward` is also given c as ``cond``."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, mlp_norm_eps: float = 1e-6):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, mlp_norm_eps: float = 1e-6,
+                 mlp: nn.Module | None = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=mlp_norm_eps)
-        self.mlp = FeedForward(dim, int(dim * mlp_ratio))
+        self.mlp = FeedForward(dim, int(dim * mlp_ratio)) if mlp is None else mlp
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), zero_(nn.Linear(dim, 6 * dim)))
         self.checkpoint = False
 
@@ -174,7 +223,8 @@ class DiTBlock(nn.Module):
     def _forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)
         x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        h = modulate(self.norm2(x), shift_mlp, scale_mlp)
+        return x + gate_mlp * (self.mlp(h, cond=c) if isinstance(self.mlp, MoEFeedForward) else self.mlp(h))
 
 
 class FinalLayer(nn.Module):
@@ -190,6 +240,17 @@ class FinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def moe_feed_forward(config: DiTConfig) -> MoEFeedForward | None:
+    """A block's mixture-of-experts feed-forward for ``config`` (None when ``moe_experts`` is 0):
+    its router sees the block's conditioning vector c (width D) when ``moe_router_sees_sigma``."""
+    c = config
+    if not c.moe_experts:
+        return None
+    return MoEFeedForward(c.hidden_size, c.expert_hidden, c.moe_experts, c.moe_top_k, c.moe_capacity_factor,
+                          c.moe_shared_expert, c.moe_router_sees_sigma, c.hidden_size if c.moe_router_sees_sigma else None,
+                          c.moe_aux_alpha)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,7 +270,8 @@ class DiT(nn.Module):
         self.time_embed = TimestepMLP(c.frequency_dim, D)
         # one row per class plus the null class (row num_classes) for classifier-free guidance
         self.label_embed = nn.Embedding(c.num_classes + 1, D) if c.num_classes is not None else None
-        self.blocks = nn.ModuleList([DiTBlock(D, c.num_heads, c.mlp_ratio, c.mlp_norm_eps) for _ in range(c.depth)])
+        self.blocks = nn.ModuleList([DiTBlock(D, c.num_heads, c.mlp_ratio, c.mlp_norm_eps, moe_feed_forward(c))
+                                     for _ in range(c.depth)])
         self.final_layer = FinalLayer(D, p, c.out_channels or c.in_channels)
         grid = c.sample_size // p
         self.register_buffer("pos_embed", sincos_2d(D, grid, grid)[None], persistent=False)
@@ -220,7 +282,8 @@ class DiT(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:  # an MoE router has none
+                    nn.init.zeros_(m.bias)
         nn.init.xavier_uniform_(self.patch_embed.weight.view(self.patch_embed.weight.shape[0], -1))
         nn.init.zeros_(self.patch_embed.bias)
         for m in (self.time_embed.net[0], self.time_embed.net[2]):
@@ -303,18 +366,33 @@ PRESETS = {
 }
 # the embedded 8x8 one-channel digits, class-conditional with a null class for CFG: 16 tokens of 2x2 pixels
 PRESETS["digits"] = DiTConfig(in_channels=1, sample_size=8, patch_size=2, hidden_size=128, depth=4, num_heads=4, num_classes=10)
+# half as wide (a quarter of the weights): trains the digits within minutes of a 2-core CPU
+PRESETS["digits-small"] = dataclasses.replace(PRESETS["digits"], hidden_size=64)
+
+# The moe-dit kind's presets: each DiT preset with 8 experts, top-2, dropless, at the dense preset's
+# active compute (each expert half the dense hidden width). The digits ones also route on c, so
+# routing can follow the noise level (Switch-DiT's timestep-aware gating, Park et al. 2024).
+MOE_PRESETS = {name: dataclasses.replace(config, moe_experts=8, moe_top_k=2) for name, config in PRESETS.items()}
+for name in ("digits", "digits-small"):
+    MOE_PRESETS[name] = dataclasses.replace(MOE_PRESETS[name], moe_router_sees_sigma=True)
 
 
 def parameter_count(config: DiTConfig) -> int:
-    """The number of weights of a DiT of ``config``, from the config alone (no tensor is built)."""
+    """The number of weights of a DiT of ``config``, from the config alone (no tensor is built);
+    for a mixture of experts all of them (``difflab.nn.moe.active_parameters`` counts a token's)."""
     D, p, C = config.hidden_size, config.patch_size, config.in_channels
     hidden = int(D * config.mlp_ratio)
-    block = (3 * D * D + 3 * D) + (D * D + D) + (2 * D * hidden + hidden + D) + (6 * D * D + 6 * D)
+    mlp = 2 * D * hidden + hidden + D
+    if config.moe_experts:
+        h, E = config.expert_hidden, config.moe_experts
+        experts = (E + int(config.moe_shared_expert)) * (2 * D * h + h + D)
+        mlp = D * E + experts + (D * D + D if config.moe_router_sees_sigma else 0)
+    block = (3 * D * D + 3 * D) + (D * D + D) + mlp + (6 * D * D + 6 * D)
     head = 2 * D * D + 2 * D + D * p * p * (config.out_channels or C) + p * p * (config.out_channels or C)
     embed = C * D * p * p + D + config.frequency_dim * D + D + D * D + D
     labels = (config.num_classes + 1) * D if config.num_classes is not None else 0
     return embed + labels + config.depth * block + head
 
 
-__all__ = ["DiT", "DiTConfig", "DiTBlock", "FeedForward", "Attention", "FinalLayer", "PRESETS", "SIZES", "sincos_2d",
-           "modulate", "parameter_count"]
+__all__ = ["DiT", "DiTConfig", "DiTBlock", "FeedForward", "Attention", "FinalLayer", "PRESETS", "MOE_PRESETS", "SIZES",
+           "sincos_2d", "modulate", "moe_feed_forward", "parameter_count"]

@@ -25,6 +25,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..nn.dit import MOE_PRESETS as MOE_DIT_PRESETS
 from ..nn.dit import PRESETS as DIT_PRESETS
 from ..nn.dit import DiT, DiTConfig
 from ..nn.unet import PRESETS, UNet, UNetConfig
@@ -179,7 +180,8 @@ def resolve_network(spec, device=None) -> nn.Module:
     """A network from a module (returned as it is), a ``UNetConfig`` / ``UNetSDConfig`` /
     ``DiTConfig`` or a preset name: ``difflab.nn.PRESETS`` (``"cifar10"``, ...), ``"sd1"`` /
     ``"sd2"``, ``"sd:<name>"`` for any ``difflab.nn.unet_sd.PRESETS`` entry, a DiT preset
-    (``"DiT-S/2"`` ... ``"DiT-XL/8"``) or ``"dit:<name>"`` for any ``difflab.nn.dit.PRESETS`` entry.
+    (``"DiT-S/2"`` ... ``"DiT-XL/8"``), ``"dit:<name>"`` for any ``difflab.nn.dit.PRESETS`` entry or
+    ``"moe-dit:<name>"`` for any ``difflab.nn.dit.MOE_PRESETS`` entry (the mixture-of-experts DiT).
     Built on ``device``."""
     if isinstance(spec, nn.Module):
         return spec
@@ -197,7 +199,7 @@ def resolve_network(spec, device=None) -> nn.Module:
 
 def _preset(name: str):
     """The config a preset name of :func:`resolve_network` names; a ValueError listing them otherwise."""
-    for prefix, table in (("sd:", SD_PRESETS), ("dit:", DIT_PRESETS)):
+    for prefix, table in (("sd:", SD_PRESETS), ("dit:", DIT_PRESETS), ("moe-dit:", MOE_DIT_PRESETS)):
         if name.startswith(prefix):
             if name[len(prefix):] not in table:
                 raise ValueError(f"unknown {prefix[:-1]} preset {name[len(prefix):]!r}; choose one of {sorted(table)}")
@@ -207,7 +209,7 @@ def _preset(name: str):
             return table[name]
     raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}, "
                      f"{sorted(n for n in SD_PRESETS if n not in PRESETS)}, sd:<{'|'.join(sorted(SD_PRESETS))}>, "
-                     f"{sorted(n for n in DIT_PRESETS if n not in PRESETS)} or dit:<name>")
+                     f"{sorted(n for n in DIT_PRESETS if n not in PRESETS)}, dit:<name> or moe-dit:<name>")
 
 
 def example_inputs(net: nn.Module, batch_size: int, image_size: int, *, context_len: int = 77, device=None,
