@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from difflab.io.checkpoint import load_checkpoint
 from difflab.io.diffusers_folder import load_diffusers_unet
-from difflab.io.motion_folder import load_motion_adapter, load_unet_motion_model, save_unet_motion_model
+from difflab.io.motion_folder import load_motion_adapter, load_unet_motion_model, save_motion_adapter, save_unet_motion_model
 from difflab.io.spec import build_denoiser, load_denoiser, make_spec, sample_shape
 from difflab.nn.motion import (PRESETS, MotionUNet, MotionUNetConfig, TemporalTransformer, freeze_spatial, insert_motion_modules,
                                is_temporal)
@@ -93,11 +93,15 @@ def test_a_motion_unet_written_back_loads_in_diffusers_with_the_same_output(diff
     model, root = diffusers_motion
     net = load_unet_motion_model(root / "unet_motion")
     save_unet_motion_model(net, tmp_path / "out")
+    save_motion_adapter(net, tmp_path / "adapter")
     back = diffusers.UNetMotionModel.from_pretrained(tmp_path / "out").eval()
+    unet = diffusers.UNet2DConditionModel.from_pretrained(root / "unet")
+    joined = diffusers.UNetMotionModel.from_unet2d(unet, diffusers.MotionAdapter.from_pretrained(tmp_path / "adapter")).eval()
     g = torch.Generator().manual_seed(3)
     x, context = torch.randn(1, 4, 3, 8, 8, generator=g), torch.randn(1, 3, 16, generator=g)
-    torch.testing.assert_close(_reference(back, x, torch.tensor([500]), context), _reference(model, x, torch.tensor([500]), context),
-                               atol=1e-6, rtol=0)
+    ref = _reference(model, x, torch.tensor([500]), context)
+    for written in (back, joined):
+        torch.testing.assert_close(_reference(written, x, torch.tensor([500]), context), ref, atol=1e-6, rtol=0)
 
 
 def test_an_adapter_for_another_unet_is_refused_naming_the_setting(diffusers_motion):

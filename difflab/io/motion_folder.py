@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..nn.motion import MotionUNet, MotionUNetConfig
+from ..nn.motion import MotionUNet, MotionUNetConfig, insert_motion_modules
 from ..nn.unet_sd import UNetSD, UNetSDConfig
 from .diffusers_folder import MODEL_INDEX, UNET_WEIGHTS, load_diffusers_unet
 from .folders import CONFIG_NAME, load_into, read_json, read_safetensors, save_model_folder
@@ -98,8 +98,7 @@ def load_motion_adapter(folder, unet) -> MotionUNet:
     source = f"MotionAdapter folder {folder}"
     config = read_json(folder / CONFIG_NAME, "a diffusers MotionAdapter config")
     _check_adapter_fits(config, unet, source)
-    net = MotionUNet(MotionUNetConfig(image_kind="unet_sd", image=unet.config.to_dict(), **adapter_options(config, source)), unet)
-    net = net.to(next(unet.parameters()).device)
+    net = insert_motion_modules(unet, **adapter_options(config, source))
     tensors = to_difflab(read_safetensors(folder, UNET_WEIGHTS), ADAPTER)
     stray = sorted(k for k in tensors if not k.startswith("motion."))
     if stray:
@@ -112,6 +111,28 @@ def load_motion_adapter(folder, unet) -> MotionUNet:
                          f"{[name(k) for k in missing[:5]]}, unexpected {[name(k) for k in unexpected[:5]]}")
     net.motion.load_state_dict({k[len("motion."):]: v for k, v in tensors.items()})
     return net.eval()
+
+
+def motion_adapter_config(net: MotionUNet) -> dict:
+    """The diffusers ``MotionAdapter`` config.json dict of ``net``'s motion modules (around a UNetSD)."""
+    c = net.config
+    if c.image_kind != "unet_sd":
+        raise ValueError(f"a MotionAdapter holds motion modules of a Stable Diffusion U-Net; this MotionUNet wraps {c.image_kind!r}")
+    listed = lambda v: v if isinstance(v, int) else list(v)  # noqa: E731
+    unet = net.unet.config
+    return {"_class_name": "MotionAdapter", "block_out_channels": list(unet.block_out_channels),
+            "motion_layers_per_block": unet.layers_per_block, "motion_transformer_layers_per_block": listed(c.layers),
+            "motion_mid_block_layers_per_block": 1, "motion_transformer_layers_per_mid_block": c.mid_layers,
+            "motion_num_attention_heads": listed(c.num_heads), "motion_norm_num_groups": c.norm_num_groups or unet.norm_num_groups,
+            "motion_max_seq_length": c.max_frames, "use_motion_mid_block": c.mid_block, "conv_in_channels": None}
+
+
+def save_motion_adapter(net: MotionUNet, folder) -> Path:
+    """Write ``net``'s motion modules alone as a diffusers ``MotionAdapter`` folder (what AnimateDiff
+    shares: the image model stays the user's own); returns the folder."""
+    config = motion_adapter_config(net)
+    tensors = from_difflab({f"motion.{k}": v for k, v in net.motion.state_dict().items()}, ADAPTER)
+    return save_model_folder(folder, UNET_WEIGHTS, tensors, config)
 
 
 def motion_config_from_diffusers(config: dict, source: str = "UNetMotionModel config") -> MotionUNetConfig:
@@ -186,5 +207,5 @@ def save_unet_motion_model(net: MotionUNet, folder) -> Path:
     return save_model_folder(folder, UNET_WEIGHTS, from_difflab(net.state_dict(), DIFFUSERS), config)
 
 
-__all__ = ["adapter_options", "load_motion_adapter", "motion_config_from_diffusers", "load_unet_motion_model",
+__all__ = ["adapter_options", "load_motion_adapter", "motion_adapter_config", "save_motion_adapter", "motion_config_from_diffusers", "load_unet_motion_model",
            "unet_motion_config", "save_unet_motion_model", "IMAGE_BLOCKS", "MOTION_KEYS"]

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, JSONConfig
+from .layers import _maybe_checkpoint, set_checkpointing
 from .transformer import Attention, FeedForward
 from .unet import UNet, UNetConfig
 from .unet_sd import UNetSD, UNetSDConfig
@@ -107,8 +108,12 @@ class TemporalTransformer(nn.Module):
         self.proj_out = nn.Linear(channels, channels)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
+        self.checkpoint = False
 
     def forward(self, h: torch.Tensor, num_frames: int) -> torch.Tensor:
+        return _maybe_checkpoint(self.checkpoint, self._forward, h, num_frames)
+
+    def _forward(self, h: torch.Tensor, num_frames: int) -> torch.Tensor:
         bf, c, height, width = h.shape
         b = bf // num_frames
         x = self.norm(h.reshape(b, num_frames, c, height, width).transpose(1, 2))  # (B, C, F, H, W)
@@ -221,6 +226,7 @@ class MotionUNet(nn.Module):
             depth = c.mid_layers if site.startswith("mid") else c.per_level("layers", level)
             motion[site] = TemporalTransformer(channels, c.per_level("num_heads", level), depth, c.groups(channels), c.max_frames)
         self.motion = nn.ModuleDict(motion)
+        set_checkpointing(self.motion, bool(getattr(self.unet.config, "gradient_checkpointing", False)))
 
     @property
     def null_class(self) -> int | None:
@@ -290,8 +296,10 @@ def insert_motion_modules(image_net: nn.Module, **motion) -> MotionUNet:
     if not kinds:
         raise ValueError(f"image_net is a {type(image_net).__name__}; motion modules fit {', '.join(c.__name__ for c, _ in IMAGE_KINDS.values())}")
     config = MotionUNetConfig(image_kind=kinds[0], image=image_net.config.to_dict(), **motion)
-    device = next(image_net.parameters()).device
-    return MotionUNet(config, image_net).to(device)
+    weight = next(image_net.parameters())
+    net = MotionUNet(config, image_net)
+    net.motion.to(device=weight.device, dtype=weight.dtype)
+    return net
 
 
 PRESETS = {
