@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from difflab.io.checkpoint import load_checkpoint
 from difflab.io.diffusers_folder import load_diffusers_unet
 from difflab.io.motion_folder import load_motion_adapter, load_unet_motion_model, save_motion_adapter, save_unet_motion_model
 from difflab.io.spec import build_denoiser, load_denoiser, make_spec, sample_shape
@@ -222,13 +221,24 @@ def test_the_motion_unet_kind_trains_saves_and_loads(tmp_path):
     spec = make_spec("motion_unet", _motion_sd(randomize=False).config,
                      {"frame": "vp_discrete", "schedule": "linear", "T": 100, "prediction": "eps"})
     denoiser = build_denoiser(spec, seed=0)
+    start = {k: v.clone() for k, v in denoiser.net.state_dict().items()}
+    freeze_spatial(denoiser.net)  # the AnimateDiff route: the loop trains what requires grad
     clips = torch.rand(8, 4, 4, 8, 8) * 2 - 1
     train(denoiser, clips, TrainConfig(steps=2, batch_size=4, checkpoint_every=0, log_every=1, progress=False), tmp_path / "run",
           spec=spec)
     loaded, meta = load_denoiser(tmp_path / "run", weights="model")
     assert isinstance(loaded.net, MotionUNet) and sample_shape(meta["spec"], meta) == (4, 4, 8, 8)
-    tensors, _ = load_checkpoint(tmp_path / "run")
-    assert any(k.startswith("model.motion.down_0_0.") for k in tensors)
+    trained = loaded.net.state_dict()
+    changed = {k for k in trained if not torch.equal(trained[k], start[k])}
+    assert changed and all(k.startswith("motion.") for k in changed)  # the image network came back untouched
     x, sigma = torch.randn(2, 4, 4, 8, 8), torch.tensor([0.5, 3.0])
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, sigma), denoiser.eval()(x, sigma))
+
+
+def test_levels_choose_where_the_modules_go_and_survive_a_spec():
+    net = insert_motion_modules(UNet(UNET_PRESETS["digits"]), num_heads=4, max_frames=8, num_frames=8, levels=(1,))
+    assert sorted(net.motion) == ["down_1_0", "down_1_1", "mid_0", "up_0_0", "up_0_1", "up_0_2"]  # up block 0 is level 1
+    assert MotionUNetConfig.from_dict(net.config.to_dict()) == net.config
+    with pytest.raises(ValueError, match=r"levels=\[2\]: \[2\] are not levels of the image network \(valid: 0..1\)"):
+        MotionUNetConfig(image_kind="unet", image=UNET_PRESETS["digits"].to_dict(), levels=(2,))

@@ -116,8 +116,9 @@ def load_motion_adapter(folder, unet) -> MotionUNet:
 def motion_adapter_config(net: MotionUNet) -> dict:
     """The diffusers ``MotionAdapter`` config.json dict of ``net``'s motion modules (around a UNetSD)."""
     c = net.config
-    if c.image_kind != "unet_sd":
-        raise ValueError(f"a MotionAdapter holds motion modules of a Stable Diffusion U-Net; this MotionUNet wraps {c.image_kind!r}")
+    if c.image_kind != "unet_sd" or c.levels is not None:
+        raise ValueError("a MotionAdapter holds motion modules at every level (levels=None) of a Stable Diffusion U-Net; "
+                         f"this MotionUNet wraps {c.image_kind!r} with levels={c.levels}")
     listed = lambda v: v if isinstance(v, int) else list(v)  # noqa: E731
     unet = net.unet.config
     return {"_class_name": "MotionAdapter", "block_out_channels": list(unet.block_out_channels),
@@ -188,8 +189,9 @@ def load_unet_motion_model(folder, *, variant: str | None = None) -> MotionUNet:
 def unet_motion_config(net: MotionUNet) -> dict:
     """The diffusers ``UNetMotionModel`` config.json dict of ``net`` (a :class:`MotionUNet` around a UNetSD)."""
     c = net.config
-    if c.image_kind != "unet_sd" or (c.norm_num_groups not in (None, net.unet.config.norm_num_groups)):
-        raise ValueError("only a MotionUNet around a UNetSD, with the U-Net's GroupNorm groups, is a UNetMotionModel")
+    if c.image_kind != "unet_sd" or c.norm_num_groups not in (None, net.unet.config.norm_num_groups) or c.levels is not None:
+        raise ValueError("only a MotionUNet around a UNetSD, with the U-Net's GroupNorm groups and modules at every level "
+                         "(levels=None), is a UNetMotionModel")
     d = net.unet.config.to_diffusers_config()
     d["_class_name"] = "UNetMotionModel"
     d["down_block_types"] = [b.replace("2D", "Motion") for b in d["down_block_types"]]

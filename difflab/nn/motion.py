@@ -141,6 +141,7 @@ class MotionUNetConfig(JSONConfig):
     max_frames: int = 32  # length of the frame encoding: the most frames a clip may have (motion_max_seq_length)
     norm_num_groups: int | None = None  # GroupNorm groups of the motion modules; None: the image network's
     num_frames: int = 16  # frames of a sample (the training clip length; the pipelines' default)
+    levels: tuple[int, ...] | None = None  # the levels whose down/up sites get a module (None: all, as AnimateDiff)
 
     def __post_init__(self):
         if self.image_kind not in IMAGE_KINDS:
@@ -151,7 +152,7 @@ class MotionUNetConfig(JSONConfig):
             value = getattr(self, name)
             if not isinstance(value, int):
                 object.__setattr__(self, name, tuple(value))
-        levels = self.levels
+        levels = self.num_levels
         for name in ("num_heads", "layers"):
             value = getattr(self, name)
             if not isinstance(value, int) and len(value) != levels:
@@ -161,6 +162,11 @@ class MotionUNetConfig(JSONConfig):
         for name in ("mid_layers", "max_frames", "num_frames"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be an int >= 1")
+        if self.levels is not None:
+            object.__setattr__(self, "levels", tuple(self.levels))
+            bad = [v for v in self.levels if not isinstance(v, int) or not 0 <= v < levels]
+            if bad:
+                raise ConfigError(f"levels={list(self.levels)}: {bad} are not levels of the image network (valid: 0..{levels - 1})")
         if self.num_frames > self.max_frames:
             raise ConfigError(f"num_frames={self.num_frames} is above max_frames={self.max_frames} (the frame encoding's length)")
 
@@ -170,7 +176,8 @@ class MotionUNetConfig(JSONConfig):
         return IMAGE_KINDS[self.image_kind][1].from_dict(self.image, "motion.image")
 
     @property
-    def levels(self) -> int:
+    def num_levels(self) -> int:
+        """Resolution levels of the image network."""
         c = self.image_config
         return len(c.block_out_channels if self.image_kind == "unet_sd" else c.channel_mult)
 
@@ -221,7 +228,7 @@ class MotionUNet(nn.Module):
         self.unet = image_net if image_net is not None else cls(c.image_config)
         motion = {}
         for site, (channels, level) in self.unet.temporal_sites().items():
-            if site.startswith("mid") and not c.mid_block:
+            if (not c.mid_block) if site.startswith("mid") else (c.levels is not None and level not in c.levels):
                 continue
             depth = c.mid_layers if site.startswith("mid") else c.per_level("layers", level)
             motion[site] = TemporalTransformer(channels, c.per_level("num_heads", level), depth, c.groups(channels), c.max_frames)
