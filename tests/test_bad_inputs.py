@@ -39,7 +39,10 @@ from difflab.io.dit_files import save_diffusers_dit
 from difflab.io.sd3_folder import load_sd3_folder
 from difflab.io.spec import DEFAULT_DIFFUSION, build_denoiser, load_denoiser
 from difflab.nn.dit import DiT, DiTConfig
+from difflab.io.motion_folder import load_motion_adapter, load_unet_motion_model
 from difflab.nn.mmdit import MMDiTConfig
+from difflab.nn.motion import PRESETS as MOTION_PRESETS
+from difflab.nn.motion import MotionUNet, MotionUNetConfig
 from difflab.nn.text import TinyTextConfig, TinyTextEncoder
 from difflab.nn.unet import UNet, UNetConfig
 from difflab.nn.unet_sd import UNetSD, UNetSDConfig
@@ -419,6 +422,11 @@ def _controlnet(control, controls=1):
     return ControlledUNet(UNetSD(config), controlnet)(x, t, context, control=control)
 
 
+def _motion():
+    torch.manual_seed(0)
+    return MotionUNet(MOTION_PRESETS["tiny"])
+
+
 class _Flat(torch.nn.Module):
     """A feature extractor for the eval cases: the pixels themselves."""
 
@@ -529,6 +537,16 @@ API_CASES = [
     ("dit-moe-saved-as-diffusers", lambda r: save_diffusers_dit(DiT(DiTConfig(hidden_size=16, depth=1, num_classes=2, moe_experts=2,
                                                                               frequency_shift=1)), r / "moe_export"),
      ValueError, "mixture-of-experts DiT"),
+    # video networks: AnimateDiff motion modules
+    ("motion-4d-input", lambda r: _motion()(torch.zeros(1, 4, 8, 8), torch.ones(1)), ValueError, "x must be a batch of clips"),
+    ("motion-frames-above-max", lambda r: _motion()(torch.zeros(1, 4, 17, 8, 8), torch.ones(1)), ValueError, "max_frames = 16"),
+    ("motion-context-per-frame", lambda r: _motion()(torch.zeros(1, 4, 2, 8, 8), torch.ones(1), context=torch.zeros(2, 1, 32)),
+     ValueError, "one row per clip"),
+    ("motion-config-frames-above-max", lambda r: MotionUNetConfig(max_frames=8, num_frames=16), ValueError, "num_frames=16"),
+    ("motion-config-image-kind", lambda r: MotionUNetConfig(image_kind="dit"), ValueError, "image_kind='dit'"),
+    ("motion-adapter-missing", lambda r: load_motion_adapter(r / "nowhere", UNetSD(UNetSDConfig.from_dict(MOTION_PRESETS["tiny"].image))),
+     FileNotFoundError, "MotionAdapter"),
+    ("unet-motion-folder-is-a-run", lambda r: load_unet_motion_model(r / "run"), FileNotFoundError, "config.json"),
 ]
 
 

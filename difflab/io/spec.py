@@ -43,6 +43,8 @@ from ..nn.dit import PRESETS as DIT_PRESETS
 from ..nn.dit import DiT, DiTConfig
 from ..nn.guidance_embedding import GuidanceEmbedding
 from ..nn.mmdit import MMDiT, MMDiTConfig
+from ..nn.motion import PRESETS as MOTION_PRESETS
+from ..nn.motion import MotionUNet, MotionUNetConfig
 from ..nn.unet import PRESETS as UNET_PRESETS
 from ..nn.sr import SRUNet, SRUNetConfig
 from ..nn.unet import UNet, UNetConfig
@@ -86,6 +88,15 @@ def latent_shape(config, meta: dict) -> tuple:
     return (int(config.in_channels), int(config.sample_size), int(config.sample_size))
 
 
+def motion_clip_shape(config, meta: dict) -> tuple:
+    """(in_channels, F, S, S) of a :class:`~difflab.nn.motion.MotionUNet` clip: F the checkpoint's
+    ``metadata.frames`` (else the config's ``num_frames``), S its ``metadata.size`` (else the image
+    network's ``sample_size``, else 8)."""
+    extra = (meta or {}).get("metadata", {})
+    size = extra.get("size") or config.sample_size or 8
+    return (int(config.in_channels), int(extra.get("frames") or config.num_frames), int(size), int(size))
+
+
 # One plain dict: adding a kind is one import and one entry.
 NETWORKS: dict[str, NetworkKind] = {
     "unet": NetworkKind(UNet, UNetConfig, "image", image_shape, UNET_PRESETS),
@@ -95,6 +106,7 @@ NETWORKS: dict[str, NetworkKind] = {
     "vae": NetworkKind(AutoencoderKL, VAEConfig, "codec"),
     "mmdit": NetworkKind(MMDiT, MMDiTConfig, "latent", latent_shape),
     "sr_unet": NetworkKind(SRUNet, SRUNetConfig, "image", image_shape),  # super-resolution: low_res= conditioning (SR3, CDM)
+    "motion_unet": NetworkKind(MotionUNet, MotionUNetConfig, "video", motion_clip_shape, MOTION_PRESETS),  # AnimateDiff motion modules
 }
 
 
@@ -290,4 +302,4 @@ def sample_shape(spec: dict, meta: dict | None = None) -> tuple:
 __all__ = ["NETWORKS", "NetworkKind", "DEFAULT_DIFFUSION", "FRAME_ARGS", "FRAME_BUILDERS", "network_kind", "kinds_with_output",
            "read_spec", "make_spec", "spec_kind", "check_diffusion", "build_frame", "build_network", "build_denoiser",
            "spec_network", "checkpoint_spec", "load_denoiser", "sample_shape", "image_shape", "latent_shape",
-           "STUDENT_KEYS", "student_section"]
+           "STUDENT_KEYS", "student_section", "motion_clip_shape"]

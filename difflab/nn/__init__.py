@@ -4,6 +4,7 @@ from .layers import (
 )
 from .guidance_embedding import GuidanceEmbedding
 from .mmdit import MMDiT, MMDiTConfig
+from .motion import MotionUNet, MotionUNetConfig, freeze_spatial, insert_motion_modules
 from .sd3_text import SD3TextEncoder
 from .unet import PRESETS, UNet, UNetConfig
 from .sr import SRUNet, SRUNetConfig
@@ -21,4 +22,5 @@ __all__ = [
     "TextEncoder", "CLIPTextEncoder", "CLIPTextEncoderConfig", "TinyTextEncoder", "TinyTextConfig", "GuidanceEmbedding",
     "MMDiT", "MMDiTConfig", "SD3TextEncoder",
     "SRUNet", "SRUNetConfig",
+    "MotionUNet", "MotionUNetConfig", "insert_motion_modules", "freeze_spatial",
 ]

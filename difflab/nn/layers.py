@@ -230,6 +230,15 @@ def check_class_labels(class_labels, batch: int, num_classes: int | None, net: s
         )
 
 
+def at_site(temporal, prefix: str):
+    """The per-block form of a network's ``temporal(h, site)`` seam: ``(h, k) -> temporal(h,
+    f"{prefix}_{k}")``, or None when ``temporal`` is None (the video networks' hook, see
+    :class:`difflab.nn.motion.MotionUNet`)."""
+    if temporal is None:
+        return None
+    return lambda h, k: temporal(h, f"{prefix}_{k}")
+
+
 def check_context(context, context_mask, batch: int, context_dim: int, dim_name: str = "context_dim") -> None:
     """Clear errors for a cross-attention context (B, L, context_dim) and its bool (B, L) mask."""
     if context is not None and (context.ndim != 3 or context.shape[0] != batch or context.shape[2] != context_dim):

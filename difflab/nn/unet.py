@@ -82,10 +82,17 @@ class Block(nn.ModuleList):
     """Layers run in order, each given what it takes (ADM's ``TimestepEmbedSequential``).
 
     Cross-attention is skipped when no context is given (the same as a fully masked context).
+    ``temporal(h)``, when given, runs once: after the first ResBlock and the attention that
+    follows it, before any later ResBlock or resampling layer (where AnimateDiff puts a motion
+    module, Guo et al. 2023, Section 4.2).
     """
 
-    def forward(self, h, emb, context=None, context_mask=None):
+    def forward(self, h, emb, context=None, context_mask=None, temporal=None):
+        seen_res = False
         for layer in self:
+            if temporal is not None and seen_res and isinstance(layer, (ResBlock, Downsample, Upsample)):
+                h, temporal = temporal(h), None
+            seen_res = seen_res or isinstance(layer, ResBlock)
             if isinstance(layer, ResBlock):
                 h = layer(h, emb)
             elif isinstance(layer, CrossAttention):
@@ -93,7 +100,7 @@ class Block(nn.ModuleList):
                     h = layer(h, context, context_mask)
             else:
                 h = layer(h)
-        return h
+        return temporal(h) if temporal is not None and seen_res else h
 
 
 class UNet(nn.Module):
@@ -118,8 +125,10 @@ class UNet(nn.Module):
         self.input_conv = nn.Conv2d(c.in_channels, ch, 3, padding=1)
         skip_channels = [ch]
         self.down = nn.ModuleList()
+        self._sites = {"down": [], "up": []}  # the temporal site of each block (None: a resampling block)
         for level, mult in enumerate(c.channel_mult):
-            for _ in range(c.num_res_blocks):
+            for k in range(c.num_res_blocks):
+                self._sites["down"].append(f"down_{level}_{k}")
                 layers = [ResBlock(ch, c.model_channels * mult, emb_dim, c.dropout, c.groups)]
                 ch = c.model_channels * mult
                 if level in c.attention_levels:
@@ -127,14 +136,16 @@ class UNet(nn.Module):
                 self.down.append(Block(layers))
                 skip_channels.append(ch)
             if level != len(c.channel_mult) - 1:
+                self._sites["down"].append(None)
                 self.down.append(Block([Downsample(ch)]))
                 skip_channels.append(ch)
 
         self.middle = Block([ResBlock(ch, ch, emb_dim, c.dropout, c.groups), *attention(ch), ResBlock(ch, ch, emb_dim, c.dropout, c.groups)])
 
         self.up = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(c.channel_mult))):
+        for j, (level, mult) in enumerate(reversed(list(enumerate(c.channel_mult)))):
             for i in range(c.num_res_blocks + 1):
+                self._sites["up"].append(f"up_{j}_{i}")
                 layers = [ResBlock(ch + skip_channels.pop(), c.model_channels * mult, emb_dim, c.dropout, c.groups)]
                 ch = c.model_channels * mult
                 if level in c.attention_levels:
@@ -159,6 +170,7 @@ class UNet(nn.Module):
         class_labels: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        temporal=None,
     ) -> torch.Tensor:
         """Predict from ``x`` (B, C, H, W) at times ``t`` (B,) float (a scalar is broadcast).
 
@@ -166,6 +178,8 @@ class UNet(nn.Module):
         missing labels on a class-conditional net mean the null class for every sample.
         ``context``: (B, L, context_dim) tokens for cross-attention; ``context_mask``: (B, L) bool,
         True for real tokens. Missing context on a cross-attention net skips cross-attention.
+        ``temporal``: the seam of video networks (:class:`difflab.nn.motion.MotionUNet`), a callable
+        ``temporal(h, site) -> h`` run at the sites :meth:`temporal_sites` names; None changes nothing.
         """
         # 1. Check inputs
         c = self.config
@@ -181,19 +195,31 @@ class UNet(nn.Module):
         # 3. Down, keeping every output as a skip
         h = self.input_conv(x)
         skips = [h]
-        for block in self.down:
-            h = block(h, emb, context, context_mask)
+        for block, site in zip(self.down, self._sites["down"]):
+            h = block(h, emb, context, context_mask, _at(temporal, site))
             skips.append(h)
 
         # 4. Middle
-        h = self.middle(h, emb, context, context_mask)
+        h = self.middle(h, emb, context, context_mask, _at(temporal, "mid_0"))
 
         # 5. Up, concatenating the skips in reverse order
-        for block in self.up:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
+        for block, site in zip(self.up, self._sites["up"]):
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, context_mask, _at(temporal, site))
 
         # 6. Out
         return self.out(h)
+
+    def temporal_sites(self) -> dict[str, tuple[int, int]]:
+        """``{site: (channels, level)}`` where ``forward``'s ``temporal`` runs, in order: ``down_{i}_{k}``
+        after the k-th ResBlock (+ attention) of level i, ``mid_0`` after the middle attention,
+        ``up_{j}_{k}`` after the k-th of up level j (deepest first): the layout of
+        :meth:`difflab.nn.UNetSD.temporal_sites`, so the same motion modules fit both."""
+        c, n = self.config, len(self.config.channel_mult)
+        width = [c.model_channels * m for m in c.channel_mult]
+        sites = {s: (width[int(s.split("_")[1])], int(s.split("_")[1])) for s in self._sites["down"] if s is not None}
+        sites["mid_0"] = (width[-1], n - 1)
+        sites.update({s: (width[n - 1 - int(s.split("_")[1])], n - 1 - int(s.split("_")[1])) for s in self._sites["up"]})
+        return sites
 
     def _check_inputs(self, x, t, class_labels, context, context_mask) -> torch.Tensor:
         """Raise a ValueError naming the bad argument; return ``t`` as a (B,) tensor."""
@@ -216,6 +242,13 @@ class UNet(nn.Module):
             raise ValueError("context given, but this UNet has no cross-attention (config.context_dim is None)")
         check_context(context, context_mask, b, c.context_dim)
         return t
+
+
+def _at(temporal, site):
+    """``h -> temporal(h, site)`` for a block's one temporal site (None: no seam, or no site)."""
+    if temporal is None or site is None:
+        return None
+    return lambda h: temporal(h, site)
 
 
 PRESETS = {

@@ -140,6 +140,11 @@ class KAttentionBlock(nn.Module):
         return x + self._tokens(self.attn2, self.norm2(x, emb), context, mask)
 
 
+def _no_temporal(temporal) -> None:
+    if temporal is not None:
+        raise ValueError("motion modules (temporal=) need SD blocks; this UNetSD has block_style='k' (the latent upscaler's)")
+
+
 class KDownBlock(nn.Module):
     """One level down: ``resnets[k]`` (+ ``attentions[k]``), each output a skip (None at the
     deepest cross-attention level, as diffusers records it), then the blur downsampling."""
@@ -150,7 +155,8 @@ class KDownBlock(nn.Module):
         self.attentions = nn.ModuleList(attentions) if attentions else None
         self.downsamplers = nn.ModuleList([KDownsample()]) if downsample else None
 
-    def forward(self, h, emb, context, mask):
+    def forward(self, h, emb, context, mask, temporal=None):
+        _no_temporal(temporal)
         skips = []
         for k, resnet in enumerate(self.resnets):
             h = resnet(h, emb)
@@ -172,7 +178,8 @@ class KUpBlock(nn.Module):
         self.attentions = nn.ModuleList(attentions) if attentions else None
         self.upsamplers = nn.ModuleList([KUpsample()]) if upsample else None
 
-    def forward(self, h, skips: list, emb, context, mask):
+    def forward(self, h, skips: list, emb, context, mask, temporal=None):
+        _no_temporal(temporal)
         taken = [skips.pop() for _ in self.resnets]
         if taken[0] is not None:
             h = torch.cat([h, taken[0]], dim=1)

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import JSONConfig
-from .layers import Downsample, Upsample, check_context, _maybe_checkpoint, set_checkpointing, timestep_embedding
+from .layers import Downsample, Upsample, at_site, check_context, _maybe_checkpoint, set_checkpointing, timestep_embedding
 from .transformer import SpatialTransformer
 from .unet_k import activation, k_down_block, k_up_block
 
@@ -364,7 +364,8 @@ class SizedUpsample(Upsample):
 
 
 class DownBlock(nn.Module):
-    """One level on the way down: ``resnets[k]`` (+ ``attentions[k]``), then ``downsamplers[0]``."""
+    """One level on the way down: ``resnets[k]`` (+ ``attentions[k]``) (+ ``temporal(h, k)``), then
+    ``downsamplers[0]``."""
 
     def __init__(self, resnets, attentions, downsample: Downsample | None):
         super().__init__()
@@ -372,12 +373,14 @@ class DownBlock(nn.Module):
         self.attentions = nn.ModuleList(attentions) if attentions else None
         self.downsamplers = nn.ModuleList([downsample]) if downsample is not None else None
 
-    def forward(self, h, emb, context, mask) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, h, emb, context, mask, temporal=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
         for k, resnet in enumerate(self.resnets):
             h = resnet(h, emb)
             if self.attentions is not None:
                 h = self.attentions[k](h, context, mask)
+            if temporal is not None:
+                h = temporal(h, k)
             skips.append(h)
         if self.downsamplers is not None:
             h = self.downsamplers[0](h)
@@ -386,22 +389,25 @@ class DownBlock(nn.Module):
 
 
 class MidBlock(nn.Module):
-    """``resnets[0]``, ``attentions[0]``, ``resnets[1]`` (diffusers' ``UNetMidBlock2DCrossAttn``)."""
+    """``resnets[0]``, ``attentions[0]`` (+ ``temporal(h, 0)``), ``resnets[1]`` (diffusers'
+    ``UNetMidBlock2DCrossAttn``; ``UNetMidBlockCrossAttnMotion`` with the temporal layer)."""
 
     def __init__(self, resnets, attention):
         super().__init__()
         self.resnets = nn.ModuleList(resnets)
         self.attentions = nn.ModuleList([attention])
 
-    def forward(self, h, emb, context, mask):
+    def forward(self, h, emb, context, mask, temporal=None):
         h = self.resnets[0](h, emb)
         h = self.attentions[0](h, context, mask)
+        if temporal is not None:
+            h = temporal(h, 0)
         return self.resnets[1](h, emb)
 
 
 class UpBlock(nn.Module):
     """One level on the way up: per ResnetBlock, concatenate the latest skip, ``resnets[k]``
-    (+ ``attentions[k]``); then ``upsamplers[0]`` to the size of the next skip."""
+    (+ ``attentions[k]``) (+ ``temporal(h, k)``); then ``upsamplers[0]`` to the size of the next skip."""
 
     def __init__(self, resnets, attentions, upsample: SizedUpsample | None):
         super().__init__()
@@ -409,11 +415,13 @@ class UpBlock(nn.Module):
         self.attentions = nn.ModuleList(attentions) if attentions else None
         self.upsamplers = nn.ModuleList([upsample]) if upsample is not None else None
 
-    def forward(self, h, skips: list, emb, context, mask):
+    def forward(self, h, skips: list, emb, context, mask, temporal=None):
         for k, resnet in enumerate(self.resnets):
             h = resnet(torch.cat([h, skips.pop()], dim=1), emb)
             if self.attentions is not None:
                 h = self.attentions[k](h, context, mask)
+            if temporal is not None:
+                h = temporal(h, k)
         if self.upsamplers is not None:
             h = self.upsamplers[0](h, skips[-1].shape[-2:])
         return h
@@ -513,6 +521,7 @@ class UNetSD(nn.Module):
         text_embeds: torch.Tensor | None = None,
         time_ids: torch.Tensor | None = None,
         timestep_cond: torch.Tensor | None = None,
+        temporal=None,
     ) -> torch.Tensor:
         """Predict from the latent ``x`` (B, C, H, W) at times ``t`` (B,) float (a scalar is broadcast).
 
@@ -537,6 +546,11 @@ class UNetSD(nn.Module):
         (original height and width, crop top and left, then the target height and width, or the
         refiner's aesthetic score); each gets a sinusoidal embedding of ``addition_time_embed_dim``
         and ``add_embedding([text_embeds, those])`` is added to the time embedding.
+
+        ``temporal``: the seam of video networks (:class:`difflab.nn.motion.MotionUNet`): a callable
+        ``temporal(h, site) -> h`` run after every ResnetBlock and its attention, at the sites
+        :meth:`temporal_sites` names (AnimateDiff's motion modules, Guo et al. 2023, Section 4.2).
+        None leaves the computation untouched.
         """
         # 1. Check inputs
         t = self._check_inputs(x, t, context, context_mask, class_labels, timestep_cond)
@@ -552,8 +566,8 @@ class UNetSD(nn.Module):
         # 3. Down, keeping every output as a skip
         h = self.conv_in(x)
         skips = [h]
-        for block in self.down_blocks:
-            h, out = block(h, emb, context, context_mask)
+        for i, block in enumerate(self.down_blocks):
+            h, out = block(h, emb, context, context_mask, at_site(temporal, f"down_{i}"))
             skips += out
         if (down_block_additional_residuals is not None or mid_block_additional_residual is not None) and self.mid_block is None:
             raise ValueError("ControlNet residuals need SD blocks with a middle block (this UNetSD has block_style='k')")
@@ -562,18 +576,30 @@ class UNetSD(nn.Module):
 
         # 4. Middle
         if self.mid_block is not None:
-            h = self.mid_block(h, emb, context, context_mask)
+            h = self.mid_block(h, emb, context, context_mask, at_site(temporal, "mid"))
         if mid_block_additional_residual is not None:
             h = _add_residuals([h], [mid_block_additional_residual], "mid_block_additional_residual")[0]
 
         # 5. Up, concatenating the skips in reverse order
-        for block in self.up_blocks:
-            h = block(h, skips, emb, context, context_mask)
+        for j, block in enumerate(self.up_blocks):
+            h = block(h, skips, emb, context, context_mask, at_site(temporal, f"up_{j}"))
 
         # 6. Out
         if self.conv_norm_out is not None:
             h = self.conv_act(self.conv_norm_out(h))
         return self.conv_out(h)
+
+    def temporal_sites(self) -> dict[str, tuple[int, int]]:
+        """``{site: (channels, level)}`` of the sites where ``forward``'s ``temporal`` runs, in the
+        order it runs them: ``down_{i}_{k}`` after the k-th ResnetBlock (+ attention) of down level
+        i, ``mid_0`` after the middle attention, ``up_{j}_{k}`` after the k-th of up block j
+        (deepest first, level ``n - 1 - j``): the places of diffusers' ``UNetMotionModel`` motion modules."""
+        c, n = self.config, len(self.config.block_out_channels)
+        sites = {f"down_{i}_{k}": (c.block_out_channels[i], i) for i in range(n) for k in range(c.layers_per_block)}
+        sites["mid_0"] = (c.block_out_channels[-1], n - 1)
+        sites.update({f"up_{j}_{k}": (c.block_out_channels[n - 1 - j], n - 1 - j)
+                      for j in range(n) for k in range(c.layers_per_block + 1)})
+        return sites
 
     def _add_conditions(self, emb, text_embeds, time_ids, b: int) -> torch.Tensor:
         """``emb + add_embedding([text_embeds, sinusoidal(time_ids)])`` (SDXL), after checking the inputs."""
