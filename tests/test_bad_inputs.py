@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from PIL import Image
 
 from difflab.adapters.controlnet import ControlledUNet, ControlNet, ControlNetConfig
@@ -79,6 +80,8 @@ def world(tmp_path_factory):
     (root / "empty").mkdir()
     (root / "sd3").mkdir()  # a pipeline folder's index alone: enough for the checks made before any weights are read
     (root / "sd3" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    # a file whose tensor names are SD3's original layout: single_file_family reads the names alone
+    save_file({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(3, 1)}, str(root / "sd3_file.safetensors"))
     images = root / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
@@ -215,6 +218,12 @@ CLI_CASES = [
     ("sample-model-no-index", ["sample", "--model", "{root}/run", "--prompt", "a", "--out", "{root}/s.png"], 2, "not a model folder"),
     ("sample-model-eta-without-eta", [*SM, "--prompt", "a", "--sampler", "flow_euler", "--eta", "0.5"], 2, "--eta"),
     ("sample-model-dtype-unknown", [*SM, "--prompt", "a", "--dtype", "int8"], 2, "invalid choice"),
+    ("sample-base-needs-model", [*S, "--base", "{root}/sd3"], 2, "--base needs --model"),
+    ("sample-base-with-a-folder", [*SM, "--prompt", "a", "--base", "{root}/sd3"], 2, "single-file"),
+    ("sample-single-file-without-base", ["sample", "--model", "{root}/sd3_file.safetensors", "--prompt", "a", "--out",
+                                         "{root}/s.png"], 2, "--base"),
+    ("sample-base-not-a-folder", ["sample", "--model", "{root}/sd3_file.safetensors", "--base", "{root}/notes.txt", "--prompt",
+                                  "a", "--out", "{root}/s.png"], 2, "not a folder"),
     ("sample-dtype-without-model", [*S, "--dtype", "bfloat16"], 2, "--dtype needs --model"),
     # eval
     ("eval-generated-missing", ["eval", "--generated", "{root}/missing"], 2, "does not exist"),
