@@ -252,6 +252,10 @@ CLI_CASES = [
     ("dreambooth-steps-0", [*DB, "--steps", "0"], 2, "--steps"),
     # memory, bench
     ("memory-preset-unknown", ["memory", "--preset", "nope"], 2, "nope"),
+    ("memory-gpu-gb-0", ["memory", "--preset", "sdxl", "--gpu-gb", "0"], 2, "--gpu-gb"),
+    ("memory-gpu-gb-not-a-family", ["memory", "--preset", "tiny", "--gpu-gb", "12"], 2, "family presets"),
+    ("memory-family-measure", ["memory", "--preset", "flux", "--measure"], 2, "meta device"),
+    ("memory-family-resolution-odd", ["memory", "--preset", "sd3", "--image-size", "1000"], 2, "multiple of 16"),
     ("memory-dit-preset-unknown", ["memory", "--preset", "dit:DiT-XXL/2"], 2, "DiT-XL/2"),
     ("memory-batch-size-0", ["memory", "--preset", "tiny", "--batch-size", "0"], 2, "--batch-size"),
     ("bench-workload-unknown", ["bench", "--quick", "--workloads", "warp_drive"], 2, "warp_drive"),

@@ -2,6 +2,8 @@
 tiny random model is what diffusers' own converters read back to the diffusers weights (SDXL, SD3),
 or is built here key by key from the BFL names (Flux); difflab reads it to the same weights and
 outputs as the diffusers folder, and ``difflab sample --model FILE --base FOLDER`` samples it."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -74,7 +76,9 @@ def test_sdxl_file_loads_to_the_folders_weights_and_outputs(base, sdxl_file):
                                 addition_time_embed_dim=8, sample_size=8,
                                 text_config=enc.text_encoder.config, text_config_2=enc.text_encoder_2.config,
                                 vae_config=folder_parts.vae.config)
-    assert got.unet.config == folder_parts.unet.config  # depths (1, 2), added embedding, linear projections: from shapes
+    want = folder_parts.unet.config  # depth 2 where there is attention, added embedding, linear projections: from shapes
+    assert [got.unet.config.transformer_depth(i) for i in (1,)] == [2] and got.unet.config.projection_class_embeddings_input_dim == 80
+    assert dataclasses.replace(got.unet.config, transformer_layers_per_block=want.transformer_layers_per_block) == want
     for a, b in ((got.unet, folder_parts.unet), (got.text_encoder, enc), (got.vae, folder_parts.vae)):
         same_state(a, b)
     assert got.sampling == folder_parts.sampling and got.diffusion == folder_parts.diffusion
@@ -223,3 +227,27 @@ def test_sample_command_on_a_flux_file_with_its_base_folder(tmp_path):
                  "--steps", "2", "--seed", "1", "--out", str(out), "--device", "cpu"]) == 0
     grid = np.asarray(Image.open(out), dtype=np.float32)
     np.testing.assert_allclose(grid, np.asarray(make_grid(images, nrow=1), dtype=np.float32), atol=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The real sizes: each published architecture is read back from its own tensor shapes (meta device, no memory)
+
+
+def test_real_size_configs_are_read_from_the_original_layouts():
+    from difflab.io.family_files import infer_flux_config, infer_mmdit_config
+    from difflab.io.keymaps import from_difflab
+    from difflab.io.keymaps.unet_sd import original_table
+    from difflab.io.single_file import infer_unet_config
+    from difflab.nn.flux import FluxConfig, FluxTransformer
+    from difflab.nn.mmdit import PRESETS as MMDIT, MMDiT
+    from difflab.nn.unet_sd import PRESETS as UNETS, UNetSD
+    with torch.device("meta"):
+        nets = {"sdxl": UNetSD(UNETS["sdxl"]), "refiner": UNetSD(UNETS["sdxl_refiner"]), "sd3": MMDiT(MMDIT["sd3_medium"]),
+                "sd35": MMDiT(MMDIT["sd35_medium"]), "flux": FluxTransformer(FluxConfig(guidance_embeds=True))}
+    for name in ("sdxl", "refiner"):
+        net = nets[name]
+        original = from_difflab(net.state_dict(), original_table(net.config))
+        assert infer_unet_config(original, sample_size=128) == net.config, name
+    for name in ("sd3", "sd35"):
+        assert infer_mmdit_config(mmdit_original_state(nets[name])) == nets[name].config, name
+    assert infer_flux_config(flux_original_state(nets["flux"])) == nets["flux"].config

@@ -77,9 +77,12 @@ def infer_unet_config(original: dict[str, torch.Tensor], *, num_heads=None, norm
     up = tuple(f"output_blocks.{j * (lpb + 1)}.1.proj_in.weight" in original for j in range(levels))
     proj = _shape(original, "middle_block.1.proj_in.weight", what)
     linear = len(proj) == 2
-    # transformer depth per level (SDXL: (1, 2, 10)); a level without attention takes 1 (unused)
-    depths = tuple(len(_indices(original, rf"input_blocks\.{m}\.1\.transformer_blocks\.(\d+)\.")) or 1 for m in first)
-    depth = depths[0] if len(set(depths)) == 1 else depths
+    # transformer depth: one int when every attention level and the middle agree (SD 1.x / 2.x, the SDXL
+    # refiner), else one per level (SDXL base: (1, 2, 10)), a level without attention taking 1 (unused)
+    mid = len(_indices(original, r"middle_block\.1\.transformer_blocks\.(\d+)\."))
+    depths = [len(_indices(original, rf"input_blocks\.{m}\.1\.transformer_blocks\.(\d+)\.")) for m in first]
+    used = {d for d in depths if d} | {mid}
+    depth = used.pop() if len(used) == 1 else tuple(d or 1 for d in depths)
     context = _shape(original, "middle_block.1.transformer_blocks.0.attn2.to_k.weight", what)[1]
     if num_heads is None and linear and any(w % 64 for w in widths):
         raise ValueError(f"cannot infer the U-Net's heads: widths {widths} are not multiples of SD 2.x's 64-wide heads; "
