@@ -73,3 +73,26 @@ def test_memory_command_prints_a_family_plan(capsys):
     assert main(["memory", "--preset", "flux-schnell", "--precision", "bf16", "--image-size", "512", "--gpu-gb", "12"]) == 0
     out = capsys.readouterr().out
     assert "11.891 B params" in out and "512x512" in out and "on a 12 GiB GPU: sequential offload + VAE tiling" in out
+
+
+def test_offload_blocks_keeps_blocks_on_the_cpu_between_calls():
+    """Sequential offload: the blocks' weights stay on the CPU and reach the device only while they run;
+    every other weight is on the device (the meta device here: no GPU needed, nothing allocated)."""
+    from difflab.nn.flux import FluxConfig, FluxTransformer
+    from difflab.perf.families import denoiser_blocks
+    from difflab.perf.memory import offload_blocks
+    net = FluxTransformer(FluxConfig(num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+                                     in_channels=16, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8)))
+    blocks = denoiser_blocks(net)
+    assert len(blocks) == 3
+    hooks = offload_blocks(net, "meta", blocks)
+    assert len(hooks) == 3 and net.x_embedder.weight.device.type == "meta" and net.proj_out.weight.device.type == "meta"
+    seen = []
+    blocks[1].register_forward_pre_hook(lambda m, a: seen.append(next(m.parameters()).device.type))
+    m = dict(device="meta")
+    with torch.no_grad():
+        out = net(torch.empty(1, 4, 4, 4, **m), torch.empty(1, **m), context=torch.empty(1, 3, 32, **m),
+                  pooled=torch.empty(1, 32, **m))
+    assert out.shape == (1, 4, 4, 4) and out.device.type == "meta"
+    assert seen == ["meta"]  # on the device while it ran ...
+    assert {p.device.type for b in blocks for p in b.parameters()} == {"cpu"}  # ... and back on the CPU after

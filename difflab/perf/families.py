@@ -14,8 +14,8 @@ cheapest to slowest (Rajbhandari et al. 2021, "ZeRO-Infinity", for the offload i
 - ``model offload``: each component moved to the GPU only while it runs
   (:func:`difflab.perf.memory.offload` on each); peak = the largest (weights + work) of one component;
 - ``model offload + VAE tiling``: the same, the decode in tiles (``vae.decode(z, tiled=True)``);
-- ``sequential offload + VAE tiling``: the denoiser's blocks too (``offload`` on each block; diffusers'
-  ``enable_sequential_cpu_offload``): its resident weights are its non-block layers and one block.
+- ``sequential offload + VAE tiling``: the denoiser's blocks too (:func:`difflab.perf.memory.offload_blocks`;
+  diffusers' ``enable_sequential_cpu_offload``): its resident weights are its non-block layers and one block.
 
 :func:`suggest` picks the first that fits a GPU, leaving 10% of it for the CUDA context and the
 allocator's fragmentation.
@@ -283,9 +283,9 @@ HOW = {
     "gpu": "everything on the GPU",
     "model offload": "offload each component: difflab.perf.memory.offload(text_encoder / vae, 'cuda'), the denoiser on the GPU",
     "model offload + VAE tiling": "offload each component and decode in tiles: vae.decode(z, tiled=True)",
-    "sequential offload + VAE tiling": "offload the denoiser block by block (offload() on each of "
-                                       "difflab.perf.families.denoiser_blocks(net)) and decode in tiles; slow: every step "
-                                       "reads the weights over PCIe",
+    "sequential offload + VAE tiling": "offload the denoiser block by block (difflab.perf.memory.offload_blocks(net, "
+                                       "'cuda', difflab.perf.families.denoiser_blocks(net))), the other components too, and "
+                                       "decode in tiles; slow: every step reads the weights over PCIe",
 }
 
 
