@@ -208,6 +208,9 @@ def test_flux_file_loads_to_the_folders_weights_and_outputs(tmp_path, prefix):
     torch.testing.assert_close(out, want, atol=0, rtol=0)
     with pytest.raises(ValueError, match="axes_dims_rope"):
         load_flux_single_file(tmp_path / "flux1.safetensors")  # 16-wide heads: no published RoPE split to assume
+    half = load_flux_single_file(tmp_path / "flux1.safetensors", axes_dims_rope=FLUX_TINY["axes_dims_rope"], dtype=torch.bfloat16)
+    assert {p.dtype for p in half.transformer.parameters()} == {torch.bfloat16}
+    assert torch.equal(half.transformer.x_embedder.weight, folder_net.x_embedder.weight.bfloat16())
 
 
 def test_sample_command_on_a_flux_file_with_its_base_folder(tmp_path):
