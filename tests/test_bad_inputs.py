@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from PIL import Image
 
 from difflab.adapters.controlnet import ControlledUNet, ControlNet, ControlNetConfig
@@ -86,6 +87,8 @@ def world(tmp_path_factory):
     (root / "sd3" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
     (root / "x4").mkdir()  # an upscaler folder's index alone: --image is checked before any weights are read
     (root / "x4" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionUpscalePipeline"}))
+    # a file whose tensor names are SD3's original layout: single_file_family reads the names alone
+    save_file({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(3, 1)}, str(root / "sd3_file.safetensors"))
     images = root / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
@@ -228,6 +231,12 @@ CLI_CASES = [
     ("sample-model-no-index", ["sample", "--model", "{root}/run", "--prompt", "a", "--out", "{root}/s.png"], 2, "not a model folder"),
     ("sample-model-eta-without-eta", [*SM, "--prompt", "a", "--sampler", "flow_euler", "--eta", "0.5"], 2, "--eta"),
     ("sample-model-dtype-unknown", [*SM, "--prompt", "a", "--dtype", "int8"], 2, "invalid choice"),
+    ("sample-base-needs-model", [*S, "--base", "{root}/sd3"], 2, "--base needs --model"),
+    ("sample-base-with-a-folder", [*SM, "--prompt", "a", "--base", "{root}/sd3"], 2, "single-file"),
+    ("sample-single-file-without-base", ["sample", "--model", "{root}/sd3_file.safetensors", "--prompt", "a", "--out",
+                                         "{root}/s.png"], 2, "--base"),
+    ("sample-base-not-a-folder", ["sample", "--model", "{root}/sd3_file.safetensors", "--base", "{root}/notes.txt", "--prompt",
+                                  "a", "--out", "{root}/s.png"], 2, "not a folder"),
     ("sample-dtype-without-model", [*S, "--dtype", "bfloat16"], 2, "--dtype needs --model"),
     ("sample-image-without-model", [*S, "--image", "{root}/big.png"], 2, "--image needs --model"),
     ("sample-image-to-a-text-model", [*SM, "--prompt", "a", "--image", "{root}/big.png"], 2, "--image: image is for upscaler folders"),
@@ -263,6 +272,10 @@ CLI_CASES = [
     ("dreambooth-steps-0", [*DB, "--steps", "0"], 2, "--steps"),
     # memory, bench
     ("memory-preset-unknown", ["memory", "--preset", "nope"], 2, "nope"),
+    ("memory-gpu-gb-0", ["memory", "--preset", "sdxl", "--gpu-gb", "0"], 2, "--gpu-gb"),
+    ("memory-gpu-gb-not-a-family", ["memory", "--preset", "tiny", "--gpu-gb", "12"], 2, "family presets"),
+    ("memory-family-measure", ["memory", "--preset", "flux", "--measure"], 2, "meta device"),
+    ("memory-family-resolution-odd", ["memory", "--preset", "sd3", "--image-size", "1000"], 2, "multiple of 16"),
     ("memory-dit-preset-unknown", ["memory", "--preset", "dit:DiT-XXL/2"], 2, "DiT-XL/2"),
     ("memory-moe-dit-preset-unknown", ["memory", "--preset", "moe-dit:DiT-XXL/2"], 2, "DiT-XL/2"),
     ("memory-batch-size-0", ["memory", "--preset", "tiny", "--batch-size", "0"], 2, "--batch-size"),

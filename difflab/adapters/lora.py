@@ -42,7 +42,7 @@ from torch import nn
 from ..io.checkpoint import load_checkpoint, save_checkpoint
 from ..io.keymaps import TRANSFORMS
 from ..io.keymaps import lora as keymap
-from ..io.lora_files import LORA_FILE, LORA_KIND, component_config, config_alpha, read_lora_file, write_diffusers_lora
+from ..io.lora_files import LORA_FILE, LORA_KIND, component_config, config_alpha, kohya_to_peft, read_lora_file, write_diffusers_lora
 from .surgery import matches, outermost, replace_module, select
 
 
@@ -437,7 +437,8 @@ def _fit(t: torch.Tensor, shape: tuple, key: str) -> torch.Tensor:
 
 
 def load_lora_weights(model: nn.Module, source, format: str = "auto", name: str = "default", *, prefix: str = "unet.",
-                      alpha=None, weight: float = 1.0, config: dict | None = None, module_table=None) -> list[str]:
+                      alpha=None, weight: float = 1.0, config: dict | None = None, module_table=None,
+                      fused=None) -> list[str]:
     """Load a LoRA file users have into ``model`` as adapter ``name`` (Hu et al. 2021, eq. 3); returns the adapted modules.
 
     ``source``: a state dict, a ``.safetensors`` file, or a directory (difflab's ``lora.safetensors``,
@@ -448,6 +449,9 @@ def load_lora_weights(model: nn.Module, source, format: str = "auto", name: str 
     ``lora_unet_``, ``lora_te_`` follow from it); keys of other components are skipped.
     ``module_table``: key-map rows ``(foreign, difflab)`` when module paths are spelled in another
     layout (e.g. :func:`difflab.io.keymaps.unet_sd.original_table` for kohya's SDXL names).
+    ``fused``: with a kohya file and ``module_table``, the table's fused layers (e.g.
+    :data:`difflab.io.keymaps.flux.FUSED` for kohya's ``lora_unet_double_blocks_*_img_attn_qkv``):
+    a LoRA on one is split over its pieces (:func:`difflab.io.lora_files.kohya_to_peft`).
 
     alpha per module, first found: the ``alpha`` argument (a number, or ``{pattern: alpha}`` with
     PEFT's pattern rule), the file's ``.alpha`` key (kohya), ``config`` or the file's own config
@@ -460,6 +464,12 @@ def load_lora_weights(model: nn.Module, source, format: str = "auto", name: str 
     tensors, file_config = read_lora_file(source)
     if format == "auto":
         format = "difflab" if file_config.get("kind") == LORA_KIND else keymap.detect_format(tensors)
+    if fused is not None:
+        if format != "kohya" or module_table is None:
+            raise ValueError("fused= is for kohya files whose module paths a module_table spells (e.g. Flux's BFL names)")
+        kohya_prefix = next((ps[0] for p, ps in keymap.KOHYA_PREFIXES if p == prefix), "lora_" + prefix.rstrip(".") + "_")
+        tensors = kohya_to_peft(tensors, adaptable_modules(model), kohya_prefix=kohya_prefix, table=module_table, fused=fused)
+        return _load(model, tensors, config or {}, "peft", name, prefix="", alpha=alpha, weight=weight, module_table=None)
     config = component_config(file_config, prefix) if config is None else dict(config)
     if config.get("use_dora") or config.get("lora_bias"):
         raise ValueError("the LoRA config asks for DoRA or lora_bias, which difflab's LoRA does not load")

@@ -8,7 +8,7 @@ from PIL import Image, UnidentifiedImageError
 from ..io.images import save_grid
 from ..pipelines import sample_checkpoint
 from ..pipelines.checkpoint import sampling_defaults
-from ..pipelines.folder import IMAGE_FAMILIES, check_image_request, model_family, sample_folder
+from ..pipelines.folder import IMAGE_FAMILIES, SINGLE_FILE_FAMILIES, check_image_request, model_family, sample_folder
 from ..pipelines.options import DTYPES
 from ..samplers import ETA_SAMPLERS, SAMPLERS
 from .common import (UsageError, device, device_name, finite_float, image_checkpoint, non_negative_float, non_negative_int,
@@ -23,7 +23,10 @@ def add_arguments(s) -> None:
     s.add_argument("--checkpoint", type=Path, default=None, help="checkpoint.safetensors or the run directory holding it")
     s.add_argument("--model", type=Path, default=None,
                    help="instead of --checkpoint: a text-to-image model folder (difflab demo --text, difflab distill "
-                        "--method lcm|lcm-lora, a diffusers Stable Diffusion or Flux folder), sampled from --prompt")
+                        "--method lcm|lcm-lora, a diffusers Stable Diffusion, SDXL, SD3 or Flux folder, or an SDXL / SD3 / Flux single file with --base), sampled from --prompt")
+    s.add_argument("--base", type=Path, default=None,
+                   help="--model FILE.safetensors (an SDXL, SD3 or Flux single file): a diffusers folder of the same family "
+                        "supplying its tokenizers and scheduler (Flux: also its text encoders and autoencoder)")
     s.add_argument("--prompt", action="append", default=None, help="--model: a prompt (repeat for several)")
     s.add_argument("--negative-prompt", default=None, help="--model: the negative prompt (default: empty)")
     s.add_argument("--image", type=Path, default=None,
@@ -54,7 +57,8 @@ def run(args) -> int:
     if args.model is not None:
         return run_model(args)
     for flag, value in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt), ("--height", args.height),
-                        ("--width", args.width), ("--dtype", args.dtype), ("--image", args.image)):
+                        ("--width", args.width), ("--dtype", args.dtype), ("--image", args.image),
+                        ("--base", args.base)):
         if value is not None:
             raise UsageError(f"{flag} needs --model (a text-to-image model folder); a --checkpoint takes --classes or --num")
     # 1. Check everything that can be checked before the weights are read.
@@ -88,6 +92,15 @@ def run_model(args) -> int:
     if args.classes is not None:
         raise UsageError("--classes is for class-conditional checkpoints; --model samples from --prompt")
     family = model_family(args.model)
+    if args.base is not None:
+        if family not in SINGLE_FILE_FAMILIES:
+            raise UsageError(f"--base is for single-file checkpoints ({', '.join(SINGLE_FILE_FAMILIES)}); {args.model} is a "
+                             f"{family} model, which holds everything itself")
+        if not args.base.is_dir():
+            raise UsageError(f"--base {args.base} is not a folder (give a diffusers pipeline folder of the same family)")
+    elif family in SINGLE_FILE_FAMILIES:
+        raise UsageError(f"{args.model} is a {family} checkpoint: it holds no tokenizer or scheduler; pass --base FOLDER, "
+                         "a diffusers folder of the same family")
     image = read_image_argument(args.image, family)
     given = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)
     overrides = dict({k: v for k, v in given.items() if v is not None}, seed=args.seed, device=device(args.device))
@@ -99,7 +112,8 @@ def run_model(args) -> int:
     prompts = [p for p in args.prompt for _ in range(args.num or 1)]
     print(f"{family} model {args.model}: {len(prompts)} images")
     images = sample_folder(args.model, prompts, negative_prompts=args.negative_prompt, height=args.height,
-                           width=args.width, dtype=DTYPES[args.dtype] if args.dtype else None, image=image, **overrides)
+                           width=args.width, dtype=DTYPES[args.dtype] if args.dtype else None, image=image, base=args.base,
+                           **overrides)
     path = save_grid(images, args.out, nrow=min(10, len(images)))
     print(f"wrote {len(images)} samples to {path}")
     return 0

@@ -146,14 +146,14 @@ def _num_levels(original: dict[str, torch.Tensor]) -> int:
 
 def load_sd_vae_from_single_file(tensors, config: VAEConfig | None = None, *, prefix: str = ORIGINAL_PREFIX,
                                  norm_num_groups: int = 32, scaling_factor: float = 0.18215,
-                                 dtype: torch.dtype | None = None) -> AutoencoderKL:
+                                 shift_factor: float | None = None, dtype: torch.dtype | None = None) -> AutoencoderKL:
     """An :class:`AutoencoderKL` from the autoencoder of a single-file Stable Diffusion checkpoint.
 
     ``tensors``: the checkpoint's tensors (a dict, or the path of a ``.safetensors`` file); the
     keys under ``prefix`` (``"first_stage_model."``; ``""`` for a bare autoencoder state dict)
     are read in the original latent-diffusion layout. Without ``config``, the architecture is
     read from the tensor shapes (:func:`infer_vae_config`, with ``norm_num_groups`` and
-    ``scaling_factor``). Training leftovers under ``loss.`` (LPIPS, discriminator) are skipped.
+    ``scaling_factor``, ``shift_factor``: SD3's 16-channel autoencoder has both). Training leftovers under ``loss.`` (LPIPS, discriminator) are skipped.
     """
     if not isinstance(tensors, dict):
         tensors = load_file(str(tensors))
@@ -165,7 +165,8 @@ def load_sd_vae_from_single_file(tensors, config: VAEConfig | None = None, *, pr
     num_levels = len(config.block_out_channels) if config is not None else _num_levels(original)
     state = to_difflab(original, ORIGINAL, num_levels=num_levels)
     if config is None:
-        config = infer_vae_config(state, norm_num_groups=norm_num_groups, scaling_factor=scaling_factor)
+        config = infer_vae_config(state, norm_num_groups=norm_num_groups, scaling_factor=scaling_factor,
+                                  shift_factor=shift_factor)
     return _load_renamed(config, state, f"single-file Stable Diffusion autoencoder (prefix {prefix!r})", dtype)
 
 

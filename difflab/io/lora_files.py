@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .checkpoint import METADATA_KEY, _atomic_write
+from .keymaps import TRANSFORMS, rename_key
 from .keymaps import lora as keymap
 
 LORA_KIND = "difflab.lora"
@@ -95,5 +97,65 @@ def write_diffusers_lora(path, tensors: dict[str, torch.Tensor], lora_config: di
     return path
 
 
-__all__ = ["LORA_KIND", "LORA_FILE", "DIRECTORY_FILES", "PEFT_CONFIG_FILE", "DIFFUSERS_METADATA_KEY", "DIFFUSERS_FILE",
+def _kohya_pattern(template: str) -> re.Pattern:
+    """A key-map template (``double_blocks.{i}.img_attn.qkv.``) as kohya spells a module path: dots as ``_``."""
+    parts = re.split(r"\{(\w+)\}", template.rstrip("."))
+    rx = "".join(re.escape(p.replace(".", "_")) if i % 2 == 0 else f"(?P<{p}>\\d+)" for i, p in enumerate(parts))
+    return re.compile(rx + "$")
+
+
+def kohya_to_peft(tensors: dict[str, torch.Tensor], module_names, *, kohya_prefix: str, table, fused=()) -> dict[str, torch.Tensor]:
+    """A kohya LoRA whose module paths are spelled in a foreign layout (``table``: key-map rows
+    ``(foreign, difflab[, transform])``, e.g. Black Forest Labs' Flux names) as a PEFT-layout LoRA on
+    difflab's module names (``{module}.lora_A.weight``, ``.lora_B.weight``, ``.alpha``).
+
+    A LoRA on a *fused* foreign layer (``fused``: rows ``(fused template, piece templates,
+    proportions)`` as :func:`difflab.io.keymaps.split_fused` takes; Flux's ``img_attn.qkv`` and
+    ``linear1``, SD3's ``attn.qkv``) adapts every piece: Delta W = B A, so piece i gets the same A and
+    the rows of B that are its rows of the fused weight. A row whose weight transform reorders rows
+    (``swap_halves``) reorders B's rows the same way. ``module_names``: the model's adaptable modules.
+    Keys outside ``kohya_prefix`` are dropped; a path that names no module is a ValueError.
+    """
+    spelled = {}  # kohya path -> (difflab module, transform of its weight)
+    for name in module_names:
+        foreign, transform = rename_key(name + ".weight", table, reverse=True)
+        spelled[foreign[: -len(".weight")].replace(".", "_")] = (name, transform)
+    fused = [(_kohya_pattern(t), pieces, shares) for t, pieces, shares in fused]
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if not key.startswith(kohya_prefix):
+            continue
+        path, _, role = key[len(kohya_prefix):].partition(".")
+        groups.setdefault(path, {})[role] = value
+    out, unknown = {}, []
+    for path, parts in groups.items():
+        if not {"lora_down.weight", "lora_up.weight"} <= set(parts):
+            raise ValueError(f"kohya LoRA module {kohya_prefix}{path} lacks its lora_down or lora_up weight")
+        A, B, alpha = parts["lora_down.weight"], parts["lora_up.weight"], parts.get("alpha")
+        if path in spelled:
+            targets = [(spelled[path], B)]
+        else:
+            match = next(((m, pieces, shares) for rx, pieces, shares in fused for m in [rx.match(path)] if m), None)
+            if match is None:
+                unknown.append(kohya_prefix + path)
+                continue
+            m, pieces, shares = match
+            unit, left = divmod(B.shape[0], sum(shares))
+            names = [piece.format(**m.groupdict()).rstrip(".").replace(".", "_") for piece in pieces]
+            if left or any(n not in spelled for n in names):
+                unknown.append(kohya_prefix + path)
+                continue
+            targets = [(spelled[n], b) for n, b in zip(names, B.split([unit * s for s in shares], dim=0))]
+        for (name, transform), b in targets:
+            if transform is not None:
+                b = TRANSFORMS[transform][0](b)
+            out[f"{name}.lora_A.weight"], out[f"{name}.lora_B.weight"] = A, b.contiguous()
+            if alpha is not None:
+                out[f"{name}.alpha"] = alpha
+    if unknown:
+        raise ValueError(f"{len(unknown)} kohya LoRA modules name no layer of the model: {unknown[:10]}")
+    return out
+
+
+__all__ = ["kohya_to_peft", "LORA_KIND", "LORA_FILE", "DIRECTORY_FILES", "PEFT_CONFIG_FILE", "DIFFUSERS_METADATA_KEY", "DIFFUSERS_FILE",
            "read_lora_file", "component_config", "config_alpha", "write_diffusers_lora"]

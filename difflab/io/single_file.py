@@ -54,12 +54,13 @@ def _indices(state: dict, pattern: str) -> list[int]:
 
 
 def infer_unet_config(original: dict[str, torch.Tensor], *, num_heads=None, norm_num_groups: int = 32,
-                      sample_size: int = 64) -> UNetSDConfig:
+                      sample_size: int = 64, addition_time_embed_dim: int = 256) -> UNetSDConfig:
     """The :class:`UNetSDConfig` of an original-layout U-Net state dict (no prefix), from tensor shapes.
 
     ``num_heads`` (an int or one per level) is not stored in the weights; None means Stable
     Diffusion's rule: 8 heads with 1x1-conv projections (SD 1.x), ``width / 64`` heads with linear
-    projections (SD 2.x).
+    projections (SD 2.x and XL). SDXL's added-condition embedding (``label_emb``) and per-level
+    transformer depths are read from the tensors; the sinusoid width of its time ids is not (256).
     """
     what = "U-Net"
     blocks = _indices(original, r"input_blocks\.(\d+)\.")
@@ -76,7 +77,12 @@ def infer_unet_config(original: dict[str, torch.Tensor], *, num_heads=None, norm
     up = tuple(f"output_blocks.{j * (lpb + 1)}.1.proj_in.weight" in original for j in range(levels))
     proj = _shape(original, "middle_block.1.proj_in.weight", what)
     linear = len(proj) == 2
-    depth = len(_indices(original, r"middle_block\.1\.transformer_blocks\.(\d+)\."))
+    # transformer depth: one int when every attention level and the middle agree (SD 1.x / 2.x, the SDXL
+    # refiner), else one per level (SDXL base: (1, 2, 10)), a level without attention taking 1 (unused)
+    mid = len(_indices(original, r"middle_block\.1\.transformer_blocks\.(\d+)\."))
+    depths = [len(_indices(original, rf"input_blocks\.{m}\.1\.transformer_blocks\.(\d+)\.")) for m in first]
+    used = {d for d in depths if d} | {mid}
+    depth = used.pop() if len(used) == 1 else tuple(d or 1 for d in depths)
     context = _shape(original, "middle_block.1.transformer_blocks.0.attn2.to_k.weight", what)[1]
     if num_heads is None and linear and any(w % 64 for w in widths):
         raise ValueError(f"cannot infer the U-Net's heads: widths {widths} are not multiples of SD 2.x's 64-wide heads; "
@@ -85,10 +91,14 @@ def infer_unet_config(original: dict[str, torch.Tensor], *, num_heads=None, norm
         num_heads = tuple(w // 64 for w in widths) if linear else 8
     heads = (num_heads,) * levels if isinstance(num_heads, int) else tuple(num_heads)
     conv_in, conv_out = _shape(original, "input_blocks.0.0.weight", what), _shape(original, "out.2.weight", what)
+    added = {}
+    if "label_emb.0.0.weight" in original:  # SDXL's pooled text + micro-conditioning (Podell et al. 2023, Section 2.2)
+        added = dict(addition_embed_type="text_time", addition_time_embed_dim=addition_time_embed_dim,
+                     projection_class_embeddings_input_dim=original["label_emb.0.0.weight"].shape[1])
     return UNetSDConfig(in_channels=conv_in[1], out_channels=conv_out[0], block_out_channels=widths, layers_per_block=lpb,
                         down_attention=down, up_attention=up, num_heads=heads, cross_attention_dim=context,
                         transformer_layers_per_block=depth, use_linear_projection=linear, norm_num_groups=norm_num_groups,
-                        sample_size=sample_size)
+                        sample_size=sample_size, **added)
 
 
 def infer_clip_text_config(state: dict[str, torch.Tensor], *, hidden_act: str = "quick_gelu", num_heads: int | None = None,

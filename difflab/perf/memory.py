@@ -172,6 +172,22 @@ def offload(module: nn.Module, device, *, pin_memory: bool = True) -> Offloaded 
     return Offloaded(module, device)
 
 
+def offload_blocks(net: nn.Module, device, blocks) -> list[Offloaded | None]:
+    """Sequential CPU offload (diffusers' ``enable_sequential_cpu_offload``, by block): each module of
+    ``blocks`` (inside ``net``) keeps its weights on the CPU and has them on ``device`` only while it
+    runs (:func:`offload`); every other parameter and buffer of ``net`` (embeddings, final layers)
+    moves to ``device`` now. The peak is then those layers, one block and the activations. Inference only."""
+    device = torch.device(device)
+    inside = {id(t) for b in blocks for t in itertools.chain(b.parameters(), b.buffers())}
+    for m in net.modules():
+        for kind in ("_parameters", "_buffers"):
+            for name, t in list(getattr(m, kind).items()):
+                if t is not None and id(t) not in inside:
+                    moved = t.detach().to(device)
+                    getattr(m, kind)[name] = nn.Parameter(moved, t.requires_grad) if kind == "_parameters" else moved
+    return [offload(b, device) for b in blocks]
+
+
 # ----------------------------------------------------------------------------------------------
 # Networks and their inputs
 
@@ -530,6 +546,6 @@ def format_estimate(est: dict, measured: dict | None = None) -> str:
 
 
 __all__ = ["set_gradient_checkpointing", "sliced_attention", "enable_attention_slicing", "disable_attention_slicing",
-           "offload", "Offloaded", "resolve_network", "example_inputs", "step_loss", "make_optimizer", "estimate_memory",
+           "offload", "offload_blocks", "Offloaded", "resolve_network", "example_inputs", "step_loss", "make_optimizer", "estimate_memory",
            "measure_peak", "format_bytes", "format_estimate"]
 

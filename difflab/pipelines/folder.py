@@ -18,6 +18,7 @@ A new family is one entry.
 | ``stable-diffusion`` | ``model_index.json`` of a ``StableDiffusion*Pipeline`` (1.x / 2.x) | the scheduler's sampler and spacing, guidance 7.5 |
 | ``flux`` | ``model_index.json`` naming a ``FluxTransformer2DModel`` transformer | flow Euler, 28 steps, guidance 3.5, 1024 x 1024 (diffusers'); :func:`~difflab.pipelines.flux.flux_text_to_image` |
 | ``sd-upscaler`` | ``model_index.json`` of a ``StableDiffusionUpscalePipeline`` (x4) or ``StableDiffusionLatentUpscalePipeline`` (x2) | the scheduler's sampler and grid, 75 steps, guidance 9; needs ``image=`` (the size comes from it); :func:`~difflab.pipelines.upscale.upscale` |
+| ``sdxl-file``, ``sd3-file``, ``flux-file`` | a ``.safetensors`` single file in the family's original layout (:func:`~difflab.io.family_files.single_file_family`, from tensor names) | as the family's folder; ``base=`` (a diffusers folder of the family) supplies tokenizers, scheduler and, for Flux, text encoders and autoencoder |
 
 The diffusers folders' scheduler gives their defaults: its timestep spacing and offset, and the
 sampler that does what its scheduler class does (:data:`SCHEDULER_SAMPLERS`; DDIM otherwise).
@@ -33,6 +34,7 @@ import torch
 from ..adapters import load_lora_weights
 from ..core.consistency import ConsistencyFunction
 from ..io.diffusers_folder import load_diffusers_folder
+from ..io.family_files import load_flux_single_file, load_sd3_single_file, load_sdxl_single_file, single_file_family
 from ..io.flux_folder import is_flux_folder, load_flux_folder
 from ..io.sd3_folder import is_sd3_folder, load_sd3_folder
 from ..io.sdxl_folder import is_sdxl_folder, load_sdxl_folder
@@ -113,32 +115,32 @@ def _sample_difflab(folder, prompts, request, options, overrides, dtype):
     return sample_text_model(model, prompts, options=opts, **request)
 
 
-def _sample_sd3(folder, prompts, request, options, overrides, dtype):
+def _sample_sd3(folder, prompts, request, options, overrides, dtype, parts=None):
     device = _device(options, overrides)
-    parts = load_sd3_folder(folder, device=device, dtype=dtype)
+    parts = parts or load_sd3_folder(folder, device=device, dtype=dtype)
     opts = resolve(options, SD3_DEFAULTS, overrides).replace(device=device)
     return sd3_text_to_image(parts.denoiser, parts.text_encoder, parts.vae, prompts, shift=parts.sampling["shift"],
                              options=opts, **request)
 
 
-def _sample_flux(folder, prompts, request, options, overrides, dtype):
+def _sample_flux(folder, prompts, request, options, overrides, dtype, parts=None):
     """Flux (T5 and CLIP, the size-shifted grid, the guidance scale as an input of FLUX.1-dev);
     a negative prompt needs ``true_cfg_scale``, which only the Python call takes."""
     if request.get("negative_prompts") is not None:
         raise ValueError("a Flux model takes a negative prompt only with true_cfg_scale > 1: call "
                          "difflab.pipelines.flux.flux_text_to_image(..., negative_prompts=, true_cfg_scale=)")
     device = _device(options, overrides)
-    flux = load_flux_folder(folder, device=device, dtype=dtype)
+    flux = parts or load_flux_folder(folder, device=device, dtype=dtype)
     size = DEFAULT_LATENT_SIZE * flux.vae.downsample_factor
     opts = resolve(options, FLUX_DEFAULTS, overrides).replace(device=device)
     return flux_text_to_image(flux, prompts, height=request["height"] or size, width=request["width"] or size,
                               output_type=request["output_type"], options=opts)
 
 
-def _sample_diffusers(folder, prompts, request, options, overrides, dtype, *, sdxl: bool):
+def _sample_diffusers(folder, prompts, request, options, overrides, dtype, *, sdxl: bool, parts=None):
     device = _device(options, overrides)
     load = load_sdxl_folder if sdxl else load_diffusers_folder
-    parts = load(folder, device=device, dtype=dtype)
+    parts = parts or load(folder, device=device, dtype=dtype)
     opts = resolve(options, folder_defaults(parts.sampling, sdxl), overrides).replace(device=device)
     args = (parts.denoiser, parts.text_encoder, parts.vae, prompts)
     if sdxl:
@@ -157,6 +159,28 @@ def _sample_upscaler(folder, prompts, request, options, overrides, dtype):
     opts = resolve(options, upscaler_defaults(parts), overrides).replace(device=device)
     return upscale(parts, prompts, request["image"], negative_prompts=request["negative_prompts"],
                    output_type=request["output_type"], options=opts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Single files: the family's loader, then the same sampling as its folder
+
+
+def _single_file(family: str, load, sample):
+    """A :data:`MODEL_FOLDERS` entry's ``(detect, sample)`` for one family's single files: the file
+    is read with ``load(path, base=request["base"])`` and sampled as that family's folder."""
+    def detect(path) -> bool:
+        return single_file_family(path) == family
+
+    def run(path, prompts, request, options, overrides, dtype):
+        request = dict(request)
+        base = request.pop("base", None)
+        if base is None:
+            raise ValueError(f"{path} is a single-file {family} checkpoint: it holds no tokenizer or scheduler"
+                             f"{' (nor text encoders or autoencoder)' if family == 'flux' else ''}; pass base= "
+                             f"(difflab sample --base FOLDER), a diffusers {family} folder to take them from")
+        parts = load(path, base=base, device=_device(options, overrides), dtype=dtype)
+        return sample(path, prompts, request, options, overrides, dtype, parts=parts)
+    return detect, run
 
 
 def pipeline_class(folder) -> str:
@@ -181,7 +205,12 @@ MODEL_FOLDERS = [
     ("sd-upscaler", is_upscaler_folder, _sample_upscaler),  # before stable-diffusion: its class name starts alike
     ("sdxl", is_sdxl_folder, lambda *a: _sample_diffusers(*a, sdxl=True)),
     ("stable-diffusion", is_stable_diffusion, lambda *a: _sample_diffusers(*a, sdxl=False)),
+    ("sdxl-file", *_single_file("sdxl", load_sdxl_single_file, lambda *a, **k: _sample_diffusers(*a, sdxl=True, **k))),
+    ("sd3-file", *_single_file("sd3", load_sd3_single_file, _sample_sd3)),
+    ("flux-file", *_single_file("flux", load_flux_single_file, _sample_flux)),
 ]
+# the entries that read a single file, and take base= (the folder supplying what the file lacks)
+SINGLE_FILE_FAMILIES = ("sdxl-file", "sd3-file", "flux-file")
 
 
 # the layouts that take a low-resolution image (``image=``, ``difflab sample --image``)
@@ -192,7 +221,8 @@ def model_family(folder) -> str:
     """The name of the :data:`MODEL_FOLDERS` layout ``folder`` has; an error naming them otherwise."""
     folder = Path(folder)
     if not folder.exists():
-        raise FileNotFoundError(f"{folder} is not a folder (give a model folder: {', '.join(n for n, _, _ in MODEL_FOLDERS)})")
+        raise FileNotFoundError(f"{folder} is not a folder or a single file (give one of: "
+                                f"{', '.join(n for n, _, _ in MODEL_FOLDERS)})")
     for name, detect, _ in MODEL_FOLDERS:
         if detect(folder):
             return name
@@ -213,22 +243,28 @@ def check_image_request(family: str, image) -> None:
 @torch.no_grad()
 def sample_folder(folder, prompts, *, negative_prompts=None, height: int | None = None, width: int | None = None,
                   options: SampleOptions | None = None, dtype: torch.dtype | None = None, output_type: str = "pt",
-                  image=None, **overrides) -> torch.Tensor:
+                  image=None, base=None, **overrides) -> torch.Tensor:
     """Images (N, C, H, W) in [-1, 1], one per prompt, from the model in ``folder`` (any layout of
     :data:`MODEL_FOLDERS`) with its family's defaults; ``options`` / ``overrides`` as the
     pipelines'; ``device`` also loads the weights there (default CPU), ``dtype`` casts them
     (sampling arithmetic stays float32); ``output_type`` as the pipelines' (``"pt"``, ``"latent"``, ...).
     ``image``: the low-resolution image(s) an upscaler folder (:data:`IMAGE_FAMILIES`) needs, and
-    no other takes (a (N or 1, C, H, W) tensor in [-1, 1], or Pillow images)."""
+    no other takes (a (N or 1, C, H, W) tensor in [-1, 1], or Pillow images); ``base``: for a single
+    file, a diffusers folder of its family supplying what the file lacks."""
     family = model_family(folder)
     check_image_request(family, image)
     sample = next(fn for name, _, fn in MODEL_FOLDERS if name == family)
     request = dict(negative_prompts=negative_prompts, height=height, width=width, output_type=output_type)
     if image is not None:
         request["image"] = image
+    if base is not None:
+        if family not in SINGLE_FILE_FAMILIES:
+            raise ValueError(f"base= is for single-file checkpoints ({', '.join(SINGLE_FILE_FAMILIES)}); {folder} is a "
+                             f"{family} model, which holds everything itself")
+        request["base"] = base
     return sample(folder, prompts, request, options, overrides, dtype)
 
 
 __all__ = ["sample_folder", "folder_defaults", "SCHEDULER_SAMPLERS", "MODEL_FOLDERS", "model_family", "load_text_model",
            "model_options", "sample_text_model", "pipeline_class", "is_stable_diffusion", "IMAGE_FAMILIES",
-           "check_image_request"]
+           "check_image_request", "SINGLE_FILE_FAMILIES"]

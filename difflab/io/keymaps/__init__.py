@@ -35,9 +35,17 @@ def _linear_to_conv1x1(t: torch.Tensor) -> torch.Tensor:
     return t[:, :, None, None] if t.ndim == 2 else t
 
 
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    """[a; b] -> [b; a] along dim 0 (its own inverse): an adaptive norm's (shift, scale) rows in the
+    original SD3 / Flux layouts, (scale, shift) in diffusers' ``AdaLayerNormContinuous``."""
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
 # name -> (foreign -> difflab, difflab -> foreign)
 TRANSFORMS = {
     "conv1x1": (_conv1x1_to_linear, _linear_to_conv1x1),
+    "swap_halves": (_swap_halves, _swap_halves),
 }
 
 _PLACEHOLDER = re.compile(r"\{(\w+)(:rev)?\}")
@@ -119,4 +127,44 @@ def convert(tensors: dict[str, torch.Tensor], source_table, target_table, *, num
     return from_difflab(to_difflab(tensors, source_table, num_levels=num_levels), target_table, num_levels=num_levels)
 
 
-__all__ = ["TRANSFORMS", "prefixed", "rename_key", "to_difflab", "from_difflab", "convert"]
+def split_fused(tensors: dict[str, torch.Tensor], fused) -> dict[str, torch.Tensor]:
+    """Split fused tensors into their pieces, before the renaming table applies.
+
+    ``fused``: rows ``(fused prefix template, (piece prefix templates...), proportions)``; a key
+    ``fused prefix + rest`` (``weight``, ``bias``) becomes one key ``piece + rest`` per piece,
+    holding consecutive rows of dim 0 in the given proportions (a fused q/k/v projection:
+    ``(1, 1, 1)``; Flux's single-block ``linear1``, q/k/v and the 4x-wide MLP: ``(1, 1, 1, 4)``).
+    Keys no row matches are kept."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        for template, pieces, shares in fused:
+            pattern, _ = _compile(template)
+            m = pattern.match(key)
+            if m is None:
+                continue
+            unit, left = divmod(value.shape[0], sum(shares))
+            if left:
+                raise ValueError(f"{key}: {value.shape[0]} rows do not split in proportions {tuple(shares)}")
+            for piece, part in zip(pieces, value.split([unit * s for s in shares], dim=0)):
+                out[_fill(piece, m.groupdict(), None) + key[m.end():]] = part
+            break
+        else:
+            out[key] = value
+    return out
+
+
+def join_fused(tensors: dict[str, torch.Tensor], fused) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`split_fused`: the pieces concatenated back into their fused tensor."""
+    out = dict(tensors)
+    for template, pieces, _ in fused:
+        first, _ = _compile(pieces[0])
+        for key in [k for k in out if first.match(k)]:
+            m = first.match(key)
+            values, rest = m.groupdict(), key[m.end():]
+            names = [_fill(p, values, None) + rest for p in pieces]
+            if all(n in out for n in names):
+                out[_fill(template, values, None) + rest] = torch.cat([out.pop(n) for n in names], dim=0)
+    return out
+
+
+__all__ = ["TRANSFORMS", "prefixed", "rename_key", "to_difflab", "from_difflab", "convert", "split_fused", "join_fused"]

@@ -31,6 +31,17 @@ TRANSFORMERS_UNUSED = ("text_model.embeddings.position_ids", "embeddings.positio
 # the text encoder's prefix in single-file checkpoints: SD 1.x (transformers layout), SD 2.x (OpenCLIP layout)
 SD1_PREFIX = "cond_stage_model.transformer."
 SD2_PREFIX = "cond_stage_model.model."
+# SDXL single files (the sgm layout, Podell et al. 2023): base = CLIP ViT-L (transformers layout) and
+# OpenCLIP ViT-bigG (OpenCLIP layout, all its blocks and its text_projection); the refiner has bigG only
+SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_CLIP_G_PREFIX = "conditioner.embedders.1.model."
+SDXL_REFINER_CLIP_G_PREFIX = "conditioner.embedders.0.model."
+# SD3 single files: both CLIPs in the transformers layout (CLIP-L often without its text_projection)
+SD3_CLIP_L_PREFIX = "text_encoders.clip_l.transformer."
+SD3_CLIP_G_PREFIX = "text_encoders.clip_g.transformer."
+SD3_T5_PREFIX = "text_encoders.t5xxl.transformer."
+# OpenCLIP's projection is a (hidden, projection) matrix applied as x @ P; transformers' a Linear (projection, hidden)
+OPEN_CLIP_PROJECTION = "text_projection"
 
 # (OpenCLIP, difflab)
 OPEN_CLIP = [
@@ -95,6 +106,14 @@ def difflab_to_open_clip(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return out
 
 
+def open_clip_projection(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """OpenCLIP's ``text_projection`` matrix (hidden, projection) as difflab's ``text_projection.weight``
+    (projection, hidden); empty when the state dict has none."""
+    if OPEN_CLIP_PROJECTION not in tensors:
+        return {}
+    return {"text_projection.weight": tensors[OPEN_CLIP_PROJECTION].T.contiguous()}
+
+
 def transformers_to_difflab(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A transformers ``CLIPTextModel`` state dict (4.x or 5.x layout) in difflab's layout."""
     return to_difflab({k: v for k, v in tensors.items() if k not in TRANSFORMERS_UNUSED}, TRANSFORMERS)
@@ -106,5 +125,7 @@ def difflab_to_transformers(tensors: dict[str, torch.Tensor]) -> dict[str, torch
 
 
 __all__ = ["TRANSFORMERS", "TRANSFORMERS_UNUSED", "SD1_PREFIX", "SD2_PREFIX", "OPEN_CLIP", "OPEN_CLIP_FUSED",
-           "OPEN_CLIP_UNUSED", "open_clip_num_blocks", "open_clip_to_difflab", "difflab_to_open_clip",
+           "OPEN_CLIP_UNUSED", "SDXL_CLIP_L_PREFIX", "SDXL_CLIP_G_PREFIX",
+           "SDXL_REFINER_CLIP_G_PREFIX", "SD3_CLIP_L_PREFIX", "SD3_CLIP_G_PREFIX", "SD3_T5_PREFIX", "OPEN_CLIP_PROJECTION",
+           "open_clip_projection", "open_clip_num_blocks", "open_clip_to_difflab", "difflab_to_open_clip",
            "transformers_to_difflab", "difflab_to_transformers"]
