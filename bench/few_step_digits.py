@@ -17,14 +17,13 @@ its CPU budget, through the same library calls as ``difflab distill``:
 Each row: judge accuracy for the digit asked (500 samples, 50 per class), the judge-feature Frechet
 distance to held-out digits, its ratio to the teacher's, and the wall time of the distillation.
 
-    python bench/few_step_digits.py --teacher demo_out --out /tmp/few_step --record BENCHMARKS.md
+    python bench/few_step_digits.py --teacher demo_out --out /tmp/few_step --write
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,9 @@ from difflab.train.distill import consistency_grid, guided_teacher
 from difflab.train.objectives.consistency import ConsistencyDistillation
 from difflab.train.objectives.guided import GuidedDistillation, guided_progressive_distillation
 from difflab.train.objectives.progressive import progressive_distillation
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine, write_section  # noqa: E402
 
 SAMPLES_PER_CLASS = 50
 
@@ -98,8 +100,9 @@ def guided_rows(teacher, world, args, null_class):
     """Meng et al. 2023: stage one (w as an input, w in [1, 4]), then progressive rounds of it, sampled at w."""
     t0 = clock()
     one = GuidedDistillation(teacher, {"class_labels": null_class}, w_min=1.0, w_max=4.0)
-    cfg = TrainConfig(steps=args.progressive_steps, batch_size=args.batch_size, lr=args.lr, ema_decay=0.999,
-                      checkpoint_every=args.progressive_steps, log_every=args.progressive_steps, progress=False, seed=0)
+    steps = args.guided_steps or args.progressive_steps
+    cfg = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, ema_decay=0.999,
+                      checkpoint_every=steps, log_every=steps, progress=False, seed=0)
     state = fit(one, world["data"], cfg, Path(args.out) / "guided_stage1")
     state.ema.copy_to(one.module)
     rounds = guided_progressive_distillation(one.student, world["data"], cfg, Path(args.out) / "guided_stage2",
@@ -117,6 +120,13 @@ def solver_rows(teacher, world, args, null_class):
     return rows
 
 
+def train_steps(name: str, args) -> str:
+    """The optimizer steps a method's distillation takes, for the table."""
+    guided = args.guided_steps or args.progressive_steps
+    return {"progressive": f"6 x {args.progressive_steps}", "consistency": f"{args.consistency_steps}",
+            "guided": f"{guided} + 6 x {guided}", "solver": "-"}[name]
+
+
 METHODS = {"progressive": progressive_rows, "consistency": consistency_rows, "guided": guided_rows,
            "solver": solver_rows}
 
@@ -131,8 +141,21 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--progressive-steps", type=int, default=300, help="optimizer steps per round (6 rounds)")
     p.add_argument("--consistency-steps", type=int, default=1500)
-    p.add_argument("--record", default=None, help="append the table to this markdown file")
+    p.add_argument("--guided-steps", type=int, default=None,
+                   help="optimizer steps of stage one and of each stage-two round (default: --progressive-steps)")
+    p.add_argument("--write", action="store_true", help="record the table in BENCHMARKS.md")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--rows-from", default=None, help="comma-separated few_step.json files of earlier runs (methods "
+                   "run in parallel): print (and --write) their table, run nothing")
     args = p.parse_args(argv)
+    if args.rows_from:
+        reference, rows, run_args = merged(args.rows_from)
+        run_args.write = args.write
+        return report(reference, rows, run_args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.machine, args.threads = machine(), torch.get_num_threads()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
 
     # 1. The teacher, the judge, the data.
@@ -154,33 +177,56 @@ def main(argv=None) -> int:
     rows = []
     for name in args.methods.split(","):
         for method, nfe, r, seconds in METHODS[name](teacher, world, args, null_class):
-            rows.append({"method": method, "nfe": nfe, **r, "train_seconds": seconds[0], "train_cpu_seconds": seconds[1]})
+            rows.append({"method": method, "train_steps": train_steps(name, args), "nfe": nfe, **r, "train_seconds": seconds[0], "train_cpu_seconds": seconds[1]})
+            (Path(args.out) / "few_step.json").write_text(json.dumps(record(reference, rows, args), indent=1))
             print(f"{method:<32} {nfe:>3} NFE  accuracy {r['accuracy']:6.1%}  FD {r['frechet']:6.2f} "
                   f"({r['frechet'] / reference['frechet']:.2f}x teacher)  distillation {seconds[0]:5.0f}s wall, "
                   f"{seconds[1]:5.0f}s CPU", flush=True)
+    (Path(args.out) / "few_step.json").write_text(json.dumps(record(reference, rows, args), indent=1))
+    return report(reference, rows, args)
+
+
+def record(reference: dict, rows: list, args) -> dict:
+    return {"reference": reference, "rows": rows, "args": vars(args)}
+
+
+def merged(files: str) -> tuple[dict, list, argparse.Namespace]:
+    """The rows of earlier runs' ``few_step.json`` (the same teacher; methods run in parallel
+    processes), in the order given, with the first run's reference and settings."""
+    runs = [json.loads(Path(f).read_text()) for f in files.split(",")]
+    for f, run in zip(files.split(","), runs):
+        if run["reference"]["frechet"] != runs[0]["reference"]["frechet"]:
+            raise SystemExit(f"{f}: another teacher reference ({run['reference']}) than {runs[0]['reference']}")
+    return runs[0]["reference"], [r for run in runs for r in run["rows"]], argparse.Namespace(**runs[0]["args"])
+
+
+def report(reference: dict, rows: list, args) -> int:
     table = format_table(reference, rows, args)
     print(table)
-    (Path(args.out) / "few_step.json").write_text(json.dumps({"reference": reference, "rows": rows}, indent=1))
-    if args.record:
-        with open(args.record, "a") as f:
-            f.write("\n" + table + "\n")
+    if args.write:
+        write_section("bench/few_step_digits.py", "Few-step students of the digits model (`python bench/few_step_digits.py`)",
+                      table)
     return 0
 
 
 def format_table(reference: dict, rows: list, args) -> str:
-    lines = [f"## Few-step students of the digits model (`python bench/few_step_digits.py`)", "",
-             f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-             f"{torch.__version__}. Teacher: DDIM 50 steps, guidance {args.guidance}: accuracy "
+    lines = [f"Machine: {args.machine}. Teacher: DDIM 50 steps, guidance {args.guidance}: accuracy "
              f"{reference['accuracy']:.1%}, FD {reference['frechet']:.2f} (real-data floor {reference['floor']:.2f}). "
-             f"Batch {args.batch_size}, lr {args.lr}; progressive {args.progressive_steps} steps a round, consistency "
-             f"{args.consistency_steps} steps.", "",
-             "Distillation time: wall seconds as measured, and the process's CPU seconds (both threads together), "
-             "which bound the wall time on a quiet 2-core machine.", "",
-             "| method | NFE | judge accuracy | FD | FD / teacher | distillation: wall (CPU) |", "| --- | --- | --- | --- | --- | --- |"]
+             f"Batch {args.batch_size}, lr {args.lr}, EMA 0.999; steps: the optimizer steps of the distillation "
+             "(progressive: 6 rounds 64 -> 1; guided: stage one + 6 rounds).", "",
+             f"Distillation time: wall seconds as measured on the shared machine, and the process's CPU seconds "
+             f"({args.threads} thread(s)), which bound the wall time on a quiet 2-core machine.", "",
+             "| method | steps | NFE | judge accuracy | FD | FD / teacher | distillation: wall (CPU) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['nfe']} | {r['accuracy']:.1%} | {r['frechet']:.2f} | "
-                     f"{r['frechet'] / reference['frechet']:.2f} | {r['train_seconds']:.0f} s ({r['train_cpu_seconds']:.0f} s) |")
+        lines.append(f"| {r['method']} | {r.get('train_steps', '-')} | {r['nfe']} | {r['accuracy']:.1%} | {r['frechet']:.2f} | "
+                     f"{r['frechet'] / reference['frechet']:.2f} | {seconds(r)} |")
     return "\n".join(lines)
+
+
+def seconds(row: dict) -> str:
+    """The distillation's wall (CPU) seconds, '-' for no training."""
+    return f"{row['train_seconds']:.0f} s ({row['train_cpu_seconds']:.0f} s)" if row["train_cpu_seconds"] else "-"
 
 
 if __name__ == "__main__":

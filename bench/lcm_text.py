@@ -53,22 +53,30 @@ def judged(model, options, world) -> dict:
             "sample_seconds": time.perf_counter() - t0}
 
 
-def student_rows(method: str, teacher, world, args) -> list[dict]:
+def student_rows(method: str, teacher, world, args):
+    """Distil ``method`` and judge it at 4, 2 and 1 steps after each count of ``--judge-at``: one
+    run, continued (the learning rate is constant, so its first S steps are an S-step run); the
+    times are the run's up to that point (the caption data included, the judging between excluded)."""
     out = Path(args.out) / method
-    config = DistillConfig(method=method, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                           guidance_scale=args.guidance, w_min=args.w_min, w_max=args.w_max, rank=args.rank,
-                           student_steps=4, checkpoint_every=args.steps, progress=False)
+    lr = args.lora_lr if method == "lcm-lora" and args.lora_lr is not None else args.lr
     images, labels = load_digits(size=16, split="train")
     index, captions = dt.caption_dataset(labels, dt.TRAIN_TEMPLATES)
+    wall, cpu = 0.0, 0.0
     t0, c0 = time.perf_counter(), time.process_time()
     data, uncond = caption_data(teacher.text_encoder, teacher.vae, images[index], captions, seed=0)
-    distill_text(teacher.denoiser, teacher.text_encoder, teacher.vae, teacher.meta["spec"], data, uncond, config, out,
-                 sampling_size=teacher.sampling)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    student = load_text_model(out)
-    base = TEXT_DEFAULTS.replace(sampler="lcm", grid="lcm", guidance_scale=student.sampling["guidance_scale"])
-    return [{"method": method, "nfe": n, **judged(student, base.replace(steps=n), world), "train_seconds": wall,
-             "train_cpu_seconds": cpu} for n in (4, 2, 1)]
+    for steps in sorted(int(s) for s in args.judge_at.split(",")):
+        config = DistillConfig(method=method, steps=steps, batch_size=args.batch_size, lr=lr,
+                               guidance_scale=args.guidance, w_min=args.w_min, w_max=args.w_max, rank=args.rank,
+                               student_steps=4, checkpoint_every=steps, progress=False)
+        distill_text(teacher.denoiser, teacher.text_encoder, teacher.vae, teacher.meta["spec"], data, uncond, config,
+                     out, sampling_size=teacher.sampling)
+        wall, cpu = wall + time.perf_counter() - t0, cpu + time.process_time() - c0
+        student = load_text_model(out)
+        base = TEXT_DEFAULTS.replace(sampler="lcm", grid="lcm", guidance_scale=student.sampling["guidance_scale"])
+        for n in (4, 2, 1):
+            yield {"method": method, "steps": steps, "lr": lr, "nfe": n, **judged(student, base.replace(steps=n), world),
+                   "train_seconds": wall, "train_cpu_seconds": cpu}
+        t0, c0 = time.perf_counter(), time.process_time()
 
 
 def main(argv=None) -> int:
@@ -79,13 +87,26 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=2.0)
     p.add_argument("--w-min", type=float, default=1.0)
     p.add_argument("--w-max", type=float, default=3.0)
-    p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lora-lr", type=float, default=None, help="lcm-lora's learning rate (default: --lr)")
+    p.add_argument("--judge-at", default="300", help="judge the students after these step counts of one run, e.g. 150,300")
+    p.add_argument("--no-baselines", action="store_true", help="skip the teacher's own few-step rows")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--per-prompt", type=int, default=4)
     p.add_argument("--write", action="store_true", help="record the table in BENCHMARKS.md")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--rows-from", default=None, help="comma-separated lcm.json files of earlier runs (methods run in "
+                   "parallel): print (and --write) their table, run nothing")
     args = p.parse_args(argv)
+    if args.rows_from:
+        reference, rows, run_args = merged(args.rows_from)
+        run_args.write = args.write
+        return report(reference, rows, run_args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.machine, args.threads = machine(), torch.get_num_threads()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
 
     # 1. The teacher, the judge, the data.
@@ -101,31 +122,58 @@ def main(argv=None) -> int:
           f"FD {reference['frechet']:.2f} (real-data floor {reference['floor']:.2f})", flush=True)
 
     # 2. The students, one table; first the teacher itself at few steps (no training).
-    rows = [{"method": f"teacher, DDIM, guidance {g:g}", "nfe": n * (2 if g != 1 else 1),
+    rows = [] if args.no_baselines else [
+            {"method": f"teacher, DDIM, guidance {g:g}", "steps": 0, "lr": 0.0, "nfe": n * (2 if g != 1 else 1),
              **judged(teacher, TEXT_DEFAULTS.replace(sampler="ddim", steps=n, guidance_scale=g), world),
              "train_seconds": 0.0, "train_cpu_seconds": 0.0} for g, steps in ((1.0, (4, 2, 1)), (args.guidance, (2, 1)))
             for n in steps]
     for method in args.methods.split(","):
         for r in student_rows(method, teacher, world, args):
             rows.append(r)
-            print(f"{method:<9} {r['nfe']} NFE  accuracy {r['accuracy']:6.1%}  FD {r['frechet']:6.2f} "
+            (Path(args.out) / "lcm.json").write_text(json.dumps(record(reference, rows, args), indent=1))
+            print(f"{method:<9} {r['steps']:>4} steps, lr {r['lr']:g}: {r['nfe']} NFE  accuracy {r['accuracy']:6.1%}  FD {r['frechet']:6.2f} "
                   f"({r['frechet'] / reference['frechet']:.2f}x teacher)  distillation {r['train_seconds']:.0f}s wall, "
                   f"{r['train_cpu_seconds']:.0f}s CPU", flush=True)
-    (Path(args.out) / "lcm.json").write_text(json.dumps({"reference": reference, "rows": rows}, indent=1))
+    (Path(args.out) / "lcm.json").write_text(json.dumps(record(reference, rows, args), indent=1))
+    return report(reference, rows, args)
+
+
+def record(reference: dict, rows: list, args) -> dict:
+    return {"reference": reference, "rows": rows, "args": vars(args)}
+
+
+def merged(files: str) -> tuple[dict, list, argparse.Namespace]:
+    """The rows of earlier runs' ``lcm.json`` (the same teacher and judge; methods run in parallel
+    processes), in the order given, with the first run's reference and settings."""
+    runs = [json.loads(Path(f).read_text()) for f in files.split(",")]
+    for f, run in zip(files.split(","), runs):
+        if run["reference"]["frechet"] != runs[0]["reference"]["frechet"]:
+            raise SystemExit(f"{f}: another teacher reference ({run['reference']}) than {runs[0]['reference']}")
+    return runs[0]["reference"], [r for run in runs for r in run["rows"]], argparse.Namespace(**runs[0]["args"])
+
+
+def report(reference: dict, rows: list, args) -> int:
     text = "\n".join([
-        f"Machine: {machine()}. Teacher: the text demo's latent model, DDIM 50 steps, guidance {args.guidance} (100 NFE): "
+        f"Machine: {args.machine}. Teacher: the text demo's latent model, DDIM 50 steps, guidance {args.guidance} (100 NFE): "
         f"accuracy {reference['accuracy']:.1%}, FD {reference['frechet']:.2f} (real-data floor {reference['floor']:.2f}). "
-        f"{args.steps} steps of batch {args.batch_size}, lr {args.lr}, w in [{args.w_min}, {args.w_max}], LoRA rank "
-        f"{args.rank}. CPU seconds (both threads) bound the wall time on a quiet machine.", "",
-        "| student | NFE | judge accuracy | FD | FD / teacher | distillation: wall (CPU) |",
-        "| --- | --- | --- | --- | --- | --- |",
-        *[f"| {r['method']} | {r['nfe']} | {r['accuracy']:.1%} | {r['frechet']:.2f} | "
-          f"{r['frechet'] / reference['frechet']:.2f} | {r['train_seconds']:.0f} s ({r['train_cpu_seconds']:.0f} s) |"
+        f"Batch {args.batch_size}, w in [{args.w_min}, {args.w_max}], LoRA rank {args.rank}; each student judged "
+        f"after {sorted({r['steps'] for r in rows if r['steps']})} steps of one run (constant lr). Distillation time: wall seconds as measured on the "
+        f"shared machine, and the process's CPU seconds ({args.threads} thread(s)), which bound the wall time on a "
+        "quiet 2-core machine.", "",
+        "| student | steps | lr | NFE | judge accuracy | FD | FD / teacher | distillation: wall (CPU) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        *[f"| {r['method']} | {r['steps'] or '-'} | {format(r['lr'], 'g') if r['lr'] else '-'} | {r['nfe']} | {r['accuracy']:.1%} | {r['frechet']:.2f} | "
+          f"{r['frechet'] / reference['frechet']:.2f} | {seconds(r)} |"
           for r in rows]])
     print(text)
     if args.write:
         write_section("bench/lcm_text.py", "Latent consistency models of the text demo (`python bench/lcm_text.py`)", text)
     return 0
+
+
+def seconds(row: dict) -> str:
+    """The distillation's wall (CPU) seconds, '-' for no training."""
+    return f"{row['train_seconds']:.0f} s ({row['train_cpu_seconds']:.0f} s)" if row["train_cpu_seconds"] else "-"
 
 
 if __name__ == "__main__":
