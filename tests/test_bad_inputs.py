@@ -31,6 +31,7 @@ from difflab.adapters.lora import load_lora, load_lora_weights
 from difflab.cli import main
 from difflab.config import ConfigError
 from difflab.core import Denoiser, VPDiscrete
+from difflab.data.detour import DetourConfig, DetourEnv, run_episodes
 from difflab.data.folder import load_image_folder
 from difflab.eval import evaluate, fid, precision_recall
 from difflab.guidance import ClassifierFreeGuidance
@@ -44,11 +45,13 @@ from difflab.io.motion_folder import load_motion_adapter, load_unet_motion_model
 from difflab.nn.mmdit import MMDiTConfig
 from difflab.nn.motion import PRESETS as MOTION_PRESETS
 from difflab.nn.motion import MotionUNet, MotionUNetConfig
+from difflab.nn.temporal_unet import TemporalUNet, TemporalUNetConfig
 from difflab.nn.text import TinyTextConfig, TinyTextEncoder
 from difflab.nn.unet import UNet, UNetConfig
 from difflab.nn.unet_sd import UNetSD, UNetSDConfig
 from difflab.perf.fp8 import swap_fp8_training
 from difflab.pipelines import SampleOptions, generate, text_to_image
+from difflab.pipelines.policy import sample_action_chunks
 from difflab.pipelines.sd3 import sd3_sigmas
 from difflab.samplers import get_sampler
 from difflab.samplers.euler import sample_euler
@@ -264,6 +267,13 @@ CLI_CASES = [
     ("demo-aug-sigma-without-cascade", ["demo", "--aug-sigma", "0.2", "--out-dir", "{root}/demo"], 2, "needs --cascade"),
     ("demo-truncated-without-cascade", ["demo", "--truncated", "--out-dir", "{root}/demo"], 2, "needs --cascade"),
     ("demo-cascade-and-text", ["demo", "--cascade", "--text", "--out-dir", "{root}/demo"], 2, "not both"),
+    ("demo-policy-and-text", ["demo", "--policy", "--text", "--out-dir", "{root}/demo"], 2, "not both"),
+    ("demo-policy-and-cascade", ["demo", "--policy", "--cascade", "--out-dir", "{root}/demo"], 2, "not both"),
+    ("demo-policy-resume", ["demo", "--policy", "--resume", "--out-dir", "{root}/demo"], 2, "--resume"),
+    ("demo-policy-aug-sigma", ["demo", "--policy", "--aug-sigma", "0.2", "--out-dir", "{root}/demo"], 2, "needs --cascade"),
+    ("demo-policy-steps-0", ["demo", "--policy", "--steps", "0", "--out-dir", "{root}/demo"], 2, "--steps"),
+    ("demo-policy-guidance-nan", ["demo", "--policy", "--guidance", "nan", "--out-dir", "{root}/demo"], 2, "--guidance"),
+    ("demo-policy-sampler", ["demo", "--policy", "--sampler", "nope", "--out-dir", "{root}/demo"], 2, "--sampler"),
     # dreambooth
     ("dreambooth-base-missing", [*DB[:1], "--base", "{root}/nope", *DB[3:]], 2, "--base"),
     ("dreambooth-base-not-text-model", DB, 2, "text"),
@@ -560,6 +570,22 @@ API_CASES = [
     ("motion-adapter-missing", lambda r: load_motion_adapter(r / "nowhere", UNetSD(UNetSDConfig.from_dict(MOTION_PRESETS["tiny"].image))),
      FileNotFoundError, "MotionAdapter"),
     ("unet-motion-folder-is-a-run", lambda r: load_unet_motion_model(r / "run"), FileNotFoundError, "config.json"),
+    # policies (issue 20): the Detour environment, the temporal U-Net, the policy pipeline
+    ("detour-no-seeds", lambda r: DetourEnv([]), ValueError, "seeds"),
+    ("detour-action-shape", lambda r: DetourEnv([0]).step(torch.zeros(2, 2)), ValueError, "action"),
+    ("detour-action-nan", lambda r: DetourEnv([0]).step(torch.full((1, 2), math.nan)), ValueError, "finite"),
+    ("detour-config-speed-0", lambda r: DetourConfig(max_speed=0.0), ValueError, "max_speed"),
+    ("detour-execute-0", lambda r: run_episodes(lambda o, e, k: torch.zeros(len(e), 4, 2), [0], execute=0), ValueError, "execute"),
+    ("detour-policy-short-chunk", lambda r: run_episodes(lambda o, e, k: torch.zeros(len(e), 2, 2), [0], execute=4),
+     ValueError, "chunks"),
+    ("temporal-unet-horizon", lambda r: TemporalUNetConfig(horizon=6, channel_mult=(1, 2, 2)), ValueError, "horizon"),
+    ("temporal-unet-even-kernel", lambda r: TemporalUNetConfig(kernel_size=4), ValueError, "kernel_size"),
+    ("temporal-unet-missing-obs", lambda r: TemporalUNet(TemporalUNetConfig(cond_dim=8, model_channels=4, groups=2))(
+        torch.zeros(1, 16, 2), torch.zeros(1)), ValueError, "obs="),
+    ("policy-chunks-steps-0", lambda r: sample_action_chunks(_zero, torch.zeros(1, 2, 4), [0], shape=(16, 2), steps=0),
+     ValueError, "steps"),
+    ("policy-chunks-seeds-mismatch", lambda r: sample_action_chunks(_zero, torch.zeros(2, 2, 4), [0], shape=(16, 2)),
+     ValueError, "one row per seed"),
 ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..demos.cascade import run_cascade_demo
 from ..demos.digits import run_demo
+from ..demos.policy import run_policy_demo
 from ..demos.text import run_text_demo
 from ..samplers import SAMPLERS
 from .common import UsageError, finite_float, non_negative_float, non_negative_int, positive_int
@@ -20,6 +21,10 @@ def add_arguments(d) -> None:
     d.add_argument("--cascade", action="store_true",
                    help="the cascaded demo instead: a class-conditional 8x8 base and an x2 super-resolution stage to "
                         "16x16 with noise-conditioning augmentation, judged at 16x16")
+    d.add_argument("--policy", action="store_true",
+                   help="the policy demo instead: a diffusion policy (temporal U-Net over action chunks) against a "
+                        "behaviour-cloning MLP on the embedded Detour task (100 fixed-seed episodes), and Diffuser's "
+                        "guided, inpainted planning (--guidance: its return-guidance scale, default 1); writes roll_outs.gif")
     d.add_argument("--aug-sigma", type=non_negative_float, default=None,
                    help="--cascade: the noise level of the base's samples given to the x2 stage (default: 0.1)")
     d.add_argument("--truncated", action="store_true",
@@ -27,12 +32,14 @@ def add_arguments(d) -> None:
     d.add_argument("--sr-steps", type=positive_int, default=None, help="--cascade: training steps of the x2 stage (default: 600)")
     d.add_argument("--out-dir", default=None,
                    help="where samples.png, the checkpoints and report.json go (default: demo_out, demo_text_out with "
-                        "--text, demo_cascade_out with --cascade)")
+                        "--text, demo_cascade_out with --cascade, demo_policy_out with --policy)")
     d.add_argument("--steps", type=positive_int, default=None, help="training steps (default: 2000)")
     d.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS), help="sampler (default: ddim)")
     d.add_argument("--sampling-steps", type=positive_int, default=None,
                    help="sampler steps (default: 50; 25 per stage with --cascade)")
-    d.add_argument("--guidance", type=finite_float, default=1.5, help="classifier-free guidance scale (default: 1.5; 1 = none)")
+    d.add_argument("--guidance", type=finite_float, default=None,
+                   help="classifier-free guidance scale (default: 1.5; 1 = none); with --policy the return-guidance "
+                        "scale of the Diffuser plans (default: 1; 0 = none)")
     d.add_argument("--samples-per-class", type=positive_int, default=50, help="samples per class judged (default: 50)")
     d.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed (default: 0)")
     d.add_argument("--resume", action="store_true", help="continue the training checkpoint in --out-dir")
@@ -43,19 +50,28 @@ def run(args) -> int:
                                          ("--sr-steps", args.sr_steps is not None)) if v]
     if cascade_only and not args.cascade:
         raise UsageError(f"{', '.join(cascade_only)} needs --cascade")
-    if args.cascade and args.text:
-        raise UsageError("give --text or --cascade, not both")
+    modes = [flag for flag, v in (("--text", args.text), ("--cascade", args.cascade), ("--policy", args.policy)) if v]
+    if len(modes) > 1:
+        raise UsageError(f"give one of --text, --cascade, --policy, not both {' and '.join(modes[:2])}")
+    if args.policy:
+        if args.resume:
+            raise UsageError("--resume is not taken by --policy (its runs are short: train again)")
+        run_policy_demo(args.out_dir or "demo_policy_out", steps=args.steps, sampler=args.sampler,
+                        sampling_steps=args.sampling_steps or 10, guidance_scale=1.0 if args.guidance is None else args.guidance,
+                        seed=args.seed)
+        return 0
+    guidance = 1.5 if args.guidance is None else args.guidance
     if args.cascade:
         run_cascade_demo(args.out_dir or "demo_cascade_out", base_steps=args.steps, sr_steps=args.sr_steps,
                          sampler=args.sampler, sampling_steps=args.sampling_steps or 25,
-                         guidance_scale=args.guidance, aug_sigma=0.1 if args.aug_sigma is None else args.aug_sigma,
+                         guidance_scale=guidance, aug_sigma=0.1 if args.aug_sigma is None else args.aug_sigma,
                          truncated=args.truncated, samples_per_class=args.samples_per_class, seed=args.seed,
                          resume=args.resume)
         return 0
     if args.text:
         run_text_demo(args.out_dir or "demo_text_out", steps=args.steps, sampler=args.sampler,
-                      sampling_steps=args.sampling_steps or 50, guidance_scale=args.guidance, seed=args.seed, resume=args.resume)
+                      sampling_steps=args.sampling_steps or 50, guidance_scale=guidance, seed=args.seed, resume=args.resume)
         return 0
     run_demo(args.out_dir or "demo_out", steps=args.steps, sampler=args.sampler, sampling_steps=args.sampling_steps or 50,
-             guidance_scale=args.guidance, samples_per_class=args.samples_per_class, seed=args.seed, resume=args.resume)
+             guidance_scale=guidance, samples_per_class=args.samples_per_class, seed=args.seed, resume=args.resume)
     return 0

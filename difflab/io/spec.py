@@ -49,6 +49,7 @@ from ..nn.unet import PRESETS as UNET_PRESETS
 from ..nn.sr import SRUNet, SRUNetConfig
 from ..nn.unet import UNet, UNetConfig
 from ..nn.unet_sd import PRESETS as UNET_SD_PRESETS
+from ..nn.temporal_unet import TemporalUNet, TemporalUNetConfig, sequence_shape
 from ..nn.unet_sd import UNetSD, UNetSDConfig
 from ..nn.vae import AutoencoderKL, VAEConfig
 from .checkpoint import load_checkpoint, load_model_state, read_metadata, without_training_buffers
@@ -107,6 +108,7 @@ NETWORKS: dict[str, NetworkKind] = {
     "mmdit": NetworkKind(MMDiT, MMDiTConfig, "latent", latent_shape),
     "sr_unet": NetworkKind(SRUNet, SRUNetConfig, "image", image_shape),  # super-resolution: low_res= conditioning (SR3, CDM)
     "motion_unet": NetworkKind(MotionUNet, MotionUNetConfig, "video", motion_clip_shape, MOTION_PRESETS),  # AnimateDiff motion modules
+    "temporal_unet": NetworkKind(TemporalUNet, TemporalUNetConfig, "sequence", sequence_shape),  # action chunks / trajectories: obs=
 }
 
 

@@ -9,7 +9,7 @@ from .loop import LOSSES, LR_SCHEDULES, TrainConfig, TrainingDivergedError, Trai
 from .run_folder import RunLockedError
 from .objective import Objective
 from .objectives import (Classification, ConsistencyDistillation, ConsistencyTraining, DiffusionObjective,
-                         GuidedDistillation, LatentConsistencyDistillation, NoisyClassification, ProgressiveDistillation, Reflow, SubjectObjective,
+                         GuidedDistillation, LatentConsistencyDistillation, NoisyClassification, ProgressiveDistillation, Reflow, Regression, SubjectObjective,
                          VAEObjective, guided_progressive_distillation, progressive_distillation, reflow_pairs,
                          train_classifier)
 from .objectives.diffusion import draw_batch, train
@@ -22,7 +22,7 @@ __all__ = [
     "EMA", "diffusion_loss", "loss_weight", "WEIGHTINGS", "NOISE_LEVELS", "default_noise_level", "draw_sigmas",
     "SIGMA_BIN_EDGES", "SigmaBinnedLoss", "loss_by_sigma_bins", "TrainConfig", "TrainState", "TrainingDivergedError",
     "TrainingInterrupted", "RunLockedError", "fit", "lr_at", "LR_SCHEDULES", "Objective", "DiffusionObjective", "SubjectObjective", "NoisyClassification",
-    "Classification", "VAEObjective", "train_classifier", "ProgressiveDistillation", "progressive_distillation",
+    "Classification", "Regression", "VAEObjective", "train_classifier", "ProgressiveDistillation", "progressive_distillation",
     "GuidedDistillation", "guided_progressive_distillation", "Reflow", "reflow_pairs", "ConsistencyDistillation",
     "ConsistencyTraining", "LatentConsistencyDistillation",
     "draw_batch", "train", "LOSSES", "hybrid_loss", "hybrid_terms", "vlb_loss", "vae_loss", "PatchDiscriminator",

@@ -7,11 +7,12 @@ from .dreambooth import SubjectObjective
 from .guided import GuidedDistillation, guided_progressive_distillation, guided_student
 from .lcm import LatentConsistencyDistillation, apply_lcm_lora, lcm_lora_student, lcm_student, save_lcm_lora
 from .progressive import DistilledRound, ProgressiveDistillation, progressive_distillation
+from .regression import Regression
 from .reflow import Reflow, reflow_pairs, straightness
 from .vae import VAEObjective
 
 __all__ = ["DiffusionObjective", "draw_diffusion", "SubjectObjective", "NoisyClassification", "train_classifier",
-           "Classification", "random_shift", "VAEObjective", "ProgressiveDistillation", "progressive_distillation",
+           "Classification", "random_shift", "Regression", "VAEObjective", "ProgressiveDistillation", "progressive_distillation",
            "DistilledRound", "GuidedDistillation", "guided_progressive_distillation", "guided_student", "Reflow", "reflow_pairs",
            "straightness", "ConsistencyDistillation", "ConsistencyTraining", "LatentConsistencyDistillation", "lcm_student",
            "lcm_lora_student", "save_lcm_lora", "apply_lcm_lora"]
