@@ -138,6 +138,21 @@ def log_mel(wave: torch.Tensor, fe: AudioFrontEnd) -> torch.Tensor:
     return torch.log(torch.clamp(mel_spectrogram(wave, fe), min=fe.floor))
 
 
+def mel_image(wave: torch.Tensor, fe: AudioFrontEnd) -> torch.Tensor:
+    """The log-mel of mono ``wave`` as a 1-channel image (B, 1, n_mels, frames) in [-1, 1]: the
+    range [log floor, 0] mapped linearly onto [-1, 1] (louder than 0, i.e. magnitude > 1, clips)."""
+    lo = math.log(fe.floor)
+    return ((log_mel(wave, fe) - lo) / (-lo) * 2.0 - 1.0).clamp(-1.0, 1.0)[:, None]
+
+
+def image_to_mel(image: torch.Tensor, fe: AudioFrontEnd) -> torch.Tensor:
+    """The inverse of :func:`mel_image`: (B, 1, n_mels, frames) in [-1, 1] -> mel magnitude (B, n_mels, frames)."""
+    if image.ndim != 4 or image.shape[1] != 1 or image.shape[2] != fe.n_mels:
+        raise ValueError(f"a mel image is (B, 1, n_mels={fe.n_mels}, frames), got shape {tuple(image.shape)}")
+    lo = math.log(fe.floor)
+    return torch.exp((image[:, 0].clamp(-1.0, 1.0) + 1.0) / 2.0 * (-lo) + lo)
+
+
 def mel_to_linear(mel: torch.Tensor, fe: AudioFrontEnd, iters: int = 200) -> torch.Tensor:
     """A non-negative linear magnitude (B, n_freqs, frames) whose mel projection is ``mel``
     (B, n_mels, frames): least squares under M >= 0 by projected gradient (step 1 / ||F||^2),
@@ -158,18 +173,22 @@ def spectral_convergence(mag: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 
 
 def griffin_lim(mag: torch.Tensor, n_fft: int, hop: int, length: int, *, iters: int = 64, momentum: float = 0.99,
-                generator: torch.Generator | None = None, history: list | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, phase: torch.Tensor | None = None,
+                history: list | None = None) -> torch.Tensor:
     """A waveform (B, length) whose STFT magnitude approaches ``mag`` (B, n_fft // 2 + 1, frames):
     alternate projections onto consistent spectrograms (istft then stft) and onto the target
     magnitude (Griffin & Lim 1984), with the fast algorithm's momentum (Perraudin et al. 2013,
-    eq. 4; ``momentum=0``: the original). Phases start at random from ``generator`` (seed 0 when
-    None); ``history``, a list, receives the spectral convergence after every iteration."""
+    eq. 4; ``momentum=0``: the original). Phases start at ``phase`` (radians, shaped like ``mag``),
+    else uniformly at random from ``generator`` (seed 0 when None); ``history``, a list, receives the spectral convergence after every iteration."""
     if mag.ndim != 3 or mag.shape[1] != n_fft // 2 + 1:
         raise ValueError(f"mag must be (B, {n_fft // 2 + 1}, frames) for n_fft={n_fft}, got shape {tuple(mag.shape)}")
     if mag.shape[-1] != 1 + length // hop:
         raise ValueError(f"mag has {mag.shape[-1]} frames but a clip of length={length} at hop={hop} has {1 + length // hop}")
-    g = torch.Generator().manual_seed(0) if generator is None else generator
-    phase = torch.rand(mag.shape, generator=g, dtype=torch.float64).to(mag.device, mag.dtype) * (2 * math.pi)
+    if phase is None:
+        g = torch.Generator().manual_seed(0) if generator is None else generator
+        phase = torch.rand(mag.shape, generator=g, dtype=torch.float64).to(mag.device, mag.dtype) * (2 * math.pi)
+    elif phase.shape != mag.shape:
+        raise ValueError(f"phase must be shaped like mag {tuple(mag.shape)}, got {tuple(phase.shape)}")
     spec = torch.polar(mag, phase)
     prev = torch.zeros_like(spec)
     for _ in range(iters):
@@ -183,11 +202,11 @@ def griffin_lim(mag: torch.Tensor, n_fft: int, hop: int, length: int, *, iters: 
 
 
 def mel_griffin_lim(mel: torch.Tensor, fe: AudioFrontEnd, length: int, *, iters: int = 64,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+                    generator: torch.Generator | None = None, phase: torch.Tensor | None = None) -> torch.Tensor:
     """Mel magnitude (B, n_mels, frames) -> waveform (B, length): :func:`mel_to_linear`, then
-    :func:`griffin_lim`."""
-    return griffin_lim(mel_to_linear(mel, fe), fe.n_fft, fe.hop, length, iters=iters, generator=generator)
+    :func:`griffin_lim` (``phase``: its starting phases, (B, n_freqs, frames))."""
+    return griffin_lim(mel_to_linear(mel, fe), fe.n_fft, fe.hop, length, iters=iters, generator=generator, phase=phase)
 
 
 __all__ = ["AudioFrontEnd", "hann", "as_waves", "stft", "istft", "hz_to_mel", "mel_to_hz", "mel_filter_bank",
-           "mel_spectrogram", "log_mel", "mel_to_linear", "spectral_convergence", "griffin_lim", "mel_griffin_lim"]
+           "mel_spectrogram", "log_mel", "mel_image", "image_to_mel", "mel_to_linear", "spectral_convergence", "griffin_lim", "mel_griffin_lim"]

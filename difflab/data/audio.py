@@ -16,7 +16,7 @@ alone, so it is the same whatever else is asked; pitch, envelope and loudness va
 | 5 | chord | major triad of sines (root, 5/4, 3/2), root 200-400 Hz, ADSR |
 | 6 | noise burst | white noise through a one-pole band filter, fast attack, exponential decay |
 | 7 | drums | a kick (pitch falling 160 -> 50 Hz) and a noise hat, alternating at 4-7 beats per second |
-| 8 | chirp | a sine sweeping up 1-2 octaves from 150-400 Hz, ADSR |
+| 8 | chirp | a sine sweeping up 1.5-2.5 octaves from 150-300 Hz, ADSR |
 | 9 | clicks | a train of 2 ms clicks at 10-25 per second |
 
 ``load_audio(split=...)``: the first ``round(per_class * test_fraction)`` clips of each class are
@@ -110,7 +110,7 @@ def one_clip(c: int, rng: np.random.Generator) -> np.ndarray:
             else:
                 x[onset:] += 0.6 * rng.normal(size=m) * np.exp(-tt / 0.02)
     elif name == "chirp":
-        f0, octaves = rng.uniform(150, 400), rng.uniform(1, 2)
+        f0, octaves = rng.uniform(150, 300), rng.uniform(1.5, 2.5)
         f = f0 * 2.0 ** (octaves * t / t[-1])
         x = np.sin(2 * np.pi * np.cumsum(f) / sr) * adsr(rng, n)
     elif name == "clicks":

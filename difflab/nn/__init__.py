@@ -7,6 +7,7 @@ from .mmdit import MMDiT, MMDiTConfig
 from .sd3_text import SD3TextEncoder
 from .unet import PRESETS, UNet, UNetConfig
 from .sr import SRUNet, SRUNetConfig
+from .diffwave import DiffWave, DiffWaveConfig
 from .text import CLIPTextEncoder, CLIPTextEncoderConfig, TextEncoder, TinyTextConfig, TinyTextEncoder
 from .transformer import SpatialTransformer
 from .unet_sd import PRESETS as SD_PRESETS
@@ -20,5 +21,5 @@ __all__ = [
     "estimate_scaling_factor", "VAE_PRESETS", "UNetSD", "UNetSDConfig", "SD_PRESETS", "SpatialTransformer",
     "TextEncoder", "CLIPTextEncoder", "CLIPTextEncoderConfig", "TinyTextEncoder", "TinyTextConfig", "GuidanceEmbedding",
     "MMDiT", "MMDiTConfig", "SD3TextEncoder",
-    "SRUNet", "SRUNetConfig",
+    "SRUNet", "SRUNetConfig", "DiffWave", "DiffWaveConfig",
 ]
