@@ -235,6 +235,10 @@ CLI_CASES = [
     ("demo-aug-sigma-without-cascade", ["demo", "--aug-sigma", "0.2", "--out-dir", "{root}/demo"], 2, "needs --cascade"),
     ("demo-truncated-without-cascade", ["demo", "--truncated", "--out-dir", "{root}/demo"], 2, "needs --cascade"),
     ("demo-cascade-and-text", ["demo", "--cascade", "--text", "--out-dir", "{root}/demo"], 2, "not both"),
+    ("demo-audio-and-text", ["demo", "--audio", "--text", "--out-dir", "{root}/demo"], 2, "give one of"),
+    ("demo-audio-and-cascade", ["demo", "--audio", "--cascade", "--out-dir", "{root}/demo"], 2, "give one of"),
+    ("demo-audio-steps-0", ["demo", "--audio", "--steps", "0", "--out-dir", "{root}/demo"], 2, "--steps"),
+    ("demo-audio-sr-steps", ["demo", "--audio", "--sr-steps", "5", "--out-dir", "{root}/demo"], 2, "needs --cascade"),
     # dreambooth
     ("dreambooth-base-missing", [*DB[:1], "--base", "{root}/nope", *DB[3:]], 2, "--base"),
     ("dreambooth-base-not-text-model", DB, 2, "text"),

@@ -2,6 +2,7 @@
 text-to-image version)."""
 from __future__ import annotations
 
+from ..demos.audio import run_audio_demo
 from ..demos.cascade import run_cascade_demo
 from ..demos.digits import run_demo
 from ..demos.text import run_text_demo
@@ -20,6 +21,9 @@ def add_arguments(d) -> None:
     d.add_argument("--cascade", action="store_true",
                    help="the cascaded demo instead: a class-conditional 8x8 base and an x2 super-resolution stage to "
                         "16x16 with noise-conditioning augmentation, judged at 16x16")
+    d.add_argument("--audio", action="store_true",
+                   help="the audio demo instead: a waveform DiffWave, and a log-mel U-Net decoded by Griffin-Lim and by a "
+                        "DiffWave vocoder, on ten classes of synthetic clips; writes WAVs and spectrograms")
     d.add_argument("--aug-sigma", type=non_negative_float, default=None,
                    help="--cascade: the noise level of the base's samples given to the x2 stage (default: 0.1)")
     d.add_argument("--truncated", action="store_true",
@@ -45,6 +49,13 @@ def run(args) -> int:
         raise UsageError(f"{', '.join(cascade_only)} needs --cascade")
     if args.cascade and args.text:
         raise UsageError("give --text or --cascade, not both")
+    if args.audio:
+        if args.text or args.cascade:
+            raise UsageError("give one of --text, --cascade, --audio")
+        run_audio_demo(args.out_dir or "demo_audio_out", mel_steps=args.steps, sampler=args.sampler,
+                       sampling_steps=args.sampling_steps or 20, guidance_scale=args.guidance,
+                       samples_per_class=min(args.samples_per_class, 50), seed=args.seed, resume=args.resume)
+        return 0
     if args.cascade:
         run_cascade_demo(args.out_dir or "demo_cascade_out", base_steps=args.steps, sr_steps=args.sr_steps,
                          sampler=args.sampler, sampling_steps=args.sampling_steps or 25,

@@ -34,17 +34,17 @@ from ..train import TrainConfig, train
 FRONT_END = AudioFrontEnd(sample_rate=SAMPLE_RATE, n_fft=256, hop=64, n_mels=32)
 CROP = 1024
 DIFFUSION = {"frame": "vp_discrete", "schedule": "cosine", "T": 1000, "prediction": "v"}
-MEL_SPEC = make_spec("unet", UNetConfig(in_channels=1, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+MEL_SPEC = make_spec("unet", UNetConfig(in_channels=1, model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
                                         attention_levels=(2,), num_heads=2, num_classes=NUM_CLASSES), DIFFUSION)
 VOCODER_SPEC = make_spec("diffwave", DiffWaveConfig(residual_channels=16, layers=8, dilation_cycle=8, n_mels=32, hop=64,
                                                     upsample_strides=(8, 8), sample_rate=SAMPLE_RATE,
                                                     sample_length=LENGTH), DIFFUSION)
 WAVE_SPEC = make_spec("diffwave", DiffWaveConfig(residual_channels=16, layers=8, dilation_cycle=8, num_classes=NUM_CLASSES,
                                                  sample_rate=SAMPLE_RATE, sample_length=LENGTH), DIFFUSION)
-MEL_TRAIN = TrainConfig(steps=1500, batch_size=32, lr=2e-3, warmup_steps=100, ema_decay=0.995, cfg_dropout=0.1,
-                        checkpoint_every=500, log_every=250, seed=0)
-VOCODER_TRAIN = TrainConfig(steps=600, batch_size=16, lr=2e-3, warmup_steps=50, ema_decay=0.995, checkpoint_every=300,
-                            log_every=100, seed=0)
+MEL_TRAIN = TrainConfig(steps=300, batch_size=16, lr=3e-3, warmup_steps=30, ema_decay=0.99, cfg_dropout=0.1,
+                        checkpoint_every=100, log_every=50, seed=0)
+VOCODER_TRAIN = TrainConfig(steps=150, batch_size=16, lr=3e-3, warmup_steps=15, ema_decay=0.99, checkpoint_every=50,
+                            log_every=25, seed=0)
 WAVE_TRAIN = dataclasses.replace(VOCODER_TRAIN, cfg_dropout=0.1)
 
 
@@ -78,9 +78,9 @@ def mel_distance(clips: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def run_audio_demo(out_dir="demo_audio_out", *, mel_steps: int | None = None, vocoder_steps: int | None = None,
-                   wave_steps: int | None = None, sampler: str = "ddim", sampling_steps: int = 25,
-                   vocoder_sampling_steps: int = 12, guidance_scale: float = 2.0, samples_per_class: int = 10,
-                   griffin_lim_iters: int = 48, per_class: int = 120, seed: int = 0, resume: bool = False,
+                   wave_steps: int | None = None, sampler: str = "ddim", sampling_steps: int = 20,
+                   vocoder_sampling_steps: int = 8, guidance_scale: float = 2.0, samples_per_class: int = 5,
+                   griffin_lim_iters: int = 32, per_class: int = 120, seed: int = 0, resume: bool = False,
                    progress: bool = True) -> dict:
     """Train the three routes, sample ``samples_per_class`` clips of every class by each, judge
     them; writes ``out_dir/wav/<route>_<class>.wav``, ``out_dir/spectrograms.png`` and
