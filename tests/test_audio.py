@@ -211,7 +211,7 @@ def test_audio_demo_tiny_run(tmp_path):
     from difflab.demos.audio import run_audio_demo
 
     report = run_audio_demo(tmp_path, mel_steps=1, vocoder_steps=1, wave_steps=1, sampling_steps=1,
-                            vocoder_sampling_steps=1, samples_per_class=1, griffin_lim_iters=1, per_class=2,
+                            vocoder_sampling_steps=1, wave_sampling_steps=1, samples_per_class=1, griffin_lim_iters=1, per_class=2,
                             progress=False)
     assert set(report["routes"]) == {"mel + Griffin-Lim", "mel + vocoder", "waveform"}
     for r in report["routes"].values():

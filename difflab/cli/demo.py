@@ -1,5 +1,5 @@
 """``difflab demo``: train, sample and judge a model on the embedded digits (``--text``: the latent
-text-to-image version)."""
+text-to-image version; ``--cascade``: base + super-resolution; ``--audio``: the audio routes)."""
 from __future__ import annotations
 
 from ..demos.audio import run_audio_demo
@@ -37,7 +37,8 @@ def add_arguments(d) -> None:
     d.add_argument("--sampling-steps", type=positive_int, default=None,
                    help="sampler steps (default: 50; 25 per stage with --cascade)")
     d.add_argument("--guidance", type=finite_float, default=1.5, help="classifier-free guidance scale (default: 1.5; 1 = none)")
-    d.add_argument("--samples-per-class", type=positive_int, default=50, help="samples per class judged (default: 50)")
+    d.add_argument("--samples-per-class", type=positive_int, default=None,
+                   help="samples per class judged (default: 50; 5 with --audio)")
     d.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed (default: 0)")
     d.add_argument("--resume", action="store_true", help="continue the training checkpoint in --out-dir")
 
@@ -54,13 +55,13 @@ def run(args) -> int:
             raise UsageError("give one of --text, --cascade, --audio")
         run_audio_demo(args.out_dir or "demo_audio_out", mel_steps=args.steps, sampler=args.sampler,
                        sampling_steps=args.sampling_steps or 20, guidance_scale=args.guidance,
-                       samples_per_class=min(args.samples_per_class, 50), seed=args.seed, resume=args.resume)
+                       samples_per_class=args.samples_per_class or 5, seed=args.seed, resume=args.resume)
         return 0
     if args.cascade:
         run_cascade_demo(args.out_dir or "demo_cascade_out", base_steps=args.steps, sr_steps=args.sr_steps,
                          sampler=args.sampler, sampling_steps=args.sampling_steps or 25,
                          guidance_scale=args.guidance, aug_sigma=0.1 if args.aug_sigma is None else args.aug_sigma,
-                         truncated=args.truncated, samples_per_class=args.samples_per_class, seed=args.seed,
+                         truncated=args.truncated, samples_per_class=args.samples_per_class or 50, seed=args.seed,
                          resume=args.resume)
         return 0
     if args.text:
@@ -68,5 +69,5 @@ def run(args) -> int:
                       sampling_steps=args.sampling_steps or 50, guidance_scale=args.guidance, seed=args.seed, resume=args.resume)
         return 0
     run_demo(args.out_dir or "demo_out", steps=args.steps, sampler=args.sampler, sampling_steps=args.sampling_steps or 50,
-             guidance_scale=args.guidance, samples_per_class=args.samples_per_class, seed=args.seed, resume=args.resume)
+             guidance_scale=args.guidance, samples_per_class=args.samples_per_class or 50, seed=args.seed, resume=args.resume)
     return 0

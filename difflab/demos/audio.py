@@ -6,7 +6,7 @@ routes side by side, each trained by the one training loop and judged by the sam
   (Riffusion-style), made audible by fast Griffin-Lim;
 - **mel + vocoder**: the same mels through a DiffWave vocoder conditioned on them.
 
-Both DiffWaves train on random 1,024-sample crops (with the mel frames centred on them) and sample
+Both DiffWaves train on random 512-sample crops (their receptive field is 511) (with the mel frames centred on them) and sample
 whole clips: they are fully convolutional. Writes WAVs, spectrogram PNGs and ``report.json``.
 """
 from __future__ import annotations
@@ -32,18 +32,18 @@ from ..pipelines.audio import generate_mel, generate_waveform, griffin_lim_decod
 from ..train import TrainConfig, train
 
 FRONT_END = AudioFrontEnd(sample_rate=SAMPLE_RATE, n_fft=256, hop=64, n_mels=32)
-CROP = 1024
+CROP = 512
 DIFFUSION = {"frame": "vp_discrete", "schedule": "cosine", "T": 1000, "prediction": "v"}
 MEL_SPEC = make_spec("unet", UNetConfig(in_channels=1, model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
-                                        attention_levels=(2,), num_heads=2, num_classes=NUM_CLASSES), DIFFUSION)
+                                        attention_levels=(), num_heads=1, num_classes=NUM_CLASSES), DIFFUSION)
 VOCODER_SPEC = make_spec("diffwave", DiffWaveConfig(residual_channels=16, layers=8, dilation_cycle=8, n_mels=32, hop=64,
                                                     upsample_strides=(8, 8), sample_rate=SAMPLE_RATE,
                                                     sample_length=LENGTH), DIFFUSION)
 WAVE_SPEC = make_spec("diffwave", DiffWaveConfig(residual_channels=16, layers=8, dilation_cycle=8, num_classes=NUM_CLASSES,
                                                  sample_rate=SAMPLE_RATE, sample_length=LENGTH), DIFFUSION)
-MEL_TRAIN = TrainConfig(steps=300, batch_size=16, lr=3e-3, warmup_steps=30, ema_decay=0.99, cfg_dropout=0.1,
+MEL_TRAIN = TrainConfig(steps=200, batch_size=16, lr=3e-3, warmup_steps=30, ema_decay=0.99, cfg_dropout=0.1,
                         checkpoint_every=100, log_every=50, seed=0)
-VOCODER_TRAIN = TrainConfig(steps=150, batch_size=16, lr=3e-3, warmup_steps=15, ema_decay=0.99, checkpoint_every=50,
+VOCODER_TRAIN = TrainConfig(steps=100, batch_size=16, lr=3e-3, warmup_steps=15, ema_decay=0.99, checkpoint_every=50,
                             log_every=25, seed=0)
 WAVE_TRAIN = dataclasses.replace(VOCODER_TRAIN, cfg_dropout=0.1)
 
@@ -79,7 +79,8 @@ def mel_distance(clips: torch.Tensor, reference: torch.Tensor) -> float:
 
 def run_audio_demo(out_dir="demo_audio_out", *, mel_steps: int | None = None, vocoder_steps: int | None = None,
                    wave_steps: int | None = None, sampler: str = "ddim", sampling_steps: int = 20,
-                   vocoder_sampling_steps: int = 8, guidance_scale: float = 2.0, samples_per_class: int = 5,
+                   vocoder_sampling_steps: int = 8, wave_sampling_steps: int = 10, guidance_scale: float = 2.0,
+                   samples_per_class: int = 5,
                    griffin_lim_iters: int = 32, per_class: int = 120, seed: int = 0, resume: bool = False,
                    progress: bool = True) -> dict:
     """Train the three routes, sample ``samples_per_class`` clips of every class by each, judge
@@ -146,15 +147,17 @@ def run_audio_demo(out_dir="demo_audio_out", *, mel_steps: int | None = None, vo
     routes["mel + vocoder"] = vocode(vocoder, mels, options=opts.replace(steps=vocoder_sampling_steps, guidance_scale=1.0))
     cpu["mel + vocoder"] = cpu["mel"] + time.process_time() - t0
     t0 = time.process_time()
-    routes["waveform"] = generate_waveform(wave_model, asked, options=opts, sample_rate=SAMPLE_RATE)
+    routes["waveform"] = generate_waveform(wave_model, asked, options=opts.replace(steps=wave_sampling_steps),
+                                           sample_rate=SAMPLE_RATE)
     cpu["waveform"] = time.process_time() - t0
     print(f"[5/6] sampled {len(asked)} clips per route ({samples_per_class} per class): {sampler}, {sampling_steps} steps, "
-          f"guidance {guidance_scale}; vocoder {vocoder_sampling_steps} steps")
+          f"guidance {guidance_scale}; vocoder {vocoder_sampling_steps} steps, waveform {wave_sampling_steps} steps")
 
     # 6. Judge, write audio and pictures, report.
     report = {"judge_real_accuracy": judge.accuracy(held, held_labels), "judge_train_cpu_seconds": judge.train_seconds,
               "reconstruction_mel_distance": reconstruction, "routes": {}, "samples_per_class": samples_per_class,
               "sampler": sampler, "sampling_steps": sampling_steps, "vocoder_sampling_steps": vocoder_sampling_steps,
+              "wave_sampling_steps": wave_sampling_steps,
               "guidance_scale": guidance_scale, "train_steps": {k: c.steps for k, c in configs.items()},
               "sample_rate": SAMPLE_RATE, "clip_seconds": LENGTH / SAMPLE_RATE,
               **{k: round(v, 1) for k, v in timings.items()}}
