@@ -42,6 +42,8 @@ from difflab.io.sd3_folder import load_sd3_folder
 from difflab.io.spec import DEFAULT_DIFFUSION, build_denoiser, load_denoiser
 from difflab.nn.dit import DiT, DiTConfig
 from difflab.io.motion_folder import load_motion_adapter, load_unet_motion_model
+from difflab.io.spec import DEFAULT_DIFFUSION, build_denoiser, load_denoiser, make_spec
+from difflab.nn.diffwave import DiffWaveConfig
 from difflab.nn.mmdit import MMDiTConfig
 from difflab.nn.motion import PRESETS as MOTION_PRESETS
 from difflab.nn.motion import MotionUNet, MotionUNetConfig
@@ -55,7 +57,7 @@ from difflab.pipelines.policy import sample_action_chunks
 from difflab.pipelines.sd3 import sd3_sigmas
 from difflab.samplers import get_sampler
 from difflab.samplers.euler import sample_euler
-from difflab.train import TrainConfig
+from difflab.train import TrainConfig, train
 from difflab.train.dreambooth import save_text_model
 
 # ----------------------------------------------------------------------------------------------
@@ -136,6 +138,13 @@ def world(tmp_path_factory):
     text_spec = {"unet": unet.to_dict(), "diffusion": DEFAULT_DIFFUSION}
     text = TinyTextEncoder.from_texts(["a digit"], max_length=6, width=16, layers=1, heads=2)
     save_text_model(root / "text_base", build_denoiser(text_spec), text, text_spec, {"size": 8})
+    # audio checkpoints (nn/diffwave.py): a class-conditional waveform model and a vocoder, one step each
+    one_step = TrainConfig(steps=1, batch_size=2, checkpoint_every=0, log_every=0, progress=False, ema_decay=0.5)
+    for name, extra, data in (("wave_run", {"num_classes": 2}, (torch.zeros(2, 1, 64), torch.tensor([0, 1]))),
+                              ("vocoder_run", {"n_mels": 4}, (torch.zeros(2, 1, 64), None, {"mel": torch.zeros(2, 4, 5)}))):
+        spec = make_spec("diffwave", DiffWaveConfig(residual_channels=4, layers=2, dilation_cycle=2, sample_length=64, hop=16,
+                                                    upsample_strides=(4, 4), **extra), DEFAULT_DIFFUSION)
+        train(build_denoiser(spec, seed=0), data, one_step, root / name, spec=spec)
     return root
 
 
@@ -222,6 +231,10 @@ CLI_CASES = [
     ("sample-text-file", [*S[:1], "--checkpoint", "{root}/notes.txt", "--out", "{root}/s.png"], 2, "notes.txt"),
     ("sample-device-tpu", [*S, "--device", "tpu"], 2, "--device"),
     ("sample-weights-unknown", [*S, "--weights", "best"], 2, "invalid choice"),
+    ("sample-audio-to-png", ["sample", "--checkpoint", "{root}/wave_run", "--out", "{root}/s.png"], 2, "give a .wav path"),
+    ("sample-audio-vocoder", ["sample", "--checkpoint", "{root}/vocoder_run", "--out", "{root}/s.wav"], 2, "vocoder"),
+    ("sample-audio-classes-out-of-range", ["sample", "--checkpoint", "{root}/wave_run", "--out", "{root}/s.wav", "--steps", "1",
+                                           "--classes", "5"], 2, "[0, 1]"),
     ("sample-model-and-checkpoint", [*S, "--model", "{root}/text_base"], 2, "exactly one of --checkpoint"),
     ("sample-neither-model-nor-checkpoint", ["sample", "--out", "{root}/s.png"], 2, "exactly one of --checkpoint"),
     ("sample-model-without-prompt", [*M], 2, "--prompt"),
@@ -274,6 +287,10 @@ CLI_CASES = [
     ("demo-policy-steps-0", ["demo", "--policy", "--steps", "0", "--out-dir", "{root}/demo"], 2, "--steps"),
     ("demo-policy-guidance-nan", ["demo", "--policy", "--guidance", "nan", "--out-dir", "{root}/demo"], 2, "--guidance"),
     ("demo-policy-sampler", ["demo", "--policy", "--sampler", "nope", "--out-dir", "{root}/demo"], 2, "--sampler"),
+    ("demo-audio-and-text", ["demo", "--audio", "--text", "--out-dir", "{root}/demo"], 2, "give one of"),
+    ("demo-audio-and-cascade", ["demo", "--audio", "--cascade", "--out-dir", "{root}/demo"], 2, "give one of"),
+    ("demo-audio-steps-0", ["demo", "--audio", "--steps", "0", "--out-dir", "{root}/demo"], 2, "--steps"),
+    ("demo-audio-sr-steps", ["demo", "--audio", "--sr-steps", "5", "--out-dir", "{root}/demo"], 2, "needs --cascade"),
     # dreambooth
     ("dreambooth-base-missing", [*DB[:1], "--base", "{root}/nope", *DB[3:]], 2, "--base"),
     ("dreambooth-base-not-text-model", DB, 2, "text"),

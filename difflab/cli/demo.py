@@ -1,7 +1,8 @@
 """``difflab demo``: train, sample and judge a model on the embedded digits (``--text``: the latent
-text-to-image version)."""
+text-to-image version; ``--cascade``: base + super-resolution; ``--audio``: the audio routes)."""
 from __future__ import annotations
 
+from ..demos.audio import run_audio_demo
 from ..demos.cascade import run_cascade_demo
 from ..demos.digits import run_demo
 from ..demos.policy import run_policy_demo
@@ -25,6 +26,9 @@ def add_arguments(d) -> None:
                    help="the policy demo instead: a diffusion policy (temporal U-Net over action chunks) against a "
                         "behaviour-cloning MLP on the embedded Detour task (100 fixed-seed episodes), and Diffuser's "
                         "guided, inpainted planning (--guidance: its return-guidance scale, default 1); writes roll_outs.gif")
+    d.add_argument("--audio", action="store_true",
+                   help="the audio demo instead: a waveform DiffWave, and a log-mel U-Net decoded by Griffin-Lim and by a "
+                        "DiffWave vocoder, on ten classes of synthetic clips; writes WAVs and spectrograms")
     d.add_argument("--aug-sigma", type=non_negative_float, default=None,
                    help="--cascade: the noise level of the base's samples given to the x2 stage (default: 0.1)")
     d.add_argument("--truncated", action="store_true",
@@ -40,7 +44,8 @@ def add_arguments(d) -> None:
     d.add_argument("--guidance", type=finite_float, default=None,
                    help="classifier-free guidance scale (default: 1.5; 1 = none); with --policy the return-guidance "
                         "scale of the Diffuser plans (default: 1; 0 = none)")
-    d.add_argument("--samples-per-class", type=positive_int, default=50, help="samples per class judged (default: 50)")
+    d.add_argument("--samples-per-class", type=positive_int, default=None,
+                   help="samples per class judged (default: 50; 5 with --audio)")
     d.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed (default: 0)")
     d.add_argument("--resume", action="store_true", help="continue the training checkpoint in --out-dir")
 
@@ -50,9 +55,10 @@ def run(args) -> int:
                                          ("--sr-steps", args.sr_steps is not None)) if v]
     if cascade_only and not args.cascade:
         raise UsageError(f"{', '.join(cascade_only)} needs --cascade")
-    modes = [flag for flag, v in (("--text", args.text), ("--cascade", args.cascade), ("--policy", args.policy)) if v]
+    modes = [flag for flag, v in (("--text", args.text), ("--cascade", args.cascade), ("--policy", args.policy),
+                                  ("--audio", args.audio)) if v]
     if len(modes) > 1:
-        raise UsageError(f"give one of --text, --cascade, --policy, not both {' and '.join(modes[:2])}")
+        raise UsageError(f"give one of --text, --cascade, --policy, --audio, not both {' and '.join(modes[:2])}")
     if args.policy:
         if args.resume:
             raise UsageError("--resume is not taken by --policy (its runs are short: train again)")
@@ -61,11 +67,16 @@ def run(args) -> int:
                         seed=args.seed)
         return 0
     guidance = 1.5 if args.guidance is None else args.guidance
+    if args.audio:
+        run_audio_demo(args.out_dir or "demo_audio_out", mel_steps=args.steps, sampler=args.sampler,
+                       sampling_steps=args.sampling_steps or 20, guidance_scale=guidance,
+                       samples_per_class=args.samples_per_class or 5, seed=args.seed, resume=args.resume)
+        return 0
     if args.cascade:
         run_cascade_demo(args.out_dir or "demo_cascade_out", base_steps=args.steps, sr_steps=args.sr_steps,
                          sampler=args.sampler, sampling_steps=args.sampling_steps or 25,
                          guidance_scale=guidance, aug_sigma=0.1 if args.aug_sigma is None else args.aug_sigma,
-                         truncated=args.truncated, samples_per_class=args.samples_per_class, seed=args.seed,
+                         truncated=args.truncated, samples_per_class=args.samples_per_class or 50, seed=args.seed,
                          resume=args.resume)
         return 0
     if args.text:
@@ -73,5 +84,5 @@ def run(args) -> int:
                       sampling_steps=args.sampling_steps or 50, guidance_scale=guidance, seed=args.seed, resume=args.resume)
         return 0
     run_demo(args.out_dir or "demo_out", steps=args.steps, sampler=args.sampler, sampling_steps=args.sampling_steps or 50,
-             guidance_scale=guidance, samples_per_class=args.samples_per_class, seed=args.seed, resume=args.resume)
+             guidance_scale=guidance, samples_per_class=args.samples_per_class or 50, seed=args.seed, resume=args.resume)
     return 0

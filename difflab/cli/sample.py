@@ -5,16 +5,18 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from ..io.audio import save_wav
 from ..io.images import save_grid
+from ..io.spec import NETWORKS, checkpoint_spec
 from ..pipelines import sample_checkpoint
-from ..pipelines.checkpoint import sampling_defaults
+from ..pipelines.checkpoint import check_sampled_kind, sampling_defaults
 from ..pipelines.folder import IMAGE_FAMILIES, SINGLE_FILE_FAMILIES, check_image_request, model_family, sample_folder
 from ..pipelines.options import DTYPES
 from ..samplers import ETA_SAMPLERS, SAMPLERS
 from .common import (UsageError, device, device_name, finite_float, image_checkpoint, non_negative_float, non_negative_int,
                      output_file, parse_classes, positive_int)
 
-HELP = "sample a trained checkpoint or a text-to-image model folder into a PNG grid"
+HELP = "sample a trained checkpoint or a text-to-image model folder into a PNG grid (WAV files for audio checkpoints)"
 DESCRIPTION = ("Sample a checkpoint written by 'difflab train' or 'difflab demo' (network kinds whose samples are images), "
                "or a text-to-image model folder (--model) from prompts.")
 
@@ -63,7 +65,7 @@ def run(args) -> int:
             raise UsageError(f"{flag} needs --model (a text-to-image model folder); a --checkpoint takes --classes or --num")
     # 1. Check everything that can be checked before the weights are read.
     output_file(args.out)
-    meta = image_checkpoint(args.checkpoint, "--checkpoint", "difflab sample")
+    meta, rate = sampled_checkpoint(args.checkpoint, args.out)
     given = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance)
     overrides = dict({k: v for k, v in given.items() if v is not None}, seed=args.seed, device=device(args.device))
     sampler = overrides.get("sampler") or sampling_defaults(meta).sampler
@@ -76,10 +78,30 @@ def run(args) -> int:
     print(f"sampling with {options.sampler}, {options.steps} steps, guidance {options.guidance_scale:g}")
     images = sample_checkpoint(args.checkpoint, labels=args.classes, num=None if args.classes else args.num or 16,
                                options=options, weights=args.weights)
+    if rate is not None:  # audio: one WAV per clip
+        paths = [save_wav(args.out if len(images) == 1 else args.out.with_name(f"{args.out.stem}_{i}.wav"), clip, rate)
+                 for i, clip in enumerate(images)]
+        print(f"wrote {len(paths)} clips at {rate} Hz to {paths[0]}{' ...' if len(paths) > 1 else ''}")
+        return 0
     size = images.shape[-1]
     path = save_grid(images, args.out, nrow=min(10, len(images)), upscale=max(1, 48 // size))
     print(f"wrote {len(images)} samples to {path}")
     return 0
+
+
+def sampled_checkpoint(path: Path, out: Path) -> tuple[dict, int | None]:
+    """(metadata, sample rate or None) of the checkpoint to sample: an image kind, or an audio kind
+    (then ``--out`` must be a .wav path), refused before the weights are read."""
+    if not path.exists():
+        raise FileNotFoundError(f"--checkpoint {path} does not exist")
+    kind, meta = checkpoint_spec(path)
+    if NETWORKS[kind].output != "audio":
+        return image_checkpoint(path, "--checkpoint", "difflab sample"), None
+    check_sampled_kind(kind, meta, "difflab sample")
+    if out.suffix.lower() != ".wav":
+        raise UsageError(f"--out {out}: network kind {kind!r} makes audio; give a .wav path (several clips are written "
+                         f"as NAME_0.wav, NAME_1.wav, ...)")
+    return meta, int(meta["spec"]["network"]["config"].get("sample_rate", 8000))
 
 
 def run_model(args) -> int:

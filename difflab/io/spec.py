@@ -39,6 +39,7 @@ from ..core import FRAMES, Denoiser, VPDiscrete
 from ..core.consistency import ConsistencyFunction
 from ..core.params import check_prediction
 from ..nn.dit import MOE_PRESETS as MOE_DIT_PRESETS
+from ..nn.diffwave import DiffWave, DiffWaveConfig
 from ..nn.dit import PRESETS as DIT_PRESETS
 from ..nn.dit import DiT, DiTConfig
 from ..nn.guidance_embedding import GuidanceEmbedding
@@ -84,6 +85,11 @@ def image_shape(config, meta: dict) -> tuple:
     return (int(config.in_channels), int(size), int(size))
 
 
+def audio_shape(config, meta: dict) -> tuple:
+    """(in_channels, sample_length): a mono clip of the length the config records."""
+    return (int(config.in_channels), int(config.sample_length))
+
+
 def latent_shape(config, meta: dict) -> tuple:
     """(in_channels, s, s) with s the config's ``sample_size`` (the latent size it was trained at)."""
     return (int(config.in_channels), int(config.sample_size), int(config.sample_size))
@@ -109,6 +115,7 @@ NETWORKS: dict[str, NetworkKind] = {
     "sr_unet": NetworkKind(SRUNet, SRUNetConfig, "image", image_shape),  # super-resolution: low_res= conditioning (SR3, CDM)
     "motion_unet": NetworkKind(MotionUNet, MotionUNetConfig, "video", motion_clip_shape, MOTION_PRESETS),  # AnimateDiff motion modules
     "temporal_unet": NetworkKind(TemporalUNet, TemporalUNetConfig, "sequence", sequence_shape),  # action chunks / trajectories: obs=
+    "diffwave": NetworkKind(DiffWave, DiffWaveConfig, "audio", audio_shape),  # waveforms (B, 1, L); mel= as a vocoder
 }
 
 
@@ -303,5 +310,5 @@ def sample_shape(spec: dict, meta: dict | None = None) -> tuple:
 
 __all__ = ["NETWORKS", "NetworkKind", "DEFAULT_DIFFUSION", "FRAME_ARGS", "FRAME_BUILDERS", "network_kind", "kinds_with_output",
            "read_spec", "make_spec", "spec_kind", "check_diffusion", "build_frame", "build_network", "build_denoiser",
-           "spec_network", "checkpoint_spec", "load_denoiser", "sample_shape", "image_shape", "latent_shape",
+           "spec_network", "checkpoint_spec", "load_denoiser", "sample_shape", "image_shape", "audio_shape", "latent_shape",
            "STUDENT_KEYS", "student_section", "motion_clip_shape"]

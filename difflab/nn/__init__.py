@@ -8,6 +8,7 @@ from .motion import MotionUNet, MotionUNetConfig, freeze_spatial, insert_motion_
 from .sd3_text import SD3TextEncoder
 from .unet import PRESETS, UNet, UNetConfig
 from .sr import SRUNet, SRUNetConfig
+from .diffwave import DiffWave, DiffWaveConfig
 from .text import CLIPTextEncoder, CLIPTextEncoderConfig, TextEncoder, TinyTextConfig, TinyTextEncoder
 from .transformer import SpatialTransformer
 from .unet_sd import PRESETS as SD_PRESETS
@@ -21,6 +22,6 @@ __all__ = [
     "estimate_scaling_factor", "VAE_PRESETS", "UNetSD", "UNetSDConfig", "SD_PRESETS", "SpatialTransformer",
     "TextEncoder", "CLIPTextEncoder", "CLIPTextEncoderConfig", "TinyTextEncoder", "TinyTextConfig", "GuidanceEmbedding",
     "MMDiT", "MMDiTConfig", "SD3TextEncoder",
-    "SRUNet", "SRUNetConfig",
+    "SRUNet", "SRUNetConfig", "DiffWave", "DiffWaveConfig",
     "MotionUNet", "MotionUNetConfig", "insert_motion_modules", "freeze_spatial",
 ]

@@ -28,6 +28,21 @@ def check_image_kind(kind: str, what: str = "this") -> None:
                          f"{', '.join(kinds_with_output('image'))}")
 
 
+SAMPLED_OUTPUTS = ("image", "audio")  # the outputs sample_checkpoint draws: images, and clips (N, 1, L)
+
+
+def check_sampled_kind(kind: str, meta: dict, what: str = "this") -> None:
+    """A ValueError when network kind ``kind`` does not sample from noise and labels alone: its
+    samples are neither images nor audio, or it is a vocoder (its config has ``n_mels``: it needs a
+    mel spectrogram, :func:`difflab.pipelines.audio.vocode`)."""
+    if NETWORKS[kind].output not in SAMPLED_OUTPUTS:
+        check_image_kind(kind, what)
+    config = ((meta.get("spec") or {}).get("network") or {}).get("config") or {}
+    if config.get("n_mels") is not None:
+        raise ValueError(f"this {kind} checkpoint is a vocoder: it turns mel spectrograms into audio "
+                         "(difflab.pipelines.audio.vocode) and cannot sample from class labels alone")
+
+
 SAMPLING_KEYS = ("sampler", "steps", "grid", "guidance_scale", "sampler_kwargs")
 
 
@@ -46,7 +61,8 @@ def sampling_defaults(meta: dict) -> SampleOptions:
 def sample_checkpoint(path, *, labels=None, num: int | None = None, options: SampleOptions | None = None,
                       weights: str = "ema", **overrides) -> torch.Tensor:
     """Images (N, C, H, W) in [-1, 1] sampled from a training checkpoint whose network kind makes
-    images (:data:`difflab.io.spec.NETWORKS`), through :func:`~difflab.pipelines.generate`.
+    images (:data:`difflab.io.spec.NETWORKS`), through :func:`~difflab.pipelines.generate`; clips
+    (N, 1, L) from one whose kind makes audio (a class-conditional or unconditional DiffWave).
 
     ``labels``: class labels, one image each; None: ``num`` images without labels (a
     class-conditional model samples its null class); ``"balanced"``: ``num`` images with labels
@@ -64,7 +80,7 @@ def sample_checkpoint(path, *, labels=None, num: int | None = None, options: Sam
             raise ValueError(f"labels={labels!r}: give class labels, None or 'balanced'")
         if num is None or num < 1:
             raise ValueError(f"num={num} must be a positive number of images when labels is {labels!r}")
-    check_image_kind(kind, "sample_checkpoint")
+    check_sampled_kind(kind, meta, "sample_checkpoint")
     # 2. Load the denoiser (on the options' device).
     device = "cpu" if opts.device is None else opts.device
     denoiser, meta = load_denoiser(path, weights=weights, device=device)
@@ -80,4 +96,4 @@ def sample_checkpoint(path, *, labels=None, num: int | None = None, options: Sam
                     null_class=meta.get("null_class"), options=opts.replace(device=device))
 
 
-__all__ = ["sample_checkpoint", "check_image_kind", "sampling_defaults", "SAMPLING_KEYS"]
+__all__ = ["sample_checkpoint", "check_image_kind", "check_sampled_kind", "SAMPLED_OUTPUTS", "sampling_defaults", "SAMPLING_KEYS"]

@@ -1,0 +1,212 @@
+"""The audio front end: STFT, mel filterbank, log-mel and Griffin-Lim inversion, in torch.
+
+Pure tensor math (no network, no data), so it sits in ``core``: the data, the pipelines, the
+judge and the demo (four layers) all read clips through it.
+
+- :func:`stft` / :func:`istft`: ``torch.stft`` with a periodic Hann window, ``center=True``
+  (reflect padding), so a clip of ``L`` samples has ``1 + L // hop`` frames; magnitudes are
+  divided by the window's sum, so a unit-amplitude sine at a bin centre reads 0.5.
+- :func:`mel_filter_bank`: triangular filters on the HTK mel scale, mel = 2595 log10(1 + f / 700)
+  (O'Shaughnessy 1987), optionally area-normalised ("slaney"); (n_freqs, n_mels), the layout of
+  ``transformers.audio_utils.mel_filter_bank``.
+- :func:`log_mel`: ``log(max(mel magnitude, floor))``.
+- :func:`griffin_lim`: phase retrieval from a magnitude (Griffin & Lim 1984), with the momentum
+  of the fast Griffin-Lim algorithm (Perraudin et al. 2013, Algorithm 2); :func:`mel_to_linear`
+  undoes the filterbank by non-negative least squares (projected gradient).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class AudioFrontEnd:
+    """Everything that shapes a spectrogram of a clip: the STFT and the mel filterbank."""
+
+    sample_rate: int = 8000
+    n_fft: int = 256
+    hop: int = 64
+    n_mels: int = 32
+    f_min: float = 0.0
+    f_max: float | None = None  # None: sample_rate / 2
+    floor: float = 1e-4         # log-mel floor (magnitude, 1 = a full-scale sine's 0.5 * 2)
+
+    def __post_init__(self):
+        for name in ("sample_rate", "n_fft", "hop", "n_mels"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"AudioFrontEnd.{name}={v!r} must be a positive integer")
+        if self.hop > self.n_fft:
+            raise ValueError(f"AudioFrontEnd.hop={self.hop} must be <= n_fft={self.n_fft}")
+        if not 0 <= self.f_min < self.top:
+            raise ValueError(f"AudioFrontEnd.f_min={self.f_min} must be in [0, f_max={self.top})")
+        if self.top > self.sample_rate / 2:
+            raise ValueError(f"AudioFrontEnd.f_max={self.f_max} must be <= sample_rate / 2 = {self.sample_rate / 2}")
+
+    @property
+    def top(self) -> float:
+        return self.sample_rate / 2 if self.f_max is None else float(self.f_max)
+
+    @property
+    def n_freqs(self) -> int:
+        return self.n_fft // 2 + 1
+
+    def frames(self, length: int) -> int:
+        """The number of STFT frames of a clip of ``length`` samples (``center=True``)."""
+        return 1 + length // self.hop
+
+    def filters(self, dtype=torch.float32) -> torch.Tensor:
+        return mel_filter_bank(self.n_freqs, self.n_mels, self.f_min, self.top, self.sample_rate, dtype=dtype)
+
+
+def hann(n: int, dtype=torch.float32) -> torch.Tensor:
+    """The periodic Hann window of length ``n`` (the STFT's; ``scipy.signal.get_window('hann', n)``)."""
+    return torch.hann_window(n, periodic=True, dtype=dtype)
+
+
+def as_waves(wave: torch.Tensor, name: str = "wave") -> torch.Tensor:
+    """(L,), (B, L) or (B, 1, L) mono audio as (B, L); a ValueError naming ``name`` for anything
+    else (stereo (B, 2, L) among them)."""
+    if not torch.is_tensor(wave) or not wave.is_floating_point():
+        raise ValueError(f"{name} must be a float tensor of mono audio, (L,), (B, L) or (B, 1, L)")
+    if wave.ndim == 3 and wave.shape[1] == 1:
+        return wave[:, 0]
+    if wave.ndim == 3:
+        raise ValueError(f"{name} has {wave.shape[1]} channels (shape {tuple(wave.shape)}); the front end takes mono "
+                         "(B, 1, L): mix the channels down first, e.g. wave.mean(1, keepdim=True)")
+    if wave.ndim in (1, 2):
+        return wave.reshape(-1, wave.shape[-1])
+    raise ValueError(f"{name} must be (L,), (B, L) or (B, 1, L) mono audio, got shape {tuple(wave.shape)}")
+
+
+def stft(wave: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
+    """Complex STFT (B, n_fft // 2 + 1, 1 + L // hop) of mono ``wave``, periodic Hann window,
+    centred frames (reflect padding), divided by the window's sum."""
+    x = as_waves(wave)
+    if x.shape[-1] <= n_fft // 2:
+        raise ValueError(f"a clip of {x.shape[-1]} samples is too short for n_fft={n_fft} (needs > {n_fft // 2})")
+    window = hann(n_fft, x.dtype).to(x.device)
+    spec = torch.stft(x, n_fft, hop, window=window, center=True, pad_mode="reflect", return_complex=True)
+    return spec / window.sum()
+
+
+def istft(spec: torch.Tensor, n_fft: int, hop: int, length: int) -> torch.Tensor:
+    """The inverse of :func:`stft` (least-squares overlap-add): (B, length) waveforms."""
+    window = hann(n_fft, spec.real.dtype).to(spec.device)
+    return torch.istft(spec * window.sum(), n_fft, hop, window=window, center=True, length=length)
+
+
+def hz_to_mel(f):
+    """The HTK mel scale: 2595 log10(1 + f / 700)."""
+    return 2595.0 * torch.log10(1.0 + torch.as_tensor(f, dtype=torch.float64) / 700.0)
+
+
+def mel_to_hz(m):
+    return 700.0 * (10.0 ** (torch.as_tensor(m, dtype=torch.float64) / 2595.0) - 1.0)
+
+
+def mel_filter_bank(n_freqs: int, n_mels: int, f_min: float, f_max: float, sample_rate: int, *,
+                    norm: str | None = None, dtype=torch.float32) -> torch.Tensor:
+    """(n_freqs, n_mels) triangular filters whose corners are ``n_mels + 2`` points evenly spaced
+    on the HTK mel scale between ``f_min`` and ``f_max``, evaluated at the FFT bin frequencies
+    ``linspace(0, sample_rate / 2, n_freqs)``; ``norm="slaney"`` divides each by half its width
+    in Hz (equal area). Computed in float64."""
+    if norm not in (None, "slaney"):
+        raise ValueError(f"norm={norm!r} is unknown; choose None or 'slaney'")
+    freqs = torch.linspace(0, sample_rate / 2, n_freqs, dtype=torch.float64)
+    corners = mel_to_hz(torch.linspace(float(hz_to_mel(f_min)), float(hz_to_mel(f_max)), n_mels + 2, dtype=torch.float64))
+    lo, mid, hi = corners[:-2], corners[1:-1], corners[2:]
+    rise = (freqs[:, None] - lo) / (mid - lo)
+    fall = (hi - freqs[:, None]) / (hi - mid)
+    fb = torch.clamp(torch.minimum(rise, fall), min=0.0)
+    if norm == "slaney":
+        fb = fb * (2.0 / (hi - lo))
+    return fb.to(dtype)
+
+
+def mel_spectrogram(wave: torch.Tensor, fe: AudioFrontEnd) -> torch.Tensor:
+    """Mel magnitude spectrogram (B, n_mels, frames) of mono ``wave``."""
+    mag = stft(wave, fe.n_fft, fe.hop).abs()
+    return torch.einsum("bft,fm->bmt", mag, fe.filters(mag.dtype).to(mag.device))
+
+
+def log_mel(wave: torch.Tensor, fe: AudioFrontEnd) -> torch.Tensor:
+    """log(max(mel magnitude, fe.floor)): (B, n_mels, frames)."""
+    return torch.log(torch.clamp(mel_spectrogram(wave, fe), min=fe.floor))
+
+
+def mel_image(wave: torch.Tensor, fe: AudioFrontEnd) -> torch.Tensor:
+    """The log-mel of mono ``wave`` as a 1-channel image (B, 1, n_mels, frames) in [-1, 1]: the
+    range [log floor, 0] mapped linearly onto [-1, 1] (louder than 0, i.e. magnitude > 1, clips)."""
+    lo = math.log(fe.floor)
+    return ((log_mel(wave, fe) - lo) / (-lo) * 2.0 - 1.0).clamp(-1.0, 1.0)[:, None]
+
+
+def image_to_mel(image: torch.Tensor, fe: AudioFrontEnd) -> torch.Tensor:
+    """The inverse of :func:`mel_image`: (B, 1, n_mels, frames) in [-1, 1] -> mel magnitude (B, n_mels, frames)."""
+    if image.ndim != 4 or image.shape[1] != 1 or image.shape[2] != fe.n_mels:
+        raise ValueError(f"a mel image is (B, 1, n_mels={fe.n_mels}, frames), got shape {tuple(image.shape)}")
+    lo = math.log(fe.floor)
+    return torch.exp((image[:, 0].clamp(-1.0, 1.0) + 1.0) / 2.0 * (-lo) + lo)
+
+
+def mel_to_linear(mel: torch.Tensor, fe: AudioFrontEnd, iters: int = 200) -> torch.Tensor:
+    """A non-negative linear magnitude (B, n_freqs, frames) whose mel projection is ``mel``
+    (B, n_mels, frames): least squares under M >= 0 by projected gradient (step 1 / ||F||^2),
+    started from the pseudo-inverse clamped at 0."""
+    fb = fe.filters(torch.float64).to(mel.device)                # (F, M)
+    target = mel.double()
+    mag = torch.clamp(torch.einsum("mf,bmt->bft", torch.linalg.pinv(fb), target), min=0.0)
+    step = 1.0 / float(torch.linalg.matrix_norm(fb, 2)) ** 2
+    for _ in range(iters):
+        resid = torch.einsum("bft,fm->bmt", mag, fb) - target
+        mag = torch.clamp(mag - step * torch.einsum("fm,bmt->bft", fb, resid), min=0.0)
+    return mag.to(mel.dtype)
+
+
+def spectral_convergence(mag: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """||mag - target||_F / ||target||_F per example (B,): the distance Griffin-Lim lowers."""
+    return (mag - target).flatten(1).norm(dim=1) / target.flatten(1).norm(dim=1).clamp_min(1e-12)
+
+
+def griffin_lim(mag: torch.Tensor, n_fft: int, hop: int, length: int, *, iters: int = 64, momentum: float = 0.99,
+                generator: torch.Generator | None = None, phase: torch.Tensor | None = None,
+                history: list | None = None) -> torch.Tensor:
+    """A waveform (B, length) whose STFT magnitude approaches ``mag`` (B, n_fft // 2 + 1, frames):
+    alternate projections onto consistent spectrograms (istft then stft) and onto the target
+    magnitude (Griffin & Lim 1984), with the fast algorithm's momentum (Perraudin et al. 2013,
+    eq. 4; ``momentum=0``: the original). Phases start at ``phase`` (radians, shaped like ``mag``),
+    else uniformly at random from ``generator`` (seed 0 when None); ``history``, a list, receives the spectral convergence after every iteration."""
+    if mag.ndim != 3 or mag.shape[1] != n_fft // 2 + 1:
+        raise ValueError(f"mag must be (B, {n_fft // 2 + 1}, frames) for n_fft={n_fft}, got shape {tuple(mag.shape)}")
+    if mag.shape[-1] != 1 + length // hop:
+        raise ValueError(f"mag has {mag.shape[-1]} frames but a clip of length={length} at hop={hop} has {1 + length // hop}")
+    if phase is None:
+        g = torch.Generator().manual_seed(0) if generator is None else generator
+        phase = torch.rand(mag.shape, generator=g, dtype=torch.float64).to(mag.device, mag.dtype) * (2 * math.pi)
+    elif phase.shape != mag.shape:
+        raise ValueError(f"phase must be shaped like mag {tuple(mag.shape)}, got {tuple(phase.shape)}")
+    spec = torch.polar(mag, phase)
+    prev = torch.zeros_like(spec)
+    for _ in range(iters):
+        consistent = stft(istft(spec, n_fft, hop, length), n_fft, hop)
+        if history is not None:
+            history.append(spectral_convergence(consistent.abs(), mag))
+        accel = consistent + momentum * (consistent - prev)
+        prev = consistent
+        spec = mag * torch.exp(1j * torch.angle(accel))
+    return istft(spec, n_fft, hop, length)
+
+
+def mel_griffin_lim(mel: torch.Tensor, fe: AudioFrontEnd, length: int, *, iters: int = 64,
+                    generator: torch.Generator | None = None, phase: torch.Tensor | None = None) -> torch.Tensor:
+    """Mel magnitude (B, n_mels, frames) -> waveform (B, length): :func:`mel_to_linear`, then
+    :func:`griffin_lim` (``phase``: its starting phases, (B, n_freqs, frames))."""
+    return griffin_lim(mel_to_linear(mel, fe), fe.n_fft, fe.hop, length, iters=iters, generator=generator, phase=phase)
+
+
+__all__ = ["AudioFrontEnd", "hann", "as_waves", "stft", "istft", "hz_to_mel", "mel_to_hz", "mel_filter_bank",
+           "mel_spectrogram", "log_mel", "mel_image", "image_to_mel", "mel_to_linear", "spectral_convergence", "griffin_lim", "mel_griffin_lim"]

@@ -1,0 +1,104 @@
+"""Audio generation: class labels in, mono clips out, by three routes over one front end.
+
+- **waveform**: a class-conditional DiffWave (Kong et al. 2021) samples the clip directly
+  (:func:`generate_waveform`);
+- **spectrogram**: a class-conditional U-Net samples the log-mel as a 1-channel image
+  (:func:`generate_mel`, Riffusion-style), then a decoder makes it sound: Griffin-Lim
+  (:func:`griffin_lim_decode`) or a DiffWave vocoder conditioned on the mel (:func:`vocode`).
+
+Every route draws sample i from its own generator seeded by (``seed``, i), so clip i is the same
+whatever the batch size.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..core.audio import AudioFrontEnd, image_to_mel, mel_griffin_lim
+from ..core.rng import sample_seed
+from ..nn.diffwave import DiffWaveConfig, check_sample_rate
+from .class_to_image import generate
+from .common import denoise, run_options, sample_device, sampling_grid
+from .options import CLASS_DEFAULTS, SampleOptions, resolve
+
+
+def diffwave_config(denoiser):
+    """The DiffWave config of a denoiser, or a ValueError naming what the network is."""
+    config = getattr(denoiser.net, "config", None)
+    if not isinstance(config, DiffWaveConfig):
+        raise ValueError(f"an audio route needs a DiffWave network, got {type(denoiser.net).__name__}")
+    return config
+
+
+@torch.no_grad()
+def generate_waveform(denoiser, labels=None, *, num_samples: int | None = None, sample_rate: int | None = None,
+                      options: SampleOptions | None = None, **overrides) -> torch.Tensor:
+    """Clips (N, 1, sample_length) in [-1, 1] from a (class-conditional) DiffWave, with
+    classifier-free guidance towards ``labels`` (:func:`difflab.pipelines.generate` on waveforms);
+    ``sample_rate``, when given, must be the model's."""
+    config = diffwave_config(denoiser)
+    if config.n_mels is not None:
+        raise ValueError("this DiffWave is a vocoder (it needs a mel spectrogram): use vocode()")
+    if sample_rate is not None:
+        check_sample_rate(config, sample_rate)
+    return generate(denoiser, labels, num_samples=num_samples, shape=(config.in_channels, config.sample_length),
+                    options=options, **overrides)
+
+
+@torch.no_grad()
+def generate_mel(denoiser, labels=None, *, front_end: AudioFrontEnd, length: int, num_samples: int | None = None,
+                 options: SampleOptions | None = None, **overrides) -> torch.Tensor:
+    """Log-mel images (N, 1, n_mels, 1 + length // hop) in [-1, 1] (:func:`difflab.core.audio.mel_image`'s
+    scale) from an image network trained on them, for clips of ``length`` samples."""
+    return generate(denoiser, labels, num_samples=num_samples, shape=(1, front_end.n_mels, front_end.frames(length)),
+                    options=options, **overrides)
+
+
+def griffin_lim_decode(images: torch.Tensor, front_end: AudioFrontEnd, length: int, *, iters: int = 64,
+                       seed: int = 0, batch_size: int = 64) -> torch.Tensor:
+    """Clips (N, 1, length) from log-mel images: mel -> linear magnitude -> fast Griffin-Lim, the
+    starting phases of clip i drawn from its own generator (``seed``, i); peaks above 1 clipped."""
+    out = []
+    n_freqs, frames = front_end.n_freqs, images.shape[-1]
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size].float()
+        phase = torch.stack([torch.rand((n_freqs, frames), generator=torch.Generator().manual_seed(sample_seed(seed, start + i)))
+                             for i in range(len(chunk))]) * (2 * math.pi)
+        out.append(mel_griffin_lim(image_to_mel(chunk, front_end), front_end, length, iters=iters, phase=phase))
+    return torch.cat(out)[:, None].clamp(-1, 1)
+
+
+@torch.no_grad()
+def vocode(denoiser, images: torch.Tensor, *, sample_rate: int | None = None, options: SampleOptions | None = None,
+           **overrides) -> torch.Tensor:
+    """Clips (N, 1, sample_length) from log-mel images (N, 1, n_mels, frames) by a DiffWave
+    vocoder (``config.n_mels`` set): its reverse process conditioned on ``mel=`` (Kong et al.
+    2021, Section 3.1); no guidance. ``sample_rate``, when given, must be the model's."""
+    # 1. Check inputs.
+    config = diffwave_config(denoiser)
+    if config.n_mels is None:
+        raise ValueError("this DiffWave is not a vocoder (config.n_mels is None): use generate_waveform()")
+    if sample_rate is not None:
+        check_sample_rate(config, sample_rate)
+    opts = resolve(options, CLASS_DEFAULTS, overrides)
+    if opts.guidance_scale != 1.0:
+        raise ValueError(f"guidance_scale={opts.guidance_scale}: a vocoder is conditioned on the mel, not guided; use 1")
+    frames = 1 + config.sample_length // config.hop
+    if images.ndim != 4 or tuple(images.shape[1:]) != (1, config.n_mels, frames):
+        raise ValueError(f"images must be (N, 1, n_mels, frames) = (N, 1, {config.n_mels}, {frames}) log-mel images for "
+                         f"this vocoder's {config.sample_length}-sample clips, got shape {tuple(images.shape)}")
+    _, device = sample_device(denoiser, opts)
+    # 2. The grid; 3-5. per-sample noise, the mel as the condition, the sampler.
+    sigmas = sampling_grid(denoiser, opts.steps, opts.grid, opts.spacing, opts.steps_offset).to(device, torch.float32)
+    prior = float(denoiser.prior_std(sigmas[0].double()))
+
+    def sample_batch(start, b, noise):
+        cond = {"mel": images[start:start + b, 0].to(device, torch.float32)}
+        return denoise(denoiser, noise() * prior, sigmas, opts, noise, cond).clamp(-1, 1)
+
+    return run_options(len(images), (config.in_channels, config.sample_length), sample_batch, opts, device=device,
+                       desc=f"vocoding ({opts.sampler}, {opts.steps} steps)")
+
+
+__all__ = ["generate_waveform", "generate_mel", "griffin_lim_decode", "vocode", "diffwave_config"]

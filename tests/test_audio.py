@@ -1,0 +1,237 @@
+"""Audio: the embedded clips, the front end against transformers and scipy, Griffin-Lim, DiffWave's
+shapes and errors, the audio pipelines' per-sample determinism, WAV files, and a tiny demo run."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from difflab.core.audio import (AudioFrontEnd, griffin_lim, image_to_mel, istft, mel_filter_bank, mel_image,
+                                mel_spectrogram, mel_to_linear, spectral_convergence, stft)
+from difflab.data.audio import CLASSES, LENGTH, SAMPLE_RATE, load_audio, one_clip
+from difflab.io.audio import load_wav, save_wav
+from difflab.io.spec import build_denoiser, load_denoiser, make_spec, sample_shape
+from difflab.nn.diffwave import DiffWave, DiffWaveConfig, check_sample_rate, dilated_conv
+from difflab.pipelines.audio import generate_waveform, griffin_lim_decode, vocode
+from difflab.train import TrainConfig, train
+
+FE = AudioFrontEnd()
+DIFFUSION = {"frame": "vp_discrete", "schedule": "cosine", "T": 1000, "prediction": "v"}
+
+
+# ---- data ----------------------------------------------------------------------------------
+
+def test_clips_are_deterministic_and_split():
+    a, la = load_audio("train", per_class=6, seed=3)
+    b, lb = load_audio("train", per_class=6, seed=3)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+    t, lt = load_audio("test", per_class=6, seed=3)
+    assert a.shape == (10 * 5, 1, LENGTH) and t.shape == (10, 1, LENGTH)
+    assert torch.bincount(la).tolist() == [5] * 10 and torch.bincount(lt).tolist() == [1] * 10
+    assert a.abs().max() <= 0.9 + 1e-6 and a.abs().amax(-1).min() >= 0.3 - 1e-6   # loudness 0.3 .. 0.9
+    other, _ = load_audio("train", per_class=6, seed=4)
+    assert not torch.equal(a, other)
+    # clip i of class c depends on (seed, c, i) only, not on how many clips are asked for
+    assert np.array_equal(one_clip(3, np.random.default_rng([3, 3, 1])).astype(np.float32), a[la == 3][0, 0].numpy())
+    with pytest.raises(ValueError, match="split"):
+        load_audio("val")
+
+
+def test_classes_differ_within_and_between():
+    clips, labels = load_audio("all", per_class=4)
+    mels = mel_image(clips, FE)
+    assert len(CLASSES) == 10
+    same = [(mels[labels == c][0] - mels[labels == c][1]).abs().mean() for c in range(10)]
+    assert min(same) > 0.01                          # random pitch, envelope, loudness within a class
+
+
+# ---- front end ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("norm", [None, "slaney"])
+def test_mel_filter_bank_matches_transformers(norm):
+    from transformers.audio_utils import mel_filter_bank as reference
+
+    ours = mel_filter_bank(129, 32, 40.0, 3900.0, 8000, norm=norm, dtype=torch.float64).numpy()
+    ref = reference(129, 32, 40.0, 3900.0, 8000, norm=norm, mel_scale="htk")
+    np.testing.assert_allclose(ours, ref, rtol=1e-10, atol=1e-14)
+
+
+def test_stft_matches_scipy_and_inverts():
+    from scipy.signal import stft as scipy_stft
+
+    x = torch.randn(2, 1000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ours = stft(x, 128, 32).numpy()
+    _, _, ref = scipy_stft(x.numpy(), window="hann", nperseg=128, noverlap=96, boundary="even", padded=False)
+    assert ours.shape == ref.shape == (2, 65, 1 + 1000 // 32)
+    np.testing.assert_allclose(ours, ref, atol=1e-12)
+    torch.testing.assert_close(istft(stft(x, 128, 32), 128, 32, 1000), x)
+
+
+def test_mel_spectrogram_matches_transformers():
+    from transformers.audio_utils import mel_filter_bank as reference_bank
+    from transformers.audio_utils import spectrogram, window_function
+
+    x = torch.randn(LENGTH, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ours = mel_spectrogram(x, FE)[0].numpy()
+    window = window_function(FE.n_fft, "hann")
+    ref = spectrogram(x.numpy(), window, frame_length=FE.n_fft, hop_length=FE.hop, power=1.0, center=True,
+                      pad_mode="reflect", mel_filters=reference_bank(FE.n_freqs, FE.n_mels, 0.0, 4000.0, SAMPLE_RATE))
+    np.testing.assert_allclose(ours * window.sum(), ref, rtol=1e-5, atol=1e-6)  # transformers' STFT is float32
+    assert ours.shape == (FE.n_mels, FE.frames(LENGTH)) == (32, 64)
+
+
+def test_mel_image_round_trip():
+    clips, _ = load_audio("test", per_class=3)
+    img = mel_image(clips, FE)
+    assert img.shape == (10, 1, 32, 64) and img.min() >= -1 and img.max() <= 1
+    mel = mel_spectrogram(clips, FE)
+    back = image_to_mel(img, FE)
+    kept = mel > FE.floor
+    torch.testing.assert_close(back[kept], mel[kept], rtol=1e-4, atol=1e-6)
+
+
+def test_griffin_lim_converges_on_a_known_signal():
+    t = torch.arange(LENGTH, dtype=torch.float64) / SAMPLE_RATE
+    x = (0.5 * torch.sin(2 * math.pi * 440 * t) + 0.2 * torch.sin(2 * math.pi * 1234 * t))[None]
+    mag = stft(x, 256, 64).abs()
+    history = []
+    y = griffin_lim(mag, 256, 64, LENGTH, iters=40, history=history)
+    sc = torch.stack(history)[:, 0]
+    assert sc[0] > 0.3 and sc[-1] < 0.1                  # random phases start far off, end close
+    assert sc[-1] < sc[5] < sc[0]
+    assert float(spectral_convergence(stft(y, 256, 64).abs(), mag)) < 0.1
+    slow = []
+    griffin_lim(mag, 256, 64, LENGTH, iters=40, momentum=0.0, history=slow)
+    assert sc[-1] < slow[-1][0]                           # the fast algorithm's momentum helps
+
+
+def test_mel_to_linear_reproduces_the_mel():
+    clips, _ = load_audio("test", per_class=3)
+    mel = mel_spectrogram(clips[:4], FE)
+    lin = mel_to_linear(mel, FE)
+    assert lin.min() >= 0
+    rel = (torch.einsum("bft,fm->bmt", lin, FE.filters()) - mel).norm() / mel.norm()
+    assert rel < 0.02
+
+
+# ---- DiffWave ------------------------------------------------------------------------------
+
+def tiny(**kw) -> DiffWaveConfig:
+    return DiffWaveConfig(**{"residual_channels": 8, "layers": 4, "dilation_cycle": 4, "sample_length": 256, "hop": 16,
+                             "upsample_strides": (4, 4), **kw})
+
+
+def perturbed(net):
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return net
+
+
+def test_dilated_conv_fold_is_the_dilated_conv():
+    conv = torch.nn.Conv1d(4, 8, 3, padding=4, dilation=4)
+    x = torch.randn(2, 4, 64)
+    torch.testing.assert_close(dilated_conv(conv, x), conv(x))
+    torch.testing.assert_close(dilated_conv(conv, x[..., :63]), conv(x[..., :63]))   # 63 % 4: unfolded
+
+
+def test_diffwave_shapes_and_bad_inputs():
+    net = perturbed(DiffWave(tiny(num_classes=3)))
+    x, t = torch.randn(2, 1, 256), torch.tensor([10.0, 500.0])
+    assert net(x, t, class_labels=torch.tensor([0, 3])).shape == (2, 1, 256)
+    assert net.config.receptive_field == 1 + 2 * (1 + 2 + 4 + 8)
+    with pytest.raises(ValueError, match="stereo"):
+        net(torch.randn(2, 2, 256), t)
+    with pytest.raises(ValueError, match="receptive field"):
+        net(torch.randn(2, 1, 20), t)
+    with pytest.raises(ValueError, match=r"class_labels must be in \[0, 3\]"):
+        net(x, t, class_labels=torch.tensor([0, 7]))
+    with pytest.raises(ValueError, match="8000 Hz"):
+        check_sample_rate(net.config, 16000)
+    voc = DiffWave(tiny(n_mels=8))
+    assert voc(x, t, mel=torch.randn(2, 8, 17)).shape == (2, 1, 256)
+    with pytest.raises(ValueError, match="mel must be"):
+        voc(x, t, mel=torch.randn(2, 8, 16))
+    with pytest.raises(ValueError, match="vocoder"):
+        voc(x, t)
+    with pytest.raises(ValueError, match="multiply to"):
+        tiny(n_mels=8, upsample_strides=(4, 2))
+
+
+def test_diffwave_trains_saves_and_loads(tmp_path):
+    spec = make_spec("diffwave", tiny(num_classes=2), DIFFUSION)
+    den = build_denoiser(spec, seed=0)
+    waves = torch.randn(8, 1, 256) * 0.3
+    cfg = TrainConfig(steps=3, batch_size=4, lr=1e-3, checkpoint_every=0, log_every=0, progress=False, ema_decay=None)
+    train(den, (waves, torch.arange(8) % 2), cfg, tmp_path, spec=spec)
+    loaded, meta = load_denoiser(tmp_path, weights="model")
+    for a, b in zip(den.net.state_dict().values(), loaded.net.state_dict().values()):
+        assert torch.equal(a, b)
+    assert sample_shape(meta["spec"], meta) == (1, 256)
+
+
+def test_audio_samples_do_not_depend_on_batch_size():
+    den = build_denoiser(make_spec("diffwave", tiny(num_classes=3), DIFFUSION), seed=0)
+    perturbed(den.net)
+    kw = dict(steps=3, guidance_scale=1.5, seed=7, progress=False)
+    a = generate_waveform(den, [0, 1, 2], batch_size=3, **kw)
+    b = generate_waveform(den, [0, 1, 2], batch_size=1, **kw)
+    assert a.shape == (3, 1, 256) and a.abs().sum() > 0
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="8000 Hz"):
+        generate_waveform(den, [0], sample_rate=22050, **kw)
+    voc = build_denoiser(make_spec("diffwave", tiny(n_mels=8), DIFFUSION), seed=0)
+    perturbed(voc.net)
+    mels = torch.rand(3, 1, 8, 17) * 2 - 1
+    kw = dict(steps=3, seed=7, progress=False)
+    torch.testing.assert_close(vocode(voc, mels, batch_size=3, **kw), vocode(voc, mels, batch_size=2, **kw), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="images must be"):
+        vocode(voc, torch.zeros(3, 1, 8, 5), **kw)
+    with pytest.raises(ValueError, match="not guided"):
+        vocode(voc, mels, guidance_scale=2.0, **kw)
+    fe = AudioFrontEnd(n_fft=32, hop=16, n_mels=8)
+    gl = griffin_lim_decode(mels, fe, 256, iters=3, seed=1)
+    torch.testing.assert_close(gl, griffin_lim_decode(mels, fe, 256, iters=3, seed=1, batch_size=1), rtol=0, atol=1e-6)
+
+
+def test_wav_round_trip(tmp_path):
+    clip = torch.sin(torch.arange(800) / 5.0)[None] * 0.5
+    path = save_wav(tmp_path / "a.wav", clip, 8000)
+    back, rate = load_wav(path)
+    assert rate == 8000 and back.shape == (1, 800)
+    assert (back - clip).abs().max() < 1 / 32767 + 1e-6
+    with pytest.raises(ValueError, match="mono"):
+        save_wav(tmp_path / "b.wav", torch.zeros(2, 10), 8000)
+
+
+def test_audio_demo_tiny_run(tmp_path):
+    from difflab.demos.audio import run_audio_demo
+
+    report = run_audio_demo(tmp_path, mel_steps=1, vocoder_steps=1, wave_steps=1, sampling_steps=1,
+                            vocoder_sampling_steps=1, wave_sampling_steps=1, samples_per_class=1, griffin_lim_iters=1, per_class=2,
+                            progress=False)
+    assert set(report["routes"]) == {"mel + Griffin-Lim", "mel + vocoder", "waveform"}
+    for r in report["routes"].values():
+        assert 0 <= r["class_accuracy"] <= 1 and math.isfinite(r["frechet"]) and r["cpu_seconds_per_audio_second"] > 0
+    assert (tmp_path / "spectrograms.png").exists() and (tmp_path / "report.json").exists()
+    _, rate = load_wav(tmp_path / "wav" / "waveform_pluck.wav")
+    assert rate == SAMPLE_RATE and len(list((tmp_path / "wav").glob("*.wav"))) == 40
+    loaded, meta = load_denoiser(tmp_path / "vocoder")
+    assert loaded.net.config.n_mels == 32 and meta["metadata"]["sample_rate"] == SAMPLE_RATE
+
+
+def test_difflab_sample_writes_wavs_for_an_audio_checkpoint(tmp_path):
+    from difflab.cli import main
+
+    spec = make_spec("diffwave", tiny(num_classes=2), DIFFUSION)
+    cfg = TrainConfig(steps=1, batch_size=2, checkpoint_every=0, log_every=0, progress=False, ema_decay=0.5)
+    train(build_denoiser(spec, seed=0), (torch.zeros(2, 1, 256), torch.tensor([0, 1])), cfg, tmp_path / "run", spec=spec)
+    out = tmp_path / "clip.wav"
+    assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--out", str(out), "--classes", "0,1", "--steps", "2",
+                 "--device", "cpu"]) == 0
+    for i in range(2):
+        clip, rate = load_wav(tmp_path / f"clip_{i}.wav")
+        assert rate == 8000 and clip.shape == (1, 256)
