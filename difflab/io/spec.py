@@ -48,6 +48,8 @@ from ..nn.unet import UNet, UNetConfig
 from ..nn.unet_sd import PRESETS as UNET_SD_PRESETS
 from ..nn.unet_sd import UNetSD, UNetSDConfig
 from ..nn.vae import AutoencoderKL, VAEConfig
+from ..nn.video_unet import PRESETS as VIDEO_UNET_PRESETS
+from ..nn.video_unet import VideoUNet, VideoUNetConfig
 from .checkpoint import load_checkpoint, load_model_state, read_metadata, without_training_buffers
 
 DEFAULT_DIFFUSION = {"frame": "vp_discrete", "schedule": "cosine", "T": 1000, "zero_terminal_snr": False, "prediction": "v"}
@@ -85,6 +87,14 @@ def latent_shape(config, meta: dict) -> tuple:
     return (int(config.in_channels), int(config.sample_size), int(config.sample_size))
 
 
+def video_shape(config, meta: dict) -> tuple:
+    """(in_channels, F, S, S): F the clips' frame count recorded in the checkpoint's metadata
+    (``metadata.frames``, else the config's ``max_frames``), S ``metadata.size`` or ``sample_size``."""
+    recorded = (meta or {}).get("metadata", {})
+    size = recorded.get("size") or config.sample_size
+    return (int(config.in_channels), int(recorded.get("frames") or config.max_frames), int(size), int(size))
+
+
 # One plain dict: adding a kind is one import and one entry.
 NETWORKS: dict[str, NetworkKind] = {
     "unet": NetworkKind(UNet, UNetConfig, "image", image_shape, UNET_PRESETS),
@@ -93,6 +103,7 @@ NETWORKS: dict[str, NetworkKind] = {
     "vae": NetworkKind(AutoencoderKL, VAEConfig, "codec"),
     "mmdit": NetworkKind(MMDiT, MMDiTConfig, "latent", latent_shape),
     "sr_unet": NetworkKind(SRUNet, SRUNetConfig, "image", image_shape),  # super-resolution: low_res= conditioning (SR3, CDM)
+    "video_unet": NetworkKind(VideoUNet, VideoUNetConfig, "video", video_shape, VIDEO_UNET_PRESETS),  # (B, C, F, H, W) clips
 }
 
 
@@ -287,5 +298,5 @@ def sample_shape(spec: dict, meta: dict | None = None) -> tuple:
 
 __all__ = ["NETWORKS", "NetworkKind", "DEFAULT_DIFFUSION", "FRAME_ARGS", "FRAME_BUILDERS", "network_kind", "kinds_with_output",
            "read_spec", "make_spec", "spec_kind", "check_diffusion", "build_frame", "build_network", "build_denoiser",
-           "spec_network", "checkpoint_spec", "load_denoiser", "sample_shape", "image_shape", "latent_shape",
+           "spec_network", "checkpoint_spec", "load_denoiser", "sample_shape", "image_shape", "latent_shape", "video_shape",
            "STUDENT_KEYS", "student_section"]
