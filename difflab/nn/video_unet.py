@@ -28,7 +28,7 @@ from torch import nn
 from ..config import ConfigError, JSONConfig
 from .layers import (CrossAttention, Downsample, ResBlock, SelfAttention, TimestepMLP, Upsample, _maybe_checkpoint,
                      check_class_labels, check_context, group_norm, merge_heads, set_checkpointing, split_heads,
-                     timestep_embedding, zero_)
+                     timestep_embedding, tracing, zero_)
 
 
 @dataclass(frozen=True)
@@ -268,7 +268,11 @@ class VideoUNet(nn.Module):
         if direction_labels is not None:
             if c.num_directions is None:
                 raise ValueError("direction_labels given, but this VideoUNet has no directions (config.num_directions is None)")
-            check_class_labels(direction_labels, b, c.num_directions, "VideoUNet")
+            d = direction_labels
+            if d.shape != (b,) or d.dtype.is_floating_point or d.dtype == torch.bool or (
+                    b and not tracing() and (int(d.min()) < 0 or int(d.max()) > c.num_directions)):
+                raise ValueError(f"direction_labels must be an integer (B,) = ({b},) tensor in [0, {c.num_directions}] "
+                                 f"({c.num_directions} = the null direction), got {d.dtype} of shape {tuple(d.shape)}")
         if c.context_dim is None and context is not None:
             raise ValueError("context given, but this VideoUNet has no cross-attention (config.context_dim is None)")
         check_context(context, context_mask, b, c.context_dim)
