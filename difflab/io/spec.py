@@ -53,6 +53,8 @@ from ..nn.unet_sd import PRESETS as UNET_SD_PRESETS
 from ..nn.temporal_unet import TemporalUNet, TemporalUNetConfig, sequence_shape
 from ..nn.unet_sd import UNetSD, UNetSDConfig
 from ..nn.vae import AutoencoderKL, VAEConfig
+from ..nn.video_unet import PRESETS as VIDEO_UNET_PRESETS
+from ..nn.video_unet import VideoUNet, VideoUNetConfig
 from .checkpoint import load_checkpoint, load_model_state, read_metadata, without_training_buffers
 
 DEFAULT_DIFFUSION = {"frame": "vp_discrete", "schedule": "cosine", "T": 1000, "zero_terminal_snr": False, "prediction": "v"}
@@ -95,13 +97,14 @@ def latent_shape(config, meta: dict) -> tuple:
     return (int(config.in_channels), int(config.sample_size), int(config.sample_size))
 
 
-def motion_clip_shape(config, meta: dict) -> tuple:
-    """(in_channels, F, S, S) of a :class:`~difflab.nn.motion.MotionUNet` clip: F the checkpoint's
-    ``metadata.frames`` (else the config's ``num_frames``), S its ``metadata.size`` (else the image
-    network's ``sample_size``, else 8)."""
-    extra = (meta or {}).get("metadata", {})
-    size = extra.get("size") or config.sample_size or 8
-    return (int(config.in_channels), int(extra.get("frames") or config.num_frames), int(size), int(size))
+def video_shape(config, meta: dict) -> tuple:
+    """(in_channels, F, S, S) of a video network's clips: F the frame count recorded in the
+    checkpoint's metadata (``metadata.frames``), else the config's ``num_frames`` (motion modules)
+    or ``max_frames`` (the space-time U-Net); S ``metadata.size``, else ``sample_size``, else 8."""
+    recorded = (meta or {}).get("metadata", {})
+    size = recorded.get("size") or config.sample_size or 8
+    frames = recorded.get("frames") or getattr(config, "num_frames", None) or config.max_frames
+    return (int(config.in_channels), int(frames), int(size), int(size))
 
 
 # One plain dict: adding a kind is one import and one entry.
@@ -113,9 +116,10 @@ NETWORKS: dict[str, NetworkKind] = {
     "vae": NetworkKind(AutoencoderKL, VAEConfig, "codec"),
     "mmdit": NetworkKind(MMDiT, MMDiTConfig, "latent", latent_shape),
     "sr_unet": NetworkKind(SRUNet, SRUNetConfig, "image", image_shape),  # super-resolution: low_res= conditioning (SR3, CDM)
-    "motion_unet": NetworkKind(MotionUNet, MotionUNetConfig, "video", motion_clip_shape, MOTION_PRESETS),  # AnimateDiff motion modules
+    "motion_unet": NetworkKind(MotionUNet, MotionUNetConfig, "video", video_shape, MOTION_PRESETS),  # AnimateDiff motion modules
     "temporal_unet": NetworkKind(TemporalUNet, TemporalUNetConfig, "sequence", sequence_shape),  # action chunks / trajectories: obs=
     "diffwave": NetworkKind(DiffWave, DiffWaveConfig, "audio", audio_shape),  # waveforms (B, 1, L); mel= as a vocoder
+    "video_unet": NetworkKind(VideoUNet, VideoUNetConfig, "video", video_shape, VIDEO_UNET_PRESETS),  # (B, C, F, H, W) clips
 }
 
 
@@ -310,5 +314,5 @@ def sample_shape(spec: dict, meta: dict | None = None) -> tuple:
 
 __all__ = ["NETWORKS", "NetworkKind", "DEFAULT_DIFFUSION", "FRAME_ARGS", "FRAME_BUILDERS", "network_kind", "kinds_with_output",
            "read_spec", "make_spec", "spec_kind", "check_diffusion", "build_frame", "build_network", "build_denoiser",
-           "spec_network", "checkpoint_spec", "load_denoiser", "sample_shape", "image_shape", "audio_shape", "latent_shape",
-           "STUDENT_KEYS", "student_section", "motion_clip_shape"]
+           "spec_network", "checkpoint_spec", "load_denoiser", "sample_shape", "image_shape", "latent_shape", "video_shape",
+           "STUDENT_KEYS", "student_section"]

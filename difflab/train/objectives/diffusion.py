@@ -34,7 +34,9 @@ def draw_diffusion(batch: dict, generator: torch.Generator, frame, *, noise_leve
     "class_labels" (optional), cond...}``, drawn in this order from ``generator``: the sigmas of
     the frame's training distribution, the noise, then (only with ``cfg_dropout`` > 0 and labels
     or cond) the drop mask, which replaces the label by ``null_class`` and each ``cond[k]`` row by
-    ``null_cond[k]`` (one example's value, e.g. the empty prompt's token ids) in the same examples."""
+    ``null_cond[k]`` (one example's value, e.g. the empty prompt's token ids) in the same examples;
+    a key whose ``null_cond`` value is None is never dropped (a flag, not a condition: e.g. a video
+    net's ``independent_frames``)."""
     x0 = batch["x0"].float()
     labels = batch.get("class_labels")
     cond = {k: v for k, v in batch.items() if k not in DRAWN and k != "class_labels"}
@@ -53,7 +55,7 @@ def draw_diffusion(batch: dict, generator: torch.Generator, frame, *, noise_leve
         labels = torch.where(drop.to(labels.device), torch.full_like(labels, null_class), labels)
     out = {"x0": x0, "sigma": sigma, "noise": noise, "class_labels": labels}
     for name, rows in cond.items():
-        if drop is not None:
+        if drop is not None and null_cond[name] is not None:
             null = torch.as_tensor(null_cond[name], dtype=rows.dtype, device=rows.device)
             keep = drop.to(rows.device).reshape(-1, *([1] * (rows.ndim - 1)))
             rows = torch.where(keep, null.expand_as(rows), rows)

@@ -1,0 +1,199 @@
+"""Video pipelines: class and direction in, clips (N, C, F, H, W) out; and clips from known frames
+(image-to-video, extending a clip, frame interpolation).
+
+The samplers are difflab's own over a denoiser: a clip is one sample whose frames axis rides
+along. Known frames are held by replacement (RePaint's step, :func:`~difflab.guidance.inpaint.sample_repaint`,
+with a mask over frames) and, with ``reconstruction_weight`` > 0, by reconstruction guidance
+(Ho et al. 2022, eq. 7, :class:`~difflab.guidance.reconstruction.ReconstructionGuidance`), as Ho
+et al. extend their clips.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..guidance.inpaint import sample_repaint
+from ..guidance.reconstruction import ReconstructionGuidance
+from ..samplers import get_sampler
+from .common import denoise, guided, net_config, run_options, sample_device, sampling_grid
+from .options import CLASS_DEFAULTS, SampleOptions, resolve
+
+
+def check_video_request(denoiser, labels, directions, num_samples, shape) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+    """``(labels, directions, N)`` as (N,) long tensors (or None); a ValueError naming the argument
+    for values outside the model's classes or directions, lengths that disagree, or a ``shape``
+    that is not (C, F, H, W) with F within the network's ``max_frames``."""
+    config = net_config(denoiser)
+    shape = tuple(shape)
+    if len(shape) != 4:
+        raise ValueError(f"shape must be one clip's (C, F, H, W), got {shape}")
+    max_frames = getattr(config, "max_frames", None)
+    if max_frames is not None and not 1 <= shape[1] <= max_frames:
+        raise ValueError(f"frames={shape[1]} must be in [1, {max_frames}] (the network's max_frames)")
+    out, n = [], None
+    for name, values, count in (("labels", labels, getattr(config, "num_classes", None)),
+                                ("directions", directions, getattr(config, "num_directions", None))):
+        if values is None:
+            out.append(None)
+            continue
+        values = torch.as_tensor(values, dtype=torch.long).reshape(-1)
+        if count is None:
+            raise ValueError(f"{name} given, but the network takes none (its config has no "
+                             f"{'num_classes' if name == 'labels' else 'num_directions'})")
+        bad = values[(values < 0) | (values >= count)]
+        if len(bad):
+            raise ValueError(f"{name} must be in [0, {count - 1}], got {bad.tolist()}")
+        if n is not None and len(values) != n:
+            raise ValueError(f"labels ({n}) and directions ({len(values)}) must have one entry per clip")
+        n = len(values)
+        out.append(values)
+    if n is None:
+        if num_samples is None or num_samples < 1:
+            raise ValueError("give labels or directions, or num_samples >= 1 for unconditional clips")
+        n = num_samples
+    return out[0], out[1], n
+
+
+def conditioning(denoiser, labels, directions, start: int, b: int, device) -> tuple[dict, dict]:
+    """The (cond, uncond) keywords of clips start .. start+b: class and direction labels, the
+    unconditional branch seeing both null tokens."""
+    config = net_config(denoiser)
+    cond, uncond = {}, {}
+    for key, values, null in (("class_labels", labels, getattr(config, "null_class", None)),
+                              ("direction_labels", directions, getattr(config, "null_direction", None))):
+        if values is not None:
+            cond[key] = values[start:start + b].to(device)
+            uncond[key] = torch.full((b,), null, dtype=torch.long, device=device)
+    return cond, uncond
+
+
+@torch.no_grad()
+def generate_video(denoiser, labels=None, directions=None, *, num_samples: int | None = None, shape: tuple[int, ...],
+                   known: torch.Tensor | None = None, known_frames=None, reconstruction_weight: float = 0.0,
+                   resample: int = 1, options: SampleOptions | None = None, **overrides) -> torch.Tensor:
+    """Clips (N, *shape) for class ``labels`` and direction indices ``directions`` (sequences of
+    ints, one per clip; either may be omitted), with classifier-free guidance towards both
+    (``guidance_scale``; the unconditional branch sees the null tokens). ``shape`` is (C, F, H, W).
+
+    ``known`` (N or 1, C, F, H, W) with ``known_frames`` (F,) bool (True = given) conditions on
+    those frames: replacement after every step (``resample`` RePaint passes) and reconstruction
+    guidance of weight ``reconstruction_weight`` (Ho et al. 2022, eq. 7; 0 = replacement only).
+
+    ``options`` / ``overrides``: as :func:`~difflab.pipelines.generate`. Clip i is drawn from its
+    own generator seeded by (``seed``, i), so it never depends on ``batch_size``. Returns clips in
+    [-1, 1] on the CPU.
+    """
+    # 1. Check inputs.
+    opts = resolve(options, CLASS_DEFAULTS, overrides)
+    labels, directions, n = check_video_request(denoiser, labels, directions, num_samples, shape)
+    if opts.guidance_scale != 1.0 and labels is None and directions is None:
+        raise ValueError("guidance_scale != 1 needs labels or directions to guide towards")
+    mask = None
+    if known is not None or known_frames is not None:
+        known, mask = check_known(known, known_frames, n, tuple(shape))
+    _, device = sample_device(denoiser, opts)
+
+    # 2. Build the grid.
+    sigmas = sampling_grid(denoiser, opts.steps, opts.grid, opts.spacing, opts.steps_offset).to(device, torch.float32)
+    prior = float(denoiser.prior_std(sigmas[0].double()))
+
+    def sample_batch(start, b, noise):
+        # 3-4. Per-clip noise, scaled to the prior at the first level.
+        x = noise() * prior
+        # 5. Conditioning: class and direction, null tokens for the unconditional branch.
+        cond, uncond = conditioning(denoiser, labels, directions, start, b, device)
+        if mask is None:
+            # 6. Guidance and the sampler.
+            return denoise(denoiser, x, sigmas, opts, noise, cond or None, uncond or None).clamp(-1, 1)
+        # 6'. Known frames: replacement around the sampler, reconstruction guidance around CFG.
+        rows = known[start:start + b].to(device, x.dtype)
+        model = guided(denoiser, opts.guidance_scale, uncond or None, opts.guidance_rescale)
+        if reconstruction_weight > 0:
+            model = ReconstructionGuidance(model, rows, mask.to(device), reconstruction_weight)
+        repaint = functools.partial(sample_repaint, sampler=get_sampler(opts.sampler), resample=resample, known=rows,
+                                    mask=mask.to(device))
+        return denoise(model, x, sigmas, opts.replace(guidance_scale=1.0), noise, cond or None, None,
+                       sampler=repaint).clamp(-1, 1)
+
+    # 7. Return in the data range.
+    return run_options(n, tuple(shape), sample_batch, opts, device=device,
+                       desc=f"sampling clips ({opts.sampler}, {opts.steps} steps)")
+
+
+def check_known(known, known_frames, n: int, shape: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(known (N, C, F, H, W), fill mask (1, 1, F, 1, 1) float, 1 = the model fills)``."""
+    if known is None or known_frames is None:
+        raise ValueError("give known (the clips holding the given frames) and known_frames (which frames) together")
+    known = torch.as_tensor(known).float()
+    if known.ndim != 5 or known.shape[0] not in (1, n) or tuple(known.shape[1:]) != shape:
+        raise ValueError(f"known must be clips (N or 1, *shape) = ({n} or 1, {', '.join(map(str, shape))}), got shape "
+                         f"{tuple(known.shape)}")
+    frames = torch.as_tensor(known_frames)
+    if frames.dtype != torch.bool or frames.shape != (shape[1],):
+        raise ValueError(f"known_frames must be a ({shape[1]},) bool tensor (True = a given frame), got {frames.dtype} "
+                         f"of shape {tuple(frames.shape)}")
+    if not bool(frames.any()):
+        raise ValueError("known_frames marks no frame as given: use generate_video without known")
+    return known.expand(n, *shape), (~frames).float().reshape(1, 1, -1, 1, 1)
+
+
+def image_to_video(denoiser, first_frames: torch.Tensor, labels=None, directions=None, *, frames: int, **kwargs) -> torch.Tensor:
+    """Clips (N, C, frames, H, W) that start from ``first_frames`` (N, C, H, W): the first frame given."""
+    first_frames = torch.as_tensor(first_frames).float()
+    if first_frames.ndim != 4:
+        raise ValueError(f"first_frames must be images (N, C, H, W), got shape {tuple(first_frames.shape)}")
+    n, c, h, w = first_frames.shape
+    known = first_frames[:, :, None].expand(n, c, frames, h, w)
+    given = torch.zeros(frames, dtype=torch.bool)
+    given[0] = True
+    return generate_video(denoiser, labels, directions, shape=(c, frames, h, w), known=known, known_frames=given,
+                          num_samples=n, **kwargs)
+
+
+def extend_video(denoiser, clips: torch.Tensor, labels=None, directions=None, *, context: int, new_frames: int,
+                 window: int | None = None, **kwargs) -> torch.Tensor:
+    """``clips`` (N, C, F, H, W) followed by ``new_frames`` more, generated window by window: each
+    window of ``window`` frames (default: the network's ``max_frames``) holds the last ``context``
+    frames so far as given frames (Ho et al. 2022, Section 3.1: autoregressive extension with
+    reconstruction guidance, ``reconstruction_weight=``). ``directions`` are those of the clips'
+    start; later windows are sampled without a direction (the null token), as the motion
+    continues from the context."""
+    clips = torch.as_tensor(clips).float()
+    if clips.ndim != 5:
+        raise ValueError(f"clips must be (N, C, F, H, W), got shape {tuple(clips.shape)}")
+    window = window or getattr(net_config(denoiser), "max_frames", None)
+    if window is None or not 1 <= context < window or context > clips.shape[2]:
+        raise ValueError(f"context={context} must be >= 1, below the window ({window}) and at most the clip's "
+                         f"{clips.shape[2]} frames")
+    if new_frames < 1:
+        raise ValueError(f"new_frames={new_frames} must be >= 1")
+    n, c, _, h, w = clips.shape
+    out = clips
+    while out.shape[2] < clips.shape[2] + new_frames:
+        known = torch.full((n, c, window, h, w), -1.0)
+        known[:, :, :context] = out[:, :, -context:]
+        given = torch.arange(window) < context
+        new = generate_video(denoiser, labels, None, shape=(c, window, h, w), known=known, known_frames=given,
+                             num_samples=n, **kwargs)
+        out = torch.cat([out, new[:, :, context:]], dim=2)
+    return out[:, :, :clips.shape[2] + new_frames]
+
+
+def interpolate_video(denoiser, clips: torch.Tensor, labels=None, directions=None, *, factor: int = 2, **kwargs) -> torch.Tensor:
+    """Frame interpolation as inpainting in time: ``clips`` (N, C, F, H, W) become frames 0,
+    factor, 2 factor, ... of clips of (F - 1) factor + 1 frames; the model fills the rest."""
+    clips = torch.as_tensor(clips).float()
+    if clips.ndim != 5 or factor < 2:
+        raise ValueError(f"clips must be (N, C, F, H, W) and factor >= 2, got shape {tuple(clips.shape)}, factor {factor}")
+    n, c, f, h, w = clips.shape
+    total = (f - 1) * factor + 1
+    known = torch.full((n, c, total, h, w), -1.0)
+    known[:, :, ::factor] = clips
+    given = torch.zeros(total, dtype=torch.bool)
+    given[::factor] = True
+    return generate_video(denoiser, labels, directions, shape=(c, total, h, w), known=known, known_frames=given,
+                          num_samples=n, **kwargs)
+
+
+__all__ = ["generate_video", "image_to_video", "extend_video", "interpolate_video", "check_video_request", "check_known"]

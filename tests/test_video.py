@@ -1,0 +1,226 @@
+"""Video diffusion on moving digits: the data, the space-time U-Net, the pipeline and its tasks,
+the judge, the writers and the demo (a tiny run; the real run's figures are in docs/video.md)."""
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from difflab.data import load_digits
+from difflab.data.moving_digits import DIRECTIONS, moving_digits, still_frames
+from difflab.eval import DigitsJudge
+from difflab.eval.judge import FitConfig
+from difflab.eval.video import centre_steps, crop_digits, estimated_directions, moves_as_asked, video_judge_report
+from difflab.guidance.reconstruction import ReconstructionGuidance
+from difflab.io.spec import build_denoiser, load_denoiser, make_spec, sample_shape
+from difflab.io.video import save_frame_grid, save_gif, save_mp4
+from difflab.nn.video_unet import PRESETS, VideoUNet
+from difflab.pipelines.video import extend_video, generate_video, image_to_video, interpolate_video
+from difflab.train import TrainConfig, train
+from difflab.train.objectives.diffusion import draw_diffusion
+
+TINY = PRESETS["tiny"]  # 8x8 frames, up to 8 of them
+DIFFUSION = {"frame": "vp_discrete", "schedule": "cosine", "T": 1000, "prediction": "v"}
+
+
+def random_net(seed=0, config=TINY):
+    """A tiny VideoUNet with every weight random (zero-initialized layers included), so each path matters."""
+    torch.manual_seed(seed)
+    net = VideoUNet(config).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.2)
+    return net
+
+
+def random_denoiser(seed=0):
+    den = build_denoiser(make_spec("video_unet", TINY, DIFFUSION), seed=seed)
+    with torch.no_grad():
+        for p in den.net.parameters():
+            p.normal_(0, 0.05)
+    return den.eval()
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+def test_moving_digits_are_deterministic_bounce_and_split_by_source():
+    a, b = moving_digits(12, seed=3), moving_digits(12, seed=3)
+    assert torch.equal(a.clips, b.clips) and torch.equal(a.directions, b.directions)
+    assert not torch.equal(a.clips, moving_digits(12, seed=4).clips)
+    assert a.clips.shape == (12, 1, 8, 24, 24) and a.clips.min() >= -1 and a.clips.max() <= 1
+    assert a.positions.min() >= 0 and a.positions.max() <= 16
+    steps = (a.positions[:, 1:] - a.positions[:, :-1]).abs().sum(-1)
+    assert bool((steps <= a.speeds[:, None]).all())  # a bounce step is shorter, never longer
+    # every frame holds the source digit of its split at its position
+    test_digits, test_labels = load_digits(8, split="test")
+    c = moving_digits(5, split="test", seed=0)
+    for i in range(5):
+        r, q = c.positions[i, 4].tolist()
+        assert torch.equal(c.clips[i, 0, 4, r:r + 8, q:q + 8], test_digits[c.sources[i], 0])
+        assert int(c.labels[i]) == int(test_labels[c.sources[i]])
+    assert c.captions[0] == f"a {int(c.labels[0])} moving {DIRECTIONS[int(c.directions[0])]}"
+    stills, labels = still_frames(3, seed=0)
+    assert stills.shape == (3, 1, 8, 24, 24) and labels.shape == (3,)
+    with pytest.raises(ValueError, match="split"):
+        moving_digits(2, split="val")
+
+
+# ---- the network --------------------------------------------------------------------------------
+
+def test_video_unet_shapes_and_bad_shapes():
+    net = random_net()
+    x, t = torch.randn(2, 1, 5, 8, 8), torch.tensor([10.0, 500.0])
+    assert net(x, t, class_labels=torch.tensor([1, 10]), direction_labels=torch.tensor([0, 4])).shape == x.shape
+    with pytest.raises(ValueError, match="video .*add a frames axis"):
+        net(torch.randn(2, 1, 8, 8), t)
+    with pytest.raises(ValueError, match="9 frames, more than this network's max_frames=8"):
+        net(torch.randn(2, 1, 9, 8, 8), t)
+    with pytest.raises(ValueError, match="direction_labels"):
+        net(x, t, direction_labels=torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match="independent_frames"):
+        net(x, t, independent_frames=torch.tensor([1, 0]))
+
+
+def test_masked_temporal_attention_makes_frames_independent_and_equals_f1():
+    net = random_net()
+    x, t = torch.randn(2, 1, 6, 8, 8), torch.tensor([30.0, 700.0])
+    labels = dict(class_labels=torch.tensor([3, 7]), direction_labels=torch.tensor([1, 2]))
+    y = net(x, t, independent_frames=True, **labels)
+    x2 = x.clone()
+    x2[:, :, 4] += 1.0
+    y2 = net(x2, t, independent_frames=True, **labels)
+    others = [0, 1, 2, 3, 5]
+    assert torch.equal(y[:, :, others], y2[:, :, others])  # image mode: frame 4 reaches no other frame
+    assert not torch.allclose(y[:, :, others], net(x2, t, **labels)[:, :, others])  # video mode: it does
+    # at F = 1 temporal attention is the same mask: each frame alone is the image model
+    for f in (0, 4):
+        torch.testing.assert_close(net(x[:, :, f:f + 1], t, **labels)[:, :, 0], y[:, :, f], rtol=1e-5, atol=1e-5)
+    # the flag per sample: sample 1 in image mode, sample 0 not
+    mixed = net(x2, t, independent_frames=torch.tensor([False, True]), **labels)
+    assert torch.equal(mixed[1, :, others], y2[1, :, others])
+
+
+def test_training_step_and_checkpoint_round_trip(tmp_path):
+    spec = make_spec("video_unet", TINY, DIFFUSION)
+    den = build_denoiser(spec, seed=0)
+    clips = moving_digits(8, size=24, seed=0).clips[:, :, :4, 8:16, 8:16].contiguous()
+    cfg = TrainConfig(steps=2, batch_size=4, lr=1e-3, cfg_dropout=0.5, log_every=0, seed=0, progress=False)
+    cond = {"direction_labels": torch.arange(8) % 4, "independent_frames": torch.arange(8) < 2}
+    train(den, (clips, torch.arange(8), cond), cfg, tmp_path / "run", spec=spec,
+          null_cond={"direction_labels": 4, "independent_frames": None}, metadata={"size": 8, "frames": 4})
+    loaded, meta = load_denoiser(tmp_path / "run")
+    assert sample_shape(meta["spec"], meta) == (1, 4, 8, 8)
+    x = torch.randn(2, 1, 4, 8, 8)
+    out = loaded(x, torch.tensor([1.0, 5.0]), class_labels=torch.tensor([0, 1]), direction_labels=torch.tensor([2, 3]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_a_flag_with_null_cond_none_is_never_dropped():
+    batch = {"x0": torch.zeros(64, 1, 2, 2), "class_labels": torch.zeros(64, dtype=torch.long),
+             "direction_labels": torch.zeros(64, dtype=torch.long), "independent_frames": torch.ones(64, dtype=torch.bool)}
+    out = draw_diffusion(batch, torch.Generator().manual_seed(0), build_denoiser(make_spec("video_unet", TINY, DIFFUSION)).frame,
+                         cfg_dropout=0.5, null_class=10, null_cond={"direction_labels": 4, "independent_frames": None})
+    dropped = out["class_labels"] == 10
+    assert 0 < int(dropped.sum()) < 64 and torch.equal(out["direction_labels"] == 4, dropped)
+    assert bool(out["independent_frames"].all())
+
+
+# ---- the pipeline and its tasks -----------------------------------------------------------------
+
+def test_a_clip_is_the_same_whatever_the_batch_size():
+    den = random_denoiser()
+    kw = dict(shape=(1, 4, 8, 8), steps=3, guidance_scale=2.0, seed=5, progress=False)
+    labels, dirs = [1, 2, 3], [0, 1, 3]
+    one = generate_video(den, labels, dirs, batch_size=1, **kw)
+    three = generate_video(den, labels, dirs, batch_size=3, **kw)
+    assert one.shape == (3, 1, 4, 8, 8)
+    torch.testing.assert_close(one, three, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="frames=9"):
+        generate_video(den, [1], [0], shape=(1, 9, 8, 8), steps=2, progress=False)
+    with pytest.raises(ValueError, match="directions must be in"):
+        generate_video(den, [1], [4], shape=(1, 4, 8, 8), steps=2, progress=False)
+
+
+def test_tasks_keep_the_given_frames():
+    den = random_denoiser()
+    clips = moving_digits(2, seed=0).clips[:, :, :4, 8:16, 8:16].contiguous()
+    kw = dict(steps=3, progress=False)
+    i2v = image_to_video(den, clips[:, :, 0], [1, 2], [0, 1], frames=4, reconstruction_weight=1.0, **kw)
+    assert i2v.shape == (2, 1, 4, 8, 8) and torch.allclose(i2v[:, :, 0], clips[:, :, 0])
+    inter = interpolate_video(den, clips[:, :, :3], [1, 2], factor=2, **kw)
+    assert inter.shape == (2, 1, 5, 8, 8) and torch.allclose(inter[:, :, ::2], clips[:, :, :3])
+    longer = extend_video(den, clips, [1, 2], context=2, new_frames=5, window=4, reconstruction_weight=0.5, **kw)
+    assert longer.shape == (2, 1, 9, 8, 8) and torch.equal(longer[:, :, :4], clips)
+
+
+def test_reconstruction_guidance_pulls_towards_the_known_part():
+    den = random_denoiser()
+    x, sigma = torch.randn(1, 1, 4, 8, 8), torch.tensor([2.0])
+    known = torch.zeros_like(x)
+    mask = torch.tensor([0.0, 1, 1, 1]).reshape(1, 1, 4, 1, 1)  # frame 0 known
+    plain = den(x, sigma)
+    assert torch.equal(ReconstructionGuidance(den, known, mask, 0.0)(x, sigma), plain)
+    guided = ReconstructionGuidance(den, known, mask, 0.5)(x, sigma)
+
+    def err(x0):
+        return float((x0[:, :, 0] - known[:, :, 0]).detach().square().sum())
+    # one guided step: the known frame's error falls for a small weight (a gradient step on it)
+    assert err(guided) < err(plain)
+
+
+# ---- the judge ----------------------------------------------------------------------------------
+
+def test_the_motion_judge_reads_real_clips():
+    c = moving_digits(40, split="test", seed=0)
+    assert bool(moves_as_asked(c.clips, c.directions).all())
+    assert torch.equal(estimated_directions(c.clips), c.directions)
+    backwards = c.clips.flip(2)  # played backwards, a clip that did not bounce moves the other way
+    moves = c.positions[:, 1:] - c.positions[:, :-1]
+    no_bounce = (moves * moves[:, :1] >= 0).all(2).all(1)
+    assert not bool(moves_as_asked(backwards, c.directions)[no_bounce].any())
+    still = c.clips[:, :, :1].expand(-1, -1, 8, -1, -1)
+    assert not bool(moves_as_asked(still, c.directions).any())
+    # the crop around the centre of mass holds most of the digit
+    frames = c.clips[:, :, 0]
+    assert bool(((crop_digits(frames) + 1).sum((1, 2, 3)) >= 0.8 * (frames + 1).sum((1, 2, 3))).all())
+
+
+def test_video_judge_report_floor_and_scores():
+    judge = DigitsJudge.fit(fit_config=FitConfig(epochs=2))
+    real, ref = moving_digits(40, split="test", seed=0), moving_digits(40, split="train", seed=1)
+    r = video_judge_report(judge, real.clips[:20], real.labels[:20], real.directions[:20], real.clips, real.labels,
+                           real.directions, reference=ref.clips)
+    assert r["motion_accuracy"] == 1.0 and r["same_class"] >= r["all_frames_correct"]
+    noise = torch.rand(20, 1, 8, 24, 24) * 2 - 1
+    r2 = video_judge_report(judge, noise, real.labels[:20], real.directions[:20], real.clips, real.labels, real.directions)
+    assert r2["frechet"] > r["frechet"] and r2["motion_accuracy"] < 0.5
+
+
+# ---- writers and the demo -----------------------------------------------------------------------
+
+def test_writers(tmp_path):
+    clips = moving_digits(4, seed=0).clips
+    gif = Image.open(save_gif(clips, tmp_path / "a.gif", nrow=2, upscale=2))
+    assert gif.n_frames == 8 and gif.size == (2 * (2 * 25 + 1), 2 * (2 * 25 + 1))
+    png = Image.open(save_frame_grid(clips, tmp_path / "a.png"))
+    assert png.size == (8 * 25 + 1, 4 * 25 + 1)
+    import imageio_ffmpeg
+    mp4 = save_mp4(clips, tmp_path / "a.mp4", nrow=2, fps=4)
+    assert mp4.read_bytes()[4:8] == b"ftyp" and imageio_ffmpeg.count_frames_and_secs(str(mp4))[0] == 8
+    with pytest.raises(ValueError, match="clips must be"):
+        save_gif(clips[:, :, 0], tmp_path / "b.gif")
+
+
+def test_video_demo_tiny_run(tmp_path, capsys):
+    from difflab.demos.video import run_video_demo
+    DigitsJudge.fit(fit_config=FitConfig(epochs=2)).save(tmp_path / "digits_judge.safetensors")  # a quick judge
+    r = run_video_demo(tmp_path, steps=2, sampling_steps=2, clips_per_pair=1, image_fraction=0.25, tiny=True, progress=False)
+    assert r["n_generated"] == 40 and r["kind"] == "video_unet"
+    for key in ("frame_accuracy", "same_class", "motion_accuracy", "frechet", "frechet_real_halves", "cpu_seconds"):
+        assert math.isfinite(r[key]), key
+    assert Image.open(tmp_path / "samples.gif").n_frames == 8
+    assert json.loads((tmp_path / "report.json").read_text())["steps"] == 2
+    assert "clips moving as asked" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="network='nope' is unknown"):
+        run_video_demo(tmp_path, network="nope")
