@@ -44,7 +44,7 @@ from difflab.train.objectives.guided import GuidedDistillation, guided_progressi
 from difflab.train.objectives.progressive import progressive_distillation
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine, write_section  # noqa: E402
+from machine import machine, merged, record, write_section  # noqa: E402
 
 SAMPLES_PER_CLASS = 50
 
@@ -184,20 +184,6 @@ def main(argv=None) -> int:
                   f"{seconds[1]:5.0f}s CPU", flush=True)
     (Path(args.out) / "few_step.json").write_text(json.dumps(record(reference, rows, args), indent=1))
     return report(reference, rows, args)
-
-
-def record(reference: dict, rows: list, args) -> dict:
-    return {"reference": reference, "rows": rows, "args": vars(args)}
-
-
-def merged(files: str) -> tuple[dict, list, argparse.Namespace]:
-    """The rows of earlier runs' ``few_step.json`` (the same teacher; methods run in parallel
-    processes), in the order given, with the first run's reference and settings."""
-    runs = [json.loads(Path(f).read_text()) for f in files.split(",")]
-    for f, run in zip(files.split(","), runs):
-        if run["reference"]["frechet"] != runs[0]["reference"]["frechet"]:
-            raise SystemExit(f"{f}: another teacher reference ({run['reference']}) than {runs[0]['reference']}")
-    return runs[0]["reference"], [r for run in runs for r in run["rows"]], argparse.Namespace(**runs[0]["args"])
 
 
 def report(reference: dict, rows: list, args) -> int:

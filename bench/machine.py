@@ -1,4 +1,6 @@
 """The machine a benchmark ran on, for the figures it records."""
+import argparse
+import json
 import os
 import platform
 from pathlib import Path
@@ -31,3 +33,18 @@ def write_section(script: str, title: str, text: str) -> Path:
         new = old.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(new)
     return path
+
+
+def record(reference: dict, rows: list, args) -> dict:
+    """What a benchmark run keeps in its JSON: the reference, the rows so far, the arguments."""
+    return {"reference": reference, "rows": rows, "args": vars(args)}
+
+
+def merged(files: str) -> tuple[dict, list, argparse.Namespace]:
+    """The rows of earlier runs' JSON records (:func:`record`; the same reference, methods run in
+    parallel processes), in the order given, with the first run's reference and settings."""
+    runs = [json.loads(Path(f).read_text()) for f in files.split(",")]
+    for f, run in zip(files.split(","), runs):
+        if run["reference"]["frechet"] != runs[0]["reference"]["frechet"]:
+            raise SystemExit(f"{f}: another teacher reference ({run['reference']}) than {runs[0]['reference']}")
+    return runs[0]["reference"], [r for run in runs for r in run["rows"]], argparse.Namespace(**runs[0]["args"])
