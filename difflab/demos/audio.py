@@ -77,6 +77,58 @@ def mel_distance(clips: torch.Tensor, reference: torch.Tensor) -> float:
     return float((log_mel(clips, FRONT_END) - log_mel(reference, FRONT_END)).abs().mean())
 
 
+def decoder_losses(vocoder, held, held_labels, griffin_lim_iters: int, vocoder_sampling_steps: int, seed: int):
+    """How much each decoder loses before any generation: the log-mel distance of Griffin-Lim's and
+    the vocoder's reconstructions of two real held-out clips per class; ``(distances, the clips)``."""
+    probe = torch.cat([held[held_labels == c][:2] for c in range(NUM_CLASSES)])
+    probe_images = mel_image(probe, FRONT_END)
+    recon = {"griffin_lim": griffin_lim_decode(probe_images, FRONT_END, LENGTH, iters=griffin_lim_iters, seed=seed),
+             "vocoder": vocode(vocoder, probe_images, steps=vocoder_sampling_steps, seed=seed, progress=False,
+                               sample_rate=SAMPLE_RATE)}
+    reconstruction = {k: mel_distance(v, probe) for k, v in recon.items()}
+    return reconstruction, probe
+
+
+def sample_routes(mel_model, vocoder, wave_model, asked, opts, griffin_lim_iters, vocoder_sampling_steps,
+                  wave_sampling_steps, seed):
+    """Clips of the classes ``asked`` by every route, with each route's sampling CPU seconds, and the
+    generated log-mel images: ``(routes, cpu, mels)``."""
+    routes, cpu = {}, {}
+    t0 = time.process_time()
+    mels = generate_mel(mel_model, asked, front_end=FRONT_END, length=LENGTH, options=opts)
+    cpu["mel"] = time.process_time() - t0
+    t0 = time.process_time()
+    routes["mel + Griffin-Lim"] = griffin_lim_decode(mels, FRONT_END, LENGTH, iters=griffin_lim_iters, seed=seed)
+    cpu["mel + Griffin-Lim"] = cpu["mel"] + time.process_time() - t0
+    t0 = time.process_time()
+    routes["mel + vocoder"] = vocode(vocoder, mels, options=opts.replace(steps=vocoder_sampling_steps, guidance_scale=1.0))
+    cpu["mel + vocoder"] = cpu["mel"] + time.process_time() - t0
+    t0 = time.process_time()
+    routes["waveform"] = generate_waveform(wave_model, asked, options=opts.replace(steps=wave_sampling_steps),
+                                           sample_rate=SAMPLE_RATE)
+    cpu["waveform"] = time.process_time() - t0
+    return routes, cpu, mels
+
+
+def write_outputs(out_dir: Path, routes: dict, mels, held, held_labels, samples_per_class: int):
+    """One WAV per class for the real clips and every route, and the spectrogram grid (rows: real,
+    the generated mel, then each route's clip re-analysed); returns ``(wav_dir, grid path)``."""
+    wav_dir = out_dir / "wav"
+    first = torch.arange(NUM_CLASSES) * samples_per_class
+    for c in range(NUM_CLASSES):
+        slug = CLASSES[c].replace(" ", "_")
+        save_wav(wav_dir / f"real_{slug}.wav", held[held_labels == c][0], SAMPLE_RATE)
+        for name, generated in routes.items():
+            route = name.replace(" + ", "_").replace("-", "").lower()
+            save_wav(wav_dir / f"{route}_{slug}.wav", generated[first[c]], SAMPLE_RATE)
+    real_first = torch.stack([held[held_labels == c][0] for c in range(NUM_CLASSES)])
+    rows = [real_first] + [generated[first] for generated in routes.values()]
+    pictures = torch.cat([mel_image(r, FRONT_END) for r in rows[:1]] + [mels[first]]
+                         + [mel_image(r, FRONT_END) for r in rows[1:]]).flip(-2)
+    path = save_grid(pictures, out_dir / "spectrograms.png", nrow=NUM_CLASSES, upscale=2)
+    return wav_dir, path
+
+
 def run_audio_demo(out_dir="demo_audio_out", *, mel_steps: int | None = None, vocoder_steps: int | None = None,
                    wave_steps: int | None = None, sampler: str = "ddim", sampling_steps: int = 20,
                    vocoder_sampling_steps: int = 8, wave_sampling_steps: int = 10, guidance_scale: float = 2.0,
@@ -122,12 +174,7 @@ def run_audio_demo(out_dir="demo_audio_out", *, mel_steps: int | None = None, vo
     timings["train_waveform_cpu"] = time.process_time() - t0
 
     # 4. Decoders on real mels: how much each loses before any generation.
-    probe = torch.cat([held[held_labels == c][:2] for c in range(NUM_CLASSES)])
-    probe_images = mel_image(probe, FRONT_END)
-    recon = {"griffin_lim": griffin_lim_decode(probe_images, FRONT_END, LENGTH, iters=griffin_lim_iters, seed=seed),
-             "vocoder": vocode(vocoder, probe_images, steps=vocoder_sampling_steps, seed=seed, progress=False,
-                               sample_rate=SAMPLE_RATE)}
-    reconstruction = {k: mel_distance(v, probe) for k, v in recon.items()}
+    reconstruction, probe = decoder_losses(vocoder, held, held_labels, griffin_lim_iters, vocoder_sampling_steps, seed)
     print(f"[4/6] decoders on {len(probe)} real held-out mels, log-mel distance to the real clip: "
           + ", ".join(f"{k} {v:.3f}" for k, v in reconstruction.items()))
 
@@ -136,20 +183,8 @@ def run_audio_demo(out_dir="demo_audio_out", *, mel_steps: int | None = None, vo
     opts = SampleOptions(sampler=sampler, steps=sampling_steps, guidance_scale=guidance_scale, seed=seed,
                          progress=progress, batch_size=100)
     seconds_of_audio = len(asked) * LENGTH / SAMPLE_RATE
-    routes, cpu = {}, {}
-    t0 = time.process_time()
-    mels = generate_mel(mel_model, asked, front_end=FRONT_END, length=LENGTH, options=opts)
-    cpu["mel"] = time.process_time() - t0
-    t0 = time.process_time()
-    routes["mel + Griffin-Lim"] = griffin_lim_decode(mels, FRONT_END, LENGTH, iters=griffin_lim_iters, seed=seed)
-    cpu["mel + Griffin-Lim"] = cpu["mel"] + time.process_time() - t0
-    t0 = time.process_time()
-    routes["mel + vocoder"] = vocode(vocoder, mels, options=opts.replace(steps=vocoder_sampling_steps, guidance_scale=1.0))
-    cpu["mel + vocoder"] = cpu["mel"] + time.process_time() - t0
-    t0 = time.process_time()
-    routes["waveform"] = generate_waveform(wave_model, asked, options=opts.replace(steps=wave_sampling_steps),
-                                           sample_rate=SAMPLE_RATE)
-    cpu["waveform"] = time.process_time() - t0
+    routes, cpu, mels = sample_routes(mel_model, vocoder, wave_model, asked, opts, griffin_lim_iters, vocoder_sampling_steps,
+                                      wave_sampling_steps, seed)
     print(f"[5/6] sampled {len(asked)} clips per route ({samples_per_class} per class): {sampler}, {sampling_steps} steps, "
           f"guidance {guidance_scale}; vocoder {vocoder_sampling_steps} steps, waveform {wave_sampling_steps} steps")
 
@@ -166,19 +201,7 @@ def run_audio_demo(out_dir="demo_audio_out", *, mel_steps: int | None = None, vo
         r["per_class_accuracy"] = judge.per_class_accuracy(generated, asked)
         r["cpu_seconds_per_audio_second"] = cpu[name] / seconds_of_audio
         report["routes"][name] = r
-    wav_dir = out_dir / "wav"
-    first = torch.arange(NUM_CLASSES) * samples_per_class
-    for c in range(NUM_CLASSES):
-        slug = CLASSES[c].replace(" ", "_")
-        save_wav(wav_dir / f"real_{slug}.wav", held[held_labels == c][0], SAMPLE_RATE)
-        for name, generated in routes.items():
-            route = name.replace(" + ", "_").replace("-", "").lower()
-            save_wav(wav_dir / f"{route}_{slug}.wav", generated[first[c]], SAMPLE_RATE)
-    real_first = torch.stack([held[held_labels == c][0] for c in range(NUM_CLASSES)])
-    rows = [real_first] + [generated[first] for generated in routes.values()]
-    pictures = torch.cat([mel_image(r, FRONT_END) for r in rows[:1]] + [mels[first]]
-                         + [mel_image(r, FRONT_END) for r in rows[1:]]).flip(-2)
-    path = save_grid(pictures, out_dir / "spectrograms.png", nrow=NUM_CLASSES, upscale=2)
+    wav_dir, path = write_outputs(out_dir, routes, mels, held, held_labels, samples_per_class)
     report.update(total_seconds=round(time.time() - t_start, 1), cpu_seconds=round(time.process_time() - c_start, 1),
                   spectrograms=str(path), wav_dir=str(wav_dir))
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
