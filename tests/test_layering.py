@@ -27,7 +27,7 @@ PACKAGE = ROOT / "difflab"
 DESIGN = ROOT / "docs" / "design.md"
 
 _ALL = ("config", "progress", "core", "samplers", "nn", "data", "io", "adapters", "perf", "guidance", "pipelines", "train", "eval",
-        "oracle", "demos")
+        "oracle", "demos", "studio")
 # package -> the packages its modules may import (besides itself and the root ``difflab``); the same
 # table is in docs/design.md, "## Layers" (test_the_design_doc_has_the_same_table).
 LAYERS = {
@@ -45,7 +45,8 @@ LAYERS = {
     "train": ("core", "samplers", "guidance", "nn", "io", "adapters", "data", "perf", "pipelines", "config", "progress"),
     "eval": ("core", "samplers", "nn", "io", "data", "train", "config", "progress"),
     "oracle": ("core", "samplers", "eval", "config", "progress"),
-    "demos": tuple(p for p in _ALL if p != "demos"),
+    "demos": tuple(p for p in _ALL if p not in ("demos", "studio")),
+    "studio": tuple(p for p in _ALL if p != "studio"),
     "cli": _ALL,
 }
 

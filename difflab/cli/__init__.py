@@ -14,7 +14,7 @@ import sys
 
 from .. import __version__
 from ..train import TrainingInterrupted
-from . import bench, check, demo, distill, dreambooth, memory, sample, train
+from . import bench, check, demo, distill, dreambooth, memory, sample, studio, train
 from . import eval as eval_
 from .common import USER_ERRORS, plain_warnings, terminate_as_interrupt
 
@@ -28,6 +28,7 @@ COMMANDS = {
     "memory": memory,
     "bench": bench,
     "check": check,
+    "studio": studio,
 }
 EPILOG = "Run 'difflab COMMAND --help' for the options of a command."
 
