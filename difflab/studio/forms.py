@@ -73,6 +73,12 @@ class Request:
         return p
 
 
+def shown(value) -> str:
+    """A submitted value as the message shows it: numbers and plain words bare, anything else quoted."""
+    text = str(value)
+    return text if isinstance(value, (int, float, str)) and text and text.replace(".", "").replace("-", "").isalnum() else repr(value)
+
+
 def integer(form: dict, name: str, low: int, high: int, default=None) -> int:
     """``form[name]`` as an int in [low, high]; a ValueError naming the field otherwise."""
     value = form.get(name, default)
@@ -85,7 +91,7 @@ def integer(form: dict, name: str, low: int, high: int, default=None) -> int:
     except ValueError:
         number = None
     if number is None or not low <= number <= high:
-        raise ValueError(f"{name}={value!r} must be a whole number from {low} to {high}")
+        raise ValueError(f"{name}={shown(value)} must be a whole number from {low} to {high}")
     return number
 
 
@@ -99,7 +105,7 @@ def number(form: dict, name: str, low: float, high: float, default: float, *, op
     except (TypeError, ValueError):
         x = math.nan
     if not math.isfinite(x) or x > high or (x <= low if open_low else x < low):
-        raise ValueError(f"{name}={value!r} must be a number in {'(' if open_low else '['}{low:g}, {high:g}]")
+        raise ValueError(f"{name}={shown(value)} must be a number in {'(' if open_low else '['}{low:g}, {high:g}]")
     return x
 
 
@@ -115,6 +121,11 @@ def sampler_name(value) -> str:
     return next(k for k, v in SAMPLERS.items() if v is fn)
 
 
+def size_text(n: int) -> str:
+    """A byte count as KiB under a MiB, MiB above."""
+    return f"{n / 1024:.0f} KiB" if n < 2**20 else f"{n / 2**20:.1f} MiB"
+
+
 def decode_image(data, name: str, max_bytes: int) -> Image.Image:
     """A ``data:`` URL (or bare base64) -> a loaded Pillow image; a ValueError naming ``name`` when
     it is missing, too large, or not an image of :data:`IMAGE_FORMATS`."""
@@ -126,7 +137,7 @@ def decode_image(data, name: str, max_bytes: int) -> Image.Image:
     except (binascii.Error, ValueError):
         raise ValueError(f"{name}: the upload is not base64 data") from None
     if len(raw) > max_bytes:
-        raise ValueError(f"{name}: the upload is {len(raw) / 2**20:.1f} MiB, over the limit of {max_bytes / 2**20:.1f} MiB")
+        raise ValueError(f"{name}: the upload is too large: {size_text(len(raw))}, over the limit of {size_text(max_bytes)}")
     try:
         with Image.open(io.BytesIO(raw)) as probe:
             fmt, size = probe.format, probe.size
@@ -194,4 +205,4 @@ def check_request(form: dict, model: ModelEntry, max_bytes: int) -> Request:
                    steps=steps, guidance=guidance, seed=seed, batch_size=batch, height=height, width=width, **fields)
 
 
-__all__ = ["Request", "check_request", "decode_image", "sampler_name", "MAX_STEPS", "MAX_BATCH", "IMAGE_FORMATS", "MODEL_GRID"]
+__all__ = ["Request", "check_request", "decode_image", "size_text", "sampler_name", "MAX_STEPS", "MAX_BATCH", "IMAGE_FORMATS", "MODEL_GRID"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .params import save_png
+from .params import format_parameters, save_png
 
 NAME = re.compile(r"^[0-9]{5}-[A-Za-z0-9_.-]{1,80}\.(png|json)$")
 INPUT_NAME = re.compile(r"^[0-9a-f]{16}\.png$")
@@ -44,7 +44,7 @@ class Gallery:
             number, self.next = self.next, self.next + 1
         name = f"{number:05d}-{safe_part(params.get('model', ''))}-{params.get('seed', 0)}-{params.get('batch_pos', 0)}.png"
         save_png(image, self.folder / name, params)
-        return {"name": name, "url": f"/gallery/{name}", "params": params}
+        return {"name": name, "url": f"/gallery/{name}", "params": {**params, "parameters": format_parameters(params)}}
 
     def save_input(self, image: Image.Image) -> str:
         """Keep an edit's input image (as PNG) under ``inputs/``; its name (the hash)."""

@@ -32,7 +32,7 @@ from PIL import Image
 from ..core.grids import GRIDS
 from ..samplers import SAMPLERS
 from .catalogue import MODES, list_models, resolve_model
-from .forms import MAX_BATCH, MAX_STEPS, MODEL_GRID, check_request, decode_image
+from .forms import MAX_BATCH, MAX_STEPS, MODEL_GRID, check_request, decode_image, size_text
 from .gallery import Gallery
 from .jobs import Job, JobQueue
 from .params import read_png_parameters
@@ -230,8 +230,8 @@ class Handler(BaseHTTPRequestHandler):
                     remaining -= len(chunk)
             else:
                 self.close_connection = True
-            raise RequestError(413, f"the upload is too large: {int(self.headers['Content-Length']) / 2**20:.1f} MiB sent, "
-                                    f"uploads are limited to {self.server.max_upload / 2**20:.1f} MiB per image")
+            raise RequestError(413, f"the upload is too large: {size_text(int(self.headers['Content-Length']))} sent, "
+                                    f"uploads are limited to {size_text(self.server.max_upload)} per image")
         try:
             body = json.loads(self.rfile.read(length) or b"{}")
         except ValueError:
