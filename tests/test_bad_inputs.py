@@ -59,6 +59,9 @@ from difflab.samplers import get_sampler
 from difflab.samplers.euler import sample_euler
 from difflab.train import TrainConfig, train
 from difflab.train.dreambooth import save_text_model
+from difflab.studio.catalogue import resolve_model
+from difflab.studio.forms import check_request, decode_image
+from difflab.studio.params import parse_parameters
 
 # ----------------------------------------------------------------------------------------------
 # Fixtures: one tiny trained run, and the broken things made from it
@@ -355,6 +358,15 @@ CLI_CASES = [
      "--rank"),
     ("distill-lcm-data-not-captioned", ["distill", "--method", "lcm", *D[3:4], "{root}/text_base", *D[5:]], 2,
      "captioned digits"),
+    # studio (cli/studio.py): everything is checked before the server listens
+    ("studio-models-missing", ["studio", "--models", "{root}/nowhere"], 2, "not a folder"),
+    ("studio-models-is-a-file", ["studio", "--models", "{root}/notes.txt"], 2, "not a folder"),
+    ("studio-host-not-an-address", ["studio", "--models", "{root}/empty", "--host", "my machine"], 2, "not an IP address"),
+    ("studio-port-out-of-range", ["studio", "--models", "{root}/empty", "--port", "70000"], 2, "--port"),
+    ("studio-max-upload-0", ["studio", "--models", "{root}/empty", "--max-upload-mb", "0"], 2, "--max-upload-mb"),
+    ("studio-gallery-is-a-file", ["studio", "--models", "{root}/empty", "--gallery", "{root}/existing_file"], 2, "--gallery"),
+    ("studio-device-unknown", ["studio", "--models", "{root}/empty", "--device", "tpu"], 2, "--device"),
+    ("studio-models-flag-missing", ["studio"], 2, "--models"),
 ]
 
 
@@ -614,6 +626,16 @@ API_CASES = [
      ValueError, "steps"),
     ("policy-chunks-seeds-mismatch", lambda r: sample_action_chunks(_zero, torch.zeros(2, 2, 4), [0], shape=(16, 2)),
      ValueError, "one row per seed"),
+    # studio: what the page can send (difflab/studio), refused before anything is queued
+    ("studio-model-path-traversal", lambda r: resolve_model(r, "../catalogue"), ValueError, "never by a path"),
+    ("studio-model-not-served", lambda r: resolve_model(r, "notes.txt"), ValueError, "not in the models folder"),
+    ("studio-steps-0", lambda r: check_request({"steps": 0}, resolve_model(r, "run"), 2**20), ValueError, "steps=0"),
+    ("studio-steps-10000", lambda r: check_request({"steps": 10000}, resolve_model(r, "run"), 2**20), ValueError, "1 to 1000"),
+    ("studio-sampler-unknown", lambda r: check_request({"sampler": "nope"}, resolve_model(r, "run"), 2**20), ValueError,
+     "sampler 'nope' is unknown"),
+    ("studio-upload-not-an-image", lambda r: decode_image("aGVsbG8=", "image", 2**20), ValueError, "not an image"),
+    ("studio-upload-over-the-limit", lambda r: decode_image("A" * 4000, "image", 1000), ValueError, "too large"),
+    ("studio-png-without-parameters", lambda r: parse_parameters("just a prompt"), ValueError, "no generation parameters"),
 ]
 
 

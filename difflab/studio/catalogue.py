@@ -96,9 +96,10 @@ def model_entry(path: Path) -> ModelEntry | None:
 
 
 def list_models(root) -> list[ModelEntry]:
-    """The models directly in ``root``, sorted by name."""
-    root = Path(root)
-    entries = [model_entry(child) for child in sorted(root.iterdir())]
+    """The models directly in ``root``, sorted by name (a link leading out of ``root`` is skipped)."""
+    root = Path(root).resolve()
+    inside = [child for child in sorted(root.iterdir()) if child.resolve().is_relative_to(root)]  # no link out
+    entries = [model_entry(child) for child in inside]
     return [e for e in entries if e is not None]
 
 
