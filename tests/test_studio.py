@@ -39,8 +39,11 @@ def test_models_are_named_inside_their_folder_only(studio_models, tmp_path):
     folder = tmp_path / "models"
     folder.mkdir()
     (folder / "escape").symlink_to(studio_models / "digits")  # a real model, but outside this folder
+    (folder / "broken").mkdir()
+    (folder / "broken" / "checkpoint.safetensors").write_bytes(b"not a checkpoint")  # damaged: skipped, not fatal
+    (folder / "notes.safetensors").write_bytes(b"\x00" * 16)
     assert list_models(folder) == []
-    for name, phrase in (("escape", "leads outside"), ("../models", "never by a path"), ("/etc", "never by a path"),
+    for name, phrase in (("escape", "leads outside"), ("broken", "not in the models folder"), ("../models", "never by a path"), ("/etc", "never by a path"),
                          ("digits", "not in the models folder"), ("", "choose a model")):
         with pytest.raises(ValueError, match=phrase):
             resolve_model(folder, name)

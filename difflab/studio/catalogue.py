@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..io.checkpoint import CHECKPOINT_NAME, read_metadata
-from ..io.spec import NETWORKS, checkpoint_spec, sample_shape
+from ..io.spec import NETWORKS, checkpoint_spec, read_spec, sample_shape
 from ..io.text_model import is_text_model, model_file
 from ..pipelines.checkpoint import sampling_defaults
 from ..pipelines.folder import IMAGE_FAMILIES, SINGLE_FILE_FAMILIES, model_family
@@ -54,12 +54,13 @@ def checkpoint_entry(name: str, path: Path) -> ModelEntry | None:
         return None
     if NETWORKS.get(kind) is None or NETWORKS[kind].output != "image":
         return None
-    config = meta["spec"]["network"].get("config") or {}
     try:
+        _, config, _ = read_spec(meta["spec"])
         opts = sampling_defaults(meta)
         shape = sample_shape(meta["spec"], meta)
     except (ValueError, KeyError, TypeError):
         return None
+    config = config if isinstance(config, dict) else getattr(config, "__dict__", {})
     defaults = {"sampler": opts.sampler, "steps": opts.steps, "guidance": opts.guidance_scale,
                 "height": int(shape[-2]), "width": int(shape[-1])}
     return ModelEntry(name, path, "checkpoint", KIND_MODES["checkpoint"], config.get("num_classes"), defaults)
@@ -99,8 +100,16 @@ def list_models(root) -> list[ModelEntry]:
     """The models directly in ``root``, sorted by name (a link leading out of ``root`` is skipped)."""
     root = Path(root).resolve()
     inside = [child for child in sorted(root.iterdir()) if child.resolve().is_relative_to(root)]  # no link out
-    entries = [model_entry(child) for child in inside]
+    entries = [safe_entry(child) for child in inside]
     return [e for e in entries if e is not None]
+
+
+def safe_entry(path: Path) -> ModelEntry | None:
+    """:func:`model_entry`, None for a damaged entry (it is not served; the others are)."""
+    try:
+        return model_entry(path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def resolve_model(root, name) -> ModelEntry:
@@ -115,7 +124,7 @@ def resolve_model(root, name) -> ModelEntry:
     path = root / name
     if not path.resolve().is_relative_to(root):
         raise ValueError(f"model {name!r} leads outside the models folder; it is not served")
-    entry = model_entry(path) if path.exists() else None
+    entry = safe_entry(path) if path.exists() else None
     if entry is None:
         names = [e.name for e in list_models(root)]
         raise ValueError(f"model {name!r} is not in the models folder; choose one of {names}")

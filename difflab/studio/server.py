@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import threading
+import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from urllib.parse import parse_qs, urlsplit
@@ -177,6 +179,9 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(e.status, {"error": str(e)})
         except (ValueError, FileNotFoundError) as e:
             self.send_json(400, {"error": str(e)})
+        except Exception as e:  # the server outlives any request: answer, log, go on
+            traceback.print_exc(file=sys.stderr)
+            self.send_json(500, {"error": f"internal error ({type(e).__name__}): {e}"})
 
     def do_GET(self):
         url = urlsplit(self.path)

@@ -167,7 +167,10 @@ async function poll() {
     $("status").textContent = current.status === "queued" ? "queued, place " + (current.position + 1) : "running: " + current.message;
     $("progress").value = current.progress;
     if (current.preview) { $("preview").src = current.preview; $("preview").hidden = false; }
-  } else if (data.jobs.length) {
+  } else {
+    $("preview").hidden = true;
+  }
+  if (!current && data.jobs.length) {
     const last = data.jobs[data.jobs.length - 1];
     $("status").textContent = last.status === "done" ? "done" : last.status;
     $("progress").value = last.status === "done" ? 1 : 0;
