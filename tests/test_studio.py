@@ -3,6 +3,7 @@ models folder (links out of it too), the queue keeps clients apart and survives 
 the HTTP API refuses what it must (wrong Host, non-JSON, bodies over the limit, other tabs' jobs)
 and keeps serving, and a job run twice from its parameters repeats its pixels."""
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -132,3 +133,53 @@ def test_a_job_run_again_from_its_parameters_repeats_its_pixels(studio_models, t
     runner(again)
     first, second = (np.asarray(Image.open(gallery.folder / j.results[1]["name"])) for j in (job, again))
     assert np.array_equal(first, second) and first.shape == (16, 16)
+
+
+def test_difflab_studio_serves_its_folder_until_stopped(studio_models, tmp_path, monkeypatch, capsys):
+    from difflab.cli import main
+    from difflab.cli import studio as command
+
+    made = []
+    monkeypatch.setattr(command, "make_server", lambda *a, **k: made.append(make_server(*a, **k)) or made[-1])
+    status = []
+    thread = threading.Thread(target=lambda: status.append(main(["studio", "--models", str(studio_models), "--port", "0",
+                                                                   "--gallery", str(tmp_path / "g"), "--device", "cpu"])))
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not made and time.monotonic() < deadline:
+        time.sleep(0.02)
+    server = made[0]
+    assert server.server_address[0] == "127.0.0.1"  # local unless asked
+    assert [m["name"] for m in call(server.url + "api/models")[1]["models"]] == ["digits", "text16"]
+    page = urllib.request.urlopen(server.url).read().decode()
+    assert "<title>difflab studio</title>" in page and 'src="/static/app.js"' in page
+    server.shutdown()
+    thread.join(30)
+    assert status == [0]
+    out = capsys.readouterr().out
+    assert f"open {server.url}" in out and "2 models" in out
+
+
+def test_the_edit_modes_run_through_their_pipelines(studio_models, tmp_path):
+    import base64
+    import io
+
+    gallery = Gallery(tmp_path / "gallery")
+    runner = Runner(gallery)
+    entry = resolve_model(studio_models, "text16")
+    buffer = io.BytesIO()
+    Image.fromarray((np.arange(256).reshape(16, 16)).astype(np.uint8)).save(buffer, format="PNG")
+    image = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    cases = {"img2img": ({"strength": 0.5}, (16, 16)), "outpaint": ({"pads": {"left": 4, "right": 4}}, (16, 24)),
+             "invert": ({"source_prompt": "the digit 3", "sampler": "heun"}, (16, 16))}
+    for mode, (extra, shape) in cases.items():
+        job = Job("tab-0000", check_request({"mode": mode, "prompt": "a seven", "steps": 2, "image": image, **extra}, entry, 2**20))
+        runner(job)
+        (result,) = job.results
+        assert np.asarray(Image.open(gallery.folder / result["name"])).shape == shape, mode
+        params = result["params"]
+        assert params["mode"] == mode and gallery.input_file(params["init_image"]) is not None
+        assert mode != "invert" or params["sampler"] == "ddim"  # inversion runs DDIM whatever was asked
+    assert params["source_prompt"] == "the digit 3"
+    with Image.open(gallery.input_file(params["init_image"])) as kept:  # the input kept for reproduction, as fed
+        assert np.array_equal(np.asarray(kept), np.arange(256).reshape(16, 16))

@@ -119,7 +119,7 @@ class JobQueue:
             traceback.print_exc(file=sys.stderr)
             status, job.error = "error", f"internal error ({type(e).__name__}): {e}"
         with self.lock:
-            job.status, job.finished = status, time.monotonic()
+            job.status, job.finished, job.preview = status, time.monotonic(), None  # the results replace the preview
             if status == "done":
                 job.progress = 1.0
 

@@ -148,6 +148,7 @@ def not_found(path: str):
 class Handler(BaseHTTPRequestHandler):
     server: StudioServer
     server_version = "difflab-studio"
+    timeout = 60  # seconds a connection may stay silent before its thread lets it go
 
     GETS = {"/api/config": "config", "/api/models": "list_models", "/api/jobs": "jobs", "/api/gallery": "gallery_entries"}
     POSTS = {"/api/jobs": "submit", "/api/cancel": "cancel", "/api/params": "read_params"}
@@ -224,6 +225,8 @@ class Handler(BaseHTTPRequestHandler):
             length = int(self.headers.get("Content-Length", ""))
         except ValueError:
             raise RequestError(411, "the request has no Content-Length") from None
+        if length < 0:
+            raise RequestError(400, "the request's Content-Length is negative")
         limit = self.server.max_body
         if length > limit:
             if length <= DRAIN_LIMIT:
