@@ -95,8 +95,9 @@ def drop_file(page, name: str, data: bytes, mime: str = "image/png") -> None:
     page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
 
 
-def generate_digits(page, *, label: str, seed: int, batch: int, steps: int = 4) -> None:
+def generate_digits(page, *, label: str, seed: int, batch: int, steps: int = 4, sampler: str = "ddim") -> None:
     page.select_option("#model", "digits")
+    page.select_option("#sampler", sampler)
     page.select_option("#class_label", label)
     page.fill("#steps", str(steps))
     page.fill("#guidance", "2")
@@ -109,7 +110,7 @@ def test_generate_digits_with_progress_cancel_and_gallery(context, studio, tmp_p
     page = open_page(context, studio)
     assert page.title() == "difflab studio"
     # a long job: its progress and preview show while it runs, then Cancel stops it
-    generate_digits(page, label="5", seed=3, batch=16, steps=1000)
+    generate_digits(page, label="5", seed=3, batch=16, steps=1000, sampler="heun")  # 2000 evaluations: seconds at least
     page.wait_for_function("document.getElementById('progress').value > 0 && !document.getElementById('preview').hidden")
     assert page.eval_on_selector("#progress", "p => p.value") < 1
     assert page.get_attribute("#preview", "src").startswith("data:image/png;base64,")
