@@ -58,13 +58,13 @@ LATENT_SPEC = make_spec("unet", UNetConfig(in_channels=VAE_CONFIG.latent_channel
                                            num_classes=NUM_CLASSES), DIFFUSION)
 MEL_TRAIN = TrainConfig(steps=600, batch_size=16, lr=2e-3, warmup_steps=60, ema_decay=0.99, cfg_dropout=0.1,
                         checkpoint_every=200, log_every=100, seed=0)
-VOCODER_TRAIN = TrainConfig(steps=300, batch_size=16, lr=3e-3, warmup_steps=30, ema_decay=0.99, checkpoint_every=100,
-                            log_every=50, seed=0)
-WAVE_TRAIN = dataclasses.replace(VOCODER_TRAIN, steps=100, warmup_steps=15, cfg_dropout=0.1)
-VAE_TRAIN = TrainConfig(steps=300, batch_size=32, lr=2e-3, lr_schedule="one_cycle", warmup_steps=30, grad_clip=None,
-                        ema_decay=None, log_every=100, seed=0)
+VOCODER_TRAIN = TrainConfig(steps=1000, batch_size=16, lr=2e-3, warmup_steps=100, ema_decay=0.995, checkpoint_every=250,
+                            log_every=100, seed=0)
+WAVE_TRAIN = dataclasses.replace(VOCODER_TRAIN, cfg_dropout=0.1)
+VAE_TRAIN = TrainConfig(steps=250, batch_size=16, lr=3e-3, lr_schedule="one_cycle", warmup_steps=25, grad_clip=None,
+                        ema_decay=None, log_every=50, checkpoint_every=250, seed=0)
 VAE_KL_WEIGHT = 1e-3      # on summed L1, as in the text demo
-LATENT_TRAIN = dataclasses.replace(MEL_TRAIN, batch_size=32)
+LATENT_TRAIN = dataclasses.replace(MEL_TRAIN, steps=400, warmup_steps=40, batch_size=32)
 
 
 def random_crops(clips: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, crops_per_clip: int, seed: int = 0):
@@ -96,13 +96,14 @@ def mel_distance(clips: torch.Tensor, reference: torch.Tensor) -> float:
     return float((log_mel(clips, FRONT_END) - log_mel(reference, FRONT_END)).abs().mean())
 
 
-def fit_autoencoder(images: torch.Tensor, config: TrainConfig) -> AutoencoderKL:
+def fit_autoencoder(images: torch.Tensor, config: TrainConfig, out_dir=None, resume: bool = False) -> AutoencoderKL:
     """The mel autoencoder: :data:`VAE_CONFIG` trained on log-mel images by the KL autoencoder's
     loss (L1 + ``VAE_KL_WEIGHT`` KL; Rombach et al. 2022, appendix G; the text demo's objective),
-    then its latent shift and scale set from the data (:func:`difflab.demos.text.set_latent_scale`)."""
+    checkpointed in ``out_dir`` (continued with ``resume``), then its latent shift and scale set
+    from the data (:func:`difflab.demos.text.set_latent_scale`)."""
     torch.manual_seed(config.seed)
     vae = AutoencoderKL(VAE_CONFIG)
-    fit(VAEObjective(vae, reconstruction="l1", kl_weight=VAE_KL_WEIGHT), {"x": images}, config)
+    fit(VAEObjective(vae, reconstruction="l1", kl_weight=VAE_KL_WEIGHT), {"x": images}, config, out_dir, resume=resume)
     return set_latent_scale(vae.eval(), images, config.seed)
 
 
@@ -187,7 +188,7 @@ def fit_models(configs: dict, images, labels, crops, out_dir: Path, resume: bool
               lambda: fit_denoiser(VOCODER_SPEC, (vocoder_data(vocoder_config, crop_waves, crop_mels[:, None]), None,
                                                   {"mel": crop_mels}), configs["vocoder"], out_dir / "vocoder", resume))
     timed_fit("vae", f"KL autoencoder of the log-mel images, factor {2 ** (len(VAE_CONFIG.block_out_channels) - 1)}",
-              lambda: fit_autoencoder(images, configs["vae"]))
+              lambda: fit_autoencoder(images, configs["vae"], out_dir / "mel_vae", resume))
     latents = models["vae"].encode_latents(images, generator=torch.Generator().manual_seed(seed)).detach()
     timed_fit("latent", f"class-conditional U-Net on {tuple(latents.shape[1:])} latents",
               lambda: fit_denoiser(LATENT_SPEC, (latents, labels), configs["latent"], out_dir / "latent_unet", resume))
