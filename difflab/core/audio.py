@@ -226,4 +226,5 @@ def mel_griffin_lim(mel: torch.Tensor, fe: AudioFrontEnd, length: int, *, iters:
 
 
 __all__ = ["AudioFrontEnd", "hann", "as_waves", "stft", "istft", "hz_to_mel", "mel_to_hz", "mel_filter_bank",
-           "mel_spectrogram", "log_mel", "mel_image", "image_to_mel", "mel_envelope", "mel_to_linear", "spectral_convergence", "griffin_lim", "mel_griffin_lim"]
+           "mel_spectrogram", "log_mel", "mel_image", "image_to_mel", "mel_envelope", "mel_to_linear",
+           "spectral_convergence", "griffin_lim", "mel_griffin_lim"]

@@ -44,10 +44,9 @@ CROP = 512
 DIFFUSION = {"frame": "vp_discrete", "schedule": "cosine", "T": 1000, "prediction": "v"}
 MEL_SPEC = make_spec("unet", UNetConfig(in_channels=1, model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
                                         attention_levels=(2,), num_heads=1, num_classes=NUM_CLASSES), DIFFUSION)
-VOCODER_SPEC = make_spec("diffwave", DiffWaveConfig(residual_channels=16, layers=8, dilation_cycle=8, n_mels=32, hop=64,
-                                                    upsample_strides=(8, 8), sample_rate=SAMPLE_RATE,
-                                                    sample_length=LENGTH, envelope_prior=True,
-                                                    mel_floor=FRONT_END.floor), DIFFUSION)
+VOCODER_CONFIG = DiffWaveConfig(residual_channels=16, layers=8, dilation_cycle=8, n_mels=32, hop=64, upsample_strides=(8, 8),
+                                sample_rate=SAMPLE_RATE, sample_length=LENGTH, envelope_prior=True, mel_floor=FRONT_END.floor)
+VOCODER_SPEC = make_spec("diffwave", VOCODER_CONFIG, DIFFUSION)
 WAVE_SPEC = make_spec("diffwave", DiffWaveConfig(residual_channels=16, layers=8, dilation_cycle=8, num_classes=NUM_CLASSES,
                                                  sample_rate=SAMPLE_RATE, sample_length=LENGTH), DIFFUSION)
 # factor 4: 1 x 32 x 64 log-mel images <-> 4 x 8 x 16 latents (shift and scale set from data)
@@ -183,9 +182,8 @@ def fit_models(configs: dict, images, labels, crops, out_dir: Path, resume: bool
 
     timed_fit("mel", f"class-conditional U-Net on {tuple(images.shape[1:])} log-mel images",
               lambda: fit_denoiser(MEL_SPEC, (images, labels), configs["mel"], out_dir / "mel_unet", resume))
-    vocoder_config = build_denoiser(VOCODER_SPEC).net.config
     timed_fit("vocoder", f"DiffWave under the mel-envelope prior on {len(crop_waves)} {CROP}-sample crops with their mels",
-              lambda: fit_denoiser(VOCODER_SPEC, (vocoder_data(vocoder_config, crop_waves, crop_mels[:, None]), None,
+              lambda: fit_denoiser(VOCODER_SPEC, (vocoder_data(VOCODER_CONFIG, crop_waves, crop_mels[:, None]), None,
                                                   {"mel": crop_mels}), configs["vocoder"], out_dir / "vocoder", resume))
     timed_fit("vae", f"KL autoencoder of the log-mel images, factor {2 ** (len(VAE_CONFIG.block_out_channels) - 1)}",
               lambda: fit_autoencoder(images, configs["vae"], out_dir / "mel_vae", resume))
@@ -288,5 +286,5 @@ def format_audio_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["run_audio_demo", "format_audio_report", "random_crops", "fit_autoencoder", "FRONT_END", "MEL_SPEC", "VOCODER_SPEC",
-           "WAVE_SPEC", "LATENT_SPEC", "VAE_CONFIG"]
+__all__ = ["run_audio_demo", "format_audio_report", "random_crops", "fit_autoencoder", "fit_models", "FRONT_END", "MEL_SPEC",
+           "VOCODER_CONFIG", "VOCODER_SPEC", "WAVE_SPEC", "LATENT_SPEC", "VAE_CONFIG"]

@@ -109,7 +109,8 @@ def vocode(denoiser, images: torch.Tensor, *, sample_rate: int | None = None, op
            **overrides) -> torch.Tensor:
     """Clips (N, 1, sample_length) from log-mel images (N, 1, n_mels, frames) by a DiffWave
     vocoder (``config.n_mels`` set): its reverse process conditioned on ``mel=`` (Kong et al.
-    2021, Section 3.1), times :func:`vocoder_envelope` (PriorGrad, when the config says so); no guidance. ``sample_rate``, when given, must be the model's."""
+    2021, Section 3.1), times :func:`vocoder_envelope` (PriorGrad, when the config says so); no
+    guidance. ``sample_rate``, when given, must be the model's."""
     # 1. Check inputs.
     config = diffwave_config(denoiser)
     if config.n_mels is None:
@@ -137,5 +138,5 @@ def vocode(denoiser, images: torch.Tensor, *, sample_rate: int | None = None, op
                        desc=f"vocoding ({opts.sampler}, {opts.steps} steps)")
 
 
-__all__ = ["generate_waveform", "generate_mel", "generate_latent_mel", "griffin_lim_decode", "vocode", "diffwave_config", "vocoder_envelope",
-           "vocoder_data"]
+__all__ = ["generate_waveform", "generate_mel", "generate_latent_mel", "griffin_lim_decode", "vocode", "diffwave_config",
+           "vocoder_envelope", "vocoder_data"]
