@@ -79,7 +79,7 @@ def _policy_run(args, out):
 
 def _audio_run(args, out):
     run_audio_demo(out, mel_steps=args.steps, sampler=args.sampler, sampling_steps=args.sampling_steps or 20,
-                   guidance_scale=_guidance(args), samples_per_class=args.samples_per_class or 5, seed=args.seed,
+                   guidance_scale=_guidance(args, 1.0), samples_per_class=args.samples_per_class or 5, seed=args.seed,
                    resume=args.resume)
 
 
@@ -111,8 +111,9 @@ MODES: dict[str, DemoMode] = {
                        "behaviour-cloning MLP on the embedded Detour task (100 fixed-seed episodes), and Diffuser's "
                        "guided, inpainted planning (--guidance: its return-guidance scale, default 1); writes "
                        "roll_outs.gif", "demo_policy_out", _policy_run),
-    "audio": DemoMode("the audio demo instead: a waveform DiffWave, and a log-mel U-Net decoded by Griffin-Lim and by a "
-                      "DiffWave vocoder, on ten classes of synthetic clips; writes WAVs and spectrograms",
+    "audio": DemoMode("the audio demo instead: a waveform DiffWave, a log-mel U-Net decoded by Griffin-Lim and by a "
+                      "DiffWave vocoder, and a latent U-Net over a mel autoencoder, on ten classes of synthetic clips "
+                      "(--guidance default 1); writes WAVs and spectrograms",
                       "demo_audio_out", _audio_run),
     "video": DemoMode("the video demo instead: a class- and direction-conditional video network on moving digits "
                       "(24x24, 8 frames), judged per frame, by its motion and by a clip Frechet distance",

@@ -145,6 +145,23 @@ def mel_image(wave: torch.Tensor, fe: AudioFrontEnd) -> torch.Tensor:
     return ((log_mel(wave, fe) - lo) / (-lo) * 2.0 - 1.0).clamp(-1.0, 1.0)[:, None]
 
 
+def mel_envelope(mel: torch.Tensor, hop: int, length: int) -> torch.Tensor:
+    """A per-sample amplitude envelope (B, length) of the clips whose mel magnitude is ``mel``
+    (B, n_mels, frames): each frame's L2 norm over the mel bins (about the frame's
+    window-weighted RMS), the largest of it and its two neighbours (so an onset inside a window
+    is not under-estimated), linearly interpolated between frame centres k * hop. PriorGrad's
+    data-dependent prior std (Lee et al. 2022, Section 3.1, frame energy from the mel)."""
+    if mel.ndim != 3 or mel.shape[-1] < 1 + (length - 1) // hop:
+        raise ValueError(f"mel must be (B, n_mels, frames) with at least {1 + (length - 1) // hop} frames for "
+                         f"length={length} at hop={hop}, got shape {tuple(mel.shape)}")
+    energy = torch.nn.functional.max_pool1d(mel.norm(dim=1)[:, None], 3, stride=1, padding=1)[:, 0]
+    pos = torch.arange(length, device=mel.device, dtype=mel.dtype) / hop
+    k0 = pos.floor().long()
+    k1 = (k0 + 1).clamp(max=mel.shape[-1] - 1)
+    w = pos - k0
+    return energy[:, k0] * (1 - w) + energy[:, k1] * w
+
+
 def image_to_mel(image: torch.Tensor, fe: AudioFrontEnd) -> torch.Tensor:
     """The inverse of :func:`mel_image`: (B, 1, n_mels, frames) in [-1, 1] -> mel magnitude (B, n_mels, frames)."""
     if image.ndim != 4 or image.shape[1] != 1 or image.shape[2] != fe.n_mels:
@@ -209,4 +226,5 @@ def mel_griffin_lim(mel: torch.Tensor, fe: AudioFrontEnd, length: int, *, iters:
 
 
 __all__ = ["AudioFrontEnd", "hann", "as_waves", "stft", "istft", "hz_to_mel", "mel_to_hz", "mel_filter_bank",
-           "mel_spectrogram", "log_mel", "mel_image", "image_to_mel", "mel_to_linear", "spectral_convergence", "griffin_lim", "mel_griffin_lim"]
+           "mel_spectrogram", "log_mel", "mel_image", "image_to_mel", "mel_envelope", "mel_to_linear",
+           "spectral_convergence", "griffin_lim", "mel_griffin_lim"]

@@ -1,13 +1,18 @@
 """`difflab demo --audio`: audio diffusion on the embedded clips (:mod:`difflab.data.audio`), three
 routes side by side, each trained by the one training loop and judged by the same audio judge:
 
-- **waveform**: a class-conditional DiffWave on raw 8 kHz audio (Kong et al. 2021);
 - **mel + Griffin-Lim**: a class-conditional U-Net on the 32 x 64 log-mel as a 1-channel image
   (Riffusion-style), made audible by fast Griffin-Lim;
-- **mel + vocoder**: the same mels through a DiffWave vocoder conditioned on them.
+- **mel + vocoder**: the same mels through a DiffWave vocoder conditioned on them, under
+  PriorGrad's mel-envelope prior (Lee et al. 2022);
+- **latent + Griffin-Lim**: a KL autoencoder (the text demo's VAE network and objective) maps the
+  mels to 4 x 8 x 16 latents, a class-conditional U-Net diffuses those (AudioLDM-style, Liu et al.
+  2023), the decoded mel goes through Griffin-Lim;
+- **waveform**: a class-conditional DiffWave on raw 8 kHz audio (Kong et al. 2021).
 
-Both DiffWaves train on random 512-sample crops (their receptive field is 511) (with the mel frames centred on them) and sample
-whole clips: they are fully convolutional. Writes WAVs, spectrogram PNGs and ``report.json``.
+Both DiffWaves train on random 512-sample crops (their receptive field is 511) (with the mel
+frames centred on them) and sample whole clips: they are fully convolutional. Writes WAVs,
+spectrogram PNGs and ``report.json``.
 """
 from __future__ import annotations
 
@@ -27,25 +32,38 @@ from ..io.images import save_grid
 from ..io.spec import build_denoiser, make_spec
 from ..nn.diffwave import DiffWaveConfig
 from ..nn.unet import UNetConfig
+from ..nn.vae import AutoencoderKL, VAEConfig
 from ..pipelines import SampleOptions
-from ..pipelines.audio import generate_mel, generate_waveform, griffin_lim_decode, vocode
-from ..train import TrainConfig, train
+from ..pipelines.audio import (generate_latent_mel, generate_mel, generate_waveform, griffin_lim_decode, vocode,
+                               vocoder_data)
+from ..train import TrainConfig, VAEObjective, fit, train
+from .text import set_latent_scale
 
 FRONT_END = AudioFrontEnd(sample_rate=SAMPLE_RATE, n_fft=256, hop=64, n_mels=32)
 CROP = 512
 DIFFUSION = {"frame": "vp_discrete", "schedule": "cosine", "T": 1000, "prediction": "v"}
 MEL_SPEC = make_spec("unet", UNetConfig(in_channels=1, model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
-                                        attention_levels=(), num_heads=1, num_classes=NUM_CLASSES), DIFFUSION)
-VOCODER_SPEC = make_spec("diffwave", DiffWaveConfig(residual_channels=16, layers=8, dilation_cycle=8, n_mels=32, hop=64,
-                                                    upsample_strides=(8, 8), sample_rate=SAMPLE_RATE,
-                                                    sample_length=LENGTH), DIFFUSION)
+                                        attention_levels=(2,), num_heads=1, num_classes=NUM_CLASSES), DIFFUSION)
+VOCODER_CONFIG = DiffWaveConfig(residual_channels=16, layers=8, dilation_cycle=8, n_mels=32, hop=64, upsample_strides=(8, 8),
+                                sample_rate=SAMPLE_RATE, sample_length=LENGTH, envelope_prior=True, mel_floor=FRONT_END.floor)
+VOCODER_SPEC = make_spec("diffwave", VOCODER_CONFIG, DIFFUSION)
 WAVE_SPEC = make_spec("diffwave", DiffWaveConfig(residual_channels=16, layers=8, dilation_cycle=8, num_classes=NUM_CLASSES,
                                                  sample_rate=SAMPLE_RATE, sample_length=LENGTH), DIFFUSION)
-MEL_TRAIN = TrainConfig(steps=200, batch_size=16, lr=3e-3, warmup_steps=30, ema_decay=0.99, cfg_dropout=0.1,
-                        checkpoint_every=100, log_every=50, seed=0)
-VOCODER_TRAIN = TrainConfig(steps=100, batch_size=16, lr=3e-3, warmup_steps=15, ema_decay=0.99, checkpoint_every=50,
-                            log_every=25, seed=0)
+# factor 4: 1 x 32 x 64 log-mel images <-> 4 x 8 x 16 latents (shift and scale set from data)
+VAE_CONFIG = VAEConfig(in_channels=1, out_channels=1, block_out_channels=(16, 32, 32), layers_per_block=1,
+                       norm_num_groups=8, scaling_factor=1.0)
+LATENT_SPEC = make_spec("unet", UNetConfig(in_channels=VAE_CONFIG.latent_channels, model_channels=32, channel_mult=(1, 2),
+                                           num_res_blocks=1, attention_levels=(1,), num_heads=1,
+                                           num_classes=NUM_CLASSES), DIFFUSION)
+MEL_TRAIN = TrainConfig(steps=600, batch_size=16, lr=2e-3, warmup_steps=60, ema_decay=0.99, cfg_dropout=0.1,
+                        checkpoint_every=200, log_every=100, seed=0)
+VOCODER_TRAIN = TrainConfig(steps=1000, batch_size=16, lr=2e-3, warmup_steps=100, ema_decay=0.995, checkpoint_every=250,
+                            log_every=100, seed=0)
 WAVE_TRAIN = dataclasses.replace(VOCODER_TRAIN, cfg_dropout=0.1)
+VAE_TRAIN = TrainConfig(steps=250, batch_size=16, lr=3e-3, lr_schedule="one_cycle", warmup_steps=25, grad_clip=None,
+                        ema_decay=None, log_every=50, checkpoint_every=250, seed=0)
+VAE_KL_WEIGHT = 1e-3      # on summed L1, as in the text demo
+LATENT_TRAIN = dataclasses.replace(MEL_TRAIN, steps=400, warmup_steps=40, batch_size=32)
 
 
 def random_crops(clips: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, crops_per_clip: int, seed: int = 0):
@@ -77,42 +95,63 @@ def mel_distance(clips: torch.Tensor, reference: torch.Tensor) -> float:
     return float((log_mel(clips, FRONT_END) - log_mel(reference, FRONT_END)).abs().mean())
 
 
-def decoder_losses(vocoder, held, held_labels, griffin_lim_iters: int, vocoder_sampling_steps: int, seed: int):
-    """How much each decoder loses before any generation: the log-mel distance of Griffin-Lim's and
-    the vocoder's reconstructions of two real held-out clips per class; ``(distances, the clips)``."""
+def fit_autoencoder(images: torch.Tensor, config: TrainConfig, out_dir=None, resume: bool = False) -> AutoencoderKL:
+    """The mel autoencoder: :data:`VAE_CONFIG` trained on log-mel images by the KL autoencoder's
+    loss (L1 + ``VAE_KL_WEIGHT`` KL; Rombach et al. 2022, appendix G; the text demo's objective),
+    checkpointed in ``out_dir`` (continued with ``resume``), then its latent shift and scale set
+    from the data (:func:`difflab.demos.text.set_latent_scale`)."""
+    torch.manual_seed(config.seed)
+    vae = AutoencoderKL(VAE_CONFIG)
+    fit(VAEObjective(vae, reconstruction="l1", kl_weight=VAE_KL_WEIGHT), {"x": images}, config, out_dir, resume=resume)
+    return set_latent_scale(vae.eval(), images, config.seed)
+
+
+@torch.no_grad()
+def decoder_losses(vocoder, vae, held, held_labels, griffin_lim_iters: int, vocoder_sampling_steps: int, seed: int):
+    """How much each decoder loses before any generation: the log-mel distance to the real clip
+    of Griffin-Lim's, the vocoder's and autoencoder-then-Griffin-Lim's reconstructions of two
+    real held-out clips per class; ``(distances, the clips)``."""
     probe = torch.cat([held[held_labels == c][:2] for c in range(NUM_CLASSES)])
     probe_images = mel_image(probe, FRONT_END)
+    through_vae = vae.decode(vae.encode(probe_images).mode()).clamp(-1, 1)
     recon = {"griffin_lim": griffin_lim_decode(probe_images, FRONT_END, LENGTH, iters=griffin_lim_iters, seed=seed),
              "vocoder": vocode(vocoder, probe_images, steps=vocoder_sampling_steps, seed=seed, progress=False,
-                               sample_rate=SAMPLE_RATE)}
+                               sample_rate=SAMPLE_RATE),
+             "autoencoder + griffin_lim": griffin_lim_decode(through_vae, FRONT_END, LENGTH, iters=griffin_lim_iters,
+                                                             seed=seed)}
     reconstruction = {k: mel_distance(v, probe) for k, v in recon.items()}
     return reconstruction, probe
 
 
-def sample_routes(mel_model, vocoder, wave_model, asked, opts, griffin_lim_iters, vocoder_sampling_steps,
-                  wave_sampling_steps, seed):
-    """Clips of the classes ``asked`` by every route, with each route's sampling CPU seconds, and the
-    generated log-mel images: ``(routes, cpu, mels)``."""
-    routes, cpu = {}, {}
-    t0 = time.process_time()
-    mels = generate_mel(mel_model, asked, front_end=FRONT_END, length=LENGTH, options=opts)
-    cpu["mel"] = time.process_time() - t0
-    t0 = time.process_time()
-    routes["mel + Griffin-Lim"] = griffin_lim_decode(mels, FRONT_END, LENGTH, iters=griffin_lim_iters, seed=seed)
-    cpu["mel + Griffin-Lim"] = cpu["mel"] + time.process_time() - t0
-    t0 = time.process_time()
-    routes["mel + vocoder"] = vocode(vocoder, mels, options=opts.replace(steps=vocoder_sampling_steps, guidance_scale=1.0))
-    cpu["mel + vocoder"] = cpu["mel"] + time.process_time() - t0
-    t0 = time.process_time()
-    routes["waveform"] = generate_waveform(wave_model, asked, options=opts.replace(steps=wave_sampling_steps),
-                                           sample_rate=SAMPLE_RATE)
-    cpu["waveform"] = time.process_time() - t0
+def sample_routes(models: dict, asked, opts, griffin_lim_iters, vocoder_sampling_steps, wave_sampling_steps, seed):
+    """Clips of the classes ``asked`` by every route (``models``: mel, vocoder, vae, latent,
+    waveform), with each route's sampling CPU seconds, and the mel images each spectrogram route
+    generated: ``(routes, cpu, mels)``."""
+    routes, cpu, mels = {}, {}, {}
+
+    def timed(name, make, *before):
+        t0 = time.process_time()
+        out = make()
+        cpu[name] = sum(cpu[b] for b in before) + time.process_time() - t0
+        return out
+
+    mels["mel"] = timed("mel", lambda: generate_mel(models["mel"], asked, front_end=FRONT_END, length=LENGTH, options=opts))
+    routes["mel + Griffin-Lim"] = timed("mel + Griffin-Lim", lambda: griffin_lim_decode(
+        mels["mel"], FRONT_END, LENGTH, iters=griffin_lim_iters, seed=seed), "mel")
+    routes["mel + vocoder"] = timed("mel + vocoder", lambda: vocode(
+        models["vocoder"], mels["mel"], options=opts.replace(steps=vocoder_sampling_steps, guidance_scale=1.0)), "mel")
+    mels["latent"] = timed("latent", lambda: generate_latent_mel(models["latent"], models["vae"], asked, front_end=FRONT_END,
+                                                                 length=LENGTH, options=opts))
+    routes["latent + Griffin-Lim"] = timed("latent + Griffin-Lim", lambda: griffin_lim_decode(
+        mels["latent"], FRONT_END, LENGTH, iters=griffin_lim_iters, seed=seed), "latent")
+    routes["waveform"] = timed("waveform", lambda: generate_waveform(
+        models["waveform"], asked, options=opts.replace(steps=wave_sampling_steps), sample_rate=SAMPLE_RATE))
     return routes, cpu, mels
 
 
 def write_outputs(out_dir: Path, routes: dict, mels, held, held_labels, samples_per_class: int):
     """One WAV per class for the real clips and every route, and the spectrogram grid (rows: real,
-    the generated mel, then each route's clip re-analysed); returns ``(wav_dir, grid path)``."""
+    the generated mels (U-Net, then latent), then each route's clip re-analysed); returns ``(wav_dir, grid path)``."""
     wav_dir = out_dir / "wav"
     first = torch.arange(NUM_CLASSES) * samples_per_class
     for c in range(NUM_CLASSES):
@@ -123,19 +162,46 @@ def write_outputs(out_dir: Path, routes: dict, mels, held, held_labels, samples_
             save_wav(wav_dir / f"{route}_{slug}.wav", generated[first[c]], SAMPLE_RATE)
     real_first = torch.stack([held[held_labels == c][0] for c in range(NUM_CLASSES)])
     rows = [real_first] + [generated[first] for generated in routes.values()]
-    pictures = torch.cat([mel_image(r, FRONT_END) for r in rows[:1]] + [mels[first]]
+    pictures = torch.cat([mel_image(r, FRONT_END) for r in rows[:1]] + [m[first] for m in mels.values()]
                          + [mel_image(r, FRONT_END) for r in rows[1:]]).flip(-2)
     path = save_grid(pictures, out_dir / "spectrograms.png", nrow=NUM_CLASSES, upscale=2)
     return wav_dir, path
 
 
+def fit_models(configs: dict, images, labels, crops, out_dir: Path, resume: bool, seed: int):
+    """Step 3: the mel U-Net, the vocoder, the mel autoencoder, the latent U-Net and the waveform
+    DiffWave, each through the one training loop; ``(models, training CPU seconds)``."""
+    crop_waves, crop_mels, crop_labels = crops
+    models, timings = {}, {}
+
+    def timed_fit(name, what, make):
+        print(f"[3/6] {name}: {what}, {configs[name].steps} steps")
+        t0 = time.process_time()
+        models[name] = make()
+        timings[f"train_{name}_cpu"] = time.process_time() - t0
+
+    timed_fit("mel", f"class-conditional U-Net on {tuple(images.shape[1:])} log-mel images",
+              lambda: fit_denoiser(MEL_SPEC, (images, labels), configs["mel"], out_dir / "mel_unet", resume))
+    timed_fit("vocoder", f"DiffWave under the mel-envelope prior on {len(crop_waves)} {CROP}-sample crops with their mels",
+              lambda: fit_denoiser(VOCODER_SPEC, (vocoder_data(VOCODER_CONFIG, crop_waves, crop_mels[:, None]), None,
+                                                  {"mel": crop_mels}), configs["vocoder"], out_dir / "vocoder", resume))
+    timed_fit("vae", f"KL autoencoder of the log-mel images, factor {2 ** (len(VAE_CONFIG.block_out_channels) - 1)}",
+              lambda: fit_autoencoder(images, configs["vae"], out_dir / "mel_vae", resume))
+    latents = models["vae"].encode_latents(images, generator=torch.Generator().manual_seed(seed)).detach()
+    timed_fit("latent", f"class-conditional U-Net on {tuple(latents.shape[1:])} latents",
+              lambda: fit_denoiser(LATENT_SPEC, (latents, labels), configs["latent"], out_dir / "latent_unet", resume))
+    timed_fit("waveform", "class-conditional DiffWave on the crops",
+              lambda: fit_denoiser(WAVE_SPEC, (crop_waves, crop_labels), configs["waveform"], out_dir / "waveform", resume))
+    return models, timings
+
+
 def run_audio_demo(out_dir="demo_audio_out", *, mel_steps: int | None = None, vocoder_steps: int | None = None,
-                   wave_steps: int | None = None, sampler: str = "ddim", sampling_steps: int = 20,
-                   vocoder_sampling_steps: int = 8, wave_sampling_steps: int = 10, guidance_scale: float = 2.0,
-                   samples_per_class: int = 5,
+                   wave_steps: int | None = None, vae_steps: int | None = None, latent_steps: int | None = None,
+                   sampler: str = "ddim", sampling_steps: int = 20, vocoder_sampling_steps: int = 8,
+                   wave_sampling_steps: int = 10, guidance_scale: float = 1.0, samples_per_class: int = 5,
                    griffin_lim_iters: int = 32, per_class: int = 120, seed: int = 0, resume: bool = False,
                    progress: bool = True) -> dict:
-    """Train the three routes, sample ``samples_per_class`` clips of every class by each, judge
+    """Train the four routes, sample ``samples_per_class`` clips of every class by each, judge
     them; writes ``out_dir/wav/<route>_<class>.wav``, ``out_dir/spectrograms.png`` and
     ``out_dir/report.json``, prints one table; returns the report."""
     out_dir = Path(out_dir)
@@ -143,6 +209,7 @@ def run_audio_demo(out_dir="demo_audio_out", *, mel_steps: int | None = None, vo
     t_start, c_start = time.time(), time.process_time()
     configs = {name: cfg if steps is None else dataclasses.replace(cfg, steps=steps)
                for name, cfg, steps in (("mel", MEL_TRAIN, mel_steps), ("vocoder", VOCODER_TRAIN, vocoder_steps),
+                                        ("vae", VAE_TRAIN, vae_steps), ("latent", LATENT_TRAIN, latent_steps),
                                         ("waveform", WAVE_TRAIN, wave_steps))}
     configs = {k: dataclasses.replace(c, progress=progress) for k, c in configs.items()}
 
@@ -158,23 +225,12 @@ def run_audio_demo(out_dir="demo_audio_out", *, mel_steps: int | None = None, vo
     judge = AudioJudge.fit(clips, labels, front_end=FRONT_END)
     print(f"[2/6] judge: {judge.accuracy(held, held_labels):.1%} on held-out real clips ({judge.train_seconds:.0f} CPU s)")
 
-    # 3. The three models, each through the one training loop.
-    timings = {}
-    t0 = time.process_time()
-    print(f"[3/6] mel U-Net: class-conditional on {tuple(images.shape[1:])} log-mel images, {configs['mel'].steps} steps")
-    mel_model = fit_denoiser(MEL_SPEC, (images, labels), configs["mel"], out_dir / "mel_unet", resume)
-    timings["train_mel_cpu"] = time.process_time() - t0
-    t0 = time.process_time()
-    print(f"[3/6] vocoder: DiffWave on {len(crop_waves)} {CROP}-sample crops with their mels, {configs['vocoder'].steps} steps")
-    vocoder = fit_denoiser(VOCODER_SPEC, (crop_waves, None, {"mel": crop_mels}), configs["vocoder"], out_dir / "vocoder", resume)
-    timings["train_vocoder_cpu"] = time.process_time() - t0
-    t0 = time.process_time()
-    print(f"[3/6] waveform: class-conditional DiffWave on the crops, {configs['waveform'].steps} steps")
-    wave_model = fit_denoiser(WAVE_SPEC, (crop_waves, crop_labels), configs["waveform"], out_dir / "waveform", resume)
-    timings["train_waveform_cpu"] = time.process_time() - t0
+    # 3. The models, each through the one training loop.
+    models, timings = fit_models(configs, images, labels, (crop_waves, crop_mels, crop_labels), out_dir, resume, seed)
 
     # 4. Decoders on real mels: how much each loses before any generation.
-    reconstruction, probe = decoder_losses(vocoder, held, held_labels, griffin_lim_iters, vocoder_sampling_steps, seed)
+    reconstruction, probe = decoder_losses(models["vocoder"], models["vae"], held, held_labels, griffin_lim_iters,
+                                           vocoder_sampling_steps, seed)
     print(f"[4/6] decoders on {len(probe)} real held-out mels, log-mel distance to the real clip: "
           + ", ".join(f"{k} {v:.3f}" for k, v in reconstruction.items()))
 
@@ -183,7 +239,7 @@ def run_audio_demo(out_dir="demo_audio_out", *, mel_steps: int | None = None, vo
     opts = SampleOptions(sampler=sampler, steps=sampling_steps, guidance_scale=guidance_scale, seed=seed,
                          progress=progress, batch_size=100)
     seconds_of_audio = len(asked) * LENGTH / SAMPLE_RATE
-    routes, cpu, mels = sample_routes(mel_model, vocoder, wave_model, asked, opts, griffin_lim_iters, vocoder_sampling_steps,
+    routes, cpu, mels = sample_routes(models, asked, opts, griffin_lim_iters, vocoder_sampling_steps,
                                       wave_sampling_steps, seed)
     print(f"[5/6] sampled {len(asked)} clips per route ({samples_per_class} per class): {sampler}, {sampling_steps} steps, "
           f"guidance {guidance_scale}; vocoder {vocoder_sampling_steps} steps, waveform {wave_sampling_steps} steps")
@@ -192,21 +248,24 @@ def run_audio_demo(out_dir="demo_audio_out", *, mel_steps: int | None = None, vo
     report = {"judge_real_accuracy": judge.accuracy(held, held_labels), "judge_train_cpu_seconds": judge.train_seconds,
               "reconstruction_mel_distance": reconstruction, "routes": {}, "samples_per_class": samples_per_class,
               "sampler": sampler, "sampling_steps": sampling_steps, "vocoder_sampling_steps": vocoder_sampling_steps,
-              "wave_sampling_steps": wave_sampling_steps,
+              "wave_sampling_steps": wave_sampling_steps, "griffin_lim_iters": griffin_lim_iters,
               "guidance_scale": guidance_scale, "train_steps": {k: c.steps for k, c in configs.items()},
               "sample_rate": SAMPLE_RATE, "clip_seconds": LENGTH / SAMPLE_RATE,
               **{k: round(v, 1) for k, v in timings.items()}}
+    trained_by = {"mel + Griffin-Lim": ("mel",), "mel + vocoder": ("mel", "vocoder"), "latent + Griffin-Lim": ("vae", "latent"),
+                  "waveform": ("waveform",)}
     for name, generated in routes.items():
         r = judge_report(judge, generated, asked, held, held_labels, seed=seed, real_reference=clips)
         r["per_class_accuracy"] = judge.per_class_accuracy(generated, asked)
         r["cpu_seconds_per_audio_second"] = cpu[name] / seconds_of_audio
+        r["train_cpu_seconds"] = round(sum(timings[f"train_{m}_cpu"] for m in trained_by[name]), 1)
         report["routes"][name] = r
     wav_dir, path = write_outputs(out_dir, routes, mels, held, held_labels, samples_per_class)
     report.update(total_seconds=round(time.time() - t_start, 1), cpu_seconds=round(time.process_time() - c_start, 1),
-                  spectrograms=str(path), wav_dir=str(wav_dir))
+                  torch_threads=torch.get_num_threads(), spectrograms=str(path), wav_dir=str(wav_dir))
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-    print(f"[6/6] the judge's reading (spectrograms in {path}: rows real, generated mel, then each route's "
-          f"clip re-analysed; WAVs in {wav_dir}):")
+    print(f"[6/6] the judge's reading (spectrograms in {path}: rows real, the U-Net's and the latent route's mels, "
+          f"then each route's clip re-analysed; WAVs in {wav_dir}):")
     print(format_audio_report(report))
     return report
 
@@ -216,13 +275,16 @@ def format_audio_report(r: dict) -> str:
     lines = [f"  judge accuracy on real held-out clips: {r['judge_real_accuracy']:.1%}",
              "  decoders on real mels (log-mel distance to the real clip): "
              + ", ".join(f"{k} {v:.3f}" for k, v in r["reconstruction_mel_distance"].items()),
-             f"  {'route':<20} {'class acc':>9} {'worst class':>11} {'Frechet':>9} {'real floor':>10} {'CPU s / audio s':>15}"]
+             f"  {'route':<22} {'class acc':>9} {'worst class':>11} {'Frechet':>9} {'real floor':>10} "
+             f"{'CPU s / audio s':>15} {'train CPU s':>11}"]
     for name, q in r["routes"].items():
-        lines.append(f"  {name:<20} {q['class_accuracy']:>9.1%} {min(q['per_class_accuracy']):>11.1%} {q['frechet']:>9.2f} "
-                     f"{q['frechet_real_reference']:>10.2f} {q['cpu_seconds_per_audio_second']:>15.2f}")
-    lines.append(f"  time: total {r['total_seconds']:.0f}s wall, {r['cpu_seconds']:.0f}s CPU (train CPU s: mel "
-                 f"{r['train_mel_cpu']:.0f}, vocoder {r['train_vocoder_cpu']:.0f}, waveform {r['train_waveform_cpu']:.0f})")
+        lines.append(f"  {name:<22} {q['class_accuracy']:>9.1%} {min(q['per_class_accuracy']):>11.1%} {q['frechet']:>9.2f} "
+                     f"{q['frechet_real_reference']:>10.2f} {q['cpu_seconds_per_audio_second']:>15.2f} "
+                     f"{q['train_cpu_seconds']:>11.0f}")
+    lines.append(f"  time: total {r['total_seconds']:.0f}s wall, {r['cpu_seconds']:.0f}s CPU with {r['torch_threads']} "
+                 f"torch thread(s) (judge {r['judge_train_cpu_seconds']:.0f} CPU s)")
     return "\n".join(lines)
 
 
-__all__ = ["run_audio_demo", "format_audio_report", "random_crops", "FRONT_END", "MEL_SPEC", "VOCODER_SPEC", "WAVE_SPEC"]
+__all__ = ["run_audio_demo", "format_audio_report", "random_crops", "fit_autoencoder", "fit_models", "FRONT_END", "MEL_SPEC",
+           "VOCODER_CONFIG", "VOCODER_SPEC", "WAVE_SPEC", "LATENT_SPEC", "VAE_CONFIG"]

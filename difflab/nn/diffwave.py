@@ -19,6 +19,10 @@ As a vocoder (``n_mels`` set) the mel spectrogram (B, n_mels, 1 + L // hop) of
 :func:`difflab.core.audio.mel_spectrogram` is upsampled to the waveform's rate by transposed 2-D
 convolutions over (mel bin, frame) whose time strides multiply to ``hop`` (each followed by leaky
 ReLU 0.4, as in DiffWave), then shifted by hop / 2 so frame k sits on its centre sample k * hop.
+With ``envelope_prior`` the network's data is the clip divided by the mel's amplitude envelope
+(:func:`difflab.core.audio.mel_envelope`): diffusion under PriorGrad's N(0, diag(envelope^2))
+prior (Lee et al. 2022) written in whitened coordinates; the network is the same, the
+pipelines (:func:`difflab.pipelines.audio.vocode`) divide and multiply.
 
 The config records ``sample_rate`` and the clip length trained on (``sample_length``); a clip
 shorter than the receptive field, or with more than one channel, is a ValueError naming the shape.
@@ -51,6 +55,8 @@ class DiffWaveConfig(JSONConfig):
     upsample_strides: tuple[int, ...] = (8, 8)  # the transposed convs' time strides; their product is hop
     sample_rate: int = 8000         # the rate the model was trained at (Hz)
     sample_length: int = 4032       # the clip length it was trained at (samples): one sample's shape
+    envelope_prior: bool = False    # a vocoder that diffuses the clip divided by its mel envelope (PriorGrad)
+    mel_floor: float = 1e-4         # the log-mel floor of the mel images it is conditioned on
 
     def __post_init__(self):
         object.__setattr__(self, "upsample_strides", tuple(self.upsample_strides))
@@ -64,6 +70,10 @@ class DiffWaveConfig(JSONConfig):
         bad += [] if all(count(s) for s in self.upsample_strides) else [f"upsample_strides={self.upsample_strides}"]
         if bad:
             raise ValueError(f"DiffWaveConfig sizes must be positive integers: {', '.join(bad)}")
+        if self.envelope_prior and self.n_mels is None:
+            raise ValueError("DiffWaveConfig.envelope_prior=True needs a vocoder (n_mels set)")
+        if not self.mel_floor > 0:
+            raise ValueError(f"DiffWaveConfig.mel_floor={self.mel_floor!r} must be positive")
         if self.n_mels is not None and math.prod(self.upsample_strides) != self.hop:
             raise ValueError(f"DiffWaveConfig.upsample_strides={self.upsample_strides} multiply to "
                              f"{math.prod(self.upsample_strides)}, not hop={self.hop}")

@@ -1,10 +1,12 @@
-"""Audio generation: class labels in, mono clips out, by three routes over one front end.
+"""Audio generation: class labels in, mono clips out, by four routes over one front end.
 
 - **waveform**: a class-conditional DiffWave (Kong et al. 2021) samples the clip directly
   (:func:`generate_waveform`);
 - **spectrogram**: a class-conditional U-Net samples the log-mel as a 1-channel image
   (:func:`generate_mel`, Riffusion-style), then a decoder makes it sound: Griffin-Lim
-  (:func:`griffin_lim_decode`) or a DiffWave vocoder conditioned on the mel (:func:`vocode`).
+  (:func:`griffin_lim_decode`) or a DiffWave vocoder conditioned on the mel (:func:`vocode`);
+- **latent**: the same, with the U-Net in the latent space of a small KL autoencoder of the mels
+  (:func:`generate_latent_mel`, AudioLDM-style).
 
 Every route draws sample i from its own generator seeded by (``seed``, i), so clip i is the same
 whatever the batch size.
@@ -15,7 +17,7 @@ import math
 
 import torch
 
-from ..core.audio import AudioFrontEnd, image_to_mel, mel_griffin_lim
+from ..core.audio import AudioFrontEnd, image_to_mel, mel_envelope, mel_griffin_lim
 from ..core.rng import sample_seed
 from ..nn.diffwave import DiffWaveConfig, check_sample_rate
 from .class_to_image import generate
@@ -55,6 +57,24 @@ def generate_mel(denoiser, labels=None, *, front_end: AudioFrontEnd, length: int
                     options=options, **overrides)
 
 
+@torch.no_grad()
+def generate_latent_mel(denoiser, vae, labels=None, *, front_end: AudioFrontEnd, length: int,
+                        num_samples: int | None = None, options: SampleOptions | None = None,
+                        **overrides) -> torch.Tensor:
+    """Log-mel images (N, 1, n_mels, 1 + length // hop) in [-1, 1] by latent diffusion
+    (AudioLDM-style, Liu et al. 2023): a (class-conditional) network samples the scaled latents
+    of a KL autoencoder of the mel images (:class:`difflab.nn.vae.AutoencoderKL`, factor f), the
+    autoencoder decodes them. n_mels and the frame count must be multiples of f."""
+    f, frames = vae.downsample_factor, front_end.frames(length)
+    if front_end.n_mels % f or frames % f:
+        raise ValueError(f"the mel image ({front_end.n_mels} x {frames}) must be a multiple of the autoencoder's "
+                         f"downsampling factor {f} in both dimensions")
+    shape = (vae.config.latent_channels, front_end.n_mels // f, frames // f)
+    latents = generate(denoiser, labels, num_samples=num_samples, shape=shape, options=options, clamp=False, **overrides)
+    dtype = next(vae.parameters()).dtype
+    return torch.cat([vae.decode_latents(z.to(dtype)) for z in latents.split(64)]).float().clamp(-1, 1)
+
+
 def griffin_lim_decode(images: torch.Tensor, front_end: AudioFrontEnd, length: int, *, iters: int = 64,
                        seed: int = 0, batch_size: int = 64) -> torch.Tensor:
     """Clips (N, 1, length) from log-mel images: mel -> linear magnitude -> fast Griffin-Lim, the
@@ -69,12 +89,28 @@ def griffin_lim_decode(images: torch.Tensor, front_end: AudioFrontEnd, length: i
     return torch.cat(out)[:, None].clamp(-1, 1)
 
 
+def vocoder_envelope(config: DiffWaveConfig, images: torch.Tensor, length: int) -> torch.Tensor:
+    """The amplitude envelope (N, 1, length) a vocoder with ``envelope_prior`` divides its clips
+    by, from the log-mel images (N, 1, n_mels, frames) it is conditioned on; ones without the prior."""
+    if not config.envelope_prior:
+        return torch.ones(len(images), 1, length, dtype=images.dtype, device=images.device)
+    mel = image_to_mel(images, AudioFrontEnd(n_mels=config.n_mels, floor=config.mel_floor))
+    return mel_envelope(mel, config.hop, length)[:, None]
+
+
+def vocoder_data(config: DiffWaveConfig, waves: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """What a vocoder trains on: clips (N, 1, L) over :func:`vocoder_envelope` of their log-mel
+    images (N, 1, n_mels, 1 + L // hop) (the clips themselves without ``envelope_prior``)."""
+    return waves / vocoder_envelope(config, images, waves.shape[-1])
+
+
 @torch.no_grad()
 def vocode(denoiser, images: torch.Tensor, *, sample_rate: int | None = None, options: SampleOptions | None = None,
            **overrides) -> torch.Tensor:
     """Clips (N, 1, sample_length) from log-mel images (N, 1, n_mels, frames) by a DiffWave
     vocoder (``config.n_mels`` set): its reverse process conditioned on ``mel=`` (Kong et al.
-    2021, Section 3.1); no guidance. ``sample_rate``, when given, must be the model's."""
+    2021, Section 3.1), times :func:`vocoder_envelope` (PriorGrad, when the config says so); no
+    guidance. ``sample_rate``, when given, must be the model's."""
     # 1. Check inputs.
     config = diffwave_config(denoiser)
     if config.n_mels is None:
@@ -94,11 +130,13 @@ def vocode(denoiser, images: torch.Tensor, *, sample_rate: int | None = None, op
     prior = float(denoiser.prior_std(sigmas[0].double()))
 
     def sample_batch(start, b, noise):
-        cond = {"mel": images[start:start + b, 0].to(device, torch.float32)}
-        return denoise(denoiser, noise() * prior, sigmas, opts, noise, cond).clamp(-1, 1)
+        chunk = images[start:start + b].to(device, torch.float32)
+        x = denoise(denoiser, noise() * prior, sigmas, opts, noise, {"mel": chunk[:, 0]})
+        return (x * vocoder_envelope(config, chunk, x.shape[-1])).clamp(-1, 1)
 
     return run_options(len(images), (config.in_channels, config.sample_length), sample_batch, opts, device=device,
                        desc=f"vocoding ({opts.sampler}, {opts.steps} steps)")
 
 
-__all__ = ["generate_waveform", "generate_mel", "griffin_lim_decode", "vocode", "diffwave_config"]
+__all__ = ["generate_waveform", "generate_mel", "generate_latent_mel", "griffin_lim_decode", "vocode", "diffwave_config",
+           "vocoder_envelope", "vocoder_data"]

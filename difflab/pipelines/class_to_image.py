@@ -26,7 +26,8 @@ def check_labels(denoiser, labels, num_samples: int | None) -> tuple[torch.Tenso
 
 @torch.no_grad()
 def generate(denoiser, labels=None, *, num_samples: int | None = None, shape: tuple[int, ...],
-             null_class: int | None = None, options: SampleOptions | None = None, **overrides) -> torch.Tensor:
+             null_class: int | None = None, options: SampleOptions | None = None, clamp: bool = True,
+             **overrides) -> torch.Tensor:
     """Generate images for class ``labels`` (a sequence of ints) or ``num_samples`` unconditional
     images, with classifier-free guidance towards the labels (Ho & Salimans 2022, eq. 6; the
     unconditional branch sees ``null_class``, default the model's ``num_classes``).
@@ -36,7 +37,7 @@ def generate(denoiser, labels=None, *, num_samples: int | None = None, shape: tu
     ``guidance_scale=``, ``seed=``, ``batch_size=``, ``device=``, ...), any other keyword goes to
     the sampler (``eta=``, ...). Sample i is drawn from its own generator seeded by (``seed``, i),
     so it is the same image whatever ``batch_size`` is. Returns (N, *shape) in the model's data
-    range, clamped to [-1, 1], on the CPU.
+    range, clamped to [-1, 1] (``clamp=False``: as sampled, e.g. latents), on the CPU.
     """
     # 1. Check inputs.
     opts = resolve(options, CLASS_DEFAULTS, overrides)
@@ -58,7 +59,8 @@ def generate(denoiser, labels=None, *, num_samples: int | None = None, shape: tu
         if labels is not None:
             cond = {"class_labels": labels[start:start + b].to(device)}
             uncond = {"class_labels": torch.full((b,), null_class, dtype=torch.long, device=device)}
-        return denoise(denoiser, x, sigmas, opts, noise, cond, uncond).clamp(-1, 1)
+        x = denoise(denoiser, x, sigmas, opts, noise, cond, uncond)
+        return x.clamp(-1, 1) if clamp else x
 
     # 7. Return in the data range.
     return run_options(n, shape, sample_batch, opts, device=device,
