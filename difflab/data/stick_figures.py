@@ -106,7 +106,7 @@ def action_angles(params: MotionParams, frames: int) -> tuple[dict[str, torch.Te
     None where it is simply the lower foot."""
     t = torch.arange(frames, dtype=torch.float32) / FPS
     a, k = params.amplitude, params.action
-    freq = {0: 0.9, 1: 1.4, 2: 1.0, 3: 1.8, 4: 0.65, 5: 0.8, 6: 1.0, 7: 1.2}[k] * params.speed
+    freq = {0: 0.9, 1: 1.4, 2: 1.0, 3: 1.8, 4: 0.8, 5: 1.0, 6: 1.0, 7: 1.2}[k] * params.speed
     ph = 2 * math.pi * freq * t + params.phase
     s, c = torch.sin(ph), torch.cos(ph)
     zero = torch.zeros(frames)
@@ -141,10 +141,10 @@ def action_angles(params: MotionParams, frames: int) -> tuple[dict[str, torch.Te
         d = a * 0.5 * (1 - c)
         g.update(l_knee=1.7 * d + 0.05, r_knee=1.7 * d + 0.05, l_hip=1.0 * d, r_hip=1.0 * d, lean=0.45 * d + 0.04,
                  l_arm=1.3 * d, r_arm=1.3 * d, l_fore=1.4 * d, r_fore=1.4 * d)
-    elif k == 5:                                # kick: one leg swings high in front, arms out
-        leg, other = ("r", "l") if params.side > 0 else ("l", "r")
-        b = torch.relu(s) ** 2
-        stance = torch.full((frames,), 1 if leg == "l" else 0)
+    elif k == 5:                                # kick: the right leg swings high in front, arms out
+        leg, other = "r", "l"
+        b = torch.relu(s) ** 1.5
+        stance = torch.zeros(frames, dtype=torch.long)
         g.update({f"{leg}_hip": a * 1.35 * b - 0.15 * torch.relu(-s), f"{leg}_knee": 0.9 * torch.relu(c) * torch.relu(s) + 0.05,
                   f"{other}_knee": zero + 0.12, "lean": -0.25 * b + 0.04, "l_arm_out": zero + 0.5, "r_arm_out": zero + 0.5})
     elif k == 7:                                # punch: alternating straight punches from a guard
