@@ -36,7 +36,7 @@ SHAPE = (FRAMES, len(JOINTS), 3)
 MDM_SPEC = make_spec("mdm", MDMConfig(frames=FRAMES, joints=len(JOINTS), num_classes=len(ACTIONS), d_model=128, depth=4,
                                       heads=4, ff_mult=2, dropout=0.1),
                      {"frame": "vp_discrete", "schedule": "cosine", "T": 1000, "prediction": "x0"})
-MDM_TRAIN = TrainConfig(steps=2000, batch_size=64, lr=4e-4, lr_schedule="cosine", warmup_steps=100, ema_decay=0.999,
+MDM_TRAIN = TrainConfig(steps=2500, batch_size=64, lr=4e-4, lr_schedule="cosine", warmup_steps=100, ema_decay=0.999,
                         checkpoint_every=500, log_every=250, seed=0)
 N_TRAIN, N_HELDOUT = 250, 50           # clips per action
 KEY_FRAMES = (0, FRAMES // 2, FRAMES - 1)
