@@ -8,15 +8,37 @@ import pytest
 import torch
 
 from difflab.core import sample_seed
-from difflab.data.stick_figures import (ACTIONS, FEET, FRAMES, JOINTS, UPPER_BODY, MotionNormalizer, bone_lengths,
-                                        facing_angle, foot_contacts, make_motions, motion_split)
+from difflab.data.stick_figures import (
+    ACTIONS,
+    FEET,
+    FRAMES,
+    JOINTS,
+    UPPER_BODY,
+    MotionNormalizer,
+    bone_lengths,
+    facing_angle,
+    foot_contacts,
+    make_motions,
+    motion_split,
+)
 from difflab.demos.motion import run_motion_demo
-from difflab.eval.motion_judge import (MotionJudge, MotionJudgeConfig, bone_length_drift, diversity, foot_skate_ratio,
-                                       multimodality)
+from difflab.eval.motion_judge import (
+    MotionJudge,
+    MotionJudgeConfig,
+    bone_length_drift,
+    diversity,
+    foot_skate_ratio,
+    multimodality,
+)
 from difflab.io.spec import build_denoiser, load_denoiser, make_spec, sample_shape
 from difflab.io.stick_gif import stick_frames
 from difflab.nn.mdm import MDMConfig
-from difflab.pipelines.motion import edit_motions, joint_mask, keyframe_mask, sample_motions
+from difflab.pipelines.motion import (
+    edit_motions,
+    joint_mask,
+    keyframe_mask,
+    sample_motions,
+)
 from difflab.train import TrainConfig, fit
 from difflab.train.objectives.motion import MotionObjective, geometric_losses
 
@@ -61,7 +83,7 @@ def test_mdm_is_a_network_kind_that_trains_saves_and_loads(tmp_path, clips):
     cfg = TrainConfig(steps=6, batch_size=8, lr=1e-3, ema_decay=0.9, log_every=3, checkpoint_every=0, progress=False)
     state = fit(obj, data, cfg, tmp_path / "run", spec=TINY)
     assert {"simple", "pos", "vel", "foot"} <= set(state.history[-1])
-    loaded, meta = load_denoiser(tmp_path / "run", weights="model")
+    loaded, _ = load_denoiser(tmp_path / "run", weights="model")
     x, sigma, labels = torch.randn(2, *SHAPE), torch.tensor([0.5, 3.0]), torch.tensor([1, len(ACTIONS)])
     den.eval()
     with torch.no_grad():

@@ -110,8 +110,8 @@ def action_angles(params: MotionParams, frames: int) -> tuple[dict[str, torch.Te
     ph = 2 * math.pi * freq * t + params.phase
     s, c = torch.sin(ph), torch.cos(ph)
     zero = torch.zeros(frames)
-    g = dict(lean=zero + 0.04, l_arm=zero, r_arm=zero, l_fore=zero + 0.15, r_fore=zero + 0.15,
-             l_arm_out=zero + 0.12, r_arm_out=zero + 0.12, l_hip=zero, r_hip=zero, l_knee=zero + 0.05, r_knee=zero + 0.05)
+    g = {"lean": zero + 0.04, "l_arm": zero, "r_arm": zero, "l_fore": zero + 0.15, "r_fore": zero + 0.15,
+         "l_arm_out": zero + 0.12, "r_arm_out": zero + 0.12, "l_hip": zero, "r_hip": zero, "l_knee": zero + 0.05, "r_knee": zero + 0.05}
     yaw, lift, stance = zero.clone(), zero.clone(), None
     if k in (0, 1, 6):                          # walk, run, turn: alternating legs, opposite arms
         hip, knee, arm = {0: (0.42, 0.7, 0.4), 1: (0.6, 1.4, 0.7), 6: (0.2, 0.6, 0.15)}[k]
@@ -272,7 +272,7 @@ class MotionNormalizer:
         self.mean, self.std = mean.float(), std.float()
 
     @classmethod
-    def fit(cls, motions: torch.Tensor, min_std: float = 0.05) -> "MotionNormalizer":
+    def fit(cls, motions: torch.Tensor, min_std: float = 0.05) -> MotionNormalizer:
         check_motions(motions)
         flat = motions.reshape(-1, *motions.shape[2:])
         return cls(flat.mean(0), flat.std(0).clamp(min=min_std))
@@ -287,7 +287,7 @@ class MotionNormalizer:
         return {"mean": self.mean.tolist(), "std": self.std.tolist()}
 
 
-__all__ = ["JOINTS", "PARENTS", "BONE_LENGTHS", "FEET", "UPPER_BODY", "LOWER_BODY", "ACTIONS", "FPS", "FRAMES", "MotionParams",
-           "MotionSet", "draw_params", "body_pose", "action_angles", "make_motion", "make_motions", "motion_split",
-           "canonicalize", "facing_angle", "rotate_y", "check_motions", "bone_lengths", "foot_velocities", "foot_contacts",
-           "MotionNormalizer", "limb_direction"]
+__all__ = ["ACTIONS", "BONE_LENGTHS", "FEET", "FPS", "FRAMES", "JOINTS", "LOWER_BODY", "PARENTS", "UPPER_BODY",
+           "MotionNormalizer", "MotionParams", "MotionSet", "action_angles", "body_pose", "bone_lengths",
+           "canonicalize", "check_motions", "draw_params", "facing_angle", "foot_contacts", "foot_velocities",
+           "limb_direction", "make_motion", "make_motions", "motion_split", "rotate_y"]

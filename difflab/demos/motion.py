@@ -23,8 +23,20 @@ from pathlib import Path
 import torch
 
 from ..core import sample_seed
-from ..data.stick_figures import ACTIONS, FRAMES, JOINTS, UPPER_BODY, MotionNormalizer, motion_split
-from ..eval.motion_judge import MotionJudge, bone_length_drift, foot_skate_ratio, motion_metrics
+from ..data.stick_figures import (
+    ACTIONS,
+    FRAMES,
+    JOINTS,
+    UPPER_BODY,
+    MotionNormalizer,
+    motion_split,
+)
+from ..eval.motion_judge import (
+    MotionJudge,
+    bone_length_drift,
+    foot_skate_ratio,
+    motion_metrics,
+)
 from ..io.spec import build_denoiser, make_spec
 from ..io.stick_gif import save_stick_gif
 from ..nn.mdm import MDMConfig, parameter_count
@@ -113,7 +125,7 @@ def run_motion_demo(out_dir="demo_motion_out", *, steps: int | None = None, samp
         real, inb, legs = edits
         both = torch.cat([real[:4], inb[:4]])
         report["gifs"].append(str(save_stick_gif(both, out_dir / "inbetween.gif", columns=4, size=112,
-                                                 titles=[f"real {ACTIONS[int(i)]}" for i in edits_labels(real, heldout)[:4]]
+                                                 titles=[f"real {ACTIONS[int(i)]}" for i in heldout.labels[edit_indices(heldout)][:4]]
                                                  + ["in-between"] * 4, marks=[KEY_FRAMES] * 8)))
         report["gifs"].append(str(save_stick_gif(torch.cat([real[:4], legs[:4]]), out_dir / "legs.gif", columns=4, size=112,
                                                  titles=["real"] * 4 + ["legs generated"] * 4)))
@@ -124,10 +136,6 @@ def run_motion_demo(out_dir="demo_motion_out", *, steps: int | None = None, samp
     print("[6/6] results:")
     print(format_motion_report(report))
     return report
-
-
-def edits_labels(real: torch.Tensor, heldout) -> torch.Tensor:
-    return heldout.labels[edit_indices(heldout)]
 
 
 def edit_indices(heldout) -> torch.Tensor:
@@ -191,4 +199,4 @@ def format_motion_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["run_motion_demo", "format_motion_report", "MDM_SPEC", "MDM_TRAIN", "KEY_FRAMES", "run_editing"]
+__all__ = ["KEY_FRAMES", "MDM_SPEC", "MDM_TRAIN", "format_motion_report", "run_editing", "run_motion_demo"]

@@ -101,7 +101,7 @@ class MotionJudge(nn.Module):
 
     @classmethod
     def fit(cls, motions: torch.Tensor, labels, config: MotionJudgeConfig = MotionJudgeConfig(),
-            progress: bool = False) -> "MotionJudge":
+            progress: bool = False) -> MotionJudge:
         """Cross-entropy on real clips with Gaussian jitter (:class:`difflab.train.Classification`
         through :func:`difflab.train.fit`), AdamW, one-cycle."""
         judge = cls(config)
@@ -111,7 +111,7 @@ class MotionJudge(nn.Module):
                          warmup_steps=round(0.3 * steps), weight_decay=1e-4, grad_clip=None, ema_decay=None,
                          log_every=0, seed=config.seed, progress=progress)
         start = time.process_time()
-        jitter = lambda xb, g: xb + config.jitter * torch.randn(xb.shape, generator=g)  # noqa: E731
+        jitter = lambda xb, g: xb + config.jitter * torch.randn(xb.shape, generator=g)
         fit(Classification(judge, augment=jitter), {"x": x, "y": torch.as_tensor(labels)}, tc)
         judge.train_seconds = time.process_time() - start
         return judge.eval()
@@ -183,5 +183,5 @@ def motion_metrics(judge: MotionJudge, motions: torch.Tensor, labels, reference:
             "foot_skate": foot_skate_ratio(motions)}
 
 
-__all__ = ["MotionJudge", "MotionJudgeConfig", "motion_inputs", "frechet", "diversity", "multimodality",
-           "bone_length_drift", "foot_skate_ratio", "motion_metrics"]
+__all__ = ["MotionJudge", "MotionJudgeConfig", "bone_length_drift", "diversity", "foot_skate_ratio", "frechet",
+           "motion_inputs", "motion_metrics", "multimodality"]

@@ -3,8 +3,8 @@ animated GIF (Pillow), a grid of figures seen from a three-quarter view, with th
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from PIL import Image, ImageDraw
@@ -52,8 +52,8 @@ def stick_frames(motions: torch.Tensor, *, titles: Sequence[str] = (), columns: 
             ox, oy = (i % columns) * size, (i // columns) * (size + top)
             ground = oy + top + size * 0.85
 
-            def px(q):
-                return ox + size / 2 + (float(q[0]) - float(centre[i, f, 0])) * scale, ground - float(q[1]) * scale
+            def px(q, ox=ox, cx=float(centre[i, f, 0]), ground=ground):
+                return ox + size / 2 + (float(q[0]) - cx) * scale, ground - float(q[1]) * scale
 
             d.line([ox + 4, ground, ox + size - 4, ground], fill=(190, 190, 190))
             first = math.ceil((float(centre[i, f, 0]) - view_metres / 2) / 0.5)
@@ -85,4 +85,4 @@ def save_stick_gif(motions: torch.Tensor, path, *, titles: Sequence[str] = (), c
     return path
 
 
-__all__ = ["stick_frames", "save_stick_gif", "project"]
+__all__ = ["project", "save_stick_gif", "stick_frames"]

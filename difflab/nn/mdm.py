@@ -104,4 +104,4 @@ def parameter_count(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-__all__ = ["MDM", "MDMConfig", "motion_shape", "frame_positions", "parameter_count"]
+__all__ = ["MDM", "MDMConfig", "frame_positions", "motion_shape", "parameter_count"]

@@ -16,7 +16,7 @@ metres with :class:`difflab.data.stick_figures.MotionNormalizer`.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -111,4 +111,4 @@ def joint_mask(shape: tuple[int, int, int], given_joints: Sequence[int]) -> torc
     return mask
 
 
-__all__ = ["sample_motions", "edit_motions", "keyframe_mask", "joint_mask", "guided", "check_steps"]
+__all__ = ["check_steps", "edit_motions", "guided", "joint_mask", "keyframe_mask", "sample_motions"]
