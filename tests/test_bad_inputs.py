@@ -54,6 +54,10 @@ from difflab.nn.unet_sd import UNetSD, UNetSDConfig
 from difflab.perf.fp8 import swap_fp8_training
 from difflab.pipelines import SampleOptions, generate, text_to_image
 from difflab.pipelines.policy import sample_action_chunks
+from difflab.data.stick_figures import make_motions
+from difflab.eval.motion_judge import bone_length_drift
+from difflab.nn.mdm import MDMConfig
+from difflab.pipelines.motion import edit_motions, joint_mask, keyframe_mask, sample_motions
 from difflab.pipelines.sd3 import sd3_sigmas
 from difflab.samplers import get_sampler
 from difflab.samplers.euler import sample_euler
@@ -367,6 +371,13 @@ CLI_CASES = [
     ("studio-gallery-is-a-file", ["studio", "--models", "{root}/empty", "--gallery", "{root}/existing_file"], 2, "--gallery"),
     ("studio-device-unknown", ["studio", "--models", "{root}/empty", "--device", "tpu"], 2, "--device"),
     ("studio-models-flag-missing", ["studio"], 2, "--models"),
+    ("demo-motion-and-text", ["demo", "--motion", "--text", "--out-dir", "{root}/demo"], 2, "not both"),
+    ("demo-motion-and-policy", ["demo", "--motion", "--policy", "--out-dir", "{root}/demo"], 2, "not both"),
+    ("demo-motion-steps-0", ["demo", "--motion", "--steps", "0", "--out-dir", "{root}/demo"], 2, "--steps"),
+    ("demo-motion-aug-sigma", ["demo", "--motion", "--aug-sigma", "0.2", "--out-dir", "{root}/demo"], 2, "needs --cascade"),
+    ("demo-motion-video-network", ["demo", "--motion", "--video-network", "space_time_unet", "--out-dir", "{root}/demo"], 2,
+     "needs --video"),
+    ("demo-motion-guidance-inf", ["demo", "--motion", "--guidance", "inf", "--out-dir", "{root}/demo"], 2, "--guidance"),
 ]
 
 
@@ -636,6 +647,21 @@ API_CASES = [
     ("studio-upload-not-an-image", lambda r: decode_image("aGVsbG8=", "image", 2**20), ValueError, "not an image"),
     ("studio-upload-over-the-limit", lambda r: decode_image("A" * 4000, "image", 1000), ValueError, "too large"),
     ("studio-png-without-parameters", lambda r: parse_parameters("just a prompt"), ValueError, "no generation parameters"),
+    # motion diffusion (issue 20): stick figures, MDM, the motion pipeline and judge
+    ("stick-figures-none", lambda r: make_motions(0), ValueError, "n_per_action"),
+    ("mdm-config-heads", lambda r: MDMConfig(d_model=30, heads=4), ValueError, "heads=4"),
+    ("mdm-too-many-frames", lambda r: _mdm().net(torch.zeros(1, 40, 17, 3), torch.zeros(1)), ValueError, "frames <= 32"),
+    ("mdm-label-out-of-range", lambda r: _mdm().net(torch.zeros(1, 32, 17, 3), torch.zeros(1), class_labels=torch.tensor([9])),
+     ValueError, "class_labels"),
+    ("motion-key-frame-out-of-range", lambda r: keyframe_mask((32, 17, 3), [40]), ValueError, "key_frames"),
+    ("motion-joint-out-of-range", lambda r: joint_mask((32, 17, 3), [17]), ValueError, "given_joints"),
+    ("motion-sample-unknown-action", lambda r: sample_motions(_mdm(), torch.tensor([8]), [0], shape=(32, 17, 3)),
+     ValueError, "labels"),
+    ("motion-sample-steps-0", lambda r: sample_motions(_mdm(), torch.tensor([1]), [0], shape=(32, 17, 3), steps=0),
+     ValueError, "steps"),
+    ("motion-edit-mask-shape", lambda r: edit_motions(_mdm(), torch.zeros(1, 32, 17, 3), torch.ones(1, 16, 17, 3), [0], [0]),
+     ValueError, "mask"),
+    ("motion-metrics-not-motions", lambda r: bone_length_drift(torch.zeros(2, 32, 3)), ValueError, "motions"),
 ]
 
 
@@ -656,3 +682,8 @@ def test_the_catalogue_is_large_enough():
     assert len(CLI_CASES) + len(API_CASES) + len(SIGNAL_CASES) >= 100
     ids = [c[0] for c in CLI_CASES + API_CASES + SIGNAL_CASES]
     assert len(set(ids)) == len(ids)
+
+
+def _mdm():
+    return build_denoiser(make_spec("mdm", MDMConfig(d_model=8, heads=2, depth=1),
+                                    {"frame": "vp_discrete", "schedule": "cosine", "T": 100, "prediction": "x0"}), seed=0).eval()

@@ -14,6 +14,7 @@ from typing import Callable
 from ..demos.audio import run_audio_demo
 from ..demos.cascade import run_cascade_demo
 from ..demos.digits import run_demo
+from ..demos.motion import run_motion_demo
 from ..demos.policy import run_policy_demo
 from ..demos.text import run_text_demo
 from ..demos.video import NETWORKS as VIDEO_NETWORKS
@@ -100,6 +101,12 @@ def _video_run(args, out):
                    seed=args.seed, resume=args.resume)
 
 
+def _motion_run(args, out):
+    run_motion_demo(out, steps=args.steps, sampler=args.sampler, sampling_steps=args.sampling_steps or 50,
+                    guidance_scale=_guidance(args, 2.5), samples_per_class=args.samples_per_class or 25, seed=args.seed,
+                    resume=args.resume)
+
+
 # name -> mode; ``difflab demo --NAME`` runs it (the flag's dest is ``mode_NAME``)
 MODES: dict[str, DemoMode] = {
     "text": DemoMode("the latent text-to-image demo instead: a small VAE and a text-conditional U-Net on captioned "
@@ -118,6 +125,10 @@ MODES: dict[str, DemoMode] = {
     "video": DemoMode("the video demo instead: a class- and direction-conditional video network on moving digits "
                       "(24x24, 8 frames), judged per frame, by its motion and by a clip Frechet distance",
                       "demo_video_out", _video_run, _video_options, ("video_network", "image_fraction")),
+    "motion": DemoMode("the motion demo instead: MDM (a transformer over frames, geometric losses, classifier-free guidance "
+                       "on the action; --guidance default 2.5) on embedded stick-figure motions of eight actions, judged by "
+                       "an action classifier (FID, diversity, multimodality, bone drift, foot skate), with in-betweening "
+                       "and leg generation by inpainting; writes GIFs", "demo_motion_out", _motion_run),
 }
 
 

@@ -51,6 +51,7 @@ from ..nn.sr import SRUNet, SRUNetConfig
 from ..nn.unet import UNet, UNetConfig
 from ..nn.unet_sd import PRESETS as UNET_SD_PRESETS
 from ..nn.temporal_unet import TemporalUNet, TemporalUNetConfig, sequence_shape
+from ..nn.mdm import MDM, MDMConfig, motion_shape
 from ..nn.unet_sd import UNetSD, UNetSDConfig
 from ..nn.vae import AutoencoderKL, VAEConfig
 from ..nn.video_unet import PRESETS as VIDEO_UNET_PRESETS
@@ -120,6 +121,7 @@ NETWORKS: dict[str, NetworkKind] = {
     "temporal_unet": NetworkKind(TemporalUNet, TemporalUNetConfig, "sequence", sequence_shape),  # action chunks / trajectories: obs=
     "diffwave": NetworkKind(DiffWave, DiffWaveConfig, "audio", audio_shape),  # waveforms (B, 1, L); mel= as a vocoder
     "video_unet": NetworkKind(VideoUNet, VideoUNetConfig, "video", video_shape, VIDEO_UNET_PRESETS),  # (B, C, F, H, W) clips
+    "mdm": NetworkKind(MDM, MDMConfig, "motion", motion_shape),  # (B, frames, joints, 3) motions: MDM's transformer, class_labels=
 }
 
 

@@ -5,6 +5,7 @@ from .consistency import ConsistencyDistillation, ConsistencyTraining
 from .diffusion import DiffusionObjective, draw_diffusion
 from .dreambooth import SubjectObjective
 from .guided import GuidedDistillation, guided_progressive_distillation, guided_student
+from .motion import MotionObjective, geometric_losses
 from .lcm import LatentConsistencyDistillation, apply_lcm_lora, lcm_lora_student, lcm_student, save_lcm_lora
 from .progressive import DistilledRound, ProgressiveDistillation, progressive_distillation
 from .regression import Regression
@@ -15,4 +16,4 @@ __all__ = ["DiffusionObjective", "draw_diffusion", "SubjectObjective", "NoisyCla
            "Classification", "random_shift", "Regression", "VAEObjective", "ProgressiveDistillation", "progressive_distillation",
            "DistilledRound", "GuidedDistillation", "guided_progressive_distillation", "guided_student", "Reflow", "reflow_pairs",
            "straightness", "ConsistencyDistillation", "ConsistencyTraining", "LatentConsistencyDistillation", "lcm_student",
-           "lcm_lora_student", "save_lcm_lora", "apply_lcm_lora"]
+           "lcm_lora_student", "save_lcm_lora", "apply_lcm_lora", "MotionObjective", "geometric_losses"]
