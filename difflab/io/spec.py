@@ -50,6 +50,7 @@ from ..nn.unet import PRESETS as UNET_PRESETS
 from ..nn.sr import SRUNet, SRUNetConfig
 from ..nn.unet import UNet, UNetConfig
 from ..nn.unet_sd import PRESETS as UNET_SD_PRESETS
+from ..nn.point_transformer import PointTransformer, PointTransformerConfig, points_shape
 from ..nn.temporal_unet import TemporalUNet, TemporalUNetConfig, sequence_shape
 from ..nn.unet_sd import UNetSD, UNetSDConfig
 from ..nn.vae import AutoencoderKL, VAEConfig
@@ -120,6 +121,7 @@ NETWORKS: dict[str, NetworkKind] = {
     "temporal_unet": NetworkKind(TemporalUNet, TemporalUNetConfig, "sequence", sequence_shape),  # action chunks / trajectories: obs=
     "diffwave": NetworkKind(DiffWave, DiffWaveConfig, "audio", audio_shape),  # waveforms (B, 1, L); mel= as a vocoder
     "video_unet": NetworkKind(VideoUNet, VideoUNetConfig, "video", video_shape, VIDEO_UNET_PRESETS),  # (B, C, F, H, W) clips
+    "point_transformer": NetworkKind(PointTransformer, PointTransformerConfig, "points", points_shape),  # point clouds (B, N, 3)
 }
 
 
