@@ -54,6 +54,13 @@ from difflab.nn.unet_sd import UNetSD, UNetSDConfig
 from difflab.perf.fp8 import swap_fp8_training
 from difflab.pipelines import SampleOptions, generate, text_to_image
 from difflab.pipelines.policy import sample_action_chunks
+from difflab.data.shapes3d import load_shapes3d, make_shape
+from difflab.eval.point_metrics import emd, pairwise, shape_set_metrics
+from difflab.io.ply import read_ply, write_ply
+from difflab.nn.point_transformer import PointTransformer, PointTransformerConfig
+from difflab.nn.voxels import VoxelGrid, orbit_rays
+from difflab.pipelines.points import generate_points
+from difflab.pipelines.score_distillation import SDSConfig, distill_views
 from difflab.pipelines.sd3 import sd3_sigmas
 from difflab.samplers import get_sampler
 from difflab.samplers.euler import sample_euler
@@ -302,6 +309,17 @@ CLI_CASES = [
     ("demo-video-image-fraction-negative", ["demo", "--video", "--image-fraction", "-0.1", "--out-dir", "{root}/demo"], 2,
      "--image-fraction"),
     ("demo-video-steps-0", ["demo", "--video", "--steps", "0", "--out-dir", "{root}/demo"], 2, "--steps"),
+    # 3-D (issue 21)
+    ("demo-3d-and-video", ["demo", "--3d", "--video", "--out-dir", "{root}/demo"], 2, "not both"),
+    ("demo-3d-resume", ["demo", "--3d", "--resume", "--out-dir", "{root}/demo"], 2, "--resume"),
+    ("demo-3d-skip-both", ["demo", "--3d", "--skip-points", "--skip-sds", "--out-dir", "{root}/demo"], 2, "nothing to run"),
+    ("demo-3d-prior-missing", ["demo", "--3d", "--prior", "{root}/nope", "--out-dir", "{root}/demo"], 2, "--prior"),
+    ("demo-3d-samples-per-class-1", ["demo", "--3d", "--samples-per-class", "1", "--out-dir", "{root}/demo"], 2,
+     "--samples-per-class"),
+    ("demo-3d-num-points-0", ["demo", "--3d", "--num-points", "0", "--out-dir", "{root}/demo"], 2, "--num-points"),
+    ("demo-3d-sds-steps-0", ["demo", "--3d", "--sds-steps", "0", "--out-dir", "{root}/demo"], 2, "--sds-steps"),
+    ("demo-vsd-without-3d", ["demo", "--vsd", "--out-dir", "{root}/demo"], 2, "needs --3d"),
+    ("demo-prior-without-3d", ["demo", "--prior", "{root}/run", "--out-dir", "{root}/demo"], 2, "needs --3d"),
     # dreambooth
     ("dreambooth-base-missing", [*DB[:1], "--base", "{root}/nope", *DB[3:]], 2, "--base"),
     ("dreambooth-base-not-text-model", DB, 2, "text"),
@@ -614,6 +632,25 @@ API_CASES = [
      ValueError, "steps"),
     ("policy-chunks-seeds-mismatch", lambda r: sample_action_chunks(_zero, torch.zeros(2, 2, 4), [0], shape=(16, 2)),
      ValueError, "one row per seed"),
+    # 3-D (issue 21): shapes, the point transformer, point metrics, PLY, the renderer, score distillation
+    ("shapes3d-split", lambda r: load_shapes3d("val"), ValueError, "split"),
+    ("shapes3d-label", lambda r: make_shape(10, 8, 0), ValueError, "label"),
+    ("shapes3d-num-points-0", lambda r: load_shapes3d(num_points=0), ValueError, "num_points"),
+    ("point-transformer-heads", lambda r: PointTransformerConfig(width=30, num_heads=4), ValueError, "num_heads"),
+    ("point-transformer-image-input", lambda r: PointTransformer(PointTransformerConfig(width=8, depth=1, num_heads=2))(
+        torch.zeros(1, 1, 8, 8), torch.zeros(1)), ValueError, "(B, N, 3)"),
+    ("point-metrics-not-clouds", lambda r: shape_set_metrics(torch.zeros(4, 3), torch.zeros(4, 3)), ValueError, "(B, N, 3)"),
+    ("point-metrics-one-cloud", lambda r: shape_set_metrics(torch.zeros(1, 4, 3), torch.zeros(3, 4, 3)), ValueError, "at least 2"),
+    ("point-metrics-distance", lambda r: pairwise(torch.zeros(2, 4, 3), torch.zeros(2, 4, 3), "hausdorff"), ValueError, "chamfer"),
+    ("emd-sizes-differ", lambda r: emd(torch.zeros(4, 3), torch.zeros(5, 3)), ValueError, "same size"),
+    ("ply-not-points", lambda r: write_ply(r / "x.ply", torch.zeros(3, 4)), ValueError, "(N, 3)"),
+    ("ply-not-a-ply", lambda r: read_ply(r / "notes.txt"), ValueError, "not a PLY"),
+    ("voxel-resolution-1", lambda r: VoxelGrid(1), ValueError, "resolution"),
+    ("orbit-rays-mismatch", lambda r: orbit_rays([0.0, 90.0], [0.0], 4), ValueError, "one angle per camera"),
+    ("sds-method", lambda r: SDSConfig(method="dds"), ValueError, "'sds' or 'vsd'"),
+    ("sds-t-range", lambda r: SDSConfig(t_min=0.5, t_max=0.4), ValueError, "t_min"),
+    ("sds-no-views", lambda r: distill_views(_zero, [], SDSConfig(steps=1)), ValueError, "views"),
+    ("points-num-points-0", lambda r: generate_points(_zero, [0], num_points=0), ValueError, "num_points"),
 ]
 
 
