@@ -142,7 +142,7 @@ def test_gaussian_baseline_and_ply_round_trip(tmp_path):
 def test_point_judge_is_order_invariant_and_learns():
     pts, labels = load_shapes3d("train", per_class=12, num_points=64, classes=[0, 1, 8])
     held, held_labels = load_shapes3d("test", per_class=8, num_points=64, classes=[0, 1, 8])
-    judge = PointJudge.fit(pts, labels, PointJudgeConfig(widths=(16, 32), feature_dim=16, epochs=40, batch_size=12))
+    judge = PointJudge.fit(pts, labels, PointJudgeConfig(widths=(32, 64), feature_dim=32, epochs=60, batch_size=12, lr=5e-3))
     assert torch.allclose(judge.logits(held), judge.logits(held[:, torch.randperm(64)]), atol=1e-5)
     assert judge.accuracy(held, held_labels) > 0.8                      # sphere, cube and ring, from 12 shapes each
 

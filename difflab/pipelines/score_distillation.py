@@ -110,7 +110,7 @@ def vsd_finetune_step(tuned, optimizer, x: torch.Tensor, labels: torch.Tensor, s
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def draw_views(views: list[View], step: int, n: int, jitter: float, generator: torch.Generator):
