@@ -66,9 +66,9 @@ def box_mesh(a: float, b: float, c: float) -> torch.Tensor:
 
 
 def prism_mesh(polygon: list, depth: float) -> torch.Tensor:
-    """A simple polygon of rectangles' union given as its rectangles ``[(x0, y0, x1, y1), ...]`` for the
-    faces and its outline (the corners in order, appended after ``"outline"``), extruded by ``depth``
-    along z: faces top and bottom plus one wall per outline edge."""
+    """A polygon in the xy-plane extruded by ``depth`` along z. ``polygon`` = (rects, outline): the
+    polygon as a union of rectangles ``(x0, y0, x1, y1)`` (its top and bottom faces) and its outline,
+    the corners in order (one wall per edge)."""
     rects, outline = polygon
     z = depth / 2
     quads = []

@@ -127,7 +127,9 @@ def distill_views(denoiser, views: list[View], config: SDSConfig = SDSConfig(), 
                   callback=None) -> tuple[VoxelGrid, list[dict]]:
     """Optimize a voxel grid so its renders from ``views`` read as their classes under the prior
     ``denoiser`` (a class-conditional image denoiser of ``config.size`` grey images in [-1, 1]).
-    Returns (grid, history of {step, t_max, grad_norm}); the grid is seeded by ``config.seed``."""
+    Returns (grid, history of {step, t_max, grad_norm}). The grid starts uniform; views, noise
+    levels and noise come from generators seeded by ``config.seed``, so a run is deterministic. The
+    prior is put in eval mode with its gradients off."""
     if not views:
         raise ValueError("views must hold at least one View(yaw, elevation, label)")
     num_classes = getattr(getattr(denoiser.net, "config", None), "num_classes", None)
@@ -135,7 +137,6 @@ def distill_views(denoiser, views: list[View], config: SDSConfig = SDSConfig(), 
     if bad:
         raise ValueError(f"view labels {bad} are not classes of the prior (0 .. {num_classes - 1})")
     # 1. The representation and the prior (guided, frozen; a tuned copy for VSD).
-    torch.manual_seed(config.seed)
     grid = VoxelGrid(config.resolution) if grid is None else grid
     denoiser.eval().requires_grad_(False)
     prior = guided_prior(denoiser, config.guidance_scale)
