@@ -58,7 +58,7 @@ def points_spec(num_points: int = NUM_POINTS) -> dict:
                      {"frame": "vp_discrete", "schedule": "cosine", "T": 1000, "prediction": "v"})
 
 
-POINTS_TRAIN = TrainConfig(steps=1400, batch_size=32, lr=1e-3, lr_schedule="cosine", warmup_steps=50, ema_decay=0.995,
+POINTS_TRAIN = TrainConfig(steps=1200, batch_size=32, lr=1e-3, lr_schedule="cosine", warmup_steps=50, ema_decay=0.995,
                            cfg_dropout=0.1, checkpoint_every=0, log_every=200, seed=0)
 PRIOR_TRAIN = dataclasses.replace(DEMO_TRAIN, steps=800, batch_size=64, checkpoint_every=0, log_every=200)
 PAIRS = ((3, 7), (1, 4), (0, 8), (2, 5))
@@ -213,7 +213,7 @@ def run_sds(out_dir: Path, *, prior, prior_steps, sds_steps, pairs, guidance_sca
 
 
 def run_shapes3d_demo(out_dir="demo_3d_out", *, steps: int | None = None, sampler: str = "ddim", sampling_steps: int = 30,
-                      guidance_scale: float = 1.0, samples_per_class: int = 20, num_points: int = NUM_POINTS, seed: int = 0,
+                      guidance_scale: float = 2.0, samples_per_class: int = 20, num_points: int = NUM_POINTS, seed: int = 0,
                       prior=None, prior_steps: int | None = None, sds_steps: int = 200, sds_guidance: float | None = None,
                       pairs=PAIRS, method: str = "sds", points: bool = True, sds: bool = True, progress: bool = True) -> dict:
     """Run the point-cloud part (``points``) and the score-distillation part (``sds``); write
