@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 from PIL import Image
+from safetensors.torch import save_file
 
 from difflab.adapters.controlnet import ControlledUNet, ControlNet, ControlNetConfig
 from difflab.adapters.lora import load_lora, load_lora_weights
@@ -33,39 +33,50 @@ from difflab.config import ConfigError
 from difflab.core import Denoiser, VPDiscrete
 from difflab.data.detour import DetourConfig, DetourEnv, run_episodes
 from difflab.data.folder import load_image_folder
+from difflab.data.shapes3d import load_shapes3d, make_shape
+from difflab.data.stick_figures import make_motions
 from difflab.eval import evaluate, fid, precision_recall
+from difflab.eval.motion_judge import bone_length_drift
+from difflab.eval.point_metrics import emd, pairwise, shape_set_metrics
 from difflab.guidance import ClassifierFreeGuidance
 from difflab.io.checkpoint import NonFiniteError, load_checkpoint, save_checkpoint
 from difflab.io.diffusers_folder import load_diffusers_folder
 from difflab.io.dit_files import save_diffusers_dit
-from difflab.io.sd3_folder import load_sd3_folder
-from difflab.io.spec import DEFAULT_DIFFUSION, build_denoiser, load_denoiser
-from difflab.nn.dit import DiT, DiTConfig
 from difflab.io.motion_folder import load_motion_adapter, load_unet_motion_model
+from difflab.io.ply import read_ply, write_ply
+from difflab.io.sd3_folder import load_sd3_folder
 from difflab.io.spec import DEFAULT_DIFFUSION, build_denoiser, load_denoiser, make_spec
 from difflab.nn.diffwave import DiffWaveConfig
+from difflab.nn.dit import DiT, DiTConfig
+from difflab.nn.mdm import MDMConfig
 from difflab.nn.mmdit import MMDiTConfig
 from difflab.nn.motion import PRESETS as MOTION_PRESETS
 from difflab.nn.motion import MotionUNet, MotionUNetConfig
+from difflab.nn.point_transformer import PointTransformer, PointTransformerConfig
 from difflab.nn.temporal_unet import TemporalUNet, TemporalUNetConfig
 from difflab.nn.text import TinyTextConfig, TinyTextEncoder
 from difflab.nn.unet import UNet, UNetConfig
 from difflab.nn.unet_sd import UNetSD, UNetSDConfig
+from difflab.nn.voxels import VoxelGrid, orbit_rays
 from difflab.perf.fp8 import swap_fp8_training
 from difflab.pipelines import SampleOptions, generate, text_to_image
+from difflab.pipelines.motion import (
+    edit_motions,
+    joint_mask,
+    keyframe_mask,
+    sample_motions,
+)
+from difflab.pipelines.points import generate_points
 from difflab.pipelines.policy import sample_action_chunks
-from difflab.data.stick_figures import make_motions
-from difflab.eval.motion_judge import bone_length_drift
-from difflab.nn.mdm import MDMConfig
-from difflab.pipelines.motion import edit_motions, joint_mask, keyframe_mask, sample_motions
+from difflab.pipelines.score_distillation import SDSConfig, distill_views
 from difflab.pipelines.sd3 import sd3_sigmas
 from difflab.samplers import get_sampler
 from difflab.samplers.euler import sample_euler
-from difflab.train import TrainConfig, train
-from difflab.train.dreambooth import save_text_model
 from difflab.studio.catalogue import resolve_model
 from difflab.studio.forms import check_request, decode_image
 from difflab.studio.params import parse_parameters
+from difflab.train import TrainConfig, train
+from difflab.train.dreambooth import save_text_model
 
 # ----------------------------------------------------------------------------------------------
 # Fixtures: one tiny trained run, and the broken things made from it
@@ -309,6 +320,17 @@ CLI_CASES = [
     ("demo-video-image-fraction-negative", ["demo", "--video", "--image-fraction", "-0.1", "--out-dir", "{root}/demo"], 2,
      "--image-fraction"),
     ("demo-video-steps-0", ["demo", "--video", "--steps", "0", "--out-dir", "{root}/demo"], 2, "--steps"),
+    # 3-D (issue 21)
+    ("demo-3d-and-video", ["demo", "--3d", "--video", "--out-dir", "{root}/demo"], 2, "not both"),
+    ("demo-3d-resume", ["demo", "--3d", "--resume", "--out-dir", "{root}/demo"], 2, "--resume"),
+    ("demo-3d-skip-both", ["demo", "--3d", "--skip-points", "--skip-sds", "--out-dir", "{root}/demo"], 2, "nothing to run"),
+    ("demo-3d-prior-missing", ["demo", "--3d", "--prior", "{root}/nope", "--out-dir", "{root}/demo"], 2, "--prior"),
+    ("demo-3d-samples-per-class-1", ["demo", "--3d", "--samples-per-class", "1", "--out-dir", "{root}/demo"], 2,
+     "--samples-per-class"),
+    ("demo-3d-num-points-0", ["demo", "--3d", "--num-points", "0", "--out-dir", "{root}/demo"], 2, "--num-points"),
+    ("demo-3d-sds-steps-0", ["demo", "--3d", "--sds-steps", "0", "--out-dir", "{root}/demo"], 2, "--sds-steps"),
+    ("demo-vsd-without-3d", ["demo", "--vsd", "--out-dir", "{root}/demo"], 2, "needs --3d"),
+    ("demo-prior-without-3d", ["demo", "--prior", "{root}/run", "--out-dir", "{root}/demo"], 2, "needs --3d"),
     # dreambooth
     ("dreambooth-base-missing", [*DB[:1], "--base", "{root}/nope", *DB[3:]], 2, "--base"),
     ("dreambooth-base-not-text-model", DB, 2, "text"),
@@ -662,6 +684,25 @@ API_CASES = [
     ("motion-edit-mask-shape", lambda r: edit_motions(_mdm(), torch.zeros(1, 32, 17, 3), torch.ones(1, 16, 17, 3), [0], [0]),
      ValueError, "mask"),
     ("motion-metrics-not-motions", lambda r: bone_length_drift(torch.zeros(2, 32, 3)), ValueError, "motions"),
+    # 3-D (issue 21): shapes, the point transformer, point metrics, PLY, the renderer, score distillation
+    ("shapes3d-split", lambda r: load_shapes3d("val"), ValueError, "split"),
+    ("shapes3d-label", lambda r: make_shape(10, 8, 0), ValueError, "label"),
+    ("shapes3d-num-points-0", lambda r: load_shapes3d(num_points=0), ValueError, "num_points"),
+    ("point-transformer-heads", lambda r: PointTransformerConfig(width=30, num_heads=4), ValueError, "num_heads"),
+    ("point-transformer-image-input", lambda r: PointTransformer(PointTransformerConfig(width=8, depth=1, num_heads=2))(
+        torch.zeros(1, 1, 8, 8), torch.zeros(1)), ValueError, "(B, N, 3)"),
+    ("point-metrics-not-clouds", lambda r: shape_set_metrics(torch.zeros(4, 3), torch.zeros(4, 3)), ValueError, "(B, N, 3)"),
+    ("point-metrics-one-cloud", lambda r: shape_set_metrics(torch.zeros(1, 4, 3), torch.zeros(3, 4, 3)), ValueError, "at least 2"),
+    ("point-metrics-distance", lambda r: pairwise(torch.zeros(2, 4, 3), torch.zeros(2, 4, 3), "hausdorff"), ValueError, "chamfer"),
+    ("emd-sizes-differ", lambda r: emd(torch.zeros(4, 3), torch.zeros(5, 3)), ValueError, "same size"),
+    ("ply-not-points", lambda r: write_ply(r / "x.ply", torch.zeros(3, 4)), ValueError, "(N, 3)"),
+    ("ply-not-a-ply", lambda r: read_ply(r / "notes.txt"), ValueError, "not a PLY"),
+    ("voxel-resolution-1", lambda r: VoxelGrid(1), ValueError, "resolution"),
+    ("orbit-rays-mismatch", lambda r: orbit_rays([0.0, 90.0], [0.0], 4), ValueError, "one angle per camera"),
+    ("sds-method", lambda r: SDSConfig(method="dds"), ValueError, "'sds' or 'vsd'"),
+    ("sds-t-range", lambda r: SDSConfig(t_min=0.5, t_max=0.4), ValueError, "t_min"),
+    ("sds-no-views", lambda r: distill_views(_zero, [], SDSConfig(steps=1)), ValueError, "views"),
+    ("points-num-points-0", lambda r: generate_points(_zero, [0], num_points=0), ValueError, "num_points"),
 ]
 
 

@@ -28,8 +28,8 @@ denoiser is a consistency function, Song et al. 2023).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -38,25 +38,35 @@ from ..config import ConfigError, check_keys
 from ..core import FRAMES, Denoiser, VPDiscrete
 from ..core.consistency import ConsistencyFunction
 from ..core.params import check_prediction
-from ..nn.dit import MOE_PRESETS as MOE_DIT_PRESETS
 from ..nn.diffwave import DiffWave, DiffWaveConfig
+from ..nn.dit import MOE_PRESETS as MOE_DIT_PRESETS
 from ..nn.dit import PRESETS as DIT_PRESETS
 from ..nn.dit import DiT, DiTConfig
 from ..nn.guidance_embedding import GuidanceEmbedding
+from ..nn.mdm import MDM, MDMConfig, motion_shape
 from ..nn.mmdit import MMDiT, MMDiTConfig
 from ..nn.motion import PRESETS as MOTION_PRESETS
 from ..nn.motion import MotionUNet, MotionUNetConfig
-from ..nn.unet import PRESETS as UNET_PRESETS
+from ..nn.point_transformer import (
+    PointTransformer,
+    PointTransformerConfig,
+    points_shape,
+)
 from ..nn.sr import SRUNet, SRUNetConfig
+from ..nn.temporal_unet import TemporalUNet, TemporalUNetConfig, sequence_shape
+from ..nn.unet import PRESETS as UNET_PRESETS
 from ..nn.unet import UNet, UNetConfig
 from ..nn.unet_sd import PRESETS as UNET_SD_PRESETS
-from ..nn.temporal_unet import TemporalUNet, TemporalUNetConfig, sequence_shape
-from ..nn.mdm import MDM, MDMConfig, motion_shape
 from ..nn.unet_sd import UNetSD, UNetSDConfig
 from ..nn.vae import AutoencoderKL, VAEConfig
 from ..nn.video_unet import PRESETS as VIDEO_UNET_PRESETS
 from ..nn.video_unet import VideoUNet, VideoUNetConfig
-from .checkpoint import load_checkpoint, load_model_state, read_metadata, without_training_buffers
+from .checkpoint import (
+    load_checkpoint,
+    load_model_state,
+    read_metadata,
+    without_training_buffers,
+)
 
 DEFAULT_DIFFUSION = {"frame": "vp_discrete", "schedule": "cosine", "T": 1000, "zero_terminal_snr": False, "prediction": "v"}
 
@@ -122,6 +132,7 @@ NETWORKS: dict[str, NetworkKind] = {
     "diffwave": NetworkKind(DiffWave, DiffWaveConfig, "audio", audio_shape),  # waveforms (B, 1, L); mel= as a vocoder
     "video_unet": NetworkKind(VideoUNet, VideoUNetConfig, "video", video_shape, VIDEO_UNET_PRESETS),  # (B, C, F, H, W) clips
     "mdm": NetworkKind(MDM, MDMConfig, "motion", motion_shape),  # (B, frames, joints, 3) motions: MDM's transformer, class_labels=
+    "point_transformer": NetworkKind(PointTransformer, PointTransformerConfig, "points", points_shape),  # point clouds (B, N, 3)
 }
 
 
@@ -314,7 +325,28 @@ def sample_shape(spec: dict, meta: dict | None = None) -> tuple:
     return tuple(entry.sample_shape(entry.config_cls.from_dict(config, "spec.network.config"), meta or {}))
 
 
-__all__ = ["NETWORKS", "NetworkKind", "DEFAULT_DIFFUSION", "FRAME_ARGS", "FRAME_BUILDERS", "network_kind", "kinds_with_output",
-           "read_spec", "make_spec", "spec_kind", "check_diffusion", "build_frame", "build_network", "build_denoiser",
-           "spec_network", "checkpoint_spec", "load_denoiser", "sample_shape", "image_shape", "latent_shape", "video_shape",
-           "STUDENT_KEYS", "student_section"]
+__all__ = [
+    "DEFAULT_DIFFUSION",
+    "FRAME_ARGS",
+    "FRAME_BUILDERS",
+    "NETWORKS",
+    "STUDENT_KEYS",
+    "NetworkKind",
+    "build_denoiser",
+    "build_frame",
+    "build_network",
+    "check_diffusion",
+    "checkpoint_spec",
+    "image_shape",
+    "kinds_with_output",
+    "latent_shape",
+    "load_denoiser",
+    "make_spec",
+    "network_kind",
+    "read_spec",
+    "sample_shape",
+    "spec_kind",
+    "spec_network",
+    "student_section",
+    "video_shape",
+]
