@@ -242,3 +242,30 @@ def test_levels_choose_where_the_modules_go_and_survive_a_spec():
     assert MotionUNetConfig.from_dict(net.config.to_dict()) == net.config
     with pytest.raises(ValueError, match=r"levels=\[2\]: \[2\] are not levels of the image network \(valid: 0..1\)"):
         MotionUNetConfig(image_kind="unet", image=UNET_PRESETS["digits"].to_dict(), levels=(2,))
+
+
+def test_direction_labels_reach_only_the_motion_modules_and_cannot_be_exported(tmp_path):
+    torch.manual_seed(0)
+    image = _randomize(UNet(UNET_PRESETS["tiny"]), 5, std=0.1)
+    net = insert_motion_modules(image, num_heads=2, max_frames=8, num_frames=4, num_directions=4)
+    for module in net.motion.values():  # trained modules: proj_out no longer zero
+        torch.nn.init.normal_(module.proj_out.weight, std=0.1)
+    assert net.config.null_direction == 4 and net.config.null_class is None
+    x, t = torch.randn(2, 1, 4, 8, 8), torch.tensor([1.0, 2.0])
+    with torch.no_grad():
+        out = {d: net(x, t, direction_labels=torch.tensor([d, 0])) for d in (0, 1, 4)}
+        assert not torch.allclose(out[0][0], out[1][0], atol=1e-4)  # the label changes the clip asked for ...
+        torch.testing.assert_close(out[0][1], out[1][1])  # ... and no other clip
+        torch.testing.assert_close(net(x, t), net(x, t, direction_labels=torch.tensor([4, 4])))  # missing: the null label
+    assert {n for n, p in net.named_parameters() if "direction_embed" in n} <= {n for n in dict(net.named_parameters())
+                                                                              if n.startswith("motion.")}
+    trainable = {id(p) for p in freeze_spatial(net)}
+    assert all(id(p) in trainable for n, p in net.named_parameters() if "direction_embed" in n)
+    with pytest.raises(ValueError, match=r"direction_labels must be a \(2,\) long tensor of values in \[0, 4\]"):
+        net(x, t, direction_labels=torch.tensor([5, 0]))
+    with pytest.raises(ValueError, match="these motion modules take none"):
+        insert_motion_modules(image, num_heads=2, max_frames=8, num_frames=4)(x, t, direction_labels=torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match="num_directions"):
+        save_motion_adapter(insert_motion_modules(UNetSD(TINY_SD), num_heads=2, max_frames=8, num_frames=4, num_directions=4), tmp_path / "a")
+    with pytest.raises(ValueError, match="num_directions"):
+        save_unet_motion_model(insert_motion_modules(UNetSD(TINY_SD), num_heads=2, max_frames=8, num_frames=4, num_directions=4), tmp_path / "u")
