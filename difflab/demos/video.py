@@ -6,9 +6,10 @@ digit), the motion (the centre of mass, frame to frame) and the clip distributio
 distance on clip features beside the real-data floor); writes a GIF grid (a row per class, a
 column per direction), a frame-grid PNG and ``report.json``.
 
-Which network trains is a row of :data:`NETWORKS`: a name -> a function ``(tiny) -> (spec,
-TrainConfig)``; a row's spec may name any network kind that takes (B, C, F, H, W) clips with
-``class_labels=`` and ``direction_labels=``.
+Which network trains is a row of :data:`NETWORKS`: a name -> a function ``(tiny) ->``
+:class:`VideoRoute` (the video network's spec and training, and for the motion-module route the
+image network pretrained on single frames and then frozen); a row's spec may name any network
+kind that takes (B, C, F, H, W) clips with ``class_labels=`` and ``direction_labels=``.
 """
 from __future__ import annotations
 
@@ -220,6 +221,7 @@ def format_video_report(r: dict) -> str:
         ("Frechet distance, real train vs held-out", f"{r.get('frechet_real_reference', float('nan')):.2f}", "floor, same sizes"),
         ("Frechet distance, real half vs half", f"{r['frechet_real_halves']:.2f}", f"{r['n_real'] // 2} each"),
         ("image-to-video: frames right / moving as asked", f"{r['i2v_frame_accuracy']:.0%} / {r['i2v_motion_accuracy']:.0%}", ""),
+        ("motion route: image pretraining (CPU)", f"{r.get('image_steps', 0)} steps, {r.get('image_cpu_seconds', 0):.0f}s", "within train"),
         ("time: train / sample / total (CPU)", f"{r['train_seconds']:.0f}s / {r['sample_seconds']:.0f}s / "
                                                f"{r['total_seconds']:.0f}s ({r['cpu_seconds']:.0f}s)", ""),
     ]
