@@ -9,6 +9,7 @@ would see as a traceback); API cases call the library and expect a ``ValueError`
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -331,6 +332,8 @@ CLI_CASES = [
     ("demo-3d-sds-steps-0", ["demo", "--3d", "--sds-steps", "0", "--out-dir", "{root}/demo"], 2, "--sds-steps"),
     ("demo-vsd-without-3d", ["demo", "--vsd", "--out-dir", "{root}/demo"], 2, "needs --3d"),
     ("demo-prior-without-3d", ["demo", "--prior", "{root}/run", "--out-dir", "{root}/demo"], 2, "needs --3d"),
+    ("demo-video-motion-modules-image-fraction", ["demo", "--video", "--video-network", "motion_modules", "--image-fraction", "0.2",
+                                                  "--out-dir", "{root}/demo"], 2, "joint image-and-video training"),
     # dreambooth
     ("dreambooth-base-missing", [*DB[:1], "--base", "{root}/nope", *DB[3:]], 2, "--base"),
     ("dreambooth-base-not-text-model", DB, 2, "text"),
@@ -643,6 +646,11 @@ API_CASES = [
     ("motion-adapter-missing", lambda r: load_motion_adapter(r / "nowhere", UNetSD(UNetSDConfig.from_dict(MOTION_PRESETS["tiny"].image))),
      FileNotFoundError, "MotionAdapter"),
     ("unet-motion-folder-is-a-run", lambda r: load_unet_motion_model(r / "run"), FileNotFoundError, "config.json"),
+    ("motion-directions-0", lambda r: MotionUNetConfig(max_frames=16, num_frames=8, num_directions=0), ValueError, "num_directions=0"),
+    ("motion-direction-label-out-of-range", lambda r: MotionUNet(dataclasses.replace(MOTION_PRESETS["tiny"], num_directions=4))(
+        torch.zeros(1, 4, 2, 8, 8), torch.ones(1), direction_labels=torch.tensor([5])), ValueError, "direction_labels must be"),
+    ("motion-direction-labels-without-directions", lambda r: _motion()(torch.zeros(1, 4, 2, 8, 8), torch.ones(1),
+                                                                      direction_labels=torch.tensor([0])), ValueError, "take none"),
     # policies (issue 20): the Detour environment, the temporal U-Net, the policy pipeline
     ("detour-no-seeds", lambda r: DetourEnv([]), ValueError, "seeds"),
     ("detour-action-shape", lambda r: DetourEnv([0]).step(torch.zeros(2, 2)), ValueError, "action"),

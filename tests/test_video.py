@@ -224,3 +224,18 @@ def test_video_demo_tiny_run(tmp_path, capsys):
     assert "clips moving as asked" in capsys.readouterr().out
     with pytest.raises(ValueError, match="network='nope' is unknown"):
         run_video_demo(tmp_path, network="nope")
+
+
+def test_video_demo_motion_module_route_trains_only_the_motion_modules(tmp_path):
+    from difflab.demos.video import run_video_demo
+    from difflab.io.checkpoint import load_checkpoint
+    DigitsJudge.fit(fit_config=FitConfig(epochs=2)).save(tmp_path / "digits_judge.safetensors")
+    r = run_video_demo(tmp_path, network="motion_modules", steps=2, sampling_steps=2, clips_per_pair=1, tiny=True, progress=False)
+    assert r["kind"] == "motion_unet" and r["image_steps"] > 0 and 0 < r["trainable_parameters"] < r["parameters"]
+    image = load_checkpoint(tmp_path / "motion_modules" / "image")
+    video = load_checkpoint(tmp_path / "motion_modules")
+    image_ema = {k[len("ema."):]: v for k, v in image[0].items() if k.startswith("ema.")}
+    frozen = {k[len("model.unet."):]: v for k, v in video[0].items() if k.startswith("model.unet.")}
+    assert frozen and all(torch.equal(frozen[k], image_ema[k]) for k in frozen)  # the pretrained image network, untouched
+    with pytest.raises(ValueError, match="joint image-and-video training is the space-time U-Net's"):
+        run_video_demo(tmp_path, network="motion_modules", image_fraction=0.25, tiny=True)

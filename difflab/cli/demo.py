@@ -104,7 +104,7 @@ def _video_run(args, out):
     if args.image_fraction is not None and args.image_fraction >= 1:
         raise UsageError(f"--image-fraction {args.image_fraction} must be below 1 (a fraction of the clips)")
     run_video_demo(out, network=args.video_network or "space_time_unet", steps=args.steps, sampler=args.sampler,
-                   sampling_steps=args.sampling_steps or 20, guidance_scale=_guidance(args),
+                   sampling_steps=args.sampling_steps or 20, guidance_scale=_guidance(args, 2.0),
                    clips_per_pair=args.samples_per_class or 2, image_fraction=args.image_fraction or 0.0,
                    seed=args.seed, resume=args.resume)
 

@@ -6,15 +6,17 @@ digit), the motion (the centre of mass, frame to frame) and the clip distributio
 distance on clip features beside the real-data floor); writes a GIF grid (a row per class, a
 column per direction), a frame-grid PNG and ``report.json``.
 
-Which network trains is a row of :data:`NETWORKS`: a name -> a function ``(tiny) -> (spec,
-TrainConfig)``; a row's spec may name any network kind that takes (B, C, F, H, W) clips with
-``class_labels=`` and ``direction_labels=``.
+Which network trains is a row of :data:`NETWORKS`: a name -> a function ``(tiny) ->``
+:class:`VideoRoute` (the video network's spec and training, and for the motion-module route the
+image network pretrained on single frames and then frozen); a row's spec may name any network
+kind that takes (B, C, F, H, W) clips with ``class_labels=`` and ``direction_labels=``.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +26,8 @@ from ..eval import DigitsJudge
 from ..eval.video import clip_scores, video_judge_report
 from ..io.spec import build_denoiser, make_spec
 from ..io.video import save_frame_grid, save_gif
+from ..nn.motion import MotionUNetConfig, freeze_spatial
+from ..nn.unet import UNetConfig
 from ..nn.video_unet import VideoUNetConfig
 from ..pipelines import SampleOptions
 from ..pipelines.video import generate_video, image_to_video
@@ -31,22 +35,55 @@ from ..train import TrainConfig, train
 
 FRAMES, SIZE = 8, 24
 DIFFUSION = {"frame": "vp_discrete", "schedule": "cosine", "T": 1000, "prediction": "v"}
-TRAIN = TrainConfig(steps=800, batch_size=16, lr=2e-3, warmup_steps=50, ema_decay=0.995, cfg_dropout=0.1,
-                    checkpoint_every=400, log_every=100, seed=0)
 TRAIN_CLIPS, HELD_CLIPS = 4000, 400
 
 
-def space_time_unet(tiny: bool = False) -> tuple[dict, TrainConfig]:
-    """The factorized space-time U-Net: frames in 3x3 patches (24 -> 8x8 -> 4x4), temporal
-    attention at both levels, spatial attention at 4x4."""
-    config = VideoUNetConfig(model_channels=8 if tiny else 32, channel_mult=(1, 2), attention_levels=(1,),
-                             temporal_levels=(0, 1), num_heads=2 if tiny else 4, patch_size=3, max_frames=FRAMES,
-                             sample_size=SIZE, num_classes=10, num_directions=len(DIRECTIONS))
-    return make_spec("video_unet", config, DIFFUSION), TRAIN
+@dataclass(frozen=True)
+class VideoRoute:
+    """One row of :data:`NETWORKS`: the video network's ``spec`` and its training on clips
+    (``train``). With ``image_spec`` it is the motion-module route (Guo et al. 2023, AnimateDiff):
+    that image network first trains on single frames (``image_train``), is frozen, and the video
+    network (``spec``, kind ``motion_unet`` around it) trains only its motion modules."""
+
+    spec: dict
+    train: TrainConfig
+    image_spec: dict | None = None
+    image_train: TrainConfig | None = None
 
 
-# The networks the demo can train: one row each.
-NETWORKS = {"space_time_unet": space_time_unet}
+def backbone(tiny: bool) -> dict:
+    """The per-frame layers both routes share: full-resolution 24 -> 12 -> 6 levels, spatial
+    attention at 6x6."""
+    return dict(model_channels=8 if tiny else 16, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(2,),
+                num_heads=2 if tiny else 4)
+
+
+def space_time_unet(tiny: bool = False) -> VideoRoute:
+    """The factorized space-time U-Net (Ho et al. 2022), everything trained on clips; temporal
+    attention at 12x12 and 6x6 (and the middle)."""
+    config = VideoUNetConfig(**backbone(tiny), temporal_levels=(1, 2), max_frames=FRAMES, sample_size=SIZE,
+                             num_classes=10, num_directions=len(DIRECTIONS))
+    train = TrainConfig(steps=700, batch_size=8, lr=2e-3, warmup_steps=50, ema_decay=0.995, cfg_dropout=0.1,
+                        checkpoint_every=350, log_every=50, seed=0)
+    return VideoRoute(make_spec("video_unet", config, DIFFUSION), train)
+
+
+def motion_modules(tiny: bool = False) -> VideoRoute:
+    """AnimateDiff's route (Guo et al. 2023): the image U-Net of the same layers, class-conditional,
+    trained on single frames, then frozen; motion modules (with the direction label) at 12x12, 6x6
+    and the middle are all that trains on clips."""
+    image = UNetConfig(in_channels=1, **backbone(tiny), num_classes=10)
+    motion = MotionUNetConfig(image_kind="unet", image=image.to_dict(), num_heads=2 if tiny else 4, max_frames=FRAMES,
+                              num_frames=FRAMES, levels=(1, 2), num_directions=len(DIRECTIONS))
+    image_train = TrainConfig(steps=600, batch_size=64, lr=2e-3, warmup_steps=50, ema_decay=0.995, cfg_dropout=0.1,
+                              checkpoint_every=300, log_every=50, seed=0)
+    train = TrainConfig(steps=300, batch_size=8, lr=1e-3, warmup_steps=30, ema_decay=0.99, cfg_dropout=0.1,
+                        checkpoint_every=150, log_every=50, seed=0)
+    return VideoRoute(make_spec("motion_unet", motion, DIFFUSION), train, make_spec("unet", image, DIFFUSION), image_train)
+
+
+# The networks the demo can train: one row each, a name -> a function (tiny) -> VideoRoute.
+NETWORKS = {"space_time_unet": space_time_unet, "motion_modules": motion_modules}
 
 
 def training_data(n: int, image_fraction: float, seed: int = 0):
@@ -55,20 +92,20 @@ def training_data(n: int, image_fraction: float, seed: int = 0):
     independent still frames with the null direction and ``independent_frames`` set."""
     data = moving_digits(n, frames=FRAMES, size=SIZE, split="train", seed=seed)
     clips, labels, dirs = data.clips, data.labels, data.directions
-    independent = torch.zeros(n, dtype=torch.bool)
     n_still = round(image_fraction * n)
-    if n_still:
-        stills, still_labels = still_frames(n_still, frames=FRAMES, size=SIZE, split="train", seed=seed + 1)
-        clips, labels = torch.cat([clips, stills]), torch.cat([labels, still_labels])
-        dirs = torch.cat([dirs, torch.full((n_still,), len(DIRECTIONS), dtype=torch.long)])
-        independent = torch.cat([independent, torch.ones(n_still, dtype=torch.bool)])
+    if not n_still:
+        return clips, labels, {"direction_labels": dirs}, {"direction_labels": len(DIRECTIONS)}
+    stills, still_labels = still_frames(n_still, frames=FRAMES, size=SIZE, split="train", seed=seed + 1)
+    clips, labels = torch.cat([clips, stills]), torch.cat([labels, still_labels])
+    dirs = torch.cat([dirs, torch.full((n_still,), len(DIRECTIONS), dtype=torch.long)])
+    independent = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n_still, dtype=torch.bool)])
     cond = {"direction_labels": dirs, "independent_frames": independent}
     null_cond = {"direction_labels": len(DIRECTIONS), "independent_frames": None}  # the flag is never dropped
     return clips, labels, cond, null_cond
 
 
 def run_video_demo(out_dir="demo_video_out", *, network: str = "space_time_unet", steps: int | None = None,
-                   sampler: str = "ddim", sampling_steps: int = 20, guidance_scale: float = 1.5, clips_per_pair: int = 2,
+                   sampler: str = "ddim", sampling_steps: int = 20, guidance_scale: float = 2.0, clips_per_pair: int = 2,
                    image_fraction: float = 0.0, seed: int = 0, resume: bool = False, tiny: bool = False,
                    progress: bool = True) -> dict:
     """Train, sample and judge (see the module docstring); ``tiny``: a small network and data set
@@ -77,11 +114,15 @@ def run_video_demo(out_dir="demo_video_out", *, network: str = "space_time_unet"
         raise ValueError(f"network={network!r} is unknown; choose one of {sorted(NETWORKS)}")
     if not 0.0 <= image_fraction < 1.0:
         raise ValueError(f"image_fraction={image_fraction} must be in [0, 1)")
+    route = NETWORKS[network](tiny)
+    if image_fraction and route.image_spec is not None:
+        raise ValueError(f"image_fraction={image_fraction}: joint image-and-video training is the space-time U-Net's; "
+                         f"network={network!r} trains its image network on single frames first")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start, c_start = time.time(), time.process_time()
-    spec, config = NETWORKS[network](tiny)
-    config = dataclasses.replace(config, progress=progress, **({} if steps is None else {"steps": steps}))
+    spec = route.spec
+    config = dataclasses.replace(route.train, progress=progress, **({} if steps is None else {"steps": steps}))
     n_train, n_held = (32, 20) if tiny else (TRAIN_CLIPS, HELD_CLIPS)
 
     # 1. Data: clips from the digits' train split; held-out clips from its test split.
@@ -98,10 +139,16 @@ def run_video_demo(out_dir="demo_video_out", *, network: str = "space_time_unet"
     print(f"[2/6] judge: {real['frame_accuracy']:.1%} of held-out real frames, motion read right in "
           f"{real['motion_accuracy']:.1%} of held-out real clips")
 
-    # 3. Train.
+    # 3. Train (the motion-module route: the image network on single frames first, then frozen).
     t0, c0 = time.time(), time.process_time()
-    print(f"[3/6] training {network} ({spec['network']['kind']}) for {config.steps} steps (batch {config.batch_size})")
     denoiser = build_denoiser(spec, seed=config.seed)
+    image_cpu = 0.0
+    if route.image_spec is not None:
+        image_cpu = pretrain_image_network(denoiser, route, clips, labels, out_dir / network / "image", steps=steps,
+                                           progress=progress, resume=resume)
+        freeze_spatial(denoiser.net)
+    print(f"[3/6] training {network} ({spec['network']['kind']}) for {config.steps} steps (batch {config.batch_size}"
+          f"{', motion modules only' if route.image_spec is not None else ''})")
     state = train(denoiser, (clips, labels, cond), config, out_dir / network, spec=spec, null_cond=null_cond,
                   metadata={"size": SIZE, "frames": FRAMES}, resume=resume)
     state.ema.copy_to(denoiser.net)
@@ -135,6 +182,9 @@ def run_video_demo(out_dir="demo_video_out", *, network: str = "space_time_unet"
                   network=network, kind=spec["network"]["kind"], steps=config.steps, batch_size=config.batch_size,
                   image_fraction=image_fraction, sampler=sampler, sampling_steps=sampling_steps,
                   guidance_scale=guidance_scale, train_seconds=round(train_seconds, 1), train_cpu_seconds=round(train_cpu, 1),
+                  image_steps=route.image_train.steps if route.image_train else 0, image_cpu_seconds=round(image_cpu, 1),
+                  trainable_parameters=sum(p.numel() for p in denoiser.net.parameters() if p.requires_grad),
+                  parameters=sum(p.numel() for p in denoiser.net.parameters()),
                   sample_seconds=round(sample_seconds, 1), sample_cpu_seconds=round(sample_cpu, 1),
                   total_seconds=round(time.time() - t_start, 1), cpu_seconds=round(time.process_time() - c_start, 1),
                   threads=torch.get_num_threads(), gif=str(gif), frames=str(grid))
@@ -142,6 +192,24 @@ def run_video_demo(out_dir="demo_video_out", *, network: str = "space_time_unet"
     print(f"[6/6] the judge's reading (clips in {gif}):")
     print(format_video_report(report))
     return report
+
+
+def pretrain_image_network(denoiser, route: VideoRoute, clips, labels, out_dir, *, steps: int | None, progress: bool,
+                           resume: bool) -> float:
+    """Train ``route``'s image network on the clips' frames as single images (the class label
+    each), copy its EMA weights into ``denoiser.net.unet`` (the image network inside the motion
+    U-Net); returns the CPU seconds taken. ``steps`` (a test's tiny run) caps its steps too."""
+    c0 = time.process_time()
+    config = dataclasses.replace(route.image_train, progress=progress,
+                                 **({} if steps is None else {"steps": min(steps, route.image_train.steps)}))
+    frames = clips.transpose(1, 2).reshape(-1, *clips.shape[1:2], *clips.shape[3:])  # (N * F, C, H, W), clip-major
+    print(f"[3/6] pretraining the image network on {len(frames)} single frames for {config.steps} steps (batch {config.batch_size})")
+    image = build_denoiser(route.image_spec, seed=config.seed)
+    state = train(image, (frames, labels.repeat_interleave(clips.shape[2])), config, out_dir, spec=route.image_spec,
+                  metadata={"size": SIZE}, resume=resume)
+    state.ema.copy_to(image.net)
+    denoiser.net.unet.load_state_dict(image.net.state_dict())
+    return time.process_time() - c0
 
 
 def format_video_report(r: dict) -> str:
@@ -153,6 +221,7 @@ def format_video_report(r: dict) -> str:
         ("Frechet distance, real train vs held-out", f"{r.get('frechet_real_reference', float('nan')):.2f}", "floor, same sizes"),
         ("Frechet distance, real half vs half", f"{r['frechet_real_halves']:.2f}", f"{r['n_real'] // 2} each"),
         ("image-to-video: frames right / moving as asked", f"{r['i2v_frame_accuracy']:.0%} / {r['i2v_motion_accuracy']:.0%}", ""),
+        ("motion route: image pretraining (CPU)", f"{r.get('image_steps', 0)} steps, {r.get('image_cpu_seconds', 0):.0f}s", "within train"),
         ("time: train / sample / total (CPU)", f"{r['train_seconds']:.0f}s / {r['sample_seconds']:.0f}s / "
                                                f"{r['total_seconds']:.0f}s ({r['cpu_seconds']:.0f}s)", ""),
     ]
@@ -160,4 +229,5 @@ def format_video_report(r: dict) -> str:
     return "\n".join(f"  {a:<{w}}  {b:>22}  {c}" for a, b, c in rows)
 
 
-__all__ = ["run_video_demo", "NETWORKS", "space_time_unet", "training_data", "format_video_report"]
+__all__ = ["run_video_demo", "NETWORKS", "VideoRoute", "space_time_unet", "motion_modules", "backbone", "training_data",
+           "pretrain_image_network", "format_video_report"]

@@ -95,7 +95,8 @@ class TemporalTransformer(nn.Module):
     GroupNorm (eps 1e-6) over each clip's (C, F, H, W); ``proj_out`` starts at zero (the module
     starts as the identity)."""
 
-    def __init__(self, channels: int, heads: int, depth: int = 1, groups: int = 32, max_frames: int = 32):
+    def __init__(self, channels: int, heads: int, depth: int = 1, groups: int = 32, max_frames: int = 32,
+                 num_directions: int | None = None):
         super().__init__()
         if channels % heads:
             raise ConfigError(f"motion num_heads={heads} does not divide the {channels} channels of a motion module")
@@ -104,21 +105,25 @@ class TemporalTransformer(nn.Module):
         self.max_frames = max_frames
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels)
+        # the clip's motion label (difflab's own, not AnimateDiff's): an embedding added to every token
+        self.direction_embed = nn.Embedding(num_directions + 1, channels) if num_directions is not None else None
         self.transformer_blocks = nn.ModuleList([TemporalBlock(channels, heads, max_frames) for _ in range(depth)])
         self.proj_out = nn.Linear(channels, channels)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
         self.checkpoint = False
 
-    def forward(self, h: torch.Tensor, num_frames: int) -> torch.Tensor:
-        return _maybe_checkpoint(self.checkpoint, self._forward, h, num_frames)
+    def forward(self, h: torch.Tensor, num_frames: int, direction_labels: torch.Tensor | None = None) -> torch.Tensor:
+        return _maybe_checkpoint(self.checkpoint, self._forward, h, num_frames, direction_labels)
 
-    def _forward(self, h: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def _forward(self, h: torch.Tensor, num_frames: int, direction_labels: torch.Tensor | None = None) -> torch.Tensor:
         bf, c, height, width = h.shape
         b = bf // num_frames
         x = self.norm(h.reshape(b, num_frames, c, height, width).transpose(1, 2))  # (B, C, F, H, W)
         x = x.permute(0, 3, 4, 2, 1).reshape(b * height * width, num_frames, c)  # tokens: one sequence per pixel
         x = self.proj_in(x)
+        if self.direction_embed is not None and direction_labels is not None:  # (B,) -> one row per pixel's sequence
+            x = x + self.direction_embed(direction_labels).repeat_interleave(height * width, dim=0)[:, None]
         for block in self.transformer_blocks:
             x = block(x)
         x = self.proj_out(x)
@@ -142,6 +147,7 @@ class MotionUNetConfig(JSONConfig):
     norm_num_groups: int | None = None  # GroupNorm groups of the motion modules; None: the image network's
     num_frames: int = 16  # frames of a sample (the training clip length; the pipelines' default)
     levels: tuple[int, ...] | None = None  # the levels whose down/up sites get a module (None: all, as AnimateDiff)
+    num_directions: int | None = None  # motion labels (difflab's, not AnimateDiff's): an embedding in every module; label num_directions is the null one
 
     def __post_init__(self):
         if self.image_kind not in IMAGE_KINDS:
@@ -167,6 +173,8 @@ class MotionUNetConfig(JSONConfig):
             bad = [v for v in self.levels if not isinstance(v, int) or not 0 <= v < levels]
             if bad:
                 raise ConfigError(f"levels={list(self.levels)}: {bad} are not levels of the image network (valid: 0..{levels - 1})")
+        if self.num_directions is not None and (not isinstance(self.num_directions, int) or self.num_directions < 1):
+            raise ConfigError(f"num_directions={self.num_directions!r} must be an int >= 1 or None")
         if self.num_frames > self.max_frames:
             raise ConfigError(f"num_frames={self.num_frames} is above max_frames={self.max_frames} (the frame encoding's length)")
 
@@ -180,6 +188,21 @@ class MotionUNetConfig(JSONConfig):
         """Resolution levels of the image network."""
         c = self.image_config
         return len(c.block_out_channels if self.image_kind == "unet_sd" else c.channel_mult)
+
+    @property
+    def num_classes(self) -> int | None:
+        """The image network's class count (its ``num_classes``), or None."""
+        return getattr(self.image_config, "num_classes", None)
+
+    @property
+    def null_class(self) -> int | None:
+        """The image network's null-class label (classifier-free guidance), or None."""
+        return self.num_classes
+
+    @property
+    def null_direction(self) -> int | None:
+        """The null direction label (``num_directions``), or None without directions."""
+        return self.num_directions
 
     @property
     def in_channels(self) -> int:
@@ -216,7 +239,9 @@ class MotionUNet(nn.Module):
     ``net(x, t, **cond)`` with ``x`` (B, C, F, H, W): frames are folded into the batch for the
     image network's layers and unfolded in the motion modules; ``t`` (B,) and every tensor in
     ``cond`` (``context``, ``context_mask``, ``class_labels``, SDXL's ``text_embeds`` and
-    ``time_ids``: one row per clip) are repeated per frame. Returns (B, C_out, F, H, W).
+    ``time_ids``: one row per clip) are repeated per frame; ``direction_labels`` (B,) long, with
+    ``config.num_directions`` set, go to the motion modules alone (the null label when missing).
+    Returns (B, C_out, F, H, W).
     """
 
     def __init__(self, config: MotionUNetConfig, image_net: nn.Module | None = None):
@@ -231,7 +256,8 @@ class MotionUNet(nn.Module):
             if (not c.mid_block) if site.startswith("mid") else (c.levels is not None and level not in c.levels):
                 continue
             depth = c.mid_layers if site.startswith("mid") else c.per_level("layers", level)
-            motion[site] = TemporalTransformer(channels, c.per_level("num_heads", level), depth, c.groups(channels), c.max_frames)
+            motion[site] = TemporalTransformer(channels, c.per_level("num_heads", level), depth, c.groups(channels), c.max_frames,
+                                               c.num_directions)
         self.motion = nn.ModuleDict(motion)
         set_checkpointing(self.motion, bool(getattr(self.unet.config, "gradient_checkpointing", False)))
 
@@ -240,10 +266,11 @@ class MotionUNet(nn.Module):
         """The image network's null-class label (classifier-free guidance), or None."""
         return getattr(self.unet, "null_class", None)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, direction_labels: torch.Tensor | None = None, **cond) -> torch.Tensor:
         """Predict for the clips ``x`` (B, C, F, H, W) at times ``t`` (B,) (a scalar is broadcast)."""
         # 1. Check inputs
         b, num_frames = self._check_inputs(x)
+        directions = self._check_directions(direction_labels, b, x.device)
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(b) if t.ndim == 0 else t
         if t.shape != (b,):
@@ -259,12 +286,27 @@ class MotionUNet(nn.Module):
 
         # 3. The image network, with a motion module at each temporal site
         def temporal(h, site):
-            return self.motion[site](h, num_frames) if site in self.motion else h
+            return self.motion[site](h, num_frames, directions) if site in self.motion else h
 
         out = self.unet(folded, t.repeat_interleave(num_frames), temporal=temporal, **cond)
 
         # 4. Unfold
         return out.reshape(b, num_frames, *out.shape[1:]).transpose(1, 2)
+
+    def _check_directions(self, labels, b: int, device) -> torch.Tensor | None:
+        """(B,) long direction labels (the null label when None), or None without directions."""
+        n = self.config.num_directions
+        if n is None:
+            if labels is not None:
+                raise ValueError("direction_labels given, but these motion modules take none (config.num_directions is None)")
+            return None
+        if labels is None:
+            return torch.full((b,), n, dtype=torch.long, device=device)
+        labels = torch.as_tensor(labels, device=device)
+        if labels.shape != (b,) or labels.dtype != torch.long or bool(((labels < 0) | (labels > n)).any()):
+            raise ValueError(f"direction_labels must be a ({b},) long tensor of values in [0, {n}] ({n}: no direction), got "
+                             f"{labels.dtype} of shape {tuple(labels.shape)}")
+        return labels
 
     def _check_inputs(self, x) -> tuple[int, int]:
         c = self.config
