@@ -302,6 +302,10 @@ CLI_CASES = [
     ("demo-video-image-fraction-negative", ["demo", "--video", "--image-fraction", "-0.1", "--out-dir", "{root}/demo"], 2,
      "--image-fraction"),
     ("demo-video-steps-0", ["demo", "--video", "--steps", "0", "--out-dir", "{root}/demo"], 2, "--steps"),
+    ("demo-depth-and-video", ["demo", "--depth", "--video", "--out-dir", "{root}/demo"], 2, "not both"),
+    ("demo-depth-steps-0", ["demo", "--depth", "--steps", "0", "--out-dir", "{root}/demo"], 2, "--steps"),
+    ("demo-depth-resample-0", ["demo", "--depth", "--resample", "0", "--out-dir", "{root}/demo"], 2, "--resample"),
+    ("demo-resample-without-depth", ["demo", "--resample", "2", "--out-dir", "{root}/demo"], 2, "needs --depth"),
     # dreambooth
     ("dreambooth-base-missing", [*DB[:1], "--base", "{root}/nope", *DB[3:]], 2, "--base"),
     ("dreambooth-base-not-text-model", DB, 2, "text"),

@@ -13,6 +13,7 @@ from typing import Callable
 
 from ..demos.audio import run_audio_demo
 from ..demos.cascade import run_cascade_demo
+from ..demos.depth import run_depth_demo
 from ..demos.digits import run_demo
 from ..demos.policy import run_policy_demo
 from ..demos.text import run_text_demo
@@ -100,6 +101,17 @@ def _video_run(args, out):
                    seed=args.seed, resume=args.resume)
 
 
+def _depth_options(d):
+    d.add_argument("--resample", type=positive_int, default=None,
+                   help="--depth: RePaint passes over each step of channel inpainting (default: 2)")
+
+
+def _depth_run(args, out):
+    run_depth_demo(out, steps=args.steps, sampler=args.sampler, sampling_steps=args.sampling_steps or 25,
+                   guidance_scale=_guidance(args, 2.0), samples_per_class=args.samples_per_class or 50,
+                   resample=args.resample or 2, seed=args.seed, resume=args.resume)
+
+
 # name -> mode; ``difflab demo --NAME`` runs it (the flag's dest is ``mode_NAME``)
 MODES: dict[str, DemoMode] = {
     "text": DemoMode("the latent text-to-image demo instead: a small VAE and a text-conditional U-Net on captioned "
@@ -117,6 +129,9 @@ MODES: dict[str, DemoMode] = {
     "video": DemoMode("the video demo instead: a class- and direction-conditional video network on moving digits "
                       "(24x24, 8 frames), judged per frame, by its motion and by a clip Frechet distance",
                       "demo_video_out", _video_run, _video_options, ("video_network", "image_fraction")),
+    "depth": DemoMode("the image+depth demo instead: one count-conditional U-Net over RGB and depth on the embedded "
+                      "scenes (16x16, 1-3 objects), depth from images and images from depth by channel inpainting, "
+                      "beside a supervised depth regressor", "demo_depth_out", _depth_run, _depth_options, ("resample",)),
 }
 
 
