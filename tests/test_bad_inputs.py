@@ -306,6 +306,12 @@ CLI_CASES = [
     ("demo-depth-steps-0", ["demo", "--depth", "--steps", "0", "--out-dir", "{root}/demo"], 2, "--steps"),
     ("demo-depth-resample-0", ["demo", "--depth", "--resample", "0", "--out-dir", "{root}/demo"], 2, "--resample"),
     ("demo-resample-without-depth", ["demo", "--resample", "2", "--out-dir", "{root}/demo"], 2, "needs --depth"),
+    ("demo-slots-and-depth", ["demo", "--slots", "--depth", "--out-dir", "{root}/demo"], 2, "not both"),
+    ("demo-slots-guidance", ["demo", "--slots", "--guidance", "2", "--out-dir", "{root}/demo"], 2, "--guidance"),
+    ("demo-slots-samples-per-class", ["demo", "--slots", "--samples-per-class", "3", "--out-dir", "{root}/demo"], 2,
+     "--samples-per-class"),
+    ("demo-slots-resample", ["demo", "--slots", "--resample", "2", "--out-dir", "{root}/demo"], 2, "needs --depth"),
+    ("demo-slots-steps-0", ["demo", "--slots", "--steps", "0", "--out-dir", "{root}/demo"], 2, "--steps"),
     # dreambooth
     ("dreambooth-base-missing", [*DB[:1], "--base", "{root}/nope", *DB[3:]], 2, "--base"),
     ("dreambooth-base-not-text-model", DB, 2, "text"),

@@ -38,11 +38,11 @@ from ..train import TrainConfig, train
 SIZE, MAX_OBJECTS = 16, 3
 TRAIN_SCENES, HELD_SCENES = 6000, 300
 SLOTS = SlotConfig(in_channels=3, size=SIZE, num_slots=MAX_OBJECTS + 2, slot_dim=64, iters=3, hidden=64, mlp_hidden=128)
-UNET = UNetConfig(in_channels=3, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
+UNET = UNetConfig(in_channels=3, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
                   num_heads=4, context_dim=SLOTS.slot_dim)
-TRAIN = TrainConfig(steps=1500, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=None, checkpoint_every=750,
+TRAIN = TrainConfig(steps=600, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=None, checkpoint_every=750,
                     log_every=250, seed=0)
-JUDGE_STEPS = 1500
+JUDGE_STEPS = 800
 DIFFUSION = {"frame": "vp_discrete", "schedule": "cosine", "T": 1000, "prediction": "v"}
 
 
