@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.scenes import depth_to_unit, load_scenes, unit_to_depth
-from ..eval.scene_judge import colour_presence, train_scene_judge
+from ..eval.scene_judge import judge_accuracy, train_scene_judge
 from ..eval.scene_metrics import abs_rel, delta_accuracy
 from ..io.images import save_grid
 from ..io.spec import build_denoiser, make_spec
@@ -76,6 +76,40 @@ def depth_figures(pred_unit: torch.Tensor, true_unit: torch.Tensor) -> dict:
     return {"abs_rel": round(abs_rel(pred, true), 4), "delta_1.25": round(delta_accuracy(pred, true), 4)}
 
 
+def generated_pairs(denoiser, judge, out_dir: Path, guidance_scale: float, samples_per_class: int, resample: int,
+                    opts: dict) -> dict:
+    """Pairs generated for every count, the judge's reading of their count, and the depth the
+    model recovers from its own images against the depth it generated; writes ``pairs.png``."""
+    asked = torch.arange(MAX_OBJECTS).repeat_interleave(samples_per_class)
+    images, depth = generate_image_depth(denoiser, asked, size=SIZE, guidance_scale=guidance_scale, **opts)
+    read, _ = judge.read(images)
+    recovered = depth_from_image(denoiser, images, resample=resample, **opts)
+    every = max(1, samples_per_class // 4)
+    save_grid(torch.cat([images[::every][:12], depth[::every][:12].expand(-1, 3, -1, -1)]), out_dir / "pairs.png",
+              nrow=12, upscale=6)
+    return {"judge_generated_count_accuracy": float((read == asked + 1).float().mean()),
+            "consistency_generated": depth_figures(recovered, depth), "samples": len(asked)}
+
+
+def held_out_depth(denoiser, regressor, held, depth_held, out_dir: Path, guidance_scale: float, resample: int,
+                   opts: dict, k: int = 12) -> dict:
+    """Depth from held-out real images by channel inpainting and by the regressor, and images
+    from held-out depth; writes ``depth_from_image.png`` and ``image_from_depth.png``."""
+    from_image = depth_from_image(denoiser, held.images, resample=resample, **opts)
+    with torch.no_grad():
+        baseline = regressor(held.images, torch.zeros(len(held.images))).clamp(-1, 1)
+    def grey(d):
+        return d[:k].expand(-1, 3, -1, -1)
+
+    save_grid(torch.cat([held.images[:k], grey(depth_held), grey(from_image), grey(baseline)]),
+              out_dir / "depth_from_image.png", nrow=k, upscale=6)
+    made = image_from_depth(denoiser, depth_held[:k], labels=held.counts[:k] - 1, guidance_scale=guidance_scale,
+                            resample=resample, **opts)
+    save_grid(torch.cat([grey(depth_held), made, held.images[:k]]), out_dir / "image_from_depth.png", nrow=k, upscale=6)
+    return {"diffusion_depth_from_real": depth_figures(from_image, depth_held),
+            "regressor_depth_from_real": depth_figures(baseline, depth_held)}
+
+
 def run_depth_demo(out_dir="demo_depth_out", *, steps: int | None = None, sampler: str = "ddim", sampling_steps: int = 25,
                    guidance_scale: float = 2.0, samples_per_class: int = 50, resample: int = 2, seed: int = 0,
                    resume: bool = False, train_scenes: int = TRAIN_SCENES, held_scenes: int = HELD_SCENES,
@@ -98,11 +132,10 @@ def run_depth_demo(out_dir="demo_depth_out", *, steps: int | None = None, sample
     t0 = time.process_time()
     judge = train_scene_judge(train_set.images, train_set.counts, train_set.colours, max_objects=MAX_OBJECTS,
                               steps=judge_steps, seed=seed)
-    counts, colours = judge.read(held.images)
-    report["judge_real_count_accuracy"] = float((counts == held.counts).float().mean())
-    report["judge_real_colour_accuracy"] = float((colours == colour_presence(held.colours)).all(1).float().mean())
-    print(f"[2/6] judge ({time.process_time() - t0:.0f} CPU s): counts {report['judge_real_count_accuracy']:.1%}, "
-          f"colour sets {report['judge_real_colour_accuracy']:.1%} on held-out real scenes")
+    real = judge_accuracy(judge, held.images, held.counts, held.colours)
+    report.update(judge_real_count_accuracy=real["count"], judge_real_colour_accuracy=real["colours"])
+    print(f"[2/6] judge ({time.process_time() - t0:.0f} CPU s): counts {real['count']:.1%}, "
+          f"colour sets {real['colours']:.1%} on held-out real scenes")
 
     # 3. The joint model, count-conditional (label = count - 1), with the label dropped for CFG.
     spec = make_spec("unet", unet, DIFFUSION)
@@ -122,37 +155,19 @@ def run_depth_demo(out_dir="demo_depth_out", *, steps: int | None = None, sample
 
     # 5. Generate pairs per count; judge; depth back from the generated images (consistency).
     t0 = time.process_time()
-    asked = torch.arange(MAX_OBJECTS).repeat_interleave(samples_per_class)
-    images, depth = generate_image_depth(denoiser, asked, size=SIZE, guidance_scale=guidance_scale, **opts)
-    read, _ = judge.read(images)
-    report["judge_generated_count_accuracy"] = float((read == asked + 1).float().mean())
-    recovered = depth_from_image(denoiser, images, resample=resample, **opts)
-    report["consistency_generated"] = depth_figures(recovered, depth)
-    pairs = torch.cat([images[::samples_per_class // 4 or 1][:12], depth[::samples_per_class // 4 or 1][:12].expand(-1, 3, -1, -1)])
-    save_grid(pairs, out_dir / "pairs.png", nrow=12, upscale=6)
-    print(f"[5/6] {len(asked)} generated pairs ({time.process_time() - t0:.0f} CPU s): the judge reads the count asked in "
-          f"{report['judge_generated_count_accuracy']:.1%}; depth recovered from them vs generated depth: "
+    report.update(generated_pairs(denoiser, judge, out_dir, guidance_scale, samples_per_class, resample, opts))
+    print(f"[5/6] {report['samples']} generated pairs ({time.process_time() - t0:.0f} CPU s): the judge reads the count "
+          f"asked in {report['judge_generated_count_accuracy']:.1%}; depth recovered from them vs generated depth: "
           f"{report['consistency_generated']}")
 
     # 6. Held-out real images: depth by channel inpainting vs the regressor; images from real depth.
     t0 = time.process_time()
-    from_image = depth_from_image(denoiser, held.images, resample=resample, **opts)
-    report["diffusion_depth_from_real"] = depth_figures(from_image, depth_held)
-    with torch.no_grad():
-        baseline = regressor(held.images, torch.zeros(len(held.images))).clamp(-1, 1)
-    report["regressor_depth_from_real"] = depth_figures(baseline, depth_held)
-    k = 12
-    save_grid(torch.cat([held.images[:k], depth_held[:k].expand(-1, 3, -1, -1), from_image[:k].expand(-1, 3, -1, -1),
-                         baseline[:k].expand(-1, 3, -1, -1)]), out_dir / "depth_from_image.png", nrow=k, upscale=6)
-    made = image_from_depth(denoiser, depth_held[:k], labels=held.counts[:k] - 1, guidance_scale=guidance_scale,
-                            resample=resample, **opts)
-    save_grid(torch.cat([depth_held[:k].expand(-1, 3, -1, -1), made, held.images[:k]]), out_dir / "image_from_depth.png",
-              nrow=k, upscale=6)
+    report.update(held_out_depth(denoiser, regressor, held, depth_held, out_dir, guidance_scale, resample, opts))
     print(f"[6/6] depth from held-out real images ({time.process_time() - t0:.0f} CPU s): diffusion "
           f"{report['diffusion_depth_from_real']}, regressor {report['regressor_depth_from_real']}")
 
     report.update(steps=config.steps, sampler=sampler, sampling_steps=sampling_steps, guidance_scale=guidance_scale,
-                  resample=resample, samples=len(asked), held_out=len(held.images),
+                  resample=resample, held_out=len(held.images),
                   cpu_seconds=round(time.process_time() - cpu_start, 1), wall_seconds=round(time.time() - wall_start, 1),
                   threads=torch.get_num_threads())
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
@@ -174,4 +189,4 @@ def format_report(r: dict) -> str:
     return "\n".join(f"  {a:<{w}}  {v:>16}  {c}" for a, v, c in rows)
 
 
-__all__ = ["run_depth_demo", "train_regressor", "depth_figures", "scene_data", "format_report"]
+__all__ = ["run_depth_demo", "train_regressor", "depth_figures", "scene_data", "format_report", "generated_pairs", "held_out_depth"]

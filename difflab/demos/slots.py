@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.scenes import COLOURS, PALETTE, load_scenes
-from ..eval.scene_judge import colour_presence, train_scene_judge
+from ..eval.scene_judge import colour_presence, judge_accuracy, train_scene_judge
 from ..eval.scene_metrics import fg_ari
 from ..io.images import save_grid
 from ..nn.slot_attention import SlotAutoencoder, SlotConfig, SlotEncoder, SlotUNet
@@ -109,6 +109,40 @@ def mask_picture(masks: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nkhw,kc->nchw", masks, colours) * 2 - 1
 
 
+def recompose(denoiser, judge, held, slot_vectors: torch.Tensor, masks: torch.Tensor, opts: dict, seed: int = 0):
+    """Decode the held-out scenes from their slots, with one object's slot removed (scenes of 2+
+    objects), with one object's slot swapped for another scene's object of a new colour, and
+    (12 scenes) with another scene's object slot added; the judge's figures and the pictures."""
+    generator = torch.Generator().manual_seed(seed)
+    n, num_slots = slot_vectors.shape[:2]
+    owners = object_slots(masks, held.masks)
+    recon = decode_slots(denoiser, slot_vectors, **opts)
+    many = torch.nonzero(held.counts >= 2).flatten()
+    which = torch.stack([torch.randint(int(held.counts[i]), (1,), generator=generator)[0] for i in many])
+    keep = remove_slot(torch.ones(len(many), num_slots, dtype=torch.bool), owners[many, which])
+    removed = decode_slots(denoiser, slot_vectors[many], slot_mask=keep, **opts)
+    rows, others, other_objects, objects = swap_pairs(held.colours, held.counts, generator)
+    swapped = decode_slots(denoiser, swap_slots(slot_vectors[rows], owners[rows, objects], slot_vectors[others],
+                                                owners[others, other_objects]), **opts)
+    few = torch.nonzero(held.counts < MAX_OBJECTS).flatten()[:12]
+    donors = (few + 1) % n
+    added = decode_slots(denoiser, add_slot(slot_vectors[few], slot_vectors[donors, owners[donors, 0]]), **opts)
+    present = judge.read(swapped)[1]
+    figures = {
+        "reconstruction_count_accuracy": float((judge.read(recon)[0] == held.counts).float().mean()),
+        "remove_count_accuracy": float((judge.read(removed)[0] == held.counts[many] - 1).float().mean()),
+        "remove_n": len(many),
+        "swap_found_accuracy": float(present[torch.arange(len(rows)), held.colours[others, other_objects]].float().mean()),
+        "swap_n": len(rows),
+        "add_count_accuracy": float((judge.read(added)[0] == held.counts[few] + 1).float().mean()),
+        "add_n": len(few),
+    }
+    pictures = {"reconstructed": recon, "before_removal": held.images[many], "removed": removed,
+                "before_swap": held.images[rows], "swapped_from": held.images[others], "swapped": swapped,
+                "before_adding": held.images[few], "added": added}
+    return figures, pictures
+
+
 def run_slots_demo(out_dir="demo_slots_out", *, steps: int | None = None, sampler: str = "ddim", sampling_steps: int = 25,
                    seed: int = 0, resume: bool = False, train_scenes: int = TRAIN_SCENES, held_scenes: int = HELD_SCENES,
                    judge_steps: int = JUDGE_STEPS, slots: SlotConfig = SLOTS, unet: UNetConfig = UNET) -> dict:
@@ -131,11 +165,10 @@ def run_slots_demo(out_dir="demo_slots_out", *, steps: int | None = None, sample
     t0 = time.process_time()
     judge = train_scene_judge(train_set.images, train_set.counts, train_set.colours, max_objects=MAX_OBJECTS,
                               steps=judge_steps, seed=seed)
-    counts, colours = judge.read(held.images)
-    report["judge_real_count_accuracy"] = float((counts == held.counts).float().mean())
-    report["judge_real_colour_accuracy"] = float((colours == colour_presence(held.colours)).all(1).float().mean())
-    print(f"[2/6] judge ({time.process_time() - t0:.0f} CPU s): counts {report['judge_real_count_accuracy']:.1%}, "
-          f"colour sets {report['judge_real_colour_accuracy']:.1%} on held-out real scenes")
+    real = judge_accuracy(judge, held.images, held.counts, held.colours)
+    report.update(judge_real_count_accuracy=real["count"], judge_real_colour_accuracy=real["colours"])
+    print(f"[2/6] judge ({time.process_time() - t0:.0f} CPU s): counts {real['count']:.1%}, "
+          f"colour sets {real['colours']:.1%} on held-out real scenes")
 
     # 3. Slot diffusion: encoder and decoder trained together by the diffusion loss.
     denoiser = slot_denoiser(slots, unet, config.seed)
@@ -162,41 +195,19 @@ def run_slots_demo(out_dir="demo_slots_out", *, steps: int | None = None, sample
 
     # 6. Reconstruction and composition, judged.
     t0 = time.process_time()
-    generator = torch.Generator().manual_seed(seed)
-    recon = decode_slots(denoiser, slot_vectors, **opts)
-    read, _ = judge.read(recon)
-    report["reconstruction_count_accuracy"] = float((read == held.counts).float().mean())
-    owners = object_slots(masks, held.masks)
-    many = torch.nonzero(held.counts >= 2).flatten()
-    which = torch.stack([torch.randint(int(held.counts[i]), (1,), generator=generator)[0] for i in many])
-    removed_slot = owners[many, which]
-    keep = remove_slot(torch.ones(len(many), slots.num_slots, dtype=torch.bool), removed_slot)
-    removed = decode_slots(denoiser, slot_vectors[many], slot_mask=keep, **opts)
-    read, _ = judge.read(removed)
-    report["remove_count_accuracy"] = float((read == held.counts[many] - 1).float().mean())
-    report["remove_n"] = len(many)
-    rows, others, other_objects, objects = swap_pairs(held.colours, held.counts, generator)
-    swapped_slots = swap_slots(slot_vectors[rows], owners[rows, objects], slot_vectors[others], owners[others, other_objects])
-    swapped = decode_slots(denoiser, swapped_slots, **opts)
-    _, present = judge.read(swapped)
-    new_colour = held.colours[others, other_objects]
-    report["swap_found_accuracy"] = float(present[torch.arange(len(rows)), new_colour].float().mean())
-    report["swap_n"] = len(rows)
-    few = torch.nonzero(held.counts < MAX_OBJECTS).flatten()[:12]
-    added = decode_slots(denoiser, add_slot(slot_vectors[few], slot_vectors[(few + 1) % len(held.images), owners[(few + 1) % len(held.images), 0]]), **opts)
-    report["add_count_accuracy_12"] = float((judge.read(added)[0] == held.counts[few] + 1).float().mean())
+    figures, pictures = recompose(denoiser, judge, held, slot_vectors, masks, opts, seed)
+    report.update(figures)
     print(f"[6/6] decoding ({time.process_time() - t0:.0f} CPU s): count kept in reconstructions "
           f"{report['reconstruction_count_accuracy']:.1%}; one fewer after removing a slot {report['remove_count_accuracy']:.1%} "
-          f"({len(many)} scenes); swapped object found {report['swap_found_accuracy']:.1%} ({len(rows)} scenes)")
-
+          f"({report['remove_n']} scenes); swapped object found {report['swap_found_accuracy']:.1%} ({report['swap_n']} scenes)")
     k = 12
     with torch.no_grad():
         base_recon = baseline.decode(encode_slots(baseline, held.images[:k], seed=seed)[0])[0].clamp(-1, 1)
-    save_grid(torch.cat([held.images[:k], mask_picture(masks[:k]), recon[:k], mask_picture(base_masks[:k]), base_recon]),
-              out_dir / "decomposition.png", nrow=k, upscale=6)
-    r = rows[:k]
-    save_grid(torch.cat([held.images[many[:k]], removed[:k], held.images[r], held.images[others[:k]], swapped[:k],
-                         held.images[few], added]), out_dir / "composition.png", nrow=k, upscale=6)
+    save_grid(torch.cat([held.images[:k], mask_picture(masks[:k]), pictures["reconstructed"][:k],
+                         mask_picture(base_masks[:k]), base_recon]), out_dir / "decomposition.png", nrow=k, upscale=6)
+    save_grid(torch.cat([pictures[name][:k] for name in ("before_removal", "removed", "before_swap", "swapped_from",
+                                                          "swapped", "before_adding", "added")]),
+              out_dir / "composition.png", nrow=k, upscale=6)
     report.update(steps=config.steps, sampler=sampler, sampling_steps=sampling_steps, held_out=len(held.images),
                   num_slots=slots.num_slots, colours=list(COLOURS),
                   cpu_seconds=round(time.process_time() - cpu_start, 1), wall_seconds=round(time.time() - wall_start, 1),
@@ -220,4 +231,4 @@ def format_report(r: dict) -> str:
     return "\n".join(f"  {a:<{w}}  {v:>10}  {c}" for a, v, c in rows)
 
 
-__all__ = ["run_slots_demo", "slot_denoiser", "train_autoencoder", "object_slots", "swap_pairs", "format_report"]
+__all__ = ["run_slots_demo", "slot_denoiser", "train_autoencoder", "object_slots", "swap_pairs", "recompose", "format_report"]

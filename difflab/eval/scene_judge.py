@@ -80,4 +80,14 @@ def train_scene_judge(images: torch.Tensor, counts: torch.Tensor, colours: torch
     return judge.eval()
 
 
-__all__ = ["SceneJudge", "train_scene_judge", "colour_presence"]
+
+
+
+def judge_accuracy(judge: SceneJudge, images: torch.Tensor, counts: torch.Tensor, colours: torch.Tensor) -> dict:
+    """The judge's accuracy on scenes: ``count`` (the count read right) and ``colours`` (the
+    whole set of colours read right)."""
+    read_counts, read_colours = judge.read(images)
+    return {"count": float((read_counts == counts).float().mean()),
+            "colours": float((read_colours == colour_presence(colours)).all(1).float().mean())}
+
+__all__ = ["SceneJudge", "train_scene_judge", "colour_presence", "judge_accuracy"]
