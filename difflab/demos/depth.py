@@ -50,10 +50,10 @@ def scene_data(n_train: int = TRAIN_SCENES, n_held: int = HELD_SCENES):
 
 
 def train_regressor(images: torch.Tensor, depth: torch.Tensor, cpu_seconds: float, *, batch_size: int = 32,
-                    lr: float = 2e-3, seed: int = 0, max_steps: int | None = None) -> tuple[UNet, int]:
+                    lr: float = 2e-3, seed: int = 0, max_steps: int | None = None, callback=None) -> tuple[UNet, int]:
     """The baseline: the demo's U-Net with RGB in and depth out (its time input held at 0), trained
     by MSE on (image, depth in [-1, 1]) for ``cpu_seconds`` of process CPU time (or ``max_steps``).
-    Returns (net, steps)."""
+    ``callback(steps, net)`` is called after every step. Returns (net, steps)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         net = UNet(dataclasses.replace(UNET, in_channels=3, out_channels=1, num_classes=None))
@@ -67,6 +67,8 @@ def train_regressor(images: torch.Tensor, depth: torch.Tensor, cpu_seconds: floa
         loss.backward()
         opt.step()
         steps += 1
+        if callback is not None:
+            callback(steps, net)
     return net.eval(), steps
 
 

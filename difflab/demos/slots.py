@@ -55,9 +55,10 @@ def slot_denoiser(slots: SlotConfig = SLOTS, unet: UNetConfig = UNET, seed: int 
 
 
 def train_autoencoder(images: torch.Tensor, cpu_seconds: float, *, config: SlotConfig = SLOTS, batch_size: int = 32,
-                      lr: float = 1e-3, warmup: int = 100, seed: int = 0, max_steps: int | None = None):
+                      lr: float = 1e-3, warmup: int = 100, seed: int = 0, max_steps: int | None = None, callback=None):
     """The baseline: plain slot attention with the mixture decoder, trained by pixel MSE for
-    ``cpu_seconds`` of process CPU time (or ``max_steps``). Returns (model, steps)."""
+    ``cpu_seconds`` of process CPU time (or ``max_steps``); ``callback(steps, model)`` is called
+    after every step. Returns (model, steps)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = SlotAutoencoder(config)
@@ -76,6 +77,8 @@ def train_autoencoder(images: torch.Tensor, cpu_seconds: float, *, config: SlotC
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         steps += 1
+        if callback is not None:
+            callback(steps, model)
     return model.eval(), steps
 
 
