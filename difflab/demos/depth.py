@@ -40,7 +40,7 @@ UNET = UNetConfig(in_channels=4, model_channels=32, channel_mult=(1, 2), num_res
 DIFFUSION = {"frame": "vp_discrete", "schedule": "cosine", "T": 1000, "prediction": "v"}
 TRAIN = TrainConfig(steps=1200, batch_size=32, lr=2e-3, warmup_steps=50, ema_decay=0.995, cfg_dropout=0.1,
                     checkpoint_every=600, log_every=200, seed=0)
-JUDGE_STEPS = 500
+JUDGE_STEPS = 800
 
 
 def scene_data(n_train: int = TRAIN_SCENES, n_held: int = HELD_SCENES):
