@@ -14,10 +14,12 @@ from pathlib import Path
 
 from ..demos.audio import run_audio_demo
 from ..demos.cascade import run_cascade_demo
+from ..demos.depth import run_depth_demo
 from ..demos.digits import run_demo
 from ..demos.motion import run_motion_demo
 from ..demos.policy import run_policy_demo
 from ..demos.shapes3d import run_shapes3d_demo
+from ..demos.slots import run_slots_demo
 from ..demos.text import run_text_demo
 from ..demos.video import NETWORKS as VIDEO_NETWORKS
 from ..demos.video import run_video_demo
@@ -142,6 +144,26 @@ def _3d_run(args, out):
                       method="vsd" if args.vsd else "sds", points=not args.skip_points, sds=not args.skip_sds)
 
 
+def _depth_options(d):
+    d.add_argument("--resample", type=positive_int, default=None,
+                   help="--depth: RePaint passes over each step of channel inpainting (default: 2)")
+
+
+def _depth_run(args, out):
+    run_depth_demo(out, steps=args.steps, sampler=args.sampler, sampling_steps=args.sampling_steps or 25,
+                   guidance_scale=_guidance(args, 2.0), samples_per_class=args.samples_per_class or 50,
+                   resample=args.resample or 2, seed=args.seed, resume=args.resume)
+
+
+def _slots_run(args, out):
+    if args.guidance is not None:
+        raise UsageError("--guidance is not taken by --slots (its decoder has no unconditional branch)")
+    if args.samples_per_class is not None:
+        raise UsageError("--samples-per-class is not taken by --slots (it decodes every held-out scene)")
+    run_slots_demo(out, steps=args.steps, sampler=args.sampler, sampling_steps=args.sampling_steps or 25, seed=args.seed,
+                   resume=args.resume)
+
+
 # name -> mode; ``difflab demo --NAME`` runs it (the flag's dest is ``mode_NAME``)
 MODES: dict[str, DemoMode] = {
     "text": DemoMode("the latent text-to-image demo instead: a small VAE and a text-conditional U-Net on captioned "
@@ -168,6 +190,12 @@ MODES: dict[str, DemoMode] = {
                    "PointNet, with MMD / COV / 1-NNA beside a Gaussian baseline), and score distillation of the digits model "
                    "into voxel objects whose front and side views read as two digits; writes PLY files and turntable GIFs",
                    "demo_3d_out", _3d_run, _3d_options, ("num_points", "prior", "sds_steps", "vsd", "skip_points", "skip_sds")),
+    "depth": DemoMode("the image+depth demo instead: one count-conditional U-Net over RGB and depth on the embedded "
+                      "scenes (16x16, 1-3 objects), depth from images and images from depth by channel inpainting, "
+                      "beside a supervised depth regressor", "demo_depth_out", _depth_run, _depth_options, ("resample",)),
+    "slots": DemoMode("the slot diffusion demo instead: a slot-attention encoder and a U-Net decoder cross-attending to "
+                      "its slots on the embedded scenes, beside slot attention with a mixture decoder; FG-ARI of the slot "
+                      "masks, and scenes recomposed by removing and swapping slots", "demo_slots_out", _slots_run),
 }
 
 

@@ -4,6 +4,7 @@ from .audio import load_audio
 from .digits import NUM_CLASSES, load_digits, stratified_split
 from .folder import IMAGE_SUFFIXES, ON_ERROR, ImageReadError, image_files, image_tensor, load_image, load_image_folder, read_image
 from .moving_digits import DIRECTIONS, Clips, caption, moving_digits, still_frames
+from .scenes import Scenes, load_scenes
 from .toy import gaussian_mixture, moons, ring_means, swiss_roll
 
 __all__ = [
@@ -11,4 +12,5 @@ __all__ = [
     "read_image", "image_tensor", "ImageReadError", "ON_ERROR",
     "moving_digits", "still_frames", "Clips", "caption", "DIRECTIONS",
     "moons", "swiss_roll", "gaussian_mixture", "ring_means",
+    "load_scenes", "Scenes",
 ]

@@ -1,0 +1,194 @@
+"""`difflab demo --depth`: joint image + depth diffusion on the embedded scenes
+(:mod:`difflab.data.scenes`, 16x16, 1-3 objects). One count-conditional U-Net over RGB + depth
+(LDM3D; Stan et al. 2023) is trained through the one training loop; it then
+
+- generates image/depth pairs for every count (with classifier-free guidance); the scenes judge
+  (:mod:`difflab.eval.scene_judge`) reads the count of the generated images;
+- recovers depth from images by channel inpainting (:mod:`difflab.pipelines.image_depth`): from
+  held-out real images (absolute relative error and delta < 1.25, beside a supervised regressor
+  of the same architecture trained for the same CPU time), and from its own generated images
+  (consistency: the recovered depth against the depth it generated, beside the same figure for
+  real pairs);
+- generates images from held-out depth maps.
+
+Writes ``pairs.png`` (generated images over their depth), ``depth_from_image.png``,
+``image_from_depth.png`` and ``report.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..data.scenes import depth_to_unit, load_scenes, unit_to_depth
+from ..eval.scene_judge import judge_accuracy, train_scene_judge
+from ..eval.scene_metrics import abs_rel, delta_accuracy
+from ..io.images import save_grid
+from ..io.spec import build_denoiser, make_spec
+from ..nn.unet import UNet, UNetConfig
+from ..pipelines.image_depth import depth_from_image, generate_image_depth, image_from_depth, join
+from ..train import TrainConfig, train
+
+SIZE, MAX_OBJECTS = 16, 3
+TRAIN_SCENES, HELD_SCENES = 6000, 300
+UNET = UNetConfig(in_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+                  num_heads=4, num_classes=MAX_OBJECTS)
+DIFFUSION = {"frame": "vp_discrete", "schedule": "cosine", "T": 1000, "prediction": "v"}
+TRAIN = TrainConfig(steps=1200, batch_size=32, lr=2e-3, warmup_steps=50, ema_decay=0.995, cfg_dropout=0.1,
+                    checkpoint_every=600, log_every=200, seed=0)
+JUDGE_STEPS = 800
+
+
+def scene_data(n_train: int = TRAIN_SCENES, n_held: int = HELD_SCENES):
+    """(train, held-out) scenes of the demo."""
+    return (load_scenes(n_train, size=SIZE, split="train", max_objects=MAX_OBJECTS),
+            load_scenes(n_held, size=SIZE, split="test", max_objects=MAX_OBJECTS))
+
+
+def train_regressor(images: torch.Tensor, depth: torch.Tensor, cpu_seconds: float, *, batch_size: int = 32,
+                    lr: float = 2e-3, seed: int = 0, max_steps: int | None = None, callback=None) -> tuple[UNet, int]:
+    """The baseline: the demo's U-Net with RGB in and depth out (its time input held at 0), trained
+    by MSE on (image, depth in [-1, 1]) for ``cpu_seconds`` of process CPU time (or ``max_steps``).
+    ``callback(steps, net)`` is called after every step. Returns (net, steps)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        net = UNet(dataclasses.replace(UNET, in_channels=3, out_channels=1, num_classes=None))
+    generator = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(net.parameters(), lr)
+    start, steps = time.process_time(), 0
+    while time.process_time() - start < cpu_seconds and (max_steps is None or steps < max_steps):
+        idx = torch.randint(len(images), (batch_size,), generator=generator)
+        loss = F.mse_loss(net(images[idx], torch.zeros(batch_size)), depth[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        steps += 1
+        if callback is not None:
+            callback(steps, net)
+    return net.eval(), steps
+
+
+def depth_figures(pred_unit: torch.Tensor, true_unit: torch.Tensor) -> dict:
+    """AbsRel and delta < 1.25 of depth maps given in [-1, 1], compared in world units."""
+    pred, true = unit_to_depth(pred_unit, SIZE), unit_to_depth(true_unit, SIZE)
+    return {"abs_rel": round(abs_rel(pred, true), 4), "delta_1.25": round(delta_accuracy(pred, true), 4)}
+
+
+def generated_pairs(denoiser, judge, out_dir: Path, guidance_scale: float, samples_per_class: int, resample: int,
+                    opts: dict) -> dict:
+    """Pairs generated for every count, the judge's reading of their count, and the depth the
+    model recovers from its own images against the depth it generated; writes ``pairs.png``."""
+    asked = torch.arange(MAX_OBJECTS).repeat_interleave(samples_per_class)
+    images, depth = generate_image_depth(denoiser, asked, size=SIZE, guidance_scale=guidance_scale, **opts)
+    read, _ = judge.read(images)
+    recovered = depth_from_image(denoiser, images, resample=resample, **opts)
+    every = max(1, samples_per_class // 4)
+    save_grid(torch.cat([images[::every][:12], depth[::every][:12].expand(-1, 3, -1, -1)]), out_dir / "pairs.png",
+              nrow=12, upscale=6)
+    return {"judge_generated_count_accuracy": float((read == asked + 1).float().mean()),
+            "consistency_generated": depth_figures(recovered, depth), "samples": len(asked)}
+
+
+def held_out_depth(denoiser, regressor, held, depth_held, out_dir: Path, guidance_scale: float, resample: int,
+                   opts: dict, k: int = 12) -> dict:
+    """Depth from held-out real images by channel inpainting and by the regressor, and images
+    from held-out depth; writes ``depth_from_image.png`` and ``image_from_depth.png``."""
+    from_image = depth_from_image(denoiser, held.images, resample=resample, **opts)
+    with torch.no_grad():
+        baseline = regressor(held.images, torch.zeros(len(held.images))).clamp(-1, 1)
+    def grey(d):
+        return d[:k].expand(-1, 3, -1, -1)
+
+    save_grid(torch.cat([held.images[:k], grey(depth_held), grey(from_image), grey(baseline)]),
+              out_dir / "depth_from_image.png", nrow=k, upscale=6)
+    made = image_from_depth(denoiser, depth_held[:k], labels=held.counts[:k] - 1, guidance_scale=guidance_scale,
+                            resample=resample, **opts)
+    save_grid(torch.cat([grey(depth_held), made, held.images[:k]]), out_dir / "image_from_depth.png", nrow=k, upscale=6)
+    return {"diffusion_depth_from_real": depth_figures(from_image, depth_held),
+            "regressor_depth_from_real": depth_figures(baseline, depth_held)}
+
+
+def run_depth_demo(out_dir="demo_depth_out", *, steps: int | None = None, sampler: str = "ddim", sampling_steps: int = 25,
+                   guidance_scale: float = 2.0, samples_per_class: int = 50, resample: int = 2, seed: int = 0,
+                   resume: bool = False, train_scenes: int = TRAIN_SCENES, held_scenes: int = HELD_SCENES,
+                   judge_steps: int = JUDGE_STEPS, unet: UNetConfig = UNET) -> dict:
+    """Train, sample and judge; writes the pictures and ``report.json`` and returns the report."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cpu_start, wall_start = time.process_time(), time.time()
+    config = TRAIN if steps is None else dataclasses.replace(TRAIN, steps=steps)
+    opts = dict(sampler=sampler, steps=sampling_steps, seed=seed, progress=False)
+    report = {}
+
+    # 1. Data: images in [-1, 1], depth mapped to [-1, 1]; the held-out split is never trained on.
+    train_set, held = scene_data(train_scenes, held_scenes)
+    depth_train, depth_held = depth_to_unit(train_set.depth, SIZE), depth_to_unit(held.depth, SIZE)
+    print(f"[1/6] data: {len(train_set.images)} training scenes, {len(held.images)} held out ({SIZE}x{SIZE}, "
+          f"1-{MAX_OBJECTS} objects, RGB + depth)")
+
+    # 2. The judge: counts and colours, trained on the training scenes only.
+    t0 = time.process_time()
+    judge = train_scene_judge(train_set.images, train_set.counts, train_set.colours, max_objects=MAX_OBJECTS,
+                              steps=judge_steps, seed=seed)
+    real = judge_accuracy(judge, held.images, held.counts, held.colours)
+    report.update(judge_real_count_accuracy=real["count"], judge_real_colour_accuracy=real["colours"])
+    print(f"[2/6] judge ({time.process_time() - t0:.0f} CPU s): counts {real['count']:.1%}, "
+          f"colour sets {real['colours']:.1%} on held-out real scenes")
+
+    # 3. The joint model, count-conditional (label = count - 1), with the label dropped for CFG.
+    spec = make_spec("unet", unet, DIFFUSION)
+    denoiser = build_denoiser(spec, seed=config.seed)
+    print(f"[3/6] training the joint RGB+depth U-Net for {config.steps} steps (batch {config.batch_size})")
+    t0 = time.process_time()
+    state = train(denoiser, (join(train_set.images, depth_train), train_set.counts - 1), config, out_dir,
+                  spec=spec, resume=resume)
+    report["train_cpu_seconds"] = round(time.process_time() - t0, 1)
+    state.ema.copy_to(denoiser.net)
+    denoiser.eval()
+
+    # 4. The baseline regressor, for the same CPU time.
+    regressor, reg_steps = train_regressor(train_set.images, depth_train, report["train_cpu_seconds"], seed=seed)
+    report["regressor_steps"] = reg_steps
+    print(f"[4/6] baseline regressor: {reg_steps} steps in the same {report['train_cpu_seconds']:.0f} CPU s")
+
+    # 5. Generate pairs per count; judge; depth back from the generated images (consistency).
+    t0 = time.process_time()
+    report.update(generated_pairs(denoiser, judge, out_dir, guidance_scale, samples_per_class, resample, opts))
+    print(f"[5/6] {report['samples']} generated pairs ({time.process_time() - t0:.0f} CPU s): the judge reads the count "
+          f"asked in {report['judge_generated_count_accuracy']:.1%}; depth recovered from them vs generated depth: "
+          f"{report['consistency_generated']}")
+
+    # 6. Held-out real images: depth by channel inpainting vs the regressor; images from real depth.
+    t0 = time.process_time()
+    report.update(held_out_depth(denoiser, regressor, held, depth_held, out_dir, guidance_scale, resample, opts))
+    print(f"[6/6] depth from held-out real images ({time.process_time() - t0:.0f} CPU s): diffusion "
+          f"{report['diffusion_depth_from_real']}, regressor {report['regressor_depth_from_real']}")
+
+    report.update(steps=config.steps, sampler=sampler, sampling_steps=sampling_steps, guidance_scale=guidance_scale,
+                  resample=resample, held_out=len(held.images),
+                  cpu_seconds=round(time.process_time() - cpu_start, 1), wall_seconds=round(time.time() - wall_start, 1),
+                  threads=torch.get_num_threads())
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    print(format_report(report))
+    return report
+
+
+def format_report(r: dict) -> str:
+    g, d, b = r["consistency_generated"], r["diffusion_depth_from_real"], r["regressor_depth_from_real"]
+    rows = [
+        ("judge: count as asked, generated scenes", f"{r['judge_generated_count_accuracy']:.1%}", f"{r['samples']} samples"),
+        ("judge: count, real held-out scenes", f"{r['judge_real_count_accuracy']:.1%}", f"{r['held_out']} scenes"),
+        ("consistency: depth(gen image) vs gen depth", f"{g['abs_rel']:.3f} / {g['delta_1.25']:.1%}", "AbsRel / delta<1.25"),
+        ("real pairs: depth(real image) vs true depth", f"{d['abs_rel']:.3f} / {d['delta_1.25']:.1%}", "same mode, held out"),
+        ("baseline regressor, same CPU time", f"{b['abs_rel']:.3f} / {b['delta_1.25']:.1%}", f"{r['regressor_steps']} steps"),
+        ("CPU time: train / total", f"{r['train_cpu_seconds']:.0f}s / {r['cpu_seconds']:.0f}s", f"{r['threads']} thread(s)"),
+    ]
+    w = max(len(a) for a, _, _ in rows)
+    return "\n".join(f"  {a:<{w}}  {v:>16}  {c}" for a, v, c in rows)
+
+
+__all__ = ["run_depth_demo", "train_regressor", "depth_figures", "scene_data", "format_report", "generated_pairs", "held_out_depth"]

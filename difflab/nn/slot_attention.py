@@ -1,0 +1,164 @@
+"""Slot attention (Locatello et al. 2020): a set of K slots competes for the features of an image
+through attention normalized over the slots, refined by a GRU for a few iterations; each slot
+ends up describing one object. Here:
+
+- :class:`SlotAttention`: the module of their Algorithm 1;
+- :class:`SlotEncoder`: their object-discovery encoder (a CNN, a soft position embedding, an MLP,
+  then slot attention; Section 3 and Appendix E), returning the slots and their attention masks;
+- :class:`SlotAutoencoder`: their decoder, for comparison: each slot broadcast over the image
+  (the spatial broadcast decoder; Watters et al. 2019), decoded to RGB and an alpha logit,
+  alphas normalized over slots (a mixture) and the RGB mixed by them;
+- :class:`SlotUNet`: slot diffusion's decoder (Wu et al. 2023, SlotDiffusion; Jiang et al. 2023,
+  LSD): a U-Net that cross-attends to the slots of the clean image, ``net(x_in, t, image=)``,
+  trained end to end with the encoder by the diffusion loss. ``context=`` (slots given directly,
+  e.g. edited ones) bypasses the encoder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import JSONConfig
+from .unet import UNet, UNetConfig
+
+
+@dataclass(frozen=True)
+class SlotConfig(JSONConfig):
+    """The slot encoder's sizes."""
+    in_channels: int = 3
+    size: int = 16          # image side (the position embedding's grid)
+    num_slots: int = 5      # K
+    slot_dim: int = 64      # D
+    iters: int = 3          # T, slot-attention iterations
+    hidden: int = 64        # CNN width and MLP hidden size
+    mlp_hidden: int = 128   # the slot update MLP's hidden size
+
+
+class SlotAttention(nn.Module):
+    """Slot attention (Locatello et al. 2020, Algorithm 1). ``forward(inputs (B, N, D_in), slots
+    (B, K, D))`` returns the slots after ``iters`` iterations and the last attention (B, N, K),
+    normalized over the slots (each input's weights sum to one over the K slots)."""
+
+    def __init__(self, in_dim: int, slot_dim: int, iters: int = 3, mlp_hidden: int = 128, eps: float = 1e-8):
+        super().__init__()
+        self.iters, self.eps, self.scale = iters, eps, slot_dim ** -0.5
+        self.norm_inputs, self.norm_slots, self.norm_mlp = nn.LayerNorm(in_dim), nn.LayerNorm(slot_dim), nn.LayerNorm(slot_dim)
+        self.q = nn.Linear(slot_dim, slot_dim, bias=False)
+        self.k = nn.Linear(in_dim, slot_dim, bias=False)
+        self.v = nn.Linear(in_dim, slot_dim, bias=False)
+        self.gru = nn.GRUCell(slot_dim, slot_dim)
+        self.mlp = nn.Sequential(nn.Linear(slot_dim, mlp_hidden), nn.ReLU(), nn.Linear(mlp_hidden, slot_dim))
+
+    def forward(self, inputs: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = self.norm_inputs(inputs)
+        k, v = self.k(inputs), self.v(inputs)
+        b, n_slots, d = slots.shape
+        for _ in range(self.iters):
+            previous = slots
+            q = self.q(self.norm_slots(slots))
+            attn = torch.softmax(self.scale * k @ q.transpose(1, 2), dim=-1)  # (B, N, K): softmax over the slots
+            weights = attn + self.eps
+            weights = weights / weights.sum(1, keepdim=True)  # weighted mean over the inputs
+            updates = weights.transpose(1, 2) @ v  # (B, K, D)
+            slots = self.gru(updates.reshape(-1, d), previous.reshape(-1, d)).reshape(b, n_slots, d)
+            slots = slots + self.mlp(self.norm_mlp(slots))
+        return slots, attn
+
+
+def position_grid(size: int) -> torch.Tensor:
+    """(size * size, 4): (y, x, 1 - y, 1 - x) per pixel, row-major (the soft position embedding's input)."""
+    r = torch.linspace(0, 1, size)
+    y, x = torch.meshgrid(r, r, indexing="ij")
+    return torch.stack([y, x, 1 - y, 1 - x], -1).reshape(-1, 4)
+
+
+class SlotEncoder(nn.Module):
+    """CNN features plus a soft position embedding, an MLP, then :class:`SlotAttention` from slots
+    drawn from a learned Gaussian N(mu, diag(sigma^2)) (Locatello et al. 2020, Section 3).
+    ``forward(images (B, C, H, W), noise=None)`` -> (slots (B, K, D), masks (B, K, H, W));
+    ``noise`` (B, K, D) standard normal fixes the slots' initialization (drawn otherwise)."""
+
+    def __init__(self, config: SlotConfig = SlotConfig()):
+        super().__init__()
+        self.config = c = config
+        self.cnn = nn.Sequential(nn.Conv2d(c.in_channels, c.hidden, 5, padding=2), nn.ReLU(),
+                                 nn.Conv2d(c.hidden, c.hidden, 5, padding=2), nn.ReLU(),
+                                 nn.Conv2d(c.hidden, c.hidden, 5, padding=2), nn.ReLU())
+        self.position = nn.Linear(4, c.hidden)
+        self.register_buffer("grid", position_grid(c.size), persistent=False)
+        self.mlp = nn.Sequential(nn.LayerNorm(c.hidden), nn.Linear(c.hidden, c.hidden), nn.ReLU(), nn.Linear(c.hidden, c.hidden))
+        self.mu = nn.Parameter(torch.randn(1, 1, c.slot_dim) * c.slot_dim ** -0.5)
+        self.log_sigma = nn.Parameter(torch.full((1, 1, c.slot_dim), -1.0))
+        self.slot_attention = SlotAttention(c.hidden, c.slot_dim, c.iters, c.mlp_hidden)
+
+    def forward(self, images: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        b, _, h, w = images.shape
+        if (h, w) != (c.size, c.size) or images.shape[1] != c.in_channels:
+            raise ValueError(f"the slot encoder takes (B, {c.in_channels}, {c.size}, {c.size}) images, got {tuple(images.shape)}")
+        features = self.cnn(images).flatten(2).transpose(1, 2) + self.position(self.grid.to(images.dtype))
+        features = self.mlp(features)
+        if noise is None:
+            noise = torch.randn(b, c.num_slots, c.slot_dim, device=images.device, dtype=images.dtype)
+        slots, attn = self.slot_attention(features, self.mu + self.log_sigma.exp() * noise)
+        return slots, attn.transpose(1, 2).reshape(b, c.num_slots, h, w)
+
+
+class SlotAutoencoder(nn.Module):
+    """Slot attention's object-discovery model (Locatello et al. 2020): :class:`SlotEncoder`, then
+    the spatial broadcast decoder on each slot (slot + position embedding at every pixel, 1x1 and
+    3x3 convolutions) to RGB and an alpha logit; alphas softmaxed over slots are the masks and the
+    reconstruction is sum_k mask_k * rgb_k. ``forward(images)`` -> (reconstruction, masks (B, K, H, W))."""
+
+    def __init__(self, config: SlotConfig = SlotConfig()):
+        super().__init__()
+        self.config = c = config
+        self.encoder = SlotEncoder(config)
+        self.position = nn.Linear(4, c.slot_dim)
+        self.register_buffer("grid", position_grid(c.size), persistent=False)
+        self.decoder = nn.Sequential(nn.Conv2d(c.slot_dim, c.hidden, 3, padding=1), nn.ReLU(),
+                                     nn.Conv2d(c.hidden, c.hidden, 3, padding=1), nn.ReLU(),
+                                     nn.Conv2d(c.hidden, c.hidden, 3, padding=1), nn.ReLU(),
+                                     nn.Conv2d(c.hidden, c.in_channels + 1, 3, padding=1))
+
+    def decode(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reconstruction (B, C, H, W), masks (B, K, H, W)) of slots (B, K, D)."""
+        b, k, d = slots.shape
+        s = self.config.size
+        x = slots[:, :, None, :] + self.position(self.grid.to(slots.dtype))[None, None]  # (B, K, HW, D)
+        x = x.reshape(b * k, s, s, d).permute(0, 3, 1, 2)
+        out = self.decoder(x).reshape(b, k, -1, s, s)
+        rgb, alpha = out[:, :, :-1], out[:, :, -1]
+        masks = torch.softmax(alpha, dim=1)
+        return (masks[:, :, None] * rgb).sum(1), masks
+
+    def forward(self, images: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        slots, _ = self.encoder(images, noise)
+        return self.decode(slots)
+
+
+class SlotUNet(nn.Module):
+    """Slot diffusion's network (Wu et al. 2023; Jiang et al. 2023): ``net(x_in, t, image=)``
+    encodes the clean ``image`` into slots (:class:`SlotEncoder`) and a :class:`UNet` with
+    ``context_dim = slot_dim`` cross-attends to them; ``context=`` (B, K', D) with an optional
+    ``context_mask`` (B, K') bool uses given slots instead (removed, swapped or added ones)."""
+
+    def __init__(self, encoder: SlotEncoder, unet: UNet):
+        super().__init__()
+        if unet.config.context_dim != encoder.config.slot_dim:
+            raise ValueError(f"the U-Net's context_dim ({unet.config.context_dim}) must be the slots' dim ({encoder.config.slot_dim})")
+        self.encoder, self.unet = encoder, unet
+        self.config = unet.config
+
+    def forward(self, x, t, image=None, context=None, context_mask=None, **cond):
+        if context is None:
+            if image is None:
+                raise ValueError("SlotUNet needs image= (slots are encoded from it) or context= (slots given)")
+            context, _ = self.encoder(image)
+        return self.unet(x, t, context=context, context_mask=context_mask, **cond)
+
+
+__all__ = ["SlotConfig", "SlotAttention", "SlotEncoder", "SlotAutoencoder", "SlotUNet", "position_grid"]

@@ -1,0 +1,26 @@
+"""Short runs of `difflab demo --depth` and `--slots` (tiny data, a few steps): every stage runs,
+the pictures and the report are written, the figures are in range."""
+import json
+
+from difflab.demos.depth import run_depth_demo
+from difflab.demos.slots import run_slots_demo
+
+
+def test_depth_demo_runs_end_to_end(tmp_path):
+    report = run_depth_demo(tmp_path, steps=3, sampling_steps=2, samples_per_class=2, resample=1, train_scenes=64,
+                            held_scenes=6, judge_steps=3)
+    for name in ("pairs.png", "depth_from_image.png", "image_from_depth.png", "report.json"):
+        assert (tmp_path / name).exists()
+    assert json.loads((tmp_path / "report.json").read_text())["samples"] == 6
+    for key in ("consistency_generated", "diffusion_depth_from_real", "regressor_depth_from_real"):
+        assert 0 <= report[key]["delta_1.25"] <= 1 and report[key]["abs_rel"] >= 0
+    assert report["regressor_steps"] >= 1
+
+
+def test_slots_demo_runs_end_to_end(tmp_path):
+    report = run_slots_demo(tmp_path, steps=2, sampling_steps=2, train_scenes=64, held_scenes=12, judge_steps=3)
+    for name in ("decomposition.png", "composition.png", "report.json"):
+        assert (tmp_path / name).exists()
+    assert -1 <= report["fg_ari"] <= 1 and -1 <= report["fg_ari_baseline"] <= 1
+    assert report["remove_n"] >= 1 and report["swap_n"] >= 1
+    assert 0 <= report["swap_found_accuracy"] <= 1

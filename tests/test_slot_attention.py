@@ -1,0 +1,104 @@
+"""Slot attention's symmetry, the slot-diffusion network and pipeline, FG-ARI."""
+import pytest
+import torch
+
+from difflab.core import Denoiser
+from difflab.eval.scene_metrics import abs_rel, delta_accuracy, fg_ari
+from difflab.io.spec import build_frame
+from difflab.nn.slot_attention import SlotAttention, SlotAutoencoder, SlotConfig, SlotEncoder, SlotUNet
+from difflab.nn.unet import UNet, UNetConfig
+from difflab.pipelines.slots import add_slot, decode_slots, encode_slots, remove_slot, segment, swap_slots
+from difflab.train import TrainConfig, train
+
+TINY = SlotConfig(in_channels=3, size=8, num_slots=4, slot_dim=16, iters=3, hidden=16, mlp_hidden=32)
+
+
+def test_slot_attention_is_equivariant_to_the_order_of_its_initialization():
+    torch.manual_seed(0)
+    module = SlotAttention(in_dim=12, slot_dim=16, iters=3).double()
+    inputs = torch.randn(2, 30, 12, dtype=torch.float64)
+    init = torch.randn(2, 5, 16, dtype=torch.float64)
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    slots, attn = module(inputs, init)
+    slots_p, attn_p = module(inputs, init[:, perm])
+    assert torch.allclose(slots_p, slots[:, perm], atol=1e-10)  # the same slots, permuted
+    assert torch.allclose(attn_p, attn[:, :, perm], atol=1e-10)
+    assert torch.allclose(attn.sum(-1), torch.ones(2, 30, dtype=torch.float64))  # softmax over the slots
+    assert not torch.allclose(slots[:, 0], slots[:, 1])  # and the slots do differ
+
+
+def test_encoder_masks_partition_the_pixels_and_fixed_noise_fixes_the_slots():
+    encoder = SlotEncoder(TINY)
+    images = torch.rand(3, 3, 8, 8) * 2 - 1
+    noise = torch.randn(3, 4, 16)
+    slots, masks = encoder(images, noise)
+    assert slots.shape == (3, 4, 16) and masks.shape == (3, 4, 8, 8)
+    assert torch.allclose(masks.sum(1), torch.ones(3, 8, 8), atol=1e-5)
+    assert torch.equal(encoder(images, noise)[0], slots)
+    a, _ = encode_slots(encoder_holder(encoder), images, seed=1, batch_size=1)
+    b, _ = encode_slots(encoder_holder(encoder), images, seed=1, batch_size=3)
+    assert torch.allclose(a, b, atol=1e-6)  # per-image noise: the batch size does not matter
+    recon, mix = SlotAutoencoder(TINY)(images, noise)
+    assert recon.shape == images.shape and torch.allclose(mix.sum(1), torch.ones(3, 8, 8), atol=1e-5)
+
+
+def encoder_holder(encoder):
+    holder = torch.nn.Module()
+    holder.encoder = encoder
+    return holder
+
+
+def _slot_denoiser():
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(in_channels=3, model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+                           num_heads=2, groups=4, context_dim=16))
+    frame = build_frame({"frame": "vp_discrete", "schedule": "cosine", "T": 1000})
+    return Denoiser(SlotUNet(SlotEncoder(TINY), unet), frame, "v")
+
+
+def test_slot_diffusion_trains_the_encoder_through_the_decoder_and_edits_decode(tmp_path):
+    denoiser = _slot_denoiser()
+    images = torch.rand(16, 3, 8, 8) * 2 - 1
+    before = [p.detach().clone() for p in denoiser.net.encoder.parameters()]
+    config = TrainConfig(steps=3, batch_size=4, lr=1e-3, ema_decay=None, checkpoint_every=0, log_every=1, progress=False)
+    train(denoiser, (images, None, {"image": images}), config, tmp_path / "run")
+    changed = [not torch.equal(a, b) for a, b in zip(before, denoiser.net.encoder.parameters())]
+    assert all(changed)  # every encoder parameter gets a gradient from the diffusion loss
+    denoiser.eval()
+    with torch.no_grad():
+        denoiser.net.unet.out[-1].weight.normal_(0, 0.1)  # a decoder whose output depends on the slots
+        for block in denoiser.net.unet.modules():
+            if hasattr(block, "kv") and hasattr(block, "proj"):
+                block.proj.weight.normal_(0, 0.5)
+    slots, masks = encode_slots(denoiser, images[:2])
+    full = decode_slots(denoiser, slots, size=8, steps=3, progress=False)
+    keep = remove_slot(torch.ones(2, 4, dtype=torch.bool), torch.tensor([0, 2]))
+    assert keep.sum().item() == 6 and not keep[0, 0] and not keep[1, 2]
+    fewer = decode_slots(denoiser, slots, slot_mask=keep, size=8, steps=3, progress=False)
+    assert full.shape == (2, 3, 8, 8) and not torch.allclose(full, fewer)
+    one_by_one = decode_slots(denoiser, slots, slot_mask=keep, size=8, steps=3, progress=False, batch_size=1)
+    assert torch.allclose(fewer, one_by_one, atol=1e-5)
+    swapped = swap_slots(slots, torch.tensor([1, 1]), slots.flip(0), torch.tensor([3, 0]))
+    assert torch.equal(swapped[0, 1], slots[1, 3]) and torch.equal(swapped[1, 1], slots[0, 0])
+    assert torch.equal(swapped[:, 0], slots[:, 0])
+    assert add_slot(slots, slots[:, 0]).shape == (2, 5, 16)
+    assert segment(masks).shape == (2, 8, 8)
+
+
+def test_fg_ari_and_depth_errors():
+    true = torch.tensor([[[0, 1, 1], [2, 2, 0], [1, 2, 0]]])
+    relabelled = torch.tensor([[[4, 0, 0], [3, 3, 1], [0, 3, 2]]])  # background ignored, objects renamed
+    assert fg_ari(relabelled, true) == pytest.approx(1.0)
+    assert fg_ari(torch.zeros_like(true), true) == pytest.approx(0.0)  # everything in one segment
+    d = torch.tensor([1.0, 2.0, 4.0])
+    assert abs_rel(d * 1.1, d) == pytest.approx(0.1)
+    assert delta_accuracy(torch.tensor([1.0, 2.6, 4.0]), d) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="same shape"):
+        fg_ari(true[:, :2], true)
+
+
+def test_slot_unet_needs_an_image_or_slots():
+    with pytest.raises(ValueError, match="image="):
+        _slot_denoiser().net(torch.zeros(1, 3, 8, 8), torch.zeros(1))
+    with pytest.raises(ValueError, match="slot_mask"):
+        decode_slots(_slot_denoiser(), torch.zeros(1, 4, 16), slot_mask=torch.ones(1, 3, dtype=torch.bool), size=8)
