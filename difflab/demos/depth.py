@@ -112,6 +112,19 @@ def held_out_depth(denoiser, regressor, held, depth_held, out_dir: Path, guidanc
             "regressor_depth_from_real": depth_figures(baseline, depth_held)}
 
 
+def judge_step(train_set, held, judge_steps: int, seed: int, report: dict):
+    """Step 2 of both scene demos: the counts-and-colours judge, trained on the training scenes only,
+    its accuracy on held-out real scenes printed and put in ``report``."""
+    t0 = time.process_time()
+    judge = train_scene_judge(train_set.images, train_set.counts, train_set.colours, max_objects=MAX_OBJECTS,
+                              steps=judge_steps, seed=seed)
+    real = judge_accuracy(judge, held.images, held.counts, held.colours)
+    report.update(judge_real_count_accuracy=real["count"], judge_real_colour_accuracy=real["colours"])
+    print(f"[2/6] judge ({time.process_time() - t0:.0f} CPU s): counts {real['count']:.1%}, "
+          f"colour sets {real['colours']:.1%} on held-out real scenes")
+    return judge
+
+
 def run_depth_demo(out_dir="demo_depth_out", *, steps: int | None = None, sampler: str = "ddim", sampling_steps: int = 25,
                    guidance_scale: float = 2.0, samples_per_class: int = 50, resample: int = 2, seed: int = 0,
                    resume: bool = False, train_scenes: int = TRAIN_SCENES, held_scenes: int = HELD_SCENES,
@@ -131,13 +144,7 @@ def run_depth_demo(out_dir="demo_depth_out", *, steps: int | None = None, sample
           f"1-{MAX_OBJECTS} objects, RGB + depth)")
 
     # 2. The judge: counts and colours, trained on the training scenes only.
-    t0 = time.process_time()
-    judge = train_scene_judge(train_set.images, train_set.counts, train_set.colours, max_objects=MAX_OBJECTS,
-                              steps=judge_steps, seed=seed)
-    real = judge_accuracy(judge, held.images, held.counts, held.colours)
-    report.update(judge_real_count_accuracy=real["count"], judge_real_colour_accuracy=real["colours"])
-    print(f"[2/6] judge ({time.process_time() - t0:.0f} CPU s): counts {real['count']:.1%}, "
-          f"colour sets {real['colours']:.1%} on held-out real scenes")
+    judge = judge_step(train_set, held, judge_steps, seed, report)
 
     # 3. The joint model, count-conditional (label = count - 1), with the label dropped for CFG.
     spec = make_spec("unet", unet, DIFFUSION)

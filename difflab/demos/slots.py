@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.scenes import COLOURS, PALETTE, load_scenes
-from ..eval.scene_judge import colour_presence, judge_accuracy, train_scene_judge
+from ..eval.scene_judge import colour_presence
 from ..eval.scene_metrics import fg_ari
 from ..io.images import save_grid
 from ..nn.slot_attention import SlotAutoencoder, SlotConfig, SlotEncoder, SlotUNet
@@ -34,8 +34,8 @@ from ..core import Denoiser
 from ..io.spec import build_frame
 from ..pipelines.slots import add_slot, decode_slots, encode_slots, remove_slot, segment, swap_slots
 from ..train import TrainConfig, train
+from .depth import MAX_OBJECTS, SIZE, judge_step
 
-SIZE, MAX_OBJECTS = 16, 3
 TRAIN_SCENES, HELD_SCENES = 6000, 300
 SLOTS = SlotConfig(in_channels=3, size=SIZE, num_slots=MAX_OBJECTS + 2, slot_dim=64, iters=3, hidden=64, mlp_hidden=128)
 UNET = UNetConfig(in_channels=3, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
@@ -165,13 +165,7 @@ def run_slots_demo(out_dir="demo_slots_out", *, steps: int | None = None, sample
           f"1-{MAX_OBJECTS} objects), {slots.num_slots} slots")
 
     # 2. The judge: counts and colours, trained on the training scenes only.
-    t0 = time.process_time()
-    judge = train_scene_judge(train_set.images, train_set.counts, train_set.colours, max_objects=MAX_OBJECTS,
-                              steps=judge_steps, seed=seed)
-    real = judge_accuracy(judge, held.images, held.counts, held.colours)
-    report.update(judge_real_count_accuracy=real["count"], judge_real_colour_accuracy=real["colours"])
-    print(f"[2/6] judge ({time.process_time() - t0:.0f} CPU s): counts {real['count']:.1%}, "
-          f"colour sets {real['colours']:.1%} on held-out real scenes")
+    judge = judge_step(train_set, held, judge_steps, seed, report)
 
     # 3. Slot diffusion: encoder and decoder trained together by the diffusion loss.
     denoiser = slot_denoiser(slots, unet, config.seed)
