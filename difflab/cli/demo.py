@@ -113,7 +113,7 @@ def _video_run(args, out):
 
 def _motion_run(args, out):
     run_motion_demo(out, steps=args.steps, sampler=args.sampler, sampling_steps=args.sampling_steps or 50,
-                    guidance_scale=_guidance(args, 2.5), samples_per_class=args.samples_per_class or 25, seed=args.seed,
+                    guidance_scale=_guidance(args, 1.75), samples_per_class=args.samples_per_class or 25, seed=args.seed,
                     resume=args.resume)
 
 
@@ -183,7 +183,7 @@ MODES: dict[str, DemoMode] = {
                       "(24x24, 8 frames), judged per frame, by its motion and by a clip Frechet distance",
                       "demo_video_out", _video_run, _video_options, ("video_network", "image_fraction")),
     "motion": DemoMode("the motion demo instead: MDM (a transformer over frames, geometric losses, classifier-free guidance "
-                       "on the action; --guidance default 2.5) on embedded stick-figure motions of eight actions, judged by "
+                       "on the action; --guidance default 1.75) on embedded stick-figure motions of eight actions, judged by "
                        "an action classifier (FID, diversity, multimodality, bone drift, foot skate), with in-betweening "
                        "and leg generation by inpainting; writes GIFs", "demo_motion_out", _motion_run),
     "3d": DemoMode("the 3-D demo instead: a class-conditional point transformer on ten procedural shape classes (judged by a "

@@ -56,7 +56,7 @@ N_EDIT = 4                             # held-out clips per action edited
 
 
 def run_motion_demo(out_dir="demo_motion_out", *, steps: int | None = None, sampler: str = "ddim", sampling_steps: int = 50,
-                    guidance_scale: float = 2.5, samples_per_class: int = 25, seed: int = 0, resume: bool = False,
+                    guidance_scale: float = 1.75, samples_per_class: int = 25, seed: int = 0, resume: bool = False,
                     gif: bool = True, progress: bool = True, n_train: int = N_TRAIN, n_heldout: int = N_HELDOUT,
                     spec: dict | None = None) -> dict:
     """Train MDM and the action judge, sample every action, edit held-out clips by inpainting,
