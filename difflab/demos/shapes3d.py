@@ -212,8 +212,8 @@ def run_sds(out_dir: Path, *, prior, prior_steps, sds_steps, pairs, guidance_sca
 # the demo
 
 
-def run_shapes3d_demo(out_dir="demo_3d_out", *, steps: int | None = None, sampler: str = "ddim", sampling_steps: int = 30,
-                      guidance_scale: float = 2.0, samples_per_class: int = 20, num_points: int = NUM_POINTS, seed: int = 0,
+def run_shapes3d_demo(out_dir="demo_3d_out", *, steps: int | None = None, sampler: str = "ddim", sampling_steps: int = 60,
+                      guidance_scale: float = 1.5, samples_per_class: int = 20, num_points: int = NUM_POINTS, seed: int = 0,
                       prior=None, prior_steps: int | None = None, sds_steps: int = 200, sds_guidance: float | None = None,
                       pairs=PAIRS, method: str = "sds", points: bool = True, sds: bool = True, progress: bool = True) -> dict:
     """Run the point-cloud part (``points``) and the score-distillation part (``sds``); write
