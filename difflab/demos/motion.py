@@ -55,6 +55,22 @@ KEY_FRAMES = (0, FRAMES // 2, FRAMES - 1)
 N_EDIT = 4                             # held-out clips per action edited
 
 
+def write_gifs(out_dir: Path, generated, labels, samples_per_class: int, edits, heldout) -> list[str]:
+    """Step 6 of the demo: two generated motions per action, real clips beside their in-betweens and
+    beside their generated legs, as GIFs in ``out_dir``; returns their paths."""
+    pick = torch.cat([torch.arange(len(ACTIONS)) * samples_per_class + k for k in range(min(2, samples_per_class))])
+    gifs = [str(save_stick_gif(generated[pick], out_dir / "samples.gif", columns=len(ACTIONS), size=96,
+                               titles=[ACTIONS[int(labels[i])] for i in pick]))]
+    real, inb, legs = edits
+    both = torch.cat([real[:4], inb[:4]])
+    gifs.append(str(save_stick_gif(both, out_dir / "inbetween.gif", columns=4, size=112,
+                                   titles=[f"real {ACTIONS[int(i)]}" for i in heldout.labels[edit_indices(heldout)][:4]]
+                                   + ["in-between"] * 4, marks=[KEY_FRAMES] * 8)))
+    gifs.append(str(save_stick_gif(torch.cat([real[:4], legs[:4]]), out_dir / "legs.gif", columns=4, size=112,
+                                   titles=["real"] * 4 + ["legs generated"] * 4)))
+    return gifs
+
+
 def run_motion_demo(out_dir="demo_motion_out", *, steps: int | None = None, sampler: str = "ddim", sampling_steps: int = 50,
                     guidance_scale: float = 1.75, samples_per_class: int = 25, seed: int = 0, resume: bool = False,
                     gif: bool = True, progress: bool = True, n_train: int = N_TRAIN, n_heldout: int = N_HELDOUT,
@@ -119,16 +135,7 @@ def run_motion_demo(out_dir="demo_motion_out", *, steps: int | None = None, samp
 
     # 6. GIFs and the report.
     if gif:
-        pick = torch.cat([torch.arange(len(ACTIONS)) * samples_per_class + k for k in range(min(2, samples_per_class))])
-        report["gifs"] = [str(save_stick_gif(generated[pick], out_dir / "samples.gif", columns=len(ACTIONS), size=96,
-                                             titles=[ACTIONS[int(labels[i])] for i in pick]))]
-        real, inb, legs = edits
-        both = torch.cat([real[:4], inb[:4]])
-        report["gifs"].append(str(save_stick_gif(both, out_dir / "inbetween.gif", columns=4, size=112,
-                                                 titles=[f"real {ACTIONS[int(i)]}" for i in heldout.labels[edit_indices(heldout)][:4]]
-                                                 + ["in-between"] * 4, marks=[KEY_FRAMES] * 8)))
-        report["gifs"].append(str(save_stick_gif(torch.cat([real[:4], legs[:4]]), out_dir / "legs.gif", columns=4, size=112,
-                                                 titles=["real"] * 4 + ["legs generated"] * 4)))
+        report["gifs"] = write_gifs(out_dir, generated, labels, samples_per_class, edits, heldout)
     report.update(total_seconds=round(time.time() - t_start, 1), cpu_seconds=round(time.process_time() - c_start, 1),
                   torch_threads=torch.get_num_threads(), steps=cfg.steps, sampler=sampler, sampling_steps=sampling_steps,
                   guidance_scale=guidance_scale, samples_per_class=samples_per_class)
