@@ -104,6 +104,27 @@ def training_data(n: int, image_fraction: float, seed: int = 0):
     return clips, labels, cond, null_cond
 
 
+def train_route(route: VideoRoute, network: str, config, data, null_cond, out_dir: Path, *, steps: int | None,
+                progress: bool, resume: bool):
+    """Step 3 of the demo: build the route's network and train it (the motion-module route: its image
+    network on single frames first, then frozen). Returns the EMA denoiser and the image step's CPU s."""
+    spec = route.spec
+    denoiser = build_denoiser(spec, seed=config.seed)
+    image_cpu = 0.0
+    if route.image_spec is not None:
+        clips, labels = data[0], data[1]
+        image_cpu = pretrain_image_network(denoiser, route, clips, labels, out_dir / network / "image", steps=steps,
+                                           progress=progress, resume=resume)
+        freeze_spatial(denoiser.net)
+    print(f"[3/6] training {network} ({spec['network']['kind']}) for {config.steps} steps (batch {config.batch_size}"
+          f"{', motion modules only' if route.image_spec is not None else ''})")
+    state = train(denoiser, data, config, out_dir / network, spec=spec, null_cond=null_cond,
+                  metadata={"size": SIZE, "frames": FRAMES}, resume=resume)
+    state.ema.copy_to(denoiser.net)
+    denoiser.eval()
+    return denoiser, image_cpu
+
+
 def run_video_demo(out_dir="demo_video_out", *, network: str = "space_time_unet", steps: int | None = None,
                    sampler: str = "ddim", sampling_steps: int = 20, guidance_scale: float = 2.0, clips_per_pair: int = 2,
                    image_fraction: float = 0.0, seed: int = 0, resume: bool = False, tiny: bool = False,
@@ -141,18 +162,8 @@ def run_video_demo(out_dir="demo_video_out", *, network: str = "space_time_unet"
 
     # 3. Train (the motion-module route: the image network on single frames first, then frozen).
     t0, c0 = time.time(), time.process_time()
-    denoiser = build_denoiser(spec, seed=config.seed)
-    image_cpu = 0.0
-    if route.image_spec is not None:
-        image_cpu = pretrain_image_network(denoiser, route, clips, labels, out_dir / network / "image", steps=steps,
-                                           progress=progress, resume=resume)
-        freeze_spatial(denoiser.net)
-    print(f"[3/6] training {network} ({spec['network']['kind']}) for {config.steps} steps (batch {config.batch_size}"
-          f"{', motion modules only' if route.image_spec is not None else ''})")
-    state = train(denoiser, (clips, labels, cond), config, out_dir / network, spec=spec, null_cond=null_cond,
-                  metadata={"size": SIZE, "frames": FRAMES}, resume=resume)
-    state.ema.copy_to(denoiser.net)
-    denoiser.eval()
+    denoiser, image_cpu = train_route(route, network, config, (clips, labels, cond), null_cond, out_dir, steps=steps,
+                                      progress=progress, resume=resume)
     train_seconds, train_cpu = time.time() - t0, time.process_time() - c0
 
     # 4. Sample every class and direction.
