@@ -22,15 +22,14 @@ from pathlib import Path
 import torch
 
 from difflab.cli import main as difflab
-from difflab.data import load_digits
-from difflab.eval import DigitsJudge, judge_report
+from difflab.eval import judge_report
 from difflab.io.checkpoint import TRAINING_BUFFERS, load_checkpoint
 from difflab.io.spec import load_denoiser
 from difflab.perf.fp8 import swap_fp8_training
 from difflab.pipelines import generate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine, write_section  # noqa: E402
+from machine import digits_world, machine, write_section  # noqa: E402
 
 GUIDANCE = 1.5
 
@@ -88,10 +87,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    images, _ = load_digits(split="train")
-    held, held_labels = load_digits(split="test")
-    world = {"judge": DigitsJudge.load_or_train(out / "digits_judge.safetensors"), "held": held,
-             "held_labels": held_labels, "train": images}
+    world = digits_world(out)
     rows = []
     for variant in args.variants.split(","):
         run = out / variant.replace("+", "_")

@@ -34,7 +34,7 @@ from difflab.pipelines.options import TEXT_DEFAULTS
 from difflab.train.distill import DistillConfig, caption_data, distill_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine, merged, record, write_section  # noqa: E402
+from machine import add_run_options, record, start_run, write_section  # noqa: E402
 
 
 def prompts(per_prompt: int) -> tuple[list[str], torch.Tensor]:
@@ -94,20 +94,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-baselines", action="store_true", help="skip the teacher's own few-step rows")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--per-prompt", type=int, default=4)
-    p.add_argument("--write", action="store_true", help="record the table in BENCHMARKS.md")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--rows-from", default=None, help="comma-separated lcm.json files of earlier runs (methods run in "
-                   "parallel): print (and --write) their table, run nothing")
+    add_run_options(p, "lcm.json")
     args = p.parse_args(argv)
-    if args.rows_from:
-        reference, rows, run_args = merged(args.rows_from)
-        run_args.write = args.write
-        return report(reference, rows, run_args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.machine, args.threads = machine(), torch.get_num_threads()
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
+    merged_table = start_run(args, report)
+    if merged_table is not None:
+        return merged_table
 
     # 1. The teacher, the judge, the data.
     teacher_dir = Path(args.teacher or Path(args.out) / "teacher")

@@ -48,3 +48,38 @@ def merged(files: str) -> tuple[dict, list, argparse.Namespace]:
         if run["reference"]["frechet"] != runs[0]["reference"]["frechet"]:
             raise SystemExit(f"{f}: another teacher reference ({run['reference']}) than {runs[0]['reference']}")
     return runs[0]["reference"], [r for run in runs for r in run["rows"]], argparse.Namespace(**runs[0]["args"])
+
+
+def add_run_options(parser: argparse.ArgumentParser, records: str) -> None:
+    """``--write``, ``--threads`` and ``--rows-from`` (``records``: the JSON files of earlier runs)."""
+    parser.add_argument("--write", action="store_true", help="record the table in BENCHMARKS.md")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--rows-from", default=None, help=f"comma-separated {records} files of earlier runs (methods "
+                        "run in parallel): print (and --write) their table, run nothing")
+
+
+def start_run(args, report):
+    """With ``--rows-from``: ``report`` of the merged earlier runs, returned. Otherwise set the threads,
+    record the machine in ``args``, make ``args.out``, seed torch, and return None (go on and run)."""
+    if args.rows_from:
+        reference, rows, run_args = merged(args.rows_from)
+        run_args.write = args.write
+        return report(reference, rows, run_args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.machine, args.threads = machine(), torch.get_num_threads()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    return None
+
+
+def digits_world(out: Path) -> dict:
+    """What the digits benches judge with: the digits judge (trained once into ``out``), the held-out
+    digits and their labels, and the training digits (the Frechet floor)."""
+    from difflab.data import load_digits
+    from difflab.eval import DigitsJudge
+
+    images, _ = load_digits(split="train")
+    held, held_labels = load_digits(split="test")
+    return {"judge": DigitsJudge.load_or_train(out / "digits_judge.safetensors"), "held": held,
+            "held_labels": held_labels, "train": images}

@@ -36,14 +36,13 @@ from pathlib import Path
 import torch
 
 from difflab.cli import main as difflab
-from difflab.data import load_digits
-from difflab.eval import DigitsJudge, judge_report
+from difflab.eval import judge_report
 from difflab.io.spec import load_denoiser
 from difflab.nn.moe import active_parameters, routing_by_sigma, total_parameters
 from difflab.pipelines import generate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine, write_section  # noqa: E402
+from machine import digits_world, machine, write_section  # noqa: E402
 
 GUIDANCE = 1.5
 VARIANTS = {"dense": ("dit", []), "moe": ("moe-dit", []), "fp8": ("dit", ["--fp8"])}
@@ -138,10 +137,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    images, _ = load_digits(split="train")
-    held, held_labels = load_digits(split="test")
-    world = {"judge": DigitsJudge.load_or_train(out / "digits_judge.safetensors"), "held": held,
-             "held_labels": held_labels, "train": images}
+    world = digits_world(out)
     for variant in [v for v in args.variants.split(",") if v]:
         if variant not in VARIANTS:
             raise SystemExit(f"--variants: {variant!r} is not one of {', '.join(VARIANTS)}")
