@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -104,10 +105,15 @@ def digits_model(fast: bool, *, steps: int | None = None, spec: dict | None = No
     key = hashlib.sha256(json.dumps([spec, settings], sort_keys=True, default=str).encode()).hexdigest()[:16]
     folder = cache_dir() / f"digits_{key}"
     path = folder / "checkpoint.safetensors"
-    if not path.exists():
+    if not path.exists():  # train in a folder of this process's own, then move it in place
         images, labels = load_digits(split="train")
         denoiser = build_denoiser(spec, seed=seed)
-        fit_digits(denoiser, (images, labels), TrainConfig(**settings), folder, spec=spec)
+        scratch = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
+        fit_digits(denoiser, (images, labels), TrainConfig(**settings), scratch, spec=spec)
+        try:
+            scratch.rename(folder)
+        except OSError:  # another process finished the same (deterministic) run first
+            shutil.rmtree(scratch, ignore_errors=True)
     denoiser, _ = load_denoiser(path, weights="ema")
     return denoiser.eval(), spec
 
