@@ -155,7 +155,8 @@ def main(argv=None) -> dict:
     for k, label in (("skip", "with skips"), ("noskip", "skips zeroed")):
         ax.loglog(SIGMAS, errors[k], "o-", label=f"{label} (judge {judged[k]['accuracy']:.0%})")
     ax.loglog(SIGMAS, [s * s for s in SIGMAS], ":", color="gray", label="error of D = x (sigma^2)")
-    ax.set(xlabel="sigma", ylabel="held-out MSE of x0", title=f"same budget: {steps} steps"), ax.legend(fontsize=7)
+    ax.set(xlabel="sigma", ylabel="held-out MSE of x0", title=f"same budget: {steps} steps", ylim=(1e-3, 1.0))
+    ax.legend(fontsize=7)
     for col, k in enumerate(("skip", "noskip")):
         grid = samples[k].reshape(10, -1, 8, 8)[:, :4].permute(0, 2, 1, 3).reshape(80, -1)
         ax = axes[2 + col]
