@@ -31,6 +31,7 @@ BOUNDS = {
 SIDES = (8, 16, 32)
 
 
+@torch.no_grad()
 def self_attention_weights(module: SelfAttention, x: torch.Tensor) -> torch.Tensor:
     """softmax(Q K^T / sqrt(d)) of ``module`` on its input ``x`` (B, C, H, W): (B, heads, HW, HW)."""
     tokens = module.norm(x).flatten(2).transpose(1, 2)
@@ -59,7 +60,6 @@ def cost(side: int, channels: int = 64, batch: int = 4, repeats: int = 5) -> dic
 
 def main(argv=None) -> dict:
     args = guide.parse(argv, __doc__)
-    torch.manual_seed(args.seed)
     world = guide.digits_world()
 
     # 1. Self-attention in the digits U-Net: 16 tokens (4x4), every pixel attends to every pixel.

@@ -129,6 +129,7 @@ def record(net, kind, fn) -> list:
     return calls
 
 
+@torch.no_grad()
 def cross_attention_weights(module, x, context, mask) -> torch.Tensor:
     """softmax(Q K^T / sqrt(d)) of a :class:`difflab.nn.layers.CrossAttention` from the pixels of
     ``x`` (B, C, H, W) to ``context`` tokens, padding masked (Rombach et al. 2022, eq. 3): (B, heads, HW, L)."""
