@@ -6,7 +6,8 @@ reads them; the noise std after average pooling by k falls as 1/k. (2) Simple di
 resolution-shifted schedule (Hoogeboom et al. 2023) undoes that: at the same t, the shifted
 schedules leave the three sizes equally legible. (3) One level or two: U-Nets with one and with two
 resolution levels trained with the same budget on the digits.
-``python examples/guide/21_multi_scale.py [--fast --out DIR]`` (about 40 s; fast about 7 s).
+``python examples/guide/21_multi_scale.py [--fast --out DIR]`` (full: 79 s of CPU time on one thread,
+measured on the shared, loaded 2-core machine; --fast: 27 s).
 """
 from __future__ import annotations
 
