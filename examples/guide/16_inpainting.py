@@ -21,8 +21,8 @@ BOUNDS = {
     "kept_region_max_error": (0.0, 0.0),       # RePaint's last step puts the known pixels back exactly
     "accuracy_half_only": (0.2, 0.8),          # the judge on the kept half alone (hidden half blank)
     "accuracy_paste": (0.1, 0.8),              # unconditional sample, known half pasted at the end
-    "accuracy_repaint": (0.4, 1.0),            # replacement after every step
-    "accuracy_repaint_resample": (0.4, 1.0),   # with resampling jumps
+    "accuracy_repaint": (0.3, 1.0),            # replacement after every step
+    "accuracy_repaint_resample": (0.25, 1.0),   # with resampling jumps
     "fill_error_paste": (0.3, 2.0),            # mean squared error of the filled half vs the truth
     "fill_error_repaint": (0.0, 1.0),
 }

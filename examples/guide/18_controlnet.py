@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
     # 2. Train it on the frozen base: the train split's digits with their own silhouettes as controls.
     images, _ = load_digits(split="train")
     data = (images, None, {"context": context.expand(len(images), -1, -1).contiguous(), "control": silhouette(images)})
-    ed.trained_module("controlnet_silhouette", controlled, data, args.fast, (150, 800), seed=args.seed)
+    ed.trained_module("controlnet_silhouette", controlled, data, args.fast, (150, 300), seed=args.seed)
 
     # 3. Sample with the same per-sample noise: base, controlled, controlled at scale 1/2.
     n, steps = (40, 10) if args.fast else (300, 25)

@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
         embeds = encoder(images)[pick]
     data = (images.repeat(reps, 1, 1, 1), None,
             {"context": context.expand(len(pick), -1, -1).contiguous(), "image_embeds": embeds})
-    ed.trained_module("ip_adapter_digits", adapted, data, args.fast, (200, 1200), seed=args.seed, lr=5e-3)
+    ed.trained_module("ip_adapter_digits", adapted, data, args.fast, (200, 500), seed=args.seed, lr=5e-3)
 
     # 3. Scale 0 is the base exactly; then sample from held-out references at three scales.
     refs = held[16:32]
