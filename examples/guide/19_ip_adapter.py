@@ -26,7 +26,7 @@ BOUNDS = {
     "scale0_max_change": (0.0, 0.0),        # scale 0 skips the image branch: the base, bit for bit
     "scale1_max_change": (1e-3, 10.0),      # at scale 1 the trained adapter does move the output
     "match_scale_0": (0.0, 0.3),            # the base ignores the reference: about chance (10%)
-    "match_scale_1": (0.3, 1.0),
+    "match_scale_1": (0.2, 1.0),            # chance is 10%
     "trainable_parameters": (5_000, 50_000),
 }
 
