@@ -6,7 +6,7 @@ sample at the end (no inpainting at all), then by RePaint's replacement after ev
 (Lugmayr et al. 2022, Algorithm 1), then with RePaint's resampling jumps. Prints the judge's
 accuracy of the completed digit against the original's class, the error on the kept pixels (0),
 and the filled half's error against the truth.
-``python examples/guide/16_inpainting.py [--fast --out DIR]`` (about 30 s on the 2-core CPU).
+``python examples/guide/16_inpainting.py [--fast --out DIR]`` (30 s of CPU time on one thread).
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ Two experiments with the guide's digits model (8x8, run unconditionally) and ReP
 2. Tiles: a strip 8 x 20 grown from a real digit by four overlapping 8x8 windows, each sharing
    4 columns with the last (the model only ever sees 8x8). Prints the jump at the tiles' seams
    against the jump inside each window.
-``python examples/guide/17_outpainting.py [--fast --out DIR]`` (about 25 s on the 2-core CPU).
+``python examples/guide/17_outpainting.py [--fast --out DIR]`` (26 s of CPU time on one thread).
 """
 from __future__ import annotations
 
