@@ -31,7 +31,7 @@ def run(shift_back):
 
 
 def test_same_conditioning_retraces_the_trajectory():
-    x0, sigmas, x_first, maps, seen, retraced, out = run(0.5)
+    x0, sigmas, _, maps, seen, retraced, out = run(0.5)
     assert len(maps) == len(sigmas) - 2  # no map for the last step to sigma = 0
     for a, b in zip(seen, retraced):
         assert torch.allclose(a["x"], b["x"], atol=1e-9)

@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
     plt = guide.pyplot()
     fig = plt.figure(figsize=(9, 5))
     order = torch.tensor([int((y == c).nonzero()[0]) for c in range(10) if bool((y == c).any())])  # one source per class
-    show = lambda x: x[order]  # noqa: E731
+    show = lambda x: x[order]
     ed.draw_rows(fig, [("source", show(source)), ("DDPM-inv back", show(back)), ("DDIM edit", show(edits["edit_ddim"])),
                        (f"DDIM edit\ncfg {guidance:g}", show(edits["edit_ddim_cfg"])),
                        (f"DDPM-inv edit\ncfg {guidance:g}", show(edits["edit_ddpm_cfg"])),

@@ -10,7 +10,6 @@ the 700 training steps included; the --fast run 12 s, 120 steps).
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 import _editing as ed
