@@ -16,7 +16,7 @@ from .common import ancestral_step, check_sigmas, ode_derivative
 from .ddim import sample_ddim
 from .ddpm import sample_ddpm
 from .fit_grid import fit_sigmas
-from .inversion import invert_ddim
+from .inversion import invert_ddim, invert_ddpm
 
 # One plain dict: each family module exports its own SAMPLERS and they are merged here.
 SAMPLERS = {
@@ -40,4 +40,4 @@ def get_sampler(name: str):
     return SAMPLERS[name]
 
 
-__all__ = ["SAMPLERS", "ETA_SAMPLERS", "get_sampler", "sample_ddim", "sample_ddpm", "check_sigmas", "ancestral_step", "ode_derivative", "invert_ddim", "BrownianTreeNoise", "fit_sigmas"]
+__all__ = ["SAMPLERS", "ETA_SAMPLERS", "get_sampler", "sample_ddim", "sample_ddpm", "check_sigmas", "ancestral_step", "ode_derivative", "invert_ddim", "invert_ddpm", "BrownianTreeNoise", "fit_sigmas"]
