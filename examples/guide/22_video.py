@@ -6,7 +6,7 @@ class and direction and lets the clip judge read them (per-frame class, one clas
 motion as asked). Checks the two structural facts the chapter rests on: with the frames marked
 independent, the space-time U-Net is an image U-Net applied frame by frame; and freshly inserted
 motion modules leave an image U-Net exactly as it was.
-``python examples/guide/22_video.py [--fast --out DIR]`` (about 60 s on a quiet 2-core CPU; writes a PNG and a GIF).
+``python examples/guide/22_video.py [--fast --out DIR]`` (full: 59 CPU s with one torch thread, measured on the loaded 2-core CPU; writes a PNG and a GIF).
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ Trains the audio demo's class-conditional DiffWave (8 dilated residual layers, 1
 half-second clips of every class (the network is fully convolutional) and lets the audio judge read
 them; sets the spectral flatness of real, generated and white-noise clips side by side; writes the
 waveforms and spectrograms as a PNG and one generated clip per class as a WAV.
-``python examples/guide/24_audio.py [--fast --out DIR]`` (about 60 s on a quiet 2-core CPU).
+``python examples/guide/24_audio.py [--fast --out DIR]`` (full: 35 CPU s with one torch thread, measured on the loaded 2-core CPU).
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Measures what the spectrogram route loses before any generation: real held-out c
 their 32 x 64 log-mel images and back, with the true phase and with Griffin-Lim's (0, 8, 32, 64
 iterations), and the audio judge reads the round trips. Then trains the demo's mel U-Net briefly on
 the training clips' log-mels, samples every class, decodes them by Griffin-Lim and judges them.
-``python examples/guide/36_spectrograms.py [--fast --out DIR]`` (about 60 s; writes a PNG and a WAV).
+``python examples/guide/36_spectrograms.py [--fast --out DIR]`` (full: 56 CPU s with one torch thread, measured on the loaded 2-core CPU; writes a PNG and a WAV).
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ stick-figure motions for a few hundred steps, samples every action and lets the 
 them; then edits held-out clips with the same model and no retraining: in-betweening from three key
 poses (inpainting in time) and the legs generated under a given upper body (inpainting in joints).
 The in-betweens are set beside linear interpolation of the same key poses.
-``python examples/guide/48_motion.py [--fast --out DIR]`` (about 60 s on a quiet 2-core CPU; writes a PNG and a GIF).
+``python examples/guide/48_motion.py [--fast --out DIR]`` (full: 41 CPU s with one torch thread, measured on the loaded 2-core CPU; writes a PNG and a GIF).
 """
 from __future__ import annotations
 

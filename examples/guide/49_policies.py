@@ -5,7 +5,7 @@ demonstrations go either way), trains a small diffusion policy over 16-step acti
 behaviour-cloning MLP on the same chunks, and rolls both out on fixed evaluation episodes. Then
 trains Diffuser's trajectory model and a return model on mixed-quality trajectories and plans the
 same episodes with start and goal fixed by inpainting, unguided and guided up the return.
-``python examples/guide/49_policies.py [--fast --out DIR]`` (about 60 s on a quiet 2-core CPU; writes a PNG and a GIF).
+``python examples/guide/49_policies.py [--fast --out DIR]`` (full: 59 CPU s with one torch thread, measured on the loaded 2-core CPU; writes a PNG and a GIF).
 """
 from __future__ import annotations
 
