@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
                        ("unaware fill", independent)], cols, total_rows=7)
     for r in range(3):
         ax = fig.add_subplot(7, 1, 5 + r)
-        ax.imshow(strip[r, 0], cmap="gray", vmin=-1, vmax=1)
+        ax.imshow(strip[r, 0].numpy(), cmap="gray", vmin=-1, vmax=1)
         for c in seams:
             ax.axvline(c - 0.5, color="red", lw=0.6, alpha=0.6)
         ax.set_xticks([]), ax.set_yticks([])

@@ -32,7 +32,7 @@ def draw_rows(fig, rows: list[tuple[str, torch.Tensor]], columns: int, top: int 
     for r, (title, images) in enumerate(rows):
         for c in range(columns):
             ax = fig.add_subplot(total_rows, columns, (top + r) * columns + c + 1)
-            ax.imshow(images[c, 0].detach(), cmap="gray", vmin=-1, vmax=1)
+            ax.imshow(images[c, 0].detach().numpy(), cmap="gray", vmin=-1, vmax=1)
             ax.set_xticks([]), ax.set_yticks([])
             if c == 0:
                 ax.set_ylabel(title, fontsize=7, rotation=0, ha="right", va="center")
