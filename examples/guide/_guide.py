@@ -93,6 +93,7 @@ def digits_model(fast: bool, *, steps: int | None = None, spec: dict | None = No
     and cached by its settings: full 600 steps (about 40 s on the 2-core CPU), fast 80 steps.
     ``train``: more :class:`difflab.train.TrainConfig` fields. Returns ``(denoiser, spec)``."""
     from difflab.data import load_digits
+    from difflab.io.checkpoint import read_metadata
     from difflab.io.spec import build_denoiser, load_denoiser
     from difflab.train import TrainConfig
     from difflab.train import train as fit_digits
@@ -105,6 +106,8 @@ def digits_model(fast: bool, *, steps: int | None = None, spec: dict | None = No
     key = hashlib.sha256(json.dumps([spec, settings], sort_keys=True, default=str).encode()).hexdigest()[:16]
     folder = cache_dir() / f"digits_{key}"
     path = folder / "checkpoint.safetensors"
+    if path.exists() and read_metadata(path).get("step") != steps:  # an interrupted run: train it again
+        shutil.rmtree(folder)
     if not path.exists():  # train in a folder of this process's own, then move it in place
         images, labels = load_digits(split="train")
         denoiser = build_denoiser(spec, seed=seed)
