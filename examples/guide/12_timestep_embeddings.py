@@ -81,7 +81,7 @@ def run(args) -> dict:
 
     # 3. The picture: the embedding matrix, cosine similarity between steps (both embeddings), loss curves.
     plt = guide.pyplot()
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6), constrained_layout=True)
     axes[0].imshow(sinus.T, aspect="auto", cmap="RdBu", interpolation="nearest")
     axes[0].set(xlabel="step t", ylabel="channel (cos | sin)", title="sinusoidal embedding, dim 64")
     for ax, cos, name in ((axes[1], cos_s, "sinusoidal"), (axes[2], cos_f, "Fourier (w ~ N(0,1), t/T)")):
@@ -93,7 +93,9 @@ def run(args) -> dict:
         smooth = torch.tensor(c).unfold(0, k, k).mean(1) if len(c) >= k else torch.tensor(c)
         axes[3].plot(range(k, k * len(smooth) + 1, k), smooth, label=emb)
     axes[3].axhline(figures["loss_floor"], color="gray", ls="--", label="exact model")
-    axes[3].set(xlabel="training step", ylabel="eps-MSE", ylim=(0.3, 1.1), title="training loss"), axes[3].legend(fontsize=7)
+    top = max(c[len(c) // 10] for c in curves.values())
+    axes[3].set(xlabel="training step", ylabel="eps-MSE", ylim=(0.9 * figures["loss_floor"], 1.2 * top), title="training loss")
+    axes[3].legend(fontsize=7)
     guide.save(fig, guide.picture(args, "12_timestep_embeddings.png"))
     return figures
 

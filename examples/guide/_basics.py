@@ -34,8 +34,9 @@ def ring_mixture(modes: int = 8, std: float = 0.1) -> GaussianMixture:
 
 
 def discrete_grid(frame: VPDiscrete, steps: int) -> torch.Tensor:
-    """``steps`` of the frame's training steps (diffusers' "leading" spacing, as DDIM's paper) then 0."""
-    return grids.timestep_sigmas(frame, grids.discrete_timesteps(frame.T, steps, "leading"))
+    """``steps`` of the frame's training steps, "trailing" spacing (Lin et al. 2024: the first is
+    always the last training step, where the sampler's noise starts), then 0."""
+    return grids.timestep_sigmas(frame, grids.discrete_timesteps(frame.T, steps, "trailing"))
 
 
 class ToyNet(nn.Module):
