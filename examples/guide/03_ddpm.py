@@ -58,7 +58,7 @@ def oracle_ddpm(n: int, seed: int, many: int) -> tuple[dict, dict]:
         for var in ("small", "large"):
             gen = torch.Generator().manual_seed(seed + 1)
             s = sample_ddpm(model, x_T, _basics.discrete_grid(frame, steps), variance=f"fixed_{var}",
-                            noise=lambda: torch.randn(n, 2, generator=gen, dtype=torch.float64))
+                            noise=lambda gen=gen: torch.randn(n, 2, generator=gen, dtype=torch.float64))
             name = "many" if steps == many else steps
             out[f"oracle_nll_gap_{var}_{name}"] = gm.mean_nll(s) - entropy
             out[f"oracle_frechet_{var}_{name}"] = gm.frechet_to_truth(s)

@@ -52,7 +52,7 @@ def oracle(n: int, seed: int, steps: tuple[int, ...]) -> tuple[dict, dict]:
         rmse[k] = (ddim - exact).pow(2).sum(-1).mean().sqrt().item()
         out[f"oracle_ddim_rmse_{k}"] = rmse[k]
         gen = torch.Generator().manual_seed(seed + 1)
-        ddpm = sample_ddpm(model, x_T, grid, noise=lambda: torch.randn(n, 2, generator=gen, dtype=torch.float64))
+        ddpm = sample_ddpm(model, x_T, grid, noise=lambda gen=gen: torch.randn(n, 2, generator=gen, dtype=torch.float64))
         out[f"oracle_nll_gap_ddim_{k}"] = gm.mean_nll(ddim) - entropy
         out[f"oracle_nll_gap_ddpm_{k}"] = gm.mean_nll(ddpm) - entropy
         back = sample_ddim(model, invert_ddim(model, x0, grid), grid)

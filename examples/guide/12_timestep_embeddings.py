@@ -57,7 +57,7 @@ def run(args) -> dict:
         torch.manual_seed(args.seed)
         fourier = FourierFeatures(dim // 2)
     four = fourier(t / T)  # NCSN++ feeds log sigma; here t in [0, 1), frequencies ~ N(0, 1)
-    unit = lambda e: e / e.norm(dim=-1, keepdim=True)  # noqa: E731
+    unit = lambda e: e / e.norm(dim=-1, keepdim=True)
     cos_s, cos_f = unit(sinus) @ unit(sinus).T, unit(four) @ unit(four).T
     figures = {"sinusoidal_cos_adjacent_min": cos_s.diagonal(1).min().item(),
                "sinusoidal_cos_far": cos_s[0, -1].item(),
