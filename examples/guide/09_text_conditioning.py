@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
         ax.set_yticks([8 + 16 * d for d in range(10)], [caption(d, TEMPLATES[j]) for d in range(10)], fontsize=7)
         ax.set_xticks([]), ax.set_title(("training" if j == 0 else "held-out") + f" template, guidance 3", fontsize=9)
     words = prompt.split()
-    axes[2].bar(range(len(words)), per_token[:len(words)])
+    axes[2].bar(range(len(words)), per_token[:len(words)].tolist())
     axes[2].set_xticks(range(len(words)), words), axes[2].set(ylabel="mean cross-attention weight",
                                                                title=f"pixels attending to '{prompt}'")
     guide.save(fig, guide.picture(args, "09_text_conditioning.png"))

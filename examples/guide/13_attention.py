@@ -113,7 +113,7 @@ def main(argv=None) -> dict:
         ax.plot(q % 4, q // 4, "c+", ms=14, mew=2), ax.set_title(f"where 4x4 token {q} looks", fontsize=8)
     for ax in axes[:4]:
         ax.set_xticks([]), ax.set_yticks([])
-    axes[4].bar(range(n_real), per_token[:n_real]), axes[4].set_xticks(range(n_real), tokens[:n_real])
+    axes[4].bar(range(n_real), per_token[:n_real].tolist()), axes[4].set_xticks(range(n_real), tokens[:n_real])
     axes[4].set(title=f"text model: cross-attention\nover '{prompt}'", ylabel="mean weight per token")
     n = [s * s for s in SIDES]
     axes[5].loglog(n, [costs[s]["naive_s"] * 1e3 for s in SIDES], "o-", label="naive softmax(QK^T)V")
