@@ -52,11 +52,11 @@ def underflow_share(values: torch.Tensor, dtype: torch.dtype, scale: float = 1.0
 def main(argv=None) -> dict:
     args = guide.parse(argv, __doc__)
     world = guide.digits_world()
-    steps, n, width, batch = (10, 20, 4, 16) if args.fast else (300, 200, 8, 64)
+    steps, n, width, batch = (10, 20, 4, 16) if args.fast else (200, 100, 8, 64)
     runs = {p: tr.run(tr.tiny_spec(width), steps, seed=args.seed, batch_size=batch, precision=p) for p in ("fp32", "bf16")}
     l32, l16 = runs["fp32"]["losses"], runs["bf16"]["losses"]
     rel = (l16 - l32).abs() / l32
-    judged = {p: tr.judge(world, r["raw"], n, steps=10 if args.fast else 20, seed=args.seed) for p, r in runs.items()}
+    judged = {p: tr.judge(world, r["raw"], n, steps=5 if args.fast else 20, seed=args.seed) for p, r in runs.items()}
 
     # The numerics: ranges, and real gradients against them.
     f32, b16, h16 = torch.finfo(torch.float32), torch.finfo(torch.bfloat16), torch.finfo(torch.float16)

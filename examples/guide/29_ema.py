@@ -33,12 +33,12 @@ def flat(denoiser) -> torch.Tensor:
 def main(argv=None) -> dict:
     args = guide.parse(argv, __doc__)
     world = guide.digits_world()
-    steps, n, width, batch = (12, 20, 4, 16) if args.fast else (600, 300, 8, 64)
+    steps, n, width, batch = (12, 20, 4, 16) if args.fast else (400, 200, 8, 64)
     out = tr.run(tr.tiny_spec(width), steps, seed=args.seed, batch_size=batch, emas=DECAYS)
     models = {"raw": out["raw"], **{f"ema_{d}": m for d, m in out["ema"].items()}}
     raw = flat(out["raw"])
     distance = {k: float((flat(m) - raw).norm() / raw.norm()) for k, m in models.items()}
-    judged = {k: tr.judge(world, m, n, steps=10 if args.fast else 20, seed=args.seed) for k, m in models.items()}
+    judged = {k: tr.judge(world, m, n, steps=5 if args.fast else 20, seed=args.seed) for k, m in models.items()}
 
     from difflab.train import EMA
     ema = EMA(out["raw"].net, 0.999)

@@ -28,9 +28,8 @@ BOUNDS = {
     "train_predicted_over_measured": (0.8, 1.05),
     "train_over_inference": (5.0, 1000.0),      # a training step needs many times an inference call
     "checkpointing_activation_ratio": (0.05, 0.9),
-    "sd15_parameters_millions": (859, 860.5),
-    "sd15_weight_side_gib": (12.7, 12.9),       # 16 bytes per weight: fp32 weights, grads, 2 Adam moments (+ EMA: 20)
 }
+# (the full run adds the SD1.5-size U-Net: 859.5 M parameters, 12.8 GiB of fp32 weights, grads and AdamW moments)
 
 
 class _FlashSaves(torch.autograd.Function):
@@ -74,18 +73,16 @@ def saved_bytes(net, batch: int, size: int, fused: bool = False) -> int:
     return sum(seen.values())
 
 
-def sd15(batch: int, latent: int, fast: bool) -> dict:
+def sd15(batch: int, latent: int) -> dict:
     """The SD1.5-size U-Net on the meta device: parameters; activations of a training step and of an
     inference call (fp32 training, fp16 inference; fused attention) at ``batch`` latents of ``latent`` x ``latent``."""
     net = resolve_network("sd1", "meta")
-    n = sum(p.numel() for p in net.parameters())
-    out = {"parameters": n}
-    if not fast:
-        per = saved_bytes(net, 1, latent, fused=True)
-        out["train_activations"] = per * batch  # saved tensors are per example: linear in the batch
-        net = net.to(torch.float16)
-        x, t, cond = example_inputs(net, batch, latent, device="meta", dtype=torch.float16)
-        out["inference_activations"] = peak_bytes(net, x, t, **cond)
+    out = {"parameters": sum(p.numel() for p in net.parameters())}
+    per = saved_bytes(net, 1, latent, fused=True)
+    out["train_activations"] = per * batch  # saved tensors are per example: linear in the batch
+    net = net.to(torch.float16)
+    x, t, cond = example_inputs(net, batch, latent, device="meta", dtype=torch.float16)
+    out["inference_activations"] = peak_bytes(net, x, t, **cond)
     return out
 
 
@@ -98,7 +95,7 @@ def main(argv=None) -> dict:
     # 1. The digits U-Net: predicted and measured, training and inference.
     est = estimate_memory(net, batch, 8, ema=True)
     est_ckpt = estimate_memory(net, batch, 8, ema=True, gradient_checkpointing=True)
-    est_bf16 = estimate_memory(net, batch, 8, ema=True, precision="bf16")
+    est_bf16 = None if args.fast else estimate_memory(net, batch, 8, ema=True, precision="bf16")
     est_inf = estimate_memory(net, batch, 8, training=False)
     hooks = saved_bytes(net, batch, 8)
     measured = measure_peak(net, batch, 8)
@@ -108,15 +105,13 @@ def main(argv=None) -> dict:
 
     # 2. SD1.5 size on the meta device.
     sd_batch, latent = 8, 64
-    sd = sd15(sd_batch, latent, args.fast)
-    p = sd["parameters"]
+    sd = {} if args.fast else sd15(sd_batch, latent)
     figures = {
         "digits_parameters": n,
         "digits_params_kib": est["parameters"] / 1024, "digits_grads_kib": est["gradients"] / 1024,
         "digits_adam_kib": est["optimizer"] / 1024, "digits_ema_kib": est["ema"] / 1024,
         "digits_activations_kib": est["activations"] / 1024,
         "digits_activations_ckpt_kib": est_ckpt["activations"] / 1024,
-        "digits_activations_bf16_kib": est_bf16["activations"] / 1024,
         "digits_train_predicted_kib": predicted_no_ema / 1024,
         "digits_train_measured_kib": measured["peak"] / 1024,
         "digits_inference_predicted_kib": est_inf["total"] / 1024,
@@ -125,14 +120,16 @@ def main(argv=None) -> dict:
         "train_predicted_over_measured": predicted_no_ema / measured["peak"],
         "train_over_inference": measured["peak"] / measured_inf["peak"],
         "checkpointing_activation_ratio": est_ckpt["activations"] / est["activations"],
-        "sd15_parameters_millions": p / 1e6,
-        "sd15_weight_side_gib": 16 * p / GiB,
-        "sd15_ema_gib": 4 * p / GiB,
-        "sd15_inference_weights_fp16_gib": 2 * p / GiB,
     }
-    if "train_activations" in sd:
+    if sd:
+        p = sd["parameters"]
+        figures["digits_activations_bf16_kib"] = est_bf16["activations"] / 1024
+        figures["sd15_parameters_millions"] = p / 1e6
+        figures["sd15_weight_side_gib"] = 16 * p / GiB
+        figures["sd15_ema_gib"] = 4 * p / GiB
+        figures["sd15_inference_weights_fp16_gib"] = 2 * p / GiB
         figures["sd15_train_activations_b8_gib"] = sd["train_activations"] / GiB
-        figures["sd15_train_total_b8_gib"] = (20 * p + max(sd["train_activations"], 4 * p)) / GiB
+        figures["sd15_train_total_b8_gib"] = (16 * p + max(sd["train_activations"], 4 * p)) / GiB  # weights, Adam, EMA; then activations or grads
         figures["sd15_inference_activations_b8_fp16_gib"] = sd["inference_activations"] / GiB
         figures["sd15_inference_total_b8_fp16_gib"] = (2 * p + sd["inference_activations"]) / GiB
     guide.report(figures)
@@ -152,10 +149,10 @@ def main(argv=None) -> dict:
                 ax.bar(i, v / unit, bottom=bottom, color=f"C{j}", label=parts[j] if i == 0 else None)
                 bottom += v / unit
         ax.set_xticks(range(len(table)), list(table))
-        ax.set(ylabel="MiB (bars stack every part)", title=title)
+        ax.set(ylabel="MiB (all parts stacked; a peak holds the larger of\ngradients and activations, not both)", title=title)
         ax.axhline(measured["peak"] / unit, color="k", ls=":", lw=1, label="measured training peak (no EMA)")
         ax.legend(fontsize=7)
-    if "train_activations" in sd:
+    if sd:
         sdt = {"train fp32": [4 * p, 4 * p, 8 * p, 4 * p, sd["train_activations"]],
                "inference fp16": [2 * p, 0, 0, 0, sd["inference_activations"]]}
         for i, (label, values) in enumerate(sdt.items()):

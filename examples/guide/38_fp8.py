@@ -70,9 +70,9 @@ def tensors_of(denoiser, world: dict, seed: int) -> dict:
 def main(argv=None) -> dict:
     args = guide.parse(argv, __doc__)
     world = guide.digits_world()
-    steps, n, width, batch = (10, 20, 4, 16) if args.fast else (300, 200, 8, 64)
+    steps, n, width, batch = (10, 20, 4, 16) if args.fast else (200, 100, 8, 64)
     runs = {f: tr.run(tr.tiny_spec(width), steps, seed=args.seed, batch_size=batch, fp8=f == "fp8") for f in ("fp32", "fp8")}
-    judged = {k: tr.judge(world, r["raw"], n, steps=10 if args.fast else 20, seed=args.seed) for k, r in runs.items()}
+    judged = {k: tr.judge(world, r["raw"], n, steps=5 if args.fast else 20, seed=args.seed) for k, r in runs.items()}
     l32, l8 = runs["fp32"]["losses"], runs["fp8"]["losses"]
     rel = (l8 - l32).abs() / l32
 

@@ -86,7 +86,7 @@ def run(spec: dict, steps: int, *, seed: int = 0, emas: tuple = (), threads: int
 def sample(denoiser, n: int, *, steps: int = 20, seed: int = 0, guidance_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(digits, labels)``: n class-conditional samples, classes 0-9 in turn, DDIM ``steps``."""
     labels = torch.arange(n) % 10
-    x = generate(denoiser, labels, shape=(1, 8, 8), steps=steps, seed=seed, guidance_scale=guidance_scale)
+    x = generate(denoiser, labels, shape=(1, 8, 8), steps=steps, seed=seed, guidance_scale=guidance_scale, progress=False)
     return x, labels
 
 
