@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
     ax1.plot(range(1, steps + 1), l32, lw=0.8, label=f"fp32 (judge {judged['fp32']['accuracy']:.0%})")
     ax1.plot(range(1, steps + 1), l16, lw=0.8, label=f"bf16 autocast (judge {judged['bf16']['accuracy']:.0%})")
-    ax1.set(xlabel="step", ylabel="loss", yscale="log", title="same seed, same batches")
+    ax1.set(xlabel="step", ylabel="loss", title="same seed, same batches")
     ax1.legend()
     logs = grads[grads != 0].abs().log2()
     ax2.hist(logs.numpy(), bins=80, color="gray")
@@ -98,6 +98,7 @@ def main(argv=None) -> dict:
         ax2.axvline(torch.tensor(value).log2(), color=color, label=label)
     ax2.set(xlabel="log2 |gradient|", ylabel="count", title="one step's gradients (digits U-Net)")
     ax2.legend(fontsize=7)
+    fig.tight_layout()
     guide.save(fig, guide.picture(args, "28_mixed_precision.png"))
     return figures
 

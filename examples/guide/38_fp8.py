@@ -126,20 +126,21 @@ def main(argv=None) -> dict:
         smallest = fi.tiny * fi.eps
         for v in (smallest, fi.max):
             axes[0].axvline(torch.tensor(v).log2(), color="k", ls=style, lw=0.8)
-    axes[0].set(xlabel="log2 |value| (lines: E4M3 solid, E5M2 dashed; smallest subnormal, max)", ylabel="density",
-                title="unscaled tensors vs the FP8 ranges")
+    axes[0].set(xlabel="log2 |value|", ylabel="density",
+                title="unscaled tensors vs FP8 ranges\n(solid E4M3, dashed E5M2: smallest subnormal, max)")
     axes[0].legend(fontsize=7)
     xs = torch.linspace(-4, 4, 2001)
     for fmt in ("e4m3", "e5m2"):
         s = scale_from(torch.tensor(4.0), fmt, 0, torch.tensor(1.0))
         axes[1].plot(xs, quantize(xs, s, fmt).float() / s - xs, lw=0.7, label=fmt.upper())
-    axes[1].set(xlabel="x (scaled so that amax 4 maps to the format's max)", ylabel="rounding error",
+    axes[1].set(xlabel="x (amax 4 scaled to the format's max)", ylabel="rounding error",
                 title="per-tensor scaled rounding error")
     axes[1].legend(fontsize=7)
     axes[2].plot(range(1, steps + 1), l32, lw=0.8, label=f"fp32 (judge {judged['fp32']['accuracy']:.0%})")
     axes[2].plot(range(1, steps + 1), l8, lw=0.8, label=f"FP8 linears, emulated (judge {judged['fp8']['accuracy']:.0%})")
-    axes[2].set(xlabel="step", ylabel="loss", yscale="log", title="same seed, same batches")
+    axes[2].set(xlabel="step", ylabel="loss", title="same seed, same batches")
     axes[2].legend(fontsize=7)
+    fig.tight_layout()
     guide.save(fig, guide.picture(args, "38_fp8.png"))
     return figures
 

@@ -40,7 +40,7 @@ def run(spec: dict, steps: int, *, seed: int = 0, emas: tuple = (), threads: int
     :func:`difflab.train.train` and return ``{"raw": denoiser (last weights), "ema": {decay: denoiser},
     "losses": (steps,) per-step mean loss, "wall": s, "cpu": s}``. ``emas``: EMA decays averaged
     beside the run (:class:`difflab.train.EMA`, updated by the step callback, as the loop updates
-    its own). ``config``: more :class:`TrainConfig` fields (digits recipe by default: batch 64,
+    its own), each a decay (with the loop's warmup) or a pair ``(decay, warmup)``. ``config``: more :class:`TrainConfig` fields (digits recipe by default: batch 64,
     lr 2e-3, warmup, 10% label dropout, no EMA of the loop's own). Cached by its settings."""
     settings = dict(steps=steps, batch_size=64, lr=2e-3, warmup_steps=min(50, steps // 4), ema_decay=None,
                     cfg_dropout=0.1, checkpoint_every=0, log_every=10_000, progress=False, seed=seed)
@@ -50,7 +50,7 @@ def run(spec: dict, steps: int, *, seed: int = 0, emas: tuple = (), threads: int
     if not path.exists():
         world = guide.digits_world()
         denoiser = build_denoiser(spec, seed=seed)
-        averages = [EMA(denoiser.net, d) for d in emas]
+        averages = [EMA(denoiser.net, *(d if isinstance(d, tuple) else (d,))) for d in emas]
         losses = []
 
         def record(info):
@@ -71,7 +71,7 @@ def run(spec: dict, steps: int, *, seed: int = 0, emas: tuple = (), threads: int
         for i, a in enumerate(averages):
             tensors.update({f"ema{i}.{k}": v for k, v in strip_training_buffers(a.state_dict()).items()})
         tensors["losses"] = torch.tensor(losses, dtype=torch.float64)
-        save_checkpoint(path, tensors, {"wall": wall, "cpu": cpu, "emas": list(emas)})
+        save_checkpoint(path, tensors, {"wall": wall, "cpu": cpu, "emas": [list(d) if isinstance(d, tuple) else d for d in emas]})
     tensors, meta = load_checkpoint(path)
 
     def denoiser_from(prefix: str):
