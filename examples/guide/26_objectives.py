@@ -8,8 +8,8 @@ trains only the variance. The example prints those x0 weights (from ``loss_weigh
 ``params.x0_error_scale``), draws them against log-SNR (alone, and times each frame's training
 density of noise levels), then trains one small digits model per objective at the same budget
 (same net, data, steps, optimizer, seed) and judges 200 samples of each.
-``python examples/guide/26_objectives.py [--fast --out DIR]`` (about 3 min on a quiet 2-core CPU
-the first time, 7 trainings; then cached, about 20 s).
+``python examples/guide/26_objectives.py [--fast --out DIR]`` (about 55 CPU seconds with one thread
+the first time, seven trainings; then cached; --fast about 7 CPU seconds).
 """
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ distance from the float64 run: rounding, amplified by training). Then measures
 what accumulation trades: the activation memory of a step (``difflab.perf.memory.estimate_memory``)
 and the time per step, and what breaks the equality: dropout, whose masks come from one random
 stream drawn in different pieces.
-``python examples/guide/27_gradient_accumulation.py [--fast --out DIR]`` (about 25 CPU seconds with one thread).
+``python examples/guide/27_gradient_accumulation.py [--fast --out DIR]`` (about 26 CPU seconds with one thread;
+--fast about 5).
 """
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ prints how far the loss curves drift apart and what the digits judge reads of ea
 numerics: the range and precision of fp32, bf16 and fp16 (``torch.finfo``), and where the real
 gradients of a digits model fall against fp16's range: the share that would underflow to zero in
 fp16 without loss scaling and with a scale of 2^16 (Micikevicius et al. 2018), and in bf16.
-``python examples/guide/28_mixed_precision.py [--fast --out DIR]`` (about 1 min on a quiet 2-core
-CPU the first time, two trainings; then cached, about 10 s).
+``python examples/guide/28_mixed_precision.py [--fast --out DIR]`` (about 33 CPU seconds with one
+thread the first time, two trainings; then cached).
 """
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ scale comes from the amax history of earlier calls, so an outlier newer than the
 saturates instead of overflowing. Finally trains the same small digits model in fp32 and with
 its linears and 1x1 convolutions in FP8 (``TrainConfig(fp8=True)``, emulated on the CPU: the same
 arithmetic as the GPU path, none of its speed), and judges both.
-``python examples/guide/38_fp8.py [--fast --out DIR]`` (about 2 min on a quiet 2-core CPU the
-first time, two trainings; then cached, about 10 s).
+``python examples/guide/38_fp8.py [--fast --out DIR]`` (about 38 CPU seconds with one thread
+the first time, two trainings; then cached; --fast about 5 CPU seconds).
 """
 from __future__ import annotations
 
