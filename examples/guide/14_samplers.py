@@ -6,7 +6,8 @@
    order of the method).
 2. On the guide's digits model: judge accuracy and Frechet distance at 5, 10 and 20 NFE for each
    sampler (DDPM included: it has no ODE to be compared with), from the same per-sample noise,
-   all on the Karras grid (rho = 7); and Heun once on the model's own trailing timesteps.
+   all on the Karras grid (rho = 7) from sigma = 80; and Heun once on the model's own trailing
+   timesteps, whose first step spans sigma 2e4 -> 6.
 ``python examples/guide/14_samplers.py [--fast --out DIR]`` (about 50 s on the 2-core CPU, after
 the cached digits model).
 """
@@ -45,8 +46,8 @@ BOUNDS = {
     "unipc_error_20": (0.003, 0.03),
     "euler_error_20": (0.02, 0.1),
     "unipc_accuracy_10": (0.5, 1.0),    # digits model (fast: 80 training steps)
-    "ddpm_accuracy_20": (0.3, 1.0),
-    "heun_accuracy_10": (0.3, 1.0),      # on the Karras grid
+    "ddpm_accuracy_10": (0.3, 1.0),
+    "heun_accuracy_10": (0.3, 1.0),      # on the Karras grid from sigma 80
     "heun_trailing_accuracy_10": (0.0, 0.3),  # on the trailing timesteps: the first step breaks it
 }
 
@@ -99,13 +100,13 @@ def digits_scores(args, world):
     model, _ = guide.digits_model(args.fast)
     per_class = 10 if args.fast else 30
     asked = S.asked_labels(per_class)
-    names = ["ddpm", "euler", "heun", "dpmpp_2m", "unipc"] if args.fast else list(SAMPLERS)
+    names = ["ddpm", "heun", "unipc"] if args.fast else list(SAMPLERS)
     scores, grids_ = {}, {}
     for name in names:
         fn_name, kwargs, _ = SAMPLERS[name]
-        for nfe in (5, 10, 20):
+        for nfe in (10,) if args.fast else (5, 10, 20):
             samples = S.sample(model, len(asked), steps_for(name, nfe), labels=asked, sampler=fn_name,
-                               seed=args.seed, grid="karras", **kwargs)
+                               seed=args.seed, grid="karras80", **kwargs)
             r = guide.judge_samples(world, samples, asked)
             scores[name, nfe] = r
             if nfe == 10:
@@ -143,12 +144,13 @@ def main(argv=None) -> dict:
     ax.legend(fontsize=7)
     ax = fig.add_subplot(2, 2, 2)
     names = sorted({n for n, _ in scores if n in SAMPLERS}, key=list(SAMPLERS).index)
+    budgets = sorted({k for _, k in scores})
     for name in names:
-        ax.plot([5, 10, 20], [scores[name, k]["frechet"] for k in (5, 10, 20)], "o-", label=name, ms=3)
+        ax.plot(budgets, [scores[name, k]["frechet"] for k in budgets], "o-", label=name, ms=3)
     ax.axhline(figures["frechet_floor"], color="gray", ls="--", lw=0.8, label="train vs held-out")
     ax.set(xlabel="NFE", ylabel="Frechet distance (judge features)", title="digits model", xscale="log")
     ax.legend(fontsize=7)
-    shown = [n for n in ("ddpm", "euler", "dpmpp_2m", "unipc") if n in samples]
+    shown = [n for n in ("ddpm", "euler", "heun", "unipc") if n in samples]
     for i, name in enumerate(shown):
         S.show_grid(fig.add_subplot(2, len(shown), len(shown) + i + 1), S.class_grid(samples[name], len(samples[name]) // 10, 3),
                     10, f"{name}, 10 NFE")

@@ -45,9 +45,13 @@ def sample(model, n: int, steps: int, *, labels=None, sampler: str = "ddim", see
            batch_size: int = 250, **kwargs) -> torch.Tensor:
     """n digits, sample i from its own noise (seed, i) for the start and for every step of a
     stochastic sampler, so the same seed gives the same image whatever the batch. ``labels``: the
-    (n,) classes asked (passed as ``class_labels``); ``kwargs`` go to the sampler. Clamped to [-1, 1]."""
+    (n,) classes asked (passed as ``class_labels``); ``grid``: a :func:`difflab.core.grids.for_denoiser`
+    grid, or ``karras80``; ``kwargs`` go to the sampler. Clamped to [-1, 1]."""
     den = base(model)
-    sigmas = grids.for_denoiser(den, steps, grid=grid).float()
+    if grid == "karras80":  # Karras et al.'s rho = 7 grid from EDM's sigma_max = 80 down to the model's sigma_min
+        sigmas = grids.karras_sigmas(steps, float(den.sigma_min), 80.0).float()
+    else:
+        sigmas = grids.for_denoiser(den, steps, grid=grid).float()
     fn = get_sampler(sampler)
     out = []
     for start in range(0, n, batch_size):
