@@ -8,8 +8,8 @@
    with a small noise-aware classifier trained here (seeded, cached), and classifier-free guidance
    of the same model, each swept over its scale; the judge's accuracy for the asked class and the
    Frechet distance to held-out digits trace the fidelity/diversity trade-off.
-``python examples/guide/06_classifier_guidance.py [--fast --out DIR]`` (about 60 s on the 2-core
-CPU, after the cached digits model).
+``python examples/guide/06_classifier_guidance.py [--fast --out DIR]`` (49 CPU seconds on one
+thread, after the cached digits model; the fast run about 4 CPU seconds beyond loading it).
 """
 from __future__ import annotations
 

@@ -8,8 +8,8 @@
    sampler (DDPM included: it has no ODE to be compared with), from the same per-sample noise,
    all on the Karras grid (rho = 7) from sigma = 80; and Heun once on the model's own trailing
    timesteps, whose first step spans sigma 2e4 -> 6.
-``python examples/guide/14_samplers.py [--fast --out DIR]`` (about 50 s on the 2-core CPU, after
-the cached digits model).
+``python examples/guide/14_samplers.py [--fast --out DIR]`` (37 CPU seconds on one thread,
+after the cached digits model; the fast run about 2.5 CPU seconds beyond loading it).
 """
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ ancestral, DPM-Solver++(2M) / its SDE variant.
 2. On the guide's digits model: judge accuracy, Frechet distance and diversity (mean distance
    between two samples of one class, judge features) for each sampler, from the same noise.
 3. Determinism: the same seed gives the same image, whatever the batch, stochastic samplers too.
-``python examples/guide/15_deterministic_vs_stochastic.py [--fast --out DIR]`` (about 45 s on the
-2-core CPU, after the cached digits model).
+``python examples/guide/15_deterministic_vs_stochastic.py [--fast --out DIR]`` (24 CPU seconds on one
+thread, after the cached digits model; the fast run about 2 CPU seconds beyond loading it).
 """
 from __future__ import annotations
 

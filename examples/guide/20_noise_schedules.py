@@ -6,8 +6,8 @@ sigmoid betas, and the cosine schedule rescaled to zero terminal SNR; samples ea
 steps on its own trailing timesteps from the same noise and prints the judge accuracy and the
 Frechet distance. Also prints where each schedule puts its training noise levels (the fraction of
 timesteps with sigma below 1, i.e. SNR above 1): a closed-form figure.
-``python examples/guide/20_noise_schedules.py [--fast --out DIR]`` (about 60 s on the 2-core CPU
-once the five models are cached; training them takes about 100 s more, once).
+``python examples/guide/20_noise_schedules.py [--fast --out DIR]`` (118 CPU seconds on one
+thread, training the five models included (once, then cached); the fast run trains two for 40 steps).
 """
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ of the predicted image that the middle self-attention attends to most and denois
 (Ahn et al. 2024) replaces the middle self-attention map by the identity. On the guide's digits
 model (class-conditional, no classifier-free guidance), each is swept over its scale and the judge
 accuracy and Frechet distance printed (PAG perturbs all six self-attention layers); the picture shows SAG's mask and blur on one digit.
-``python examples/guide/34_self_attention_guidance.py [--fast --out DIR]`` (about 50 s on the
-2-core CPU, after the cached digits model).
+``python examples/guide/34_self_attention_guidance.py [--fast --out DIR]`` (41 CPU seconds on one
+thread, after the cached digits model; the fast run about 2.5 CPU seconds beyond loading it).
 """
 from __future__ import annotations
 

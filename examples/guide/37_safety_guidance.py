@@ -9,8 +9,8 @@ The digit 7 plays the unsafe concept. On the guide's digits model:
    do); and the Frechet distance to the held-out digits that are not 7s;
 2. conditional sampling of all ten classes, where asking for a 7 is the unsafe request: how often
    a 7 still comes out, and whether the other nine classes keep their accuracy.
-``python examples/guide/37_safety_guidance.py [--fast --out DIR]`` (about 50 s on the 2-core CPU,
-after the cached digits model and classifier).
+``python examples/guide/37_safety_guidance.py [--fast --out DIR]`` (29 CPU seconds on one thread,
+after the cached digits model and classifier; the fast run about 4 CPU seconds beyond loading them).
 """
 from __future__ import annotations
 
