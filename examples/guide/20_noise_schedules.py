@@ -29,10 +29,12 @@ FAST = ("linear", "cosine")
 BOUNDS = {
     "linear_snr_above_one": (0.25, 0.27),     # closed form: t <= 259 of 1000
     "cosine_snr_above_one": (0.49, 0.50),     # t <= 496
-    "scaled_linear_snr_above_one": (0.2, 0.45),
-    "linear_accuracy": (0.05, 1.0),           # fast: 40 training steps, barely trained
-    "cosine_accuracy": (0.05, 1.0),
-    "cosine_frechet": (5.0, 400.0),
+    "scaled_linear_snr_above_one": (0.35, 0.36),
+    "sigmoid_snr_above_one": (0.43, 0.45),
+    "cosine_ztsnr_snr_above_one": (0.49, 0.50),
+    "linear_accuracy": (0.05, 1.0),           # fast: 40 training steps, barely trained (16%)
+    "cosine_accuracy": (0.05, 1.0),           # (18%)
+    "cosine_frechet": (5.0, 350.0),           # (191)
 }
 
 
