@@ -7,7 +7,7 @@ changes nothing (zero convolutions), then how well samples follow a held-out dig
 without and with the ControlNet: intersection over union of the sample's ink with the control,
 and the judge's accuracy against the control digit's class.
 ``python examples/guide/18_controlnet.py [--fast --out DIR]`` (94 s of CPU time on one thread, the
-base's 600 and the ControlNet's 300 training steps included; the --fast run trains 300 and 150.)
+base's 600 and the ControlNet's 300 training steps included; the --fast run trains 120 and 60.)
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
     # 2. Train it on the frozen base: the train split's digits with their own silhouettes as controls.
     images, _ = load_digits(split="train")
     data = (images, None, {"context": context.expand(len(images), -1, -1).contiguous(), "control": silhouette(images)})
-    ed.trained_module("controlnet_silhouette", controlled, data, args.fast, (150, 300), seed=args.seed)
+    ed.trained_module("controlnet_silhouette", controlled, data, args.fast, (60, 300), seed=args.seed)
 
     # 3. Sample with the same per-sample noise: base, controlled, controlled at scale 1/2.
     n, steps = (40, 10) if args.fast else (300, 25)

@@ -8,7 +8,7 @@ image, *another* digit of the same class, so that the adapter must carry the cla
 pixels. Prints that scale 0 is the base model exactly, then how often a sample's class (judged)
 matches the reference's, by scale, and whether samples copy their reference.
 ``python examples/guide/19_ip_adapter.py [--fast --out DIR]`` (45 s of CPU time on one thread, the
-adapter's 500 training steps included, the base of chapter 18 cached; --fast trains 200).
+adapter's 500 training steps included, the base of chapter 18 cached; --fast trains 80).
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
         embeds = encoder(images)[pick]
     data = (images.repeat(reps, 1, 1, 1), None,
             {"context": context.expand(len(pick), -1, -1).contiguous(), "image_embeds": embeds})
-    ed.trained_module("ip_adapter_digits", adapted, data, args.fast, (200, 500), seed=args.seed, lr=5e-3)
+    ed.trained_module("ip_adapter_digits", adapted, data, args.fast, (80, 500), seed=args.seed, lr=5e-3)
 
     # 3. Scale 0 is the base exactly; then sample from held-out references at three scales.
     refs = held[16:32]

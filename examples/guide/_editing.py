@@ -94,7 +94,7 @@ def sd_base(fast: bool, seed: int = 0):
     """The small Stable-Diffusion-style digits model that the adapter chapters (18, 19) steer:
     a ``UNetSD`` (widths 16/32, attention at 4x4, 0.25 M parameters) at 8x8, unconditional,
     its cross-attention fed one fixed "empty prompt" (4 tokens, seeded). Trained with
-    ``difflab.train.train`` (v-prediction, cosine) and cached: fast 300 steps, full 600.
+    ``difflab.train.train`` (v-prediction, cosine) and cached: fast 120 steps, full 600.
     Returns ``(denoiser, context)`` with ``context`` (1, 4, 32)."""
     from difflab.data import load_digits
     from difflab.io.spec import make_spec
@@ -107,4 +107,4 @@ def sd_base(fast: bool, seed: int = 0):
     context = torch.randn(1, SD_CONTEXT_TOKENS, SD_CONTEXT_DIM, generator=torch.Generator().manual_seed(1234))
     images, _ = load_digits(split="train")
     data = (images, None, {"context": context.expand(len(images), -1, -1).contiguous()})
-    return trained("sd_digits", spec, data, fast, (300, 600), seed=seed), context
+    return trained("sd_digits", spec, data, fast, (120, 600), seed=seed), context
