@@ -136,10 +136,12 @@ def report(reference: dict, rows: list, args) -> dict:
                  f"{r['recall']:.3f} | {r['class_recall_min']:.3f} | " + ", ".join(f"{c}: {f:.1f}" for c, f in r["curve"]) + " |"
                  for r in rows]
     text = "\n".join(lines + per_seed)
-    text += (f"\n\nMachine: {args.machine}; 2-core CPU, shared/loaded; each run {args.budget:g} CPU seconds of training "
+    text += (f"\n\nMachine: {args.machine}; 2-core CPU, shared/loaded (load 16-41); each run {args.budget:g} CPU seconds of training "
              f"(evaluation excluded), its own process, 1 thread; {args.samples} samples per run (balanced classes), "
              "judge features. GAN: difflab.nn.gan (hinge, spectral norm, EMA generator, batch 64). Diffusion: the "
-             "guide's digits U-Net (batch 64, lr 2e-3, EMA 0.995), DDIM 50 steps, no guidance. "
+             "guide's digits U-Net (batch 64, lr 2e-3, EMA 0.995), DDIM 50 steps, no guidance. FD along training: "
+             f"{CURVE_SAMPLES} samples (diffusion: DDIM 20 steps) at each quarter of the budget (the GAN's loop ends "
+             "before its fourth); at 200 samples FD reads higher than at 500. "
              "See [docs/guide/10-diffusion-vs-gans.md](docs/guide/10-diffusion-vs-gans.md).")
     print(text)
     if args.write:

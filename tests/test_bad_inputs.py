@@ -641,8 +641,8 @@ API_CASES = [
     ("memorization-neighbours-too-many", lambda r: memorization(torch.zeros(3, 4), torch.randn(5, 4), neighbours=5),
      ValueError, "neighbours=5"),
     ("memorization-delta-0", lambda r: memorization(torch.zeros(3, 4), torch.randn(5, 4), neighbours=2, delta=0), ValueError, "delta"),
-    ("memorization-not-a-tensor", lambda r: memorization([[0.0]], torch.randn(5, 4)), TypeError, "generated"),
-    ("provenance-source-unknown", lambda r: provenance({"x": torch.zeros(2)}, source=3), TypeError, "source"),
+    ("memorization-not-a-tensor", lambda r: memorization([[0.0]], torch.randn(5, 4)), ValueError, "generated"),
+    ("provenance-source-unknown", lambda r: provenance({"x": torch.zeros(2)}, source=3), ValueError, "source"),
     # guidance
     ("cfg-scale-nan", lambda r: ClassifierFreeGuidance(_zero, math.nan, uncond={}), ValueError, "scale"),
     ("cfg-scale-inf", lambda r: ClassifierFreeGuidance(_zero, math.inf, uncond={}), ValueError, "scale"),

@@ -84,7 +84,7 @@ def provenance(data: dict, source=None) -> dict:
     elif isinstance(source, (str, Path)):
         record["source"] = folder_source(source)
     else:
-        raise TypeError(f"source must be 'digits', a folder path or a dict, got {type(source).__name__}")
+        raise ValueError(f"source must be 'digits', a folder path or a dict, got {type(source).__name__}")
     return record
 
 

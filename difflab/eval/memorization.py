@@ -60,7 +60,7 @@ class Memorization:
 
 def _flat(x, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor (N, ...), got {type(x).__name__}")
+        raise ValueError(f"{name} must be a tensor (N, ...), got {type(x).__name__}")
     if x.ndim < 2 or len(x) == 0:
         raise ValueError(f"{name} must be a non-empty batch (N, ...), got shape {tuple(x.shape)}")
     return x.detach().reshape(len(x), -1).double().cpu()
