@@ -21,10 +21,10 @@ from difflab.nn.gan import GANConfig, sample_gan, train_gan
 from difflab.pipelines import generate
 from difflab.train import TrainConfig, train
 
-# --fast trains 30 GAN and 15 diffusion updates (fixed counts, so these are exact on any CPU)
+# --fast trains 20 GAN and 10 diffusion updates (fixed counts, so these are exact on any CPU)
 BOUNDS = {
-    "gan_frechet_mean": (200.0, 1500.0),       # 30 updates: far from the digits
-    "diffusion_frechet_mean": (100.0, 500.0),  # 15 updates: nearer, still far
+    "gan_frechet_mean": (200.0, 1500.0),       # 20 updates: far from the digits
+    "diffusion_frechet_mean": (100.0, 600.0),  # 10 updates: nearer, still far
     "diffusion_accuracy_mean": (0.0, 0.6),
     "recall_diffusion_minus_gan": (0.02, 1.0),  # the diffusion model covers more of the held-out digits early
 }
@@ -70,7 +70,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(1)  # CPU seconds on one thread: the budget both get
     seeds = [args.seed] if args.fast else [args.seed + i for i in range(3)]
     # full: the same CPU seconds each (as the bench); fast: fixed updates, so the test's figures are exact
-    seconds, updates = (None, {"gan": 30, "diffusion": 15}) if args.fast else (4.0, {"gan": None, "diffusion": None})
+    seconds, updates = (None, {"gan": 20, "diffusion": 10}) if args.fast else (4.0, {"gan": None, "diffusion": None})
     asked = torch.arange(100 if args.fast else 200) % 10
     runs, shown = {"gan": [], "diffusion": []}, {}
     try:
@@ -80,7 +80,7 @@ def main(argv=None) -> dict:
             x = sample_gan(gen, asked, seed=seed)
             runs["gan"].append(dict(judged(world, x, asked), updates=history[-1]["step"]))
             denoiser, steps = train_diffusion(world, seconds, seed, updates["diffusion"])
-            y = generate(denoiser, asked.tolist(), shape=(1, 8, 8), steps=20 if args.fast else 50, seed=seed,
+            y = generate(denoiser, asked.tolist(), shape=(1, 8, 8), steps=10 if args.fast else 50, seed=seed,
                          batch_size=len(asked), progress=False)
             runs["diffusion"].append(dict(judged(world, y, asked), updates=steps))
             shown.setdefault("gan", x), shown.setdefault("diffusion", y)

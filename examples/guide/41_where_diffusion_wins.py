@@ -61,7 +61,7 @@ def main(argv=None) -> dict:
     args = guide.parse(argv, __doc__)
     world = guide.digits_world()
     denoiser, _ = guide.digits_model(args.fast)
-    n = 100 if args.fast else 300
+    n = 60 if args.fast else 300
     asked = torch.arange(n) % 10
 
     # 1. A small GAN, trained here for a few CPU seconds (chapter 10 gives both the same budget).
@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
     gan_cov, dif_cov = coverage(world, gan_x, asked), coverage(world, dif[50][0], asked)
 
     # 2. Inpainting for free: hide the lower half of held-out digits.
-    k = 50 if args.fast else 100
+    k = 30 if args.fast else 100
     known, labels = world["held"][:k], world["held_labels"][:k]
     mask = torch.zeros(1, 1, 8, 8)
     mask[..., 4:, :] = 1
