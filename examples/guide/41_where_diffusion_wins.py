@@ -100,7 +100,8 @@ def run(argv=None) -> dict:
     fig, axes = plt.subplots(1, 3, figsize=(11, 4))
     for ax, x, title in ((axes[0], gan_x, f"GAN ({history[-1]['step'] if history else 0} updates): one pass"),
                          (axes[1], dif[50][0], "diffusion: DDIM 50 steps")):
-        grid = x[:80].reshape(8, 10, 8, 8).permute(1, 2, 0, 3).reshape(80, 64)
+        m = min(8, len(x) // 10)
+        grid = x[:10 * m].reshape(m, 10, 8, 8).permute(1, 2, 0, 3).reshape(80, 8 * m)
         ax.imshow(grid, cmap="gray", vmin=-1, vmax=1)
         ax.set_title(title, fontsize=9), ax.axis("off")
     rows = torch.cat([known[:10], torch.where(mask.bool(), torch.tensor(-1.0), known[:10]), filled[:10], mean_fill[:10]])
