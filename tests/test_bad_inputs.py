@@ -36,7 +36,8 @@ from difflab.data.detour import DetourConfig, DetourEnv, run_episodes
 from difflab.data.folder import load_image_folder
 from difflab.data.shapes3d import load_shapes3d, make_shape
 from difflab.data.stick_figures import make_motions
-from difflab.eval import evaluate, fid, precision_recall
+from difflab.data.provenance import provenance
+from difflab.eval import evaluate, fid, memorization, precision_recall
 from difflab.eval.motion_judge import bone_length_drift
 from difflab.eval.point_metrics import emd, pairwise, shape_set_metrics
 from difflab.guidance import ClassifierFreeGuidance
@@ -104,6 +105,7 @@ def world(tmp_path_factory):
     (root / "garbage.safetensors").write_bytes(b"this is not a safetensors file")
     (root / "truncated.safetensors").write_bytes(ckpt.read_bytes()[:200])
     (root / "notes.txt").write_text("hello")
+    (root / "stats.npz").write_bytes(b"not read: --memorization refuses statistics first")
     (root / "a_folder").mkdir()
     (root / "existing_file").write_text("x")
     (root / "empty").mkdir()
@@ -289,6 +291,10 @@ CLI_CASES = [
     ("eval-num-0", [*E, "--num", "0"], 2, "--num"),
     ("eval-prompts-missing", [*E, "--metrics", "clip_score", "--prompts", "{root}/nope.txt"], 2, "--prompts"),
     ("eval-steps-0", ["eval", "--generated", "{root}/run", "--steps", "0", "--no-progress"], 2, "--steps"),
+    ("eval-memorization-train-missing", [*E, "--memorization", "{root}/nowhere"], 2, "--memorization"),
+    ("eval-memorization-train-is-a-file", [*E, "--memorization", "{root}/notes.txt"], 2, "--memorization"),
+    ("eval-memorization-of-statistics", ["eval", "--generated", "{root}/stats.npz", "--memorization", "digits"], 2,
+     "--memorization"),
     # demo
     ("demo-steps-0", ["demo", "--steps", "0", "--out-dir", "{root}/demo"], 2, "--steps"),
     ("demo-guidance-nan", ["demo", "--guidance", "nan", "--out-dir", "{root}/demo"], 2, "--guidance"),
@@ -630,6 +636,13 @@ API_CASES = [
     ("evaluate-too-few-images", lambda r: evaluate(torch.zeros(1, 1, 8, 8), r / "images", _Flat(), ["fid"], progress=False),
      ValueError, "N >= 2"),
     ("precision-k-too-large", lambda r: precision_recall(torch.randn(3, 4), torch.randn(3, 4), k=3), ValueError, "k=3"),
+    ("memorization-shapes-differ", lambda r: memorization(torch.zeros(3, 1, 8, 8), torch.zeros(5, 1, 4, 4)), ValueError,
+     "must match"),
+    ("memorization-neighbours-too-many", lambda r: memorization(torch.zeros(3, 4), torch.randn(5, 4), neighbours=5),
+     ValueError, "neighbours=5"),
+    ("memorization-delta-0", lambda r: memorization(torch.zeros(3, 4), torch.randn(5, 4), neighbours=2, delta=0), ValueError, "delta"),
+    ("memorization-not-a-tensor", lambda r: memorization([[0.0]], torch.randn(5, 4)), ValueError, "generated"),
+    ("provenance-source-unknown", lambda r: provenance({"x": torch.zeros(2)}, source=3), ValueError, "source"),
     # guidance
     ("cfg-scale-nan", lambda r: ClassifierFreeGuidance(_zero, math.nan, uncond={}), ValueError, "scale"),
     ("cfg-scale-inf", lambda r: ClassifierFreeGuidance(_zero, math.inf, uncond={}), ValueError, "scale"),

@@ -6,7 +6,9 @@ from pathlib import Path
 
 from ..eval import check_metrics, evaluate, is_checkpoint, load_extractor
 from ..eval.features import EXTRACTORS
-from ..eval.harness import DEFAULT_METRICS, DEFAULT_NUM_SAMPLES, METRICS
+from ..data import load_digits, load_image_folder
+from ..eval.harness import DEFAULT_METRICS, DEFAULT_NUM_SAMPLES, METRICS, generated_images
+from ..eval.memorization import memorization
 from ..io.spec import checkpoint_spec
 from ..pipelines import sample_checkpoint
 from ..pipelines.checkpoint import check_image_kind, sampling_defaults
@@ -38,6 +40,9 @@ def add_arguments(e) -> None:
     e.add_argument("--guidance", type=finite_float, default=None,
                    help="checkpoint sampling: guidance scale (default: the checkpoint's, else 1 = none)")
     e.add_argument("--seed", type=non_negative_int, default=0, help="seed of sampling and of the KID subsets (default: 0)")
+    e.add_argument("--memorization", default=None, metavar="TRAIN",
+                   help="also check the generated images for copies of training examples (Carlini et al. 2023): "
+                        "TRAIN is 'digits' (the training split) or the folder of training images")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.add_argument("--device", type=device_name, default=None, help="cpu or cuda (default: cuda if available)")
@@ -86,6 +91,25 @@ def check_weights(args) -> None:
         raise UsageError(f"--weights {path}: the {args.extractor} extractor reads {' or '.join(suffixes)} files")
 
 
+def training_images(train: str, like):
+    """The training images of ``--memorization``: the digits' training split or a folder, at the
+    generated images' size and channels."""
+    size, channels = int(like.shape[-1]), int(like.shape[1])
+    if train == "digits":
+        if channels != 1:
+            raise UsageError(f"--memorization digits: the digits are grey (1 channel), the generated images have {channels}")
+        return load_digits(size=size, split="train")[0]
+    return load_image_folder(train, size, channels=channels)
+
+
+def format_memorization(summary: dict) -> str:
+    return (f"  memorization (Carlini et al. 2023: nearest / ({summary['alpha']:g} x mean of the next "
+            f"{summary['neighbours']}) < {summary['delta']:.3g})\n"
+            f"  flagged      {summary['memorized']} of {summary['samples']} ({summary['memorized_rate']:.2%}); "
+            f"median ratio {summary['median_ratio']:.3g}\n"
+            f"  closer than 1% of training pairs  {summary['closer_than_train_rate']:.2%}")
+
+
 def run(args) -> int:
     # 1. Check everything that can be checked before any work.
     metrics = check_metrics(args.metrics)
@@ -95,6 +119,11 @@ def run(args) -> int:
         if value is not None and value != "digits" and not Path(value).exists():
             raise FileNotFoundError(f"{flag} {value} does not exist")
     check_weights(args)
+    if args.memorization is not None:
+        if args.memorization != "digits" and not Path(args.memorization).is_dir():
+            raise FileNotFoundError(f"--memorization {args.memorization}: give 'digits' or a folder of training images")
+        if str(args.generated).endswith(".npz"):
+            raise UsageError("--memorization needs the generated images, not statistics: give a checkpoint or a folder")
     dev = device(args.device)
     generated, reference = args.generated, args.reference
     if is_checkpoint(generated) or is_checkpoint(reference):
@@ -111,7 +140,15 @@ def run(args) -> int:
     # 2. The extractor, then the harness (which samples a checkpoint once its inputs are checked).
     path = args.clip_dir if args.extractor in ("clip", "dinov2") else args.weights
     extractor = load_extractor(args.extractor, path, device=dev)
+    if args.memorization is not None:  # the images once, for the metrics and the check
+        generated = generated_images(generated, args.num)
     results = evaluate(generated, reference, extractor, metrics, num=args.num, batch_size=args.batch_size,
                        prompts=prompts, seed=args.seed, device=dev, cache=args.cache, progress=not args.no_progress)
-    print(json.dumps(results, indent=2) if args.json else format_eval(results))
+    text = None if args.json else format_eval(results)
+    # 3. The memorization check, in pixels, against the training images
+    if args.memorization is not None:
+        found = memorization(generated, training_images(args.memorization, generated)).summary()
+        results["memorization"] = found
+        text = None if args.json else text + "\n" + format_memorization(found)
+    print(json.dumps(results, indent=2) if args.json else text)
     return 0

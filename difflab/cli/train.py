@@ -141,6 +141,6 @@ def run(args) -> int:
     denoiser = build_denoiser(spec, seed=train_cfg.seed).to(dev)
     print(f"training on {len(images)} images {tuple(images.shape[1:])} for {train_cfg.steps} steps -> {args.out}")
     state = train(denoiser, (images, labels), train_cfg, args.out, spec=spec, resume=not args.fresh,
-                  metadata={"data": args.data, "size": int(images.shape[-1])})
+                  metadata={"data": args.data, "size": int(images.shape[-1])}, data_source=args.data)
     print(f"done at step {state.step}; checkpoint: {state.checkpoint}")
     return 0

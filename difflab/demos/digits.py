@@ -54,7 +54,7 @@ def run_demo(out_dir="demo_out", *, steps: int | None = None, sampler: str = "dd
     print(f"[3/5] training a class-conditional U-Net for {config.steps} steps (batch {config.batch_size})")
     denoiser = build_denoiser(DEMO_SPEC, seed=config.seed)
     t0 = time.time()
-    state = train(denoiser, (images, labels), config, out_dir, spec=DEMO_SPEC, resume=resume)
+    state = train(denoiser, (images, labels), config, out_dir, spec=DEMO_SPEC, resume=resume, data_source="digits")
     train_seconds = time.time() - t0
 
     # 4. Sample every class from the EMA weights with classifier-free guidance.

@@ -7,6 +7,7 @@ from .default_judge import load_judge
 from .metrics import (clip_fid, clip_score, fid, inception_score, kid, knn_radii, mmd2_unbiased, polynomial_kernel,
                       precision_recall)
 from .stats import FeatureStats, compute_stats, describe_source, load_images
+from .memorization import Memorization, memorization
 from .harness import DEFAULT_METRICS, METRICS, check_metrics, evaluate, is_checkpoint
 
 __all__ = [
@@ -16,5 +17,6 @@ __all__ = [
     "fid", "clip_fid", "kid", "mmd2_unbiased", "polynomial_kernel", "inception_score", "precision_recall", "knn_radii",
     "clip_score",
     "FeatureStats", "compute_stats", "describe_source", "load_images",
+    "memorization", "Memorization",
     "evaluate", "check_metrics", "is_checkpoint", "METRICS", "DEFAULT_METRICS",
 ]

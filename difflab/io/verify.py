@@ -101,12 +101,24 @@ def _network_facts(spec: dict, module: nn.Module) -> dict:
     return facts
 
 
+def provenance_facts(record: dict | None) -> dict:
+    """The training data's provenance (:func:`difflab.data.provenance.provenance`) in short: its
+    hash, its size and its source (data set and version, or folder, file count and manifest hash)."""
+    if not record:
+        return {}
+    facts = {"examples": record.get("examples"), "sha256": record.get("sha256")}
+    source = record.get("source") or {}
+    facts.update({k: v for k, v in source.items() if k != "file_sha256"})
+    return facts
+
+
 def _training(meta: dict, tensors: dict, report: Verification) -> list:
     """A training checkpoint: ``model.*`` (and ``ema.*`` when it kept an EMA) against its spec's network."""
     report.facts.update({k: meta.get(k) for k in ("step", "objective")})
     config = meta.get("train_config") or {}
     report.facts["train"] = {k: config[k] for k in TRAIN_SUMMARY if k in config}
     report.facts["data"] = meta.get("metadata") or {}
+    report.facts["provenance"] = provenance_facts(meta.get("data_provenance"))
     if not meta.get("spec"):
         report.checks["shapes"] = "skipped (no spec)"
         report.notes.append("no model spec (train() got no spec=): the weights cannot be checked against a network")
@@ -314,7 +326,8 @@ def format_report(report: Verification, max_problems: int = 20) -> str:
         lines.append(f"file         {_size(f['bytes_on_disk'])}, sha256 {f['sha256']}")
         if f.get("step") is not None:
             lines.append(f"step         {f['step']} (objective {f.get('objective')})")
-        lines += [f"{key:<12} {_kv(f[key])}" for key in ("network", "text_encoder", "lora", "embeddings", "train", "data")
+        lines += [f"{key:<12} {_kv(f[key])}" for key in ("network", "text_encoder", "lora", "embeddings", "train", "data",
+                                                   "provenance")
                   if f.get(key)]
         lines.append(f"tensors      {f['tensors']}, {_size(f['bytes'])}, {', '.join(f['dtypes'])}")
         lines += [f"  {name:<12} {g['tensors']:>5} tensors {_size(g['bytes']):>10}  {', '.join(g['dtypes'])}"

@@ -44,6 +44,7 @@ import torch
 
 from difflab.config import check_types, from_dict
 from difflab.core import sample_seed
+from difflab.data.provenance import provenance
 from difflab.io.checkpoint import (checkpoint_path, load_checkpoint, load_model_state, non_finite,
                                    optimizer_state_from_tensors, optimizer_state_to_tensors, save_checkpoint, strip_prefix)
 from difflab.nn.aux import AUX_LOSS, clear_aux_losses, collect_aux_loss
@@ -491,7 +492,8 @@ def write_checkpoint(state: TrainState, config: TrainConfig, path: Path, **kw) -
 
 
 def fit(objective, data: dict, config: TrainConfig, out_dir=None, *, metadata: dict | None = None, resume: bool = True,
-        callback: Callable[[dict], None] | None = None, spec: dict | None = None, **extra_meta) -> TrainState:
+        callback: Callable[[dict], None] | None = None, spec: dict | None = None, data_source=None,
+        **extra_meta) -> TrainState:
     """Train ``objective.module`` on ``data`` for ``config.steps`` optimizer steps; see the module
     doc and :mod:`difflab.train.objective` for what an objective is.
 
@@ -505,7 +507,9 @@ def fit(objective, data: dict, config: TrainConfig, out_dir=None, *, metadata: d
     (``resume=False`` starts afresh and overwrites it). Tensors: ``model.*`` (the module's state
     dict), ``ema.*`` (EMA weights, same keys), ``optim.*`` (AdamW), ``rng.torch`` (``rng.cuda``);
     metadata: the step, the objective's name, the config, ``spec`` (what rebuilds the module),
-    ``metadata`` (anything JSON) and ``extra_meta`` (more top-level JSON entries).
+    ``metadata`` (anything JSON), ``extra_meta`` (more top-level JSON entries) and
+    ``data_provenance``: :func:`difflab.data.provenance.provenance` of ``data`` (a SHA-256 of the
+    training tensors) with ``data_source`` (``"digits"``, the image folder, or a dict) when given.
     ``callback(dict(step=, loss=, grad_norm=, lr=, state=))`` runs after every step. A log entry
     (mean loss, the objective's other terms, loss by sigma bin, grad norm, lr, seconds) is
     appended to ``state.history`` (and ``out_dir/log.jsonl``) every ``log_every`` steps.
@@ -518,6 +522,7 @@ def fit(objective, data: dict, config: TrainConfig, out_dir=None, *, metadata: d
     """
     # 1. Check inputs
     data = as_rows(data)
+    extra_meta["data_provenance"] = provenance(data, data_source)
     module = objective.module
     device = next(module.parameters()).device
     if config.precision == "fp16" and device.type != "cuda":

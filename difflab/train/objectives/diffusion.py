@@ -180,7 +180,8 @@ def resolve_null_class(net, labels, config: TrainConfig, null_class: int | None)
 
 def train(denoiser: Denoiser, data, config: TrainConfig, out_dir, *, spec: dict | None = None,
           null_class: int | None = None, metadata: dict | None = None, resume: bool = True,
-          callback: Callable[[dict], None] | None = None, null_cond: dict | None = None, augment=None) -> TrainState:
+          callback: Callable[[dict], None] | None = None, null_cond: dict | None = None, augment=None,
+          data_source=None) -> TrainState:
     """Train ``denoiser.net`` on ``data`` for ``config.steps`` optimizer steps: the
     :class:`DiffusionObjective` of ``config`` run by :func:`difflab.train.fit` (see it for
     checkpoints, resuming, logging and DDP/FSDP).
@@ -195,6 +196,8 @@ def train(denoiser: Denoiser, data, config: TrainConfig, out_dir, *, spec: dict 
     denoiser) and ``metadata`` (anything JSON) go into the checkpoint, with the denoiser's frame,
     prediction and sigma_data and the null class. Checkpoint tensors ``model.*`` are the net's.
     ``augment``: the :class:`DiffusionObjective`'s draw-time hook (e.g. noise-conditioning augmentation).
+    ``data_source``: where the data came from (``"digits"``, an image folder), recorded with the
+    data's hash in every checkpoint (see :func:`difflab.train.fit`).
     """
     images, labels, cond = as_dataset(data)
     null_class = resolve_null_class(denoiser.net, labels, config, null_class)
@@ -203,7 +206,7 @@ def train(denoiser: Denoiser, data, config: TrainConfig, out_dir, *, spec: dict 
     denoiser.train()
     try:
         return fit(objective, as_rows(images, labels, cond), config, out_dir, spec=spec, metadata=metadata, resume=resume,
-                   callback=callback, null_class=null_class,
+                   callback=callback, null_class=null_class, data_source=data_source,
                    denoiser={"frame": type(denoiser.frame).__name__, "prediction": denoiser.prediction,
                              "sigma_data": denoiser.sigma_data})
     finally:
