@@ -57,7 +57,7 @@ TIMELINE = [
     ("2022-11", "Schramowski et al.", "Safe latent diffusion: mitigating inappropriate degeneration", "CVPR 2023", "difflab.guidance.safety:SafetyGuidance", "guidance", 37),
     ("2022-12", "Peebles & Xie", "Scalable diffusion models with transformers (DiT)", "ICCV 2023", "difflab.nn.dit:DiT", "architecture", 39),
     ("2023-01", "Hoogeboom, Heek & Salimans", "simple diffusion: end-to-end diffusion for high resolution images", "ICML 2023", "difflab.core.schedules:resolution_shift", "process", 21),
-    ("2023-01", "Carlini et al.", "Extracting training data from diffusion models (memorization)", "USENIX Security 2023", "difflab.eval.metrics:knn_radii", "evaluation", 43),
+    ("2023-01", "Carlini et al.", "Extracting training data from diffusion models (memorization)", "USENIX Security 2023", "difflab.eval.memorization:memorization", "evaluation", 43),
     ("2023-01", "Chen", "On the importance of noise scheduling for diffusion models (sigmoid schedule)", "arXiv 2023", "difflab.core.schedules:sigmoid_alpha_bar", "process", 20),
     ("2023-02", "Zhang, Rao & Agrawala", "Adding conditional control to text-to-image diffusion models (ControlNet)", "ICCV 2023", "difflab.adapters.controlnet:ControlNet", "guidance", 18),
     ("2023-02", "Zhao et al.", "UniPC: a unified predictor-corrector framework for fast sampling", "NeurIPS 2023", "difflab.samplers.unipc:sample_unipc", "sampling", 14),
