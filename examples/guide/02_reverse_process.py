@@ -41,7 +41,7 @@ def tweedie_error(gm, sigmas, n: int, g: torch.Generator) -> float:
 
 def main(argv=None) -> dict:
     args = guide.parse(argv, __doc__)
-    with _basics.threads(1):
+    with guide.threads(1):
         return run(args)
 
 

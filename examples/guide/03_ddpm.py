@@ -69,7 +69,7 @@ def oracle_ddpm(n: int, seed: int, many: int) -> tuple[dict, dict]:
 
 def main(argv=None) -> dict:
     args = guide.parse(argv, __doc__)
-    with _basics.threads(1):
+    with guide.threads(1):
         return run(args)
 
 

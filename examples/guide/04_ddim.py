@@ -65,7 +65,7 @@ def oracle(n: int, seed: int, steps: tuple[int, ...]) -> tuple[dict, dict]:
 
 def main(argv=None) -> dict:
     args = guide.parse(argv, __doc__)
-    with _basics.threads(1):
+    with guide.threads(1):
         return run(args)
 
 
@@ -112,7 +112,7 @@ def run(args) -> dict:
         back = sample_ddim(denoiser, latent, grid20, extra_args=cond)
     figures["digits_inversion_rmse_20"] = (back - held).pow(2).mean().sqrt().item()
 
-    with _basics.threads(1):
+    with guide.threads(1):
         more, rmse = oracle(200 if args.fast else 2000, args.seed, (10, 20, 40) if args.fast else (10, 20, 40, 80, 160))
     figures.update(more)
     figures = guide.report(figures)

@@ -10,7 +10,6 @@ with chapter 8's autoencoder cached, measured on the shared, loaded 2-core machi
 """
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -73,11 +72,10 @@ def main(argv=None) -> dict:
     # 3. Sample latents, decode, judge.
     asked = torch.arange(10).repeat_interleave(4 if args.fast else 30)
     sample_steps = 10 if args.fast else 25
-    with arch.Timer() as sample_time:
-        z = generate(denoiser, asked.tolist(), shape=tuple(latents.shape[1:]), steps=sample_steps, guidance_scale=2.0,
-                     seed=args.seed, clamp=False, progress=False)
-        with torch.no_grad():
-            samples = vae.decode_latents(z).clamp(-1, 1)
+    z = generate(denoiser, asked.tolist(), shape=tuple(latents.shape[1:]), steps=sample_steps, guidance_scale=2.0,
+                 seed=args.seed, clamp=False, progress=False)
+    with torch.no_grad():
+        samples = vae.decode_latents(z).clamp(-1, 1)
     judged = guide.judge_samples(world, samples, asked)
 
     # 4. Cost per sample: the same U-Net on 16x16 pixels against 4x4x4 latents, plus one decode.

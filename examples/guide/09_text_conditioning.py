@@ -100,7 +100,7 @@ def main(argv=None) -> dict:
     for ax, j in zip(axes[:2], range(len(TEMPLATES))):
         ax.imshow(imgs[j].permute(0, 2, 1, 3).reshape(160, per * 16), cmap="gray", vmin=-1, vmax=1)
         ax.set_yticks([8 + 16 * d for d in range(10)], [caption(d, TEMPLATES[j]) for d in range(10)], fontsize=7)
-        ax.set_xticks([]), ax.set_title(("training" if j == 0 else "held-out") + f" template, guidance 3", fontsize=9)
+        ax.set_xticks([]), ax.set_title(("training" if j == 0 else "held-out") + " template, guidance 3", fontsize=9)
     words = prompt.split()
     axes[2].bar(range(len(words)), per_token[:len(words)].tolist())
     axes[2].set_xticks(range(len(words)), words), axes[2].set(ylabel="mean cross-attention weight",

@@ -49,7 +49,7 @@ def check_conversions(gm, frame, g) -> dict:
 
 def main(argv=None) -> dict:
     args = guide.parse(argv, __doc__)
-    with _basics.threads(1):
+    with guide.threads(1):
         return run(args)
 
 

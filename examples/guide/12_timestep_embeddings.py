@@ -44,7 +44,7 @@ def held_loss(denoiser, held: torch.Tensor, frame, seed: int) -> float:
 
 def main(argv=None) -> dict:
     args = guide.parse(argv, __doc__)
-    with _basics.threads(1):
+    with guide.threads(1):
         return run(args)
 
 

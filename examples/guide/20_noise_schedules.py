@@ -11,7 +11,6 @@ thread, training the five models included (once, then cached); the fast run trai
 """
 from __future__ import annotations
 
-import torch
 
 import _guide as guide
 import _sampling as S

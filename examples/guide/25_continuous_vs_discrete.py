@@ -41,7 +41,7 @@ def levels_between(sigmas: torch.Tensor) -> torch.Tensor:
 
 def main(argv=None) -> dict:
     args = guide.parse(argv, __doc__)
-    with _basics.threads(1):
+    with guide.threads(1):
         return run(args)
 
 

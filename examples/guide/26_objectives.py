@@ -13,7 +13,6 @@ the first time, seven trainings; then cached; --fast about 7 CPU seconds).
 """
 from __future__ import annotations
 
-import math
 
 import torch
 

@@ -57,7 +57,7 @@ def tiny_random_clip(folder: str) -> str:
 
 def main(argv=None) -> dict:
     args = guide.parse(argv, __doc__)
-    with _basics.threads(1), torch.random.fork_rng():  # tiny_random_clip seeds torch's global generator
+    with guide.threads(1), torch.random.fork_rng():  # tiny_random_clip seeds torch's global generator
         return run(args)
 
 

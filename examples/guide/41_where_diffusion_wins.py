@@ -112,14 +112,8 @@ def run(argv=None) -> dict:
     return figures
 
 
-def main(argv=None) -> dict:
-    """:func:`run` on one thread (the CPU seconds quoted are one thread's), torch's setting restored."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return run(argv)
-    finally:
-        torch.set_num_threads(threads)
+# run on one thread (the CPU seconds quoted are one thread's), torch's setting restored
+main = guide.on_one_thread(run)
 
 
 if __name__ == "__main__":

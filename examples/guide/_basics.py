@@ -3,7 +3,6 @@ denoiser (difflab.oracle), a tiny time-conditioned MLP for 2-D toy data, a seede
 difflab's own loss, and digits sampling with a named sampler on a discrete model's grid."""
 from __future__ import annotations
 
-import contextlib
 
 import torch
 from torch import nn
@@ -14,18 +13,6 @@ from difflab.nn.layers import timestep_embedding
 from difflab.oracle import GaussianMixture
 from difflab.samplers import get_sampler
 from difflab.train import diffusion_loss, draw_sigmas
-
-
-@contextlib.contextmanager
-def threads(n: int):
-    """Run a block with torch on ``n`` threads, restoring the count after (small float64 ops of
-    the 2-D oracle run fastest on one thread; two threads only spin on a loaded machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def ring_mixture(modes: int = 8, std: float = 0.1) -> GaussianMixture:

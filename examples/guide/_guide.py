@@ -11,6 +11,7 @@ Run one: ``python examples/guide/03_ddpm.py`` (full, writes ``docs/guide/images/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -56,6 +57,26 @@ def report(figures: dict) -> dict:
         v = float(value)
         print(f"{name} = {v:.6g}" if math.isfinite(v) else f"{name} = {v}")
     return figures
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """Run a block with torch on ``n`` threads, restoring the count after (examples whose CPU seconds
+    are quoted for one thread; small ops only spin on a second thread of a loaded machine)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def on_one_thread(run):
+    """An example's ``main(argv=None)``: ``run(argv)`` with torch on one thread, its setting restored."""
+    def main(argv=None) -> dict:
+        with threads(1):
+            return run(argv)
+    return main
 
 
 def cache_dir() -> Path:
