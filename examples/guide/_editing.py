@@ -3,10 +3,13 @@ grid for the digits model, and a row-of-digits drawing helper. Nothing here is a
 methods are difflab's."""
 from __future__ import annotations
 
+import shutil
+
 import torch
 
 from difflab.core import SampleNoise
 from difflab.core import grids
+from difflab.io.checkpoint import read_metadata
 
 NULL_CLASS = 10  # the digits model's unconditional class (it was trained with label dropout)
 
@@ -55,6 +58,8 @@ def trained(name: str, spec: dict, data, fast: bool, steps: tuple[int, int], see
     key = hashlib.sha256(json.dumps([name, spec, settings, sorted(train_kwargs)], sort_keys=True, default=str).encode()).hexdigest()[:16]
     folder = guide.cache_dir() / f"{name}_{key}"
     path = folder / "checkpoint.safetensors"
+    if path.exists() and read_metadata(path).get("step") != n:  # an interrupted run: train it again
+        shutil.rmtree(folder)
     if not path.exists():
         denoiser = build_denoiser(spec, seed=seed)
         train(denoiser, data, TrainConfig(**settings), folder, spec=spec, **train_kwargs)
@@ -80,9 +85,12 @@ def trained_module(name: str, denoiser, data, fast: bool, steps: tuple[int, int]
     start = sum(float(p.detach().double().sum()) for p in denoiser.net.parameters())  # the initial weights, in brief
     key = hashlib.sha256(json.dumps([name, settings, round(start, 6)], sort_keys=True).encode()).hexdigest()[:16]
     folder = guide.cache_dir() / f"{name}_{key}"
-    if not (folder / "checkpoint.safetensors").exists():
+    path = folder / "checkpoint.safetensors"
+    if path.exists() and read_metadata(path).get("step") != n:  # an interrupted run: train it again
+        shutil.rmtree(folder)
+    if not path.exists():
         train(denoiser, data, TrainConfig(**settings), folder, **train_kwargs)
-    tensors, _ = load_checkpoint(folder / "checkpoint.safetensors")
+    tensors, _ = load_checkpoint(path)
     load_model_state(denoiser.net, tensors, "ema.")
     return denoiser.eval()
 
