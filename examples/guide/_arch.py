@@ -22,6 +22,16 @@ def count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _finished(folder, steps: int) -> dict | None:
+    """The tensors of the run cached in ``folder`` if it reached ``steps``, else None (train it)."""
+    from difflab.io.checkpoint import load_checkpoint, read_metadata
+
+    path = folder / "checkpoint.safetensors"
+    if path.exists() and read_metadata(path).get("step") == steps:
+        return load_checkpoint(path)[0]
+    return None
+
+
 def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -42,6 +52,7 @@ def digits_vae(fast: bool, *, kl_weight: float = 1e-3, steps: int | None = None,
     then given the latents' shift and scale (zero mean, unit variance; Rombach et al. 2022,
     Section 4.3.2). AdamW at 3e-3 after a 10% warmup, batch 16, full 300 steps, fast 100; cached. Returns the VAE in eval mode."""
     from difflab.demos.text import set_latent_scale
+    from difflab.io.checkpoint import load_model_state
     from difflab.nn.vae import PRESETS, AutoencoderKL
     from difflab.train import TrainConfig, VAEObjective, fit
 
@@ -54,7 +65,11 @@ def digits_vae(fast: bool, *, kl_weight: float = 1e-3, steps: int | None = None,
         torch.manual_seed(seed)
         vae = AutoencoderKL(config)
     images, _ = digits16("train")
-    fit(VAEObjective(vae, reconstruction="l1", kl_weight=kl_weight), {"x": images}, settings, folder)
+    done = _finished(folder, steps)
+    if done is None:
+        fit(VAEObjective(vae, reconstruction="l1", kl_weight=kl_weight), {"x": images}, settings, folder)
+    else:
+        load_model_state(vae, done, "model.")
     vae.eval()
     return set_latent_scale(vae, images, seed)
 
@@ -72,6 +87,7 @@ def text_model(fast: bool, seed: int = 0) -> dict:
     (latent, caption) pairs of the 16x16 digits with 10% empty captions, in the latent space of
     :func:`digits_vae`; cached. Returns ``vae``, ``text``, ``net``, ``denoiser``, ``config``, ``data``."""
     from difflab.demos.text import EMPTY_CAPTION, build_models, encode_captions, load_caption_data
+    from difflab.io.checkpoint import load_model_state
     from difflab.train import TrainConfig, train
 
     cfg = text_config(fast, seed)
@@ -86,9 +102,13 @@ def text_model(fast: bool, seed: int = 0) -> dict:
                            ema_decay=cfg.ema_decay, cfg_dropout=cfg.cfg_dropout, checkpoint_every=0,
                            log_every=cfg.steps, seed=seed, progress=False)
     folder = guide.cache_dir() / f"text_{_key(dataclasses.asdict(cfg), dataclasses.asdict(settings), vae.config.to_dict())}"
-    state = train(denoiser, (latents, None, {"input_ids": ids}), settings, folder,
-                  null_cond={"input_ids": encode_captions(text, [EMPTY_CAPTION])[0]})
-    state.ema.copy_to(net)
+    done = _finished(folder, cfg.steps)
+    if done is None:
+        state = train(denoiser, (latents, None, {"input_ids": ids}), settings, folder,
+                      null_cond={"input_ids": encode_captions(text, [EMPTY_CAPTION])[0]})
+        state.ema.copy_to(net)
+    else:
+        load_model_state(net, done, "ema.")
     net.eval()
     return {"vae": vae, "text": text, "net": net, "denoiser": denoiser.eval(), "config": cfg, "data": data}
 
