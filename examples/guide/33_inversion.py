@@ -7,7 +7,7 @@ edit-friendly DDPM inversion (Huberman-Spiegelglas et al. 2024). Prints the reco
 against the number of steps, then edits the class (label y -> (y + 5) mod 10, e.g. 3 -> 8) by
 sampling back under the new label: the judge's accuracy for the new class and the pixel distance
 to the source, against a fresh sample of the new class.
-``python examples/guide/33_inversion.py [--fast --out DIR]`` (66 s of CPU time on one thread).
+``python examples/guide/33_inversion.py [--fast --out DIR]`` (276 s on the quiet 2-core CPU; over the one-minute target).
 """
 from __future__ import annotations
 

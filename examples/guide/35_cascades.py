@@ -6,8 +6,8 @@ super-resolution U-Net (SR3's conditioning: the 8x8 image, upsampled, beside its
 noise-conditioning augmentation (the input noised at s ~ U(0, 1), a fifth clean, and told s). Both
 then super-resolve the same base samples at several augmentation levels s; the judge reads the
 16x16 outputs (it area-averages them to 8x8) and their Frechet distance to held-out 16x16 digits.
-``python examples/guide/35_cascades.py [--fast --out DIR]`` (full: 65 CPU s on one thread of the
-2-core CPU with the cached digits model; the fast run about 10 CPU s with the imports).
+``python examples/guide/35_cascades.py [--fast --out DIR]`` (full: 104 s on the quiet
+2-core CPU, over the one-minute target; the fast run about 10 CPU s with the imports).
 """
 from __future__ import annotations
 
