@@ -42,7 +42,7 @@ from difflab.adapters.controlnet import ControlledDenoiser, ControlledUNet, Cont
 from difflab.adapters.ip_adapter import (ImageProjection, IPAdapterUNet, mark_only_ip_adapter_trainable,
                                          set_ip_adapter_scale)
 from difflab.core import Denoiser, SampleNoise, grids
-from difflab.data import load_digits
+from difflab.data import load_digits, same_class_partner
 from difflab.demos.digits import DEMO_SPEC
 from difflab.eval import DigitsJudge
 from difflab.eval.judge import FitConfig
@@ -111,16 +111,6 @@ def train_cached(denoiser, data, config: TrainConfig, out_dir: Path):
     state = train(denoiser, data, config, out_dir, resume=True)
     state.ema.copy_to(denoiser.net)
     return denoiser.eval(), round(time.time() - t0, 1)
-
-
-def same_class_partner(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """For each example, the index of a different example of the same class (uniformly at random)."""
-    out = torch.empty_like(labels)
-    for c in labels.unique():
-        idx = torch.nonzero(labels == c).flatten()
-        shift = torch.randint(1, len(idx), (len(idx),), generator=generator)
-        out[idx] = idx[(torch.arange(len(idx)) + shift) % len(idx)]
-    return out
 
 
 # ----------------------------------------------------------------------------------------------

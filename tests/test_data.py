@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from difflab.data import gaussian_mixture, load_digits, load_image_folder, moons, ring_means, stratified_split, swiss_roll
+from difflab.data import (gaussian_mixture, load_digits, load_image_folder, moons, ring_means, same_class_partner,
+                          stratified_split, swiss_roll)
 
 sklearn = pytest.importorskip("sklearn")
 
@@ -129,3 +130,13 @@ def test_toy_labels_and_mixture():
     x, k = gaussian_mixture(8000, means, std=0.01, generator=g, return_labels=True)
     assert torch.allclose(x.double(), means[k], atol=0.06)                # each point next to its component
     assert torch.allclose(k.bincount().double() / 8000, torch.full((4,), 0.25, dtype=torch.float64), atol=0.03)
+
+
+def test_same_class_partner_is_another_example_of_the_same_class():
+    labels = torch.tensor([0, 1, 0, 2, 1, 2, 0, 1])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        p = same_class_partner(labels, g)
+        assert torch.equal(labels[p], labels) and bool((p != torch.arange(len(labels))).all())
+    with pytest.raises(ValueError, match="class 3 has one example"):
+        same_class_partner(torch.tensor([0, 0, 3]), g)

@@ -53,6 +53,19 @@ def stratified_split(labels, test_fraction: float = 0.2, seed: int = 0) -> tuple
     return torch.from_numpy(np.flatnonzero(~is_test)), torch.from_numpy(np.flatnonzero(is_test))
 
 
+def same_class_partner(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """For each example, the index of a different example of the same class, drawn uniformly (every
+    class needs at least two examples): the reference images of IP-Adapter-style training pairs."""
+    out = torch.empty_like(labels)
+    for c in labels.unique():
+        idx = torch.nonzero(labels == c).flatten()
+        if len(idx) < 2:
+            raise ValueError(f"labels: class {int(c)} has one example; a partner needs at least two")
+        shift = torch.randint(1, len(idx), (len(idx),), generator=generator)
+        out[idx] = idx[(torch.arange(len(idx)) + shift) % len(idx)]
+    return out
+
+
 def load_digits(
     size: int = 8, split: str = "all", test_fraction: float = 0.2, seed: int = 0, mode: str = "nearest"
 ) -> tuple[torch.Tensor, torch.Tensor]:

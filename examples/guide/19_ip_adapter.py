@@ -19,7 +19,7 @@ import _editing as ed
 import _guide as guide
 from difflab.adapters.ip_adapter import ImageProjection, IPAdapterUNet, mark_only_ip_adapter_trainable, set_ip_adapter_scale
 from difflab.core import Denoiser
-from difflab.data import load_digits
+from difflab.data import load_digits, same_class_partner
 from difflab.samplers import sample_ddim
 
 BOUNDS = {
@@ -40,16 +40,6 @@ class JudgeFeatures(nn.Module):
 
     def forward(self, images):
         return self.judge.embed(self.judge.prepare(images))
-
-
-def partners(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """For each example, the index of another example of the same class, drawn uniformly."""
-    out = torch.empty_like(labels)
-    for c in labels.unique():
-        idx = torch.nonzero(labels == c).flatten()
-        shift = torch.randint(1, len(idx), (len(idx),), generator=generator)
-        out[idx] = idx[(torch.arange(len(idx)) + shift) % len(idx)]
-    return out
 
 
 def main(argv=None) -> dict:
@@ -74,7 +64,7 @@ def main(argv=None) -> dict:
     images, labels = load_digits(split="train")
     g = torch.Generator().manual_seed(args.seed)
     reps = 2 if args.fast else 4
-    pick = torch.cat([partners(labels, g) for _ in range(reps)])
+    pick = torch.cat([same_class_partner(labels, g) for _ in range(reps)])
     with torch.no_grad():
         embeds = encoder(images)[pick]
     data = (images.repeat(reps, 1, 1, 1), None,
@@ -100,7 +90,7 @@ def main(argv=None) -> dict:
         with torch.no_grad():
             out[scale] = sample_ddim(adapted, start, sigmas, extra_args=cond).clamp(-1, 1)
         figures[f"match_scale_{scale:g}".replace(".", "_")] = judge.accuracy(out[scale], ref_labels)
-    other = held[partners(held_labels, torch.Generator().manual_seed(1))][:n]
+    other = held[same_class_partner(held_labels, torch.Generator().manual_seed(1))][:n]
     figures["mse_to_reference_scale_1"] = float(((out[1.0] - ref) ** 2).mean())
     figures["mse_to_other_same_class_scale_1"] = float(((out[1.0] - other) ** 2).mean())
     figures = guide.report(figures)

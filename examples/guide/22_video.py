@@ -38,10 +38,8 @@ BOUNDS = {
 }
 
 
-def main(argv=None) -> dict:
+def run(argv=None) -> dict:
     args = guide.parse(argv, __doc__)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # one thread: on a shared CPU two threads spin and cost far more CPU time
     t0, c0 = time.time(), time.process_time()
     judge = DigitsJudge.load_or_train(guide.cache_dir() / "digits_judge.safetensors")
     train = moving_digits(200 if args.fast else 2000, frames=FRAMES, size=SIZE, split="train", seed=0)
@@ -108,8 +106,11 @@ def main(argv=None) -> dict:
     gif = save_gif(samples[:min(len(samples), 40)], guide.picture(args, "22_video.gif"), nrow=len(DIRECTIONS), upscale=2)
     print(f"gif: {gif}")
     print(f"time: {time.time() - t0:.1f} s wall, {time.process_time() - c0:.1f} s CPU")
-    torch.set_num_threads(threads)
     return figures
+
+
+# one thread: on a shared CPU two threads spin and cost far more CPU time
+main = guide.on_one_thread(run)
 
 
 if __name__ == "__main__":

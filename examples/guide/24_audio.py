@@ -43,10 +43,8 @@ def spectral_flatness(clips: torch.Tensor) -> float:
     return float(flat[loud].mean())
 
 
-def main(argv=None) -> dict:
+def run(argv=None) -> dict:
     args = guide.parse(argv, __doc__)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # one thread: on a shared CPU two threads spin and cost far more CPU time
     t0, c0 = time.time(), time.process_time()
     world = m1.audio_world(args.fast)
     judge, held, held_labels = world["judge"], world["held"], world["held_labels"]
@@ -100,8 +98,11 @@ def main(argv=None) -> dict:
     for c in show[:2]:
         save_wav(guide.picture(args, f"24_audio_{CLASSES[c]}.wav"), clips[c * per], SAMPLE_RATE)
     print(f"time: {time.time() - t0:.1f} s wall, {time.process_time() - c0:.1f} s CPU")
-    torch.set_num_threads(threads)
     return figures
+
+
+# one thread: on a shared CPU two threads spin and cost far more CPU time
+main = guide.on_one_thread(run)
 
 
 if __name__ == "__main__":

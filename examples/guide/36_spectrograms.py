@@ -61,10 +61,8 @@ def round_trips(real: torch.Tensor, iters: list[int], seed: int) -> tuple[dict, 
     return out, convergence
 
 
-def main(argv=None) -> dict:
+def run(argv=None) -> dict:
     args = guide.parse(argv, __doc__)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # one thread: on a shared CPU two threads spin and cost far more CPU time
     t0, c0 = time.time(), time.process_time()
     world = m1.audio_world(args.fast)
     judge, held, held_labels = world["judge"], world["held"], world["held_labels"]
@@ -131,8 +129,11 @@ def main(argv=None) -> dict:
     bell = int((asked == CLASSES.index("bell")).nonzero()[0]) if "bell" in CLASSES else 0
     save_wav(guide.picture(args, "36_spectrograms_generated_bell.wav"), clips[bell], SAMPLE_RATE)
     print(f"time: {time.time() - t0:.1f} s wall, {time.process_time() - c0:.1f} s CPU")
-    torch.set_num_threads(threads)
     return figures
+
+
+# one thread: on a shared CPU two threads spin and cost far more CPU time
+main = guide.on_one_thread(run)
 
 
 if __name__ == "__main__":

@@ -38,10 +38,8 @@ def total_variation(load: torch.Tensor) -> torch.Tensor:
     return 0.5 * (load - load.mean(0, keepdim=True)).abs().sum(1)
 
 
-def main(argv=None) -> dict:
+def run(argv=None) -> dict:
     args = guide.parse(argv, __doc__)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # one thread: on a shared CPU two threads spin and cost far more CPU time
     t0, c0 = time.time(), time.process_time()
     world = guide.digits_world()
     steps = 30 if args.fast else 400
@@ -102,8 +100,11 @@ def main(argv=None) -> dict:
     fig.colorbar(im, ax=ax, fraction=0.05)
     guide.save(fig, guide.picture(args, "39_mixture_of_experts.png"))
     print(f"time: {time.time() - t0:.1f} s wall, {time.process_time() - c0:.1f} s CPU")
-    torch.set_num_threads(threads)
     return figures
+
+
+# one thread: on a shared CPU two threads spin and cost far more CPU time
+main = guide.on_one_thread(run)
 
 
 if __name__ == "__main__":

@@ -56,10 +56,8 @@ def linear_inbetween(real: torch.Tensor, keys) -> torch.Tensor:
     return out
 
 
-def main(argv=None) -> dict:
+def run(argv=None) -> dict:
     args = guide.parse(argv, __doc__)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # one thread: on a shared CPU two threads spin and cost far more CPU time
     t0, c0 = time.time(), time.process_time()
     fast = args.fast
     train_set, held = motion_split(40 if fast else 150, 4 if fast else 10, seed=0)
@@ -140,8 +138,11 @@ def main(argv=None) -> dict:
                          marks=[()] * 4 + [KEY_FRAMES] * 4 + [()] * 4)
     print(f"gif: {gif}")
     print(f"time: {time.time() - t0:.1f} s wall, {time.process_time() - c0:.1f} s CPU")
-    torch.set_num_threads(threads)
     return figures
+
+
+# one thread: on a shared CPU two threads spin and cost far more CPU time
+main = guide.on_one_thread(run)
 
 
 if __name__ == "__main__":

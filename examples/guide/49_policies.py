@@ -37,10 +37,8 @@ BOUNDS = {
 }
 
 
-def main(argv=None) -> dict:
+def run(argv=None) -> dict:
     args = guide.parse(argv, __doc__)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # one thread: on a shared CPU two threads spin and cost far more CPU time
     t0, c0 = time.time(), time.process_time()
     fast, env_cfg = args.fast, DetourConfig()
     steps = 25 if fast else 500
@@ -126,8 +124,11 @@ def main(argv=None) -> dict:
                            guide.picture(args, "49_policies.gif"), titles=("diffusion policy", "BC (MLP)"), size=128)
     print(f"gif: {gif}")
     print(f"time: {time.time() - t0:.1f} s wall, {time.process_time() - c0:.1f} s CPU")
-    torch.set_num_threads(threads)
     return figures
+
+
+# one thread: on a shared CPU two threads spin and cost far more CPU time
+main = guide.on_one_thread(run)
 
 
 if __name__ == "__main__":
