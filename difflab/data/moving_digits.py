@@ -6,6 +6,9 @@ which one 8x8 digit moves in one of :data:`DIRECTIONS` at a speed of :data:`SPEE
 frame, bouncing off the edges (its velocity along the axis flips when its box would leave the
 canvas; the position is reflected). Positions are whole pixels, so every frame holds the source
 digit's own pixels. The first step never bounces: the label says where the digit starts going.
+With ``bounce=False`` the start is drawn among the positions from which the whole clip stays
+inside the canvas: the digit goes the labelled way in every frame (a clip then needs
+``(frames - 1) * speed <= size - 8``).
 
 Labels: the digit's class, the direction (an index of :data:`DIRECTIONS`), the speed, the source
 digit's index, and a caption ("a 3 moving left"). Everything is drawn from
@@ -81,7 +84,7 @@ def render(digits: torch.Tensor, positions: torch.Tensor, size: int) -> torch.Te
     return out
 
 
-def check_args(num: int, frames: int, size: int, split: str, directions, speeds) -> None:
+def check_args(num: int, frames: int, size: int, split: str, directions, speeds, bounce: bool = True) -> None:
     """A ValueError naming the bad argument."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is unknown; choose one of {list(SPLITS)}")
@@ -94,18 +97,22 @@ def check_args(num: int, frames: int, size: int, split: str, directions, speeds)
     span = size - DIGIT_SIZE
     if not speeds or any(not isinstance(s, int) or s < 1 or s > span // 2 for s in speeds):
         raise ValueError(f"speeds={list(speeds)} must be ints in [1, {span // 2}] (pixels a frame on a {size}-pixel canvas)")
+    if not bounce and (frames - 1) * max(speeds) > span:
+        raise ValueError(f"bounce=False: {frames} frames at speeds={list(speeds)} travel {(frames - 1) * max(speeds)} pixels, "
+                         f"more than the {span} a {size}-pixel canvas leaves an 8-pixel digit; use fewer frames, lower "
+                         f"speeds or a larger size")
 
 
 def moving_digits(num: int, *, frames: int = 8, size: int = 24, split: str = "train", seed: int = 0,
-                  directions=DIRECTIONS, speeds=SPEEDS, classes=None, direction_of=None) -> Clips:
+                  directions=DIRECTIONS, speeds=SPEEDS, classes=None, direction_of=None, bounce: bool = True) -> Clips:
     """``num`` clips, the same for the same arguments (``numpy.random.default_rng(seed)``).
 
     Per clip, in order: a source digit of ``split`` (uniform; ``classes`` restricts its class),
     a direction of ``directions`` (uniform, or ``direction_of[i]``, an index of
     :data:`DIRECTIONS`), a speed of ``speeds``, and a start position uniform among those from which
-    the first step stays inside the canvas."""
+    the first step stays inside the canvas (``bounce=False``: the whole clip)."""
     directions = tuple(directions)
-    check_args(num, frames, size, split, directions, tuple(speeds))
+    check_args(num, frames, size, split, directions, tuple(speeds), bounce)
     digits, digit_labels = load_digits(8, split=split)
     rng = np.random.default_rng(seed)
     pool = np.arange(len(digits)) if classes is None else np.flatnonzero(np.isin(digit_labels.numpy(), list(classes)))
@@ -118,9 +125,10 @@ def moving_digits(num: int, *, frames: int = 8, size: int = 24, split: str = "tr
         d = DIRECTIONS.index(directions[rng.integers(len(directions))]) if direction_of is None else int(direction_of[i])
         v = int(speeds[rng.integers(len(speeds))])
         dy, dx = VELOCITIES[DIRECTIONS[d]]
-        # the first step stays inside [0, span] on the moving axis
-        lo = (max(0, -dy * v), max(0, -dx * v))
-        hi = (span - max(0, dy * v), span - max(0, dx * v))
+        # the first step (bounce=False: every step) stays inside [0, span] on the moving axis
+        travel = v if bounce else v * (frames - 1)
+        lo = (max(0, -dy * travel), max(0, -dx * travel))
+        hi = (span - max(0, dy * travel), span - max(0, dx * travel))
         start = (int(rng.integers(lo[0], hi[0] + 1)), int(rng.integers(lo[1], hi[1] + 1)))
         src.append(s), dirs.append(d), spd.append(v)
         pos.append(bounce_path(start, (dy * v, dx * v), frames, span))

@@ -33,7 +33,11 @@ from ..pipelines import SampleOptions
 from ..pipelines.video import generate_video, image_to_video
 from ..train import TrainConfig, train
 
-FRAMES, SIZE = 8, 24
+# The data design (moving digits: one class and one direction per clip). The digit moves SPEEDS
+# pixels a frame and, with BOUNCE False, never reaches an edge within a clip: every step goes the
+# labelled way (with bounces, a "left" clip near the left edge spends most of its steps going right,
+# and the networks learned the axis of the label but not its sign; docs/video.md).
+FRAMES, SIZE, SPEEDS, BOUNCE = 8, 16, (1,), False
 DIFFUSION = {"frame": "vp_discrete", "schedule": "cosine", "T": 1000, "prediction": "v"}
 TRAIN_CLIPS, HELD_CLIPS = 4000, 400
 
@@ -43,54 +47,64 @@ class VideoRoute:
     """One row of :data:`NETWORKS`: the video network's ``spec`` and its training on clips
     (``train``). With ``image_spec`` it is the motion-module route (Guo et al. 2023, AnimateDiff):
     that image network first trains on single frames (``image_train``), is frozen, and the video
-    network (``spec``, kind ``motion_unet`` around it) trains only its motion modules."""
+    network (``spec``, kind ``motion_unet`` around it) trains only its motion modules; with
+    ``freeze_image`` False (the control) the image network trains on the clips too."""
 
     spec: dict
     train: TrainConfig
     image_spec: dict | None = None
     image_train: TrainConfig | None = None
+    freeze_image: bool = True
 
 
 def backbone(tiny: bool) -> dict:
-    """The per-frame layers both routes share: full-resolution 24 -> 12 -> 6 levels, spatial
-    attention at 6x6."""
+    """The per-frame layers both routes share: full-resolution levels (16 -> 8 -> 4 for the demo's
+    16x16 frames), spatial attention at the lowest."""
     return dict(model_channels=8 if tiny else 16, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(2,),
                 num_heads=2 if tiny else 4)
 
 
 def space_time_unet(tiny: bool = False) -> VideoRoute:
     """The factorized space-time U-Net (Ho et al. 2022), everything trained on clips; temporal
-    attention at 12x12 and 6x6 (and the middle)."""
-    config = VideoUNetConfig(**backbone(tiny), temporal_levels=(1, 2), max_frames=FRAMES, sample_size=SIZE,
+    attention at every level (16x16, 8x8, 4x4) and the middle."""
+    config = VideoUNetConfig(**backbone(tiny), temporal_levels=(0, 1, 2), max_frames=FRAMES, sample_size=SIZE,
                              num_classes=10, num_directions=len(DIRECTIONS))
-    train = TrainConfig(steps=700, batch_size=8, lr=2e-3, warmup_steps=50, ema_decay=0.995, cfg_dropout=0.1,
-                        checkpoint_every=350, log_every=50, seed=0)
+    train = TrainConfig(steps=1600, batch_size=8, lr=2e-3, warmup_steps=50, ema_decay=0.995, cfg_dropout=0.1,
+                        checkpoint_every=400, log_every=100, seed=0)
     return VideoRoute(make_spec("video_unet", config, DIFFUSION), train)
 
 
-def motion_modules(tiny: bool = False) -> VideoRoute:
+def motion_modules(tiny: bool = False, freeze_image: bool = True) -> VideoRoute:
     """AnimateDiff's route (Guo et al. 2023): the image U-Net of the same layers, class-conditional,
-    trained on single frames, then frozen; motion modules (with the direction label) at 12x12, 6x6
-    and the middle are all that trains on clips."""
+    trained on single frames, then frozen; motion modules at every level and the middle (AnimateDiff's
+    layout), each told the clip's direction and the noise level, are all that trains on clips.
+    ``freeze_image=False``: the control, the image U-Net trains on the clips with them."""
     image = UNetConfig(in_channels=1, **backbone(tiny), num_classes=10)
     motion = MotionUNetConfig(image_kind="unet", image=image.to_dict(), num_heads=2 if tiny else 4, max_frames=FRAMES,
-                              num_frames=FRAMES, levels=(1, 2), num_directions=len(DIRECTIONS))
+                              num_frames=FRAMES, num_directions=len(DIRECTIONS), time_embedding=True)
     image_train = TrainConfig(steps=600, batch_size=64, lr=2e-3, warmup_steps=50, ema_decay=0.995, cfg_dropout=0.1,
-                              checkpoint_every=300, log_every=50, seed=0)
-    train = TrainConfig(steps=300, batch_size=8, lr=1e-3, warmup_steps=30, ema_decay=0.99, cfg_dropout=0.1,
-                        checkpoint_every=150, log_every=50, seed=0)
-    return VideoRoute(make_spec("motion_unet", motion, DIFFUSION), train, make_spec("unet", image, DIFFUSION), image_train)
+                              checkpoint_every=300, log_every=100, seed=0)
+    train = TrainConfig(steps=1200, batch_size=8, lr=1e-3, warmup_steps=30, ema_decay=0.99 if freeze_image else 0.995,
+                        cfg_dropout=0.1, checkpoint_every=400, log_every=100, seed=0)
+    return VideoRoute(make_spec("motion_unet", motion, DIFFUSION), train, make_spec("unet", image, DIFFUSION), image_train,
+                      freeze_image)
+
+
+def motion_modules_unfrozen(tiny: bool = False) -> VideoRoute:
+    """The control of :func:`motion_modules`: the same networks, the image U-Net not frozen."""
+    return motion_modules(tiny, freeze_image=False)
 
 
 # The networks the demo can train: one row each, a name -> a function (tiny) -> VideoRoute.
-NETWORKS = {"space_time_unet": space_time_unet, "motion_modules": motion_modules}
+NETWORKS = {"space_time_unet": space_time_unet, "motion_modules": motion_modules,
+            "motion_modules_unfrozen": motion_modules_unfrozen}
 
 
 def training_data(n: int, image_fraction: float, seed: int = 0):
     """(clips, labels, cond) for :func:`difflab.train.train`: ``n`` training clips, plus (joint
     image-and-video training, Ho et al. 2022, Section 3.2) ``round(image_fraction * n)`` stacks of
     independent still frames with the null direction and ``independent_frames`` set."""
-    data = moving_digits(n, frames=FRAMES, size=SIZE, split="train", seed=seed)
+    data = moving_digits(n, frames=FRAMES, size=SIZE, split="train", seed=seed, speeds=SPEEDS, bounce=BOUNCE)
     clips, labels, dirs = data.clips, data.labels, data.directions
     n_still = round(image_fraction * n)
     if not n_still:
@@ -115,9 +129,11 @@ def train_route(route: VideoRoute, network: str, config, data, null_cond, out_di
         clips, labels = data[0], data[1]
         image_cpu = pretrain_image_network(denoiser, route, clips, labels, out_dir / network / "image", steps=steps,
                                            progress=progress, resume=resume)
-        freeze_spatial(denoiser.net)
+        if route.freeze_image:
+            freeze_spatial(denoiser.net)
+    only = route.image_spec is not None and route.freeze_image
     print(f"[3/6] training {network} ({spec['network']['kind']}) for {config.steps} steps (batch {config.batch_size}"
-          f"{', motion modules only' if route.image_spec is not None else ''})")
+          f"{', motion modules only' if only else ''})")
     state = train(denoiser, data, config, out_dir / network, spec=spec, null_cond=null_cond,
                   metadata={"size": SIZE, "frames": FRAMES}, resume=resume)
     state.ema.copy_to(denoiser.net)
@@ -148,8 +164,8 @@ def run_video_demo(out_dir="demo_video_out", *, network: str = "space_time_unet"
 
     # 1. Data: clips from the digits' train split; held-out clips from its test split.
     clips, labels, cond, null_cond = training_data(n_train, image_fraction, seed=0)
-    held = moving_digits(n_held, frames=FRAMES, size=SIZE, split="test", seed=1)
-    reference = moving_digits(n_held, frames=FRAMES, size=SIZE, split="train", seed=2)
+    held = moving_digits(n_held, frames=FRAMES, size=SIZE, split="test", seed=1, speeds=SPEEDS, bounce=BOUNCE)
+    reference = moving_digits(n_held, frames=FRAMES, size=SIZE, split="train", seed=2, speeds=SPEEDS, bounce=BOUNCE)
     print(f"[1/6] data: {n_train} training clips ({FRAMES} frames, {SIZE}x{SIZE}, {len(DIRECTIONS)} directions)"
           f"{f' + {len(clips) - n_train} still-frame stacks' if len(clips) > n_train else ''}, {n_held} held out")
 
@@ -240,5 +256,5 @@ def format_video_report(r: dict) -> str:
     return "\n".join(f"  {a:<{w}}  {b:>22}  {c}" for a, b, c in rows)
 
 
-__all__ = ["run_video_demo", "NETWORKS", "VideoRoute", "space_time_unet", "motion_modules", "backbone", "training_data",
-           "pretrain_image_network", "format_video_report"]
+__all__ = ["run_video_demo", "NETWORKS", "FRAMES", "SIZE", "SPEEDS", "BOUNCE", "VideoRoute", "space_time_unet", "motion_modules",
+           "motion_modules_unfrozen", "backbone", "training_data", "pretrain_image_network", "format_video_report"]

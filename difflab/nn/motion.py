@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, JSONConfig
-from .layers import _maybe_checkpoint, set_checkpointing
+from .layers import TimestepMLP, _maybe_checkpoint, set_checkpointing, timestep_embedding
 from .transformer import Attention, FeedForward
 from .unet import UNet, UNetConfig
 from .unet_sd import UNetSD, UNetSDConfig
@@ -38,6 +38,7 @@ from .unet_sd import UNetSD, UNetSDConfig
 # The image networks a MotionUNet can wrap: kind -> (class, config class). Each has a
 # ``temporal`` seam in its forward and ``temporal_sites()``.
 IMAGE_KINDS = {"unet_sd": (UNetSD, UNetSDConfig), "unet": (UNet, UNetConfig)}
+TIME_FEATURES = 32  # width of the sinusoidal time features a noise-level-aware motion module reads (time_embedding=True)
 
 
 def frame_encoding(max_frames: int, dim: int) -> torch.Tensor:
@@ -96,7 +97,7 @@ class TemporalTransformer(nn.Module):
     starts as the identity)."""
 
     def __init__(self, channels: int, heads: int, depth: int = 1, groups: int = 32, max_frames: int = 32,
-                 num_directions: int | None = None):
+                 num_directions: int | None = None, time_embedding: bool = False):
         super().__init__()
         if channels % heads:
             raise ConfigError(f"motion num_heads={heads} does not divide the {channels} channels of a motion module")
@@ -107,16 +108,20 @@ class TemporalTransformer(nn.Module):
         self.proj_in = nn.Linear(channels, channels)
         # the clip's motion label (difflab's own, not AnimateDiff's): an embedding added to every token
         self.direction_embed = nn.Embedding(num_directions + 1, channels) if num_directions is not None else None
+        # the noise level (difflab's, not AnimateDiff's): an MLP of the time's sinusoidal features, added likewise
+        self.time_embed = TimestepMLP(TIME_FEATURES, channels) if time_embedding else None
         self.transformer_blocks = nn.ModuleList([TemporalBlock(channels, heads, max_frames) for _ in range(depth)])
         self.proj_out = nn.Linear(channels, channels)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
         self.checkpoint = False
 
-    def forward(self, h: torch.Tensor, num_frames: int, direction_labels: torch.Tensor | None = None) -> torch.Tensor:
-        return _maybe_checkpoint(self.checkpoint, self._forward, h, num_frames, direction_labels)
+    def forward(self, h: torch.Tensor, num_frames: int, direction_labels: torch.Tensor | None = None,
+                time_features: torch.Tensor | None = None) -> torch.Tensor:
+        return _maybe_checkpoint(self.checkpoint, self._forward, h, num_frames, direction_labels, time_features)
 
-    def _forward(self, h: torch.Tensor, num_frames: int, direction_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def _forward(self, h: torch.Tensor, num_frames: int, direction_labels: torch.Tensor | None = None,
+                 time_features: torch.Tensor | None = None) -> torch.Tensor:
         bf, c, height, width = h.shape
         b = bf // num_frames
         x = self.norm(h.reshape(b, num_frames, c, height, width).transpose(1, 2))  # (B, C, F, H, W)
@@ -124,6 +129,10 @@ class TemporalTransformer(nn.Module):
         x = self.proj_in(x)
         if self.direction_embed is not None and direction_labels is not None:  # (B,) -> one row per pixel's sequence
             x = x + self.direction_embed(direction_labels).repeat_interleave(height * width, dim=0)[:, None]
+        if self.time_embed is not None:  # (B, TIME_FEATURES) -> likewise
+            if time_features is None:
+                raise ValueError("this motion module reads the noise level (time_embedding=True): pass time_features")
+            x = x + self.time_embed(time_features.to(x.dtype)).repeat_interleave(height * width, dim=0)[:, None]
         for block in self.transformer_blocks:
             x = block(x)
         x = self.proj_out(x)
@@ -148,6 +157,7 @@ class MotionUNetConfig(JSONConfig):
     num_frames: int = 16  # frames of a sample (the training clip length; the pipelines' default)
     levels: tuple[int, ...] | None = None  # the levels whose down/up sites get a module (None: all, as AnimateDiff)
     num_directions: int | None = None  # motion labels (difflab's, not AnimateDiff's): an embedding in every module; label num_directions is the null one
+    time_embedding: bool = False  # the noise level reaches every module (difflab's, not AnimateDiff's): an MLP of t's sinusoidal features
 
     def __post_init__(self):
         if self.image_kind not in IMAGE_KINDS:
@@ -175,6 +185,8 @@ class MotionUNetConfig(JSONConfig):
                 raise ConfigError(f"levels={list(self.levels)}: {bad} are not levels of the image network (valid: 0..{levels - 1})")
         if self.num_directions is not None and (not isinstance(self.num_directions, int) or self.num_directions < 1):
             raise ConfigError(f"num_directions={self.num_directions!r} must be an int >= 1 or None")
+        if not isinstance(self.time_embedding, bool):
+            raise ConfigError(f"time_embedding={self.time_embedding!r} must be a bool")
         if self.num_frames > self.max_frames:
             raise ConfigError(f"num_frames={self.num_frames} is above max_frames={self.max_frames} (the frame encoding's length)")
 
@@ -240,7 +252,8 @@ class MotionUNet(nn.Module):
     image network's layers and unfolded in the motion modules; ``t`` (B,) and every tensor in
     ``cond`` (``context``, ``context_mask``, ``class_labels``, SDXL's ``text_embeds`` and
     ``time_ids``: one row per clip) are repeated per frame; ``direction_labels`` (B,) long, with
-    ``config.num_directions`` set, go to the motion modules alone (the null label when missing).
+    ``config.num_directions`` set, go to the motion modules alone (the null label when missing);
+    with ``config.time_embedding`` the modules also read ``t`` (the noise level).
     Returns (B, C_out, F, H, W).
     """
 
@@ -257,7 +270,7 @@ class MotionUNet(nn.Module):
                 continue
             depth = c.mid_layers if site.startswith("mid") else c.per_level("layers", level)
             motion[site] = TemporalTransformer(channels, c.per_level("num_heads", level), depth, c.groups(channels), c.max_frames,
-                                               c.num_directions)
+                                               c.num_directions, c.time_embedding)
         self.motion = nn.ModuleDict(motion)
         set_checkpointing(self.motion, bool(getattr(self.unet.config, "gradient_checkpointing", False)))
 
@@ -284,9 +297,11 @@ class MotionUNet(nn.Module):
         folded = x.transpose(1, 2).reshape(b * num_frames, ch, height, width)
         cond = {k: v.repeat_interleave(num_frames, dim=0) if torch.is_tensor(v) else v for k, v in cond.items()}
 
-        # 3. The image network, with a motion module at each temporal site
+        # 3. The image network, with a motion module at each temporal site (given the noise level with time_embedding)
+        time_features = timestep_embedding(t, TIME_FEATURES) if self.config.time_embedding else None
+
         def temporal(h, site):
-            return self.motion[site](h, num_frames, directions) if site in self.motion else h
+            return self.motion[site](h, num_frames, directions, time_features) if site in self.motion else h
 
         out = self.unet(folded, t.repeat_interleave(num_frames), temporal=temporal, **cond)
 
