@@ -126,3 +126,30 @@ def test_the_unfrozen_control_route_trains_the_image_network_on_clips(tmp_path):
     pre = {k[len("ema."):]: v for k, v in load_checkpoint(tmp_path / "control" / "image")[0].items() if k.startswith("ema.")}
     after = den.net.unet.state_dict()
     assert any(not torch.equal(after[k], v) for k, v in pre.items())  # the image U-Net moved on the clips
+
+
+def test_the_frame_embedding_tells_each_frame_its_index_and_skips_independent_frames():
+    """A clip of one repeated frame: without a frame embedding every frame comes out the same (the
+    relative bias cannot tell them apart); with it (trained: nonzero) they differ, unless the
+    frames are marked independent; a fresh embedding is zero, so it starts as the plain network."""
+    from difflab.nn.video_unet import PRESETS as VIDEO_PRESETS
+    from difflab.nn.video_unet import VideoUNet
+    plain_cfg = VIDEO_PRESETS["tiny"]
+    nets = {}
+    for flag in (False, True):
+        torch.manual_seed(0)
+        nets[flag] = VideoUNet(dataclasses.replace(plain_cfg, frame_embedding=flag)).eval()
+    nets[True].load_state_dict(nets[False].state_dict(), strict=False)
+    x = torch.randn(1, 1, 1, 8, 8).expand(2, 1, 4, 8, 8).contiguous()
+    t, y, d = torch.tensor([300.0, 300.0]), torch.tensor([3, 3]), torch.tensor([0, 0])
+    with torch.no_grad():
+        torch.testing.assert_close(nets[True](x, t, y, d), nets[False](x, t, y, d))  # zero at start
+        for net in nets.values():
+            for p in net.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+        plain, framed = nets[False](x, t, y, d), nets[True](x, t, y, d)
+        assert (plain[:, :, 1:] - plain[:, :, :1]).abs().max() < 1e-5
+        assert (framed[:, :, 1:] - framed[:, :, :1]).abs().max() > 1e-3
+        still = nets[True](x, t, y, d, independent_frames=torch.tensor([True, False]))
+        assert (still[0, :, 1:] - still[0, :, :1]).abs().max() < 1e-5
+        torch.testing.assert_close(still[1], framed[1])

@@ -66,9 +66,9 @@ def backbone(tiny: bool) -> dict:
 
 def space_time_unet(tiny: bool = False) -> VideoRoute:
     """The factorized space-time U-Net (Ho et al. 2022), everything trained on clips; temporal
-    attention at every level (16x16, 8x8, 4x4) and the middle."""
+    attention at every level (16x16, 8x8, 4x4) and the middle, and the frame index embedded."""
     config = VideoUNetConfig(**backbone(tiny), temporal_levels=(0, 1, 2), max_frames=FRAMES, sample_size=SIZE,
-                             num_classes=10, num_directions=len(DIRECTIONS))
+                             num_classes=10, num_directions=len(DIRECTIONS), frame_embedding=True)
     train = TrainConfig(steps=1600, batch_size=8, lr=2e-3, warmup_steps=50, ema_decay=0.995, cfg_dropout=0.1,
                         checkpoint_every=400, log_every=100, seed=0)
     return VideoRoute(make_spec("video_unet", config, DIFFUSION), train)

@@ -16,6 +16,12 @@ each frame attends only to itself: the frames of those samples are then independ
 that same mask.
 
 F may be anything up to ``max_frames``, the range of the relative positions; above it is an error.
+
+``frame_embedding`` (difflab's, off by default) adds a learned embedding of each frame's index to
+that frame's conditioning (zero at start), so the per-frame layers know where in the clip they
+are: the relative bias alone leaves a network nearly equivariant to shifts in time, and a clip
+whose digit moves left from the right edge differs from its time reversal only in *which* frame
+is first. Frames marked independent get none.
 """
 from __future__ import annotations
 
@@ -53,6 +59,7 @@ class VideoUNetConfig(JSONConfig):
     patch_size: int = 1  # > 1: frames enter as p x p patches (pixel unshuffle) and leave by pixel shuffle (DiT's patchify)
     groups: int = 32
     gradient_checkpointing: bool = False
+    frame_embedding: bool = False  # a learned embedding of the frame index in each frame's conditioning (absolute time)
 
     def __post_init__(self):
         for name in ("channel_mult", "attention_levels", "temporal_levels"):
@@ -67,6 +74,8 @@ class VideoUNetConfig(JSONConfig):
                 if getattr(self, k) is not None and not count(getattr(self, k))]
         if bad:
             raise ConfigError(f"VideoUNetConfig sizes must be positive integers: {', '.join(bad)}")
+        if not isinstance(self.frame_embedding, bool):
+            raise ConfigError(f"VideoUNetConfig frame_embedding={self.frame_embedding!r} must be a bool")
         for name in ("attention_levels", "temporal_levels"):
             wrong = [i for i in getattr(self, name) if not 0 <= i < len(self.channel_mult)]
             if wrong:
@@ -167,6 +176,7 @@ class VideoUNet(nn.Module):
         self.time_embed = TimestepMLP(c.model_channels, emb_dim)
         self.label_embed = nn.Embedding(c.num_classes + 1, emb_dim) if c.num_classes is not None else None
         self.direction_embed = nn.Embedding(c.num_directions + 1, emb_dim) if c.num_directions is not None else None
+        self.frame_embed = zero_(nn.Embedding(c.max_frames, emb_dim)) if c.frame_embedding else None
 
         ch = c.model_channels * c.channel_mult[0]
         p2 = c.patch_size ** 2
@@ -229,6 +239,9 @@ class VideoUNet(nn.Module):
                 labels = torch.full((b,), null, dtype=torch.long, device=x.device) if labels is None else labels
                 emb = emb + table(labels)
         emb = emb.repeat_interleave(frames, dim=0)
+        if self.frame_embed is not None:  # the frame's index, row b * F + f; none for frames marked independent
+            index = self.frame_embed(torch.arange(frames, device=x.device)).repeat(b, 1)
+            emb = emb + (index if independent is None else index * (~independent).repeat_interleave(frames)[:, None].to(index.dtype))
         if context is not None:
             context = context.repeat_interleave(frames, dim=0)
             context_mask = None if context_mask is None else context_mask.repeat_interleave(frames, dim=0)
