@@ -670,6 +670,8 @@ API_CASES = [
      FileNotFoundError, "MotionAdapter"),
     ("unet-motion-folder-is-a-run", lambda r: load_unet_motion_model(r / "run"), FileNotFoundError, "config.json"),
     ("motion-directions-0", lambda r: MotionUNetConfig(max_frames=16, num_frames=8, num_directions=0), ValueError, "num_directions=0"),
+    ("motion-time-embedding-not-bool", lambda r: MotionUNetConfig(max_frames=16, num_frames=8, time_embedding=1), ValueError,
+     "time_embedding=1 must be a bool"),
     ("motion-direction-label-out-of-range", lambda r: MotionUNet(dataclasses.replace(MOTION_PRESETS["tiny"], num_directions=4))(
         torch.zeros(1, 4, 2, 8, 8), torch.ones(1), direction_labels=torch.tensor([5])), ValueError, "direction_labels must be"),
     ("motion-direction-labels-without-directions", lambda r: _motion()(torch.zeros(1, 4, 2, 8, 8), torch.ones(1),
