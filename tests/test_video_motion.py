@@ -131,7 +131,8 @@ def test_the_unfrozen_control_route_trains_the_image_network_on_clips(tmp_path):
 def test_the_frame_embedding_tells_each_frame_its_index_and_skips_independent_frames():
     """A clip of one repeated frame: without a frame embedding every frame comes out the same (the
     relative bias cannot tell them apart); with it (trained: nonzero) they differ, unless the
-    frames are marked independent; a fresh embedding is zero, so it starts as the plain network."""
+    frames are marked independent (then each frame is the network at F = 1); a fresh embedding is
+    zero, so it starts as the plain network."""
     from difflab.nn.video_unet import PRESETS as VIDEO_PRESETS
     from difflab.nn.video_unet import VideoUNet
     plain_cfg = VIDEO_PRESETS["tiny"]
@@ -153,3 +154,6 @@ def test_the_frame_embedding_tells_each_frame_its_index_and_skips_independent_fr
         still = nets[True](x, t, y, d, independent_frames=torch.tensor([True, False]))
         assert (still[0, :, 1:] - still[0, :, :1]).abs().max() < 1e-5
         torch.testing.assert_close(still[1], framed[1])
+        xs = torch.randn(1, 1, 4, 8, 8)  # independent frames = each frame alone (F = 1: no index either)
+        alone = torch.cat([nets[True](xs[:, :, f:f + 1], t[:1], y[:1], d[:1]) for f in range(4)], dim=2)
+        torch.testing.assert_close(nets[True](xs, t[:1], y[:1], d[:1], independent_frames=True), alone, atol=1e-5, rtol=1e-4)

@@ -21,7 +21,8 @@ F may be anything up to ``max_frames``, the range of the relative positions; abo
 that frame's conditioning (zero at start), so the per-frame layers know where in the clip they
 are: the relative bias alone leaves a network nearly equivariant to shifts in time, and a clip
 whose digit moves left from the right edge differs from its time reversal only in *which* frame
-is first. Frames marked independent get none.
+is first. Frames marked independent, and a lone frame (F = 1), get none: they stay the image
+network, and a clip marked independent is that network run on each frame alone.
 """
 from __future__ import annotations
 
@@ -239,7 +240,7 @@ class VideoUNet(nn.Module):
                 labels = torch.full((b,), null, dtype=torch.long, device=x.device) if labels is None else labels
                 emb = emb + table(labels)
         emb = emb.repeat_interleave(frames, dim=0)
-        if self.frame_embed is not None:  # the frame's index, row b * F + f; none for frames marked independent
+        if self.frame_embed is not None and frames > 1:  # the frame's index, row b * F + f; none for independent or lone frames
             index = self.frame_embed(torch.arange(frames, device=x.device)).repeat(b, 1)
             emb = emb + (index if independent is None else index * (~independent).repeat_interleave(frames)[:, None].to(index.dtype))
         if context is not None:
