@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from difflab.core.audio import (AudioFrontEnd, griffin_lim, image_to_mel, istft, mel_envelope, mel_filter_bank, mel_image,
-                                mel_spectrogram, mel_to_linear, spectral_convergence, stft)
+from difflab.core.audio import (AudioFrontEnd, griffin_lim, image_to_mel, istft, log_mel, log_stft_distance, mel_envelope,
+                                mel_filter_bank, mel_image, mel_spectral_envelope, mel_spectrogram, mel_to_linear,
+                                spectral_convergence, stft, stft_filter)
 from difflab.data.audio import CLASSES, LENGTH, SAMPLE_RATE, load_audio, one_clip
 from difflab.io.audio import load_wav, save_wav
 from difflab.io.spec import build_denoiser, load_denoiser, make_spec, sample_shape
 from difflab.nn.diffwave import DiffWave, DiffWaveConfig, check_sample_rate, dilated_conv
 from difflab.pipelines.audio import (generate_latent_mel, generate_waveform, griffin_lim_decode, vocode, vocoder_data,
-                                     vocoder_envelope)
+                                     vocoder_envelope, vocoder_output, vocoder_spectral_gain)
 from difflab.train import TrainConfig, train
 
 FE = AudioFrontEnd()
@@ -132,6 +133,41 @@ def test_mel_envelope_follows_the_frame_rms():
         mel_envelope(mel_spectrogram(x, FE)[..., :10], FE.hop, LENGTH)
 
 
+def test_mel_spectral_envelope_follows_the_partials():
+    t = torch.arange(LENGTH, dtype=torch.float64) / SAMPLE_RATE
+    x = (0.5 * torch.sin(2 * math.pi * 1000 * t))[None]                   # 1 kHz: FFT bin 32 of 129
+    env = mel_spectral_envelope(mel_spectrogram(x, FE), FE)[0]
+    assert env.shape == (FE.n_freqs, FE.frames(LENGTH)) and float(env.min()) >= FE.floor
+    col = env[:, 32]
+    assert int(col.argmax()) in (30, 31, 32, 33)
+    assert float(col[:20].max()) < 1e-3 * float(col.max())                 # far bins: the floor, 60 dB down
+    assert float(col[29:35].min()) > 0.02 * float(col.max())               # spread: the partial's mel band stays open
+    # DC and Nyquist lie under no mel filter: they copy their neighbour rather than sit at the floor
+    noise = torch.randn(1, 1, LENGTH, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    full = mel_spectral_envelope(mel_spectrogram(noise, FE), FE)[0]
+    assert float(full[[0, -1]].min()) > 10 * FE.floor                     # measured 28 x the floor
+    with pytest.raises(ValueError, match="n_mels"):
+        mel_spectral_envelope(torch.ones(1, 8, 5), FE)
+    # the filter and its inverse give the clip back (exactly for a constant gain)
+    ones = torch.full((1, FE.n_freqs, FE.frames(LENGTH)), 3.0, dtype=torch.float64)
+    torch.testing.assert_close(stft_filter(x[:, None], ones, FE.n_fft, FE.hop), 3 * x[:, None])
+    with pytest.raises(ValueError, match="gain must be"):
+        stft_filter(x[:, None], ones[..., :5], FE.n_fft, FE.hop)
+
+
+def test_log_stft_distance():
+    clips, _ = load_audio("test", per_class=3)
+    x = clips[:4]
+    assert float(log_stft_distance(x, x).abs().max()) == 0.0
+    g = torch.Generator().manual_seed(0)
+    near, far = (x + s * torch.randn(x.shape, generator=g) for s in (1e-3, 1e-1))
+    d_near, d_far = log_stft_distance(near, x), log_stft_distance(far, x)
+    assert d_near.shape == (4,) and bool((d_near < d_far).all())
+    torch.testing.assert_close(log_stft_distance(x, near), d_near)          # symmetric
+    with pytest.raises(ValueError, match="same shape"):
+        log_stft_distance(x, x[:2])
+
+
 # ---- DiffWave ------------------------------------------------------------------------------
 
 def tiny(**kw) -> DiffWaveConfig:
@@ -230,6 +266,31 @@ def test_envelope_prior_vocoder_divides_and_multiplies():
     perturbed(voc.net)
     silent = -torch.ones(2, 1, 8, 17)
     assert float(vocode(voc, silent, steps=3, seed=0, progress=False).abs().max()) < 1e-2
+
+
+def test_spectral_prior_vocoder_whitens_and_colours():
+    clips, _ = load_audio("test", per_class=3)
+    images = mel_image(clips[:6], FE)
+    config = DiffWaveConfig(n_mels=32, hop=64, upsample_strides=(8, 8), spectral_prior=True)
+    white = vocoder_data(config, clips[:6], images)
+    assert 0.2 < float(white.std()) < 3.0                              # about unit scale for the network
+    back = vocoder_output(config, white, images)
+    assert float((log_mel(back, FE) - log_mel(clips[:6], FE)).abs().mean()) < 0.15   # measured 0.07
+    # the prior's noise follows the mel: white noise coloured by a sine's gain keeps to the sine's band
+    t = torch.arange(LENGTH) / SAMPLE_RATE
+    sine = (0.5 * torch.sin(2 * math.pi * 1000 * t))[None, None]
+    noise = vocoder_output(config, torch.randn(1, 1, LENGTH, generator=torch.Generator().manual_seed(0)), mel_image(sine, FE))
+    power = stft(noise, FE.n_fft, FE.hop).abs().pow(2).sum(-1)[0]
+    assert float(power[26:39].sum() / power.sum()) > 0.99
+    for bad, match in (({"envelope_prior": True}, "not both"), ({"n_mels": None}, "needs a vocoder"),
+                       ({"n_fft": 32}, "must be <= n_fft")):
+        with pytest.raises(ValueError, match=match):
+            DiffWaveConfig(**{"n_mels": 32, "hop": 64, "upsample_strides": (8, 8), "spectral_prior": True, **bad})
+    # vocode colours the sample: a silent mel gives a (nearly) silent clip whatever the network
+    voc = build_denoiser(make_spec("diffwave", tiny(n_mels=8, n_fft=64, spectral_prior=True), DIFFUSION), seed=0)
+    perturbed(voc.net)
+    assert vocoder_spectral_gain(voc.net.config, -torch.ones(2, 1, 8, 17)).shape == (2, 33, 17)
+    assert float(vocode(voc, -torch.ones(2, 1, 8, 17), steps=3, seed=0, progress=False).abs().max()) < 1e-2
 
 
 def test_envelope_prior_vocoder_reconstructs_real_clips_better_than_the_plain_one():
