@@ -293,29 +293,39 @@ def test_spectral_prior_vocoder_whitens_and_colours():
     assert float(vocode(voc, -torch.ones(2, 1, 8, 17), steps=3, seed=0, progress=False).abs().max()) < 1e-2
 
 
-def test_envelope_prior_vocoder_reconstructs_real_clips_better_than_the_plain_one():
-    """Two tiny vocoders, identical but for ``envelope_prior``, trained 150 steps on crops of real
-    clips: on held-out crops the PriorGrad one is closer to the real clip (log-mel distance). At
-    this budget both remain far behind Griffin-Lim (about 0.19 here): see docs/audio.md."""
-    from difflab.core.audio import log_mel
-
+def test_vocoder_priors_on_real_held_out_clips_against_griffin_lim():
+    """Three tiny vocoders, identical but for the prior (none, PriorGrad's envelope, the mel's
+    time-frequency envelope), trained 150 steps on crops of real clips, decode the mels of
+    held-out crops; two spectral distances to the real crop (log-mel, and multi-resolution STFT
+    log-magnitude at resolutions the mel does not use). Proves: each prior beats the one before on
+    both distances, the time-frequency one by a wide margin (measured 2.34 / 1.72 / 0.71 log-mel,
+    2.47 / 1.90 / 0.82 STFT). It does NOT prove what issue 19 asks (the vocoder better than
+    Griffin-Lim alone): Griffin-Lim on the same mels reads 0.19 / 0.47 here, and the demo's
+    vocoder (1,000 steps) still loses to it on real mels; docs/audio.md gives the figures."""
     fe = AudioFrontEnd(n_fft=64, hop=16, n_mels=16)
     clips, _ = load_audio("all", per_class=6)
     starts = torch.randint(0, LENGTH - 256, (len(clips),), generator=torch.Generator().manual_seed(0)).tolist()
     crops = torch.stack([clip[:, s:s + 256] for clip, s in zip(clips, starts)])
     held = torch.arange(len(crops)) % 6 == 0
     images = mel_image(crops, fe)
-    distance = {}
-    for prior in (False, True):
+
+    def distances(x):
+        return (float((log_mel(x, fe) - log_mel(crops[held], fe)).abs().mean()),
+                float(log_stft_distance(x, crops[held], ((32, 8), (128, 32))).mean()))
+
+    measured = {}
+    for prior in ("none", "envelope", "spectral"):
         config = DiffWaveConfig(residual_channels=8, layers=4, dilation_cycle=4, n_mels=16, hop=16, upsample_strides=(4, 4),
-                                sample_length=256, envelope_prior=prior)
+                                n_fft=64, sample_length=256, envelope_prior=prior == "envelope",
+                                spectral_prior=prior == "spectral")
         den = build_denoiser(make_spec("diffwave", config, DIFFUSION), seed=0)
         cfg = TrainConfig(steps=150, batch_size=16, lr=3e-3, warmup_steps=20, ema_decay=None, checkpoint_every=0,
                           log_every=0, progress=False, seed=0)
         train(den, (vocoder_data(config, crops[~held], images[~held]), None, {"mel": images[~held][:, 0]}), cfg, None)
-        out = vocode(den.eval(), images[held], steps=4, seed=0, progress=False)
-        distance[prior] = float((log_mel(out, fe) - log_mel(crops[held], fe)).abs().mean())
-    assert distance[True] < 0.85 * distance[False]      # measured: 1.72 vs 2.34
+        measured[prior] = distances(vocode(den.eval(), images[held], steps=4, seed=0, progress=False))
+    for k in range(2):
+        assert measured["envelope"][k] < 0.85 * measured["none"][k]
+        assert measured["spectral"][k] < 0.6 * measured["envelope"][k]
 
 
 def test_latent_route_shapes_determinism_and_errors():
