@@ -231,8 +231,10 @@ def log_stft_distance(wave: torch.Tensor, reference: torch.Tensor, resolutions=(
     x, ref = as_waves(wave, "wave"), as_waves(reference, "reference")
     if x.shape != ref.shape:
         raise ValueError(f"wave {tuple(x.shape)} and reference {tuple(ref.shape)} must have the same shape")
-    out = [(torch.log(stft(x, n, h).abs().clamp_min(floor)) - torch.log(stft(ref, n, h).abs().clamp_min(floor))).abs().mean((1, 2))
-           for n, h in resolutions]
+    def log_mag(w, n, h):
+        return torch.log(stft(w, n, h).abs().clamp_min(floor))
+
+    out = [(log_mag(x, n, h) - log_mag(ref, n, h)).abs().mean((1, 2)) for n, h in resolutions]
     return torch.stack(out).mean(0)
 
 

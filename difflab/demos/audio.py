@@ -190,7 +190,8 @@ def fit_models(configs: dict, images, labels, crops, out_dir: Path, resume: bool
 
     timed_fit("mel", f"class-conditional U-Net on {tuple(images.shape[1:])} log-mel images",
               lambda: fit_denoiser(MEL_SPEC, (images, labels), configs["mel"], out_dir / "mel_unet", resume))
-    timed_fit("vocoder", f"DiffWave under the mel's time-frequency prior on {len(crop_waves)} {CROP}-sample crops with their mels",
+    timed_fit("vocoder", f"DiffWave under the mel's time-frequency prior on {len(crop_waves)} {CROP}-sample crops "
+                         "with their mels",
               lambda: fit_denoiser(VOCODER_SPEC, (vocoder_waves, None, {"mel": crop_mels}), configs["vocoder"],
                                    out_dir / "vocoder", resume))
     timed_fit("vae", f"KL autoencoder of the log-mel images, factor {2 ** (len(VAE_CONFIG.block_out_channels) - 1)}",
@@ -256,7 +257,8 @@ def run_audio_demo(out_dir="demo_audio_out", *, mel_steps: int | None = None, vo
 
     # 6. Judge, write audio and pictures, report.
     report = {"judge_real_accuracy": judge.accuracy(held, held_labels), "judge_train_cpu_seconds": judge.train_seconds,
-              "reconstruction_mel_distance": reconstruction, "reconstruction_stft_distance": stft_distances, "routes": {}, "samples_per_class": samples_per_class,
+              "reconstruction_mel_distance": reconstruction, "reconstruction_stft_distance": stft_distances,
+              "routes": {}, "samples_per_class": samples_per_class,
               "sampler": sampler, "sampling_steps": sampling_steps, "vocoder_sampling_steps": vocoder_sampling_steps,
               "wave_sampling_steps": wave_sampling_steps, "griffin_lim_iters": griffin_lim_iters,
               "guidance_scale": guidance_scale, "train_steps": {k: c.steps for k, c in configs.items()},
