@@ -8,6 +8,17 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
+def digits_judge_file(tmp_path_factory):
+    """The default digits judge (``DigitsJudge.fit()``: about 10 s), trained once per test run and
+    saved; tests that need the full judge load it instead of training their own."""
+    from difflab.eval import DigitsJudge
+
+    path = tmp_path_factory.mktemp("judge") / "digits_judge.safetensors"
+    DigitsJudge.fit().save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def studio_models(tmp_path_factory):
     """A models folder for difflab studio's tests: ``digits`` (the tiny preset trained for 30 steps
     on 8x8 digits, a few seconds) and ``text16`` (a random latent text model of the text demo's

@@ -1,6 +1,7 @@
 """The command line: help, the demo end to end (short), train -> sample, and clear errors."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -116,9 +117,10 @@ def test_train_config_that_is_not_json_is_a_config_error(tmp_path, capsys):
     assert "not valid JSON" in capsys.readouterr().err
 
 
-def test_demo_end_to_end_short(tmp_path, capsys):
+def test_demo_end_to_end_short(tmp_path, capsys, digits_judge_file):
     from difflab.demos.digits import run_demo
 
+    shutil.copyfile(digits_judge_file, tmp_path / "digits_judge.safetensors")  # the demo finds its judge cached
     report = run_demo(tmp_path, steps=8, sampling_steps=4, samples_per_class=2)
     assert (tmp_path / "samples.png").exists() and (tmp_path / "report.json").exists()
     assert report["n_generated"] == 20 and 0.0 <= report["class_accuracy"] <= 1.0
@@ -128,7 +130,8 @@ def test_demo_end_to_end_short(tmp_path, capsys):
     assert "judge accuracy on generated digits" in out
     # `difflab eval` measures the demo's checkpoint end to end
     assert main(["eval", "--generated", str(tmp_path), "--reference", "digits", "--num", "20", "--steps", "4",
-                 "--metrics", "fid,kid,precision,recall", "--no-progress", "--json"]) == 0
+                 "--metrics", "fid,kid,precision,recall", "--no-progress", "--json",
+                 "--weights", str(tmp_path / "digits_judge.safetensors")]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["n_generated"] == 20 and all(torch.isfinite(torch.tensor(float(result[k]))) for k in ("fid", "precision"))
 

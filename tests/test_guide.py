@@ -9,6 +9,7 @@ import io
 import math
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -23,11 +24,13 @@ LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*) = (\S+)$")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def guide_cache(tmp_path_factory):
+def guide_cache(tmp_path_factory, digits_judge_file):
     """One cache of trained guide models for the whole run (fresh each run: nothing is reused
-    from an earlier one)."""
+    from an earlier one; the default judge is the one this run trained, see conftest)."""
     old = os.environ.get("DIFFLAB_GUIDE_CACHE")
-    os.environ["DIFFLAB_GUIDE_CACHE"] = str(tmp_path_factory.mktemp("guide_cache"))
+    cache = tmp_path_factory.mktemp("guide_cache")
+    shutil.copyfile(digits_judge_file, cache / "digits_judge.safetensors")
+    os.environ["DIFFLAB_GUIDE_CACHE"] = str(cache)
     sys.path.insert(0, str(EXAMPLES))
     yield
     sys.path.remove(str(EXAMPLES))

@@ -53,8 +53,8 @@ def test_feature_stats_matches_numpy():
 
 # ---- the judge ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def judge():
-    return DigitsJudge.fit()
+def judge(digits_judge_file):
+    return DigitsJudge.load(digits_judge_file)  # DigitsJudge.fit(), trained once per run (conftest)
 
 
 @pytest.fixture(scope="module")

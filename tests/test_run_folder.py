@@ -244,7 +244,7 @@ DRIVER = textwrap.dedent("""
 
 def test_kill_9_at_random_moments_resumes_bit_identically(tmp_path):
     (tmp_path / "driver.py").write_text(DRIVER)
-    steps, kills = 60, 10
+    steps, kills = 40, 6
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
     def start(folder):

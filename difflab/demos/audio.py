@@ -4,7 +4,7 @@ routes side by side, each trained by the one training loop and judged by the sam
 - **mel + Griffin-Lim**: a class-conditional U-Net on the 32 x 64 log-mel as a 1-channel image
   (Riffusion-style), made audible by fast Griffin-Lim;
 - **mel + vocoder**: the same mels through a DiffWave vocoder conditioned on them, under
-  PriorGrad's mel-envelope prior (Lee et al. 2022);
+  SpecGrad's time-frequency prior read off the mel (Koizumi et al. 2022);
 - **latent + Griffin-Lim**: a KL autoencoder (the text demo's VAE network and objective) maps the
   mels to 4 x 8 x 16 latents, a class-conditional U-Net diffuses those (AudioLDM-style, Liu et al.
   2023), the decoded mel goes through Griffin-Lim;
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.audio import AudioFrontEnd, log_mel, mel_image
+from ..core.audio import AudioFrontEnd, log_mel, log_stft_distance, mel_image
 from ..data.audio import CLASSES, LENGTH, NUM_CLASSES, SAMPLE_RATE, load_audio
 from ..eval import judge_report
 from ..eval.audio_judge import AudioJudge
@@ -45,7 +45,8 @@ DIFFUSION = {"frame": "vp_discrete", "schedule": "cosine", "T": 1000, "predictio
 MEL_SPEC = make_spec("unet", UNetConfig(in_channels=1, model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
                                         attention_levels=(2,), num_heads=1, num_classes=NUM_CLASSES), DIFFUSION)
 VOCODER_CONFIG = DiffWaveConfig(residual_channels=16, layers=8, dilation_cycle=8, n_mels=32, hop=64, upsample_strides=(8, 8),
-                                sample_rate=SAMPLE_RATE, sample_length=LENGTH, envelope_prior=True, mel_floor=FRONT_END.floor)
+                                sample_rate=SAMPLE_RATE, sample_length=LENGTH, spectral_prior=True, n_fft=FRONT_END.n_fft,
+                                mel_floor=FRONT_END.floor)
 VOCODER_SPEC = make_spec("diffwave", VOCODER_CONFIG, DIFFUSION)
 WAVE_SPEC = make_spec("diffwave", DiffWaveConfig(residual_channels=16, layers=8, dilation_cycle=8, num_classes=NUM_CLASSES,
                                                  sample_rate=SAMPLE_RATE, sample_length=LENGTH), DIFFUSION)
@@ -108,9 +109,10 @@ def fit_autoencoder(images: torch.Tensor, config: TrainConfig, out_dir=None, res
 
 @torch.no_grad()
 def decoder_losses(vocoder, vae, held, held_labels, griffin_lim_iters: int, vocoder_sampling_steps: int, seed: int):
-    """How much each decoder loses before any generation: the log-mel distance to the real clip
-    of Griffin-Lim's, the vocoder's and autoencoder-then-Griffin-Lim's reconstructions of two
-    real held-out clips per class; ``(distances, the clips)``."""
+    """How much each decoder loses before any generation: the log-mel distance (:func:`mel_distance`)
+    and the multi-resolution STFT log-magnitude distance (:func:`difflab.core.audio.log_stft_distance`)
+    to the real clip of Griffin-Lim's, the vocoder's and autoencoder-then-Griffin-Lim's
+    reconstructions of two real held-out clips per class; ``(mel distances, STFT distances, the clips)``."""
     probe = torch.cat([held[held_labels == c][:2] for c in range(NUM_CLASSES)])
     probe_images = mel_image(probe, FRONT_END)
     through_vae = vae.decode(vae.encode(probe_images).mode()).clamp(-1, 1)
@@ -120,7 +122,8 @@ def decoder_losses(vocoder, vae, held, held_labels, griffin_lim_iters: int, voco
              "autoencoder + griffin_lim": griffin_lim_decode(through_vae, FRONT_END, LENGTH, iters=griffin_lim_iters,
                                                              seed=seed)}
     reconstruction = {k: mel_distance(v, probe) for k, v in recon.items()}
-    return reconstruction, probe
+    stft_distances = {k: float(log_stft_distance(v, probe).mean()) for k, v in recon.items()}
+    return reconstruction, stft_distances, probe
 
 
 def sample_routes(models: dict, asked, opts, griffin_lim_iters, vocoder_sampling_steps, wave_sampling_steps, seed):
@@ -168,10 +171,15 @@ def write_outputs(out_dir: Path, routes: dict, mels, held, held_labels, samples_
     return wav_dir, path
 
 
-def fit_models(configs: dict, images, labels, crops, out_dir: Path, resume: bool, seed: int):
+def fit_models(configs: dict, images, labels, crops, out_dir: Path, resume: bool, seed: int, vocoder_waves=None):
     """Step 3: the mel U-Net, the vocoder, the mel autoencoder, the latent U-Net and the waveform
-    DiffWave, each through the one training loop; ``(models, training CPU seconds)``."""
+    DiffWave, each through the one training loop; ``(models, training CPU seconds)``. ``crops``:
+    :func:`random_crops`' triple; ``vocoder_waves``: the same crops of the clips whitened for the
+    vocoder's prior (:func:`difflab.pipelines.audio.vocoder_data` of the whole clips, then cropped;
+    None: whitened crop by crop)."""
     crop_waves, crop_mels, crop_labels = crops
+    if vocoder_waves is None:
+        vocoder_waves = vocoder_data(VOCODER_CONFIG, crop_waves, crop_mels[:, None])
     models, timings = {}, {}
 
     def timed_fit(name, what, make):
@@ -182,9 +190,10 @@ def fit_models(configs: dict, images, labels, crops, out_dir: Path, resume: bool
 
     timed_fit("mel", f"class-conditional U-Net on {tuple(images.shape[1:])} log-mel images",
               lambda: fit_denoiser(MEL_SPEC, (images, labels), configs["mel"], out_dir / "mel_unet", resume))
-    timed_fit("vocoder", f"DiffWave under the mel-envelope prior on {len(crop_waves)} {CROP}-sample crops with their mels",
-              lambda: fit_denoiser(VOCODER_SPEC, (vocoder_data(VOCODER_CONFIG, crop_waves, crop_mels[:, None]), None,
-                                                  {"mel": crop_mels}), configs["vocoder"], out_dir / "vocoder", resume))
+    timed_fit("vocoder", f"DiffWave under the mel's time-frequency prior on {len(crop_waves)} {CROP}-sample crops "
+                         "with their mels",
+              lambda: fit_denoiser(VOCODER_SPEC, (vocoder_waves, None, {"mel": crop_mels}), configs["vocoder"],
+                                   out_dir / "vocoder", resume))
     timed_fit("vae", f"KL autoencoder of the log-mel images, factor {2 ** (len(VAE_CONFIG.block_out_channels) - 1)}",
               lambda: fit_autoencoder(images, configs["vae"], out_dir / "mel_vae", resume))
     latents = models["vae"].encode_latents(images, generator=torch.Generator().manual_seed(seed)).detach()
@@ -218,6 +227,7 @@ def run_audio_demo(out_dir="demo_audio_out", *, mel_steps: int | None = None, vo
     held, held_labels = load_audio("test", per_class=per_class)
     images = mel_image(clips, FRONT_END)
     crop_waves, crop_mels, crop_labels = random_crops(clips, images, labels, crops_per_clip=2, seed=seed)
+    vocoder_waves = random_crops(vocoder_data(VOCODER_CONFIG, clips, images), images, labels, crops_per_clip=2, seed=seed)[0]
     print(f"[1/6] data: {len(clips)} training clips, {len(held)} held out, {NUM_CLASSES} classes, "
           f"{LENGTH} samples at {SAMPLE_RATE} Hz; log-mel images {tuple(images.shape[1:])}")
 
@@ -226,13 +236,14 @@ def run_audio_demo(out_dir="demo_audio_out", *, mel_steps: int | None = None, vo
     print(f"[2/6] judge: {judge.accuracy(held, held_labels):.1%} on held-out real clips ({judge.train_seconds:.0f} CPU s)")
 
     # 3. The models, each through the one training loop.
-    models, timings = fit_models(configs, images, labels, (crop_waves, crop_mels, crop_labels), out_dir, resume, seed)
+    models, timings = fit_models(configs, images, labels, (crop_waves, crop_mels, crop_labels), out_dir, resume, seed,
+                                 vocoder_waves)
 
     # 4. Decoders on real mels: how much each loses before any generation.
-    reconstruction, probe = decoder_losses(models["vocoder"], models["vae"], held, held_labels, griffin_lim_iters,
-                                           vocoder_sampling_steps, seed)
-    print(f"[4/6] decoders on {len(probe)} real held-out mels, log-mel distance to the real clip: "
-          + ", ".join(f"{k} {v:.3f}" for k, v in reconstruction.items()))
+    reconstruction, stft_distances, probe = decoder_losses(models["vocoder"], models["vae"], held, held_labels,
+                                                           griffin_lim_iters, vocoder_sampling_steps, seed)
+    print(f"[4/6] decoders on {len(probe)} real held-out mels, distance to the real clip (log-mel; multi-resolution "
+          "STFT log-magnitude): " + ", ".join(f"{k} {v:.3f}; {stft_distances[k]:.3f}" for k, v in reconstruction.items()))
 
     # 5. Sample every class by every route.
     asked = torch.arange(NUM_CLASSES).repeat_interleave(samples_per_class)
@@ -246,7 +257,8 @@ def run_audio_demo(out_dir="demo_audio_out", *, mel_steps: int | None = None, vo
 
     # 6. Judge, write audio and pictures, report.
     report = {"judge_real_accuracy": judge.accuracy(held, held_labels), "judge_train_cpu_seconds": judge.train_seconds,
-              "reconstruction_mel_distance": reconstruction, "routes": {}, "samples_per_class": samples_per_class,
+              "reconstruction_mel_distance": reconstruction, "reconstruction_stft_distance": stft_distances,
+              "routes": {}, "samples_per_class": samples_per_class,
               "sampler": sampler, "sampling_steps": sampling_steps, "vocoder_sampling_steps": vocoder_sampling_steps,
               "wave_sampling_steps": wave_sampling_steps, "griffin_lim_iters": griffin_lim_iters,
               "guidance_scale": guidance_scale, "train_steps": {k: c.steps for k, c in configs.items()},
@@ -273,8 +285,9 @@ def run_audio_demo(out_dir="demo_audio_out", *, mel_steps: int | None = None, vo
 def format_audio_report(r: dict) -> str:
     """One table: every route side by side, beside the real-data floor."""
     lines = [f"  judge accuracy on real held-out clips: {r['judge_real_accuracy']:.1%}",
-             "  decoders on real mels (log-mel distance to the real clip): "
-             + ", ".join(f"{k} {v:.3f}" for k, v in r["reconstruction_mel_distance"].items()),
+             "  decoders on real mels (distance to the real clip: log-mel; multi-resolution STFT log-magnitude): "
+             + ", ".join(f"{k} {v:.3f}; {r['reconstruction_stft_distance'][k]:.3f}"
+                         for k, v in r["reconstruction_mel_distance"].items()),
              f"  {'route':<22} {'class acc':>9} {'worst class':>11} {'Frechet':>9} {'real floor':>10} "
              f"{'CPU s / audio s':>15} {'train CPU s':>11}"]
     for name, q in r["routes"].items():

@@ -21,8 +21,12 @@ convolutions over (mel bin, frame) whose time strides multiply to ``hop`` (each 
 ReLU 0.4, as in DiffWave), then shifted by hop / 2 so frame k sits on its centre sample k * hop.
 With ``envelope_prior`` the network's data is the clip divided by the mel's amplitude envelope
 (:func:`difflab.core.audio.mel_envelope`): diffusion under PriorGrad's N(0, diag(envelope^2))
-prior (Lee et al. 2022) written in whitened coordinates; the network is the same, the
-pipelines (:func:`difflab.pipelines.audio.vocode`) divide and multiply.
+prior (Lee et al. 2022) written in whitened coordinates; with ``spectral_prior`` the clip filtered
+by 1 / the mel's per-bin STFT envelope (:func:`difflab.core.audio.mel_spectral_envelope`):
+SpecGrad's time-frequency prior (Koizumi et al. 2022), so the network's residual noise ends up
+shaped like the mel (quiet where the mel is quiet, in time and in frequency). The network is the
+same; the pipelines (:func:`difflab.pipelines.audio.vocode`) whiten the training clips and colour
+the samples.
 
 The config records ``sample_rate`` and the clip length trained on (``sample_length``); a clip
 shorter than the receptive field, or with more than one channel, is a ValueError naming the shape.
@@ -56,6 +60,8 @@ class DiffWaveConfig(JSONConfig):
     sample_rate: int = 8000         # the rate the model was trained at (Hz)
     sample_length: int = 4032       # the clip length it was trained at (samples): one sample's shape
     envelope_prior: bool = False    # a vocoder that diffuses the clip divided by its mel envelope (PriorGrad)
+    spectral_prior: bool = False    # a vocoder that diffuses the clip filtered by 1 / its mel's STFT envelope (SpecGrad)
+    n_fft: int = 256                # STFT size of the mel (the spectral prior's filter)
     mel_floor: float = 1e-4         # the log-mel floor of the mel images it is conditioned on
 
     def __post_init__(self):
@@ -63,15 +69,21 @@ class DiffWaveConfig(JSONConfig):
 
         def count(v):
             return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-        names = ("in_channels", "residual_channels", "layers", "dilation_cycle", "hop", "sample_rate", "sample_length")
+        names = ("in_channels", "residual_channels", "layers", "dilation_cycle", "hop", "n_fft", "sample_rate",
+                 "sample_length")
         bad = [f"{k}={getattr(self, k)!r}" for k in names if not count(getattr(self, k))]
         bad += [f"{k}={getattr(self, k)!r}" for k in ("out_channels", "num_classes", "n_mels")
                 if getattr(self, k) is not None and not count(getattr(self, k))]
         bad += [] if all(count(s) for s in self.upsample_strides) else [f"upsample_strides={self.upsample_strides}"]
         if bad:
             raise ValueError(f"DiffWaveConfig sizes must be positive integers: {', '.join(bad)}")
-        if self.envelope_prior and self.n_mels is None:
-            raise ValueError("DiffWaveConfig.envelope_prior=True needs a vocoder (n_mels set)")
+        for prior in ("envelope_prior", "spectral_prior"):
+            if getattr(self, prior) and self.n_mels is None:
+                raise ValueError(f"DiffWaveConfig.{prior}=True needs a vocoder (n_mels set)")
+        if self.envelope_prior and self.spectral_prior:
+            raise ValueError("DiffWaveConfig: choose one of envelope_prior=True and spectral_prior=True, not both")
+        if self.spectral_prior and self.hop > self.n_fft:
+            raise ValueError(f"DiffWaveConfig.hop={self.hop} must be <= n_fft={self.n_fft}")
         if not self.mel_floor > 0:
             raise ValueError(f"DiffWaveConfig.mel_floor={self.mel_floor!r} must be positive")
         if self.n_mels is not None and math.prod(self.upsample_strides) != self.hop:

@@ -17,7 +17,8 @@ import math
 
 import torch
 
-from ..core.audio import AudioFrontEnd, image_to_mel, mel_envelope, mel_griffin_lim
+from ..core.audio import (AudioFrontEnd, hann, image_to_mel, mel_envelope, mel_griffin_lim, mel_spectral_envelope,
+                          stft_filter)
 from ..core.rng import sample_seed
 from ..nn.diffwave import DiffWaveConfig, check_sample_rate
 from .class_to_image import generate
@@ -89,19 +90,54 @@ def griffin_lim_decode(images: torch.Tensor, front_end: AudioFrontEnd, length: i
     return torch.cat(out)[:, None].clamp(-1, 1)
 
 
+def vocoder_front_end(config: DiffWaveConfig) -> AudioFrontEnd:
+    """The front end of the log-mel images a vocoder is conditioned on (its rate, STFT, mel bins, floor)."""
+    return AudioFrontEnd(sample_rate=config.sample_rate, n_fft=config.n_fft, hop=config.hop, n_mels=config.n_mels,
+                         floor=config.mel_floor)
+
+
 def vocoder_envelope(config: DiffWaveConfig, images: torch.Tensor, length: int) -> torch.Tensor:
     """The amplitude envelope (N, 1, length) a vocoder with ``envelope_prior`` divides its clips
     by, from the log-mel images (N, 1, n_mels, frames) it is conditioned on; ones without the prior."""
     if not config.envelope_prior:
         return torch.ones(len(images), 1, length, dtype=images.dtype, device=images.device)
-    mel = image_to_mel(images, AudioFrontEnd(n_mels=config.n_mels, floor=config.mel_floor))
+    mel = image_to_mel(images, vocoder_front_end(config))
     return mel_envelope(mel, config.hop, length)[:, None]
 
 
+# The spectral prior's filter is the mel's STFT envelope over (window RMS / window sum): unit white
+# noise filtered by it has about the envelope as STFT magnitude, and the whitened clips about unit
+# standard deviation (0.95 on the demo's data).
+SPECTRAL_GAIN = 1.0
+
+
+def vocoder_spectral_gain(config: DiffWaveConfig, images: torch.Tensor) -> torch.Tensor:
+    """The spectral prior's filter (N, n_fft // 2 + 1, frames) from log-mel images (N, 1, n_mels,
+    frames): :func:`difflab.core.audio.mel_spectral_envelope` scaled by :data:`SPECTRAL_GAIN` over
+    the window's RMS-to-sum ratio."""
+    fe = vocoder_front_end(config)
+    window = hann(config.n_fft, torch.float64)
+    white = float(window.pow(2).sum().sqrt() / window.sum())      # a unit white noise's STFT magnitude
+    return mel_spectral_envelope(image_to_mel(images, fe), fe) * (SPECTRAL_GAIN / white)
+
+
 def vocoder_data(config: DiffWaveConfig, waves: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """What a vocoder trains on: clips (N, 1, L) over :func:`vocoder_envelope` of their log-mel
-    images (N, 1, n_mels, 1 + L // hop) (the clips themselves without ``envelope_prior``)."""
+    """What a vocoder trains on, the prior's whitened coordinates: clips (N, 1, L) over
+    :func:`vocoder_envelope` of their log-mel images (N, 1, n_mels, 1 + L // hop) with
+    ``envelope_prior``; filtered by 1 / :func:`vocoder_spectral_gain` with ``spectral_prior``;
+    the clips themselves otherwise. Whiten whole clips, then crop: the filter reaches n_fft / 2
+    samples either side."""
+    if config.spectral_prior:
+        return stft_filter(waves, 1.0 / vocoder_spectral_gain(config, images), config.n_fft, config.hop).to(waves.dtype)
     return waves / vocoder_envelope(config, images, waves.shape[-1])
+
+
+def vocoder_output(config: DiffWaveConfig, samples: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`vocoder_data`: a vocoder's samples (N, 1, L), in its prior's whitened
+    coordinates, as clips, coloured by the prior of the mel images (N, 1, n_mels, frames)."""
+    if config.spectral_prior:
+        return stft_filter(samples, vocoder_spectral_gain(config, images), config.n_fft, config.hop).to(samples.dtype)
+    return samples * vocoder_envelope(config, images, samples.shape[-1])
 
 
 @torch.no_grad()
@@ -109,7 +145,8 @@ def vocode(denoiser, images: torch.Tensor, *, sample_rate: int | None = None, op
            **overrides) -> torch.Tensor:
     """Clips (N, 1, sample_length) from log-mel images (N, 1, n_mels, frames) by a DiffWave
     vocoder (``config.n_mels`` set): its reverse process conditioned on ``mel=`` (Kong et al.
-    2021, Section 3.1), times :func:`vocoder_envelope` (PriorGrad, when the config says so); no
+    2021, Section 3.1), through :func:`vocoder_output` (PriorGrad's or SpecGrad's prior, when the
+    config says so); no
     guidance. ``sample_rate``, when given, must be the model's."""
     # 1. Check inputs.
     config = diffwave_config(denoiser)
@@ -132,11 +169,11 @@ def vocode(denoiser, images: torch.Tensor, *, sample_rate: int | None = None, op
     def sample_batch(start, b, noise):
         chunk = images[start:start + b].to(device, torch.float32)
         x = denoise(denoiser, noise() * prior, sigmas, opts, noise, {"mel": chunk[:, 0]})
-        return (x * vocoder_envelope(config, chunk, x.shape[-1])).clamp(-1, 1)
+        return vocoder_output(config, x, chunk).clamp(-1, 1)
 
     return run_options(len(images), (config.in_channels, config.sample_length), sample_batch, opts, device=device,
                        desc=f"vocoding ({opts.sampler}, {opts.steps} steps)")
 
 
 __all__ = ["generate_waveform", "generate_mel", "generate_latent_mel", "griffin_lim_decode", "vocode", "diffwave_config",
-           "vocoder_envelope", "vocoder_data"]
+           "vocoder_envelope", "vocoder_spectral_gain", "vocoder_data", "vocoder_output", "vocoder_front_end"]

@@ -6,8 +6,8 @@ reads them; the noise std after average pooling by k falls as 1/k. (2) Simple di
 resolution-shifted schedule (Hoogeboom et al. 2023) undoes that: at the same t, the shifted
 schedules leave the three sizes equally legible. (3) One level or two: U-Nets with one and with two
 resolution levels trained with the same budget on the digits.
-``python examples/guide/21_multi_scale.py [--fast --out DIR]`` (full: 79 s of CPU time on one thread,
-measured on the shared, loaded 2-core machine; --fast: 27 s).
+``python examples/guide/21_multi_scale.py [--fast --out DIR]`` (full: 50 s of CPU time on one thread,
+two 200-step trainings included; --fast: 27 s).
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
     # 3. One level against two, the same budget.
     spec2 = guide.digits_spec()
     spec1 = {**spec2, "unet": {**spec2["unet"], "channel_mult": [1], "attention_levels": [0]}}
-    steps = 30 if args.fast else 300
+    steps = 30 if args.fast else 200
     models = {"one_level": arch.train_digits(spec1, steps, args.seed, world),
               "two_level": arch.train_digits(spec2, steps, args.seed, world)}
     errs = {k: arch.x0_error(d, held[:256], labels[:256], (0.5, 1.0, 2.0), args.seed) for k, d in models.items()}
