@@ -135,7 +135,8 @@ def run_depth_demo(out_dir="demo_depth_out", *, steps: int | None = None, sample
                    resume: bool = False, train_scenes: int = TRAIN_SCENES, held_scenes: int = HELD_SCENES,
                    judge_steps: int = JUDGE_STEPS, unet: UNetConfig = UNET,
                    regressor_cpu_seconds: float | None = None) -> dict:
-    """Train, sample and judge; writes the pictures and ``report.json`` and returns the report."""
+    """Train, sample and judge; writes the pictures and ``report.json`` and returns the report.
+    The regressor trains for the joint model's CPU time, or at most ``regressor_cpu_seconds``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cpu_start, wall_start = time.process_time(), time.time()
