@@ -14,7 +14,10 @@ def test_depth_demo_runs_end_to_end(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["samples"] == 6
     for key in ("consistency_generated", "diffusion_depth_from_real", "regressor_depth_from_real"):
         assert 0 <= report[key]["delta_1.25"] <= 1 and report[key]["abs_rel"] >= 0
-    assert report["regressor_steps"] >= 1
+    assert report["regressor_steps"] >= 1 and report["regressor_cpu_seconds"] == report["train_cpu_seconds"]
+    by_count = report["judge_generated_count_accuracy_by_count"]
+    assert list(by_count) == ["1", "2", "3"] and all(v in (0, 0.5, 1) for v in by_count.values())
+    assert abs(sum(by_count.values()) / 3 - report["judge_generated_count_accuracy"]) < 1e-6
 
 
 def test_slots_demo_runs_end_to_end(tmp_path):

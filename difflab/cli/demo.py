@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..demos.audio import run_audio_demo
 from ..demos.cascade import run_cascade_demo
-from ..demos.depth import run_depth_demo
+from ..demos.depth import GUIDANCE as DEPTH_GUIDANCE, run_depth_demo
 from ..demos.digits import run_demo
 from ..demos.motion import run_motion_demo
 from ..demos.policy import run_policy_demo
@@ -151,7 +151,7 @@ def _depth_options(d):
 
 def _depth_run(args, out):
     run_depth_demo(out, steps=args.steps, sampler=args.sampler, sampling_steps=args.sampling_steps or 25,
-                   guidance_scale=_guidance(args, 2.0), samples_per_class=args.samples_per_class or 50,
+                   guidance_scale=_guidance(args, DEPTH_GUIDANCE), samples_per_class=args.samples_per_class or 50,
                    resample=args.resample or 2, seed=args.seed, resume=args.resume)
 
 

@@ -38,8 +38,9 @@ TRAIN_SCENES, HELD_SCENES = 6000, 300
 UNET = UNetConfig(in_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
                   num_heads=4, num_classes=MAX_OBJECTS)
 DIFFUSION = {"frame": "vp_discrete", "schedule": "cosine", "T": 1000, "prediction": "v"}
-TRAIN = TrainConfig(steps=1200, batch_size=32, lr=2e-3, warmup_steps=50, ema_decay=0.995, cfg_dropout=0.1,
-                    checkpoint_every=600, log_every=200, seed=0)
+TRAIN = TrainConfig(steps=1600, batch_size=32, lr=2e-3, lr_schedule="cosine", warmup_steps=50, ema_decay=0.995,
+                    cfg_dropout=0.1, checkpoint_every=800, log_every=200, seed=0)
+GUIDANCE = 3.0
 JUDGE_STEPS = 800
 
 
@@ -50,13 +51,14 @@ def scene_data(n_train: int = TRAIN_SCENES, n_held: int = HELD_SCENES):
 
 
 def train_regressor(images: torch.Tensor, depth: torch.Tensor, cpu_seconds: float, *, batch_size: int = 32,
-                    lr: float = 2e-3, seed: int = 0, max_steps: int | None = None, callback=None) -> tuple[UNet, int]:
+                    lr: float = 2e-3, seed: int = 0, max_steps: int | None = None, callback=None,
+                    unet: UNetConfig = UNET) -> tuple[UNet, int]:
     """The baseline: the demo's U-Net with RGB in and depth out (its time input held at 0), trained
     by MSE on (image, depth in [-1, 1]) for ``cpu_seconds`` of process CPU time (or ``max_steps``).
     ``callback(steps, net)`` is called after every step. Returns (net, steps)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        net = UNet(dataclasses.replace(UNET, in_channels=3, out_channels=1, num_classes=None))
+        net = UNet(dataclasses.replace(unet, in_channels=3, out_channels=1, num_classes=None))
     generator = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr)
     start, steps = time.process_time(), 0
@@ -89,7 +91,10 @@ def generated_pairs(denoiser, judge, out_dir: Path, guidance_scale: float, sampl
     every = max(1, samples_per_class // 4)
     save_grid(torch.cat([images[::every][:12], depth[::every][:12].expand(-1, 3, -1, -1)]), out_dir / "pairs.png",
               nrow=12, upscale=6)
-    return {"judge_generated_count_accuracy": float((read == asked + 1).float().mean()),
+    right = (read == asked + 1).float()
+    return {"judge_generated_count_accuracy": float(right.mean()),
+            "judge_generated_count_accuracy_by_count": {str(c + 1): round(float(right[asked == c].mean()), 4)
+                                                        for c in range(MAX_OBJECTS)},
             "consistency_generated": depth_figures(recovered, depth), "samples": len(asked)}
 
 
@@ -126,10 +131,12 @@ def judge_step(train_set, held, judge_steps: int, seed: int, report: dict):
 
 
 def run_depth_demo(out_dir="demo_depth_out", *, steps: int | None = None, sampler: str = "ddim", sampling_steps: int = 25,
-                   guidance_scale: float = 2.0, samples_per_class: int = 50, resample: int = 2, seed: int = 0,
+                   guidance_scale: float = GUIDANCE, samples_per_class: int = 50, resample: int = 2, seed: int = 0,
                    resume: bool = False, train_scenes: int = TRAIN_SCENES, held_scenes: int = HELD_SCENES,
-                   judge_steps: int = JUDGE_STEPS, unet: UNetConfig = UNET) -> dict:
-    """Train, sample and judge; writes the pictures and ``report.json`` and returns the report."""
+                   judge_steps: int = JUDGE_STEPS, unet: UNetConfig = UNET,
+                   regressor_cpu_seconds: float | None = None) -> dict:
+    """Train, sample and judge; writes the pictures and ``report.json`` and returns the report.
+    The regressor trains for the joint model's CPU time, or at most ``regressor_cpu_seconds``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cpu_start, wall_start = time.process_time(), time.time()
@@ -157,10 +164,13 @@ def run_depth_demo(out_dir="demo_depth_out", *, steps: int | None = None, sample
     state.ema.copy_to(denoiser.net)
     denoiser.eval()
 
-    # 4. The baseline regressor, for the same CPU time.
-    regressor, reg_steps = train_regressor(train_set.images, depth_train, report["train_cpu_seconds"], seed=seed)
+    # 4. The baseline regressor, for the same CPU time (or at most regressor_cpu_seconds).
+    reg_seconds = report["train_cpu_seconds"] if regressor_cpu_seconds is None else min(regressor_cpu_seconds,
+                                                                                        report["train_cpu_seconds"])
+    regressor, reg_steps = train_regressor(train_set.images, depth_train, reg_seconds, seed=seed, unet=unet)
     report["regressor_steps"] = reg_steps
-    print(f"[4/6] baseline regressor: {reg_steps} steps in the same {report['train_cpu_seconds']:.0f} CPU s")
+    report["regressor_cpu_seconds"] = round(reg_seconds, 1)
+    print(f"[4/6] baseline regressor: {reg_steps} steps in {reg_seconds:.0f} CPU s")
 
     # 5. Generate pairs per count; judge; depth back from the generated images (consistency).
     t0 = time.process_time()
@@ -188,10 +198,12 @@ def format_report(r: dict) -> str:
     g, d, b = r["consistency_generated"], r["diffusion_depth_from_real"], r["regressor_depth_from_real"]
     rows = [
         ("judge: count as asked, generated scenes", f"{r['judge_generated_count_accuracy']:.1%}", f"{r['samples']} samples"),
+        ("  by count asked (1 / 2 / 3)", " / ".join(f"{v:.0%}" for v in r["judge_generated_count_accuracy_by_count"].values()), ""),
         ("judge: count, real held-out scenes", f"{r['judge_real_count_accuracy']:.1%}", f"{r['held_out']} scenes"),
         ("consistency: depth(gen image) vs gen depth", f"{g['abs_rel']:.3f} / {g['delta_1.25']:.1%}", "AbsRel / delta<1.25"),
         ("real pairs: depth(real image) vs true depth", f"{d['abs_rel']:.3f} / {d['delta_1.25']:.1%}", "same mode, held out"),
-        ("baseline regressor, same CPU time", f"{b['abs_rel']:.3f} / {b['delta_1.25']:.1%}", f"{r['regressor_steps']} steps"),
+        ("baseline regressor", f"{b['abs_rel']:.3f} / {b['delta_1.25']:.1%}",
+         f"{r['regressor_steps']} steps, {r['regressor_cpu_seconds']:.0f} CPU s"),
         ("CPU time: train / total", f"{r['train_cpu_seconds']:.0f}s / {r['cpu_seconds']:.0f}s", f"{r['threads']} thread(s)"),
     ]
     w = max(len(a) for a, _, _ in rows)
