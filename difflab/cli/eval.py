@@ -9,6 +9,7 @@ from ..eval.features import EXTRACTORS
 from ..data import load_digits, load_image_folder
 from ..eval.harness import DEFAULT_METRICS, DEFAULT_NUM_SAMPLES, METRICS, generated_images
 from ..eval.memorization import memorization
+from ..io.checkpoint import load_checkpoint
 from ..io.spec import checkpoint_spec
 from ..pipelines import sample_checkpoint
 from ..pipelines.checkpoint import check_image_kind, sampling_defaults
@@ -71,6 +72,7 @@ def checkpoint_sampler(path, overrides: dict):
     replace the checkpoint's own sampling defaults (:func:`difflab.pipelines.checkpoint.sampling_defaults`)."""
     kind, meta = checkpoint_spec(path)
     check_image_kind(kind, "difflab eval")
+    load_checkpoint(path)  # its tensors checked finite now, not after the extractor has loaded
     sampling_defaults(meta).replace(**overrides)  # a bad combination is refused now, not after the extractor loads
     return lambda num: sample_checkpoint(path, labels="balanced", num=num, **overrides)
 
