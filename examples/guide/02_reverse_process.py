@@ -39,13 +39,8 @@ def tweedie_error(gm, sigmas, n: int, g: torch.Generator) -> float:
     return worst
 
 
-def main(argv=None) -> dict:
+def run(argv=None) -> dict:
     args = guide.parse(argv, __doc__)
-    with guide.threads(1):
-        return run(args)
-
-
-def run(args) -> dict:
     g = torch.Generator().manual_seed(args.seed)
     n = 400 if args.fast else 4000
     gm = _basics.ring_mixture()
@@ -107,6 +102,8 @@ def run(args) -> dict:
     guide.save(fig, guide.picture(args, "02_reverse_process.png"))
     return figures
 
+
+main = guide.on_one_thread(run)  # one thread: small operations, CPU seconds quoted for one
 
 if __name__ == "__main__":
     main()

@@ -67,13 +67,8 @@ def oracle_ddpm(n: int, seed: int, many: int) -> tuple[dict, dict]:
     return out, pts
 
 
-def main(argv=None) -> dict:
+def run(argv=None) -> dict:
     args = guide.parse(argv, __doc__)
-    with guide.threads(1):
-        return run(args)
-
-
-def run(args) -> dict:
     world = guide.digits_world()
     denoiser, _ = guide.digits_model(args.fast)
     n = 30 if args.fast else 100
@@ -110,6 +105,8 @@ def run(args) -> dict:
     guide.save(fig, guide.picture(args, "03_ddpm.png"))
     return figures
 
+
+main = guide.on_one_thread(run)  # one thread: small operations, CPU seconds quoted for one
 
 if __name__ == "__main__":
     main()

@@ -63,13 +63,8 @@ def oracle(n: int, seed: int, steps: tuple[int, ...]) -> tuple[dict, dict]:
     return out, rmse
 
 
-def main(argv=None) -> dict:
+def run(argv=None) -> dict:
     args = guide.parse(argv, __doc__)
-    with guide.threads(1):
-        return run(args)
-
-
-def run(args) -> dict:
     world = guide.digits_world()
     denoiser, _ = guide.digits_model(args.fast)
     frame = denoiser.frame
@@ -137,6 +132,8 @@ def run(args) -> dict:
     guide.save(fig, guide.picture(args, "04_ddim.png"))
     return figures
 
+
+main = guide.on_one_thread(run)  # one thread: small operations, CPU seconds quoted for one
 
 if __name__ == "__main__":
     main()

@@ -47,13 +47,8 @@ def check_conversions(gm, frame, g) -> dict:
     return {"conversion_max_error": conv, "decode_max_error": decode, "eps_vs_minus_sigma_score": eps_score}
 
 
-def main(argv=None) -> dict:
+def run(argv=None) -> dict:
     args = guide.parse(argv, __doc__)
-    with guide.threads(1):
-        return run(args)
-
-
-def run(args) -> dict:
     g = torch.Generator().manual_seed(args.seed)
     gm = _basics.ring_mixture()
     frame = VPDiscrete.from_name("linear")
@@ -102,6 +97,8 @@ def run(args) -> dict:
     guide.save(fig, guide.picture(args, "11_noise_vs_score.png"))
     return figures
 
+
+main = guide.on_one_thread(run)  # one thread: small operations, CPU seconds quoted for one
 
 if __name__ == "__main__":
     main()

@@ -42,13 +42,8 @@ def held_loss(denoiser, held: torch.Tensor, frame, seed: int) -> float:
     return diffusion_loss(denoiser, held, sigma, noise).mean().item()
 
 
-def main(argv=None) -> dict:
+def run(argv=None) -> dict:
     args = guide.parse(argv, __doc__)
-    with guide.threads(1):
-        return run(args)
-
-
-def run(args) -> dict:
     g = torch.Generator().manual_seed(args.seed)
     T, dim = 1000, 64
     t = torch.arange(T).double()
@@ -99,6 +94,8 @@ def run(args) -> dict:
     guide.save(fig, guide.picture(args, "12_timestep_embeddings.png"))
     return figures
 
+
+main = guide.on_one_thread(run)  # one thread: small operations, CPU seconds quoted for one
 
 if __name__ == "__main__":
     main()

@@ -39,13 +39,8 @@ def levels_between(sigmas: torch.Tensor) -> torch.Tensor:
     return (sigmas[1:] * sigmas[:-1]).sqrt()
 
 
-def main(argv=None) -> dict:
+def run(argv=None) -> dict:
     args = guide.parse(argv, __doc__)
-    with guide.threads(1):
-        return run(args)
-
-
-def run(args) -> dict:
     g = torch.Generator().manual_seed(args.seed)
     figures = {}
 
@@ -126,6 +121,8 @@ def run(args) -> dict:
     guide.save(fig, guide.picture(args, "25_continuous_vs_discrete.png"))
     return figures
 
+
+main = guide.on_one_thread(run)  # one thread: small operations, CPU seconds quoted for one
 
 if __name__ == "__main__":
     main()
