@@ -5,7 +5,7 @@ experts per block, top-2, each expert half as wide: the dense model's active com
 their total and active parameters, trains both the same number of steps on the digits, judges 100
 samples of each, and reads how the MoE's router splits the noise levels between its experts
 (``routing_by_sigma``).
-``python examples/guide/39_mixture_of_experts.py [--fast --out DIR]`` (full: 61 CPU s with one torch thread, measured on the loaded 2-core CPU).
+``python examples/guide/39_mixture_of_experts.py [--fast --out DIR]`` (full: 44 CPU s with one torch thread on the quiet 2-core CPU, both trainings included).
 """
 from __future__ import annotations
 
