@@ -6,9 +6,9 @@ the guide's digits U-Net (16 tokens at its 4x4 level) and the cross-attention of
 attention costs as the token grid grows (8, 16, 32 tokens per side): FLOPs, time, and the memory
 of the score matrix, with PyTorch's fused ``scaled_dot_product_attention`` against the written-out
 softmax(QK^T / sqrt(d)) V.
-``python examples/guide/13_attention.py [--fast --out DIR]`` (full: 65 s of CPU time on one thread,
-measured on the shared, loaded 2-core machine, training the shared digits model on the way, with
-chapter 9's text model cached; --fast: 18 s).
+``python examples/guide/13_attention.py [--fast --out DIR]`` (full: 7.5 s on the quiet 2-core CPU with the
+shared digits model and chapter 9's text model cached; training the shared model adds about 40 CPU s
+the first time; --fast: 18 s).
 """
 from __future__ import annotations
 
