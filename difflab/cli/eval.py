@@ -139,11 +139,14 @@ def run(args) -> int:
             raise FileNotFoundError(f"--prompts {args.prompts} does not exist")
         prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
 
+    if isinstance(generated, (str, Path)) and Path(generated).is_dir():  # read now: a file that is not an image
+        generated = generated_images(generated, args.num)                 # stops here, before the extractor loads
+
     # 2. The extractor, then the harness (which samples a checkpoint once its inputs are checked).
     path = args.clip_dir if args.extractor in ("clip", "dinov2") else args.weights
     extractor = load_extractor(args.extractor, path, device=dev)
-    if args.memorization is not None:  # the images once, for the metrics and the check
-        generated = generated_images(generated, args.num)
+    if args.memorization is not None and (callable(generated) or isinstance(generated, (str, Path))):
+        generated = generated_images(generated, args.num)  # the images once, for the metrics and the check
     results = evaluate(generated, reference, extractor, metrics, num=args.num, batch_size=args.batch_size,
                        prompts=prompts, seed=args.seed, device=dev, cache=args.cache, progress=not args.no_progress)
     text = None if args.json else format_eval(results)
