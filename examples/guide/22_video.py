@@ -106,7 +106,7 @@ def run(argv=None) -> dict:
     guide.save(fig, guide.picture(args, "22_video.png"))
     gif = save_gif(samples[:min(len(samples), 40)], guide.picture(args, "22_video.gif"), nrow=len(DIRECTIONS), upscale=2)
     print(f"gif: {gif}")
-    print(f"time: {time.time() - t0:.1f} s wall, {time.process_time() - c0:.1f} s CPU")
+    guide.print_time(t0, c0)
     return figures
 
 

@@ -97,7 +97,7 @@ def run(argv=None) -> dict:
     guide.save(fig, guide.picture(args, "24_audio.png"))
     for c in show[:2]:
         save_wav(guide.picture(args, f"24_audio_{CLASSES[c]}.wav"), clips[c * per], SAMPLE_RATE)
-    print(f"time: {time.time() - t0:.1f} s wall, {time.process_time() - c0:.1f} s CPU")
+    guide.print_time(t0, c0)
     return figures
 
 

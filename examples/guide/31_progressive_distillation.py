@@ -68,11 +68,7 @@ def main(argv=None) -> dict:
     rows = {f"teacher_{k}": sample(teacher, labels, sigmas[::4 // k], args.seed) for k in (4, 2, 1)}
     for r in rounds:
         rows[f"student_{r.steps}"] = sample(r.denoiser, labels, r.sigmas, args.seed)
-    figures = {"target_one_step_error": target_err}
-    for name, x in rows.items():
-        j = guide.judge_samples(world, x, labels)
-        figures[f"{name}_accuracy"], figures[f"{name}_frechet"] = j["accuracy"], j["frechet"]
-    figures["frechet_floor"] = j["frechet_floor"]
+    figures = {"target_one_step_error": target_err, **guide.judge_rows(world, rows, labels)}
     figures = guide.report(figures)
 
     # 4. The picture: the same ten seeds under each sampler.

@@ -68,11 +68,7 @@ def main(argv=None) -> dict:
         rows[f"student_{k}"] = generate(student, labels, shape=(1, 8, 8), sampler="consistency", grid=grid,
                                         seed=args.seed, progress=False, batch_size=256)
     figures = {"boundary_error_cm": boundary_cm, "boundary_c_out_lcm": float(c_out[0])}
-    asked = torch.tensor(labels)
-    for name, xs in rows.items():
-        j = guide.judge_samples(world, xs, asked)
-        figures[f"{name}_accuracy"], figures[f"{name}_frechet"] = j["accuracy"], j["frechet"]
-    figures["frechet_floor"] = j["frechet_floor"]
+    figures.update(guide.judge_rows(world, rows, torch.tensor(labels)))
     figures = guide.report(figures)
 
     # 4. The picture: the same ten seeds, teacher and student at 1, 2, 4 steps.

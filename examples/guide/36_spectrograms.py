@@ -128,7 +128,7 @@ def run(argv=None) -> dict:
     guide.save(fig, guide.picture(args, "36_spectrograms.png"))
     bell = int((asked == CLASSES.index("bell")).nonzero()[0]) if "bell" in CLASSES else 0
     save_wav(guide.picture(args, "36_spectrograms_generated_bell.wav"), clips[bell], SAMPLE_RATE)
-    print(f"time: {time.time() - t0:.1f} s wall, {time.process_time() - c0:.1f} s CPU")
+    guide.print_time(t0, c0)
     return figures
 
 

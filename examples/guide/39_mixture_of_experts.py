@@ -99,7 +99,7 @@ def run(argv=None) -> dict:
         ax.set(xlabel="expert", ylabel="sigma", title=f"{name.split('.mlp')[0]}: load per sigma")
     fig.colorbar(im, ax=ax, fraction=0.05)
     guide.save(fig, guide.picture(args, "39_mixture_of_experts.png"))
-    print(f"time: {time.time() - t0:.1f} s wall, {time.process_time() - c0:.1f} s CPU")
+    guide.print_time(t0, c0)
     return figures
 
 

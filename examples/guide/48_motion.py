@@ -137,7 +137,7 @@ def run(argv=None) -> dict:
                          titles=[f"real {ACTIONS[int(c)]}" for c in real_labels[:4]] + ["in-between"] * 4 + ["legs"] * 4,
                          marks=[()] * 4 + [KEY_FRAMES] * 4 + [()] * 4)
     print(f"gif: {gif}")
-    print(f"time: {time.time() - t0:.1f} s wall, {time.process_time() - c0:.1f} s CPU")
+    guide.print_time(t0, c0)
     return figures
 
 

@@ -123,7 +123,7 @@ def run(argv=None) -> dict:
     gif = save_rollout_gif([dp.paths()[:8], bcr.paths()[:8]], dp.goal[:8], env_cfg.obstacle_radius,
                            guide.picture(args, "49_policies.gif"), titles=("diffusion policy", "BC (MLP)"), size=128)
     print(f"gif: {gif}")
-    print(f"time: {time.time() - t0:.1f} s wall, {time.process_time() - c0:.1f} s CPU")
+    guide.print_time(t0, c0)
     return figures
 
 

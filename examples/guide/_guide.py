@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -150,6 +151,22 @@ def judge_samples(world: dict, samples: torch.Tensor, asked: torch.Tensor) -> di
     return {"accuracy": judge.accuracy(samples, asked),
             "frechet": judge.frechet(samples, held),
             "frechet_floor": judge.frechet(world["train"][:max(n, 2)], held)}
+
+
+def print_time(t0: float, c0: float) -> None:
+    """The line ``time: W s wall, C s CPU`` since ``t0 = time.time()``, ``c0 = time.process_time()``."""
+    print(f"time: {time.time() - t0:.1f} s wall, {time.process_time() - c0:.1f} s CPU")
+
+
+def judge_rows(world: dict, rows: dict, asked: torch.Tensor) -> dict:
+    """:func:`judge_samples` for each of ``rows`` (name -> samples, all of one size): ``{name}_accuracy``
+    and ``{name}_frechet`` per row, then one ``frechet_floor``."""
+    figures = {}
+    for name, samples in rows.items():
+        j = judge_samples(world, samples, asked)
+        figures[f"{name}_accuracy"], figures[f"{name}_frechet"] = j["accuracy"], j["frechet"]
+    figures["frechet_floor"] = j["frechet_floor"]
+    return figures
 
 
 def pyplot():
