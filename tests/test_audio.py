@@ -391,9 +391,11 @@ def test_audio_demo_tiny_run(tmp_path):
     from difflab.demos.audio import run_audio_demo
 
     report = run_audio_demo(tmp_path, mel_steps=1, vocoder_steps=1, wave_steps=1, vae_steps=1, latent_steps=1, sampling_steps=1,
-                            vocoder_sampling_steps=1, wave_sampling_steps=1, samples_per_class=1, griffin_lim_iters=1, per_class=2,
+                            vocoder_sampling_steps=1, wave_sampling_steps=1, samples_per_class=1, griffin_lim_iters=1,
+                            vocoder_mel_consistency=1, per_class=2,
                             progress=False)
     assert set(report["routes"]) == {"mel + Griffin-Lim", "mel + vocoder", "latent + Griffin-Lim", "waveform"}
+    assert {"vocoder", "vocoder without mel consistency", "noise + mel consistency"} <= set(report["reconstruction_stft_distance"])
     for r in report["routes"].values():
         assert 0 <= r["class_accuracy"] <= 1 and math.isfinite(r["frechet"]) and r["cpu_seconds_per_audio_second"] > 0
     assert (tmp_path / "spectrograms.png").exists() and (tmp_path / "report.json").exists()
