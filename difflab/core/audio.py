@@ -15,7 +15,8 @@ judge and the demo (four layers) all read clips through it.
   undoes the filterbank by non-negative least squares (projected gradient).
 - :func:`log_stft_distance`: a multi-resolution STFT log-magnitude distance between clips.
 - :func:`mel_envelope` (per sample) and :func:`mel_spectral_envelope` (per STFT bin), with
-  :func:`stft_filter`: the data-dependent priors of the DiffWave vocoder (PriorGrad, SpecGrad).
+  :func:`stft_filter`: the data-dependent priors of the DiffWave vocoder (PriorGrad, SpecGrad);
+  :func:`mel_consistency`: Richardson-Lucy updates that make a clip's mel match a given one.
 """
 from __future__ import annotations
 
@@ -176,12 +177,44 @@ def mel_spectral_envelope(mel: torch.Tensor, fe: AudioFrontEnd, spread: float = 
     (Koizumi et al. 2022, Section 3.2), here zero-phase and read straight off the mel."""
     if mel.ndim != 3 or mel.shape[1] != fe.n_mels:
         raise ValueError(f"mel must be (B, n_mels={fe.n_mels}, frames), got shape {tuple(mel.shape)}")
-    fb = fe.filters(mel.dtype).to(mel.device)                       # (F, M)
+    band = torch.einsum("fm,bmt->bft", mel_spread(fe, mel.dtype).to(mel.device), mel)
+    return torch.sqrt(mel_to_linear(mel, fe) ** 2 + (spread * band) ** 2).clamp_min(fe.floor)
+
+
+def mel_spread(fe: AudioFrontEnd, dtype=torch.float32) -> torch.Tensor:
+    """(n_freqs, n_mels): the filterbank's transpose with rows normalised to sum 1, so that it
+    maps a per-mel-bin quantity to each FFT bin as the filter-weighted mean over the mel bins
+    whose filters cover it; a bin no filter covers (DC and Nyquist when the filters span
+    0 .. sample_rate / 2) copies the nearest covered bin."""
+    fb = fe.filters(dtype)
     total = fb.sum(1)
     covered = torch.nonzero(total > 0).flatten()
-    nearest = covered[(torch.arange(fe.n_freqs, device=mel.device)[:, None] - covered[None]).abs().argmin(1)]
-    band = torch.einsum("fm,bmt->bft", (fb / total.clamp_min(1e-12)[:, None])[nearest], mel)
-    return torch.sqrt(mel_to_linear(mel, fe) ** 2 + (spread * band) ** 2).clamp_min(fe.floor)
+    nearest = covered[(torch.arange(fe.n_freqs)[:, None] - covered[None]).abs().argmin(1)]
+    return (fb / total.clamp_min(1e-12)[:, None])[nearest]
+
+
+def mel_consistency(wave: torch.Tensor, mel: torch.Tensor, fe: AudioFrontEnd, iters: int, max_gain: float = 10.0) -> torch.Tensor:
+    """Clips (B, 1, L) whose mel magnitude approaches ``mel`` (B, n_mels, frames), from mono
+    ``wave`` (B, 1, L), keeping its fine structure and phases: ``iters`` Richardson-Lucy
+    multiplicative updates of its STFT (Richardson 1972; Lucy 1974; the EM step of a Poisson /
+    Kullback-Leibler fit, Lee & Seung 2001, Theorem 2, with the filterbank fixed),
+    S <- S * F^T(mel / (F^T |S|)) / F^T 1 with F the filterbank (:func:`mel_spread`; each
+    bin's gain capped at ``max_gain``), each followed by the projection onto consistent
+    spectrograms (:func:`stft_filter`, istft then stft, as in Griffin-Lim). Unlike Griffin-Lim
+    it never replaces the magnitude by a linear estimate: it only rescales each (bin, frame) by
+    its mel bands' ratio, so whatever a decoder put inside a band stays."""
+    x = as_waves(wave)
+    if mel.ndim != 3 or mel.shape[1] != fe.n_mels or mel.shape[0] != x.shape[0]:
+        raise ValueError(f"mel must be (B={x.shape[0]}, n_mels={fe.n_mels}, frames), got shape {tuple(mel.shape)}")
+    if not isinstance(iters, int) or isinstance(iters, bool) or iters < 0:
+        raise ValueError(f"iters={iters!r} must be an int >= 0")
+    spread = mel_spread(fe, x.dtype).to(x.device)
+    target = mel.to(x.dtype).clamp_min(fe.floor)
+    y = x[:, None]
+    for _ in range(iters):
+        ratio = (target / mel_spectrogram(y, fe).clamp_min(fe.floor)).clamp(max=max_gain)
+        y = stft_filter(y, torch.einsum("fm,bmt->bft", spread, ratio), fe.n_fft, fe.hop)
+    return y
 
 
 def stft_filter(wave: torch.Tensor, gain: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
@@ -276,5 +309,5 @@ def mel_griffin_lim(mel: torch.Tensor, fe: AudioFrontEnd, length: int, *, iters:
 
 __all__ = ["AudioFrontEnd", "hann", "as_waves", "stft", "istft", "hz_to_mel", "mel_to_hz", "mel_filter_bank",
            "mel_spectrogram", "log_mel", "mel_image", "image_to_mel", "mel_envelope", "mel_spectral_envelope",
-           "stft_filter", "mel_to_linear",
+           "stft_filter", "mel_spread", "mel_consistency", "mel_to_linear",
            "spectral_convergence", "log_stft_distance", "griffin_lim", "mel_griffin_lim"]

@@ -17,8 +17,8 @@ import math
 
 import torch
 
-from ..core.audio import (AudioFrontEnd, hann, image_to_mel, mel_envelope, mel_griffin_lim, mel_spectral_envelope,
-                          stft_filter)
+from ..core.audio import (AudioFrontEnd, hann, image_to_mel, mel_consistency, mel_envelope, mel_griffin_lim,
+                          mel_spectral_envelope, stft_filter)
 from ..core.rng import sample_seed
 from ..nn.diffwave import DiffWaveConfig, check_sample_rate
 from .class_to_image import generate
@@ -142,12 +142,14 @@ def vocoder_output(config: DiffWaveConfig, samples: torch.Tensor, images: torch.
 
 @torch.no_grad()
 def vocode(denoiser, images: torch.Tensor, *, sample_rate: int | None = None, options: SampleOptions | None = None,
-           **overrides) -> torch.Tensor:
+           mel_consistency_iters: int = 0, **overrides) -> torch.Tensor:
     """Clips (N, 1, sample_length) from log-mel images (N, 1, n_mels, frames) by a DiffWave
     vocoder (``config.n_mels`` set): its reverse process conditioned on ``mel=`` (Kong et al.
     2021, Section 3.1), through :func:`vocoder_output` (PriorGrad's or SpecGrad's prior, when the
-    config says so); no
-    guidance. ``sample_rate``, when given, must be the model's."""
+    config says so), then ``mel_consistency_iters`` Richardson-Lucy updates that make each clip's
+    mel match the one it was given, its phases and in-band detail kept
+    (:func:`difflab.core.audio.mel_consistency`; 0: none); no guidance. ``sample_rate``, when
+    given, must be the model's."""
     # 1. Check inputs.
     config = diffwave_config(denoiser)
     if config.n_mels is None:
@@ -157,6 +159,8 @@ def vocode(denoiser, images: torch.Tensor, *, sample_rate: int | None = None, op
     opts = resolve(options, CLASS_DEFAULTS, overrides)
     if opts.guidance_scale != 1.0:
         raise ValueError(f"guidance_scale={opts.guidance_scale}: a vocoder is conditioned on the mel, not guided; use 1")
+    if not isinstance(mel_consistency_iters, int) or isinstance(mel_consistency_iters, bool) or mel_consistency_iters < 0:
+        raise ValueError(f"mel_consistency_iters={mel_consistency_iters!r} must be an int >= 0")
     frames = 1 + config.sample_length // config.hop
     if images.ndim != 4 or tuple(images.shape[1:]) != (1, config.n_mels, frames):
         raise ValueError(f"images must be (N, 1, n_mels, frames) = (N, 1, {config.n_mels}, {frames}) log-mel images for "
@@ -169,7 +173,11 @@ def vocode(denoiser, images: torch.Tensor, *, sample_rate: int | None = None, op
     def sample_batch(start, b, noise):
         chunk = images[start:start + b].to(device, torch.float32)
         x = denoise(denoiser, noise() * prior, sigmas, opts, noise, {"mel": chunk[:, 0]})
-        return vocoder_output(config, x, chunk).clamp(-1, 1)
+        clip = vocoder_output(config, x, chunk)
+        if mel_consistency_iters:
+            fe = vocoder_front_end(config)
+            clip = mel_consistency(clip, image_to_mel(chunk, fe), fe, mel_consistency_iters)
+        return clip.clamp(-1, 1)
 
     return run_options(len(images), (config.in_channels, config.sample_length), sample_batch, opts, device=device,
                        desc=f"vocoding ({opts.sampler}, {opts.steps} steps)")
