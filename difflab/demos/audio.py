@@ -8,7 +8,10 @@ routes side by side, each trained by the one training loop and judged by the sam
 - **latent + Griffin-Lim**: a KL autoencoder (the text demo's VAE network and objective) maps the
   mels to 4 x 8 x 16 latents, a class-conditional U-Net diffuses those (AudioLDM-style, Liu et al.
   2023), the decoded mel goes through Griffin-Lim;
-- **waveform**: a class-conditional DiffWave on raw 8 kHz audio (Kong et al. 2021).
+- **waveform**: a class-conditional DiffWave on raw 8 kHz audio (Kong et al. 2021) under a
+  class-level time-frequency prior (each class's root-mean-square STFT magnitude, set from the
+  training clips: PriorGrad's data-dependent prior, Lee et al. 2022, at the class level); the
+  report also judges that prior's noise alone, with no network, as the route's baseline.
 
 Both DiffWaves train on random 512-sample crops (their receptive field is 511) (with the mel
 frames centred on them) and sample whole clips: they are fully convolutional. Writes WAVs,
@@ -62,7 +65,7 @@ MEL_TRAIN = TrainConfig(steps=600, batch_size=16, lr=2e-3, warmup_steps=60, ema_
                         checkpoint_every=200, log_every=100, seed=0)
 VOCODER_TRAIN = TrainConfig(steps=1000, batch_size=16, lr=2e-3, warmup_steps=100, ema_decay=0.995, checkpoint_every=250,
                             log_every=100, seed=0)
-WAVE_TRAIN = dataclasses.replace(VOCODER_TRAIN, cfg_dropout=0.1)
+WAVE_TRAIN = dataclasses.replace(VOCODER_TRAIN, steps=3000, cfg_dropout=0.1, checkpoint_every=500)
 VAE_TRAIN = TrainConfig(steps=250, batch_size=16, lr=3e-3, lr_schedule="one_cycle", warmup_steps=25, grad_clip=None,
                         ema_decay=None, log_every=50, checkpoint_every=250, seed=0)
 VAE_KL_WEIGHT = 1e-3      # on summed L1, as in the text demo
