@@ -15,8 +15,9 @@ from difflab.data.audio import CLASSES, LENGTH, SAMPLE_RATE, load_audio, one_cli
 from difflab.io.audio import load_wav, save_wav
 from difflab.io.spec import build_denoiser, load_denoiser, make_spec, sample_shape
 from difflab.nn.diffwave import DiffWave, DiffWaveConfig, check_sample_rate, dilated_conv
-from difflab.pipelines.audio import (generate_latent_mel, generate_waveform, griffin_lim_decode, vocode, vocoder_data,
-                                     vocoder_envelope, vocoder_output, vocoder_spectral_gain)
+from difflab.pipelines.audio import (class_prior_gain, generate_latent_mel, generate_waveform, griffin_lim_decode, vocode,
+                                     vocoder_data, vocoder_envelope, vocoder_output, vocoder_spectral_gain, waveform_data,
+                                     waveform_output)
 from difflab.train import TrainConfig, train
 
 FE = AudioFrontEnd()
@@ -313,6 +314,46 @@ def test_spectral_prior_vocoder_whitens_and_colours():
     perturbed(voc.net)
     assert vocoder_spectral_gain(voc.net.config, -torch.ones(2, 1, 8, 17)).shape == (2, 33, 17)
     assert float(vocode(voc, -torch.ones(2, 1, 8, 17), steps=3, seed=0, progress=False).abs().max()) < 1e-2
+
+
+def test_class_prior_waveform_whitens_colours_and_samples(tmp_path):
+    from difflab.pipelines import sample_checkpoint
+
+    config = tiny(num_classes=2, n_fft=64, class_prior=True)
+    den = build_denoiser(make_spec("diffwave", config, DIFFUSION), seed=0)
+    t = torch.arange(256) / SAMPLE_RATE
+    pitch = torch.tensor([500.0, 520.0, 2000.0, 2100.0])      # class 0 low sines, class 1 high sines
+    waves = (0.5 * torch.sin(2 * math.pi * pitch[:, None] * t))[:, None]
+    labels = torch.tensor([0, 0, 1, 1])
+    gain = class_prior_gain(config, waves, labels)
+    assert gain.shape == (3, 33, 17)
+    den.net.class_gain.copy_(gain)
+    white = waveform_data(den, waves, labels)
+    assert 0.2 < float(white.std()) < 3.0
+    back = waveform_output(den, white, labels)          # back up to the STFT's consistency
+    assert float((back - waves).pow(2).mean() / waves.pow(2).mean()) < 0.05
+    # the prior's noise keeps to its class's band: class 0 below 1 kHz, class 1 above
+    noise = waveform_output(den, torch.randn(4, 1, 256, generator=torch.Generator().manual_seed(0)), labels)
+    power = stft(noise, 64, 16).abs().pow(2).sum(-1)                    # (4, 33): bins of 125 Hz
+    low = power[:, :8].sum(-1) / power.sum(-1)
+    assert bool((low[:2] > 0.95).all()) and bool((low[2:] < 0.05).all())
+    # sampling colours by the asked class, per sample whatever the batch size; a checkpoint samples the same
+    perturbed(den.net)
+    kw = dict(steps=3, seed=5, progress=False)
+    a = generate_waveform(den, [0, 1, 1], batch_size=3, **kw)
+    torch.testing.assert_close(a, generate_waveform(den, [0, 1, 1], batch_size=1, **kw), rtol=0, atol=1e-5)
+    spec = make_spec("diffwave", config, DIFFUSION)
+    cfg = TrainConfig(steps=1, batch_size=2, checkpoint_every=0, log_every=0, progress=False, ema_decay=None)
+    train(den, (white, labels), cfg, tmp_path, spec=spec)
+    loaded, _ = load_denoiser(tmp_path, weights="model")
+    torch.testing.assert_close(loaded.net.class_gain, gain)
+    torch.testing.assert_close(sample_checkpoint(tmp_path, labels=[0, 1], weights="model", **kw),
+                               generate_waveform(den, [0, 1], **kw))
+    with pytest.raises(ValueError, match="every class"):
+        class_prior_gain(config, waves[:2], labels[:2])
+    for bad in ({"num_classes": None}, {"n_mels": 8}):
+        with pytest.raises(ValueError, match="class_prior=True needs"):
+            tiny(**{"num_classes": 2, "class_prior": True, **bad})
 
 
 def test_vocoder_beats_griffin_lim_alone_on_real_held_out_clips():

@@ -736,6 +736,7 @@ API_CASES = [
     ("sds-t-range", lambda r: SDSConfig(t_min=0.5, t_max=0.4), ValueError, "t_min"),
     ("sds-no-views", lambda r: distill_views(_zero, [], SDSConfig(steps=1)), ValueError, "views"),
     ("points-num-points-0", lambda r: generate_points(_zero, [0], num_points=0), ValueError, "num_points"),
+    ("diffwave-class-prior-unconditional", lambda r: DiffWaveConfig(class_prior=True), ValueError, "class_prior=True needs"),
 ]
 
 

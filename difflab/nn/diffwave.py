@@ -28,6 +28,14 @@ shaped like the mel (quiet where the mel is quiet, in time and in frequency). Th
 same; the pipelines (:func:`difflab.pipelines.audio.vocode`) whiten the training clips and colour
 the samples.
 
+With ``class_prior`` a class-conditional DiffWave does the same with a prior per class instead of
+per mel: the buffer ``class_gain`` (num_classes + 1, n_fft // 2 + 1, 1 + sample_length // hop)
+holds each class's root-mean-square STFT magnitude over its training clips (the last row: all
+classes'), set from data (:func:`difflab.pipelines.audio.class_prior_gain`); the network diffuses
+the clip filtered by 1 / its class's row, so its noise starts, and its residual ends, shaped like
+the class on average in time and frequency (PriorGrad's data-dependent prior, Lee et al. 2022,
+taken to the class level; SpecGrad's time-frequency filter, Koizumi et al. 2022).
+
 The config records ``sample_rate`` and the clip length trained on (``sample_length``); a clip
 shorter than the receptive field, or with more than one channel, is a ValueError naming the shape.
 """
@@ -63,6 +71,7 @@ class DiffWaveConfig(JSONConfig):
     spectral_prior: bool = False    # a vocoder that diffuses the clip filtered by 1 / its mel's STFT envelope (SpecGrad)
     n_fft: int = 256                # STFT size of the mel (the spectral prior's filter)
     mel_floor: float = 1e-4         # the log-mel floor of the mel images it is conditioned on
+    class_prior: bool = False       # class-conditional: diffuses clips filtered by 1 / its class's mean STFT magnitude
 
     def __post_init__(self):
         object.__setattr__(self, "upsample_strides", tuple(self.upsample_strides))
@@ -80,6 +89,9 @@ class DiffWaveConfig(JSONConfig):
         for prior in ("envelope_prior", "spectral_prior"):
             if getattr(self, prior) and self.n_mels is None:
                 raise ValueError(f"DiffWaveConfig.{prior}=True needs a vocoder (n_mels set)")
+        if self.class_prior and (self.num_classes is None or self.n_mels is not None):
+            raise ValueError("DiffWaveConfig.class_prior=True needs a class-conditional DiffWave (num_classes set) "
+                             "that is not a vocoder (n_mels None)")
         if self.envelope_prior and self.spectral_prior:
             raise ValueError("DiffWaveConfig: choose one of envelope_prior=True and spectral_prior=True, not both")
         if self.spectral_prior and self.hop > self.n_fft:
@@ -171,6 +183,8 @@ class DiffWave(nn.Module):
                                       for i in range(c.layers))
         self.skip = nn.Conv1d(ch, ch, 1)
         self.output = zero_(nn.Conv1d(ch, c.out_channels or c.in_channels, 1))
+        if c.class_prior:  # row k: class k's STFT magnitude envelope, row num_classes: all classes'; set from data
+            self.register_buffer("class_gain", torch.ones(c.num_classes + 1, c.n_fft // 2 + 1, 1 + c.sample_length // c.hop))
 
     def check_inputs(self, x: torch.Tensor, class_labels, mel) -> None:
         c = self.config

@@ -18,7 +18,7 @@ import math
 import torch
 
 from ..core.audio import (AudioFrontEnd, hann, image_to_mel, mel_consistency, mel_envelope, mel_griffin_lim,
-                          mel_spectral_envelope, stft_filter)
+                          mel_spectral_envelope, stft, stft_filter)
 from ..core.rng import sample_seed
 from ..nn.diffwave import DiffWaveConfig, check_sample_rate
 from .class_to_image import generate
@@ -34,19 +34,76 @@ def diffwave_config(denoiser):
     return config
 
 
+# The class prior's floor, relative to its largest entry: bins no clip of a class reaches are not
+# amplified by more than 1 / CLASS_PRIOR_FLOOR when whitened.
+CLASS_PRIOR_FLOOR = 1e-4
+
+
+def class_prior_gain(config: DiffWaveConfig, waves: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The class prior of a DiffWave with ``class_prior`` (its buffer ``class_gain``): row k the
+    root-mean-square STFT magnitude (n_fft // 2 + 1, frames) of the clips ``waves`` (N, 1,
+    sample_length) of class k over (window RMS / window sum), so unit white noise filtered by it
+    has about that magnitude; the last row all clips'; floored at :data:`CLASS_PRIOR_FLOOR` of the
+    largest entry. Every class needs a clip."""
+    if not config.class_prior:
+        raise ValueError("this DiffWave has no class prior (config.class_prior is False)")
+    if waves.ndim != 3 or tuple(waves.shape[1:]) != (1, config.sample_length):
+        raise ValueError(f"waves must be (N, 1, {config.sample_length}) clips, got shape {tuple(waves.shape)}")
+    labels = torch.as_tensor(labels)
+    missing = sorted(set(range(config.num_classes)) - set(labels.tolist()))
+    if missing:
+        raise ValueError(f"the class prior needs clips of every class; none of classes {missing}")
+    window = hann(config.n_fft, torch.float64)
+    white = float(window.pow(2).sum().sqrt() / window.sum())
+    power = stft(waves.double(), config.n_fft, config.hop).abs().pow(2)
+    rows = [power[labels == k].mean(0) for k in range(config.num_classes)] + [power.mean(0)]
+    gain = torch.stack(rows).sqrt() / white
+    return gain.clamp_min(CLASS_PRIOR_FLOOR * float(gain.max())).float()
+
+
+def class_prior_rows(denoiser, labels, n: int) -> torch.Tensor:
+    """The class prior's filters (n, n_freqs, frames) for ``labels`` (None: the all-classes row)."""
+    gain = denoiser.net.class_gain
+    rows = torch.full((n,), gain.shape[0] - 1, dtype=torch.long) if labels is None else torch.as_tensor(labels).long()
+    return gain[rows.to(gain.device)].double()
+
+
+def waveform_data(denoiser, waves: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """What a class-conditional DiffWave trains on: the clips (N, 1, L) themselves, or with
+    ``class_prior`` filtered by 1 / their class's row of ``class_gain`` (its whitened coordinates;
+    whiten whole clips, then crop)."""
+    config = diffwave_config(denoiser)
+    if not config.class_prior:
+        return waves
+    return stft_filter(waves.double(), 1.0 / class_prior_rows(denoiser, labels, len(waves)).cpu(), config.n_fft,
+                       config.hop).to(waves.dtype)
+
+
+def waveform_output(denoiser, samples: torch.Tensor, labels) -> torch.Tensor:
+    """The inverse of :func:`waveform_data`: samples (N, 1, L) in the prior's whitened coordinates
+    coloured by their class's row (``labels`` None: the all-classes row), clamped to [-1, 1]."""
+    config = diffwave_config(denoiser)
+    if config.class_prior:
+        rows = class_prior_rows(denoiser, labels, len(samples)).to(samples.device)
+        samples = stft_filter(samples.double(), rows, config.n_fft, config.hop).to(samples.dtype)
+    return samples.clamp(-1, 1)
+
+
 @torch.no_grad()
 def generate_waveform(denoiser, labels=None, *, num_samples: int | None = None, sample_rate: int | None = None,
                       options: SampleOptions | None = None, **overrides) -> torch.Tensor:
     """Clips (N, 1, sample_length) in [-1, 1] from a (class-conditional) DiffWave, with
-    classifier-free guidance towards ``labels`` (:func:`difflab.pipelines.generate` on waveforms);
+    classifier-free guidance towards ``labels`` (:func:`difflab.pipelines.generate` on waveforms),
+    coloured by the class prior when the config has one (:func:`waveform_output`);
     ``sample_rate``, when given, must be the model's."""
     config = diffwave_config(denoiser)
     if config.n_mels is not None:
         raise ValueError("this DiffWave is a vocoder (it needs a mel spectrogram): use vocode()")
     if sample_rate is not None:
         check_sample_rate(config, sample_rate)
-    return generate(denoiser, labels, num_samples=num_samples, shape=(config.in_channels, config.sample_length),
-                    options=options, **overrides)
+    x = generate(denoiser, labels, num_samples=num_samples, shape=(config.in_channels, config.sample_length),
+                 options=options, clamp=False, **overrides)
+    return waveform_output(denoiser, x, None if labels is None else torch.as_tensor(labels))
 
 
 @torch.no_grad()
@@ -183,5 +240,5 @@ def vocode(denoiser, images: torch.Tensor, *, sample_rate: int | None = None, op
                        desc=f"vocoding ({opts.sampler}, {opts.steps} steps)")
 
 
-__all__ = ["generate_waveform", "generate_mel", "generate_latent_mel", "griffin_lim_decode", "vocode", "diffwave_config",
+__all__ = ["generate_waveform", "class_prior_gain", "waveform_data", "waveform_output", "generate_mel", "generate_latent_mel", "griffin_lim_decode", "vocode", "diffwave_config",
            "vocoder_envelope", "vocoder_spectral_gain", "vocoder_data", "vocoder_output", "vocoder_front_end"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..io.spec import NETWORKS, checkpoint_spec, kinds_with_output, load_denoiser, sample_shape
+from .audio import generate_waveform
 from .class_to_image import generate
 from .options import CLASS_DEFAULTS, SampleOptions, resolve
 
@@ -91,7 +92,10 @@ def sample_checkpoint(path, *, labels=None, num: int | None = None, options: Sam
         labels = torch.arange(num) % num_classes if num_classes else None
         if labels is None:
             opts = opts.replace(guidance_scale=1.0)
-    # 4. Sample.
+    # 4. Sample (a DiffWave through its pipeline: a class prior colours its samples).
+    if NETWORKS[kind].output == "audio":
+        return generate_waveform(denoiser, labels, num_samples=num if labels is None else None, null_class=meta.get("null_class"),
+                                 options=opts.replace(device=device))
     return generate(denoiser, labels, num_samples=num if labels is None else None, shape=shape,
                     null_class=meta.get("null_class"), options=opts.replace(device=device))
 
