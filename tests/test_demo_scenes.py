@@ -8,7 +8,8 @@ from difflab.demos.slots import run_slots_demo
 
 def test_depth_demo_runs_end_to_end(tmp_path):
     report = run_depth_demo(tmp_path, steps=3, sampling_steps=2, samples_per_class=2, resample=1, train_scenes=64,
-                            held_scenes=6, judge_steps=3)
+                            held_scenes=6, judge_steps=3, generation_steps=3)
+    assert (report["generation_sampler"], report["generation_steps"], report["sampler"]) == ("euler_ancestral", 3, "ddim")
     for name in ("pairs.png", "depth_from_image.png", "image_from_depth.png", "report.json"):
         assert (tmp_path / name).exists()
     assert json.loads((tmp_path / "report.json").read_text())["samples"] == 6

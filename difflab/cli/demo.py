@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..demos.audio import run_audio_demo
 from ..demos.cascade import run_cascade_demo
+from ..demos.depth import GENERATION_SAMPLER as DEPTH_GENERATION_SAMPLER, GENERATION_STEPS as DEPTH_GENERATION_STEPS
 from ..demos.depth import GUIDANCE as DEPTH_GUIDANCE, run_depth_demo
 from ..demos.digits import run_demo
 from ..demos.motion import run_motion_demo
@@ -147,12 +148,17 @@ def _3d_run(args, out):
 def _depth_options(d):
     d.add_argument("--resample", type=positive_int, default=None,
                    help="--depth: RePaint passes over each step of channel inpainting (default: 2)")
+    d.add_argument("--generation-sampler", default=None, choices=sorted(SAMPLERS),
+                   help=f"--depth: the sampler of joint generation (default: {DEPTH_GENERATION_SAMPLER}, "
+                        f"{DEPTH_GENERATION_STEPS} steps; --sampler and --sampling-steps drive channel inpainting)")
 
 
 def _depth_run(args, out):
     run_depth_demo(out, steps=args.steps, sampler=args.sampler, sampling_steps=args.sampling_steps or 25,
                    guidance_scale=_guidance(args, DEPTH_GUIDANCE), samples_per_class=args.samples_per_class or 50,
-                   resample=args.resample or 2, seed=args.seed, resume=args.resume)
+                   resample=args.resample or 2, seed=args.seed, resume=args.resume,
+                   generation_sampler=args.generation_sampler or DEPTH_GENERATION_SAMPLER,
+                   generation_steps=None if args.generation_sampler else DEPTH_GENERATION_STEPS)
 
 
 def _slots_run(args, out):
@@ -192,7 +198,7 @@ MODES: dict[str, DemoMode] = {
                    "demo_3d_out", _3d_run, _3d_options, ("num_points", "prior", "sds_steps", "vsd", "skip_points", "skip_sds")),
     "depth": DemoMode("the image+depth demo instead: one count-conditional U-Net over RGB and depth on the embedded "
                       "scenes (16x16, 1-3 objects), depth from images and images from depth by channel inpainting, "
-                      "beside a supervised depth regressor", "demo_depth_out", _depth_run, _depth_options, ("resample",)),
+                      "beside a supervised depth regressor", "demo_depth_out", _depth_run, _depth_options, ("resample", "generation_sampler")),
     "slots": DemoMode("the slot diffusion demo instead: a slot-attention encoder and a U-Net decoder cross-attending to "
                       "its slots on the embedded scenes, beside slot attention with a mixture decoder; FG-ARI of the slot "
                       "masks, and scenes recomposed by removing and swapping slots", "demo_slots_out", _slots_run),
