@@ -39,6 +39,8 @@ class SlotConfig(JSONConfig):
     decoder_kernel_size: int = 3  # the mixture decoder's kernels (1: a per-pixel MLP of slot + position)
     learned_init: bool = False  # a learned mean per slot (Jia et al. 2023, BO-QSA) instead of one shared mean
     straight_through: bool = False  # the last iteration's gradient only, passed to the initial slots (BO-QSA; Chang et al. 2022)
+    center_keys: bool = False  # keys minus their mean over the image's pixels: no slot wins every pixel by a bias
+    position_scale: float = 1.0  # a factor on the encoder's soft position embedding (small: features group by appearance)
 
     def __post_init__(self):
         for name in ("kernel_size", "decoder_kernel_size"):
@@ -53,8 +55,9 @@ class SlotAttention(nn.Module):
     normalized over the slots (each input's weights sum to one over the K slots)."""
 
     def __init__(self, in_dim: int, slot_dim: int, iters: int = 3, mlp_hidden: int = 128, eps: float = 1e-8,
-                 straight_through: bool = False):
+                 straight_through: bool = False, center_keys: bool = False):
         super().__init__()
+        self.center_keys = center_keys
         self.iters, self.eps, self.scale, self.straight_through = iters, eps, slot_dim ** -0.5, straight_through
         self.norm_inputs, self.norm_slots, self.norm_mlp = nn.LayerNorm(in_dim), nn.LayerNorm(slot_dim), nn.LayerNorm(slot_dim)
         self.q = nn.Linear(slot_dim, slot_dim, bias=False)
@@ -66,6 +69,8 @@ class SlotAttention(nn.Module):
     def forward(self, inputs: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = self.norm_inputs(inputs)
         k, v = self.k(inputs), self.v(inputs)
+        if self.center_keys:
+            k = k - k.mean(1, keepdim=True)  # a slot's logits have zero mean over the pixels
         b, n_slots, d = slots.shape
         init = slots
         for i in range(self.iters):
@@ -109,14 +114,15 @@ class SlotEncoder(nn.Module):
         self.mu = nn.Parameter(torch.randn(1, c.num_slots if c.learned_init else 1, c.slot_dim) * c.slot_dim ** -0.5)
         self.log_sigma = nn.Parameter(torch.full((1, 1, c.slot_dim), -1.0))
         self.slot_attention = SlotAttention(c.hidden, c.slot_dim, c.iters, c.mlp_hidden,
-                                            straight_through=c.straight_through)
+                                            straight_through=c.straight_through, center_keys=c.center_keys)
 
     def forward(self, images: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
         b, _, h, w = images.shape
         if (h, w) != (c.size, c.size) or images.shape[1] != c.in_channels:
             raise ValueError(f"the slot encoder takes (B, {c.in_channels}, {c.size}, {c.size}) images, got {tuple(images.shape)}")
-        features = self.cnn(images).flatten(2).transpose(1, 2) + self.position(self.grid.to(images.dtype))
+        position = self.position(self.grid.to(images.dtype))
+        features = self.cnn(images).flatten(2).transpose(1, 2) + c.position_scale * position
         features = self.mlp(features)
         if noise is None:
             noise = torch.randn(b, c.num_slots, c.slot_dim, device=images.device, dtype=images.dtype)
