@@ -22,9 +22,12 @@ def test_depth_demo_runs_end_to_end(tmp_path):
 
 
 def test_slots_demo_runs_end_to_end(tmp_path):
-    report = run_slots_demo(tmp_path, steps=2, sampling_steps=2, train_scenes=64, held_scenes=12, judge_steps=3)
+    report = run_slots_demo(tmp_path, steps=2, sampling_steps=2, train_scenes=64, held_scenes=12, judge_steps=3,
+                            pretrain_steps=3)
     for name in ("decomposition.png", "composition.png", "report.json"):
         assert (tmp_path / name).exists()
     assert -1 <= report["fg_ari"] <= 1 and -1 <= report["fg_ari_baseline"] <= 1
+    assert report["baseline_steps"] > 3  # the baseline went on past the encoder's hand-over at 3 steps
+    assert report["train_cpu_seconds"] == round(report["pretrain_cpu_seconds"] + report["diffusion_cpu_seconds"], 1)
     assert report["remove_n"] >= 1 and report["swap_n"] >= 1
     assert 0 <= report["swap_found_accuracy"] <= 1

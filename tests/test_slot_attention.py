@@ -42,6 +42,29 @@ def test_encoder_masks_partition_the_pixels_and_fixed_noise_fixes_the_slots():
     assert recon.shape == images.shape and torch.allclose(mix.sum(1), torch.ones(3, 8, 8), atol=1e-5)
 
 
+def test_encoder_options_keep_the_default_layout_and_straight_through_changes_only_gradients():
+    import dataclasses
+    assert SlotConfig.from_dict({k: v for k, v in TINY.to_dict().items() if k not in (
+        "kernel_size", "decoder_kernel_size", "learned_init", "straight_through")}) == TINY  # old configs load
+    old = SlotAutoencoder(TINY).state_dict()
+    torch.manual_seed(0)
+    plain = SlotEncoder(dataclasses.replace(TINY, kernel_size=1, learned_init=True))
+    assert plain.cnn[0].weight.shape[-1] == 1 and plain.mu.shape == (1, 4, 16)
+    assert SlotAutoencoder(dataclasses.replace(TINY, decoder_kernel_size=1)).decoder[0].weight.shape[-1] == 1
+    assert {k: v.shape for k, v in SlotAutoencoder(TINY).state_dict().items()} == {k: v.shape for k, v in old.items()}
+    st = SlotEncoder(dataclasses.replace(TINY, kernel_size=1, learned_init=True, straight_through=True))
+    st.load_state_dict(plain.state_dict())
+    images, noise = torch.rand(2, 3, 8, 8) * 2 - 1, torch.randn(2, 4, 16)
+    a, b = plain(images, noise)[0], st(images, noise)[0]
+    assert torch.allclose(a, b, atol=1e-6)  # the same forward pass
+    ga = torch.autograd.grad(a.square().sum(), plain.slot_attention.gru.weight_ih)[0]
+    gb = torch.autograd.grad(b.square().sum(), st.slot_attention.gru.weight_ih)[0]
+    assert not torch.allclose(ga, gb)  # only the last iteration's gradient
+    assert torch.autograd.grad(st(images, noise)[0].sum(), st.mu)[0].abs().sum() > 0  # reaches the learned init
+    with pytest.raises(ValueError, match="kernel_size must be an odd"):
+        SlotConfig(kernel_size=4)
+
+
 def encoder_holder(encoder):
     holder = torch.nn.Module()
     holder.encoder = encoder

@@ -35,6 +35,18 @@ class SlotConfig(JSONConfig):
     iters: int = 3          # T, slot-attention iterations
     hidden: int = 64        # CNN width and MLP hidden size
     mlp_hidden: int = 128   # the slot update MLP's hidden size
+    kernel_size: int = 5    # the encoder CNN's kernels (1: per-pixel features, e.g. colour)
+    decoder_kernel_size: int = 3  # the mixture decoder's kernels (1: a per-pixel MLP of slot + position)
+    learned_init: bool = False  # a learned mean per slot (Jia et al. 2023, BO-QSA) instead of one shared mean
+    straight_through: bool = False  # the last iteration's gradient only, passed to the initial slots (BO-QSA; Chang et al. 2022)
+    center_keys: bool = False  # keys minus their mean over the image's pixels: no slot wins every pixel by a bias
+    position_scale: float = 1.0  # a factor on the encoder's soft position embedding (small: features group by appearance)
+
+    def __post_init__(self):
+        for name in ("kernel_size", "decoder_kernel_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1 or value % 2 == 0:
+                raise ValueError(f"SlotConfig.{name} must be an odd positive int (1, 3, 5, ...), got {value!r}")
 
 
 class SlotAttention(nn.Module):
@@ -42,9 +54,11 @@ class SlotAttention(nn.Module):
     (B, K, D))`` returns the slots after ``iters`` iterations and the last attention (B, N, K),
     normalized over the slots (each input's weights sum to one over the K slots)."""
 
-    def __init__(self, in_dim: int, slot_dim: int, iters: int = 3, mlp_hidden: int = 128, eps: float = 1e-8):
+    def __init__(self, in_dim: int, slot_dim: int, iters: int = 3, mlp_hidden: int = 128, eps: float = 1e-8,
+                 straight_through: bool = False, center_keys: bool = False):
         super().__init__()
-        self.iters, self.eps, self.scale = iters, eps, slot_dim ** -0.5
+        self.center_keys = center_keys
+        self.iters, self.eps, self.scale, self.straight_through = iters, eps, slot_dim ** -0.5, straight_through
         self.norm_inputs, self.norm_slots, self.norm_mlp = nn.LayerNorm(in_dim), nn.LayerNorm(slot_dim), nn.LayerNorm(slot_dim)
         self.q = nn.Linear(slot_dim, slot_dim, bias=False)
         self.k = nn.Linear(in_dim, slot_dim, bias=False)
@@ -55,8 +69,14 @@ class SlotAttention(nn.Module):
     def forward(self, inputs: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = self.norm_inputs(inputs)
         k, v = self.k(inputs), self.v(inputs)
+        if self.center_keys:
+            k = k - k.mean(1, keepdim=True)  # a slot's logits have zero mean over the pixels
         b, n_slots, d = slots.shape
-        for _ in range(self.iters):
+        init = slots
+        for i in range(self.iters):
+            if self.straight_through and i == self.iters - 1:
+                # BO-QSA (Jia et al. 2023, Eq. 5): the fixed point's gradient goes to the initial slots as is.
+                slots = slots.detach() + init - init.detach()
             previous = slots
             q = self.q(self.norm_slots(slots))
             attn = torch.softmax(self.scale * k @ q.transpose(1, 2), dim=-1)  # (B, N, K): softmax over the slots
@@ -84,22 +104,25 @@ class SlotEncoder(nn.Module):
     def __init__(self, config: SlotConfig = SlotConfig()):
         super().__init__()
         self.config = c = config
-        self.cnn = nn.Sequential(nn.Conv2d(c.in_channels, c.hidden, 5, padding=2), nn.ReLU(),
-                                 nn.Conv2d(c.hidden, c.hidden, 5, padding=2), nn.ReLU(),
-                                 nn.Conv2d(c.hidden, c.hidden, 5, padding=2), nn.ReLU())
+        k, p = c.kernel_size, c.kernel_size // 2
+        self.cnn = nn.Sequential(nn.Conv2d(c.in_channels, c.hidden, k, padding=p), nn.ReLU(),
+                                 nn.Conv2d(c.hidden, c.hidden, k, padding=p), nn.ReLU(),
+                                 nn.Conv2d(c.hidden, c.hidden, k, padding=p), nn.ReLU())
         self.position = nn.Linear(4, c.hidden)
         self.register_buffer("grid", position_grid(c.size), persistent=False)
         self.mlp = nn.Sequential(nn.LayerNorm(c.hidden), nn.Linear(c.hidden, c.hidden), nn.ReLU(), nn.Linear(c.hidden, c.hidden))
-        self.mu = nn.Parameter(torch.randn(1, 1, c.slot_dim) * c.slot_dim ** -0.5)
+        self.mu = nn.Parameter(torch.randn(1, c.num_slots if c.learned_init else 1, c.slot_dim) * c.slot_dim ** -0.5)
         self.log_sigma = nn.Parameter(torch.full((1, 1, c.slot_dim), -1.0))
-        self.slot_attention = SlotAttention(c.hidden, c.slot_dim, c.iters, c.mlp_hidden)
+        self.slot_attention = SlotAttention(c.hidden, c.slot_dim, c.iters, c.mlp_hidden,
+                                            straight_through=c.straight_through, center_keys=c.center_keys)
 
     def forward(self, images: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
         b, _, h, w = images.shape
         if (h, w) != (c.size, c.size) or images.shape[1] != c.in_channels:
             raise ValueError(f"the slot encoder takes (B, {c.in_channels}, {c.size}, {c.size}) images, got {tuple(images.shape)}")
-        features = self.cnn(images).flatten(2).transpose(1, 2) + self.position(self.grid.to(images.dtype))
+        position = self.position(self.grid.to(images.dtype))
+        features = self.cnn(images).flatten(2).transpose(1, 2) + c.position_scale * position
         features = self.mlp(features)
         if noise is None:
             noise = torch.randn(b, c.num_slots, c.slot_dim, device=images.device, dtype=images.dtype)
@@ -119,10 +142,11 @@ class SlotAutoencoder(nn.Module):
         self.encoder = SlotEncoder(config)
         self.position = nn.Linear(4, c.slot_dim)
         self.register_buffer("grid", position_grid(c.size), persistent=False)
-        self.decoder = nn.Sequential(nn.Conv2d(c.slot_dim, c.hidden, 3, padding=1), nn.ReLU(),
-                                     nn.Conv2d(c.hidden, c.hidden, 3, padding=1), nn.ReLU(),
-                                     nn.Conv2d(c.hidden, c.hidden, 3, padding=1), nn.ReLU(),
-                                     nn.Conv2d(c.hidden, c.in_channels + 1, 3, padding=1))
+        k, p = c.decoder_kernel_size, c.decoder_kernel_size // 2
+        self.decoder = nn.Sequential(nn.Conv2d(c.slot_dim, c.hidden, k, padding=p), nn.ReLU(),
+                                     nn.Conv2d(c.hidden, c.hidden, k, padding=p), nn.ReLU(),
+                                     nn.Conv2d(c.hidden, c.hidden, k, padding=p), nn.ReLU(),
+                                     nn.Conv2d(c.hidden, c.in_channels + 1, k, padding=p))
 
     def decode(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(reconstruction (B, C, H, W), masks (B, K, H, W)) of slots (B, K, D)."""
