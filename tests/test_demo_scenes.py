@@ -19,6 +19,23 @@ def test_depth_demo_runs_end_to_end(tmp_path):
     by_count = report["judge_generated_count_accuracy_by_count"]
     assert list(by_count) == ["1", "2", "3"] and all(v in (0, 0.5, 1) for v in by_count.values())
     assert abs(sum(by_count.values()) / 3 - report["judge_generated_count_accuracy"]) < 1e-6
+    strict = report["generated_count_and_object_accuracy_by_count"]
+    assert all(strict[k] <= by_count[k] for k in by_count) and sum(report["generated_empty_by_count"].values()) <= 6
+
+
+def test_has_object_tells_an_empty_room_from_a_scene_with_an_object():
+    import torch
+
+    from difflab.data.scenes import depth_to_unit
+    from difflab.demos.depth import SIZE, has_object, scene_data
+
+    train_set, held = scene_data(64, 8)
+    background = depth_to_unit(train_set.depth, SIZE).amax(dim=(0, 3), keepdim=True)
+    assert bool(has_object(depth_to_unit(held.depth, SIZE), background).all())       # real scenes: 1-3 objects
+    room = background.expand(2, 1, SIZE, SIZE).clone()
+    assert not bool(has_object(room, background).any())                               # the empty room itself
+    room[1, 0, 10:13, 5:8] -= 0.3                                                       # a box in front of the wall
+    assert has_object(room, background).tolist() == [False, True]
 
 
 def test_slots_demo_runs_end_to_end(tmp_path):

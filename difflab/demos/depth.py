@@ -39,13 +39,15 @@ TRAIN_SCENES, HELD_SCENES = 6000, 300
 UNET = UNetConfig(in_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
                   num_heads=4, num_classes=MAX_OBJECTS)
 DIFFUSION = {"frame": "vp_discrete", "schedule": "cosine", "T": 1000, "prediction": "v"}
-# min-SNR-5 loss weighting (Hang et al. 2023, eq. 6): counts as asked 76.7% -> 86.0% with the generation sampler below
 TRAIN = TrainConfig(steps=1600, batch_size=32, lr=2e-3, lr_schedule="cosine", warmup_steps=50, ema_decay=0.995,
-                    cfg_dropout=0.1, checkpoint_every=800, log_every=200, seed=0, weighting="min_snr")
+                    cfg_dropout=0.1, checkpoint_every=800, log_every=200, seed=0)
 GUIDANCE = 3.0
 # Joint generation samples with Euler ancestral (its re-noising cleans up stray pixels that a
 # deterministic sampler keeps, which read as an extra object); channel inpainting keeps DDIM.
 GENERATION_SAMPLER, GENERATION_STEPS = "euler_ancestral", 50
+# A generated scene "has an object" when some pixel is nearer than the farthest training depth of
+# its row by this much (unit depth): the judge never saw an empty room and reads one as one object.
+OBJECT_MARGIN = 0.15
 JUDGE_STEPS = 800
 
 
@@ -85,11 +87,18 @@ def depth_figures(pred_unit: torch.Tensor, true_unit: torch.Tensor) -> dict:
     return {"abs_rel": round(abs_rel(pred, true), 4), "delta_1.25": round(delta_accuracy(pred, true), 4)}
 
 
+def has_object(depth_unit: torch.Tensor, background: torch.Tensor, margin: float = OBJECT_MARGIN) -> torch.Tensor:
+    """(N,) bool: whether a depth map (N, 1, H, W) in [-1, 1] has a pixel nearer than ``background``
+    (1, 1, H, 1: the farthest training depth of each row, the empty room) by ``margin``."""
+    return (depth_unit < background - margin).flatten(1).any(1)
+
+
 def generated_pairs(denoiser, judge, out_dir: Path, guidance_scale: float, samples_per_class: int, resample: int,
-                    opts: dict, generation: dict | None = None) -> dict:
+                    opts: dict, generation: dict | None = None, background: torch.Tensor | None = None) -> dict:
     """Pairs generated for every count (sampler and steps overridden by ``generation``), the
-    judge's reading of their count, and the depth the model recovers from its own images (``opts``)
-    against the depth it generated; writes ``pairs.png``."""
+    judge's reading of their count (and, given the empty room's ``background`` depth, the same
+    counting an empty scene as wrong: :func:`has_object`), and the depth the model recovers from
+    its own images (``opts``) against the depth it generated; writes ``pairs.png``."""
     asked = torch.arange(MAX_OBJECTS).repeat_interleave(samples_per_class)
     images, depth = generate_image_depth(denoiser, asked, size=SIZE, guidance_scale=guidance_scale,
                                          **{**opts, **(generation or {})})
@@ -99,7 +108,15 @@ def generated_pairs(denoiser, judge, out_dir: Path, guidance_scale: float, sampl
     save_grid(torch.cat([images[::every][:12], depth[::every][:12].expand(-1, 3, -1, -1)]), out_dir / "pairs.png",
               nrow=12, upscale=6)
     right = (read == asked + 1).float()
-    return {"judge_generated_count_accuracy": float(right.mean()),
+    out = {}
+    if background is not None:
+        present = has_object(depth, background)
+        strict = right * present.float()
+        out = {"generated_count_and_object_accuracy": float(strict.mean()),
+               "generated_count_and_object_accuracy_by_count": {str(c + 1): round(float(strict[asked == c].mean()), 4)
+                                                                for c in range(MAX_OBJECTS)},
+               "generated_empty_by_count": {str(c + 1): int((~present[asked == c]).sum()) for c in range(MAX_OBJECTS)}}
+    return {"judge_generated_count_accuracy": float(right.mean()), **out,
             "judge_generated_count_accuracy_by_count": {str(c + 1): round(float(right[asked == c].mean()), 4)
                                                         for c in range(MAX_OBJECTS)},
             "consistency_generated": depth_figures(recovered, depth), "samples": len(asked)}
@@ -187,9 +204,12 @@ def run_depth_demo(out_dir="demo_depth_out", *, steps: int | None = None, sample
 
     # 5. Generate pairs per count; judge; depth back from the generated images (consistency).
     t0 = time.process_time()
-    report.update(generated_pairs(denoiser, judge, out_dir, guidance_scale, samples_per_class, resample, opts, generation))
+    background = depth_train.amax(dim=(0, 3), keepdim=True)           # (1, 1, H, 1): the empty room's depth
+    report.update(generated_pairs(denoiser, judge, out_dir, guidance_scale, samples_per_class, resample, opts, generation,
+                                  background))
     print(f"[5/6] {report['samples']} generated pairs ({time.process_time() - t0:.0f} CPU s): the judge reads the count "
-          f"asked in {report['judge_generated_count_accuracy']:.1%}; depth recovered from them vs generated depth: "
+          f"asked in {report['judge_generated_count_accuracy']:.1%} ({report['generated_count_and_object_accuracy']:.1%} counting "
+          f"an empty scene wrong); depth recovered from them vs generated depth: "
           f"{report['consistency_generated']}")
 
     # 6. Held-out real images: depth by channel inpainting vs the regressor; images from real depth.
@@ -214,6 +234,10 @@ def format_report(r: dict) -> str:
         ("judge: count as asked, generated scenes", f"{r['judge_generated_count_accuracy']:.1%}",
          f"{r['samples']} samples, {r.get('generation_sampler', r['sampler'])} {r.get('generation_steps', r['sampling_steps'])} steps"),
         ("  by count asked (1 / 2 / 3)", " / ".join(f"{v:.0%}" for v in r["judge_generated_count_accuracy_by_count"].values()), ""),
+        ("the same, an empty scene counted wrong", f"{r['generated_count_and_object_accuracy']:.1%}",
+         "empty scenes per count asked: " + " / ".join(str(v) for v in r["generated_empty_by_count"].values())),
+        ("  by count asked (1 / 2 / 3)",
+         " / ".join(f"{v:.0%}" for v in r["generated_count_and_object_accuracy_by_count"].values()), ""),
         ("judge: count, real held-out scenes", f"{r['judge_real_count_accuracy']:.1%}", f"{r['held_out']} scenes"),
         ("consistency: depth(gen image) vs gen depth", f"{g['abs_rel']:.3f} / {g['delta_1.25']:.1%}", "AbsRel / delta<1.25"),
         ("real pairs: depth(real image) vs true depth", f"{d['abs_rel']:.3f} / {d['delta_1.25']:.1%}", "same mode, held out"),
@@ -225,4 +249,4 @@ def format_report(r: dict) -> str:
     return "\n".join(f"  {a:<{w}}  {v:>16}  {c}" for a, v, c in rows)
 
 
-__all__ = ["run_depth_demo", "train_regressor", "depth_figures", "scene_data", "format_report", "generated_pairs", "held_out_depth"]
+__all__ = ["run_depth_demo", "has_object", "train_regressor", "depth_figures", "scene_data", "format_report", "generated_pairs", "held_out_depth"]
