@@ -257,6 +257,25 @@ def fit_models(configs: dict, images, labels, crops, out_dir: Path, resume: bool
     return models, timings
 
 
+TRAINED_BY = {"mel + Griffin-Lim": ("mel",), "mel + vocoder": ("mel", "vocoder"), "latent + Griffin-Lim": ("vae", "latent"),
+              "waveform": ("waveform",)}
+
+
+def judge_routes(judge, routes: dict, asked, held, held_labels, clips, cpu: dict, timings: dict, seconds_of_audio: float,
+                 seed: int) -> dict:
+    """Every route's judge report (:func:`difflab.eval.judge_report` against the held-out clips,
+    the training ``clips`` as the real-data floor), with its per-class accuracy, sampling CPU
+    seconds per second of audio and the training CPU seconds of the models it uses."""
+    out = {}
+    for name, generated in routes.items():
+        r = judge_report(judge, generated, asked, held, held_labels, seed=seed, real_reference=clips)
+        r["per_class_accuracy"] = judge.per_class_accuracy(generated, asked)
+        r["cpu_seconds_per_audio_second"] = cpu[name] / seconds_of_audio
+        r["train_cpu_seconds"] = round(sum(timings[f"train_{m}_cpu"] for m in TRAINED_BY[name]), 1)
+        out[name] = r
+    return out
+
+
 def run_audio_demo(out_dir="demo_audio_out", *, mel_steps: int | None = None, vocoder_steps: int | None = None,
                    wave_steps: int | None = None, vae_steps: int | None = None, latent_steps: int | None = None,
                    sampler: str = "ddim", sampling_steps: int = 20, vocoder_sampling_steps: int = 8,
@@ -313,21 +332,14 @@ def run_audio_demo(out_dir="demo_audio_out", *, mel_steps: int | None = None, vo
     # 6. Judge, write audio and pictures, report.
     report = {"judge_real_accuracy": judge.accuracy(held, held_labels), "judge_train_cpu_seconds": judge.train_seconds,
               "reconstruction_mel_distance": reconstruction, "reconstruction_stft_distance": stft_distances,
-              "routes": {}, "samples_per_class": samples_per_class,
+              "samples_per_class": samples_per_class,
               "sampler": sampler, "sampling_steps": sampling_steps, "vocoder_sampling_steps": vocoder_sampling_steps,
               "wave_sampling_steps": wave_sampling_steps, "griffin_lim_iters": griffin_lim_iters,
               "vocoder_mel_consistency": vocoder_mel_consistency,
               "guidance_scale": guidance_scale, "train_steps": {k: c.steps for k, c in configs.items()},
               "sample_rate": SAMPLE_RATE, "clip_seconds": LENGTH / SAMPLE_RATE,
               **{k: round(v, 1) for k, v in timings.items()}}
-    trained_by = {"mel + Griffin-Lim": ("mel",), "mel + vocoder": ("mel", "vocoder"), "latent + Griffin-Lim": ("vae", "latent"),
-                  "waveform": ("waveform",)}
-    for name, generated in routes.items():
-        r = judge_report(judge, generated, asked, held, held_labels, seed=seed, real_reference=clips)
-        r["per_class_accuracy"] = judge.per_class_accuracy(generated, asked)
-        r["cpu_seconds_per_audio_second"] = cpu[name] / seconds_of_audio
-        r["train_cpu_seconds"] = round(sum(timings[f"train_{m}_cpu"] for m in trained_by[name]), 1)
-        report["routes"][name] = r
+    report["routes"] = judge_routes(judge, routes, asked, held, held_labels, clips, cpu, timings, seconds_of_audio, seed)
     baseline = prior_alone(models["waveform"], asked, seed)   # the waveform route's class prior, no network
     report["waveform_prior_alone"] = dict(judge_report(judge, baseline, asked, held, held_labels, seed=seed, real_reference=clips),
                                           per_class_accuracy=judge.per_class_accuracy(baseline, asked))

@@ -161,6 +161,19 @@ def recompose(denoiser, judge, held, slot_vectors: torch.Tensor, masks: torch.Te
     return figures, pictures
 
 
+def save_pictures(out_dir: Path, images, masks, baseline, base_masks, pictures: dict, seed: int, k: int = 12) -> None:
+    """``decomposition.png`` (scenes, slot masks, reconstructions, the baseline's masks and
+    reconstructions) and ``composition.png`` (removal, swap and addition, before and after) for
+    the first ``k`` held-out scenes."""
+    with torch.no_grad():
+        base_recon = baseline.decode(encode_slots(baseline, images[:k], seed=seed)[0])[0].clamp(-1, 1)
+    save_grid(torch.cat([images[:k], mask_picture(masks[:k]), pictures["reconstructed"][:k],
+                         mask_picture(base_masks[:k]), base_recon]), out_dir / "decomposition.png", nrow=k, upscale=6)
+    save_grid(torch.cat([pictures[name][:k] for name in ("before_removal", "removed", "before_swap", "swapped_from",
+                                                          "swapped", "before_adding", "added")]),
+              out_dir / "composition.png", nrow=k, upscale=6)
+
+
 def run_slots_demo(out_dir="demo_slots_out", *, steps: int | None = None, sampler: str = "ddim", sampling_steps: int = 25,
                    seed: int = 0, resume: bool = False, train_scenes: int = TRAIN_SCENES, held_scenes: int = HELD_SCENES,
                    judge_steps: int = JUDGE_STEPS, slots: SlotConfig = SLOTS, unet: UNetConfig = UNET,
@@ -228,14 +241,7 @@ def run_slots_demo(out_dir="demo_slots_out", *, steps: int | None = None, sample
     print(f"[6/6] decoding ({time.process_time() - t0:.0f} CPU s): count kept in reconstructions "
           f"{report['reconstruction_count_accuracy']:.1%}; one fewer after removing a slot {report['remove_count_accuracy']:.1%} "
           f"({report['remove_n']} scenes); swapped object found {report['swap_found_accuracy']:.1%} ({report['swap_n']} scenes)")
-    k = 12
-    with torch.no_grad():
-        base_recon = baseline.decode(encode_slots(baseline, held.images[:k], seed=seed)[0])[0].clamp(-1, 1)
-    save_grid(torch.cat([held.images[:k], mask_picture(masks[:k]), pictures["reconstructed"][:k],
-                         mask_picture(base_masks[:k]), base_recon]), out_dir / "decomposition.png", nrow=k, upscale=6)
-    save_grid(torch.cat([pictures[name][:k] for name in ("before_removal", "removed", "before_swap", "swapped_from",
-                                                          "swapped", "before_adding", "added")]),
-              out_dir / "composition.png", nrow=k, upscale=6)
+    save_pictures(out_dir, held.images, masks, baseline, base_masks, pictures, seed)
     report.update(steps=config.steps, sampler=sampler, sampling_steps=sampling_steps, held_out=len(held.images),
                   num_slots=slots.num_slots, colours=list(COLOURS),
                   cpu_seconds=round(time.process_time() - cpu_start, 1), wall_seconds=round(time.time() - wall_start, 1),
