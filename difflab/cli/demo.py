@@ -150,7 +150,8 @@ def _depth_options(d):
                    help="--depth: RePaint passes over each step of channel inpainting (default: 2)")
     d.add_argument("--generation-sampler", default=None, choices=sorted(SAMPLERS),
                    help=f"--depth: the sampler of joint generation (default: {DEPTH_GENERATION_SAMPLER}, "
-                        f"{DEPTH_GENERATION_STEPS} steps; --sampler and --sampling-steps drive channel inpainting)")
+                        f"{DEPTH_GENERATION_STEPS} steps; a sampler named here takes --sampling-steps; --sampler and "
+                        "--sampling-steps drive channel inpainting)")
 
 
 def _depth_run(args, out):
