@@ -24,8 +24,6 @@ def test_depth_demo_runs_end_to_end(tmp_path):
 
 
 def test_has_object_tells_an_empty_room_from_a_scene_with_an_object():
-    import torch
-
     from difflab.data.scenes import depth_to_unit
     from difflab.demos.depth import SIZE, has_object, scene_data
 

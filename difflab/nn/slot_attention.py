@@ -18,11 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import JSONConfig
-from .unet import UNet, UNetConfig
+from .unet import UNet
 
 
 @dataclass(frozen=True)

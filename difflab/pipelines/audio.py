@@ -240,5 +240,5 @@ def vocode(denoiser, images: torch.Tensor, *, sample_rate: int | None = None, op
                        desc=f"vocoding ({opts.sampler}, {opts.steps} steps)")
 
 
-__all__ = ["generate_waveform", "class_prior_gain", "waveform_data", "waveform_output", "generate_mel", "generate_latent_mel", "griffin_lim_decode", "vocode", "diffwave_config",
-           "vocoder_envelope", "vocoder_spectral_gain", "vocoder_data", "vocoder_output", "vocoder_front_end"]
+__all__ = ["generate_waveform", "class_prior_gain", "waveform_data", "waveform_output", "generate_mel", "generate_latent_mel",
+           "griffin_lim_decode", "vocode", "diffwave_config", "vocoder_envelope", "vocoder_spectral_gain", "vocoder_data", "vocoder_output", "vocoder_front_end"]
