@@ -726,6 +726,10 @@ API_CASES = [
     ("shapes3d-label", lambda r: make_shape(10, 8, 0), ValueError, "label"),
     ("shapes3d-num-points-0", lambda r: load_shapes3d(num_points=0), ValueError, "num_points"),
     ("point-transformer-heads", lambda r: PointTransformerConfig(width=30, num_heads=4), ValueError, "num_heads"),
+    ("point-transformer-knn-negative", lambda r: PointTransformerConfig(knn=-1), ValueError, "knn=-1"),
+    ("point-transformer-local-name", lambda r: PointTransformerConfig(knn=8, local="pvcnn"), ValueError, "edgeconv"),
+    ("point-transformer-local-blocks", lambda r: PointTransformerConfig(depth=2, knn=8, local_blocks=3), ValueError,
+     "local_blocks"),
     ("point-transformer-image-input", lambda r: PointTransformer(PointTransformerConfig(width=8, depth=1, num_heads=2))(
         torch.zeros(1, 1, 8, 8), torch.zeros(1)), ValueError, "(B, N, 3)"),
     ("point-metrics-not-clouds", lambda r: shape_set_metrics(torch.zeros(4, 3), torch.zeros(4, 3)), ValueError, "(B, N, 3)"),

@@ -12,7 +12,7 @@ from difflab.eval.point_judge import PointJudge, PointJudgeConfig
 from difflab.eval.point_metrics import chamfer, coverage, emd, mmd, one_nna, pairwise_chamfer, shape_set_metrics, sinkhorn_emd
 from difflab.io.ply import read_ply, write_ply
 from difflab.io.spec import build_denoiser, load_denoiser, make_spec, sample_shape
-from difflab.nn.point_transformer import PointTransformer, PointTransformerConfig
+from difflab.nn.point_transformer import PointTransformer, PointTransformerConfig, VectorAttention, knn_indices
 from difflab.nn.voxels import VoxelGrid, orbit_rays, render, render_views
 from difflab.pipelines.points import fit_gaussians, gaussian_points, generate_points
 from difflab.pipelines.score_distillation import SDSConfig, View, distill_views, sds_gradient
@@ -88,11 +88,12 @@ def test_one_nna_is_near_half_for_two_samples_of_one_distribution():
 # the point transformer
 
 
-@pytest.mark.parametrize("inducing", [0, 4])
-def test_point_transformer_is_permutation_equivariant(inducing):
+@pytest.mark.parametrize("inducing,knn,local", [(0, 0, "vector_attention"), (4, 0, "vector_attention"),
+                                                (4, 6, "vector_attention"), (4, 6, "edgeconv")])
+def test_point_transformer_is_permutation_equivariant(inducing, knn, local):
     torch.manual_seed(0)
     net = PointTransformer(PointTransformerConfig(num_points=40, width=32, depth=2, num_heads=4, num_inducing=inducing,
-                                                  num_classes=3)).double()
+                                                  num_classes=3, knn=knn, local=local)).double()
     for p in net.parameters():                                        # leave the zero-initialized identity
         torch.nn.init.normal_(p, std=0.2)
     x, t, y = torch.randn(2, 40, 3, dtype=torch.float64), torch.tensor([3.0, 500.0]), torch.tensor([0, 2])
@@ -104,6 +105,36 @@ def test_point_transformer_is_permutation_equivariant(inducing):
     other = x.clone()
     other[0, 0] += 1.0                                                # moving one point changes the others' outputs
     assert not torch.allclose(net(other, t, class_labels=y)[0, 1:], out[0, 1:])
+
+
+def test_vector_attention_is_eq3_of_point_transformer():
+    """The factorized layer equals Zhao et al. 2021, eq. 3 written out over the gathered neighbours,
+    and reads only the k nearest: moving a point outside a neighbourhood leaves that point's output."""
+    torch.manual_seed(0)
+    m = VectorAttention(16, share=4).double()
+    x, p = torch.randn(2, 20, 16, dtype=torch.float64), torch.randn(2, 20, 3, dtype=torch.float64)
+    idx = knn_indices(p, 5)
+    assert (idx[..., 0] == torch.arange(20)).all()                    # itself first
+    q, k, v = m.qkv(x).chunk(3, -1)
+    nb = lambda f: torch.stack([f[b][idx[b]] for b in range(2)])      # (B, N, k, C)
+    delta = m.theta2(torch.relu(m.theta1(p[:, :, None] - nb(p))))
+    w = m.gamma2(torch.relu(m.gamma1(q[:, :, None] - nb(k) + delta))).softmax(2)
+    ref = m.out(((nb(v) + delta).reshape(2, 20, 5, 4, 4) * w[:, :, :, None]).sum(2).reshape(2, 20, 16))
+    out = m(x, p, idx)
+    assert torch.allclose(out, ref, atol=1e-12)
+    far = next(j for j in range(20) if j not in idx[0, 0])
+    x2 = x.clone()
+    x2[0, far] += 1.0
+    assert torch.allclose(m(x2, p, idx)[0, 0], out[0, 0]) and not torch.allclose(m(x2, p, idx)[0, far], out[0, far])
+
+
+def test_point_transformer_without_knn_loads_old_configs():
+    old = {k: v for k, v in PointTransformerConfig(width=8, depth=1, num_heads=2).to_dict().items()
+           if k not in ("knn", "local", "local_blocks")}
+    c = PointTransformerConfig.from_dict(old)
+    assert c.knn == 0 and all(b.local is None for b in PointTransformer(c).blocks)
+    net = PointTransformer(PointTransformerConfig(width=8, depth=3, num_heads=2, knn=4, local_blocks=1))
+    assert [b.local is not None for b in net.blocks] == [True, False, False]
 
 
 def test_point_diffusion_trains_saves_loads_and_samples(tmp_path):

@@ -52,9 +52,13 @@ NUM_POINTS = 256
 TRAIN_PER_CLASS = 200
 
 
-def points_spec(num_points: int = NUM_POINTS) -> dict:
+def points_spec(num_points: int = NUM_POINTS, knn: int = 0, local_blocks: int | None = 1) -> dict:
+    """The demo's network: induced set attention (32 tokens) in 4 blocks of width 64; with ``knn`` > 0
+    the first ``local_blocks`` blocks also a Point Transformer layer over each point's ``knn`` nearest
+    neighbours (tried with knn=8 in the first block: no better at the demo's budget, docs/shapes3d.md)."""
     return make_spec("point_transformer", PointTransformerConfig(num_points=num_points, width=64, depth=4, num_heads=4,
-                                                                 num_inducing=32, num_classes=NUM_CLASSES),
+                                                                 num_inducing=32, num_classes=NUM_CLASSES, knn=knn,
+                                                                 local_blocks=local_blocks if knn else None),
                      {"frame": "vp_discrete", "schedule": "cosine", "T": 1000, "prediction": "v"})
 
 
