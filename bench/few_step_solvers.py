@@ -208,8 +208,8 @@ def summary(rows, key, nfe):
     return statistics.median(v for v, _ in ratios), worst, sum(v <= 1.0 for v, _ in ratios), ratios
 
 
-def report(rows, seconds) -> str:
-    lines = [f"Machine: {machine()}. Run time {seconds:.0f} s.", "",
+def report(rows, seconds, cpu) -> str:
+    lines = [f"Machine: {machine()}, shared/loaded. Run time {seconds:.0f} s ({cpu:.0f} CPU s).", "",
              f"Family: `random_family({len(rows)}, seed={FAMILY_SEED})` (the rule was developed on seed {TUNING_SEED}); "
              f"{BATCH} starting noises per member (seed {NOISE_SEED} + member); the fitted grid's own trajectories come "
              f"from noise of seed {FIT_SEED}. Ratio = RMSE of difflab's rule / RMSE of diffusers' best scheduler for that "
@@ -251,7 +251,7 @@ def main():
 
     diffusers.utils.logging.set_verbosity_error()
     torch.set_num_threads(1)
-    start, rows, cache = time.time(), [], {}
+    start, cpu, rows, cache = time.time(), time.process_time(), [], {}
     for member in random_family(args.members, args.seed):
         i = member.params["index"]
         den, z, x, exact, ok = test_bed(member, NOISE_SEED + i)
@@ -264,7 +264,7 @@ def main():
         print(f"#{i} {member.describe()}, {row['flagged']} flagged: " + "; ".join(
             f"NFE {nfe} {ours[nfe]['ours'][0]:.2e} vs {theirs[nfe]['all'][0]:.2e} ({ours[nfe]['ours'][0] / theirs[nfe]['all'][0]:.2f})"
             for nfe in NFES), file=sys.stderr, flush=True)
-    text = report(rows, time.time() - start)
+    text = report(rows, time.time() - start, time.process_time() - cpu)
     print(text)
     if args.write:
         path = write_section("bench/few_step_solvers.py", "Few-step solvers on a family of models (`python bench/few_step_solvers.py`)",

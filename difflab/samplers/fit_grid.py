@@ -25,14 +25,33 @@ So the levels come from four numbers, :func:`difflab.core.grids.density_sigmas`:
 step lands (sigma_1), the last level (sigma_{n-1}), and a step density in log sigma between them,
 log-linear through three knots (the first fixed to 0). J is minimised over them in log space by
 Nelder-Mead (Nelder & Mead 1965), started from the best of a 3 x 3 scan of (sigma_1, sigma_{n-1})
-scaled by the spread of the model's own samples y. On new noise the typical error stays close
-to the fitted one; what does not carry over is which rare trajectories, next to the boundary
-between two modes, a coarse step sends to the wrong one (``bench/few_step_solvers.py``).
+scaled by the spread of the model's own samples y.
 
-Cost: the reference (one adaptive solve, about 100-400 evaluations of M samples) plus at most
-``max_evals`` runs of the sampler (``steps`` evaluations of M samples each). For the closed-form
-models of ``bench/few_step_solvers.py`` (d <= 64, up to 32 components) that took 2 s (median) to
-48 s on one CPU thread.
+Rare misses. On new noise the typical error stays close to the fitted one; what does not carry over
+is the rare trajectory (0.1-0.5% of them on the family's worst members), next to the boundary
+between two modes, that a coarse step sends to the wrong one: one such miss in 256 costs 5-10 times
+the typical RMSE, and 256 fitting trajectories see none or one of them (then that one decides J).
+So with ``pool`` = N > M (:func:`fit_sampler` uses N = 1024 from 10 steps on) J is estimated on a
+stratified subset of N trajectories: the M / 4 worst under the best scanned grid all count (weight
+1 / N each), the rest through the first M - M / 4 of the others (weight (N - M/4) / (N (M - M/4))),
+an unbiased estimate of the MSE over all N for every grid that contains the pool's rare misses.
+
+The rule (:func:`fit_sampler`). The grid fitted for UniPC-3 is then checked against candidates on
+1024 further trajectories of the model that no fit saw: the fitted and the exponential grid, each
+with UniPC-3 and UniPC-2, and the one with the lowest RMSE there is kept. Developed on the tuning
+family (``random_family(20, seed=1)``, bench/few_step_solvers.py's diffusers' best as the yardstick,
+first 15 members): at 10 steps the plain fit was 2.1 times diffusers' best on one member and the
+stratified fit 0.97 at worst; at 5 steps the stratified fit (N = 2M only) was worse (1.37), hence
+none there. Tried and dropped: starting the 10- and 20-step searches also from the fit at half the
+steps (it never beat the scan's best start on the tuning family); lower-order final steps as a
+candidate; the `optimized` grid as a candidate (chosen on 512 held-out trajectories for one tuning
+member, it was 13 times diffusers' best on that member's test noise: it stops above the scale of
+small components).
+
+Cost: the reference (one adaptive solve, about 100-400 evaluations, for N + 1024 trajectories), at
+most ``max_evals`` runs of the sampler (``steps`` evaluations of M samples each), one run on the
+pool and four on the held-out set. For the closed-form models of ``bench/few_step_solvers.py``
+(d <= 64, up to 32 components) see BENCHMARKS.md ("Few-step solvers on a family of models").
 """
 from __future__ import annotations
 
@@ -88,7 +107,8 @@ def fit_sigmas(denoiser, steps: int, shape, *, sampler=sample_unipc, sampler_kwa
     ``sampler`` is a sampler function (default UniPC with :data:`SAMPLER_KWARGS`); the grid is fitted
     for it and its ``sampler_kwargs``, so use the same ones to sample. ``shape`` is one sample's
     shape (C, H, W), without the batch. ``reference`` = ``(x_T, y)`` from :func:`model_reference`
-    reuses one reference for several step counts (its first ``samples`` rows are used). ``frame``
+    reuses one reference for several step counts (its first ``samples`` rows are used, or with
+    ``pool`` a stratified subset of ``samples`` of its first ``pool`` rows, see the module docstring). ``frame``
     gives sigma_min, sigma_max and the prior for denoisers without one (guidance wrappers);
     ``extra_args`` is the conditioning, as for samplers. The result is deterministic given ``seed``.
 
