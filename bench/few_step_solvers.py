@@ -9,9 +9,10 @@ The family (difflab.oracle.random_family, seed 2): Gaussian mixtures of dimensio
 components, component scales 0.01-0.5, weights of varied spread, each wrapped as an exact network in
 a discrete VP frame (linear, scaled-linear or cosine betas, T = 1000) or EDM's frame, predicting eps
 or v. The recommended rule was developed on the family of seed 1 and is fixed before any member of
-seed 2 is drawn: grid = difflab.samplers.fit_grid.fit_sigmas(denoiser, nfe, shape) (fitted from the
-denoiser alone, on 256-512 trajectories of its own from noise of seed 0), sampler = UniPC-3 bh2
-without lower-order final steps (fit_grid.SAMPLER_KWARGS).
+seed 2 is drawn: sigmas, kwargs = difflab.samplers.fit_grid.fit_sampler(denoiser, nfe, shape), then
+sample_unipc(denoiser, x, sigmas, **kwargs): a grid fitted for UniPC-3 bh2 on 256-512 trajectories of
+the model's own (noise of seed 0), then the fitted or the exponential grid with UniPC-3 or UniPC-2,
+whichever is closest to the model's exact answer on 1024 further trajectories of its own.
 
 Each member is scored on 256 starting noises (seed 12345 + member) by the RMSE per coordinate to
 the exact answer: the probability-flow ODE solved by Dormand-Prince at rtol 1e-10 from sigma_max to
@@ -43,7 +44,7 @@ import torch
 
 from difflab.core import EDM, grids
 from difflab.oracle import random_family, rmse_to_exact
-from difflab.samplers.fit_grid import SAMPLER_KWARGS, default_samples, fit_sigmas, model_reference
+from difflab.samplers.fit_grid import default_holdout, default_pool, default_samples, fit_sampler, model_reference
 from difflab.samplers.unipc import sample_unipc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -87,16 +88,18 @@ def scores(out, exact, ok):
 def run_difflab(member, den, x, exact, ok):
     shape = (member.mixture.dim,)
     start = time.time()
-    ref = model_reference(den, shape, max(default_samples(n) for n in NFES), seed=FIT_SEED)
+    need = {nfe: max(default_samples(nfe), default_pool(nfe)) + default_holdout(nfe) for nfe in NFES}
+    ref = model_reference(den, shape, max(need.values()), seed=FIT_SEED)
     t_ref = time.time() - start
     rows = {}
     for nfe in NFES:
         start = time.time()
-        sigmas = fit_sigmas(den, nfe, shape, reference=ref)
+        sigmas, kwargs, info = fit_sampler(den, nfe, shape, reference=ref, return_info=True)
         t_fit = time.time() - start
-        ours = scores(sample_unipc(den, x, sigmas, **SAMPLER_KWARGS), exact, ok)
+        ours = scores(sample_unipc(den, x, sigmas, **kwargs), exact, ok)
         old = scores(sample_unipc(den, x, grids.for_denoiser(den, nfe, grid="optimized"), order=3, variant="bh2"), exact, ok)
-        rows[nfe] = dict(ours=ours, old=old, t_fit=t_fit + t_ref * default_samples(nfe) / len(ref[0]), sigmas=sigmas)
+        rows[nfe] = dict(ours=ours, old=old, t_fit=t_fit + t_ref * need[nfe] / len(ref[0]), sigmas=sigmas,
+                         choice=f"{info['choice'][0]}, UniPC-{info['choice'][1]}")
     return rows
 
 
@@ -205,8 +208,8 @@ def summary(rows, key, nfe):
     return statistics.median(v for v, _ in ratios), worst, sum(v <= 1.0 for v, _ in ratios), ratios
 
 
-def report(rows, seconds) -> str:
-    lines = [f"Machine: {machine()}. Run time {seconds:.0f} s.", "",
+def report(rows, seconds, cpu) -> str:
+    lines = [f"Machine: {machine()}, shared/loaded. Run time {seconds:.0f} s ({cpu:.0f} CPU s).", "",
              f"Family: `random_family({len(rows)}, seed={FAMILY_SEED})` (the rule was developed on seed {TUNING_SEED}); "
              f"{BATCH} starting noises per member (seed {NOISE_SEED} + member); the fitted grid's own trajectories come "
              f"from noise of seed {FIT_SEED}. Ratio = RMSE of difflab's rule / RMSE of diffusers' best scheduler for that "
@@ -227,12 +230,12 @@ def report(rows, seconds) -> str:
               "drops, for both sides, only the starts whose exact answer itself jumps under a 0.1% change."]
     lines += ["", f"Time to fit a grid (reference trajectories included, one CPU thread): median {statistics.median(fits):.1f} s, "
               f"max {max(fits):.1f} s.", "",
-              "| # | member | flagged | NFE | difflab RMSE | diffusers' best | RMSE | ratio | ratio, well-conditioned |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| # | member | flagged | NFE | difflab's choice | difflab RMSE | diffusers' best | RMSE | ratio | ratio, well-conditioned |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         for nfe in NFES:
             o, d = r[nfe]["ours"], r[nfe]["df"]
-            lines.append(f"| {r['member'].params['index']} | {r['member'].describe()} | {r['flagged']} | {nfe} | {o[0]:.2e} | "
+            lines.append(f"| {r['member'].params['index']} | {r['member'].describe()} | {r['flagged']} | {nfe} | {r[nfe]['choice']} | {o[0]:.2e} | "
                          f"{d[0][1]} | {d[0][0]:.2e} | {o[0] / d[0][0]:.2f} | {o[1] / d[1][0]:.2f} |")
     return "\n".join(lines)
 
@@ -248,7 +251,7 @@ def main():
 
     diffusers.utils.logging.set_verbosity_error()
     torch.set_num_threads(1)
-    start, rows, cache = time.time(), [], {}
+    start, cpu, rows, cache = time.time(), time.process_time(), [], {}
     for member in random_family(args.members, args.seed):
         i = member.params["index"]
         den, z, x, exact, ok = test_bed(member, NOISE_SEED + i)
@@ -261,7 +264,7 @@ def main():
         print(f"#{i} {member.describe()}, {row['flagged']} flagged: " + "; ".join(
             f"NFE {nfe} {ours[nfe]['ours'][0]:.2e} vs {theirs[nfe]['all'][0]:.2e} ({ours[nfe]['ours'][0] / theirs[nfe]['all'][0]:.2f})"
             for nfe in NFES), file=sys.stderr, flush=True)
-    text = report(rows, time.time() - start)
+    text = report(rows, time.time() - start, time.process_time() - cpu)
     print(text)
     if args.write:
         path = write_section("bench/few_step_solvers.py", "Few-step solvers on a family of models (`python bench/few_step_solvers.py`)",

@@ -8,7 +8,8 @@ import torch
 
 from difflab.core import EDM, VPDiscrete, grids
 from difflab.oracle import FAMILY_FRAMES, random_family, rmse_to_exact
-from difflab.samplers.fit_grid import SAMPLER_KWARGS, default_samples, fit_sigmas, model_reference
+from difflab.samplers.fit_grid import (CANDIDATE_KWARGS, SAMPLER_KWARGS, default_samples, fit_sampler, fit_sigmas,
+                                       model_reference)
 from difflab.samplers.unipc import sample_unipc
 
 F64 = torch.float64
@@ -132,16 +133,51 @@ def _diffusers_dpmpp_2m_karras(member, steps, z):
 
 
 def test_the_fitted_rule_generalizes_across_a_family():
-    """On members drawn with a test seed, the recommended rule (a grid fitted from the model alone,
-    UniPC-3 bh2) at 10 NFE beats the old tuned `optimized` grid and diffusers' DPM-Solver++(2M)
-    Karras on every member, from noise the fit never saw. (Linear and scaled-linear betas only:
+    """On members drawn with a test seed, the recommended rule (fit_sampler: a grid fitted from the
+    model alone, checked on held-out trajectories of its own) at 10 NFE beats the old tuned
+    `optimized` grid and diffusers' DPM-Solver++(2M) Karras on every member, from noise the fit never saw. (Linear and scaled-linear betas only:
     diffusers' Karras grid on cosine betas rounds several levels to one timestep and fails.)"""
     for member in random_family(3, seed=2024, **dict(SMALL, frames=("vp_linear", "vp_scaled_linear"))):
         den, f, gm = member.denoiser(), member.frame, member.mixture
         z = torch.randn(128, gm.dim, generator=torch.Generator().manual_seed(99), dtype=F64)
         x = z * float(den.prior_std(f.sigma_max))
         exact = gm.denoiser(gm.exact_ode_solution(x, (f.sigma_max, f.sigma_min)), f.sigma_min)
-        ours = rmse_to_exact(sample_unipc(den, x, fit_sigmas(den, 10, (gm.dim,)), **SAMPLER_KWARGS), exact)
+        sigmas, kwargs = fit_sampler(den, 10, (gm.dim,))
+        ours = rmse_to_exact(sample_unipc(den, x, sigmas, **kwargs), exact)
         old = rmse_to_exact(sample_unipc(den, x, grids.for_denoiser(den, 10, grid="optimized"), order=3, variant="bh2"), exact)
         theirs = rmse_to_exact(_diffusers_dpmpp_2m_karras(member, 10, z), exact)
         assert ours < old and ours < theirs, (member.describe(), ours, old, theirs)
+
+
+def test_fit_sampler_keeps_the_candidate_best_on_held_out_trajectories():
+    """The rule fits on the first trajectories, then keeps whichever candidate (fitted or exponential
+    grid, UniPC-3 or UniPC-2) is closest to the model's exact answer on the next, unseen ones."""
+    member = random_family(1, seed=5, **SMALL)[0]
+    den, shape = member.denoiser(), (member.mixture.dim,)
+    ref = model_reference(den, shape, 128)
+    sig, kwargs, info = fit_sampler(den, 8, shape, samples=32, pool=64, holdout=64, max_evals=30, reference=ref, return_info=True)
+    assert sig.shape == (9,) and bool((sig.diff() < 0).all()) and kwargs in [dict(k) for k in CANDIDATE_KWARGS]
+    x, y = ref[0][64:], ref[1][64:]
+    rmse = {name: r for name, r in info["scores"]}
+    assert len(rmse) == 4 and rmse[info["choice"]] == min(rmse.values())
+    assert math.isclose(rmse[info["choice"]], rmse_to_exact(sample_unipc(den, x, sig, **kwargs), y), rel_tol=1e-9)
+    again = fit_sampler(den, 8, shape, samples=32, pool=64, holdout=64, max_evals=30, reference=ref)
+    assert torch.equal(again[0], sig) and again[1] == kwargs
+    with pytest.raises(ValueError, match="pool \\+ holdout"):
+        fit_sampler(den, 8, shape, samples=64, pool=64, holdout=128, reference=ref)
+
+
+def test_pooled_fit_estimates_the_pool_error_from_a_stratified_subset():
+    """With a pool, the fit runs the sampler on `samples` of the pool's trajectories (its worst quarter
+    and a plain subset of the rest), weighted to estimate the whole pool's MSE: the fitted objective
+    is close to the grid's RMSE over the whole pool."""
+    member = random_family(1, seed=5, **SMALL)[0]
+    den, shape = member.denoiser(), (member.mixture.dim,)
+    ref = model_reference(den, shape, 256)
+    sig, info = fit_sigmas(den, 6, shape, samples=64, pool=256, max_evals=30, reference=ref, return_info=True)
+    whole = rmse_to_exact(sample_unipc(den, ref[0], sig, **SAMPLER_KWARGS), ref[1])
+    assert 0.7 < info["rmse"] / whole < 1.4, (info["rmse"], whole)
+    with pytest.raises(ValueError, match="pool=32 must be at least samples=64"):
+        fit_sigmas(den, 6, shape, samples=64, pool=32, reference=ref)
+    with pytest.raises(ValueError, match="at most the reference's 256"):
+        fit_sigmas(den, 6, shape, samples=64, pool=512, reference=ref)
