@@ -11,8 +11,9 @@ a discrete VP frame (linear, scaled-linear or cosine betas, T = 1000) or EDM's f
 or v. The recommended rule was developed on the family of seed 1 and is fixed before any member of
 seed 2 is drawn: sigmas, kwargs = difflab.samplers.fit_grid.fit_sampler(denoiser, nfe, shape), then
 sample_unipc(denoiser, x, sigmas, **kwargs): a grid fitted for UniPC-3 bh2 on 256-512 trajectories of
-the model's own (noise of seed 0), then the fitted or the exponential grid with UniPC-3 or UniPC-2,
-whichever is closest to the model's exact answer on 1024 further trajectories of its own.
+the model's own (noise of seed 0), then the fitted, the exponential or the midway grid with UniPC-3,
+UniPC-2 or UniPC-3 with lower-order final steps, whichever is closest to the model's exact answer on
+2048 further trajectories of its own.
 
 Each member is scored on 256 starting noises (seed 12345 + member) by the RMSE per coordinate to
 the exact answer: the probability-flow ODE solved by Dormand-Prince at rtol 1e-10 from sigma_max to
@@ -99,7 +100,7 @@ def run_difflab(member, den, x, exact, ok):
         ours = scores(sample_unipc(den, x, sigmas, **kwargs), exact, ok)
         old = scores(sample_unipc(den, x, grids.for_denoiser(den, nfe, grid="optimized"), order=3, variant="bh2"), exact, ok)
         rows[nfe] = dict(ours=ours, old=old, t_fit=t_fit + t_ref * need[nfe] / len(ref[0]), sigmas=sigmas,
-                         choice=f"{info['choice'][0]}, UniPC-{info['choice'][1]}")
+                         choice=f"{info['choice'][0]}, UniPC-{info['choice'][1]}" + (", lower-order final" if info['choice'][2] else ""))
     return rows
 
 

@@ -178,9 +178,56 @@ def fit_sigmas(denoiser, steps: int, shape, *, sampler=sample_unipc, sampler_kwa
     return sigmas, dict(rmse=math.exp(best), rmse_start=math.exp(start), evals=evals[0], params=params, samples=samples)
 
 
-# The samplers the rule chooses among (each on the fitted grid and on the exponential grid), by their
-# error on held-out trajectories of the model (fit_sampler).
-CANDIDATE_KWARGS = (SAMPLER_KWARGS, {"order": 2, "variant": "bh2", "lower_order_final": False})
+# The samplers the rule chooses among (each on every candidate grid), by their error on held-out
+# trajectories of the model (fit_sampler): UniPC-3 and UniPC-2 bh2, and UniPC-3 with lower-order final steps.
+CANDIDATE_KWARGS = (SAMPLER_KWARGS, {"order": 2, "variant": "bh2", "lower_order_final": False},
+                    {"order": 3, "variant": "bh2", "lower_order_final": True})
+# The grids it chooses among: the fitted grid, the exponential grid (uniform in log sigma from sigma_max
+# to sigma_min), the grid midway between them (midway_sigmas) and the fitted grid with a floor on its
+# step density (floored_sigmas).
+CANDIDATE_GRIDS = ("fitted", "exponential", "midway", "floored")
+
+
+def midway_sigmas(a, b) -> torch.Tensor:
+    """The grid halfway between two grids of as many steps in log sigma: level by level the geometric
+    mean of the two (a last level 0 stays 0)."""
+    a, b = check_sigmas(a), check_sigmas(b)
+    if a.shape != b.shape or (a[-1] == 0) != (b[-1] == 0):
+        raise ValueError(f"midway_sigmas needs two grids of as many levels, both ending in 0 or neither, got {len(a)} and {len(b)}")
+    end = 1 if a[-1] == 0 else 0
+    mid = (a[:len(a) - end].log() + b[:len(b) - end].log()).div(2).exp()
+    return torch.cat([mid, a[len(a) - end:]])
+
+
+def floored_sigmas(sigmas, factor: float = 1.5) -> torch.Tensor:
+    """The grid ``sigmas`` (sigma_max, sigma_1 ... sigma_{n-1}, 0) with its levels from sigma_1 to
+    sigma_{n-1} re-placed so that its widest steps there narrow to about ``factor`` times the uniform
+    step in log sigma over that span: the step density (one level per step) is raised to at least
+    1 / factor of the uniform one wherever the grid thinned it, and the levels are put back at equal
+    quantiles of the raised density (so the floor steps come out a little wider than factor times
+    the uniform one, by the mass added). sigma_max, sigma_1, sigma_{n-1} and 0 stay; a grid with no
+    step wider than that comes back unchanged. (A fitted grid may thin the middle of its range,
+    where a trajectory near the boundary between two modes chooses one.)"""
+    sigmas = check_sigmas(sigmas)
+    if sigmas[-1] != 0 or len(sigmas) < 5 or not factor > 0:
+        if not factor > 0:
+            raise ValueError(f"factor={factor} must be positive")
+        return sigmas
+    levels = sigmas[1:-1].log()
+    m = len(levels) - 1  # steps from sigma_1 to sigma_{n-1}
+    widths = levels[:-1] - levels[1:]
+    floor = m / (factor * float(levels[0] - levels[-1]))
+    if bool((widths <= 1.0 / floor).all()):
+        return sigmas
+    density = torch.clamp(1.0 / widths, min=floor)
+    cum = torch.cat([widths.new_zeros(1), (density * widths).cumsum(0)])
+    inner = []
+    for j in range(1, m):
+        q = cum[-1] * j / m
+        k = min(max(int(torch.searchsorted(cum, q, right=True)) - 1, 0), m - 1)
+        inner.append(levels[k] - (q - cum[k]) / density[k])
+    out = torch.stack([levels[0], *inner, levels[-1]]).exp()
+    return torch.cat([sigmas[:1], out, sigmas[-1:]])
 
 
 def default_pool(steps: int) -> int:
@@ -193,9 +240,9 @@ def default_pool(steps: int) -> int:
 
 
 def default_holdout(steps: int) -> int:
-    """V, the held-out model trajectories :func:`fit_sampler` chooses on: 1024 (a miss rate of 1 in
-    200 shows as 5 misses)."""
-    return 1024
+    """V, the held-out model trajectories :func:`fit_sampler` chooses on: 2048 (a miss rate of 1 in
+    1000 shows as about 2 misses)."""
+    return 2048
 
 
 def fit_sampler(denoiser, steps: int, shape, *, samples: int | None = None, pool: int | None = None,
@@ -207,15 +254,17 @@ def fit_sampler(denoiser, steps: int, shape, *, samples: int | None = None, pool
     1. Fit: :func:`fit_sigmas` for UniPC-3 (:data:`SAMPLER_KWARGS`) on ``samples`` of the first
        ``pool`` model trajectories (stratified by error, see fit_sigmas; defaults
        :func:`default_samples`, :func:`default_pool`).
-    2. Check: on the next ``holdout`` trajectories of the model (never fitted on), score four
-       candidates, the fitted grid and the exponential grid (uniform in log sigma, sigma_max to
-       sigma_min) each with UniPC-3 and UniPC-2 (:data:`CANDIDATE_KWARGS`), by the RMSE to the
-       model's exact answer, and keep the best.
+    2. Check: on the next ``holdout`` trajectories of the model (never fitted on, default
+       :func:`default_holdout`), score every candidate grid (:data:`CANDIDATE_GRIDS`: the fitted
+       one, the exponential one, uniform in log sigma from sigma_max to sigma_min, the one midway
+       between them, :func:`midway_sigmas`, and the fitted one with a floor on its step density,
+       :func:`floored_sigmas`) with every candidate sampler (:data:`CANDIDATE_KWARGS`) by the RMSE to
+       the model's exact answer, and keep the best.
 
     ``reference`` = ``(x_T, y)`` from :func:`model_reference` with at least ``pool + holdout`` rows
     (reused across step counts). Returns ``(sigmas, kwargs)`` or, with ``return_info``,
     ``(sigmas, kwargs, info)``: ``info`` has ``fit`` (fit_sigmas' info), ``scores`` (candidate
-    (grid, order), held-out RMSE) and ``choice`` (the candidate kept)."""
+    (grid, order, lower_order_final), held-out RMSE) and ``choice`` (the candidate kept)."""
     frame = _frame(denoiser, frame)
     samples = default_samples(steps) if samples is None else int(samples)
     pool = max(samples, default_pool(steps)) if pool is None else int(pool)
@@ -234,12 +283,15 @@ def fit_sampler(denoiser, steps: int, shape, *, samples: int | None = None, pool
                               return_info=True)
     x, y = reference[0][pool:pool + holdout], reference[1][pool:pool + holdout].to(torch.float64)
     exponential = fitted if steps == 1 else exponential_sigmas(steps, frame.sigma_min, frame.sigma_max)
+    grids = dict(fitted=fitted, exponential=exponential, midway=midway_sigmas(fitted, exponential),
+                 floored=floored_sigmas(fitted))
     scores = []
-    for grid_name, sigmas in (("fitted", fitted), ("exponential", exponential)):
+    for grid_name in CANDIDATE_GRIDS:
+        sigmas = grids[grid_name]
         for kwargs in CANDIDATE_KWARGS:
             out = sample_unipc(denoiser, x, sigmas, extra_args=extra_args, **kwargs)
             rmse = (out.to(torch.float64) - y).pow(2).mean().sqrt().item()
-            scores.append(((grid_name, kwargs["order"]), rmse if math.isfinite(rmse) else math.inf, sigmas, kwargs))
+            scores.append(((grid_name, kwargs["order"], kwargs["lower_order_final"]), rmse if math.isfinite(rmse) else math.inf, sigmas, kwargs))
     name, _, sigmas, kwargs = min(scores, key=lambda t: t[1])
     if not return_info:
         return sigmas, dict(kwargs)
