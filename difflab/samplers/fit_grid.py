@@ -37,37 +37,48 @@ stratified subset of N trajectories: the M / 4 worst under the best scanned grid
 an unbiased estimate of the MSE over all N for every grid that contains the pool's rare misses.
 
 The rule (:func:`fit_sampler`). The grid fitted for UniPC-3 is then checked against candidates on
-2048 further trajectories of the model that no fit saw: four grids (the fitted one, the
-exponential one, the one midway between them in log sigma, and the fitted one with a floor on its
-step density) each with UniPC-3, UniPC-2 and UniPC-3 with lower-order final steps, and the one with
-the lowest RMSE there is kept. Developed on the tuning family (``random_family(20, seed=1)``,
-bench/few_step_solvers.py's diffusers' best as the yardstick, first 15 members): at 10 steps the
-plain fit was 2.1 times diffusers' best on one member and the stratified fit 0.97 at worst; at 5
-steps the stratified fit (N = 2M only) was worse (1.37), hence none there. Tried and dropped:
-starting the 10- and 20-step searches also from the fit at half the steps (it never beat the scan's
-best start on the tuning family); the `optimized` grid as a candidate (chosen on 512 held-out
-trajectories for one tuning member, it was 13 times diffusers' best on that member's test noise: it
-stops above the scale of small components).
+1024 further trajectories of the model that no fit saw: the fitted and the exponential grid, each
+with UniPC-3 and UniPC-2, and the one with the lowest RMSE there is kept. Developed on the tuning
+family (``random_family(20, seed=1)``, bench/few_step_solvers.py's diffusers' best as the yardstick,
+first 15 members): at 10 steps the plain fit was 2.1 times diffusers' best on one member and the
+stratified fit 0.97 at worst; at 5 steps the stratified fit (N = 2M only) was worse (1.37), hence
+none there. Tried and dropped: starting the 10- and 20-step searches also from the fit at half the
+steps (it never beat the scan's best start on the tuning family); lower-order final steps as a
+candidate; the `optimized` grid as a candidate (chosen on 512 held-out trajectories for one tuning
+member, it was 13 times diffusers' best on that member's test noise: it stops above the scale of
+small components).
 
-The second round (the check) was chosen on the first 14 members of the families of seeds 1 and 3,
-against 2 x 2 candidates on 1024 trajectories (the first rule). Its aim was the rare miss, and it
-only partly reaches it. A miss is mostly a genuine solver error, not a start whose exact answer is
-ill-conditioned: on tuning member #1 of seed 1, of the six held-out trajectories that some UniPC
-candidate sent to the wrong mode at 10 steps, one moved under a 0.1% change of the start. But every candidate
-misses at some rate (0.1-0.7% at 10 steps on the worst members, for all grids and orders), and
-which one has the fewest in 2048 held-out trajectories does not say which has none in 256 test
-starts: on member #4 of seed 3 every candidate is 5-30 times diffusers' best at 10 or 20 steps on
-one draw of 256 starts or another. What was measured (worst ratio over 28 members at 5 / 10 / 20
-steps, first rule -> this one): FILL. UniPC-3 with lower-order final steps, dropped from the first round, is back as one candidate
-among twelve. Tried and not kept: choosing by the miss count first (the
-RMSE plus 10 or 100 times the miss rate times the spread squared: the worst member at 5 steps went
-to 1.19, nothing better at 10 or 20), DPM-Solver++(2M)/(3M) on the candidate grids (more misses than
-UniPC on the fitted grid: 10 against 3 in 3072 on a tuning member at 10 steps), a floor relative to
-the exponential grid's step (it never bound) and the Karras grid (worse on every member checked).
+A wider check, tried and not kept. The misses left (a few of 256 test starts sent to the wrong
+mode; one of them costs 5-10 times the typical RMSE) are mostly genuine solver errors, not starts
+whose exact answer is ill-conditioned: on tuning member #1 of seed 1, of the six held-out
+trajectories that some UniPC candidate sent to the wrong mode at 10 steps, one moved under a 0.1%
+change of the start. But every candidate misses at some rate (0.1-0.7% at 10 steps on the worst
+members, whatever the grid or order), and which has the fewest in the held-out set does not say
+which has none in 256 test starts (on member #4 of seed 3 the candidates are 0.6-8.5 times
+diffusers' best at 10 steps and 0.3-32 at 20, by how many of one to three hard starts each lands
+right). The rule tried: twelve candidates, the fitted, the exponential, the midway (level by level
+the geometric mean of those two) and the floored grid (the fitted one with its step density in log
+sigma raised to at least 1/1.5 of the uniform one between its ends) each with UniPC-3, UniPC-2 and
+UniPC-3 with lower-order final steps, chosen on 2048 held-out trajectories. On the tuning
+families (14 members of seed 1, 11 of seed 3), this rule -> the 2 x 2 on 1024 above, at 5 / 10 /
+20 steps: median ratio to diffusers' best 0.40 / 0.25 / 0.13 -> 0.41 / 0.24 / 0.09, worst 0.87 /
+6.62 / 1.02 -> 0.95 / 6.62 / 25.4, members worse than diffusers' best 0 / 1 / 1 -> 0 / 2 / 1. On the
+evaluation family (seed 2, run once): median 0.39 / 0.26 / 0.17, worst 0.82 / 5.03 / 9.29, members
+worse 0 / 2 / 2 (against 0 / 2 / 1 for this rule: #17 at 20 steps went from 0.35 to 5.3 on one
+ill-conditioned start), and at a higher cost (the whole bench took 793 CPU s against 512,
+the diffusers half being the same; fits took a median 12 s, at most 273 s, wall on the loaded
+machine). Over the 45 members both rules miss
+the bar 6 times, so the cheaper one stays. Also tried: choosing by the miss count first (the RMSE
+plus 10 or 100 times the miss rate times the spread squared: the worst member at 5 steps went to
+1.19, nothing better at 10 or 20); DPM-Solver++(2M) and (3M) as candidates (more misses than UniPC
+on the fitted grid: 10 against 3 in 3072 on a tuning member at 10 steps); a floor relative to the
+exponential grid's step (it rarely bound, never for the better); the Karras grid (worse than the
+exponential one on the tuning member it was run on). What would be needed is a solver with a miss
+rate far below 1 in 1000 on such members, not a better choice among these.
 
-Cost: the reference (one adaptive solve, about 100-400 evaluations, for N + 2048 trajectories), at
+Cost: the reference (one adaptive solve, about 100-400 evaluations, for N + 1024 trajectories), at
 most ``max_evals`` runs of the sampler (``steps`` evaluations of M samples each), one run on the
-pool and twelve on the held-out set. For the closed-form models of ``bench/few_step_solvers.py``
+pool and four on the held-out set. For the closed-form models of ``bench/few_step_solvers.py``
 (d <= 64, up to 32 components) see BENCHMARKS.md ("Few-step solvers on a family of models").
 """
 from __future__ import annotations
@@ -195,56 +206,9 @@ def fit_sigmas(denoiser, steps: int, shape, *, sampler=sample_unipc, sampler_kwa
     return sigmas, dict(rmse=math.exp(best), rmse_start=math.exp(start), evals=evals[0], params=params, samples=samples)
 
 
-# The samplers the rule chooses among (each on every candidate grid), by their error on held-out
-# trajectories of the model (fit_sampler): UniPC-3 and UniPC-2 bh2, and UniPC-3 with lower-order final steps.
-CANDIDATE_KWARGS = (SAMPLER_KWARGS, {"order": 2, "variant": "bh2", "lower_order_final": False},
-                    {"order": 3, "variant": "bh2", "lower_order_final": True})
-# The grids it chooses among: the fitted grid, the exponential grid (uniform in log sigma from sigma_max
-# to sigma_min), the grid midway between them (midway_sigmas) and the fitted grid with a floor on its
-# step density (floored_sigmas).
-CANDIDATE_GRIDS = ("fitted", "exponential", "midway", "floored")
-
-
-def midway_sigmas(a, b) -> torch.Tensor:
-    """The grid halfway between two grids of as many steps in log sigma: level by level the geometric
-    mean of the two (a last level 0 stays 0)."""
-    a, b = check_sigmas(a), check_sigmas(b)
-    if a.shape != b.shape or (a[-1] == 0) != (b[-1] == 0):
-        raise ValueError(f"midway_sigmas needs two grids of as many levels, both ending in 0 or neither, got {len(a)} and {len(b)}")
-    end = 1 if a[-1] == 0 else 0
-    mid = (a[:len(a) - end].log() + b[:len(b) - end].log()).div(2).exp()
-    return torch.cat([mid, a[len(a) - end:]])
-
-
-def floored_sigmas(sigmas, factor: float = 1.5) -> torch.Tensor:
-    """The grid ``sigmas`` (sigma_max, sigma_1 ... sigma_{n-1}, 0) with its levels from sigma_1 to
-    sigma_{n-1} re-placed so that its widest steps there narrow to about ``factor`` times the uniform
-    step in log sigma over that span: the step density (one level per step) is raised to at least
-    1 / factor of the uniform one wherever the grid thinned it, and the levels are put back at equal
-    quantiles of the raised density (so the floor steps come out a little wider than factor times
-    the uniform one, by the mass added). sigma_max, sigma_1, sigma_{n-1} and 0 stay; a grid with no
-    step wider than that comes back unchanged. (A fitted grid may thin the middle of its range,
-    where a trajectory near the boundary between two modes chooses one.)"""
-    sigmas = check_sigmas(sigmas)
-    if sigmas[-1] != 0 or len(sigmas) < 5 or not factor > 0:
-        if not factor > 0:
-            raise ValueError(f"factor={factor} must be positive")
-        return sigmas
-    levels = sigmas[1:-1].log()
-    m = len(levels) - 1  # steps from sigma_1 to sigma_{n-1}
-    widths = levels[:-1] - levels[1:]
-    floor = m / (factor * float(levels[0] - levels[-1]))
-    if bool((widths <= 1.0 / floor).all()):
-        return sigmas
-    density = torch.clamp(1.0 / widths, min=floor)
-    cum = torch.cat([widths.new_zeros(1), (density * widths).cumsum(0)])
-    inner = []
-    for j in range(1, m):
-        q = cum[-1] * j / m
-        k = min(max(int(torch.searchsorted(cum, q, right=True)) - 1, 0), m - 1)
-        inner.append(levels[k] - (q - cum[k]) / density[k])
-    out = torch.stack([levels[0], *inner, levels[-1]]).exp()
-    return torch.cat([sigmas[:1], out, sigmas[-1:]])
+# The samplers the rule chooses among (each on the fitted grid and on the exponential grid), by their
+# error on held-out trajectories of the model (fit_sampler).
+CANDIDATE_KWARGS = (SAMPLER_KWARGS, {"order": 2, "variant": "bh2", "lower_order_final": False})
 
 
 def default_pool(steps: int) -> int:
@@ -257,9 +221,9 @@ def default_pool(steps: int) -> int:
 
 
 def default_holdout(steps: int) -> int:
-    """V, the held-out model trajectories :func:`fit_sampler` chooses on: 2048 (a miss rate of 1 in
-    1000 shows as about 2 misses)."""
-    return 2048
+    """V, the held-out model trajectories :func:`fit_sampler` chooses on: 1024 (a miss rate of 1 in
+    200 shows as 5 misses)."""
+    return 1024
 
 
 def fit_sampler(denoiser, steps: int, shape, *, samples: int | None = None, pool: int | None = None,
@@ -271,17 +235,15 @@ def fit_sampler(denoiser, steps: int, shape, *, samples: int | None = None, pool
     1. Fit: :func:`fit_sigmas` for UniPC-3 (:data:`SAMPLER_KWARGS`) on ``samples`` of the first
        ``pool`` model trajectories (stratified by error, see fit_sigmas; defaults
        :func:`default_samples`, :func:`default_pool`).
-    2. Check: on the next ``holdout`` trajectories of the model (never fitted on, default
-       :func:`default_holdout`), score every candidate grid (:data:`CANDIDATE_GRIDS`: the fitted
-       one, the exponential one, uniform in log sigma from sigma_max to sigma_min, the one midway
-       between them, :func:`midway_sigmas`, and the fitted one with a floor on its step density,
-       :func:`floored_sigmas`) with every candidate sampler (:data:`CANDIDATE_KWARGS`) by the RMSE to
-       the model's exact answer, and keep the best.
+    2. Check: on the next ``holdout`` trajectories of the model (never fitted on), score four
+       candidates, the fitted grid and the exponential grid (uniform in log sigma, sigma_max to
+       sigma_min) each with UniPC-3 and UniPC-2 (:data:`CANDIDATE_KWARGS`), by the RMSE to the
+       model's exact answer, and keep the best.
 
     ``reference`` = ``(x_T, y)`` from :func:`model_reference` with at least ``pool + holdout`` rows
     (reused across step counts). Returns ``(sigmas, kwargs)`` or, with ``return_info``,
     ``(sigmas, kwargs, info)``: ``info`` has ``fit`` (fit_sigmas' info), ``scores`` (candidate
-    (grid, order, lower_order_final), held-out RMSE) and ``choice`` (the candidate kept)."""
+    (grid, order), held-out RMSE) and ``choice`` (the candidate kept)."""
     frame = _frame(denoiser, frame)
     samples = default_samples(steps) if samples is None else int(samples)
     pool = max(samples, default_pool(steps)) if pool is None else int(pool)
@@ -300,15 +262,12 @@ def fit_sampler(denoiser, steps: int, shape, *, samples: int | None = None, pool
                               return_info=True)
     x, y = reference[0][pool:pool + holdout], reference[1][pool:pool + holdout].to(torch.float64)
     exponential = fitted if steps == 1 else exponential_sigmas(steps, frame.sigma_min, frame.sigma_max)
-    grids = dict(fitted=fitted, exponential=exponential, midway=midway_sigmas(fitted, exponential),
-                 floored=floored_sigmas(fitted))
     scores = []
-    for grid_name in CANDIDATE_GRIDS:
-        sigmas = grids[grid_name]
+    for grid_name, sigmas in (("fitted", fitted), ("exponential", exponential)):
         for kwargs in CANDIDATE_KWARGS:
             out = sample_unipc(denoiser, x, sigmas, extra_args=extra_args, **kwargs)
             rmse = (out.to(torch.float64) - y).pow(2).mean().sqrt().item()
-            scores.append(((grid_name, kwargs["order"], kwargs["lower_order_final"]), rmse if math.isfinite(rmse) else math.inf, sigmas, kwargs))
+            scores.append(((grid_name, kwargs["order"]), rmse if math.isfinite(rmse) else math.inf, sigmas, kwargs))
     name, _, sigmas, kwargs = min(scores, key=lambda t: t[1])
     if not return_info:
         return sigmas, dict(kwargs)
