@@ -1,4 +1,6 @@
 """Slot attention's symmetry, the slot-diffusion network and pipeline, FG-ARI."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -43,7 +45,6 @@ def test_encoder_masks_partition_the_pixels_and_fixed_noise_fixes_the_slots():
 
 
 def test_encoder_options_keep_the_default_layout_and_straight_through_changes_only_gradients():
-    import dataclasses
     assert SlotConfig.from_dict({k: v for k, v in TINY.to_dict().items() if k not in (
         "kernel_size", "decoder_kernel_size", "learned_init", "straight_through")}) == TINY  # old configs load
     old = SlotAutoencoder(TINY).state_dict()
@@ -125,3 +126,30 @@ def test_slot_unet_needs_an_image_or_slots():
         _slot_denoiser().net(torch.zeros(1, 3, 8, 8), torch.zeros(1))
     with pytest.raises(ValueError, match="slot_mask"):
         decode_slots(_slot_denoiser(), torch.zeros(1, 4, 16), slot_mask=torch.ones(1, 3, dtype=torch.bool), size=8)
+
+
+def test_mixture_hint_renders_only_the_kept_slots_and_feeds_the_unet():
+    torch.manual_seed(0)
+    mixture = SlotAutoencoder(TINY)
+    slots = torch.randn(2, 4, 16)
+    keep = remove_slot(torch.ones(2, 4, dtype=torch.bool), torch.tensor([1, 3]))
+    recon, masks = mixture.decode(slots, keep)
+    assert torch.all(masks[0, 1] == 0) and torch.all(masks[1, 3] == 0)
+    for i, gone in enumerate((1, 3)):  # the same as decoding the kept slots alone
+        kept = [k for k in range(4) if k != gone]
+        alone, alone_masks = mixture.decode(slots[i:i + 1, kept])
+        assert torch.allclose(recon[i:i + 1], alone, atol=1e-6) and torch.allclose(masks[i:i + 1, kept], alone_masks, atol=1e-6)
+    config = UNetConfig(in_channels=6, out_channels=3, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                        attention_levels=(1,), num_heads=2, groups=4, context_dim=16)
+    net = SlotUNet(mixture.encoder, UNet(config), mixture)
+    with torch.no_grad():
+        net.unet.input_conv.weight[:, 3:].normal_(0, 1.0)  # make the output depend on the hint
+        net.unet.out[-1].weight.normal_(0, 0.1)
+        x, t = torch.randn(2, 3, 8, 8), torch.full((2,), 0.5)
+        full = net(x, t, context=slots)
+        fewer = net(x, t, context=slots, context_mask=keep)
+    assert full.shape == (2, 3, 8, 8) and not torch.allclose(full, fewer)
+    with pytest.raises(ValueError, match="in_channels=6, out_channels=3"):
+        SlotUNet(mixture.encoder, UNet(dataclasses.replace(config, in_channels=3, out_channels=None)), mixture)
+    with pytest.raises(ValueError, match="whose .encoder"):
+        SlotUNet(SlotEncoder(TINY), UNet(config), mixture)

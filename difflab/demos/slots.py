@@ -4,7 +4,9 @@ with its mixture decoder (:class:`~difflab.nn.slot_attention.SlotAutoencoder`) t
 reconstruction; after its first ``PRETRAIN_STEPS`` steps its encoder is handed, frozen, to a
 U-Net decoder cross-attending to the slots (SlotDiffusion, Wu et al. 2023; LSD, Jiang et al.
 2023; :class:`difflab.nn.slot_attention.SlotUNet`) trained through the one training loop by the
-diffusion loss, while the baseline goes on for the same CPU time. Then:
+diffusion loss, while the baseline goes on for the same CPU time. With ``MIXTURE_HINT`` the U-Net
+also sees the frozen mixture decoder's render of the slots (the kept ones after an edit) as input
+channels, and decodes by Euler ancestral sampling (``SAMPLER``); docs/slots.md has the figures. Then:
 
 - object discovery: FG-ARI of the slot masks against the true object masks, held-out scenes;
 - reconstruction: images decoded from their own slots;
@@ -42,18 +44,26 @@ SLOTS = SlotConfig(in_channels=3, size=SIZE, num_slots=MAX_OBJECTS + 2, slot_dim
                    kernel_size=1, decoder_kernel_size=1, center_keys=True, position_scale=0.1)
 UNET = UNetConfig(in_channels=3, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
                   num_heads=4, context_dim=SLOTS.slot_dim)
-TRAIN = TrainConfig(steps=600, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=None, checkpoint_every=750,
+TRAIN = TrainConfig(steps=900, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=None, checkpoint_every=750,
                     log_every=250, seed=0)
 PRETRAIN_STEPS = 1000  # the encoder's first steps, with the mixture decoder (the baseline's own first steps)
 JUDGE_STEPS = 800
+SAMPLER = "euler_ancestral"  # decoding; its re-noising clears the speckle DDIM keeps (docs/slots.md)
+MIXTURE_HINT = True  # the diffusion decoder also sees the pretrained mixture decoder's render of the slots
 DIFFUSION = {"frame": "vp_discrete", "schedule": "cosine", "T": 1000, "prediction": "v"}
 
 
-def slot_denoiser(slots: SlotConfig = SLOTS, unet: UNetConfig = UNET, seed: int = 0) -> Denoiser:
-    """The slot-diffusion denoiser: a :class:`SlotUNet` in DDPM's cosine VP frame, v-prediction."""
+def slot_denoiser(slots: SlotConfig = SLOTS, unet: UNetConfig = UNET, seed: int = 0, mixture_hint: bool = False) -> Denoiser:
+    """The slot-diffusion denoiser: a :class:`SlotUNet` in DDPM's cosine VP frame, v-prediction;
+    ``mixture_hint``: the U-Net also sees the mixture decoder's render of the slots (twice the input channels)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        net = SlotUNet(SlotEncoder(slots), UNet(unet))
+        if mixture_hint:
+            unet = dataclasses.replace(unet, in_channels=2 * slots.in_channels, out_channels=slots.in_channels)
+            mixture = SlotAutoencoder(slots)
+            net = SlotUNet(mixture.encoder, UNet(unet), mixture)
+        else:
+            net = SlotUNet(SlotEncoder(slots), UNet(unet))
     return Denoiser(net, build_frame(DIFFUSION), DIFFUSION["prediction"])
 
 
@@ -174,10 +184,10 @@ def save_pictures(out_dir: Path, images, masks, baseline, base_masks, pictures: 
               out_dir / "composition.png", nrow=k, upscale=6)
 
 
-def run_slots_demo(out_dir="demo_slots_out", *, steps: int | None = None, sampler: str = "ddim", sampling_steps: int = 25,
+def run_slots_demo(out_dir="demo_slots_out", *, steps: int | None = None, sampler: str = SAMPLER, sampling_steps: int = 25,
                    seed: int = 0, resume: bool = False, train_scenes: int = TRAIN_SCENES, held_scenes: int = HELD_SCENES,
                    judge_steps: int = JUDGE_STEPS, slots: SlotConfig = SLOTS, unet: UNetConfig = UNET,
-                   pretrain_steps: int = PRETRAIN_STEPS) -> dict:
+                   pretrain_steps: int = PRETRAIN_STEPS, mixture_hint: bool = MIXTURE_HINT) -> dict:
     """Train, decompose, recompose and judge; writes the pictures and ``report.json``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -204,9 +214,10 @@ def run_slots_demo(out_dir="demo_slots_out", *, steps: int | None = None, sample
     base_run = train_autoencoder(train_set.images, float("inf"), config=slots, seed=seed, max_steps=pretrain_steps)
     report["pretrain_cpu_seconds"] = round(time.process_time() - t0, 1)
     report["fg_ari_pretrained"] = round(fg_ari(segment(encode_slots(base_run.model, held.images, seed=seed)[1]), true_seg), 4)
-    denoiser = slot_denoiser(slots, unet, config.seed)
-    denoiser.net.encoder.load_state_dict(base_run.model.encoder.state_dict())
-    denoiser.net.encoder.requires_grad_(False)
+    denoiser = slot_denoiser(slots, unet, config.seed, mixture_hint)
+    frozen = denoiser.net.mixture if mixture_hint else denoiser.net.encoder
+    frozen.load_state_dict((base_run.model if mixture_hint else base_run.model.encoder).state_dict())
+    frozen.requires_grad_(False)
     print(f"[3/6] encoder: {pretrain_steps} steps with the mixture decoder ({report['pretrain_cpu_seconds']:.0f} CPU s, "
           f"held-out FG-ARI {report['fg_ari_pretrained']:.3f}); its slots decoded by diffusion, {config.steps} steps "
           f"(batch {config.batch_size})")

@@ -147,14 +147,17 @@ class SlotAutoencoder(nn.Module):
                                      nn.Conv2d(c.hidden, c.hidden, k, padding=p), nn.ReLU(),
                                      nn.Conv2d(c.hidden, c.in_channels + 1, k, padding=p))
 
-    def decode(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(reconstruction (B, C, H, W), masks (B, K, H, W)) of slots (B, K, D)."""
+    def decode(self, slots: torch.Tensor, slot_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reconstruction (B, C, H, W), masks (B, K, H, W)) of slots (B, K, D); ``slot_mask`` (B, K)
+        bool leaves the slots marked False out of the mixture (their masks are 0)."""
         b, k, d = slots.shape
         s = self.config.size
         x = slots[:, :, None, :] + self.position(self.grid.to(slots.dtype))[None, None]  # (B, K, HW, D)
         x = x.reshape(b * k, s, s, d).permute(0, 3, 1, 2)
         out = self.decoder(x).reshape(b, k, -1, s, s)
         rgb, alpha = out[:, :, :-1], out[:, :, -1]
+        if slot_mask is not None:
+            alpha = alpha.masked_fill(~slot_mask[:, :, None, None], float("-inf"))
         masks = torch.softmax(alpha, dim=1)
         return (masks[:, :, None] * rgb).sum(1), masks
 
@@ -167,13 +170,26 @@ class SlotUNet(nn.Module):
     """Slot diffusion's network (Wu et al. 2023; Jiang et al. 2023): ``net(x_in, t, image=)``
     encodes the clean ``image`` into slots (:class:`SlotEncoder`) and a :class:`UNet` with
     ``context_dim = slot_dim`` cross-attends to them; ``context=`` (B, K', D) with an optional
-    ``context_mask`` (B, K') bool uses given slots instead (removed, swapped or added ones)."""
+    ``context_mask`` (B, K') bool uses given slots instead (removed, swapped or added ones).
 
-    def __init__(self, encoder: SlotEncoder, unet: UNet):
+    ``mixture``: a :class:`SlotAutoencoder` sharing ``encoder``; its mixture decoder's render of
+    the slots (the kept ones under ``context_mask``) is concatenated to the U-Net's input as a
+    spatial hint (the U-Net takes 2 C channels and predicts C), so the diffusion decoder refines
+    a layout the slots already fix, as a cascade's low-resolution image does (Ho et al. 2022)."""
+
+    def __init__(self, encoder: SlotEncoder, unet: UNet, mixture: SlotAutoencoder | None = None):
         super().__init__()
-        if unet.config.context_dim != encoder.config.slot_dim:
-            raise ValueError(f"the U-Net's context_dim ({unet.config.context_dim}) must be the slots' dim ({encoder.config.slot_dim})")
-        self.encoder, self.unet = encoder, unet
+        c = encoder.config
+        if unet.config.context_dim != c.slot_dim:
+            raise ValueError(f"the U-Net's context_dim ({unet.config.context_dim}) must be the slots' dim ({c.slot_dim})")
+        if mixture is not None and mixture.encoder is not encoder:
+            raise ValueError("mixture must be the SlotAutoencoder whose .encoder is the encoder given")
+        channels = (unet.config.in_channels, unet.config.out_channels or unet.config.in_channels)
+        if mixture is not None and channels != (2 * c.in_channels, c.in_channels):
+            raise ValueError(f"with a mixture hint the U-Net takes {2 * c.in_channels} channels (x and the render) and "
+                             f"predicts {c.in_channels}: in_channels={2 * c.in_channels}, out_channels={c.in_channels}; "
+                             f"got {channels}")
+        self.encoder, self.unet, self.mixture = encoder, unet, mixture
         self.config = unet.config
 
     def forward(self, x, t, image=None, context=None, context_mask=None, **cond):
@@ -181,6 +197,9 @@ class SlotUNet(nn.Module):
             if image is None:
                 raise ValueError("SlotUNet needs image= (slots are encoded from it) or context= (slots given)")
             context, _ = self.encoder(image)
+        if self.mixture is not None:
+            hint = self.mixture.decode(context, context_mask)[0].clamp(-1, 1)
+            x = torch.cat([x, hint.to(x.dtype)], 1)
         return self.unet(x, t, context=context, context_mask=context_mask, **cond)
 
 
