@@ -162,6 +162,12 @@ def test_direction_guidance_is_cfg_plus_a_term_on_the_direction_alone():
     torch.testing.assert_close(got, d_u + 2.0 * (d_cd - d_u) + 1.5 * (d_cd - d_cn), rtol=1e-5, atol=1e-5)
     assert (got - cfg).abs().max() > 1e-3  # the term acts
     torch.testing.assert_close(scale0, cfg, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # a guidance interval: the term only where sigma >= min_sigma (rows 1 and 2), none above all
+        interval = DirectionGuidance(den, 2.0, 1.5, uncond, opp, min_sigma=1.0)(x, sigma, class_labels=c, direction_labels=d)
+        above = DirectionGuidance(den, 2.0, 1.5, uncond, opp, min_sigma=10.0)(x, sigma, class_labels=c, direction_labels=d)
+    torch.testing.assert_close(interval[1:], got[1:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(interval[:1], cfg[:1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(above, cfg, rtol=1e-5, atol=1e-6)
     kw = dict(shape=(1, 4, 8, 8), steps=3, guidance_scale=2.0, seed=5, progress=False, sampler="euler_ancestral")
     plain = generate_video(den, c, d, **kw)
     assert torch.equal(generate_video(den, c, d, direction_guidance=0.0, negative_directions=opp, **kw), plain)
@@ -179,6 +185,8 @@ def test_direction_guidance_is_cfg_plus_a_term_on_the_direction_alone():
         generate_video(den, c, d, direction_guidance=1.0, negative_directions=[0, 1, 5], **kw)
     with pytest.raises(ValueError, match="direction_guidance=nan must be a finite number"):
         generate_video(den, c, d, direction_guidance=float("nan"), **kw)
+    with pytest.raises(ValueError, match="direction_guidance_min_sigma=-1 must be a finite number >= 0"):
+        generate_video(den, c, d, direction_guidance=1.0, direction_guidance_min_sigma=-1, **kw)
     with pytest.raises(ValueError, match="guidance_rescale=0.5 is not applied with direction_guidance"):
         generate_video(den, c, d, direction_guidance=1.0, guidance_rescale=0.5, **kw)
 

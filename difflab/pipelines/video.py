@@ -77,25 +77,34 @@ class DirectionGuidance(nn.Module):
     with a negative condition as a negative prompt):
     D = D_u + scale (D_cd - D_u) + direction_scale (D_cd - D_cn),
     D_cd the asked class and direction, D_u both null, D_cn the asked class with the ``negative``
-    direction of each clip (the null direction, or e.g. the opposite one). The three branches run
-    in one batched call; ``direction_scale`` 0 is plain classifier-free guidance."""
+    direction of each clip (the null direction, or e.g. the opposite one). The term applies where
+    sigma >= ``min_sigma`` (a guidance interval, Kynkaenniemi et al. 2024: the direction is set at
+    high noise); below it the third branch is not run. ``direction_scale`` 0 is plain CFG."""
 
-    def __init__(self, denoiser, scale: float, direction_scale: float, uncond: dict, negative: torch.Tensor):
+    def __init__(self, denoiser, scale: float, direction_scale: float, uncond: dict, negative: torch.Tensor,
+                 min_sigma: float = 0.0):
         super().__init__()
         self.denoiser, self.scale, self.direction_scale = denoiser, float(scale), float(direction_scale)
-        self.uncond, self.negative = dict(uncond), negative
+        self.uncond, self.negative, self.min_sigma = dict(uncond), negative, float(min_sigma)
 
     def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
         b = x.shape[0]
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
         sigma = sigma.expand(b) if sigma.ndim == 0 else sigma
+        on = (sigma >= self.min_sigma) if self.direction_scale else torch.zeros(b, dtype=torch.bool, device=x.device)
+        k = 3 if bool(on.any()) else 2
         both = {}
         for name, c in cond.items():
-            u = self.uncond.get(name, c)
-            n = self.negative.to(c.device) if name == "direction_labels" else c
-            both[name] = torch.cat([c, torch.as_tensor(u, dtype=c.dtype, device=c.device).expand(c.shape), n])
-        d_c, d_u, d_n = self.denoiser(torch.cat([x, x, x]), torch.cat([sigma, sigma, sigma]), **both).chunk(3)
-        return d_u + self.scale * (d_c - d_u) + self.direction_scale * (d_c - d_n)
+            rows = [c, torch.as_tensor(self.uncond.get(name, c), dtype=c.dtype, device=c.device).expand(c.shape)]
+            if k == 3:
+                rows.append(self.negative.to(c.device) if name == "direction_labels" else c)
+            both[name] = torch.cat(rows)
+        out = self.denoiser(torch.cat([x] * k), torch.cat([sigma] * k), **both).chunk(k)
+        guided = out[1] + self.scale * (out[0] - out[1])
+        if k == 2:
+            return guided
+        term = (out[0] - out[2]) * on.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+        return guided + self.direction_scale * term
 
 
 def opposite_directions(directions) -> torch.Tensor:
@@ -106,13 +115,16 @@ def opposite_directions(directions) -> torch.Tensor:
     return torch.tensor(table)[torch.as_tensor(directions, dtype=torch.long)]
 
 
-def check_direction_guidance(denoiser, directions, negative_directions, direction_guidance: float, n: int):
+def check_direction_guidance(denoiser, directions, negative_directions, direction_guidance: float, n: int,
+                             min_sigma: float = 0.0):
     """The negative direction of each clip as an (N,) long tensor (the null direction when
     ``negative_directions`` is None), or None without direction guidance; a ValueError naming the
     argument otherwise."""
     if not isinstance(direction_guidance, (int, float)) or not direction_guidance == direction_guidance \
             or abs(direction_guidance) == float("inf"):
         raise ValueError(f"direction_guidance={direction_guidance!r} must be a finite number (0 = none)")
+    if not isinstance(min_sigma, (int, float)) or not 0 <= min_sigma < float("inf"):
+        raise ValueError(f"direction_guidance_min_sigma={min_sigma!r} must be a finite number >= 0 (0 = every step)")
     if direction_guidance == 0:
         return None
     if directions is None:
@@ -133,14 +145,15 @@ def check_direction_guidance(denoiser, directions, negative_directions, directio
 def generate_video(denoiser, labels=None, directions=None, *, num_samples: int | None = None, shape: tuple[int, ...],
                    known: torch.Tensor | None = None, known_frames=None, reconstruction_weight: float = 0.0,
                    resample: int = 1, direction_guidance: float = 0.0, negative_directions=None,
-                   options: SampleOptions | None = None, **overrides) -> torch.Tensor:
+                   direction_guidance_min_sigma: float = 0.0, options: SampleOptions | None = None, **overrides) -> torch.Tensor:
     """Clips (N, *shape) for class ``labels`` and direction indices ``directions`` (sequences of
     ints, one per clip; either may be omitted), with classifier-free guidance towards both
     (``guidance_scale``; the unconditional branch sees the null tokens). ``shape`` is (C, F, H, W).
 
     ``direction_guidance`` > 0 adds guidance on the direction alone (:class:`DirectionGuidance`),
     away from ``negative_directions`` (one per clip; default the null direction;
-    :func:`opposite_directions` for the opposite way); 0 is the plain guidance.
+    :func:`opposite_directions` for the opposite way) at the steps where sigma >=
+    ``direction_guidance_min_sigma``; 0 is the plain guidance.
 
     ``known`` (N or 1, C, F, H, W) with ``known_frames`` (F,) bool (True = given) conditions on
     those frames: replacement after every step (``resample`` RePaint passes) and reconstruction
@@ -155,7 +168,8 @@ def generate_video(denoiser, labels=None, directions=None, *, num_samples: int |
     labels, directions, n = check_video_request(denoiser, labels, directions, num_samples, shape)
     if opts.guidance_scale != 1.0 and labels is None and directions is None:
         raise ValueError("guidance_scale != 1 needs labels or directions to guide towards")
-    negative = check_direction_guidance(denoiser, directions, negative_directions, direction_guidance, n)
+    negative = check_direction_guidance(denoiser, directions, negative_directions, direction_guidance, n,
+                                        direction_guidance_min_sigma)
     if negative is not None and opts.guidance_rescale:
         raise ValueError(f"guidance_rescale={opts.guidance_rescale} is not applied with direction_guidance: give one")
     mask = None
@@ -175,7 +189,8 @@ def generate_video(denoiser, labels=None, directions=None, *, num_samples: int |
         if negative is None:
             model = guided(denoiser, opts.guidance_scale, uncond or None, opts.guidance_rescale)
         else:  # 5'. Guidance on the direction too: one wrapper, with CFG's scale inside it.
-            model = DirectionGuidance(denoiser, opts.guidance_scale, direction_guidance, uncond, negative[start:start + b])
+            model = DirectionGuidance(denoiser, opts.guidance_scale, direction_guidance, uncond, negative[start:start + b],
+                                      direction_guidance_min_sigma)
         if mask is None:
             # 6. Guidance and the sampler.
             if negative is None:
