@@ -327,6 +327,10 @@ CLI_CASES = [
     ("demo-video-image-fraction-negative", ["demo", "--video", "--image-fraction", "-0.1", "--out-dir", "{root}/demo"], 2,
      "--image-fraction"),
     ("demo-video-steps-0", ["demo", "--video", "--steps", "0", "--out-dir", "{root}/demo"], 2, "--steps"),
+    ("demo-direction-guidance-without-video", ["demo", "--direction-guidance", "1", "--out-dir", "{root}/demo"], 2,
+     "needs --video"),
+    ("demo-video-direction-guidance-negative", ["demo", "--video", "--direction-guidance", "-1", "--out-dir", "{root}/demo"],
+     2, "--direction-guidance"),
     # 3-D (issue 21)
     ("demo-3d-and-video", ["demo", "--3d", "--video", "--out-dir", "{root}/demo"], 2, "not both"),
     ("demo-3d-resume", ["demo", "--3d", "--resume", "--out-dir", "{root}/demo"], 2, "--resume"),

@@ -142,6 +142,55 @@ def test_a_clip_is_the_same_whatever_the_batch_size():
         generate_video(den, [1], [4], shape=(1, 4, 8, 8), steps=2, progress=False)
 
 
+def test_direction_guidance_is_cfg_plus_a_term_on_the_direction_alone():
+    from difflab.guidance import ClassifierFreeGuidance
+    from difflab.pipelines.video import DirectionGuidance, opposite_directions
+    den = random_denoiser()
+    null_c, null_d = den.net.config.null_class, den.net.config.null_direction
+    x, sigma = torch.randn(3, 1, 4, 8, 8), torch.tensor([0.5, 2.0, 9.0])
+    c, d = torch.tensor([1, 2, 3]), torch.tensor([0, 1, 3])
+    opp = opposite_directions(d)
+    assert opp.tolist() == [1, 0, 2] and opposite_directions(torch.arange(4)).tolist() == [1, 0, 3, 2]
+    uncond = {"class_labels": null_c, "direction_labels": null_d}
+    with torch.no_grad():
+        got = DirectionGuidance(den, 2.0, 1.5, uncond, opp)(x, sigma, class_labels=c, direction_labels=d)
+        d_cd = den(x, sigma, class_labels=c, direction_labels=d)
+        d_u = den(x, sigma, class_labels=torch.full_like(c, null_c), direction_labels=torch.full_like(d, null_d))
+        d_cn = den(x, sigma, class_labels=c, direction_labels=opp)
+        cfg = ClassifierFreeGuidance(den, 2.0, uncond)(x, sigma, class_labels=c, direction_labels=d)
+        scale0 = DirectionGuidance(den, 2.0, 0.0, uncond, opp)(x, sigma, class_labels=c, direction_labels=d)
+    torch.testing.assert_close(got, d_u + 2.0 * (d_cd - d_u) + 1.5 * (d_cd - d_cn), rtol=1e-5, atol=1e-5)
+    assert (got - cfg).abs().max() > 1e-3  # the term acts
+    torch.testing.assert_close(scale0, cfg, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # a guidance interval: the term only where sigma >= min_sigma (rows 1 and 2), none above all
+        interval = DirectionGuidance(den, 2.0, 1.5, uncond, opp, min_sigma=1.0)(x, sigma, class_labels=c, direction_labels=d)
+        above = DirectionGuidance(den, 2.0, 1.5, uncond, opp, min_sigma=10.0)(x, sigma, class_labels=c, direction_labels=d)
+    torch.testing.assert_close(interval[1:], got[1:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(interval[:1], cfg[:1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(above, cfg, rtol=1e-5, atol=1e-6)
+    kw = dict(shape=(1, 4, 8, 8), steps=3, guidance_scale=2.0, seed=5, progress=False, sampler="euler_ancestral")
+    plain = generate_video(den, c, d, **kw)
+    assert torch.equal(generate_video(den, c, d, direction_guidance=0.0, negative_directions=opp, **kw), plain)
+    away = generate_video(den, c, d, direction_guidance=1.0, negative_directions=opp, **kw)
+    assert (away - plain).abs().max() > 1e-4
+    first = moving_digits(3, seed=0).clips[:, :, 0, 8:16, 8:16].contiguous()
+    i2v = image_to_video(den, first, c, d, frames=4, reconstruction_weight=1.0, direction_guidance=1.0,
+                         negative_directions=opp, steps=2, progress=False)
+    assert torch.allclose(i2v[:, :, 0], first)  # the given frame held under the three-branch guidance too
+    with pytest.raises(ValueError, match="needs directions"):
+        generate_video(den, c, None, direction_guidance=1.0, **kw)
+    with pytest.raises(ValueError, match=r"negative_directions \(2\) must have one entry per clip \(3\)"):
+        generate_video(den, c, d, direction_guidance=1.0, negative_directions=[0, 1], **kw)
+    with pytest.raises(ValueError, match=r"negative_directions must be in \[0, 4\]"):
+        generate_video(den, c, d, direction_guidance=1.0, negative_directions=[0, 1, 5], **kw)
+    with pytest.raises(ValueError, match="direction_guidance=nan must be a finite number"):
+        generate_video(den, c, d, direction_guidance=float("nan"), **kw)
+    with pytest.raises(ValueError, match="direction_guidance_min_sigma=-1 must be a finite number >= 0"):
+        generate_video(den, c, d, direction_guidance=1.0, direction_guidance_min_sigma=-1, **kw)
+    with pytest.raises(ValueError, match="guidance_rescale=0.5 is not applied with direction_guidance"):
+        generate_video(den, c, d, direction_guidance=1.0, guidance_rescale=0.5, **kw)
+
+
 def test_tasks_keep_the_given_frames():
     den = random_denoiser()
     clips = moving_digits(2, seed=0).clips[:, :, :4, 8:16, 8:16].contiguous()

@@ -22,7 +22,9 @@ from ..demos.policy import run_policy_demo
 from ..demos.shapes3d import run_shapes3d_demo
 from ..demos.slots import run_slots_demo
 from ..demos.text import run_text_demo
+from ..demos.video import DIRECTION_GUIDANCE as VIDEO_DIRECTION_GUIDANCE, GUIDANCE as VIDEO_GUIDANCE
 from ..demos.video import NETWORKS as VIDEO_NETWORKS
+from ..demos.video import SAMPLER as VIDEO_SAMPLER, SAMPLING_STEPS as VIDEO_SAMPLING_STEPS
 from ..demos.video import run_video_demo
 from ..samplers import SAMPLERS
 from .common import (
@@ -46,12 +48,13 @@ class DemoMode:
     ``options(parser)`` adds the flags only this mode takes (each defaulting to ``None`` or ``False``,
     their dests listed in ``dests``: given without the mode they are refused); ``run(args, out_dir)``
     trains, samples and judges, reading the shared flags (``--steps``, ``--sampler``, ...) from ``args``
-    where they are not ``None`` and its own defaults otherwise."""
+    where they are not ``None`` and its own defaults otherwise; ``sampler`` is its ``--sampler`` default."""
     help: str
     out_dir: str
     run: Callable[[argparse.Namespace, str], None]
     options: Callable[[argparse.ArgumentParser], None] | None = None
     dests: tuple[str, ...] = ()
+    sampler: str = "ddim"
 
 
 def _guidance(args, default: float = 1.5) -> float:
@@ -101,13 +104,17 @@ def _video_options(d):
     d.add_argument("--image-fraction", type=non_negative_float, default=None,
                    help="--video: still-frame stacks added for joint image-and-video training, as a fraction of the "
                         "clips (default: 0)")
+    d.add_argument("--direction-guidance", type=non_negative_float, default=None,
+                   help=f"--video: guidance on the direction alone, away from the opposite direction, on top of "
+                        f"--guidance (default: {VIDEO_DIRECTION_GUIDANCE}; 0 = none)")
 
 
 def _video_run(args, out):
     if args.image_fraction is not None and args.image_fraction >= 1:
         raise UsageError(f"--image-fraction {args.image_fraction} must be below 1 (a fraction of the clips)")
     run_video_demo(out, network=args.video_network or "space_time_unet", steps=args.steps, sampler=args.sampler,
-                   sampling_steps=args.sampling_steps or 20, guidance_scale=_guidance(args, 2.0),
+                   sampling_steps=args.sampling_steps or VIDEO_SAMPLING_STEPS, guidance_scale=_guidance(args, VIDEO_GUIDANCE),
+                   direction_guidance=VIDEO_DIRECTION_GUIDANCE if args.direction_guidance is None else args.direction_guidance,
                    clips_per_pair=args.samples_per_class or 2, image_fraction=args.image_fraction or 0.0,
                    seed=args.seed, resume=args.resume)
 
@@ -187,8 +194,10 @@ MODES: dict[str, DemoMode] = {
                       "(--guidance default 1); writes WAVs and spectrograms",
                       "demo_audio_out", _audio_run),
     "video": DemoMode("the video demo instead: a class- and direction-conditional video network on moving digits "
-                      "(24x24, 8 frames), judged per frame, by its motion and by a clip Frechet distance",
-                      "demo_video_out", _video_run, _video_options, ("video_network", "image_fraction")),
+                      f"(16x16, 8 frames), judged per frame, by its motion and by a clip Frechet distance (--sampler "
+                      f"default {VIDEO_SAMPLER}, --sampling-steps {VIDEO_SAMPLING_STEPS}, --guidance {VIDEO_GUIDANCE})",
+                      "demo_video_out", _video_run, _video_options, ("video_network", "image_fraction", "direction_guidance"),
+                      sampler=VIDEO_SAMPLER),
     "motion": DemoMode("the motion demo instead: MDM (a transformer over frames, geometric losses, classifier-free guidance "
                        "on the action; --guidance default 1.75) on embedded stick-figure motions of eight actions, judged by "
                        "an action classifier (FID, diversity, multimodality, bone drift, foot skate), with in-betweening "
@@ -216,9 +225,10 @@ def add_arguments(d) -> None:
     d.add_argument("--out-dir", default=None,
                    help=f"where samples.png, the checkpoints and report.json go (default: demo_out; {defaults})")
     d.add_argument("--steps", type=positive_int, default=None, help="training steps (default: 2000)")
-    d.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS), help="sampler (default: ddim)")
+    d.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
+                   help=f"sampler (default: ddim; {VIDEO_SAMPLER} with --video)")
     d.add_argument("--sampling-steps", type=positive_int, default=None,
-                   help="sampler steps (default: 50; 25 per stage with --cascade)")
+                   help=f"sampler steps (default: 50; 25 per stage with --cascade; {VIDEO_SAMPLING_STEPS} with --video)")
     d.add_argument("--guidance", type=finite_float, default=None,
                    help="classifier-free guidance scale (default: 1.5; 1 = none); with --policy the return-guidance "
                         "scale of the Diffuser plans (default: 1; 0 = none); with --3d the point clouds' (default: 1.5; 60 steps)")
@@ -245,9 +255,10 @@ def run(args) -> int:
             raise UsageError(f"{flags} needs --{name}")
     if chosen:
         mode = MODES[chosen[0]]
+        args.sampler = args.sampler or mode.sampler
         mode.run(args, args.out_dir or mode.out_dir)
         return 0
-    run_demo(args.out_dir or "demo_out", steps=args.steps, sampler=args.sampler, sampling_steps=args.sampling_steps or 50,
+    run_demo(args.out_dir or "demo_out", steps=args.steps, sampler=args.sampler or "ddim", sampling_steps=args.sampling_steps or 50,
              guidance_scale=_guidance(args), samples_per_class=args.samples_per_class or 50, seed=args.seed,
              resume=args.resume)
     return 0

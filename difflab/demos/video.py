@@ -30,7 +30,7 @@ from ..nn.motion import MotionUNetConfig, freeze_spatial
 from ..nn.unet import UNetConfig
 from ..nn.video_unet import VideoUNetConfig
 from ..pipelines import SampleOptions
-from ..pipelines.video import generate_video, image_to_video
+from ..pipelines.video import generate_video, image_to_video, opposite_directions
 from ..train import TrainConfig, train
 
 # The data design (moving digits: one class and one direction per clip). The digit moves SPEEDS
@@ -40,6 +40,11 @@ from ..train import TrainConfig, train
 FRAMES, SIZE, SPEEDS, BOUNCE = 8, 16, (1,), False
 DIFFUSION = {"frame": "vp_discrete", "schedule": "cosine", "T": 1000, "prediction": "v"}
 TRAIN_CLIPS, HELD_CLIPS = 4000, 400
+# Sampling (docs/video.md, stop 34): ancestral Euler read the frames and the motion better than DDIM on
+# every route; guidance on the direction alone, away from the opposite direction, on top of CFG, at
+# the high-noise steps only (sigma >= DIRECTION_MIN_SIGMA: the first 12 of 40), where the sign is set.
+SAMPLER, SAMPLING_STEPS, GUIDANCE, DIRECTION_GUIDANCE, DIRECTION_MIN_SIGMA = "euler_ancestral", 40, 2.0, 1.0, 2.0
+I2V_CLIPS = 20  # image-to-video from held-out first frames (a side figure; 40 before stop 34)
 
 
 @dataclass(frozen=True)
@@ -142,11 +147,14 @@ def train_route(route: VideoRoute, network: str, config, data, null_cond, out_di
 
 
 def run_video_demo(out_dir="demo_video_out", *, network: str = "space_time_unet", steps: int | None = None,
-                   sampler: str = "ddim", sampling_steps: int = 20, guidance_scale: float = 2.0, clips_per_pair: int = 2,
+                   sampler: str = SAMPLER, sampling_steps: int = SAMPLING_STEPS, guidance_scale: float = GUIDANCE,
+                   direction_guidance: float = DIRECTION_GUIDANCE, clips_per_pair: int = 2,
                    image_fraction: float = 0.0, seed: int = 0, resume: bool = False, tiny: bool = False,
                    progress: bool = True) -> dict:
     """Train, sample and judge (see the module docstring); ``tiny``: a small network and data set
-    for tests. Returns the report (also in ``out_dir/report.json``)."""
+    for tests. ``direction_guidance``: the scale of the guidance on the direction alone, away from
+    the opposite direction (:class:`~difflab.pipelines.video.DirectionGuidance`; 0 = plain CFG).
+    Returns the report (also in ``out_dir/report.json``)."""
     if network not in NETWORKS:
         raise ValueError(f"network={network!r} is unknown; choose one of {sorted(NETWORKS)}")
     if not 0.0 <= image_fraction < 1.0:
@@ -188,14 +196,21 @@ def run_video_demo(out_dir="demo_video_out", *, network: str = "space_time_unet"
     opts = SampleOptions(sampler=sampler, steps=sampling_steps, guidance_scale=guidance_scale, seed=seed,
                          batch_size=40, progress=progress)
     t0, c0 = time.time(), time.process_time()
-    samples = generate_video(denoiser, asked, dirs, shape=(1, FRAMES, SIZE, SIZE), options=opts)
+    samples = generate_video(denoiser, asked, dirs, shape=(1, FRAMES, SIZE, SIZE), options=opts,
+                             direction_guidance=direction_guidance, negative_directions=opposite_directions(dirs),
+                             direction_guidance_min_sigma=DIRECTION_MIN_SIGMA)
     sample_seconds, sample_cpu = time.time() - t0, time.process_time() - c0
-    print(f"[4/6] sampled {len(samples)} clips: {sampler}, {sampling_steps} steps, guidance {guidance_scale}")
+    print(f"[4/6] sampled {len(samples)} clips: {sampler}, {sampling_steps} steps, guidance {guidance_scale}, "
+          f"direction guidance {direction_guidance} (sigma >= {DIRECTION_MIN_SIGMA})")
 
     # 5. Image-to-video: held-out first frames, the rest generated (their class and direction asked).
-    n_i2v = 4 if tiny else 40
+    n_i2v = 4 if tiny else I2V_CLIPS
+    c0 = time.process_time()
     i2v = image_to_video(denoiser, held.clips[:n_i2v, :, 0], held.labels[:n_i2v], held.directions[:n_i2v], frames=FRAMES,
-                         options=opts, reconstruction_weight=1.0)
+                         options=opts, reconstruction_weight=1.0, direction_guidance=direction_guidance,
+                         negative_directions=opposite_directions(held.directions[:n_i2v]),
+                         direction_guidance_min_sigma=DIRECTION_MIN_SIGMA)
+    i2v_cpu = time.process_time() - c0
     i2v_scores = clip_scores(judge, i2v, held.labels[:n_i2v], held.directions[:n_i2v])
     print(f"[5/6] image-to-video from {n_i2v} held-out first frames: motion as asked in {i2v_scores['motion_accuracy']:.1%}")
 
@@ -208,11 +223,14 @@ def run_video_demo(out_dir="demo_video_out", *, network: str = "space_time_unet"
     report.update(i2v_frame_accuracy=i2v_scores["frame_accuracy"], i2v_motion_accuracy=i2v_scores["motion_accuracy"],
                   network=network, kind=spec["network"]["kind"], steps=config.steps, batch_size=config.batch_size,
                   image_fraction=image_fraction, sampler=sampler, sampling_steps=sampling_steps,
-                  guidance_scale=guidance_scale, train_seconds=round(train_seconds, 1), train_cpu_seconds=round(train_cpu, 1),
+                  guidance_scale=guidance_scale, direction_guidance=direction_guidance,
+                  direction_min_sigma=DIRECTION_MIN_SIGMA, train_seconds=round(train_seconds, 1),
+                  train_cpu_seconds=round(train_cpu, 1),
                   image_steps=route.image_train.steps if route.image_train else 0, image_cpu_seconds=round(image_cpu, 1),
                   trainable_parameters=sum(p.numel() for p in denoiser.net.parameters() if p.requires_grad),
                   parameters=sum(p.numel() for p in denoiser.net.parameters()),
                   sample_seconds=round(sample_seconds, 1), sample_cpu_seconds=round(sample_cpu, 1),
+                  i2v_cpu_seconds=round(i2v_cpu, 1),
                   total_seconds=round(time.time() - t_start, 1), cpu_seconds=round(time.process_time() - c_start, 1),
                   threads=torch.get_num_threads(), gif=str(gif), frames=str(grid))
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
@@ -256,5 +274,6 @@ def format_video_report(r: dict) -> str:
     return "\n".join(f"  {a:<{w}}  {b:>22}  {c}" for a, b, c in rows)
 
 
-__all__ = ["run_video_demo", "NETWORKS", "FRAMES", "SIZE", "SPEEDS", "BOUNCE", "VideoRoute", "space_time_unet", "motion_modules",
+__all__ = ["run_video_demo", "NETWORKS", "FRAMES", "SIZE", "SPEEDS", "BOUNCE", "SAMPLER", "SAMPLING_STEPS", "GUIDANCE",
+           "DIRECTION_GUIDANCE", "DIRECTION_MIN_SIGMA", "I2V_CLIPS", "VideoRoute", "space_time_unet", "motion_modules",
            "motion_modules_unfrozen", "backbone", "training_data", "pretrain_image_network", "format_video_report"]

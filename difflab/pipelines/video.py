@@ -5,14 +5,17 @@ The samplers are difflab's own over a denoiser: a clip is one sample whose frame
 along. Known frames are held by replacement (RePaint's step, :func:`~difflab.guidance.inpaint.sample_repaint`,
 with a mask over frames) and, with ``reconstruction_weight`` > 0, by reconstruction guidance
 (Ho et al. 2022, eq. 7, :class:`~difflab.guidance.reconstruction.ReconstructionGuidance`), as Ho
-et al. extend their clips.
+et al. extend their clips. ``direction_guidance`` adds a guidance term on the direction alone
+(:class:`DirectionGuidance`), towards the asked direction and away from ``negative_directions``.
 """
 from __future__ import annotations
 
 import functools
 
 import torch
+from torch import nn
 
+from ..data.moving_digits import DIRECTIONS, VELOCITIES
 from ..guidance.inpaint import sample_repaint
 from ..guidance.reconstruction import ReconstructionGuidance
 from ..samplers import get_sampler
@@ -68,13 +71,89 @@ def conditioning(denoiser, labels, directions, start: int, b: int, device) -> tu
     return cond, uncond
 
 
+class DirectionGuidance(nn.Module):
+    """Classifier-free guidance plus a term on the direction alone (the two-scale guidance of
+    InstructPix2Pix, Brooks et al. 2023, eq. 3, and Composable Diffusion, Liu et al. 2022, eq. 10,
+    with a negative condition as a negative prompt):
+    D = D_u + scale (D_cd - D_u) + direction_scale (D_cd - D_cn),
+    D_cd the asked class and direction, D_u both null, D_cn the asked class with the ``negative``
+    direction of each clip (the null direction, or e.g. the opposite one). The term applies where
+    sigma >= ``min_sigma`` (a guidance interval, Kynkaenniemi et al. 2024: the direction is set at
+    high noise); below it the third branch is not run. ``direction_scale`` 0 is plain CFG."""
+
+    def __init__(self, denoiser, scale: float, direction_scale: float, uncond: dict, negative: torch.Tensor,
+                 min_sigma: float = 0.0):
+        super().__init__()
+        self.denoiser, self.scale, self.direction_scale = denoiser, float(scale), float(direction_scale)
+        self.uncond, self.negative, self.min_sigma = dict(uncond), negative, float(min_sigma)
+
+    def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
+        b = x.shape[0]
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+        sigma = sigma.expand(b) if sigma.ndim == 0 else sigma
+        on = (sigma >= self.min_sigma) if self.direction_scale else torch.zeros(b, dtype=torch.bool, device=x.device)
+        k = 3 if bool(on.any()) else 2
+        both = {}
+        for name, c in cond.items():
+            rows = [c, torch.as_tensor(self.uncond.get(name, c), dtype=c.dtype, device=c.device).expand(c.shape)]
+            if k == 3:
+                rows.append(self.negative.to(c.device) if name == "direction_labels" else c)
+            both[name] = torch.cat(rows)
+        out = self.denoiser(torch.cat([x] * k), torch.cat([sigma] * k), **both).chunk(k)
+        guided = out[1] + self.scale * (out[0] - out[1])
+        if k == 2:
+            return guided
+        term = (out[0] - out[2]) * on.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+        return guided + self.direction_scale * term
+
+
+def opposite_directions(directions) -> torch.Tensor:
+    """The opposite of each direction index of :data:`~difflab.data.moving_digits.DIRECTIONS`
+    (left <-> right, up <-> down), e.g. as ``negative_directions``."""
+    table = [DIRECTIONS.index(next(d for d in DIRECTIONS if VELOCITIES[d] == tuple(-v for v in VELOCITIES[a])))
+             for a in DIRECTIONS]
+    return torch.tensor(table)[torch.as_tensor(directions, dtype=torch.long)]
+
+
+def check_direction_guidance(denoiser, directions, negative_directions, direction_guidance: float, n: int,
+                             min_sigma: float = 0.0):
+    """The negative direction of each clip as an (N,) long tensor (the null direction when
+    ``negative_directions`` is None), or None without direction guidance; a ValueError naming the
+    argument otherwise."""
+    if not isinstance(direction_guidance, (int, float)) or not direction_guidance == direction_guidance \
+            or abs(direction_guidance) == float("inf"):
+        raise ValueError(f"direction_guidance={direction_guidance!r} must be a finite number (0 = none)")
+    if not isinstance(min_sigma, (int, float)) or not 0 <= min_sigma < float("inf"):
+        raise ValueError(f"direction_guidance_min_sigma={min_sigma!r} must be a finite number >= 0 (0 = every step)")
+    if direction_guidance == 0:
+        return None
+    if directions is None:
+        raise ValueError(f"direction_guidance={direction_guidance} needs directions to guide towards")
+    null = net_config(denoiser).null_direction
+    if negative_directions is None:
+        return torch.full((n,), null, dtype=torch.long)
+    negative = torch.as_tensor(negative_directions, dtype=torch.long).reshape(-1)
+    if len(negative) != n:
+        raise ValueError(f"negative_directions ({len(negative)}) must have one entry per clip ({n})")
+    bad = negative[(negative < 0) | (negative > null)]
+    if len(bad):
+        raise ValueError(f"negative_directions must be in [0, {null}] ({null} = the null direction), got {bad.tolist()}")
+    return negative
+
+
 @torch.no_grad()
 def generate_video(denoiser, labels=None, directions=None, *, num_samples: int | None = None, shape: tuple[int, ...],
                    known: torch.Tensor | None = None, known_frames=None, reconstruction_weight: float = 0.0,
-                   resample: int = 1, options: SampleOptions | None = None, **overrides) -> torch.Tensor:
+                   resample: int = 1, direction_guidance: float = 0.0, negative_directions=None,
+                   direction_guidance_min_sigma: float = 0.0, options: SampleOptions | None = None, **overrides) -> torch.Tensor:
     """Clips (N, *shape) for class ``labels`` and direction indices ``directions`` (sequences of
     ints, one per clip; either may be omitted), with classifier-free guidance towards both
     (``guidance_scale``; the unconditional branch sees the null tokens). ``shape`` is (C, F, H, W).
+
+    ``direction_guidance`` > 0 adds guidance on the direction alone (:class:`DirectionGuidance`),
+    away from ``negative_directions`` (one per clip; default the null direction;
+    :func:`opposite_directions` for the opposite way) at the steps where sigma >=
+    ``direction_guidance_min_sigma``; 0 is the plain guidance.
 
     ``known`` (N or 1, C, F, H, W) with ``known_frames`` (F,) bool (True = given) conditions on
     those frames: replacement after every step (``resample`` RePaint passes) and reconstruction
@@ -89,6 +168,10 @@ def generate_video(denoiser, labels=None, directions=None, *, num_samples: int |
     labels, directions, n = check_video_request(denoiser, labels, directions, num_samples, shape)
     if opts.guidance_scale != 1.0 and labels is None and directions is None:
         raise ValueError("guidance_scale != 1 needs labels or directions to guide towards")
+    negative = check_direction_guidance(denoiser, directions, negative_directions, direction_guidance, n,
+                                        direction_guidance_min_sigma)
+    if negative is not None and opts.guidance_rescale:
+        raise ValueError(f"guidance_rescale={opts.guidance_rescale} is not applied with direction_guidance: give one")
     mask = None
     if known is not None or known_frames is not None:
         known, mask = check_known(known, known_frames, n, tuple(shape))
@@ -103,12 +186,18 @@ def generate_video(denoiser, labels=None, directions=None, *, num_samples: int |
         x = noise() * prior
         # 5. Conditioning: class and direction, null tokens for the unconditional branch.
         cond, uncond = conditioning(denoiser, labels, directions, start, b, device)
+        if negative is None:
+            model = guided(denoiser, opts.guidance_scale, uncond or None, opts.guidance_rescale)
+        else:  # 5'. Guidance on the direction too: one wrapper, with CFG's scale inside it.
+            model = DirectionGuidance(denoiser, opts.guidance_scale, direction_guidance, uncond, negative[start:start + b],
+                                      direction_guidance_min_sigma)
         if mask is None:
             # 6. Guidance and the sampler.
-            return denoise(denoiser, x, sigmas, opts, noise, cond or None, uncond or None).clamp(-1, 1)
+            if negative is None:
+                return denoise(denoiser, x, sigmas, opts, noise, cond or None, uncond or None).clamp(-1, 1)
+            return denoise(model, x, sigmas, opts.replace(guidance_scale=1.0), noise, cond or None, None).clamp(-1, 1)
         # 6'. Known frames: replacement around the sampler, reconstruction guidance around CFG.
         rows = known[start:start + b].to(device, x.dtype)
-        model = guided(denoiser, opts.guidance_scale, uncond or None, opts.guidance_rescale)
         if reconstruction_weight > 0:
             model = ReconstructionGuidance(model, rows, mask.to(device), reconstruction_weight)
         repaint = functools.partial(sample_repaint, sampler=get_sampler(opts.sampler), resample=resample, known=rows,
@@ -196,4 +285,5 @@ def interpolate_video(denoiser, clips: torch.Tensor, labels=None, directions=Non
                           num_samples=n, **kwargs)
 
 
-__all__ = ["generate_video", "image_to_video", "extend_video", "interpolate_video", "check_video_request", "check_known"]
+__all__ = ["generate_video", "image_to_video", "extend_video", "interpolate_video", "check_video_request", "check_known",
+           "DirectionGuidance", "opposite_directions", "check_direction_guidance"]
