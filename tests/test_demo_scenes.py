@@ -46,3 +46,18 @@ def test_slots_demo_runs_end_to_end(tmp_path):
     assert report["train_cpu_seconds"] == round(report["pretrain_cpu_seconds"] + report["diffusion_cpu_seconds"], 1)
     assert report["remove_n"] >= 1 and report["swap_n"] >= 1
     assert 0 <= report["swap_found_accuracy"] <= 1
+
+
+def test_demo_modes_take_their_own_sampler_default(monkeypatch, tmp_path):
+    import dataclasses
+
+    from difflab.cli import demo as cli_demo
+    from difflab.cli import main
+    seen = {}
+    for name in ("slots", "depth"):
+        monkeypatch.setitem(cli_demo.MODES, name, dataclasses.replace(
+            cli_demo.MODES[name], run=lambda args, out, name=name: seen.setdefault(name, []).append(args.sampler)))
+    assert main(["demo", "--slots", "--out-dir", str(tmp_path)]) == 0
+    assert main(["demo", "--slots", "--sampler", "ddim", "--out-dir", str(tmp_path)]) == 0
+    assert main(["demo", "--depth", "--out-dir", str(tmp_path)]) == 0
+    assert seen == {"slots": ["euler_ancestral", "ddim"], "depth": ["ddim"]}

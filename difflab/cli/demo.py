@@ -20,7 +20,7 @@ from ..demos.digits import run_demo
 from ..demos.motion import run_motion_demo
 from ..demos.policy import run_policy_demo
 from ..demos.shapes3d import run_shapes3d_demo
-from ..demos.slots import run_slots_demo
+from ..demos.slots import SAMPLER as SLOTS_SAMPLER, run_slots_demo
 from ..demos.text import run_text_demo
 from ..demos.video import DIRECTION_GUIDANCE as VIDEO_DIRECTION_GUIDANCE, GUIDANCE as VIDEO_GUIDANCE
 from ..demos.video import NETWORKS as VIDEO_NETWORKS
@@ -211,7 +211,8 @@ MODES: dict[str, DemoMode] = {
                       "beside a supervised depth regressor", "demo_depth_out", _depth_run, _depth_options, ("resample", "generation_sampler")),
     "slots": DemoMode("the slot diffusion demo instead: a slot-attention encoder and a U-Net decoder cross-attending to "
                       "its slots on the embedded scenes, beside slot attention with a mixture decoder; FG-ARI of the slot "
-                      "masks, and scenes recomposed by removing and swapping slots", "demo_slots_out", _slots_run),
+                      f"masks, and scenes recomposed by removing and swapping slots (--sampler default {SLOTS_SAMPLER}, "
+                      "--sampling-steps 25)", "demo_slots_out", _slots_run, sampler=SLOTS_SAMPLER),
 }
 
 
@@ -226,7 +227,7 @@ def add_arguments(d) -> None:
                    help=f"where samples.png, the checkpoints and report.json go (default: demo_out; {defaults})")
     d.add_argument("--steps", type=positive_int, default=None, help="training steps (default: 2000)")
     d.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
-                   help=f"sampler (default: ddim; {VIDEO_SAMPLER} with --video)")
+                   help=f"sampler (default: ddim; {VIDEO_SAMPLER} with --video, {SLOTS_SAMPLER} with --slots)")
     d.add_argument("--sampling-steps", type=positive_int, default=None,
                    help=f"sampler steps (default: 50; 25 per stage with --cascade; {VIDEO_SAMPLING_STEPS} with --video)")
     d.add_argument("--guidance", type=finite_float, default=None,
