@@ -11,7 +11,7 @@ from difflab.data import load_digits
 from difflab.data.moving_digits import DIRECTIONS, moving_digits, still_frames
 from difflab.eval import DigitsJudge
 from difflab.eval.judge import FitConfig
-from difflab.eval.video import centre_steps, crop_digits, estimated_directions, moves_as_asked, video_judge_report
+from difflab.eval.video import crop_digits, estimated_directions, moves_as_asked, video_judge_report
 from difflab.guidance.reconstruction import ReconstructionGuidance
 from difflab.io.spec import build_denoiser, load_denoiser, make_spec, sample_shape
 from difflab.io.video import save_frame_grid, save_gif, save_mp4

@@ -191,28 +191,14 @@ def run_video_demo(out_dir="demo_video_out", *, network: str = "space_time_unet"
     train_seconds, train_cpu = time.time() - t0, time.process_time() - c0
 
     # 4. Sample every class and direction.
-    asked = torch.arange(10).repeat_interleave(len(DIRECTIONS) * clips_per_pair)
-    dirs = torch.arange(len(DIRECTIONS)).repeat_interleave(clips_per_pair).repeat(10)
     opts = SampleOptions(sampler=sampler, steps=sampling_steps, guidance_scale=guidance_scale, seed=seed,
                          batch_size=40, progress=progress)
     t0, c0 = time.time(), time.process_time()
-    samples = generate_video(denoiser, asked, dirs, shape=(1, FRAMES, SIZE, SIZE), options=opts,
-                             direction_guidance=direction_guidance, negative_directions=opposite_directions(dirs),
-                             direction_guidance_min_sigma=DIRECTION_MIN_SIGMA)
+    samples, asked, dirs = sample_every_pair(denoiser, clips_per_pair, opts, direction_guidance)
     sample_seconds, sample_cpu = time.time() - t0, time.process_time() - c0
-    print(f"[4/6] sampled {len(samples)} clips: {sampler}, {sampling_steps} steps, guidance {guidance_scale}, "
-          f"direction guidance {direction_guidance} (sigma >= {DIRECTION_MIN_SIGMA})")
 
     # 5. Image-to-video: held-out first frames, the rest generated (their class and direction asked).
-    n_i2v = 4 if tiny else I2V_CLIPS
-    c0 = time.process_time()
-    i2v = image_to_video(denoiser, held.clips[:n_i2v, :, 0], held.labels[:n_i2v], held.directions[:n_i2v], frames=FRAMES,
-                         options=opts, reconstruction_weight=1.0, direction_guidance=direction_guidance,
-                         negative_directions=opposite_directions(held.directions[:n_i2v]),
-                         direction_guidance_min_sigma=DIRECTION_MIN_SIGMA)
-    i2v_cpu = time.process_time() - c0
-    i2v_scores = clip_scores(judge, i2v, held.labels[:n_i2v], held.directions[:n_i2v])
-    print(f"[5/6] image-to-video from {n_i2v} held-out first frames: motion as asked in {i2v_scores['motion_accuracy']:.1%}")
+    i2v_scores, i2v_cpu = image_to_video_step(denoiser, judge, held, 4 if tiny else I2V_CLIPS, opts, direction_guidance)
 
     # 6. Judge, and write the clips: a row per class, a column per direction.
     picks = torch.arange(0, len(samples), clips_per_pair)
@@ -237,6 +223,33 @@ def run_video_demo(out_dir="demo_video_out", *, network: str = "space_time_unet"
     print(f"[6/6] the judge's reading (clips in {gif}):")
     print(format_video_report(report))
     return report
+
+
+def sample_every_pair(denoiser, clips_per_pair: int, opts: SampleOptions, direction_guidance: float):
+    """Step 4 of the demo: ``clips_per_pair`` clips of every class and direction; returns (clips,
+    classes asked, directions asked)."""
+    asked = torch.arange(10).repeat_interleave(len(DIRECTIONS) * clips_per_pair)
+    dirs = torch.arange(len(DIRECTIONS)).repeat_interleave(clips_per_pair).repeat(10)
+    samples = generate_video(denoiser, asked, dirs, shape=(1, FRAMES, SIZE, SIZE), options=opts,
+                             direction_guidance=direction_guidance, negative_directions=opposite_directions(dirs),
+                             direction_guidance_min_sigma=DIRECTION_MIN_SIGMA)
+    print(f"[4/6] sampled {len(samples)} clips: {opts.sampler}, {opts.steps} steps, guidance {opts.guidance_scale}, "
+          f"direction guidance {direction_guidance} (sigma >= {DIRECTION_MIN_SIGMA})")
+    return samples, asked, dirs
+
+
+def image_to_video_step(denoiser, judge, held, n: int, opts: SampleOptions, direction_guidance: float):
+    """Step 5 of the demo: clips from the first ``n`` held-out first frames, their class and
+    direction asked, judged; returns (scores, CPU seconds)."""
+    c0 = time.process_time()
+    i2v = image_to_video(denoiser, held.clips[:n, :, 0], held.labels[:n], held.directions[:n], frames=FRAMES,
+                         options=opts, reconstruction_weight=1.0, direction_guidance=direction_guidance,
+                         negative_directions=opposite_directions(held.directions[:n]),
+                         direction_guidance_min_sigma=DIRECTION_MIN_SIGMA)
+    i2v_cpu = time.process_time() - c0
+    scores = clip_scores(judge, i2v, held.labels[:n], held.directions[:n])
+    print(f"[5/6] image-to-video from {n} held-out first frames: motion as asked in {scores['motion_accuracy']:.1%}")
+    return scores, i2v_cpu
 
 
 def pretrain_image_network(denoiser, route: VideoRoute, clips, labels, out_dir, *, steps: int | None, progress: bool,
