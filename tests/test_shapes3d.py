@@ -281,6 +281,8 @@ def test_tiny_3d_demo_runs_end_to_end(tmp_path, monkeypatch):
                                     sds_steps=2, pairs=((3, 7),), progress=False)
     rows = report["points"]["per_class"]
     assert len(rows) == 10 and all(0 <= r["gen"]["1nna"] <= 1 and 0 <= r["real"]["cov"] <= 1 for r in rows)
+    # each generated cloud is read as its class or counted once among the confusions
+    assert all(round(r["judge"] * 2) + sum(r["read_as"].values()) == 2 and r["class"] not in r["read_as"] for r in rows)
     assert report["sds"]["pairs"][0]["n"] == 26
     for name in ("point_views.png", "points_turntable.gif", "sds_views.png", "sds_turntable.gif", "report.json",
                  "ply/sphere_000.ply"):

@@ -9,7 +9,7 @@ Point clouds (the procedural shapes of :mod:`difflab.data.shapes3d`):
    training loop on clouds of ``num_points`` points (v-prediction, cosine schedule);
 4. sampling every class with classifier-free guidance (:func:`~difflab.pipelines.points.generate_points`),
    PLY files, a PNG of views and a turntable GIF;
-5. per class: the judge's reading, and MMD / COV / 1-NNA under Chamfer (and EMD on a 64-point
+5. per class: the judge's reading (and which classes it confused them with), and MMD / COV / 1-NNA under Chamfer (and EMD on a 64-point
    subsample) against the held-out shapes, beside a per-class Gaussian baseline and real training
    shapes against the held-out ones (real vs real).
 
@@ -133,9 +133,11 @@ def run_points(out_dir: Path, *, steps, sampler, sampling_steps, guidance_scale,
     real_idx = torch.cat([torch.nonzero(labels == c)[:samples_per_class, 0] for c in range(NUM_CLASSES)])
     real, real_labels = pts[real_idx], labels[real_idx]
     rows = set_rows(gen, held, real, base, asked, held_labels, real_labels, asked)
-    gen_acc = judge.per_class_accuracy(gen, asked)
+    read = judge.logits(gen).argmax(1)
     for c, row in enumerate(rows):
-        row["judge"] = gen_acc[c]
+        row["judge"] = (read[asked == c] == c).float().mean().item()
+        row["read_as"] = {CLASSES[k]: int((read[asked == c] == k).sum()) for k in range(NUM_CLASSES)
+                          if k != c and (read[asked == c] == k).any()}   # the judge's confusions, as counts
     metrics_cpu = time.process_time() - c4
     report = {
         "num_points": num_points, "train_shapes": len(pts), "held_out": len(held), "steps": config.steps,
@@ -159,6 +161,10 @@ def format_points(r: dict) -> str:
         lines.append(f"  {row['class']:<10} {row['judge']:6.0%}  | {g['1nna']:6.0%} {b['1nna']:6.0%} {q['1nna']:6.0%}      "
                      f"| {g['emd_1nna']:6.0%} {q['emd_1nna']:6.0%}        | {g['cov']:6.0%} {b['cov']:6.0%} {q['cov']:6.0%}    "
                      f"| {g['mmd'] * 1e3:6.2f} {q['mmd'] * 1e3:6.2f} (x1e-3)")
+    confused = [f"{row['class']} as " + ", ".join(f"{k} {n}" for k, n in row["read_as"].items())
+                for row in r["per_class"] if row.get("read_as")]
+    if confused:
+        lines.append("  generated clouds the judge read as another class (counts): " + "; ".join(confused))
     return "\n".join(lines)
 
 
