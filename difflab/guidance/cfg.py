@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 
-def _pair(name: str, c, u, batch: int):
+def stack_branches(name: str, c, u, batch: int):
     """Stack the conditional and unconditional values of one keyword along the batch."""
     if not (torch.is_tensor(c) and c.ndim > 0 and c.shape[0] == batch):
         raise ValueError(f"cond {name!r} has an unconditional value, so it must be a tensor with the batch "
@@ -77,7 +77,7 @@ class ClassifierFreeGuidance(nn.Module):
         both = {}
         for name, c in cond.items():
             if name in self.uncond:
-                both[name] = _pair(name, c, self.uncond[name], batch)
+                both[name] = stack_branches(name, c, self.uncond[name], batch)
             elif torch.is_tensor(c) and c.ndim > 0 and c.shape[0] == batch:
                 both[name] = torch.cat([c, c])
             else:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..data.moving_digits import DIRECTIONS, VELOCITIES
+from ..guidance.cfg import stack_branches
 from ..guidance.inpaint import sample_repaint
 from ..guidance.reconstruction import ReconstructionGuidance
 from ..samplers import get_sampler
@@ -94,11 +95,11 @@ class DirectionGuidance(nn.Module):
         on = (sigma >= self.min_sigma) if self.direction_scale else torch.zeros(b, dtype=torch.bool, device=x.device)
         k = 3 if bool(on.any()) else 2
         both = {}
-        for name, c in cond.items():
-            rows = [c, torch.as_tensor(self.uncond.get(name, c), dtype=c.dtype, device=c.device).expand(c.shape)]
+        for name, c in cond.items():  # CFG's pairing (guidance.cfg), then the negative-direction rows
+            pair = stack_branches(name, c, self.uncond.get(name, c), b)
             if k == 3:
-                rows.append(self.negative.to(c.device) if name == "direction_labels" else c)
-            both[name] = torch.cat(rows)
+                pair = torch.cat([pair, self.negative.to(c.device) if name == "direction_labels" else c])
+            both[name] = pair
         out = self.denoiser(torch.cat([x] * k), torch.cat([sigma] * k), **both).chunk(k)
         guided = out[1] + self.scale * (out[0] - out[1])
         if k == 2:
