@@ -62,7 +62,9 @@ def points_spec(num_points: int = NUM_POINTS, knn: int = 0, local_blocks: int | 
                      {"frame": "vp_discrete", "schedule": "cosine", "T": 1000, "prediction": "v"})
 
 
-POINTS_TRAIN = TrainConfig(steps=1200, batch_size=32, lr=1e-3, lr_schedule="cosine", warmup_steps=50, ema_decay=0.995,
+# 2,800 steps (stop 35; was 1,200): the judge reads 96.0% / 93.5% of the clouds as asked (two training seeds),
+# against 82.5% / 85.5% at 1,200 (docs/shapes3d.md)
+POINTS_TRAIN = TrainConfig(steps=2800, batch_size=32, lr=1e-3, lr_schedule="cosine", warmup_steps=50, ema_decay=0.995,
                            cfg_dropout=0.1, checkpoint_every=0, log_every=200, seed=0)
 PRIOR_TRAIN = dataclasses.replace(DEMO_TRAIN, steps=800, batch_size=64, checkpoint_every=0, log_every=200)
 PAIRS = ((3, 7), (1, 4), (0, 8), (2, 5))
