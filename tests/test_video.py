@@ -264,7 +264,8 @@ def test_writers(tmp_path):
 def test_video_demo_tiny_run(tmp_path, capsys):
     from difflab.demos.video import run_video_demo
     DigitsJudge.fit(fit_config=FitConfig(epochs=2)).save(tmp_path / "digits_judge.safetensors")  # a quick judge
-    r = run_video_demo(tmp_path, steps=2, sampling_steps=2, clips_per_pair=1, image_fraction=0.25, tiny=True, progress=False)
+    r = run_video_demo(tmp_path, network="space_time_unet", steps=2, sampling_steps=2, clips_per_pair=1, image_fraction=0.25,
+                       tiny=True, progress=False)
     assert r["n_generated"] == 40 and r["kind"] == "video_unet"
     for key in ("frame_accuracy", "same_class", "motion_accuracy", "frechet", "frechet_real_halves", "cpu_seconds"):
         assert math.isfinite(r[key]), key
@@ -288,3 +289,19 @@ def test_video_demo_motion_module_route_trains_only_the_motion_modules(tmp_path)
     assert frozen and all(torch.equal(frozen[k], image_ema[k]) for k in frozen)  # the pretrained image network, untouched
     with pytest.raises(ValueError, match="joint image-and-video training is the space-time U-Net's"):
         run_video_demo(tmp_path, network="motion_modules", image_fraction=0.25, tiny=True)
+
+
+def test_video_demo_default_network_is_the_frozen_motion_module_route(monkeypatch, tmp_path):
+    import inspect
+
+    from difflab.cli import demo as cli_demo
+    from difflab.cli import main
+    from difflab.demos.video import NETWORK, NETWORKS, run_video_demo
+    assert NETWORK == "motion_modules" and NETWORK in NETWORKS
+    assert inspect.signature(run_video_demo).parameters["network"].default == NETWORK
+    assert NETWORKS[NETWORK]().freeze_image and NETWORKS[NETWORK]().image_spec is not None
+    seen = []
+    monkeypatch.setattr(cli_demo, "run_video_demo", lambda out, **kw: seen.append(kw["network"]))
+    assert main(["demo", "--video", "--out-dir", str(tmp_path)]) == 0
+    assert main(["demo", "--video", "--video-network", "space_time_unet", "--out-dir", str(tmp_path)]) == 0
+    assert seen == ["motion_modules", "space_time_unet"]

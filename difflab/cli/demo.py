@@ -23,7 +23,7 @@ from ..demos.shapes3d import run_shapes3d_demo
 from ..demos.slots import SAMPLER as SLOTS_SAMPLER, run_slots_demo
 from ..demos.text import run_text_demo
 from ..demos.video import DIRECTION_GUIDANCE as VIDEO_DIRECTION_GUIDANCE, GUIDANCE as VIDEO_GUIDANCE
-from ..demos.video import NETWORKS as VIDEO_NETWORKS
+from ..demos.video import NETWORK as VIDEO_NETWORK, NETWORKS as VIDEO_NETWORKS
 from ..demos.video import SAMPLER as VIDEO_SAMPLER, SAMPLING_STEPS as VIDEO_SAMPLING_STEPS
 from ..demos.video import run_video_demo
 from ..samplers import SAMPLERS
@@ -100,10 +100,11 @@ def _audio_run(args, out):
 
 def _video_options(d):
     d.add_argument("--video-network", default=None, choices=sorted(VIDEO_NETWORKS),
-                   help="--video: which network trains (default: space_time_unet, the factorized space-time U-Net)")
+                   help=f"--video: which network trains (default: {VIDEO_NETWORK}, motion modules on a frozen image "
+                        f"U-Net; space_time_unet: the factorized space-time U-Net)")
     d.add_argument("--image-fraction", type=non_negative_float, default=None,
                    help="--video: still-frame stacks added for joint image-and-video training, as a fraction of the "
-                        "clips (default: 0)")
+                        "clips (the space-time U-Net's: --video-network space_time_unet; default: 0)")
     d.add_argument("--direction-guidance", type=non_negative_float, default=None,
                    help=f"--video: guidance on the direction alone, away from the opposite direction, on top of "
                         f"--guidance (default: {VIDEO_DIRECTION_GUIDANCE}; 0 = none)")
@@ -112,7 +113,7 @@ def _video_options(d):
 def _video_run(args, out):
     if args.image_fraction is not None and args.image_fraction >= 1:
         raise UsageError(f"--image-fraction {args.image_fraction} must be below 1 (a fraction of the clips)")
-    run_video_demo(out, network=args.video_network or "space_time_unet", steps=args.steps, sampler=args.sampler,
+    run_video_demo(out, network=args.video_network or VIDEO_NETWORK, steps=args.steps, sampler=args.sampler,
                    sampling_steps=args.sampling_steps or VIDEO_SAMPLING_STEPS, guidance_scale=_guidance(args, VIDEO_GUIDANCE),
                    direction_guidance=VIDEO_DIRECTION_GUIDANCE if args.direction_guidance is None else args.direction_guidance,
                    clips_per_pair=args.samples_per_class or 2, image_fraction=args.image_fraction or 0.0,
