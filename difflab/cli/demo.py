@@ -233,7 +233,7 @@ def add_arguments(d) -> None:
                    help=f"sampler steps (default: 50; 25 per stage with --cascade; {VIDEO_SAMPLING_STEPS} with --video)")
     d.add_argument("--guidance", type=finite_float, default=None,
                    help="classifier-free guidance scale (default: 1.5; 1 = none); with --policy the return-guidance "
-                        "scale of the Diffuser plans (default: 1; 0 = none); with --3d the point clouds' (default: 1.25; 60 steps)")
+                        "scale of the Diffuser plans (default: 1; 0 = none); with --3d the point clouds' (default: 1.5; 60 steps)")
     d.add_argument("--samples-per-class", type=positive_int, default=None,
                    help="samples per class judged (default: 50; 5 with --audio; --video: clips per class and direction, default 2)")
     d.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed (default: 0)")
