@@ -287,3 +287,15 @@ def test_tiny_3d_demo_runs_end_to_end(tmp_path, monkeypatch):
     for name in ("point_views.png", "points_turntable.gif", "sds_views.png", "sds_turntable.gif", "report.json",
                  "ply/sphere_000.ply"):
         assert (tmp_path / name).is_file(), name
+
+
+def test_3d_cli_passes_the_demo_guidance_default_and_an_override(tmp_path, monkeypatch):
+    """`difflab demo --3d` samples the point clouds at POINTS_GUIDANCE (1.5) unless --guidance is given."""
+    import difflab.cli.demo as cli_demo
+    from difflab.cli import main
+    from difflab.demos.shapes3d import POINTS_GUIDANCE
+    seen = []
+    monkeypatch.setattr(cli_demo, "run_shapes3d_demo", lambda out, **kw: seen.append(kw["guidance_scale"]) or {})
+    main(["demo", "--3d", "--skip-sds", "--out-dir", str(tmp_path / "a")])
+    main(["demo", "--3d", "--skip-sds", "--guidance", "2", "--out-dir", str(tmp_path / "b")])
+    assert seen == [POINTS_GUIDANCE, 2.0] and POINTS_GUIDANCE == 1.5

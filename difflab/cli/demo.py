@@ -19,7 +19,7 @@ from ..demos.depth import GUIDANCE as DEPTH_GUIDANCE, run_depth_demo
 from ..demos.digits import run_demo
 from ..demos.motion import run_motion_demo
 from ..demos.policy import run_policy_demo
-from ..demos.shapes3d import run_shapes3d_demo
+from ..demos.shapes3d import POINTS_GUIDANCE, run_shapes3d_demo
 from ..demos.slots import SAMPLER as SLOTS_SAMPLER, run_slots_demo
 from ..demos.text import run_text_demo
 from ..demos.video import DIRECTION_GUIDANCE as VIDEO_DIRECTION_GUIDANCE, GUIDANCE as VIDEO_GUIDANCE
@@ -148,7 +148,7 @@ def _3d_run(args, out):
     if (args.samples_per_class or 20) < 2:
         raise UsageError("--samples-per-class must be >= 2 with --3d (the set metrics compare sets)")
     run_shapes3d_demo(out, steps=args.steps, sampler=args.sampler, sampling_steps=args.sampling_steps or 60,
-                      guidance_scale=_guidance(args, 1.5), samples_per_class=args.samples_per_class or 20,
+                      guidance_scale=_guidance(args, POINTS_GUIDANCE), samples_per_class=args.samples_per_class or 20,
                       num_points=args.num_points or 256, seed=args.seed, prior=args.prior, sds_steps=args.sds_steps or 200,
                       method="vsd" if args.vsd else "sds", points=not args.skip_points, sds=not args.skip_sds)
 

@@ -66,6 +66,9 @@ def points_spec(num_points: int = NUM_POINTS, knn: int = 0, local_blocks: int | 
 # against 82.5% / 85.5% at 1,200 (docs/shapes3d.md)
 POINTS_TRAIN = TrainConfig(steps=2800, batch_size=32, lr=1e-3, lr_schedule="cosine", warmup_steps=50, ema_decay=0.995,
                            cfg_dropout=0.1, checkpoint_every=0, log_every=200, seed=0)
+# Classifier-free guidance 1.5 (stop 34). Stop 36 probed 1.0-2.0 on the stop-35 model: 1.25 met one or two more classes'
+# set bars at 50 clouds a class but read 90.5% as asked on a second sampling seed, at the judge's bar (docs/shapes3d.md)
+POINTS_GUIDANCE = 1.5
 PRIOR_TRAIN = dataclasses.replace(DEMO_TRAIN, steps=800, batch_size=64, checkpoint_every=0, log_every=200)
 PAIRS = ((3, 7), (1, 4), (0, 8), (2, 5))
 SDS = SDSConfig(steps=200, views_per_step=8, guidance_scale=5.0, lr=0.05)
@@ -225,7 +228,7 @@ def run_sds(out_dir: Path, *, prior, prior_steps, sds_steps, pairs, guidance_sca
 
 
 def run_shapes3d_demo(out_dir="demo_3d_out", *, steps: int | None = None, sampler: str = "ddim", sampling_steps: int = 60,
-                      guidance_scale: float = 1.5, samples_per_class: int = 20, num_points: int = NUM_POINTS, seed: int = 0,
+                      guidance_scale: float = POINTS_GUIDANCE, samples_per_class: int = 20, num_points: int = NUM_POINTS, seed: int = 0,
                       prior=None, prior_steps: int | None = None, sds_steps: int = 200, sds_guidance: float | None = None,
                       pairs=PAIRS, method: str = "sds", points: bool = True, sds: bool = True, progress: bool = True) -> dict:
     """Run the point-cloud part (``points``) and the score-distillation part (``sds``); write
@@ -250,4 +253,4 @@ def run_shapes3d_demo(out_dir="demo_3d_out", *, steps: int | None = None, sample
     return report
 
 
-__all__ = ["run_shapes3d_demo", "points_spec", "POINTS_TRAIN", "PRIOR_TRAIN", "PAIRS", "SDS", "format_points"]
+__all__ = ["run_shapes3d_demo", "points_spec", "POINTS_TRAIN", "POINTS_GUIDANCE", "PRIOR_TRAIN", "PAIRS", "SDS", "format_points"]
