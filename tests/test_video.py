@@ -335,7 +335,8 @@ def test_video_demo_default_network_is_the_frozen_motion_module_route(monkeypatc
     assert inspect.signature(run_video_demo).parameters["network"].default == NETWORK
     assert NETWORKS[NETWORK]().freeze_image and NETWORKS[NETWORK]().image_spec is not None
     seen = []
-    monkeypatch.setattr(cli_demo, "run_video_demo", lambda out, **kw: seen.append(kw["network"]))
+    monkeypatch.setattr(cli_demo, "run_video_demo", lambda out, **kw: seen.append((kw["network"], kw["end_frame_weight"])))
     assert main(["demo", "--video", "--out-dir", str(tmp_path)]) == 0
-    assert main(["demo", "--video", "--video-network", "space_time_unet", "--out-dir", str(tmp_path)]) == 0
-    assert seen == ["motion_modules", "space_time_unet"]
+    assert main(["demo", "--video", "--video-network", "space_time_unet", "--end-frame-weight", "2.5",
+                 "--out-dir", str(tmp_path)]) == 0
+    assert seen == [("motion_modules", None), ("space_time_unet", 2.5)]
