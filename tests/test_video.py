@@ -116,6 +116,38 @@ def test_training_step_and_checkpoint_round_trip(tmp_path):
     assert out.shape == x.shape and torch.isfinite(out).all()
 
 
+def test_end_frame_weights_uniform_reproduce_the_loss_and_heavier_ends_weigh_the_ends():
+    from difflab.demos.video import end_frame_weights
+    from difflab.train.objectives.diffusion import DiffusionObjective
+    w = end_frame_weights(4, 3.0)
+    assert torch.allclose(w, torch.tensor([1.5, 0.5, 0.5, 1.5])) and math.isclose(w.mean().item(), 1.0, rel_tol=1e-6)
+    assert torch.equal(end_frame_weights(4, 1.0), torch.ones(4))
+    with pytest.raises(ValueError, match="must be > 0"):
+        end_frame_weights(4, 0.0)
+    den = build_denoiser(make_spec("video_unet", TINY, DIFFUSION), seed=0)
+    torch.manual_seed(0)
+    batch = {"x0": torch.randn(2, 1, 4, 8, 8), "sigma": torch.tensor([0.5, 3.0]), "noise": torch.randn(2, 1, 4, 8, 8),
+             "class_labels": torch.tensor([0, 1]), "direction_labels": torch.tensor([2, 3])}
+
+    def loss_and_grad(frame_weights):
+        den.net.zero_grad()
+        loss = DiffusionObjective(den, frame_weights=frame_weights).loss(batch)
+        loss.mean().backward()
+        return loss.detach(), [p.grad.clone() for p in den.net.parameters() if p.grad is not None]
+
+    plain, g_plain = loss_and_grad(None)
+    uniform, g_uniform = loss_and_grad(torch.ones(4))
+    assert torch.equal(plain, uniform) and all(torch.equal(a, b) for a, b in zip(g_plain, g_uniform))
+    # the weighted loss is the weighted mean of the per-frame errors: only frame 0 weighted, only frame 0's error
+    per_frame = torch.stack([loss_and_grad(torch.eye(4)[f])[0] * 4 for f in range(4)], 1)  # (B, F): frame f's mean error
+    assert torch.allclose(per_frame.mean(1), plain, rtol=1e-5)
+    weighted, g_weighted = loss_and_grad(w)
+    assert torch.allclose(weighted, (per_frame * w).mean(1), rtol=1e-5)
+    assert any((a - b).abs().max() > 1e-6 for a, b in zip(g_plain, g_weighted))  # the weights change the gradient
+    with pytest.raises(ValueError, match="frame_weights"):
+        DiffusionObjective(den, frame_weights=torch.ones(4), loss="hybrid")
+
+
 def test_a_flag_with_null_cond_none_is_never_dropped():
     batch = {"x0": torch.zeros(64, 1, 2, 2), "class_labels": torch.zeros(64, dtype=torch.long),
              "direction_labels": torch.zeros(64, dtype=torch.long), "independent_frames": torch.ones(64, dtype=torch.bool)}
@@ -280,8 +312,10 @@ def test_video_demo_motion_module_route_trains_only_the_motion_modules(tmp_path)
     from difflab.demos.video import run_video_demo
     from difflab.io.checkpoint import load_checkpoint
     DigitsJudge.fit(fit_config=FitConfig(epochs=2)).save(tmp_path / "digits_judge.safetensors")
-    r = run_video_demo(tmp_path, network="motion_modules", steps=2, sampling_steps=2, clips_per_pair=1, tiny=True, progress=False)
+    r = run_video_demo(tmp_path, network="motion_modules", steps=2, sampling_steps=2, clips_per_pair=1, tiny=True, progress=False,
+                       end_frame_weight=2.0)
     assert r["kind"] == "motion_unet" and r["image_steps"] > 0 and 0 < r["trainable_parameters"] < r["parameters"]
+    assert r["end_frame_weight"] == 2.0
     image = load_checkpoint(tmp_path / "motion_modules" / "image")
     video = load_checkpoint(tmp_path / "motion_modules")
     image_ema = {k[len("ema."):]: v for k, v in image[0].items() if k.startswith("ema.")}
@@ -301,7 +335,8 @@ def test_video_demo_default_network_is_the_frozen_motion_module_route(monkeypatc
     assert inspect.signature(run_video_demo).parameters["network"].default == NETWORK
     assert NETWORKS[NETWORK]().freeze_image and NETWORKS[NETWORK]().image_spec is not None
     seen = []
-    monkeypatch.setattr(cli_demo, "run_video_demo", lambda out, **kw: seen.append(kw["network"]))
+    monkeypatch.setattr(cli_demo, "run_video_demo", lambda out, **kw: seen.append((kw["network"], kw["end_frame_weight"])))
     assert main(["demo", "--video", "--out-dir", str(tmp_path)]) == 0
-    assert main(["demo", "--video", "--video-network", "space_time_unet", "--out-dir", str(tmp_path)]) == 0
-    assert seen == ["motion_modules", "space_time_unet"]
+    assert main(["demo", "--video", "--video-network", "space_time_unet", "--end-frame-weight", "2.5",
+                 "--out-dir", str(tmp_path)]) == 0
+    assert seen == [("motion_modules", None), ("space_time_unet", 2.5)]

@@ -55,13 +55,28 @@ class VideoRoute:
     (``train``). With ``image_spec`` it is the motion-module route (Guo et al. 2023, AnimateDiff):
     that image network first trains on single frames (``image_train``), is frozen, and the video
     network (``spec``, kind ``motion_unet`` around it) trains only its motion modules; with
-    ``freeze_image`` False (the control) the image network trains on the clips too."""
+    ``freeze_image`` False (the control) the image network trains on the clips too.
+    ``end_frame_weight``: the loss weight of the first and last frame relative to the others
+    (:func:`end_frame_weights`; 1.0: every frame weighs the same)."""
 
     spec: dict
     train: TrainConfig
     image_spec: dict | None = None
     image_train: TrainConfig | None = None
     freeze_image: bool = True
+    end_frame_weight: float = 1.0
+
+
+def end_frame_weights(frames: int, end: float) -> torch.Tensor:
+    """Per-frame loss weights (frames,): the first and last frame ``end`` times the others, normalised
+    to mean 1 (so the loss's scale, and the learning rate's meaning, stay those of uniform weights).
+    An engineering choice, no paper's: the motion-module network's clean estimate moved the end frames
+    least and erred most there (docs/video.md, stop 36)."""
+    if not (end > 0 and frames >= 2):
+        raise ValueError(f"end={end} must be > 0 and frames={frames} >= 2")
+    w = torch.ones(frames)
+    w[0] = w[-1] = end
+    return w / w.mean()
 
 
 def backbone(tiny: bool) -> dict:
@@ -133,7 +148,8 @@ def training_data(n: int, image_fraction: float, seed: int = 0):
 def train_route(route: VideoRoute, network: str, config, data, null_cond, out_dir: Path, *, steps: int | None,
                 progress: bool, resume: bool):
     """Step 3 of the demo: build the route's network and train it (the motion-module route: its image
-    network on single frames first, then frozen). Returns the EMA denoiser and the image step's CPU s."""
+    network on single frames first, then frozen; the clips' frames weighted by the route's
+    ``end_frame_weight``). Returns the EMA denoiser and the image step's CPU s."""
     spec = route.spec
     denoiser = build_denoiser(spec, seed=config.seed)
     image_cpu = 0.0
@@ -146,8 +162,10 @@ def train_route(route: VideoRoute, network: str, config, data, null_cond, out_di
     only = route.image_spec is not None and route.freeze_image
     print(f"[3/6] training {network} ({spec['network']['kind']}) for {config.steps} steps (batch {config.batch_size}"
           f"{', motion modules only' if only else ''})")
+    weights = None if route.end_frame_weight == 1.0 else end_frame_weights(FRAMES, route.end_frame_weight)
     state = train(denoiser, data, config, out_dir / network, spec=spec, null_cond=null_cond,
-                  metadata={"size": SIZE, "frames": FRAMES}, resume=resume)
+                  metadata={"size": SIZE, "frames": FRAMES, "end_frame_weight": route.end_frame_weight}, resume=resume,
+                  frame_weights=weights)
     state.ema.copy_to(denoiser.net)
     denoiser.eval()
     return denoiser, image_cpu
@@ -156,17 +174,20 @@ def train_route(route: VideoRoute, network: str, config, data, null_cond, out_di
 def run_video_demo(out_dir="demo_video_out", *, network: str = NETWORK, steps: int | None = None,
                    sampler: str = SAMPLER, sampling_steps: int = SAMPLING_STEPS, guidance_scale: float = GUIDANCE,
                    direction_guidance: float = DIRECTION_GUIDANCE, clips_per_pair: int = 2,
-                   image_fraction: float = 0.0, seed: int = 0, resume: bool = False, tiny: bool = False,
-                   progress: bool = True) -> dict:
+                    image_fraction: float = 0.0, seed: int = 0, resume: bool = False, tiny: bool = False,
+                   progress: bool = True, end_frame_weight: float | None = None) -> dict:
     """Train, sample and judge (see the module docstring); ``tiny``: a small network and data set
     for tests. ``direction_guidance``: the scale of the guidance on the direction alone, away from
     the opposite direction (:class:`~difflab.pipelines.video.DirectionGuidance`; 0 = plain CFG).
+    ``end_frame_weight``: overrides the route's loss weight of the end frames (:func:`end_frame_weights`).
     Returns the report (also in ``out_dir/report.json``)."""
     if network not in NETWORKS:
         raise ValueError(f"network={network!r} is unknown; choose one of {sorted(NETWORKS)}")
     if not 0.0 <= image_fraction < 1.0:
         raise ValueError(f"image_fraction={image_fraction} must be in [0, 1)")
     route = NETWORKS[network](tiny)
+    if end_frame_weight is not None:
+        route = dataclasses.replace(route, end_frame_weight=end_frame_weight)
     if image_fraction and route.image_spec is not None:
         raise ValueError(f"image_fraction={image_fraction}: joint image-and-video training is the space-time U-Net's; "
                          f"network={network!r} trains its image network on single frames first")
@@ -215,8 +236,8 @@ def run_video_demo(out_dir="demo_video_out", *, network: str = NETWORK, steps: i
                                 reference=reference.clips)
     report.update(i2v_frame_accuracy=i2v_scores["frame_accuracy"], i2v_motion_accuracy=i2v_scores["motion_accuracy"],
                   network=network, kind=spec["network"]["kind"], steps=config.steps, batch_size=config.batch_size,
-                  image_fraction=image_fraction, sampler=sampler, sampling_steps=sampling_steps,
-                  guidance_scale=guidance_scale, direction_guidance=direction_guidance,
+                  image_fraction=image_fraction, end_frame_weight=route.end_frame_weight, sampler=sampler,
+                  sampling_steps=sampling_steps, guidance_scale=guidance_scale, direction_guidance=direction_guidance,
                   direction_min_sigma=DIRECTION_MIN_SIGMA, train_seconds=round(train_seconds, 1),
                   train_cpu_seconds=round(train_cpu, 1),
                   image_steps=route.image_train.steps if route.image_train else 0, image_cpu_seconds=round(image_cpu, 1),

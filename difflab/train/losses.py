@@ -53,12 +53,15 @@ def loss_weight(weighting: str, prediction: str, alpha, sigma_in, *, sigma_data:
 
 
 def diffusion_loss(denoiser, x0: torch.Tensor, sigma, noise: torch.Tensor, *, weighting: str = "simple",
-                   min_snr_gamma: float = 5.0, extra_args: dict | None = None) -> torch.Tensor:
+                   min_snr_gamma: float = 5.0, extra_args: dict | None = None,
+                   element_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Per-example denoising loss mean(w * (out - target)^2) of shape (B,), in the network's own
     parameterization (Ho et al. 2020, Algorithm 1; Karras et al. 2022, eq. 2 and 8).
 
     ``x0`` is clean data (B, ...), ``sigma`` a scalar or (B,) canonical noise level, ``noise``
     a standard normal draw shaped like ``x0``; ``extra_args`` go to the network (``class_labels=``).
+    ``element_weight``: a fixed weight broadcastable to ``x0`` (e.g. per frame of a clip,
+    (1, 1, F, 1, 1)) on each squared error, on top of ``w``; None: uniform (1).
     """
     sigma = torch.as_tensor(sigma, dtype=x0.dtype, device=x0.device)
     if sigma.ndim == 0:
@@ -66,15 +69,18 @@ def diffusion_loss(denoiser, x0: torch.Tensor, sigma, noise: torch.Tensor, *, we
     x = x0 + append_dims(sigma, x0.ndim) * noise
     out, x_in, alpha, sigma_in = denoiser.net_output(x, sigma, **(extra_args or {}))
     target = denoiser.target(x0, noise, sigma)
-    return weighted_mse(denoiser, out, target, alpha, sigma_in, weighting=weighting, min_snr_gamma=min_snr_gamma)
+    return weighted_mse(denoiser, out, target, alpha, sigma_in, weighting=weighting, min_snr_gamma=min_snr_gamma,
+                        element_weight=element_weight)
 
 
 def weighted_mse(denoiser, out: torch.Tensor, target: torch.Tensor, alpha, sigma_in, *, weighting: str = "simple",
-                 min_snr_gamma: float = 5.0) -> torch.Tensor:
+                 min_snr_gamma: float = 5.0, element_weight: torch.Tensor | None = None) -> torch.Tensor:
     """mean(w * (out - target)^2) per example, w = :func:`loss_weight` at frame levels
-    (alpha, sigma_in): the denoising term of :func:`diffusion_loss` and of the hybrid loss
-    (:func:`difflab.train.vlb.hybrid_loss`), given one network output."""
+    (alpha, sigma_in), times ``element_weight`` where given: the denoising term of
+    :func:`diffusion_loss` and of the hybrid loss (:func:`difflab.train.vlb.hybrid_loss`), given one network output."""
     w = loss_weight(weighting, denoiser.prediction, alpha, sigma_in, sigma_data=denoiser.sigma_data, min_snr_gamma=min_snr_gamma)
+    if element_weight is not None:
+        w = w * element_weight.to(out)
     return (w * (out - target) ** 2).reshape(out.shape[0], -1).mean(1)
 
 

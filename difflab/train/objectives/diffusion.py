@@ -78,19 +78,30 @@ class DiffusionObjective:
     conditioning inputs that get random draws of their own per example, e.g. cascaded diffusion's
     noise-conditioning augmentation of the low-res image
     (:class:`difflab.train.NoiseConditioningAugmentation`). Drawing from ``generator`` keeps resumes
-    bit-exact; keys it adds reach the net as keywords."""
+    bit-exact; keys it adds reach the net as keywords.
+
+    ``frame_weights``: for clips (B, C, F, H, W), a weight per frame (F,) on each frame's squared
+    error (``loss="mse"`` only): an engineering choice, no paper's, e.g. heavier end frames where a
+    video network's error is highest (docs/video.md, stop 36); None: every frame weighs 1."""
 
     name = "diffusion"
 
     def __init__(self, denoiser: Denoiser, *, weighting: str = "simple", min_snr_gamma: float = 5.0, loss: str = "mse",
                  vlb_weight: float = 0.001, noise_level: str | None = None, noise_level_kwargs: dict | None = None,
                  cfg_dropout: float = 0.0, null_class: int | None = None, null_cond: dict | None = None,
-                 augment: Callable[[dict, torch.Generator], dict] | None = None):
+                 augment: Callable[[dict, torch.Generator], dict] | None = None,
+                 frame_weights: torch.Tensor | None = None):
         if loss not in LOSS_FUNCTIONS:
             raise ValueError(f"loss={loss!r} must be one of {sorted(LOSS_FUNCTIONS)}")
         if augment is not None and not callable(augment):
             raise ValueError(f"augment must be a function (batch, generator) -> batch or None, got {type(augment).__name__}")
-        self.augment = augment
+        if frame_weights is not None:
+            frame_weights = torch.as_tensor(frame_weights, dtype=torch.float32)
+            if loss != "mse" or frame_weights.ndim != 1 or not bool((frame_weights >= 0).all()):
+                raise ValueError(f"frame_weights must be a 1-D tensor of weights >= 0 (one per frame) with loss='mse', "
+                                 f"got {tuple(frame_weights.shape)} with loss={loss!r}")
+            frame_weights = frame_weights.reshape(1, 1, -1, 1, 1)  # (B, C, F, H, W) clips
+        self.augment, self.frame_weights = augment, frame_weights
         self.denoiser, self.module = denoiser, denoiser.net
         self.weighting, self.min_snr_gamma, self.loss_name, self.vlb_weight = weighting, min_snr_gamma, loss, vlb_weight
         self.draw_kwargs = dict(noise_level=noise_level, noise_level_kwargs=dict(noise_level_kwargs or {}),
@@ -98,11 +109,12 @@ class DiffusionObjective:
 
     @classmethod
     def from_config(cls, denoiser: Denoiser, config: TrainConfig, *, null_class: int | None = None,
-                    null_cond: dict | None = None, augment=None) -> "DiffusionObjective":
+                    null_cond: dict | None = None, augment=None, frame_weights=None) -> "DiffusionObjective":
         """The objective of ``config``'s diffusion fields (weighting, loss, noise level, cfg_dropout)."""
         return cls(denoiser, weighting=config.weighting, min_snr_gamma=config.min_snr_gamma, loss=config.loss,
                    vlb_weight=config.vlb_weight, noise_level=config.noise_level, noise_level_kwargs=config.noise_level_kwargs,
-                   cfg_dropout=config.cfg_dropout, null_class=null_class, null_cond=null_cond, augment=augment)
+                   cfg_dropout=config.cfg_dropout, null_class=null_class, null_cond=null_cond, augment=augment,
+                   frame_weights=frame_weights)
 
     def draw(self, batch: dict, generator: torch.Generator) -> dict:
         out = draw_diffusion(batch, generator, self.denoiser.frame, **self.draw_kwargs)
@@ -113,6 +125,8 @@ class DiffusionObjective:
         kw = dict(extra_args=extra, weighting=self.weighting, min_snr_gamma=self.min_snr_gamma)
         if self.loss_name == "hybrid":
             kw["vlb_weight"] = self.vlb_weight
+        if self.frame_weights is not None:
+            kw["element_weight"] = self.frame_weights
         return LOSS_FUNCTIONS[self.loss_name](self.denoiser, batch["x0"], batch["sigma"], batch["noise"], **kw)
 
 
@@ -181,7 +195,7 @@ def resolve_null_class(net, labels, config: TrainConfig, null_class: int | None)
 def train(denoiser: Denoiser, data, config: TrainConfig, out_dir, *, spec: dict | None = None,
           null_class: int | None = None, metadata: dict | None = None, resume: bool = True,
           callback: Callable[[dict], None] | None = None, null_cond: dict | None = None, augment=None,
-          data_source=None) -> TrainState:
+          data_source=None, frame_weights=None) -> TrainState:
     """Train ``denoiser.net`` on ``data`` for ``config.steps`` optimizer steps: the
     :class:`DiffusionObjective` of ``config`` run by :func:`difflab.train.fit` (see it for
     checkpoints, resuming, logging and DDP/FSDP).
@@ -198,10 +212,12 @@ def train(denoiser: Denoiser, data, config: TrainConfig, out_dir, *, spec: dict 
     ``augment``: the :class:`DiffusionObjective`'s draw-time hook (e.g. noise-conditioning augmentation).
     ``data_source``: where the data came from (``"digits"``, an image folder), recorded with the
     data's hash in every checkpoint (see :func:`difflab.train.fit`).
+    ``frame_weights``: the :class:`DiffusionObjective`'s weight per frame of a clip (None: uniform).
     """
     images, labels, cond = as_dataset(data)
     null_class = resolve_null_class(denoiser.net, labels, config, null_class)
-    objective = DiffusionObjective.from_config(denoiser, config, null_class=null_class, null_cond=null_cond, augment=augment)
+    objective = DiffusionObjective.from_config(denoiser, config, null_class=null_class, null_cond=null_cond, augment=augment,
+                                           frame_weights=frame_weights)
     was_training = denoiser.training
     denoiser.train()
     try:
