@@ -331,6 +331,10 @@ CLI_CASES = [
      "needs --video"),
     ("demo-video-direction-guidance-negative", ["demo", "--video", "--direction-guidance", "-1", "--out-dir", "{root}/demo"],
      2, "--direction-guidance"),
+    ("demo-end-frame-weight-without-video", ["demo", "--end-frame-weight", "2", "--out-dir", "{root}/demo"], 2,
+     "needs --video"),
+    ("demo-video-end-frame-weight-nan", ["demo", "--video", "--end-frame-weight", "nan", "--out-dir", "{root}/demo"], 2,
+     "--end-frame-weight"),
     # 3-D (issue 21)
     ("demo-3d-and-video", ["demo", "--3d", "--video", "--out-dir", "{root}/demo"], 2, "not both"),
     ("demo-3d-resume", ["demo", "--3d", "--resume", "--out-dir", "{root}/demo"], 2, "--resume"),
