@@ -10,13 +10,13 @@ network without them (a constant rate) read 87% or 98% depending on the kernels 
 stop 36)."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..data.scenes import COLOURS, camera, render
+from ..train.loop import TrainConfig, lr_at
+from ..train.objectives.classification import random_shift
 
 
 class SceneJudge(nn.Module):
@@ -68,17 +68,12 @@ def colour_presence(colours: torch.Tensor) -> torch.Tensor:
 
 
 def shifted(images: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Each image translated by up to ``shift`` pixels in x and y (edge pixels repeated): an
-    object moved by a pixel is the same object."""
+    """Each image translated by up to ``shift`` pixels in x and y, edge pixels repeated (an object
+    moved by a pixel is the same object): :func:`~difflab.train.objectives.random_shift` on the
+    transposed images, so that the first offset drawn moves x, as in the judges measured at stop 36."""
     if shift <= 0:
         return images
-    n, _, h, w = images.shape
-    padded = F.pad(images, (shift,) * 4, mode="replicate")
-    dx, dy = (torch.randint(2 * shift + 1, (2, n), generator=generator))
-    rows = (torch.arange(h)[None, :] + dy[:, None])[:, None, :, None].expand(n, 3, h, w + 2 * shift)
-    cropped = padded.gather(2, rows)
-    cols = (torch.arange(w)[None, :] + dx[:, None])[:, None, None, :].expand(n, 3, h, w)
-    return cropped.gather(3, cols)
+    return random_shift(images.transpose(2, 3), shift, generator, fill="replicate").transpose(2, 3)
 
 
 def empty_room(size: int) -> torch.Tensor:
@@ -88,13 +83,12 @@ def empty_room(size: int) -> torch.Tensor:
 
 def train_scene_judge(images: torch.Tensor, counts: torch.Tensor, colours: torch.Tensor, *, max_objects: int = 4,
                       steps: int = 600, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
-                      lr_schedule: str = "cosine", shift: int = 1, weight_decay: float = 0.0,
-                      norm: bool = True, empty: float = 0.0) -> SceneJudge:
+                      lr_schedule: str = "cosine", shift: int = 1, norm: bool = True, empty: float = 0.0) -> SceneJudge:
     """Train a :class:`SceneJudge` on real scenes (images, counts 1..max, colour indices (N, max)
-    with -1 padding) with Adam(W): cross-entropy on the count plus binary cross-entropy on each
+    with -1 padding) with Adam: cross-entropy on the count plus binary cross-entropy on each
     colour's presence. Random horizontal flips (a mirrored scene has the same objects) and shifts
     of up to ``shift`` pixels. ``lr_schedule="cosine"`` decays the rate to zero over the steps
-    (Loshchilov & Hutter 2017), so the judge ends at a settled point rather than wherever the last
+    (Loshchilov & Hutter 2017; :func:`difflab.train.lr_at`, no warmup), so the judge ends at a settled point rather than wherever the last
     full-rate steps left it (``"constant"``: the rate throughout). ``empty`` > 0: that fraction
     of each batch is the empty room (:func:`empty_room`, count 0, no colours), and the judge reads
     counts 0..max, so an empty generated scene is read as empty rather than as one object."""
@@ -103,12 +97,12 @@ def train_scene_judge(images: torch.Tensor, counts: torch.Tensor, colours: torch
     judge = SceneJudge(max_objects, seed=seed, norm=norm, empty=empty > 0)
     present, room = colour_presence(colours).float(), empty_room(images.shape[-1])
     generator = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(judge.parameters(), lr, weight_decay=weight_decay)
+    opt = torch.optim.Adam(judge.parameters(), lr)
+    schedule = TrainConfig(steps=steps, lr=lr, lr_schedule=lr_schedule, warmup_steps=0)
     judge.train()
     for step in range(steps):
-        if lr_schedule == "cosine":
-            for group in opt.param_groups:
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(schedule, step)
         idx = torch.randint(len(images), (batch_size,), generator=generator)
         x, target, colour_target = images[idx], counts[idx] - 1 + int(judge.empty), present[idx]
         if judge.empty:

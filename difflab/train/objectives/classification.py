@@ -10,12 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def random_shift(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Translate each image (N, C, H, W) by up to ``shift`` pixels in x and y, filling with background (-1)."""
+def random_shift(x: torch.Tensor, shift: int, generator: torch.Generator, fill: float | str = -1.0) -> torch.Tensor:
+    """Translate each image (N, C, H, W) by up to ``shift`` pixels in x and y, filling with ``fill``:
+    a value (the digits' background, -1) or ``"replicate"`` (edge pixels repeated, for scenes with a room)."""
     if shift == 0:
         return x
     n, _, h, w = x.shape
-    padded = F.pad(x, (shift,) * 4, value=-1.0)
+    padded = F.pad(x, (shift,) * 4, mode="replicate") if fill == "replicate" else F.pad(x, (shift,) * 4, value=float(fill))
     dy, dx = torch.randint(0, 2 * shift + 1, (2, n), generator=generator)
     rows = (dy[:, None] + torch.arange(h))[:, :, None]          # (n, h, 1)
     cols = (dx[:, None] + torch.arange(w))[:, None, :]          # (n, 1, w)
