@@ -28,7 +28,6 @@ import functools
 
 import numpy as np
 import torch
-from scipy.signal import lfilter
 
 SAMPLE_RATE = 8000
 LENGTH = 4032           # 0.504 s
@@ -95,6 +94,8 @@ def one_clip(c: int, rng: np.random.Generator) -> np.ndarray:
     elif name == "noise burst":
         w = rng.normal(size=n)
         alpha = rng.uniform(0.3, 0.9)  # one-pole smoothing: lower alpha, brighter
+        from scipy.signal import lfilter  # here, not at the top: scipy is the demo extra's, and slow to import
+
         y = lfilter([1.0], [1.0, -alpha], w)
         x = np.diff(y, prepend=0.0) * np.exp(-t / rng.uniform(0.05, 0.2))
     elif name == "drums":

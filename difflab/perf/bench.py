@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-import torch._dynamo
 from torch import nn
 
 from .fast import autocast, fp8_supported, optimize
@@ -177,6 +176,8 @@ def _variant(ctx: Context, workload, impl, name, unit, flops, build, run, ref, *
                "fp8": "needs FP8 tensor cores (compute capability >= 8.9)"}
         return Result(workload, impl, name, None, unit, note="skipped: " + "; ".join(why[n] for n in missing))
     ctx.log(f"  {workload}: {impl} {name} ...")
+    import torch._dynamo  # here: importing dynamo costs seconds at every CLI start
+
     torch._dynamo.reset()  # each variant compiles afresh: no shapes marked dynamic by an earlier variant
     try:
         fn, inputs = build()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -34,10 +35,12 @@ from torch import nn
 
 from .objective import objective_name
 
-if dist.is_available():
-    from torch.distributed.tensor import DTensor, distribute_tensor
-else:  # builds without torch.distributed: only parallel="none"
-    DTensor, distribute_tensor = (), None
+
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a DTensor (FSDP2's sharded tensor). torch.distributed.tensor is not imported
+    here (it costs a second at every start, the CLI's included); none exists before FSDP imported it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 PARALLELS = ("none", "ddp", "fsdp")
 
@@ -69,7 +72,7 @@ def local_slice(batch_size: int, grad_accum: int, rank: int, world_size: int) ->
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind a DTensor (an all-gather, every rank must call it); other tensors as they are."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    return t.full_tensor() if is_dtensor(t) else t
 
 
 def fsdp_units(net: nn.Module) -> list[nn.Module]:
@@ -199,7 +202,7 @@ class Parallel:
         for k, v in state.items():
             v = full_tensor(v)
             if self.is_main:
-                out[k] = v.detach().cpu() if isinstance(state[k], DTensor) else v
+                out[k] = v.detach().cpu() if is_dtensor(state[k]) else v
         return out
 
     def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
@@ -214,10 +217,12 @@ class Parallel:
         wherever ``like[k]`` is a DTensor of the same shape; other entries unchanged."""
         if self.mode != "fsdp":
             return full
+        from torch.distributed.tensor import distribute_tensor
+
         out = dict(full)
         for k, ref in like.items():
             v = full.get(prefix + k)
-            if isinstance(ref, DTensor) and v is not None and v.shape == ref.shape:
+            if is_dtensor(ref) and v is not None and v.shape == ref.shape:
                 # src_data_rank=None: every rank holds the whole tensor and keeps its own shard, no communication
                 out[prefix + k] = distribute_tensor(v.to(ref.device, ref.dtype), ref.device_mesh, ref.placements,
                                                     src_data_rank=None)
