@@ -33,12 +33,21 @@ def test_help_gives_every_command_its_help_line(capsys):
         assert f" {name} {' '.join(module.HELP.split())}" in out, f"difflab --help does not list {name!r} with its HELP"
 
 
-def test_python_m_difflab_cli_help_lists_the_commands():
+# Imported only where used: each costs a second or more at every start (CLI, torchrun worker, subprocess)
+SLOW_IMPORTS = ("scipy", "sklearn", "transformers", "diffusers", "matplotlib", "imageio", "torch._dynamo",
+                "torch.distributed.tensor")
+
+
+def test_python_m_difflab_cli_help_lists_the_commands_and_starts_light():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-m", "difflab.cli", "--help"], capture_output=True, text=True, env=env,
-                          timeout=120)
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "difflab.cli", "--help"], capture_output=True,
+                          text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: difflab") and all(name in done.stdout for name in COMMANDS)
+    imported = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert len(imported) > 100, done.stderr[-500:]  # -X importtime did list the imports
+    slow = sorted(m for m in imported if m.split(".")[0] in SLOW_IMPORTS or m in SLOW_IMPORTS)
+    assert not slow, f"difflab --help imported {slow}: import them inside the function that needs them"
 
 
 def test_version_is_the_installed_distributions(capsys):
