@@ -244,6 +244,30 @@ def test_levels_choose_where_the_modules_go_and_survive_a_spec():
         MotionUNetConfig(image_kind="unet", image=UNET_PRESETS["digits"].to_dict(), levels=(2,))
 
 
+@pytest.mark.parametrize("down_blocks", [True, False])
+def test_down_blocks_false_leaves_the_frozen_encoder_out_of_the_backward(down_blocks, tmp_path):
+    torch.manual_seed(0)
+    net = insert_motion_modules(UNet(UNET_PRESETS["tiny"]), num_heads=2, max_frames=8, num_frames=4, down_blocks=down_blocks)
+    downs = sorted(s for s in net.motion if s.startswith("down"))
+    assert downs == (["down_0_0", "down_1_0"] if down_blocks else [])
+    assert sorted(s for s in net.motion if not s.startswith("down")) == ["mid_0", "up_0_0", "up_0_1", "up_1_0", "up_1_1"]
+    assert MotionUNetConfig.from_dict(net.config.to_dict()) == net.config
+    freeze_spatial(net)
+    seen = []
+    hook = net.unet.down[-1].register_forward_hook(lambda m, a, out: seen.append(out.requires_grad))
+    out = net(torch.randn(2, 1, 4, 8, 8), torch.tensor([10.0, 500.0]))
+    hook.remove()
+    assert seen == [down_blocks] and out.requires_grad  # without down modules the encoder records no graph
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in net.motion.parameters())
+    if not down_blocks:
+        sd = insert_motion_modules(UNetSD(TINY_SD), num_heads=2, max_frames=8, num_frames=4, down_blocks=False)
+        with pytest.raises(ValueError, match="down_blocks=False"):
+            save_motion_adapter(sd, tmp_path / "a")
+    with pytest.raises(ValueError, match="down_blocks='no' must be a bool"):
+        MotionUNetConfig(image_kind="unet", image=UNET_PRESETS["tiny"].to_dict(), down_blocks="no")
+
+
 def test_direction_labels_reach_only_the_motion_modules_and_cannot_be_exported(tmp_path):
     torch.manual_seed(0)
     image = _randomize(UNet(UNET_PRESETS["tiny"]), 5, std=0.1)

@@ -156,6 +156,7 @@ class MotionUNetConfig(JSONConfig):
     norm_num_groups: int | None = None  # GroupNorm groups of the motion modules; None: the image network's
     num_frames: int = 16  # frames of a sample (the training clip length; the pipelines' default)
     levels: tuple[int, ...] | None = None  # the levels whose down/up sites get a module (None: all, as AnimateDiff)
+    down_blocks: bool = True  # modules at the down (encoder) sites; False (difflab's, not AnimateDiff's): middle and up only, so the frozen encoder needs no backward
     num_directions: int | None = None  # motion labels (difflab's, not AnimateDiff's): an embedding in every module; label num_directions is the null one
     time_embedding: bool = False  # the noise level reaches every module (difflab's, not AnimateDiff's): an MLP of t's sinusoidal features
 
@@ -185,6 +186,8 @@ class MotionUNetConfig(JSONConfig):
                 raise ConfigError(f"levels={list(self.levels)}: {bad} are not levels of the image network (valid: 0..{levels - 1})")
         if self.num_directions is not None and (not isinstance(self.num_directions, int) or self.num_directions < 1):
             raise ConfigError(f"num_directions={self.num_directions!r} must be an int >= 1 or None")
+        if not isinstance(self.down_blocks, bool):
+            raise ConfigError(f"down_blocks={self.down_blocks!r} must be a bool")
         if not isinstance(self.time_embedding, bool):
             raise ConfigError(f"time_embedding={self.time_embedding!r} must be a bool")
         if self.num_frames > self.max_frames:
@@ -267,6 +270,8 @@ class MotionUNet(nn.Module):
         motion = {}
         for site, (channels, level) in self.unet.temporal_sites().items():
             if (not c.mid_block) if site.startswith("mid") else (c.levels is not None and level not in c.levels):
+                continue
+            if site.startswith("down") and not c.down_blocks:
                 continue
             depth = c.mid_layers if site.startswith("mid") else c.per_level("layers", level)
             motion[site] = TemporalTransformer(channels, c.per_level("num_heads", level), depth, c.groups(channels), c.max_frames,
