@@ -95,6 +95,17 @@ five not under 3%); they flip between components at sigma 0.2-2, the scale of th
 means, some back and forth over several steps. So a 256-start set with none of them is luck, for
 either side, and the rule stays as it is.
 
+On a second family, random_family(10, seed=3) (11 of its members were among the tuning members when
+this rule was chosen over the twelve-candidate one), the bench gives a median 0.41 / 0.21 / 0.09 at
+5 / 10 / 20 steps, worst 0.69 / 6.62 / 25.4, members worse 0 / 2 / 1. Re-scored on fresh sets
+(bench/few_step_resample.py --seed 3): #4 at 20 steps is a draw like those above (7 of 8 sets at or
+below diffusers' best, only the bench's own set above, on one start sent astray), #4 at 10 steps a
+near coin (4 of 8 sets; over the 2048 starts 0.70 times the bench winner's RMSE, 10 misses against
+17), but #3 at 10 steps (1.16) a genuine loss: 1 of 8 sets, median 1.06 over the sets, though 0.91
+times the bench winner over the 2048 starts. There the rule keeps UniPC-3 on the exponential grid,
+which sends 1-4 of each 256 astray where diffusers' DPM-Solver++(3M) on log-SNR-uniform steps sends
+1-2: DPM-Solver++(3M) on the exponential grid as a fifth candidate is the next thing to try.
+
 Cost: the reference (one adaptive solve, about 100-400 evaluations, for N + 1024 trajectories), at
 most ``max_evals`` runs of the sampler (``steps`` evaluations of M samples each), one run on the
 pool and four on the held-out set. For the closed-form models of ``bench/few_step_solvers.py``
