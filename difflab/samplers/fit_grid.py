@@ -104,7 +104,10 @@ near coin (4 of 8 sets; over the 2048 starts 0.70 times the bench winner's RMSE,
 17), but #3 at 10 steps (1.16) a genuine loss: 1 of 8 sets, median 1.06 over the sets, though 0.91
 times the bench winner over the 2048 starts. There the rule keeps UniPC-3 on the exponential grid,
 which sends 1-4 of each 256 astray where diffusers' DPM-Solver++(3M) on log-SNR-uniform steps sends
-1-2: DPM-Solver++(3M) on the exponential grid as a fifth candidate is the next thing to try.
+1-2. difflab's DPM-Solver++(3M) on the exponential grid matches that configuration on the bench's
+set (6.54e-3 against 6.60e-3, the rule 7.68e-3) but not on the rule's 1024 held-out trajectories
+(RMSE 1.64e-2 against 1.02e-2 for the kept choice), so as a fifth candidate it would not have been
+kept: no rule change came of it.
 
 Cost: the reference (one adaptive solve, about 100-400 evaluations, for N + 1024 trajectories), at
 most ``max_evals`` runs of the sampler (``steps`` evaluations of M samples each), one run on the
