@@ -4,6 +4,7 @@ member by member, on a family of closed-form models drawn at random.
     python bench/few_step_solvers.py                     # 20 members, 5 / 10 / 20 NFE (about 9 min on one CPU thread)
     python bench/few_step_solvers.py --members 6         # the first 6 members only
     python bench/few_step_solvers.py --write             # into BENCHMARKS.md
+    python bench/few_step_solvers.py --cache DIR         # keep diffusers' search per member in DIR, reuse it next time
 
 The family (difflab.oracle.random_family, seed 2): Gaussian mixtures of dimension 2-64 and 2-32
 components, component scales 0.01-0.5, weights of varied spread, each wrapped as an exact network in
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import pickle
 import statistics
 import sys
 import time
@@ -199,6 +201,19 @@ def run_diffusers(member, z, x, exact, ok, cache):
     return best
 
 
+def cached_diffusers(folder, seed, member, z, x, exact, ok, cache):
+    """run_diffusers, kept in ``folder`` (None: not kept) under the family seed, member, noise and NFEs."""
+    if folder is None:
+        return run_diffusers(member, z, x, exact, ok, cache)
+    path = Path(folder) / f"diffusers_seed{seed}_member{member.params['index']}_noise{NOISE_SEED}_batch{BATCH}_nfe{'-'.join(map(str, NFES))}.pkl"
+    if path.exists():
+        return pickle.loads(path.read_bytes())
+    theirs = run_diffusers(member, z, x, exact, ok, cache)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps(theirs))
+    return theirs
+
+
 # ----------------------------------------------------------------------------
 # 4. Report
 
@@ -227,7 +242,8 @@ def report(rows, seconds, cpu, seed: int = FAMILY_SEED) -> str:
     lines += ["", "Where the median is far below 1 and the worst member above it, look at that member's RMSE in "
               "the table below: a few trajectories of 256 landing in the wrong component (an error of order the "
               "distance between components, against 1e-4 to 1e-2 for the others) decide it. 'Well-conditioned' "
-              "drops, for both sides, only the starts whose exact answer itself jumps under a 0.1% change."]
+              "drops, for both sides, only the starts whose exact answer itself jumps under a 0.1% change. "
+              "`bench/few_step_resample.py` re-scores such members on fresh sets of 256 starts."]
     lines += ["", f"Time to fit a grid (reference trajectories included, one CPU thread): median {statistics.median(fits):.1f} s, "
               f"max {max(fits):.1f} s.", "",
               "| # | member | flagged | NFE | difflab's choice | difflab RMSE | diffusers' best | RMSE | ratio | ratio, well-conditioned |",
@@ -245,6 +261,9 @@ def main():
     parser.add_argument("--members", type=int, default=20, help="family size (default 20)")
     parser.add_argument("--seed", type=int, default=FAMILY_SEED, help=f"family seed (default {FAMILY_SEED}; {TUNING_SEED} is the tuning family)")
     parser.add_argument("--write", action="store_true", help="write the tables into BENCHMARKS.md")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="a folder for diffusers' best per member (its search depends only on the member and the noise): "
+                             "read if there, else computed and written; difflab's rule is always run afresh")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     import diffusers
@@ -256,7 +275,7 @@ def main():
         i = member.params["index"]
         den, z, x, exact, ok = test_bed(member, NOISE_SEED + i)
         ours = run_difflab(member, den, x, exact, ok)
-        theirs = run_diffusers(member, z, x, exact, ok, cache)
+        theirs = cached_diffusers(args.cache, args.seed, member, z, x, exact, ok, cache)
         row = dict(member=member, flagged=int((~ok).sum()))
         for nfe in NFES:  # scores and diffusers' best: index 0 on all samples, 1 on the well-conditioned ones
             row[nfe] = dict(ours[nfe], df={0: theirs[nfe]["all"], 1: theirs[nfe]["cond"]})
