@@ -44,7 +44,8 @@ CONDITION = "object_set"
 UNET = UNetConfig(in_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
                   num_heads=4, num_classes=num_labels(CONDITION, MAX_OBJECTS))
 DIFFUSION = {"frame": "vp_discrete", "schedule": "cosine", "T": 1000, "prediction": "v"}
-TRAIN = TrainConfig(steps=1600, batch_size=32, lr=2e-3, lr_schedule="cosine", warmup_steps=50, ema_decay=0.995,
+# Stop 37: 2,400 steps (1,600 before): under the object-set condition 71.3% -> 78.0% of counts as asked.
+TRAIN = TrainConfig(steps=2400, batch_size=32, lr=2e-3, lr_schedule="cosine", warmup_steps=50, ema_decay=0.995,
                     cfg_dropout=0.1, checkpoint_every=800, log_every=200, seed=0)
 # Stop 37: 2 (3 before); under the object-set condition 1.5 / 2 / 3 / 5 read 72.7 / 71.3 / 65.3 / 44.0% (docs/depth.md).
 GUIDANCE = 2.0
