@@ -2,6 +2,8 @@
 the pictures and the report are written, the figures are in range."""
 import json
 
+import torch
+
 from difflab.demos.depth import run_depth_demo
 from difflab.demos.slots import run_slots_demo
 
@@ -21,6 +23,21 @@ def test_depth_demo_runs_end_to_end(tmp_path):
     assert abs(sum(by_count.values()) / 3 - report["judge_generated_count_accuracy"]) < 1e-6
     strict = report["generated_count_and_object_accuracy_by_count"]
     assert all(strict[k] <= by_count[k] for k in by_count) and sum(report["generated_empty_by_count"].values()) <= 6
+    assert report["condition"] == "object_set"
+    as_asked = report["judge_generated_object_set_accuracy_by_count"]
+    assert all(as_asked[k] <= by_count[k] for k in by_count) and 0 <= report["judge_generated_object_set_accuracy"] <= 1
+    assert all(sum(v) == 2 for v in report["judge_read_as_count"].values())
+
+
+def test_asked_scenes_ask_each_count_and_under_object_set_distinct_colour_sets():
+    from difflab.demos.depth import asked_scenes
+
+    labels, counts, colours = asked_scenes(4, "count")
+    assert labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4 and counts.tolist() == [1] * 4 + [2] * 4 + [3] * 4
+    assert colours is None
+    labels, counts, colours = asked_scenes(4, "object_set")
+    assert counts.tolist() == [1] * 4 + [2] * 4 + [3] * 4 and torch.equal(colours.sum(1), counts)
+    assert len({tuple(c.tolist()) for c in colours}) == 12 and len(set(labels.tolist())) == 12
 
 
 def test_has_object_tells_an_empty_room_from_a_scene_with_an_object():

@@ -212,8 +212,8 @@ MODES: dict[str, DemoMode] = {
                    "PointNet, with MMD / COV / 1-NNA beside a Gaussian baseline), and score distillation of the digits model "
                    "into voxel objects whose front and side views read as two digits; writes PLY files and turntable GIFs",
                    "demo_3d_out", _3d_run, _3d_options, ("num_points", "prior", "sds_steps", "vsd", "skip_points", "skip_sds")),
-    "depth": DemoMode("the image+depth demo instead: one count-conditional U-Net over RGB and depth on the embedded "
-                      "scenes (16x16, 1-3 objects), depth from images and images from depth by channel inpainting, "
+    "depth": DemoMode("the image+depth demo instead: one U-Net over RGB and depth, conditioned on the objects asked (count and colours), on the "
+                      "embedded scenes (16x16, 1-3 objects), depth from images and images from depth by channel inpainting, "
                       "beside a supervised depth regressor", "demo_depth_out", _depth_run, _depth_options, ("resample", "generation_sampler")),
     "slots": DemoMode("the slot diffusion demo instead: a slot-attention encoder and a U-Net decoder cross-attending to "
                       "its slots on the embedded scenes, beside slot attention with a mixture decoder; FG-ARI of the slot "
