@@ -2,9 +2,10 @@
 the pictures and the report are written, the figures are in range."""
 import json
 
+import pytest
 import torch
 
-from difflab.demos.depth import run_depth_demo
+from difflab.demos.depth import REGRESSOR_FRACTION, run_depth_demo
 from difflab.demos.slots import run_slots_demo
 
 
@@ -17,7 +18,8 @@ def test_depth_demo_runs_end_to_end(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["samples"] == 6
     for key in ("consistency_generated", "diffusion_depth_from_real", "regressor_depth_from_real"):
         assert 0 <= report[key]["delta_1.25"] <= 1 and report[key]["abs_rel"] >= 0
-    assert report["regressor_steps"] >= 1 and report["regressor_cpu_seconds"] == report["train_cpu_seconds"]
+    assert report["regressor_steps"] >= 1
+    assert report["regressor_cpu_seconds"] == pytest.approx(REGRESSOR_FRACTION * report["train_cpu_seconds"], abs=0.1)
     by_count = report["judge_generated_count_accuracy_by_count"]
     assert list(by_count) == ["1", "2", "3"] and all(v in (0, 0.5, 1) for v in by_count.values())
     assert abs(sum(by_count.values()) / 3 - report["judge_generated_count_accuracy"]) < 1e-6
