@@ -7,7 +7,7 @@ class per combination, :mod:`difflab.data.scene_labels`), is trained through the
   (:mod:`difflab.eval.scene_judge`) reads the count (and the colour set) of the generated images;
 - recovers depth from images by channel inpainting (:mod:`difflab.pipelines.image_depth`): from
   held-out real images (absolute relative error and delta < 1.25, beside a supervised regressor
-  of the same architecture trained for the same CPU time), and from its own generated images
+  of the same architecture trained for two thirds of its CPU time, ``REGRESSOR_FRACTION``), and from its own generated images
   (consistency: the recovered depth against the depth it generated, beside the same figure for
   real pairs);
 - generates images from held-out depth maps.
@@ -205,6 +205,8 @@ def run_depth_demo(out_dir="demo_depth_out", *, steps: int | None = None, sample
     The regressor trains for ``regressor_fraction`` of the joint model's CPU time, at most ``regressor_cpu_seconds``.
     ``sampler``/``sampling_steps`` drive channel inpainting, ``generation_sampler``/``generation_steps``
     joint generation (None: the same as ``sampler``/``sampling_steps``)."""
+    if not 0 < regressor_fraction <= 1:  # before any training
+        raise ValueError(f"regressor_fraction={regressor_fraction} must be in (0, 1]")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cpu_start, wall_start = time.process_time(), time.time()
@@ -238,8 +240,6 @@ def run_depth_demo(out_dir="demo_depth_out", *, steps: int | None = None, sample
     denoiser.eval()
 
     # 4. The baseline regressor, for a fraction of the joint model's CPU time (at most regressor_cpu_seconds).
-    if not 0 < regressor_fraction <= 1:
-        raise ValueError(f"regressor_fraction={regressor_fraction} must be in (0, 1]")
     reg_seconds = regressor_fraction * report["train_cpu_seconds"]
     if regressor_cpu_seconds is not None:
         reg_seconds = min(regressor_cpu_seconds, reg_seconds)
