@@ -36,6 +36,9 @@ def test_help_gives_every_command_its_help_line(capsys):
 # Imported only where used: each costs a second or more at every start (CLI, torchrun worker, subprocess)
 SLOW_IMPORTS = ("scipy", "sklearn", "transformers", "diffusers", "matplotlib", "imageio", "torch._dynamo",
                 "torch.distributed.tensor")
+# Imported at start: a signal that arrives during numpy.random's first import is lost, so it must not
+# happen inside a command (the sample-sigterm catalogue case failed once that way)
+EARLY_IMPORTS = ("numpy.random",)
 
 
 def test_python_m_difflab_cli_help_lists_the_commands_and_starts_light():
@@ -48,6 +51,8 @@ def test_python_m_difflab_cli_help_lists_the_commands_and_starts_light():
     assert len(imported) > 100, done.stderr[-500:]  # -X importtime did list the imports
     slow = sorted(m for m in imported if m.split(".")[0] in SLOW_IMPORTS or m in SLOW_IMPORTS)
     assert not slow, f"difflab --help imported {slow}: import them inside the function that needs them"
+    late = [m for m in EARLY_IMPORTS if m not in imported]
+    assert not late, f"difflab --help did not import {late}: a signal during their first import is lost"
 
 
 def test_version_is_the_installed_distributions(capsys):

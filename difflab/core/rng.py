@@ -10,6 +10,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+# numpy 2 imports numpy.random on first use. A Ctrl-C or SIGTERM that arrives during that import is
+# lost (measured: 4 of 80 signals timed into it). Importing it here, at start, keeps the first
+# sample's seed outside the window in which the CLI turns signals into exceptions.
+import numpy.random  # noqa: F401
 import torch
 
 
