@@ -6,6 +6,14 @@ torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 
+# The longest file first: under pytest-xdist (pyproject's addopts) one worker starts it at once while
+# the others work through the rest, instead of it starting last on its own.
+FIRST = ("test_guide.py",)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    items.sort(key=lambda item: item.path.name not in FIRST)  # stable: the order within files is kept
+
 
 @pytest.fixture(scope="session")
 def digits_judge_file(tmp_path_factory):
