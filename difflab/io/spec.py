@@ -61,6 +61,7 @@ from ..nn.unet_sd import UNetSD, UNetSDConfig
 from ..nn.vae import AutoencoderKL, VAEConfig
 from ..nn.video_unet import PRESETS as VIDEO_UNET_PRESETS
 from ..nn.video_unet import VideoUNet, VideoUNetConfig
+from ..nn.wave_unet import WaveUNet, WaveUNetConfig
 from .checkpoint import (
     load_checkpoint,
     load_model_state,
@@ -133,6 +134,7 @@ NETWORKS: dict[str, NetworkKind] = {
     "video_unet": NetworkKind(VideoUNet, VideoUNetConfig, "video", video_shape, VIDEO_UNET_PRESETS),  # (B, C, F, H, W) clips
     "mdm": NetworkKind(MDM, MDMConfig, "motion", motion_shape),  # (B, frames, joints, 3) motions: MDM's transformer, class_labels=
     "point_transformer": NetworkKind(PointTransformer, PointTransformerConfig, "points", points_shape),  # point clouds (B, N, 3)
+    "wave_unet": NetworkKind(WaveUNet, WaveUNetConfig, "audio", audio_shape),  # waveforms (B, 1, L): strided 1-D U-Net (CRASH)
 }
 
 
