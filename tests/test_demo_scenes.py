@@ -57,7 +57,7 @@ def test_has_object_tells_an_empty_room_from_a_scene_with_an_object():
 
 def test_slots_demo_runs_end_to_end(tmp_path):
     report = run_slots_demo(tmp_path, steps=2, sampling_steps=2, train_scenes=64, held_scenes=12, judge_steps=3,
-                            pretrain_steps=3)
+                            pretrain_steps=3, localised=True)
     for name in ("decomposition.png", "composition.png", "report.json"):
         assert (tmp_path / name).exists()
     assert -1 <= report["fg_ari"] <= 1 and -1 <= report["fg_ari_baseline"] <= 1
@@ -65,6 +65,7 @@ def test_slots_demo_runs_end_to_end(tmp_path):
     assert report["train_cpu_seconds"] == round(report["pretrain_cpu_seconds"] + report["diffusion_cpu_seconds"], 1)
     assert report["remove_n"] >= 1 and report["swap_n"] >= 1
     assert 0 <= report["swap_found_accuracy"] <= 1
+    assert 0 <= report["remove_count_accuracy_localised"] <= 1 and 0 <= report["swap_found_accuracy_localised"] <= 1
 
 
 def test_demo_modes_take_their_own_sampler_default(monkeypatch, tmp_path):

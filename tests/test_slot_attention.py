@@ -9,7 +9,7 @@ from difflab.eval.scene_metrics import abs_rel, delta_accuracy, fg_ari
 from difflab.io.spec import build_frame
 from difflab.nn.slot_attention import SlotAttention, SlotAutoencoder, SlotConfig, SlotEncoder, SlotUNet
 from difflab.nn.unet import UNet, UNetConfig
-from difflab.pipelines.slots import add_slot, decode_slots, encode_slots, remove_slot, segment, swap_slots
+from difflab.pipelines.slots import add_slot, decode_slots, edit_region, encode_slots, remove_slot, segment, swap_slots
 from difflab.train import TrainConfig, train
 
 TINY = SlotConfig(in_channels=3, size=8, num_slots=4, slot_dim=16, iters=3, hidden=16, mlp_hidden=32)
@@ -107,6 +107,30 @@ def test_slot_diffusion_trains_the_encoder_through_the_decoder_and_edits_decode(
     assert torch.equal(swapped[:, 0], slots[:, 0])
     assert add_slot(slots, slots[:, 0]).shape == (2, 5, 16)
     assert segment(masks).shape == (2, 8, 8)
+
+
+def test_localised_decoding_keeps_the_scene_outside_the_edit_region():
+    torch.manual_seed(0)
+    denoiser = _slot_denoiser().eval()
+    images = torch.rand(2, 3, 8, 8) * 2 - 1
+    slots, masks = encode_slots(denoiser, images)
+    masks = torch.zeros_like(masks)
+    masks[0, 1, 2:4, 2:4] = 1.0  # slot 1 of scene 0 holds a 2x2 square; slot 3 of scene 1 one pixel
+    masks[1, 3, 6, 6] = 0.9
+    region = edit_region(masks, torch.tensor([1, 3]))
+    assert region[0, 0].sum() == 16 and region[0, 0, 1:5, 1:5].all()  # the square grown by a pixel
+    assert region[1, 0].sum() == 9 and region[1, 0, 5:8, 5:8].all()
+    assert edit_region(masks, torch.tensor([1, 3]), dilate=0).sum() == 5
+    keep = remove_slot(torch.ones(2, 4, dtype=torch.bool), torch.tensor([1, 3]))
+    out = decode_slots(denoiser, slots, slot_mask=keep, known=images, region=region, size=8, steps=3, progress=False)
+    outside = ~region.bool().expand_as(images)
+    assert torch.equal(out[outside], images[outside])  # exactly the scene's own pixels outside
+    whole = decode_slots(denoiser, slots, slot_mask=keep, size=8, steps=3, progress=False)
+    assert not torch.allclose(out[~outside], images[~outside]) and not torch.allclose(whole[outside], images[outside])
+    with pytest.raises(ValueError, match="both known"):
+        decode_slots(denoiser, slots, known=images, size=8)
+    with pytest.raises(ValueError, match="only 0"):
+        decode_slots(denoiser, slots, known=images, region=region * 0.5, size=8)
 
 
 def test_fg_ari_and_depth_errors():
