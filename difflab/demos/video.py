@@ -52,7 +52,7 @@ SAMPLER, SAMPLING_STEPS, GUIDANCE, DIRECTION_GUIDANCE, DIRECTION_MIN_SIGMA = "eu
 DOWN_BLOCKS = True
 # Motion modules per decoder level (MotionUNetConfig(up_modules=)): 1 from stop 38, the first of its two sites (None:
 # both, AnimateDiff's layout): a module step 1.4x cheaper (0.50 CPU s against 0.69-0.74), 7 modules not 10; at equal
-# steps motion fell (2,000: 85.0 -> 73.8%), so the modules train 2,700 steps for ~15% less CPU (docs/video.md, stop 38).
+# steps motion fell (2,000: 85.0 -> 73.8%), so the modules train 2,700 steps for ~7% less CPU (docs/video.md, stop 38).
 UP_MODULES = 1
 I2V_CLIPS = 10  # image-to-video from held-out first frames (a side figure; 40 before stop 34, 20 before stop 37: ~75 CPU s less)
 
@@ -116,7 +116,7 @@ def motion_modules(tiny: bool = False, freeze_image: bool = True) -> VideoRoute:
     image_train = TrainConfig(steps=600, batch_size=64, lr=2e-3, warmup_steps=50, ema_decay=0.995, cfg_dropout=0.1,
                               checkpoint_every=300, log_every=100, seed=0)
     # 2,700 module steps with UP_MODULES = 1 (stop 38; 2,000 of the 10-module layout from stop 35, 1,200 before):
-    # moves as asked 85.0 -> 88.8% (sampling seed 0), one class 97.5%, for ~15% less CPU. The control
+    # moves as asked 85.0 -> 88.8% (sampling seed 0), one class 97.5%, for ~130 CPU s less (seed 1: 87.5%). The control
     # (freeze_image=False) was measured at 1,200 steps of the 10-module layout only.
     train = TrainConfig(steps=2700 if freeze_image else 1200, batch_size=8, lr=1e-3, warmup_steps=30,
                         ema_decay=0.99 if freeze_image else 0.995,
