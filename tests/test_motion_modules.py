@@ -268,6 +268,25 @@ def test_down_blocks_false_leaves_the_frozen_encoder_out_of_the_backward(down_bl
         MotionUNetConfig(image_kind="unet", image=UNET_PRESETS["tiny"].to_dict(), down_blocks="no")
 
 
+
+def test_up_modules_keeps_the_first_sites_of_each_decoder_level_and_cannot_be_exported(tmp_path):
+    torch.manual_seed(0)
+    net = insert_motion_modules(UNet(UNET_PRESETS["tiny"]), num_heads=2, max_frames=8, num_frames=4, up_modules=1)
+    assert sorted(net.motion) == ["down_0_0", "down_1_0", "mid_0", "up_0_0", "up_1_0"]  # the second site of each level dropped
+    assert MotionUNetConfig.from_dict(net.config.to_dict()) == net.config
+    freeze_spatial(net)
+    out = net(torch.randn(2, 1, 4, 8, 8), torch.tensor([10.0, 500.0]))
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in net.motion.parameters())
+    none = insert_motion_modules(UNet(UNET_PRESETS["tiny"]), num_heads=2, max_frames=8, num_frames=4, up_modules=0)
+    assert sorted(none.motion) == ["down_0_0", "down_1_0", "mid_0"]
+    sd = insert_motion_modules(UNetSD(TINY_SD), num_heads=2, max_frames=8, num_frames=4, up_modules=1)
+    with pytest.raises(ValueError, match="up_modules=1"):
+        save_motion_adapter(sd, tmp_path / "a")
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match="must be an int >= 0 or None"):
+            MotionUNetConfig(image_kind="unet", image=UNET_PRESETS["tiny"].to_dict(), up_modules=bad)
+
 def test_direction_labels_reach_only_the_motion_modules_and_cannot_be_exported(tmp_path):
     torch.manual_seed(0)
     image = _randomize(UNet(UNET_PRESETS["tiny"]), 5, std=0.1)

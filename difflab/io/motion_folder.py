@@ -116,11 +116,11 @@ def load_motion_adapter(folder, unet) -> MotionUNet:
 def motion_adapter_config(net: MotionUNet) -> dict:
     """The diffusers ``MotionAdapter`` config.json dict of ``net``'s motion modules (around a UNetSD)."""
     c = net.config
-    if (c.image_kind != "unet_sd" or c.levels is not None or not c.down_blocks or c.num_directions is not None
-            or c.time_embedding):
+    if (c.image_kind != "unet_sd" or c.levels is not None or not c.down_blocks or c.up_modules is not None
+            or c.num_directions is not None or c.time_embedding):
         raise ValueError("a MotionAdapter holds motion modules at every level (levels=None) and in the down blocks, without "
                          f"direction labels or time embedding, of a Stable Diffusion U-Net; this MotionUNet wraps "
-                         f"{c.image_kind!r} with levels={c.levels}, down_blocks={c.down_blocks}, "
+                         f"{c.image_kind!r} with levels={c.levels}, down_blocks={c.down_blocks}, up_modules={c.up_modules}, "
                          f"num_directions={c.num_directions}, time_embedding={c.time_embedding}")
     listed = lambda v: v if isinstance(v, int) else list(v)  # noqa: E731
     unet = net.unet.config
@@ -193,9 +193,9 @@ def unet_motion_config(net: MotionUNet) -> dict:
     """The diffusers ``UNetMotionModel`` config.json dict of ``net`` (a :class:`MotionUNet` around a UNetSD)."""
     c = net.config
     if (c.image_kind != "unet_sd" or c.norm_num_groups not in (None, net.unet.config.norm_num_groups) or c.levels is not None
-            or not c.down_blocks or c.num_directions is not None or c.time_embedding):
+            or not c.down_blocks or c.up_modules is not None or c.num_directions is not None or c.time_embedding):
         raise ValueError("only a MotionUNet around a UNetSD, with the U-Net's GroupNorm groups, modules at every level "
-                         "(levels=None) and in the down blocks (down_blocks=True), no direction labels (num_directions=None) and no time embedding "
+                         "(levels=None) and every site (down_blocks=True, up_modules=None), no direction labels (num_directions=None) and no time embedding "
                          "(time_embedding=False), is a UNetMotionModel")
     d = net.unet.config.to_diffusers_config()
     d["_class_name"] = "UNetMotionModel"

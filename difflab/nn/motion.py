@@ -157,6 +157,7 @@ class MotionUNetConfig(JSONConfig):
     num_frames: int = 16  # frames of a sample (the training clip length; the pipelines' default)
     levels: tuple[int, ...] | None = None  # the levels whose down/up sites get a module (None: all, as AnimateDiff)
     down_blocks: bool = True  # modules at the down (encoder) sites; False (difflab's, not AnimateDiff's): middle and up only, so the frozen encoder needs no backward
+    up_modules: int | None = None  # modules per up (decoder) level, at its first n sites; None: every site (AnimateDiff's); difflab's
     num_directions: int | None = None  # motion labels (difflab's, not AnimateDiff's): an embedding in every module; label num_directions is the null one
     time_embedding: bool = False  # the noise level reaches every module (difflab's, not AnimateDiff's): an MLP of t's sinusoidal features
 
@@ -188,6 +189,9 @@ class MotionUNetConfig(JSONConfig):
             raise ConfigError(f"num_directions={self.num_directions!r} must be an int >= 1 or None")
         if not isinstance(self.down_blocks, bool):
             raise ConfigError(f"down_blocks={self.down_blocks!r} must be a bool")
+        if self.up_modules is not None and (not isinstance(self.up_modules, int) or isinstance(self.up_modules, bool)
+                                            or self.up_modules < 0):
+            raise ConfigError(f"up_modules={self.up_modules!r} must be an int >= 0 or None (every up site)")
         if not isinstance(self.time_embedding, bool):
             raise ConfigError(f"time_embedding={self.time_embedding!r} must be a bool")
         if self.num_frames > self.max_frames:
@@ -272,6 +276,8 @@ class MotionUNet(nn.Module):
             if (not c.mid_block) if site.startswith("mid") else (c.levels is not None and level not in c.levels):
                 continue
             if site.startswith("down") and not c.down_blocks:
+                continue
+            if site.startswith("up") and c.up_modules is not None and int(site.split("_")[2]) >= c.up_modules:
                 continue
             depth = c.mid_layers if site.startswith("mid") else c.per_level("layers", level)
             motion[site] = TemporalTransformer(channels, c.per_level("num_heads", level), depth, c.groups(channels), c.max_frames,
