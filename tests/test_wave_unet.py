@@ -13,6 +13,7 @@ from difflab.nn.wave_unet import WaveUNet, WaveUNetConfig
 from difflab.pipelines import sample_checkpoint
 from difflab.pipelines.audio import class_prior_gain, generate_waveform, waveform_data
 from difflab.train import TrainConfig, train
+from test_audio import perturbed  # the same seeded weight noise as DiffWave's tests
 
 DIFFUSION = {"frame": "vp_discrete", "schedule": "cosine", "T": 1000, "prediction": "v"}
 
@@ -20,14 +21,6 @@ DIFFUSION = {"frame": "vp_discrete", "schedule": "cosine", "T": 1000, "predictio
 def tiny(**kw) -> WaveUNetConfig:
     return WaveUNetConfig(**{"model_channels": 4, "channel_mult": (1, 2, 4), "factors": (4, 4), "num_heads": 2,
                              "sample_length": 256, "n_fft": 64, "hop": 16, **kw})
-
-
-def perturbed(net):
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return net
 
 
 def test_wave_unet_shapes_and_bad_inputs():
