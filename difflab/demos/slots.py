@@ -175,15 +175,14 @@ def recompose(denoiser, judge, held, slot_vectors: torch.Tensor, masks: torch.Te
         "add_count_accuracy": float((judge.read(added)[0] == held.counts[few] + 1).float().mean()),
         "add_n": len(few),
     }
+    pictures = {"reconstructed": recon, "before_removal": held.images[many], "removed": removed,
+                "before_swap": held.images[rows], "swapped_from": held.images[others], "swapped": swapped,
+                "before_adding": held.images[few], "added": added}
     if localised:
         edits = (many, keep, owners[many, which], rows, others, owners[rows, objects], owners[others, other_objects],
                  held.colours[others, other_objects])
         more, local = localised_edits(denoiser, judge, held, slot_vectors, masks, edits, opts)
         figures.update(more)
-    pictures = {"reconstructed": recon, "before_removal": held.images[many], "removed": removed,
-                "before_swap": held.images[rows], "swapped_from": held.images[others], "swapped": swapped,
-                "before_adding": held.images[few], "added": added}
-    if localised:
         pictures.update(local)
     return figures, pictures
 
