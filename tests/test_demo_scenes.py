@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from difflab.demos.depth import REGRESSOR_FRACTION, run_depth_demo
-from difflab.demos.slots import run_slots_demo
+from difflab.data.scenes import load_scenes
+from difflab.demos.slots import SLOTS, edit_pairs, run_slots_demo
+from difflab.nn.slot_attention import SlotAutoencoder
 
 
 def test_depth_demo_runs_end_to_end(tmp_path):
@@ -57,7 +59,7 @@ def test_has_object_tells_an_empty_room_from_a_scene_with_an_object():
 
 def test_slots_demo_runs_end_to_end(tmp_path):
     report = run_slots_demo(tmp_path, steps=2, sampling_steps=2, train_scenes=64, held_scenes=12, judge_steps=3,
-                            pretrain_steps=3, localised=True)
+                            pretrain_steps=3, localised=True, edit_fractions=(0.5, 0.25))
     for name in ("decomposition.png", "composition.png", "report.json"):
         assert (tmp_path / name).exists()
     assert -1 <= report["fg_ari"] <= 1 and -1 <= report["fg_ari_baseline"] <= 1
@@ -66,6 +68,21 @@ def test_slots_demo_runs_end_to_end(tmp_path):
     assert report["remove_n"] >= 1 and report["swap_n"] >= 1
     assert 0 <= report["swap_found_accuracy"] <= 1
     assert 0 <= report["remove_count_accuracy_localised"] <= 1 and 0 <= report["swap_found_accuracy_localised"] <= 1
+    assert report["edit_pairs"] == [32 + 16, 0.5, 0.25]  # 64 scenes: 32 removal pairs and 16 swap pairs
+
+
+def test_edit_pairs_leave_one_slot_out_or_swap_one_in_with_rerendered_targets():
+    train_set = load_scenes(40, size=16, split="train", max_objects=3)
+    model = SlotAutoencoder(SLOTS).eval()
+    targets, cond = edit_pairs(train_set, model, (0.5, 0.25), seed=0)
+    assert targets.shape == (70, 3, 16, 16) and cond["context"].shape == (70, 5, 64)
+    assert torch.equal(targets[:40], train_set.images) and cond["context_mask"][:40].all()
+    assert (cond["context_mask"][40:60].sum(1) == 4).all()  # one slot left out of each removal pair
+    assert cond["context_mask"][60:].all() and not torch.equal(cond["context"][60:], cond["context"][:10])
+    originals = train_set.images.flatten(1)
+    for row in range(40, 60):  # every removal's target is a changed scene: no target equals an original
+        # (a swap's may: a one-object scene given the object of another one-object scene *is* that scene)
+        assert not (targets[row].flatten() == originals).all(1).any()
 
 
 def test_demo_modes_take_their_own_sampler_default(monkeypatch, tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from difflab.data.scenes import (KINDS, SceneObject, background_depth, camera, depth_to_unit, load_scenes,
-                                 object_boxes, render, shape_bitmap, unit_to_depth)
+                                 object_boxes, render, rerender_scenes, shape_bitmap, unit_to_depth)
 
 
 def _on_box_surface(p: np.ndarray, boxes: np.ndarray, tol: float = 1e-9) -> np.ndarray:
@@ -80,6 +80,28 @@ def test_scenes_are_deterministic_split_and_consistent():
     unit = depth_to_unit(a.depth, 16)
     assert unit.min() >= -1 - 1e-6 and unit.max() <= 1 + 1e-6
     assert torch.allclose(unit_to_depth(unit, 16), a.depth, atol=1e-5)
+
+
+def test_rerendered_scenes_drop_or_swap_exactly_one_object():
+    kw = dict(size=16, split="test", max_objects=3)
+    scenes = load_scenes(40, **kw)
+    keep_all = torch.full((40,), -1)
+    assert torch.equal(rerender_scenes(40, keep_all, **kw), scenes.images)  # nothing dropped: the same scenes
+    drop = torch.zeros(40, dtype=torch.long)
+    fewer = rerender_scenes(40, drop, **kw)
+    changed = (fewer != scenes.images).any(1)
+    assert not (changed & ~scenes.masks[:, 0]).any()  # only where the dropped object was seen
+    assert changed.flatten(1).any(1).all()  # and every dropped object is gone from somewhere
+    one = torch.nonzero(scenes.counts == 1).flatten()
+    room = torch.from_numpy(render([], camera(16))[0]) * 2 - 1
+    assert len(one) and torch.equal(fewer[one], room.expand(len(one), -1, -1, -1))  # one object: the empty room
+    self_swap = torch.stack([torch.arange(40), torch.zeros(40, dtype=torch.long)], 1)  # drop object 0, put it back
+    assert torch.equal(rerender_scenes(40, drop, self_swap, **kw), scenes.images)
+    donor = torch.stack([(torch.arange(40) + 1) % 40, torch.zeros(40, dtype=torch.long)], 1)
+    swapped = rerender_scenes(40, drop, donor, **kw)
+    assert not torch.equal(swapped, fewer) and not torch.equal(swapped, scenes.images)
+    with pytest.raises(ValueError, match="is not an object"):
+        rerender_scenes(40, torch.full((40,), 3), **kw)
 
 
 @pytest.mark.parametrize("kwargs, phrase", [(dict(split="val"), "split"), (dict(size=10), "size"),

@@ -152,6 +152,36 @@ def test_slot_unet_needs_an_image_or_slots():
         decode_slots(_slot_denoiser(), torch.zeros(1, 4, 16), slot_mask=torch.ones(1, 3, dtype=torch.bool), size=8)
 
 
+def test_absorbed_masks_give_a_removed_slots_alpha_to_the_absorbing_slots_only():
+    torch.manual_seed(0)
+    mixture = SlotAutoencoder(TINY)
+    slots = torch.randn(3, 4, 16)
+    keep = remove_slot(torch.ones(3, 4, dtype=torch.bool), torch.tensor([1, 3, 0]))
+    absorb = torch.tensor([[True, False, False, False], [False, False, True, True], [True, False, False, False]])
+    full = mixture.decode(slots)[1]
+    recon, masks = mixture.decode(slots, keep, absorb)
+    assert torch.allclose(masks.sum(1), torch.ones(3, 8, 8), atol=1e-6)
+    assert torch.all(masks[0, 1] == 0) and torch.all(masks[1, 3] == 0)
+    assert torch.allclose(masks[0, [2, 3]], full[0, [2, 3]])  # the other kept slots keep their alpha
+    assert torch.allclose(masks[0, 0], full[0, 0] + full[0, 1])  # the one absorbing slot takes it all
+    # row 1: slot 2 absorbs (slot 3, also marked, is the removed one); row 2: its absorber is removed -> plain
+    assert torch.allclose(masks[1, 2], full[1, 2] + full[1, 3], atol=1e-6)
+    assert torch.allclose(masks[2], mixture.decode(slots[2:], keep[2:])[1][0], atol=1e-6)
+    assert not torch.allclose(recon[:2], mixture.decode(slots[:2], keep[:2])[0])
+    net = SlotUNet(mixture.encoder, UNet(UNetConfig(in_channels=6, out_channels=3, model_channels=8, channel_mult=(1,), attention_levels=(0,),
+                                                    num_res_blocks=1, num_heads=2, groups=4, context_dim=16)), mixture)
+    with torch.no_grad():
+        net.unet.input_conv.weight[:, 3:].normal_(0, 1.0)
+        net.unet.out[-1].weight.normal_(0, 0.1)
+        x, t = torch.randn(3, 3, 8, 8), torch.full((3,), 0.5)
+        assert not torch.allclose(net(x, t, context=slots, context_mask=keep),
+                                  net(x, t, context=slots, context_mask=keep, hint_absorb=absorb))
+    with pytest.raises(ValueError, match="absorb"):
+        decode_slots(_slot_denoiser(), slots, absorb=absorb, size=8)  # no slot_mask
+    with pytest.raises(ValueError, match="mixture"):
+        decode_slots(_slot_denoiser(), slots, slot_mask=keep, absorb=absorb, size=8)  # no mixture hint
+
+
 def test_mixture_hint_renders_only_the_kept_slots_and_feeds_the_unet():
     torch.manual_seed(0)
     mixture = SlotAutoencoder(TINY)

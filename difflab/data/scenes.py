@@ -222,18 +222,25 @@ def draw_scene(rng, cam: Camera, count: int, digits, min_visible: float = 0.5, t
 
 
 @functools.lru_cache(maxsize=8)
-def _scenes(n: int, size: int, split: str, seed: int, max_objects: int, min_objects: int) -> Scenes:
+def _drawn(n: int, size: int, split: str, seed: int, max_objects: int, min_objects: int) -> tuple:
+    """The scenes' objects and renders, as :func:`draw_scene` gives them, in order."""
     cam = camera(size)
     rng = np.random.default_rng((seed, SPLITS.index(split)))
     digits = _digit_bitmaps(split)
+    counts = rng.integers(min_objects, max_objects + 1, size=n)
+    return tuple(draw_scene(rng, cam, int(count), digits) for count in counts)
+
+
+@functools.lru_cache(maxsize=8)
+def _scenes(n: int, size: int, split: str, seed: int, max_objects: int, min_objects: int) -> Scenes:
     images = np.zeros((n, 3, size, size), np.float32)
     depth = np.zeros((n, 1, size, size), np.float32)
     masks = np.zeros((n, max_objects, size, size), bool)
     kinds, colours = np.full((n, max_objects), -1), np.full((n, max_objects), -1)
     positions = np.zeros((n, max_objects, 2), np.float32)
-    counts = rng.integers(min_objects, max_objects + 1, size=n)
-    for i, count in enumerate(counts):
-        objects, (image, d, m) = draw_scene(rng, cam, int(count), digits)
+    counts = np.zeros(n, np.int64)
+    for i, (objects, (image, d, m)) in enumerate(_drawn(n, size, split, seed, max_objects, min_objects)):
+        count = counts[i] = len(objects)
         images[i], depth[i, 0], masks[i, :count] = image, d, m
         kinds[i, :count] = [o.kind for o in objects]
         colours[i, :count] = [o.colour for o in objects]
@@ -256,6 +263,30 @@ def load_scenes(n: int, *, size: int = 32, split: str = "train", seed: int = 0, 
     return _scenes(n, size, split, seed, max_objects, min_objects)
 
 
+def rerender_scenes(n: int, drop: torch.Tensor, add: torch.Tensor | None = None, *, size: int = 32, split: str = "train",
+                    seed: int = 0, max_objects: int = 4, min_objects: int = 1) -> torch.Tensor:
+    """(n, 3, size, size) images in [-1, 1] of the scenes of :func:`load_scenes` (the same
+    arguments) re-rendered without object ``drop[i]`` of scene i (an index into its objects, in
+    the order of its masks and labels; -1 keeps them all) and, with ``add`` (n, 2) long, with
+    object ``add[i, 1]`` of scene ``add[i, 0]`` put in (at its own place; -1: none): exact "scene
+    minus one object" or "one object swapped" images (what the object hid shows), e.g. the
+    targets of slot-edit training."""
+    load_scenes(n, size=size, split=split, seed=seed, max_objects=max_objects, min_objects=min_objects)  # checks
+    drawn = _drawn(n, size, split, seed, max_objects, min_objects)
+    add = torch.full((n, 2), -1) if add is None else add
+    if drop.shape != (n,) or drop.dtype != torch.long or add.shape != (n, 2) or add.dtype != torch.long:
+        raise ValueError(f"drop must be a long tensor ({n},) and add ({n}, 2), got {drop.dtype} {tuple(drop.shape)}, "
+                         f"{add.dtype} {tuple(add.shape)}")
+    cam = camera(size)
+    images = np.zeros((n, 3, size, size), np.float32)
+    for i, ((objects, (image, _, _)), j, (donor, k)) in enumerate(zip(drawn, drop.tolist(), add.tolist())):
+        if not -1 <= j < len(objects) or not (donor == -1 or (0 <= donor < n and 0 <= k < len(drawn[donor][0]))):
+            raise ValueError(f"scene {i} ({len(objects)} objects): drop {j}, add {(donor, k)} is not an object")
+        kept = [o for o_i, o in enumerate(objects) if o_i != j] + ([drawn[donor][0][k]] if donor >= 0 else [])
+        images[i] = image if j < 0 and donor < 0 else render(kept, cam)[0]
+    return torch.from_numpy(images) * 2 - 1
+
+
 def depth_to_unit(depth: torch.Tensor, size: int = 32) -> torch.Tensor:
     """Depth mapped linearly from [near, wall] of the camera at ``size`` to [-1, 1] (the model's channel)."""
     cam = camera(size)
@@ -269,5 +300,6 @@ def unit_to_depth(unit: torch.Tensor, size: int = 32) -> torch.Tensor:
 
 
 __all__ = ["SHAPES", "KINDS", "COLOURS", "PALETTE", "Camera", "camera", "SceneObject", "Scenes", "shape_bitmap",
-           "object_boxes", "ray_boxes", "object_hits", "background_depth", "render", "draw_scene", "load_scenes", "depth_to_unit",
+           "object_boxes", "ray_boxes", "object_hits", "background_depth", "render", "draw_scene", "load_scenes", "rerender_scenes",
+           "depth_to_unit",
            "unit_to_depth"]

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..data.scenes import COLOURS, PALETTE, load_scenes
+from ..data.scenes import COLOURS, PALETTE, load_scenes, rerender_scenes
 from ..eval.scene_judge import colour_presence
 from ..eval.scene_metrics import fg_ari
 from ..io.images import save_grid
@@ -57,6 +57,10 @@ LOCALISED = False  # also judge the edits regenerated only where they act (stop 
 # step, (removal, swap): removal 0 px / 2 passes 74% (1 px: 67%; 1 px, 1 pass: 60%), swap 1 px / 1 pass 80% (0 px: 72%)
 LOCALISED_DILATE = (0, 1)
 LOCALISED_RESAMPLE = (2, 1)
+# Slot-edit training pairs (stop 39): a fraction of the training scenes also appears (removal) with one object's slot
+# left out and, as the target, the scene re-rendered without that object, and (swap) with one object's slot replaced by
+# another scene's object's slot and the scene re-rendered with that object in its place; 0, 0: the plain decoder.
+EDIT_PAIRS = (0.0, 0.0)
 DIFFUSION = {"frame": "vp_discrete", "schedule": "cosine", "T": 1000, "prediction": "v"}
 
 
@@ -136,6 +140,43 @@ def swap_pairs(colours: torch.Tensor, counts: torch.Tensor, generator: torch.Gen
                 objects.append(int(torch.randint(int(counts[i]), (1,), generator=generator)))
                 break
     return (torch.tensor(rows), torch.tensor(others), torch.tensor(other_objects), torch.tensor(objects))
+
+
+def edit_pairs(train_set, model, fractions: tuple[float, float], *, seed: int = 0, size: int = SIZE,
+               max_objects: int = MAX_OBJECTS):
+    """The decoder's training data with slot-edit pairs: (targets, {"context": slots, "context_mask": kept}),
+    the scenes decoded from their own slots (the encoder of ``model``, frozen, slots drawn with ``seed``),
+    then for a ``fractions[0]`` share of the scenes one object's slot left out (:func:`object_slots`) with
+    the scene re-rendered without that object as the target, and for a ``fractions[1]`` share one
+    object's slot swapped for another scene's object of a colour the scene lacks (:func:`swap_pairs`),
+    the scene re-rendered with that object in place of its own (exact targets,
+    :func:`difflab.data.scenes.rerender_scenes`). ``train_set``: ``load_scenes(len, size=size,
+    split="train", max_objects=max_objects)``, whose objects are re-rendered."""
+    n = len(train_set.images)
+    generator = torch.Generator().manual_seed(seed)
+    vectors, masks = encode_slots(model, train_set.images, seed=seed)
+    owners = object_slots(masks, train_set.masks)
+    keep = torch.ones(n, vectors.shape[1], dtype=torch.bool)
+    rows = torch.randperm(n, generator=generator)[: round(fractions[0] * n)]
+    which = (torch.rand(len(rows), generator=generator) * train_set.counts[rows]).long()
+    drop = torch.full((n,), -1)
+    drop[rows] = which
+    scenes = dict(size=size, split="train", max_objects=max_objects)
+    targets, contexts, kept = [train_set.images], [vectors], [keep]
+    if len(rows):
+        targets.append(rerender_scenes(n, drop, **scenes)[rows])
+        contexts.append(vectors[rows])
+        kept.append(remove_slot(keep[rows], owners[rows, which]))
+    swaps, others, other_objects, objects = swap_pairs(train_set.colours, train_set.counts, generator)
+    take = torch.randperm(len(swaps), generator=generator)[: round(fractions[1] * n)]
+    if len(take):
+        swaps, others, other_objects, objects = swaps[take], others[take], other_objects[take], objects[take]
+        drop, add = torch.full((n,), -1), torch.full((n, 2), -1)
+        drop[swaps], add[swaps] = objects, torch.stack([others, other_objects], 1)
+        targets.append(rerender_scenes(n, drop, add, **scenes)[swaps])
+        contexts.append(swap_slots(vectors[swaps], owners[swaps, objects], vectors[others], owners[others, other_objects]))
+        kept.append(keep[swaps])
+    return torch.cat(targets), {"context": torch.cat(contexts), "context_mask": torch.cat(kept)}
 
 
 def mask_picture(masks: torch.Tensor) -> torch.Tensor:
@@ -230,9 +271,10 @@ def run_slots_demo(out_dir="demo_slots_out", *, steps: int | None = None, sample
                    seed: int = 0, resume: bool = False, train_scenes: int = TRAIN_SCENES, held_scenes: int = HELD_SCENES,
                    judge_steps: int = JUDGE_STEPS, slots: SlotConfig = SLOTS, unet: UNetConfig = UNET,
                    pretrain_steps: int = PRETRAIN_STEPS, mixture_hint: bool = MIXTURE_HINT,
-                   localised: bool = LOCALISED) -> dict:
+                   localised: bool = LOCALISED, edit_fractions: tuple[float, float] = EDIT_PAIRS) -> dict:
     """Train, decompose, recompose and judge; writes the pictures and ``report.json``. ``localised``:
-    the removal and swap are also judged regenerated only where they act (:func:`localised_edits`)."""
+    the removal and swap are also judged regenerated only where they act (:func:`localised_edits`).
+    ``edit_fractions``: the decoder also trains on slot-edit pairs (:func:`edit_pairs`; removal, swap)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cpu_start, wall_start = time.process_time(), time.time()
@@ -266,7 +308,12 @@ def run_slots_demo(out_dir="demo_slots_out", *, steps: int | None = None, sample
           f"held-out FG-ARI {report['fg_ari_pretrained']:.3f}); its slots decoded by diffusion, {config.steps} steps "
           f"(batch {config.batch_size})")
     t0 = time.process_time()
-    train(denoiser, (train_set.images, None, {"image": train_set.images}), config, out_dir, resume=resume)
+    data = (train_set.images, None, {"image": train_set.images})
+    if any(edit_fractions):
+        targets, cond = edit_pairs(train_set, base_run.model, edit_fractions, seed=seed)
+        data = (targets, None, cond)
+        report["edit_pairs"] = [len(targets) - len(train_set.images), *edit_fractions]
+    train(denoiser, data, config, out_dir, resume=resume)
     report["diffusion_cpu_seconds"] = round(time.process_time() - t0, 1)
     report["train_cpu_seconds"] = round(report["pretrain_cpu_seconds"] + report["diffusion_cpu_seconds"], 1)
     denoiser.eval()
@@ -328,4 +375,4 @@ def format_report(r: dict) -> str:
     return "\n".join(f"  {a:<{w}}  {v:>10}  {c}" for a, v, c in rows)
 
 
-__all__ = ["run_slots_demo", "slot_denoiser", "train_autoencoder", "AutoencoderRun", "object_slots", "swap_pairs", "recompose", "localised_edits", "format_report"]
+__all__ = ["run_slots_demo", "slot_denoiser", "train_autoencoder", "AutoencoderRun", "object_slots", "swap_pairs", "recompose", "localised_edits", "edit_pairs", "format_report"]

@@ -129,6 +129,22 @@ class SlotEncoder(nn.Module):
         return slots, attn.transpose(1, 2).reshape(b, c.num_slots, h, w)
 
 
+def absorbed_masks(masks: torch.Tensor, slot_mask: torch.Tensor, absorb: torch.Tensor) -> torch.Tensor:
+    """Mixture masks (B, K, H, W) with the slots off in ``slot_mask`` (B, K) bool zeroed and their
+    mass given, pixel by pixel, to the kept slots on in ``absorb`` (B, K) bool, in proportion to
+    those slots' masks (a removed slot's alpha -> the background). Rows with no kept absorbing
+    slot fall back to renormalising over all kept slots (the plain softmax without the slot)."""
+    kept = slot_mask[:, :, None, None].to(masks.dtype)
+    takers = (slot_mask & absorb)[:, :, None, None].to(masks.dtype)
+    freed = (masks * (1 - kept)).sum(1, keepdim=True)
+    share = masks * takers
+    total = share.sum(1, keepdim=True)
+    fallback = masks * kept / (masks * kept).sum(1, keepdim=True).clamp_min(1e-12)
+    out = masks * kept + freed * share / total.clamp_min(1e-12)
+    has_takers = takers.flatten(1).any(1)[:, None, None, None]
+    return torch.where(has_takers, out, fallback)
+
+
 class SlotAutoencoder(nn.Module):
     """Slot attention's object-discovery model (Locatello et al. 2020): :class:`SlotEncoder`, then
     the spatial broadcast decoder on each slot (slot + position embedding at every pixel, 1x1 and
@@ -147,18 +163,26 @@ class SlotAutoencoder(nn.Module):
                                      nn.Conv2d(c.hidden, c.hidden, k, padding=p), nn.ReLU(),
                                      nn.Conv2d(c.hidden, c.in_channels + 1, k, padding=p))
 
-    def decode(self, slots: torch.Tensor, slot_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, slots: torch.Tensor, slot_mask: torch.Tensor | None = None,
+               absorb: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(reconstruction (B, C, H, W), masks (B, K, H, W)) of slots (B, K, D); ``slot_mask`` (B, K)
-        bool leaves the slots marked False out of the mixture (their masks are 0)."""
+        bool leaves the slots marked False out of the mixture (their masks are 0): the softmax
+        renormalises their alpha onto all the kept slots. ``absorb`` (B, K) bool (with ``slot_mask``):
+        the left-out slots' alpha goes to the kept slots marked True only (e.g. the background's),
+        in proportion to their own alpha there, so a removed object becomes background rather
+        than a faded copy drawn by its neighbours; rows with no kept absorbing slot renormalise."""
         b, k, d = slots.shape
         s = self.config.size
         x = slots[:, :, None, :] + self.position(self.grid.to(slots.dtype))[None, None]  # (B, K, HW, D)
         x = x.reshape(b * k, s, s, d).permute(0, 3, 1, 2)
         out = self.decoder(x).reshape(b, k, -1, s, s)
         rgb, alpha = out[:, :, :-1], out[:, :, -1]
-        if slot_mask is not None:
-            alpha = alpha.masked_fill(~slot_mask[:, :, None, None], float("-inf"))
-        masks = torch.softmax(alpha, dim=1)
+        if slot_mask is not None and absorb is not None:
+            masks = absorbed_masks(torch.softmax(alpha, dim=1), slot_mask, absorb)
+        else:
+            if slot_mask is not None:
+                alpha = alpha.masked_fill(~slot_mask[:, :, None, None], float("-inf"))
+            masks = torch.softmax(alpha, dim=1)
         return (masks[:, :, None] * rgb).sum(1), masks
 
     def forward(self, images: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,7 +199,9 @@ class SlotUNet(nn.Module):
     ``mixture``: a :class:`SlotAutoencoder` sharing ``encoder``; its mixture decoder's render of
     the slots (the kept ones under ``context_mask``) is concatenated to the U-Net's input as a
     spatial hint (the U-Net takes 2 C channels and predicts C), so the diffusion decoder refines
-    a layout the slots already fix, as a cascade's low-resolution image does (Ho et al. 2022)."""
+    a layout the slots already fix, as a cascade's low-resolution image does (Ho et al. 2022);
+    ``hint_absorb`` (B, K) bool: the render gives the left-out slots' alpha to these kept slots
+    only (:meth:`SlotAutoencoder.decode`'s ``absorb``). The cross-attention is unchanged by it."""
 
     def __init__(self, encoder: SlotEncoder, unet: UNet, mixture: SlotAutoencoder | None = None):
         super().__init__()
@@ -192,15 +218,15 @@ class SlotUNet(nn.Module):
         self.encoder, self.unet, self.mixture = encoder, unet, mixture
         self.config = unet.config
 
-    def forward(self, x, t, image=None, context=None, context_mask=None, **cond):
+    def forward(self, x, t, image=None, context=None, context_mask=None, hint_absorb=None, **cond):
         if context is None:
             if image is None:
                 raise ValueError("SlotUNet needs image= (slots are encoded from it) or context= (slots given)")
             context, _ = self.encoder(image)
         if self.mixture is not None:
-            hint = self.mixture.decode(context, context_mask)[0].clamp(-1, 1)
+            hint = self.mixture.decode(context, context_mask, hint_absorb)[0].clamp(-1, 1)
             x = torch.cat([x, hint.to(x.dtype)], 1)
         return self.unet(x, t, context=context, context_mask=context_mask, **cond)
 
 
-__all__ = ["SlotConfig", "SlotAttention", "SlotEncoder", "SlotAutoencoder", "SlotUNet", "position_grid"]
+__all__ = ["SlotConfig", "SlotAttention", "SlotEncoder", "SlotAutoencoder", "SlotUNet", "position_grid", "absorbed_masks"]

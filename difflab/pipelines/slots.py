@@ -55,12 +55,16 @@ def encode_slots(model, images: torch.Tensor, *, seed: int = 0, batch_size: int 
 
 
 @torch.no_grad()
-def decode_slots(denoiser, slots: torch.Tensor, *, slot_mask: torch.Tensor | None = None, size: int = 16,
+def decode_slots(denoiser, slots: torch.Tensor, *, slot_mask: torch.Tensor | None = None,
+                 absorb: torch.Tensor | None = None, size: int = 16,
                  channels: int = 3, known: torch.Tensor | None = None, region: torch.Tensor | None = None,
                  resample: int = 1, options: SampleOptions | None = None, **overrides) -> torch.Tensor:
     """Images (N, C, size, size) sampled from the slot-conditioned decoder given ``slots`` (N, K, D);
     ``slot_mask`` (N, K) bool, True = the slot takes part (all by default). Options as
     :func:`difflab.pipelines.generate` (no guidance: the decoder has no unconditional branch).
+    ``absorb`` (N, K) bool, with ``slot_mask`` and a :class:`~difflab.nn.slot_attention.SlotUNet`
+    with a mixture hint: the left-out slots' alpha goes to these kept slots in the hint (removal
+    as alpha -> background, :func:`difflab.nn.slot_attention.absorbed_masks`).
 
     A localised edit: with ``known`` (N, C, size, size) in [-1, 1] (the scene before the edit) and
     ``region`` (N, 1, size, size) of 0/1 (1 = regenerate; :func:`edit_region`), every step puts
@@ -75,6 +79,12 @@ def decode_slots(denoiser, slots: torch.Tensor, *, slot_mask: torch.Tensor | Non
     n, k, _ = slots.shape
     if slot_mask is not None and (slot_mask.shape != (n, k) or slot_mask.dtype != torch.bool):
         raise ValueError(f"slot_mask must be a bool tensor (N, K) = ({n}, {k}), got {slot_mask.dtype} {tuple(slot_mask.shape)}")
+    if absorb is not None:
+        if slot_mask is None or absorb.shape != (n, k) or absorb.dtype != torch.bool:
+            raise ValueError(f"absorb must be a bool tensor (N, K) = ({n}, {k}) given with slot_mask, got "
+                             f"{absorb.dtype} {tuple(absorb.shape)}")
+        if getattr(denoiser.net, "mixture", None) is None:
+            raise ValueError("absorb acts on the mixture hint: the denoiser's SlotUNet has none (mixture=None)")
     if (known is None) != (region is None):
         raise ValueError("a localised edit needs both known (the scene) and region (where to regenerate)")
     if known is not None:
@@ -95,6 +105,8 @@ def decode_slots(denoiser, slots: torch.Tensor, *, slot_mask: torch.Tensor | Non
         cond = {"context": slots[start:start + b].to(device)}
         if slot_mask is not None:
             cond["context_mask"] = slot_mask[start:start + b].to(device)
+        if absorb is not None:
+            cond["hint_absorb"] = absorb[start:start + b].to(device)
         sampler = None
         if known is not None:
             sampler = functools.partial(sample_repaint, sampler=get_sampler(opts.sampler), resample=resample,
