@@ -7,7 +7,7 @@ import torch
 
 from difflab.demos.depth import REGRESSOR_FRACTION, run_depth_demo
 from difflab.data.scenes import load_scenes
-from difflab.demos.slots import SLOTS, edit_pairs, run_slots_demo
+from difflab.demos.slots import SLOTS, edit_pairs, object_slot_sets, run_slots_demo
 from difflab.nn.slot_attention import SlotAutoencoder
 
 
@@ -59,7 +59,8 @@ def test_has_object_tells_an_empty_room_from_a_scene_with_an_object():
 
 def test_slots_demo_runs_end_to_end(tmp_path):
     report = run_slots_demo(tmp_path, steps=2, sampling_steps=2, train_scenes=64, held_scenes=12, judge_steps=3,
-                            pretrain_steps=3, localised=True, edit_fractions=(0.5, 0.25))
+                            pretrain_steps=3, localised=True, edit_fractions=(0.5, 0.25), object_share=0.1,
+                            removal="localised", recon_scenes=5)
     for name in ("decomposition.png", "composition.png", "report.json"):
         assert (tmp_path / name).exists()
     assert -1 <= report["fg_ari"] <= 1 and -1 <= report["fg_ari_baseline"] <= 1
@@ -69,6 +70,22 @@ def test_slots_demo_runs_end_to_end(tmp_path):
     assert 0 <= report["swap_found_accuracy"] <= 1
     assert 0 <= report["remove_count_accuracy_localised"] <= 1 and 0 <= report["swap_found_accuracy_localised"] <= 1
     assert report["edit_pairs"] == [32 + 16, 0.5, 0.25]  # 64 scenes: 32 removal pairs and 16 swap pairs
+    assert report["reconstruction_n"] == 5 and report["removal"] == "localised" and report["removed_slots_per_scene"] >= 1
+
+
+def test_object_slot_sets_take_the_top_slot_and_the_slots_sharing_the_object():
+    masks = torch.zeros(1, 4, 2, 2)
+    masks[0, :, 0, 0] = torch.tensor([0.7, 0.2, 0.05, 0.05])  # object 0 (pixel (0, 0)): slot 0 on top, slot 1 holds 0.2
+    masks[0, :, 0, 1] = torch.tensor([0.1, 0.1, 0.8, 0.0])  # object 1 (pixel (0, 1)): slot 2
+    masks[0, :, 1, :] = torch.tensor([0.0, 0.0, 0.0, 1.0])[:, None]  # the room: slot 3
+    true = torch.zeros(1, 3, 2, 2, dtype=torch.bool)
+    true[0, 0, 0, 0] = true[0, 1, 0, 1] = True
+    counts = torch.tensor([2])
+    assert object_slot_sets(masks, true, counts, None)[0, :2].nonzero().tolist() == [[0, 0], [1, 2]]
+    sets = object_slot_sets(masks, true, counts, 0.1)[0, :2]
+    assert sets.tolist() == [[True, True, False, False], [False, True, True, False]]  # slot 0, object 0's top, never object 1's
+    sets = object_slot_sets(masks, true, counts, 0.15)[0, :2]
+    assert sets.tolist() == [[True, True, False, False], [False, False, True, False]]
 
 
 def test_edit_pairs_leave_one_slot_out_or_swap_one_in_with_rerendered_targets():

@@ -9,7 +9,8 @@ from difflab.eval.scene_metrics import abs_rel, delta_accuracy, fg_ari
 from difflab.io.spec import build_frame
 from difflab.nn.slot_attention import SlotAttention, SlotAutoencoder, SlotConfig, SlotEncoder, SlotUNet
 from difflab.nn.unet import UNet, UNetConfig
-from difflab.pipelines.slots import add_slot, decode_slots, edit_region, encode_slots, remove_slot, segment, swap_slots
+from difflab.pipelines.slots import (add_slot, decode_slots, edit_region, encode_slots, remove_slot, segment, swap_slot_sets,
+                                     swap_slots)
 from difflab.train import TrainConfig, train
 
 TINY = SlotConfig(in_channels=3, size=8, num_slots=4, slot_dim=16, iters=3, hidden=16, mlp_hidden=32)
@@ -121,6 +122,14 @@ def test_localised_decoding_keeps_the_scene_outside_the_edit_region():
     assert region[0, 0].sum() == 16 and region[0, 0, 1:5, 1:5].all()  # the square grown by a pixel
     assert region[1, 0].sum() == 9 and region[1, 0, 5:8, 5:8].all()
     assert edit_region(masks, torch.tensor([1, 3]), dilate=0).sum() == 5
+    both = torch.zeros(2, 4, dtype=torch.bool)
+    both[0, 1] = both[1, 3] = True
+    assert torch.equal(edit_region(masks, both), region)  # a one-slot set is that slot's region
+    both[0, 3] = True  # slot 3 of scene 0 holds nothing above the threshold: the union is unchanged
+    assert torch.equal(edit_region(masks, both, dilate=0), edit_region(masks, torch.tensor([1, 3]), dilate=0))
+    masks[0, 2, 6, 0] = 0.5
+    both[0, 2] = True
+    assert edit_region(masks, both, dilate=0)[0].sum() == 5  # the square and slot 2's pixel
     keep = remove_slot(torch.ones(2, 4, dtype=torch.bool), torch.tensor([1, 3]))
     out = decode_slots(denoiser, slots, slot_mask=keep, known=images, region=region, size=8, steps=3, progress=False)
     outside = ~region.bool().expand_as(images)
@@ -131,6 +140,21 @@ def test_localised_decoding_keeps_the_scene_outside_the_edit_region():
         decode_slots(denoiser, slots, known=images, size=8)
     with pytest.raises(ValueError, match="only 0"):
         decode_slots(denoiser, slots, known=images, region=region * 0.5, size=8)
+
+
+def test_swap_slot_sets_takes_the_kept_slots_and_the_arriving_ones():
+    slots, other = torch.randn(3, 4, 16), torch.randn(3, 4, 16)
+    leaving = torch.zeros(3, 4, dtype=torch.bool)
+    arriving = torch.zeros(3, 4, dtype=torch.bool)
+    leaving[0, 1] = arriving[0, 2] = True  # one slot each way: swap_slots up to order
+    leaving[1, [0, 3]] = arriving[1, 1] = True  # two leave, one arrives
+    leaving[2, 2] = arriving[2, [0, 3]] = True  # one leaves, two arrive: 5 slots, the longest row
+    out, mask = swap_slot_sets(slots, leaving, other, arriving)
+    assert out.shape == (3, 5, 16) and mask.sum(1).tolist() == [4, 3, 5]
+    one = swap_slots(slots[:1], torch.tensor([1]), other[:1], torch.tensor([2]))[0]
+    assert torch.equal(torch.sort(out[0, mask[0]], 0).values, torch.sort(one, 0).values)
+    assert torch.equal(out[1, mask[1]], torch.stack([slots[1, 1], slots[1, 2], other[1, 1]]))
+    assert torch.equal(out[2, mask[2]], torch.stack([slots[2, 0], slots[2, 1], slots[2, 3], other[2, 0], other[2, 3]]))
 
 
 def test_fg_ari_and_depth_errors():

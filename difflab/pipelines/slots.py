@@ -6,6 +6,7 @@ images, and scenes recomposed by editing the slots in between.
 - :func:`decode_slots`: sample an image from the diffusion decoder cross-attending to given
   slots (``slot_mask`` (B, K) bool leaves some out);
 - :func:`remove_slot`, :func:`swap_slots`, :func:`add_slot`: edits of a slot set (composition);
+  :func:`swap_slot_sets` swaps objects that several slots hold;
 - :func:`edit_region`: where an edit acts, from the slots' masks; :func:`decode_slots` with
   ``known=`` and ``region=`` regenerates only there and keeps the rest of the scene (RePaint,
   Lugmayr et al. 2022; Blended Diffusion, Avrahami et al. 2022: a mask-localised edit);
@@ -137,6 +138,20 @@ def swap_slots(slots: torch.Tensor, index: torch.Tensor, other: torch.Tensor, ot
     return out
 
 
+def swap_slot_sets(slots: torch.Tensor, leaving: torch.Tensor, other: torch.Tensor, arriving: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Swap objects held by sets of slots: row i keeps its slots not in ``leaving[i]`` ((N, K) bool)
+    and takes the slots of ``other[i]`` in ``arriving[i]`` ((N, K') bool). Returns (slots (N, L, D),
+    slot_mask (N, L) bool) for :func:`decode_slots`, the taken slots first in each row and padded
+    (mask False) to the longest row's L; with one slot each way it is :func:`swap_slots` up to order."""
+    taken = torch.cat([~leaving, arriving], 1)
+    pool = torch.cat([slots, other], 1)
+    order = torch.sort(taken.long(), dim=1, descending=True, stable=True).indices
+    length = int(taken.sum(1).max())
+    order = order[:, :length]
+    return pool.gather(1, order[:, :, None].expand(-1, -1, pool.shape[2])), taken.gather(1, order)
+
+
 def add_slot(slots: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
     """``slots`` (N, K, D) with one more slot (N, D) appended: (N, K + 1, D)."""
     return torch.cat([slots, slot[:, None]], 1)
@@ -145,9 +160,15 @@ def add_slot(slots: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
 def edit_region(masks: torch.Tensor, index: torch.Tensor, *, threshold: float = 0.3, dilate: int = 1) -> torch.Tensor:
     """(N, 1, H, W) float of 0/1: where slot ``index[i]`` of scene i holds more than ``threshold`` of
     the attention (``masks`` (N, K, H, W) from :func:`encode_slots`), grown by ``dilate`` pixels
-    (max pooling), the region a localised :func:`decode_slots` regenerates. Take the union
-    (``torch.maximum``) of two for a swap: the object leaving and the object arriving."""
-    region = (masks[torch.arange(len(masks)), index] > threshold).float()[:, None]
+    (max pooling), the region a localised :func:`decode_slots` regenerates. ``index`` (N, K) bool:
+    the union of the regions of the slots marked True (an object held by several slots). Take the
+    union (``torch.maximum``) of two for a swap: the object leaving and the object arriving."""
+    if index.dtype == torch.bool:
+        if index.shape != masks.shape[:2]:
+            raise ValueError(f"index as a bool slot set must be (N, K) = {tuple(masks.shape[:2])}, got {tuple(index.shape)}")
+        region = ((masks > threshold) & index[:, :, None, None]).any(1, keepdim=True).float()
+    else:
+        region = (masks[torch.arange(len(masks)), index] > threshold).float()[:, None]
     if dilate > 0:
         region = F.max_pool2d(region, 2 * dilate + 1, stride=1, padding=dilate)
     return region
@@ -158,4 +179,4 @@ def segment(masks: torch.Tensor) -> torch.Tensor:
     return masks.argmax(1)
 
 
-__all__ = ["encode_slots", "decode_slots", "remove_slot", "swap_slots", "add_slot", "edit_region", "segment"]
+__all__ = ["encode_slots", "decode_slots", "remove_slot", "swap_slots", "swap_slot_sets", "add_slot", "edit_region", "segment"]
