@@ -86,6 +86,9 @@ def test_object_slot_sets_take_the_top_slot_and_the_slots_sharing_the_object():
     assert sets.tolist() == [[True, True, False, False], [False, True, True, False]]  # slot 0, object 0's top, never object 1's
     sets = object_slot_sets(masks, true, counts, 0.15)[0, :2]
     assert sets.tolist() == [[True, True, False, False], [False, False, True, False]]
+    assert object_slot_sets(masks, true, counts, 0.0)[0, 0].tolist() == [True, True, False, True]
+    one = torch.tensor([1])  # object 0 alone: at share 0 every slot holds some of it, and a set of all is its top slot
+    assert object_slot_sets(masks, true, one, 0.0)[0, 0].tolist() == [True, False, False, False]
 
 
 def test_edit_pairs_leave_one_slot_out_or_swap_one_in_with_rerendered_targets():

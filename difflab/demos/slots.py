@@ -190,7 +190,8 @@ def object_slot_sets(masks: torch.Tensor, true_masks: torch.Tensor, counts: torc
     (:func:`object_slots`) and every other slot holding at least ``share`` of the object's
     attention mass that is not another object's top slot (slot attention often splits an object:
     its top slot holds 85% of its attention on average, under 80% for a third of the objects;
-    docs/slots.md, stop 39). ``share`` None: the top slot alone."""
+    docs/slots.md, stop 39); a set that would hold every slot is the top slot alone (a removal
+    must leave a slot to decode). ``share`` None: the top slot alone."""
     owners = object_slots(masks, true_masks)
     top = F.one_hot(owners, masks.shape[1]).bool()
     if share is None:
@@ -199,7 +200,8 @@ def object_slot_sets(masks: torch.Tensor, true_masks: torch.Tensor, counts: torc
     cover = torch.einsum("nkhw,nohw->nok", masks, true_masks.float()) / true_masks.sum((2, 3)).clamp_min(1)[..., None]
     real_tops = (top & real).long()
     others_top = (real_tops.sum(1, keepdim=True) - real_tops) > 0
-    return top | ((cover >= share) & ~others_top)
+    sets = top | ((cover >= share) & ~others_top)
+    return torch.where(sets.all(-1, keepdim=True), top, sets)  # a set of every slot would leave none: the top slot
 
 
 def mask_picture(masks: torch.Tensor) -> torch.Tensor:
