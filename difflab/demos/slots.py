@@ -13,7 +13,10 @@ channels, and decodes by Euler ancestral sampling (``SAMPLER``); docs/slots.md h
 - composition: a slot of an object removed (the judge should count one object fewer), a slot
   swapped in from another scene (the judge should find the new object's colour), a slot added;
   with ``LOCALISED`` the removal and the swap also regenerated only inside the slots' masks, the
-  rest of the scene kept (RePaint-style; both figures reported, labelled).
+  rest of the scene kept (RePaint-style; both figures reported, labelled); with ``OBJECT_SHARE`` an
+  object's edit takes all the slots that hold it (:func:`object_slot_sets`), with ``REMOVAL =
+  "localised"`` the removal figure is the localised one; ``EDIT_PAIRS`` trains the decoder on
+  slot-edit pairs with re-rendered targets (:func:`edit_pairs`).
 
 Writes ``decomposition.png`` (images, slot masks, reconstructions), ``composition.png``
 (originals, one slot removed, one slot swapped) and ``report.json``.
