@@ -109,6 +109,23 @@ set (6.54e-3 against 6.60e-3, the rule 7.68e-3) but not on the rule's 1024 held-
 (RMSE 1.64e-2 against 1.02e-2 for the kept choice), so as a fifth candidate it would not have been
 kept: no rule change came of it.
 
+Grids from the model's stiffness, tried and not kept (stop 39). The reference solve's accepted
+Dormand-Prince steps h (log sigma; its step control is set by the batch's hardest trajectory) give
+a step density 1/h that peaks where the mode decision is made (sigma 0.3-0.6 on #3 of seed 3).
+Candidates: levels between the fitted grid's ends at equal quantiles of (1/h)^a (a = 1 equidistributes
+the error of a solver of any order when the solution's derivatives scale as powers of one rate;
+a = 0.5 and 2 as well), each with UniPC-3 and UniPC-2, added to the four above. On the 10 members of
+seed 3 at 5 / 10 / 20 steps: median 0.41 / 0.33 / 0.13 (a = 0.5), 0.41 / 0.21 / 0.13 (a = 1), 0.41 /
+0.21 / 0.09 (a = 2) against 0.41 / 0.21 / 0.09 for the rule, the worst (#4: 6.62, 25.4) and the
+members above diffusers' best (0 / 2 / 1) unchanged; on members 0-4 of seed 1 the same or worse (a = 1:
+one member at 1.65 at 20 steps, none for the rule). Alone (fitted ends, the better order on the held-out
+set) they were a median 0.79 / 0.50 / 0.60 (a = 0.5) and 0.89 / 0.59 / 1.14 (a = 1) of diffusers' best
+on seed 3, and they send more starts astray, not fewer (#3 at 10 steps: 30 of 256 with a = 1 and
+UniPC-3, 2 on the fitted grid): the misses do not come from too few levels in the decision band. A larger held-out set for the choice (4096 instead of 1024) moved #3 of
+seed 3 at 10 steps from 1.16 to 2.17 and left #4 as it was: on 4096 held-out starts the kept choice
+(fitted grid, UniPC-3) has the fewest misses of the four (#4: 9 at 10 steps, 1 at 20, against 25-64
+and 2-12), and the bench's 256 hold 2 and 1 of them. The rule stays as it is.
+
 Cost: the reference (one adaptive solve, about 100-400 evaluations, for N + 1024 trajectories), at
 most ``max_evals`` runs of the sampler (``steps`` evaluations of M samples each), one run on the
 pool and four on the held-out set. For the closed-form models of ``bench/few_step_solvers.py``
