@@ -124,7 +124,11 @@ on seed 3, and they send more starts astray, not fewer (#3 at 10 steps: 30 of 25
 UniPC-3, 2 on the fitted grid): the misses do not come from too few levels in the decision band. A larger held-out set for the choice (4096 instead of 1024) moved #3 of
 seed 3 at 10 steps from 1.16 to 2.17 and left #4 as it was: on 4096 held-out starts the kept choice
 (fitted grid, UniPC-3) has the fewest misses of the four (#4: 9 at 10 steps, 1 at 20, against 25-64
-and 2-12), and the bench's 256 hold 2 and 1 of them. The rule stays as it is.
+and 2-12), and the bench's 256 hold 2 and 1 of them. The misses fall with the solver's order (#4 of
+seed 3, fitted grid, 4096 held-out starts: UniPC-1 / 2 / 3 send 89 / 25 / 10 astray at 10 steps, 23 /
+2 / 1 at 20; the exponential grid 178 / 64 / 30 and 56 / 12 / 4): they are the step's truncation error,
+not an instability of the multistep extrapolation, so a lower order near the decision would not help;
+a solver of order 4 or more might. The rule stays as it is.
 
 Cost: the reference (one adaptive solve, about 100-400 evaluations, for N + 1024 trajectories), at
 most ``max_evals`` runs of the sampler (``steps`` evaluations of M samples each), one run on the
