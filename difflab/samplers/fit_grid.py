@@ -135,6 +135,16 @@ seed=4), run once with it: a median 0.47 / 0.37 / 0.16 of diffusers' best at 5 /
 candidates (run second, on diffusers' cached half): 0.47 / 0.37 / 0.18, the same worst, members above 0
 / 2 / 3 (#6 at 20 steps 1.01).
 
+Order 4 (stop 39; sample_unipc accepts it now) does not remove the misses. On 4096 held-out starts,
+grid fitted for UniPC-3, UniPC-4 / UniPC-3 send astray: #4 of seed 3 65 / 10 at 10 steps and 2 / 1
+at 20 (exponential grid 288 / 30, 7 / 4); #3 of seed 3 11 / 9 and 1 / 1 (exponential 297 / 38, 0 / 0).
+On #4 a grid fitted for UniPC-4 gives 19 and 2, UniP-4 alone 91 and 21, UniPC-4 bh1 85 and 6, and
+UniPC-4 with lower-order final steps 8 and 2; the last also on seed 4: #19 3 against UniPC-3's 35
+at 10 steps (RMSE 9.2e-3 against 1.3e-2), #6 21 / 30 at 10 and 15 / 19 at 20. As a fifth
+held-out candidate on the fitted grid it was kept on 12 of the 60 seed-4 cases, but the bench gave
+the same median 0.46 / 0.36 / 0.16, members above diffusers' best still 0 / 2 / 3 (#19 at 10 steps
+3.89 to 2.54, #6 1.03 to 1.07, #4 at 20 1.39 to 1.44; 319 CPU s): not kept.
+
 Cost: the reference (one adaptive solve, about 100-400 evaluations, for N + 1024 trajectories), at
 most ``max_evals`` runs of the sampler (``steps`` evaluations of M samples each), one run on the
 pool and four on the held-out set. For the closed-form models of ``bench/few_step_solvers.py``
