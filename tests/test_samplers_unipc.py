@@ -26,6 +26,8 @@ PARITY = [  # order, variant, prediction, spacing, steps, final sigma, disable_c
     (2, "bh2", "epsilon", "linspace", 10, "zero", [0, 1, 5], True),
     (3, "bh2", "epsilon", "trailing", 10, "sigma_min", [], False),
     (3, "bh2", "epsilon", "linspace", 10, "zero", list(range(10)), True),  # the corrector off: UniP alone
+    (4, "bh2", "epsilon", "linspace", 12, "zero", [], True),
+    (4, "bh1", "v_prediction", "trailing", 12, "sigma_min", [2], False),
 ]
 
 
@@ -51,7 +53,7 @@ def test_weights_solve_the_order_conditions():
     t, w = (t + 1) / 2, w / 2
     phi = lambda k: float((w * torch.exp((1 - t) * z) * t ** (k - 1)).sum()) / math.factorial(k - 1)  # noqa: E731
     for variant, B_ref in (("bh1", z), ("bh2", math.expm1(z))):
-        for rks in ([-0.8, -1.7, 1.0], [-0.8, -1.7], [-0.8, 1.0]):  # UniC-3, UniP-3, UniC-2
+        for rks in ([-0.8, -1.7, -2.5, 1.0], [-0.8, -1.7, 1.0], [-0.8, -1.7], [-0.8, 1.0]):  # UniC-4, -3, UniP-3, UniC-2
             B, a = unipc_weights(rks, h, variant)
             assert B == pytest.approx(B_ref, rel=1e-14)
             for i in range(1, len(rks) + 1):
@@ -81,6 +83,8 @@ ORDERS = [  # order, variant, corrector, steps, expected band: UniC raises the o
     (2, "bh2", True, (16, 32, 64), (2.5, 3.5)),
     (3, "bh2", True, (32, 64, 128), (2.5, 4.5)),
     (3, "bh1", False, (16, 32, 64), (2.5, 4.5)),
+    (4, "bh2", False, (48, 96, 192), (3.5, 4.5)),
+    (4, "bh2", True, (48, 96, 192), (4.5, 5.5)),
 ]
 
 
@@ -138,4 +142,4 @@ def test_float32_extra_args_and_bad_arguments():
     with pytest.raises(ValueError, match="variant"):
         sample_unipc(gm.denoiser, x, torch.tensor([1.0, 0.0]), variant="bh3")
     with pytest.raises(ValueError, match="order"):
-        sample_unipc(gm.denoiser, x, torch.tensor([1.0, 0.0]), order=4)
+        sample_unipc(gm.denoiser, x, torch.tensor([1.0, 0.0]), order=5)

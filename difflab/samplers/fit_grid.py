@@ -109,6 +109,42 @@ set (6.54e-3 against 6.60e-3, the rule 7.68e-3) but not on the rule's 1024 held-
 (RMSE 1.64e-2 against 1.02e-2 for the kept choice), so as a fifth candidate it would not have been
 kept: no rule change came of it.
 
+Grids from the model's stiffness, tried and not kept (stop 39). The reference solve's accepted
+Dormand-Prince steps h (log sigma; its step control is set by the batch's hardest trajectory) give
+a step density 1/h that peaks where the mode decision is made (sigma 0.3-0.6 on #3 of seed 3).
+Candidates: levels between the fitted grid's ends at equal quantiles of (1/h)^a (a = 1 equidistributes
+the error of a solver of any order when the solution's derivatives scale as powers of one rate;
+a = 0.5 and 2 as well), each with UniPC-3 and UniPC-2, added to the four above. On the 10 members of
+seed 3 at 5 / 10 / 20 steps: median 0.41 / 0.33 / 0.13 (a = 0.5), 0.41 / 0.21 / 0.13 (a = 1), 0.41 /
+0.21 / 0.09 (a = 2) against 0.41 / 0.21 / 0.09 for the rule, the worst (#4: 6.62, 25.4) and the
+members above diffusers' best (0 / 2 / 1) unchanged; on members 0-4 of seed 1 the same or worse (a = 1:
+one member at 1.65 at 20 steps, none for the rule). Alone (fitted ends, the better order on the held-out
+set) they were a median 0.79 / 0.50 / 0.60 (a = 0.5) and 0.89 / 0.59 / 1.14 (a = 1) of diffusers' best
+on seed 3, and they send more starts astray, not fewer (#3 at 10 steps: 30 of 256 with a = 1 and
+UniPC-3, 2 on the fitted grid): the misses do not come from too few levels in the decision band. A larger held-out set for the choice (4096 instead of 1024) moved #3 of
+seed 3 at 10 steps from 1.16 to 2.17 and left #4 as it was: on 4096 held-out starts the kept choice
+(fitted grid, UniPC-3) has the fewest misses of the four (#4: 9 at 10 steps, 1 at 20, against 25-64
+and 2-12), and the bench's 256 hold 2 and 1 of them. The misses fall with the solver's order (#4 of
+seed 3, fitted grid, 4096 held-out starts: UniPC-1 / 2 / 3 send 89 / 25 / 10 astray at 10 steps, 23 /
+2 / 1 at 20; the exponential grid 178 / 64 / 30 and 56 / 12 / 4): they are the step's truncation error,
+not an instability of the multistep extrapolation, so a lower order near the decision would not help;
+a solver of order 4 or more might. The rule stays as it is. A never-used family, random_family(20,
+seed=4), run once with it: a median 0.47 / 0.37 / 0.16 of diffusers' best at 5 / 10 / 20 steps, worst
+0.89 / 3.89 (#19) / 8.99 (#5), members above diffusers' best 0 / 2 / 3 (#6 at 1.03 and #19 at 10; #4
+1.39, #5 and #6 1.26 at 20); 686 CPU s for the whole bench. With the a = 1 stiffness grids as
+candidates (run second, on diffusers' cached half): 0.47 / 0.37 / 0.18, the same worst, members above 0
+/ 2 / 3 (#6 at 20 steps 1.01).
+
+Order 4 (stop 39; sample_unipc accepts it now) does not remove the misses. On 4096 held-out starts,
+grid fitted for UniPC-3, UniPC-4 / UniPC-3 send astray: #4 of seed 3 65 / 10 at 10 steps and 2 / 1
+at 20 (exponential grid 288 / 30, 7 / 4); #3 of seed 3 11 / 9 and 1 / 1 (exponential 297 / 38, 0 / 0).
+On #4 a grid fitted for UniPC-4 gives 19 and 2, UniP-4 alone 91 and 21, UniPC-4 bh1 85 and 6, and
+UniPC-4 with lower-order final steps 8 and 2; the last also on seed 4: #19 3 against UniPC-3's 35
+at 10 steps (RMSE 9.2e-3 against 1.3e-2), #6 21 / 30 at 10 and 15 / 19 at 20. As a fifth
+held-out candidate on the fitted grid it was kept on 12 of the 60 seed-4 cases, but the bench gave
+the same median 0.46 / 0.36 / 0.16, members above diffusers' best still 0 / 2 / 3 (#19 at 10 steps
+3.89 to 2.54, #6 1.03 to 1.07, #4 at 20 1.39 to 1.44; 319 CPU s): not kept.
+
 Cost: the reference (one adaptive solve, about 100-400 evaluations, for N + 1024 trajectories), at
 most ``max_evals`` runs of the sampler (``steps`` evaluations of M samples each), one run on the
 pool and four on the held-out set. For the closed-form models of ``bench/few_step_solvers.py``
