@@ -335,6 +335,10 @@ CLI_CASES = [
      "needs --video"),
     ("demo-video-end-frame-weight-nan", ["demo", "--video", "--end-frame-weight", "nan", "--out-dir", "{root}/demo"], 2,
      "--end-frame-weight"),
+    ("demo-velocity-weight-without-video", ["demo", "--velocity-weight", "1", "--out-dir", "{root}/demo"], 2,
+     "needs --video"),
+    ("demo-video-velocity-weight-negative", ["demo", "--video", "--velocity-weight", "-1", "--out-dir", "{root}/demo"], 2,
+     "--velocity-weight"),
     # 3-D (issue 21)
     ("demo-3d-and-video", ["demo", "--3d", "--video", "--out-dir", "{root}/demo"], 2, "not both"),
     ("demo-3d-resume", ["demo", "--3d", "--resume", "--out-dir", "{root}/demo"], 2, "--resume"),

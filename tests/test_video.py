@@ -293,6 +293,65 @@ def test_writers(tmp_path):
         save_gif(clips[:, :, 0], tmp_path / "b.gif")
 
 
+def test_centroid_velocity_loss_closed_form_and_the_judges_centres():
+    from difflab.eval.video import centres
+    from difflab.train.objectives.centroid_motion import centroid_velocity_loss, ink_centres
+    still = -torch.ones(1, 1, 4, 8, 8)
+    still[..., 2, 3] = 1.0                                   # one lit pixel at (2, 3) in every frame
+    moving = -torch.ones(1, 1, 4, 8, 8)
+    for f in range(4):
+        moving[0, 0, f, 2, 3 + f] = 1.0                      # one pixel a frame to the right
+    assert torch.allclose(ink_centres(still)[0, 0], torch.tensor([[2.0, 3.0]] * 4))
+    assert torch.equal(centroid_velocity_loss(moving, moving), torch.zeros(1))
+    # steps (0, 0) against (0, 1): squared error 1 in the column, 0 in the row, mean over (pairs, 2 coords) = 0.5
+    assert torch.allclose(centroid_velocity_loss(still, moving), torch.tensor([0.5]))
+    clips = moving_digits(6, frames=4, size=16, seed=0, bounce=False, speeds=(1,)).clips
+    assert torch.allclose(ink_centres(clips)[:, 0], centres(clips[:, 0]), atol=1e-5)  # the judge's centre of mass
+    x = (clips + 0.3 * torch.randn_like(clips)).requires_grad_()
+    centroid_velocity_loss(x, clips).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="F >= 2"):
+        centroid_velocity_loss(clips[:, :, :1], clips[:, :, :1])
+
+
+def test_centroid_motion_objective_adds_only_the_velocity_term_and_skips_dropped_directions(tmp_path):
+    from difflab.train import fit
+    from difflab.train.objectives.centroid_motion import CentroidMotionObjective, centroid_velocity_loss
+    from difflab.train.objectives.diffusion import DiffusionObjective
+    den = build_denoiser(make_spec("video_unet", TINY, DIFFUSION), seed=0)
+    torch.manual_seed(0)
+    clips = moving_digits(4, frames=4, size=24, seed=0).clips[:, :, :, 8:16, 8:16].contiguous()
+    batch = {"x0": clips, "sigma": torch.tensor([0.5, 3.0, 20.0, 1.0]), "noise": torch.randn_like(clips),
+             "class_labels": torch.tensor([0, 1, 2, 3]), "direction_labels": torch.tensor([2, 4, 0, 1])}
+    plain = DiffusionObjective(den).loss(batch)
+    off = CentroidMotionObjective(den, lambda_vel=0.0).loss(batch)
+    assert torch.equal(off["loss"], plain) and torch.equal(off["simple"], plain)
+    on = CentroidMotionObjective(den, lambda_vel=2.0, skip_key="direction_labels", skip_value=4).loss(batch)
+    assert on["vel"][1] == 0 and (on["vel"][[0, 2, 3]] > 0).all()  # example 1's direction was dropped (the null 4)
+    assert torch.allclose(on["loss"], plain + 2.0 * on["vel"])
+    with torch.no_grad():
+        x_in = batch["x0"] + batch["sigma"].reshape(-1, 1, 1, 1, 1) * batch["noise"]
+        x0_hat = den(x_in, batch["sigma"], class_labels=batch["class_labels"], direction_labels=batch["direction_labels"])
+    assert torch.allclose(on["vel"][0], centroid_velocity_loss(x0_hat, clips)[0], rtol=1e-4)
+    with pytest.raises(ValueError, match="lambda_vel"):
+        CentroidMotionObjective(den, lambda_vel=-1.0)
+    with pytest.raises(ValueError, match="loss='mse' only"):
+        CentroidMotionObjective(den, loss="hybrid")
+    # through fit: a resumed run ends where a straight one does, bit for bit
+    rows = {"x0": clips, "class_labels": torch.arange(4), "direction_labels": torch.arange(4)}
+
+    def run(out, steps):
+        d = build_denoiser(make_spec("video_unet", TINY, DIFFUSION), seed=0)
+        cfg = TrainConfig(steps=steps, batch_size=2, lr=1e-3, cfg_dropout=0.5, log_every=0, seed=0, progress=False)
+        obj = CentroidMotionObjective(d, lambda_vel=1.0, skip_key="direction_labels", skip_value=4, cfg_dropout=0.5,
+                                      null_class=10, null_cond={"direction_labels": 4})
+        return fit(obj, rows, cfg, out).module.state_dict()
+
+    run(tmp_path / "a", 1)
+    resumed, straight = run(tmp_path / "a", 2), run(tmp_path / "b", 2)
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
 def test_video_demo_tiny_run(tmp_path, capsys):
     from difflab.demos.video import run_video_demo
     DigitsJudge.fit(fit_config=FitConfig(epochs=2)).save(tmp_path / "digits_judge.safetensors")  # a quick judge
@@ -313,9 +372,10 @@ def test_video_demo_motion_module_route_trains_only_the_motion_modules(tmp_path)
     from difflab.io.checkpoint import load_checkpoint
     DigitsJudge.fit(fit_config=FitConfig(epochs=2)).save(tmp_path / "digits_judge.safetensors")
     r = run_video_demo(tmp_path, network="motion_modules", steps=2, sampling_steps=2, clips_per_pair=1, tiny=True, progress=False,
-                       end_frame_weight=2.0)
+                       end_frame_weight=2.0, velocity_weight=1.0)
     assert r["kind"] == "motion_unet" and r["image_steps"] > 0 and 0 < r["trainable_parameters"] < r["parameters"]
-    assert r["end_frame_weight"] == 2.0
+    assert r["end_frame_weight"] == 2.0 and r["velocity_weight"] == 1.0
+    assert json.loads((tmp_path / "motion_modules" / "checkpoint.json").read_text())["objective"] == "centroid_motion"
     image = load_checkpoint(tmp_path / "motion_modules" / "image")
     video = load_checkpoint(tmp_path / "motion_modules")
     image_ema = {k[len("ema."):]: v for k, v in image[0].items() if k.startswith("ema.")}
@@ -335,8 +395,9 @@ def test_video_demo_default_network_is_the_frozen_motion_module_route(monkeypatc
     assert inspect.signature(run_video_demo).parameters["network"].default == NETWORK
     assert NETWORKS[NETWORK]().freeze_image and NETWORKS[NETWORK]().image_spec is not None
     seen = []
-    monkeypatch.setattr(cli_demo, "run_video_demo", lambda out, **kw: seen.append((kw["network"], kw["end_frame_weight"])))
+    monkeypatch.setattr(cli_demo, "run_video_demo",
+                        lambda out, **kw: seen.append((kw["network"], kw["end_frame_weight"], kw["velocity_weight"])))
     assert main(["demo", "--video", "--out-dir", str(tmp_path)]) == 0
     assert main(["demo", "--video", "--video-network", "space_time_unet", "--end-frame-weight", "2.5",
-                 "--out-dir", str(tmp_path)]) == 0
-    assert seen == [("motion_modules", None), ("space_time_unet", 2.5)]
+                 "--velocity-weight", "0.5", "--out-dir", str(tmp_path)]) == 0
+    assert seen == [("motion_modules", None, None), ("space_time_unet", 2.5, 0.5)]

@@ -112,6 +112,9 @@ def _video_options(d):
     d.add_argument("--end-frame-weight", type=positive_float, default=None,
                    help="--video: training loss weight of the first and last frame relative to the others, weights "
                         "normalised to mean 1 (default: the network's, 1 = uniform; docs/video.md, stop 36)")
+    d.add_argument("--velocity-weight", type=non_negative_float, default=None,
+                   help="--video: weight of a training loss on the centre-of-mass velocity of the network's clean "
+                        "estimate (default: the network's, 0 = none; docs/video.md, stop 39)")
 
 
 def _video_run(args, out):
@@ -121,7 +124,8 @@ def _video_run(args, out):
                    sampling_steps=args.sampling_steps or VIDEO_SAMPLING_STEPS, guidance_scale=_guidance(args, VIDEO_GUIDANCE),
                    direction_guidance=VIDEO_DIRECTION_GUIDANCE if args.direction_guidance is None else args.direction_guidance,
                    clips_per_pair=args.samples_per_class or 2, image_fraction=args.image_fraction or 0.0,
-                   seed=args.seed, resume=args.resume, end_frame_weight=args.end_frame_weight)
+                   seed=args.seed, resume=args.resume, end_frame_weight=args.end_frame_weight,
+                   velocity_weight=args.velocity_weight)
 
 
 def _motion_run(args, out):
@@ -202,7 +206,7 @@ MODES: dict[str, DemoMode] = {
                       f"(16x16, 8 frames), judged per frame, by its motion and by a clip Frechet distance (--sampler "
                       f"default {VIDEO_SAMPLER}, --sampling-steps {VIDEO_SAMPLING_STEPS}, --guidance {VIDEO_GUIDANCE})",
                       "demo_video_out", _video_run, _video_options, ("video_network", "image_fraction", "direction_guidance",
-                                                                   "end_frame_weight"),
+                                                                   "end_frame_weight", "velocity_weight"),
                       sampler=VIDEO_SAMPLER),
     "motion": DemoMode("the motion demo instead: MDM (a transformer over frames, geometric losses, classifier-free guidance "
                        "on the action; --guidance default 1.75) on embedded stick-figure motions of eight actions, judged by "

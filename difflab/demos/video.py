@@ -32,7 +32,9 @@ from ..nn.unet import UNetConfig
 from ..nn.video_unet import VideoUNetConfig
 from ..pipelines import SampleOptions
 from ..pipelines.video import generate_video, image_to_video, opposite_directions
-from ..train import TrainConfig, train
+from ..train import TrainConfig, fit, train
+from ..train.objectives.centroid_motion import CentroidMotionObjective
+from ..train.objectives.diffusion import as_rows, resolve_null_class
 
 # The data design (moving digits: one class and one direction per clip). The digit moves SPEEDS
 # pixels a frame and, with BOUNCE False, never reaches an edge within a clip: every step goes the
@@ -65,7 +67,9 @@ class VideoRoute:
     network (``spec``, kind ``motion_unet`` around it) trains only its motion modules; with
     ``freeze_image`` False (the control) the image network trains on the clips too.
     ``end_frame_weight``: the loss weight of the first and last frame relative to the others
-    (:func:`end_frame_weights`; 1.0: every frame weighs the same)."""
+    (:func:`end_frame_weights`; 1.0: every frame weighs the same). ``velocity_weight``: lambda of the
+    centre-of-mass velocity loss on the clean estimate
+    (:class:`~difflab.train.objectives.centroid_motion.CentroidMotionObjective`; 0: the plain diffusion loss)."""
 
     spec: dict
     train: TrainConfig
@@ -73,6 +77,7 @@ class VideoRoute:
     image_train: TrainConfig | None = None
     freeze_image: bool = True
     end_frame_weight: float = 1.0
+    velocity_weight: float = 0.0
 
 
 def end_frame_weights(frames: int, end: float) -> torch.Tensor:
@@ -173,23 +178,52 @@ def train_route(route: VideoRoute, network: str, config, data, null_cond, out_di
     print(f"[3/6] training {network} ({spec['network']['kind']}) for {config.steps} steps (batch {config.batch_size}"
           f"{', motion modules only' if only else ''})")
     weights = None if route.end_frame_weight == 1.0 else end_frame_weights(FRAMES, route.end_frame_weight)
-    state = train(denoiser, data, config, out_dir / network, spec=spec, null_cond=null_cond,
-                  metadata={"size": SIZE, "frames": FRAMES, "end_frame_weight": route.end_frame_weight}, resume=resume,
-                  frame_weights=weights)
+    metadata = {"size": SIZE, "frames": FRAMES, "end_frame_weight": route.end_frame_weight,
+                "velocity_weight": route.velocity_weight}
+    if route.velocity_weight > 0:
+        state = train_with_velocity(denoiser, data, config, out_dir / network, route.velocity_weight, spec=spec,
+                                    null_cond=null_cond, metadata=metadata, resume=resume, frame_weights=weights)
+    else:
+        state = train(denoiser, data, config, out_dir / network, spec=spec, null_cond=null_cond, metadata=metadata,
+                      resume=resume, frame_weights=weights)
     state.ema.copy_to(denoiser.net)
     denoiser.eval()
     return denoiser, image_cpu
+
+
+def train_with_velocity(denoiser, data, config: TrainConfig, out_dir: Path, velocity_weight: float, *, spec: dict,
+                        null_cond: dict, metadata: dict, resume: bool, frame_weights=None):
+    """:func:`difflab.train.train`'s run with the centre-of-mass velocity loss added
+    (:class:`~difflab.train.objectives.centroid_motion.CentroidMotionObjective`, ``lambda_vel=velocity_weight``;
+    clips whose direction was dropped for guidance get no velocity term)."""
+    clips, labels, cond = data
+    null_class = resolve_null_class(denoiser.net, labels, config, None)
+    objective = CentroidMotionObjective(denoiser, lambda_vel=velocity_weight, skip_key="direction_labels",
+                                        skip_value=len(DIRECTIONS), cfg_dropout=config.cfg_dropout, null_class=null_class,
+                                        null_cond=null_cond, frame_weights=frame_weights, weighting=config.weighting,
+                                        min_snr_gamma=config.min_snr_gamma, noise_level=config.noise_level,
+                                        noise_level_kwargs=config.noise_level_kwargs)
+    was_training = denoiser.training
+    denoiser.train()
+    try:
+        return fit(objective, as_rows(clips, labels, cond), config, out_dir, spec=spec, metadata=metadata, resume=resume,
+                   null_class=null_class, denoiser={"frame": type(denoiser.frame).__name__,
+                                                    "prediction": denoiser.prediction, "sigma_data": denoiser.sigma_data})
+    finally:
+        denoiser.train(was_training)
 
 
 def run_video_demo(out_dir="demo_video_out", *, network: str = NETWORK, steps: int | None = None,
                    sampler: str = SAMPLER, sampling_steps: int = SAMPLING_STEPS, guidance_scale: float = GUIDANCE,
                    direction_guidance: float = DIRECTION_GUIDANCE, clips_per_pair: int = 2,
                     image_fraction: float = 0.0, seed: int = 0, resume: bool = False, tiny: bool = False,
-                   progress: bool = True, end_frame_weight: float | None = None) -> dict:
+                   progress: bool = True, end_frame_weight: float | None = None,
+                   velocity_weight: float | None = None) -> dict:
     """Train, sample and judge (see the module docstring); ``tiny``: a small network and data set
     for tests. ``direction_guidance``: the scale of the guidance on the direction alone, away from
     the opposite direction (:class:`~difflab.pipelines.video.DirectionGuidance`; 0 = plain CFG).
     ``end_frame_weight``: overrides the route's loss weight of the end frames (:func:`end_frame_weights`).
+    ``velocity_weight``: overrides the route's centre-of-mass velocity loss weight (:class:`VideoRoute`).
     Returns the report (also in ``out_dir/report.json``)."""
     if network not in NETWORKS:
         raise ValueError(f"network={network!r} is unknown; choose one of {sorted(NETWORKS)}")
@@ -198,6 +232,10 @@ def run_video_demo(out_dir="demo_video_out", *, network: str = NETWORK, steps: i
     route = NETWORKS[network](tiny)
     if end_frame_weight is not None:
         route = dataclasses.replace(route, end_frame_weight=end_frame_weight)
+    if velocity_weight is not None:
+        if not velocity_weight >= 0:
+            raise ValueError(f"velocity_weight={velocity_weight} must be >= 0")
+        route = dataclasses.replace(route, velocity_weight=velocity_weight)
     if image_fraction and route.image_spec is not None:
         raise ValueError(f"image_fraction={image_fraction}: joint image-and-video training is the space-time U-Net's; "
                          f"network={network!r} trains its image network on single frames first")
@@ -246,7 +284,8 @@ def run_video_demo(out_dir="demo_video_out", *, network: str = NETWORK, steps: i
                                 reference=reference.clips)
     report.update(i2v_frame_accuracy=i2v_scores["frame_accuracy"], i2v_motion_accuracy=i2v_scores["motion_accuracy"],
                   network=network, kind=spec["network"]["kind"], steps=config.steps, batch_size=config.batch_size,
-                  image_fraction=image_fraction, end_frame_weight=route.end_frame_weight, sampler=sampler,
+                  image_fraction=image_fraction, end_frame_weight=route.end_frame_weight,
+                  velocity_weight=route.velocity_weight, up_modules=UP_MODULES, sampler=sampler,
                   sampling_steps=sampling_steps, guidance_scale=guidance_scale, direction_guidance=direction_guidance,
                   direction_min_sigma=DIRECTION_MIN_SIGMA, train_seconds=round(train_seconds, 1),
                   train_cpu_seconds=round(train_cpu, 1),

@@ -1,5 +1,6 @@
 """Objectives for :func:`difflab.train.fit`, one file per concept (see :mod:`difflab.train.objective`)."""
 from .classification import Classification, random_shift
+from .centroid_motion import CentroidMotionObjective, centroid_velocity_loss
 from .classifier import NoisyClassification, train_classifier
 from .consistency import ConsistencyDistillation, ConsistencyTraining
 from .diffusion import DiffusionObjective, draw_diffusion
@@ -16,4 +17,5 @@ __all__ = ["DiffusionObjective", "draw_diffusion", "SubjectObjective", "NoisyCla
            "Classification", "random_shift", "Regression", "VAEObjective", "ProgressiveDistillation", "progressive_distillation",
            "DistilledRound", "GuidedDistillation", "guided_progressive_distillation", "guided_student", "Reflow", "reflow_pairs",
            "straightness", "ConsistencyDistillation", "ConsistencyTraining", "LatentConsistencyDistillation", "lcm_student",
-           "lcm_lora_student", "save_lcm_lora", "apply_lcm_lora", "MotionObjective", "geometric_losses"]
+           "lcm_lora_student", "save_lcm_lora", "apply_lcm_lora", "MotionObjective", "geometric_losses",
+           "CentroidMotionObjective", "centroid_velocity_loss"]
