@@ -58,7 +58,7 @@ MIXTURE_HINT = True  # the diffusion decoder also sees the pretrained mixture de
 LOCALISED = False  # also judge the edits regenerated only where they act (stop 38: removal 35% -> 74%, swap 80%: short of 85%)
 # An object's slots (stop 39): its top slot and every other slot holding >= OBJECT_SHARE of its attention (None: the top
 # slot only, stops 32-38). Removal: the removal decoded "whole" (the scene anew) or "localised" (only the removed slots' region).
-OBJECT_SHARE = 0.1  # stop 39: swap 80.0% -> 85.3%; with REMOVAL "localised", removal 35.4% -> 83.8%
+OBJECT_SHARE = 0.1  # stop 39, one thread: swap 80.0% -> 85.3%, with REMOVAL "localised" removal 35.4% -> 83.8% (two threads: 81.7%, 80.3%)
 REMOVAL = "localised"
 RECON_SCENES = None  # the reconstructions judged: the first RECON_SCENES held-out scenes (None: all)
 # A localised edit's region (the slot's attention > 0.3) grown by LOCALISED_DILATE pixels, and its RePaint passes a
