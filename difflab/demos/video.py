@@ -213,18 +213,10 @@ def train_with_velocity(denoiser, data, config: TrainConfig, out_dir: Path, velo
         denoiser.train(was_training)
 
 
-def run_video_demo(out_dir="demo_video_out", *, network: str = NETWORK, steps: int | None = None,
-                   sampler: str = SAMPLER, sampling_steps: int = SAMPLING_STEPS, guidance_scale: float = GUIDANCE,
-                   direction_guidance: float = DIRECTION_GUIDANCE, clips_per_pair: int = 2,
-                    image_fraction: float = 0.0, seed: int = 0, resume: bool = False, tiny: bool = False,
-                   progress: bool = True, end_frame_weight: float | None = None,
-                   velocity_weight: float | None = None) -> dict:
-    """Train, sample and judge (see the module docstring); ``tiny``: a small network and data set
-    for tests. ``direction_guidance``: the scale of the guidance on the direction alone, away from
-    the opposite direction (:class:`~difflab.pipelines.video.DirectionGuidance`; 0 = plain CFG).
-    ``end_frame_weight``: overrides the route's loss weight of the end frames (:func:`end_frame_weights`).
-    ``velocity_weight``: overrides the route's centre-of-mass velocity loss weight (:class:`VideoRoute`).
-    Returns the report (also in ``out_dir/report.json``)."""
+def demo_route(network: str, tiny: bool, image_fraction: float, end_frame_weight: float | None,
+               velocity_weight: float | None) -> VideoRoute:
+    """The route of ``network`` (:data:`NETWORKS`) with :func:`run_video_demo`'s overrides, each checked
+    before any work (a bad value raises ``ValueError`` naming it)."""
     if network not in NETWORKS:
         raise ValueError(f"network={network!r} is unknown; choose one of {sorted(NETWORKS)}")
     if not 0.0 <= image_fraction < 1.0:
@@ -239,6 +231,22 @@ def run_video_demo(out_dir="demo_video_out", *, network: str = NETWORK, steps: i
     if image_fraction and route.image_spec is not None:
         raise ValueError(f"image_fraction={image_fraction}: joint image-and-video training is the space-time U-Net's; "
                          f"network={network!r} trains its image network on single frames first")
+    return route
+
+
+def run_video_demo(out_dir="demo_video_out", *, network: str = NETWORK, steps: int | None = None,
+                   sampler: str = SAMPLER, sampling_steps: int = SAMPLING_STEPS, guidance_scale: float = GUIDANCE,
+                   direction_guidance: float = DIRECTION_GUIDANCE, clips_per_pair: int = 2,
+                    image_fraction: float = 0.0, seed: int = 0, resume: bool = False, tiny: bool = False,
+                   progress: bool = True, end_frame_weight: float | None = None,
+                   velocity_weight: float | None = None) -> dict:
+    """Train, sample and judge (see the module docstring); ``tiny``: a small network and data set
+    for tests. ``direction_guidance``: the scale of the guidance on the direction alone, away from
+    the opposite direction (:class:`~difflab.pipelines.video.DirectionGuidance`; 0 = plain CFG).
+    ``end_frame_weight``: overrides the route's loss weight of the end frames (:func:`end_frame_weights`).
+    ``velocity_weight``: overrides the route's centre-of-mass velocity loss weight (:class:`VideoRoute`).
+    Returns the report (also in ``out_dir/report.json``)."""
+    route = demo_route(network, tiny, image_fraction, end_frame_weight, velocity_weight)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start, c_start = time.time(), time.process_time()
