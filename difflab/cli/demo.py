@@ -114,7 +114,7 @@ def _video_options(d):
                         "normalised to mean 1 (default: the network's, 1 = uniform; docs/video.md, stop 36)")
     d.add_argument("--velocity-weight", type=non_negative_float, default=None,
                    help="--video: weight of a training loss on the centre-of-mass velocity of the network's clean "
-                        "estimate (default: the network's, 0 = none; docs/video.md, stop 39)")
+                        "estimate (default: the network's: 1 for motion_modules, 0 = none for the others; docs/video.md, stop 39)")
 
 
 def _video_run(args, out):
