@@ -32,9 +32,8 @@ from ..nn.unet import UNetConfig
 from ..nn.video_unet import VideoUNetConfig
 from ..pipelines import SampleOptions
 from ..pipelines.video import generate_video, image_to_video, opposite_directions
-from ..train import TrainConfig, fit, train
+from ..train import TrainConfig, train
 from ..train.objectives.centroid_motion import CentroidMotionObjective
-from ..train.objectives.diffusion import as_rows, resolve_null_class
 
 # The data design (moving digits: one class and one direction per clip). The digit moves SPEEDS
 # pixels a frame and, with BOUNCE False, never reaches an edge within a clip: every step goes the
@@ -183,37 +182,15 @@ def train_route(route: VideoRoute, network: str, config, data, null_cond, out_di
     weights = None if route.end_frame_weight == 1.0 else end_frame_weights(FRAMES, route.end_frame_weight)
     metadata = {"size": SIZE, "frames": FRAMES, "end_frame_weight": route.end_frame_weight,
                 "velocity_weight": route.velocity_weight}
-    if route.velocity_weight > 0:
-        state = train_with_velocity(denoiser, data, config, out_dir / network, route.velocity_weight, spec=spec,
-                                    null_cond=null_cond, metadata=metadata, resume=resume, frame_weights=weights)
-    else:
-        state = train(denoiser, data, config, out_dir / network, spec=spec, null_cond=null_cond, metadata=metadata,
-                      resume=resume, frame_weights=weights)
+    # The centre-of-mass velocity loss (CentroidMotionObjective); clips whose direction was dropped for guidance get none.
+    velocity = {} if route.velocity_weight == 0 else dict(
+        objective=CentroidMotionObjective,
+        objective_kwargs=dict(lambda_vel=route.velocity_weight, skip_key="direction_labels", skip_value=len(DIRECTIONS)))
+    state = train(denoiser, data, config, out_dir / network, spec=spec, null_cond=null_cond, metadata=metadata,
+                  resume=resume, frame_weights=weights, **velocity)
     state.ema.copy_to(denoiser.net)
     denoiser.eval()
     return denoiser, image_cpu
-
-
-def train_with_velocity(denoiser, data, config: TrainConfig, out_dir: Path, velocity_weight: float, *, spec: dict,
-                        null_cond: dict, metadata: dict, resume: bool, frame_weights=None):
-    """:func:`difflab.train.train`'s run with the centre-of-mass velocity loss added
-    (:class:`~difflab.train.objectives.centroid_motion.CentroidMotionObjective`, ``lambda_vel=velocity_weight``;
-    clips whose direction was dropped for guidance get no velocity term)."""
-    clips, labels, cond = data
-    null_class = resolve_null_class(denoiser.net, labels, config, None)
-    objective = CentroidMotionObjective(denoiser, lambda_vel=velocity_weight, skip_key="direction_labels",
-                                        skip_value=len(DIRECTIONS), cfg_dropout=config.cfg_dropout, null_class=null_class,
-                                        null_cond=null_cond, frame_weights=frame_weights, weighting=config.weighting,
-                                        min_snr_gamma=config.min_snr_gamma, noise_level=config.noise_level,
-                                        noise_level_kwargs=config.noise_level_kwargs)
-    was_training = denoiser.training
-    denoiser.train()
-    try:
-        return fit(objective, as_rows(clips, labels, cond), config, out_dir, spec=spec, metadata=metadata, resume=resume,
-                   null_class=null_class, denoiser={"frame": type(denoiser.frame).__name__,
-                                                    "prediction": denoiser.prediction, "sigma_data": denoiser.sigma_data})
-    finally:
-        denoiser.train(was_training)
 
 
 def demo_route(network: str, tiny: bool, image_fraction: float, end_frame_weight: float | None,

@@ -109,12 +109,13 @@ class DiffusionObjective:
 
     @classmethod
     def from_config(cls, denoiser: Denoiser, config: TrainConfig, *, null_class: int | None = None,
-                    null_cond: dict | None = None, augment=None, frame_weights=None) -> "DiffusionObjective":
-        """The objective of ``config``'s diffusion fields (weighting, loss, noise level, cfg_dropout)."""
+                    null_cond: dict | None = None, augment=None, frame_weights=None, **extra) -> "DiffusionObjective":
+        """The objective of ``config``'s diffusion fields (weighting, loss, noise level, cfg_dropout);
+        ``extra``: a subclass's own keywords."""
         return cls(denoiser, weighting=config.weighting, min_snr_gamma=config.min_snr_gamma, loss=config.loss,
                    vlb_weight=config.vlb_weight, noise_level=config.noise_level, noise_level_kwargs=config.noise_level_kwargs,
                    cfg_dropout=config.cfg_dropout, null_class=null_class, null_cond=null_cond, augment=augment,
-                   frame_weights=frame_weights)
+                   frame_weights=frame_weights, **extra)
 
     def draw(self, batch: dict, generator: torch.Generator) -> dict:
         out = draw_diffusion(batch, generator, self.denoiser.frame, **self.draw_kwargs)
@@ -195,7 +196,8 @@ def resolve_null_class(net, labels, config: TrainConfig, null_class: int | None)
 def train(denoiser: Denoiser, data, config: TrainConfig, out_dir, *, spec: dict | None = None,
           null_class: int | None = None, metadata: dict | None = None, resume: bool = True,
           callback: Callable[[dict], None] | None = None, null_cond: dict | None = None, augment=None,
-          data_source=None, frame_weights=None) -> TrainState:
+          data_source=None, frame_weights=None, objective: type | None = None,
+          objective_kwargs: dict | None = None) -> TrainState:
     """Train ``denoiser.net`` on ``data`` for ``config.steps`` optimizer steps: the
     :class:`DiffusionObjective` of ``config`` run by :func:`difflab.train.fit` (see it for
     checkpoints, resuming, logging and DDP/FSDP).
@@ -213,11 +215,14 @@ def train(denoiser: Denoiser, data, config: TrainConfig, out_dir, *, spec: dict 
     ``data_source``: where the data came from (``"digits"``, an image folder), recorded with the
     data's hash in every checkpoint (see :func:`difflab.train.fit`).
     ``frame_weights``: the :class:`DiffusionObjective`'s weight per frame of a clip (None: uniform).
+    ``objective``: a subclass of :class:`DiffusionObjective` to run instead (None: it), built by its
+    ``from_config`` with ``objective_kwargs`` as its own keywords.
     """
     images, labels, cond = as_dataset(data)
     null_class = resolve_null_class(denoiser.net, labels, config, null_class)
-    objective = DiffusionObjective.from_config(denoiser, config, null_class=null_class, null_cond=null_cond, augment=augment,
-                                           frame_weights=frame_weights)
+    objective = (objective or DiffusionObjective).from_config(denoiser, config, null_class=null_class, null_cond=null_cond,
+                                                              augment=augment, frame_weights=frame_weights,
+                                                              **(objective_kwargs or {}))
     was_training = denoiser.training
     denoiser.train()
     try:
