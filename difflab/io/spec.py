@@ -61,6 +61,7 @@ from ..nn.unet_sd import UNetSD, UNetSDConfig
 from ..nn.vae import AutoencoderKL, VAEConfig
 from ..nn.video_unet import PRESETS as VIDEO_UNET_PRESETS
 from ..nn.video_unet import VideoUNet, VideoUNetConfig
+from ..nn.stft_unet import StftUNet, StftUNetConfig
 from ..nn.wave_unet import WaveUNet, WaveUNetConfig
 from .checkpoint import (
     load_checkpoint,
@@ -135,6 +136,7 @@ NETWORKS: dict[str, NetworkKind] = {
     "mdm": NetworkKind(MDM, MDMConfig, "motion", motion_shape),  # (B, frames, joints, 3) motions: MDM's transformer, class_labels=
     "point_transformer": NetworkKind(PointTransformer, PointTransformerConfig, "points", points_shape),  # point clouds (B, N, 3)
     "wave_unet": NetworkKind(WaveUNet, WaveUNetConfig, "audio", audio_shape),  # waveforms (B, 1, L): strided 1-D U-Net (CRASH)
+    "stft_unet": NetworkKind(StftUNet, StftUNetConfig, "audio", audio_shape),  # waveforms (B, 1, L): 2-D U-Net on their STFT (SGMSE)
 }
 
 

@@ -21,6 +21,7 @@ from ..core.audio import (AudioFrontEnd, hann, image_to_mel, mel_consistency, me
                           mel_spectral_envelope, stft, stft_filter)
 from ..core.rng import sample_seed
 from ..nn.diffwave import DiffWaveConfig, check_sample_rate
+from ..nn.stft_unet import StftUNetConfig
 from ..nn.wave_unet import WaveUNetConfig
 from .class_to_image import generate
 from .common import denoise, run_options, sample_device, sampling_grid
@@ -28,12 +29,12 @@ from .options import CLASS_DEFAULTS, SampleOptions, resolve
 
 
 def diffwave_config(denoiser):
-    """The config of a denoiser's waveform network (a DiffWave or a WaveUNet: both record
+    """The config of a denoiser's waveform network (a DiffWave, a WaveUNet or a StftUNet: all record
     ``sample_rate``, ``sample_length``, ``class_prior``, ``n_fft``, ``hop`` and ``n_mels``), or a
     ValueError naming what the network is."""
     config = getattr(denoiser.net, "config", None)
-    if not isinstance(config, (DiffWaveConfig, WaveUNetConfig)):
-        raise ValueError(f"an audio route needs a DiffWave or WaveUNet network, got {type(denoiser.net).__name__}")
+    if not isinstance(config, (DiffWaveConfig, WaveUNetConfig, StftUNetConfig)):
+        raise ValueError(f"an audio route needs a DiffWave, WaveUNet or StftUNet network, got {type(denoiser.net).__name__}")
     return config
 
 
