@@ -47,7 +47,8 @@ from .depth import MAX_OBJECTS, SIZE, judge_step
 TRAIN_SCENES, HELD_SCENES = 6000, 300
 # K = MAX_OBJECTS + 4 slots (stop 40; + 2 until then): two objects share a top slot in 22 of the 198 removal scenes, not
 # 25, and one thread reads removal 83.8% -> 85.9%, swap 85.3% -> 86.7%, FG-ARI 0.841 -> 0.816 (+ 3: FG-ARI 0.778);
-# +30 CPU s (docs/slots.md, stop 40). 3x3 features collapsed (FG-ARI 0.32); 5 iterations bound worse (31 shared).
+# +30 CPU s (docs/slots.md, stop 40); within the draw: with seed 1, K = 5 shares 17, K = 7 23. 3x3 features collapsed
+# (FG-ARI 0.32); 5 iterations bound worse (31 shared); position x0.2: FG-ARI 0.70.
 SLOTS = SlotConfig(in_channels=3, size=SIZE, num_slots=MAX_OBJECTS + 4, slot_dim=64, iters=3, hidden=64, mlp_hidden=128,
                    kernel_size=1, decoder_kernel_size=1, center_keys=True, position_scale=0.1)
 UNET = UNetConfig(in_channels=3, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
