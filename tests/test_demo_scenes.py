@@ -7,7 +7,8 @@ import torch
 
 from difflab.demos.depth import REGRESSOR_FRACTION, run_depth_demo
 from difflab.data.scenes import load_scenes
-from difflab.demos.slots import SLOTS, edit_pairs, object_slot_sets, run_slots_demo
+from difflab.demos.depth import MAX_OBJECTS
+from difflab.demos.slots import SLOTS, edit_pairs, mask_picture, object_slot_sets, run_slots_demo
 from difflab.nn.slot_attention import SlotAutoencoder
 
 
@@ -73,6 +74,17 @@ def test_slots_demo_runs_end_to_end(tmp_path):
     assert report["reconstruction_n"] == 5 and report["removal"] == "localised" and report["removed_slots_per_scene"] >= 1
 
 
+def test_demo_slots_outnumber_objects_and_room_and_each_gets_a_picture_colour():
+    # stop 40: K = MAX_OBJECTS + 4, so two objects need not share a slot (the room takes one or two)
+    assert SLOTS.num_slots >= MAX_OBJECTS + 3
+    masks = torch.softmax(torch.randn(2, SLOTS.num_slots, 16, 16), 1)
+    picture = mask_picture(masks)
+    assert picture.shape == (2, 3, 16, 16) and picture.min() >= -1 and picture.max() <= 1
+    one_hot = torch.eye(SLOTS.num_slots)[:, :, None, None].expand(-1, -1, 16, 16)  # slot k alone everywhere
+    colours = mask_picture(one_hot)[:, :, 0, 0]
+    assert len({tuple(c.tolist()) for c in colours}) == SLOTS.num_slots  # every slot its own colour
+
+
 def test_object_slot_sets_take_the_top_slot_and_the_slots_sharing_the_object():
     masks = torch.zeros(1, 4, 2, 2)
     masks[0, :, 0, 0] = torch.tensor([0.7, 0.2, 0.05, 0.05])  # object 0 (pixel (0, 0)): slot 0 on top, slot 1 holds 0.2
@@ -95,9 +107,9 @@ def test_edit_pairs_leave_one_slot_out_or_swap_one_in_with_rerendered_targets():
     train_set = load_scenes(40, size=16, split="train", max_objects=3)
     model = SlotAutoencoder(SLOTS).eval()
     targets, cond = edit_pairs(train_set, model, (0.5, 0.25), seed=0)
-    assert targets.shape == (70, 3, 16, 16) and cond["context"].shape == (70, 5, 64)
+    assert targets.shape == (70, 3, 16, 16) and cond["context"].shape == (70, SLOTS.num_slots, 64)
     assert torch.equal(targets[:40], train_set.images) and cond["context_mask"][:40].all()
-    assert (cond["context_mask"][40:60].sum(1) == 4).all()  # one slot left out of each removal pair
+    assert (cond["context_mask"][40:60].sum(1) == SLOTS.num_slots - 1).all()  # one slot left out of each removal pair
     assert cond["context_mask"][60:].all() and not torch.equal(cond["context"][60:], cond["context"][:10])
     originals = train_set.images.flatten(1)
     for row in range(40, 60):  # every removal's target is a changed scene: no target equals an original
