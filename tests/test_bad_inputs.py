@@ -339,6 +339,10 @@ CLI_CASES = [
      "needs --video"),
     ("demo-video-velocity-weight-negative", ["demo", "--video", "--velocity-weight", "-1", "--out-dir", "{root}/demo"], 2,
      "--velocity-weight"),
+    ("demo-class-guidance-without-video", ["demo", "--class-guidance", "1", "--out-dir", "{root}/demo"], 2,
+     "needs --video"),
+    ("demo-video-class-guidance-negative", ["demo", "--video", "--class-guidance", "-1", "--out-dir", "{root}/demo"], 2,
+     "--class-guidance"),
     # 3-D (issue 21)
     ("demo-3d-and-video", ["demo", "--3d", "--video", "--out-dir", "{root}/demo"], 2, "not both"),
     ("demo-3d-resume", ["demo", "--3d", "--resume", "--out-dir", "{root}/demo"], 2, "--resume"),
