@@ -343,6 +343,10 @@ CLI_CASES = [
      "needs --video"),
     ("demo-video-class-guidance-negative", ["demo", "--video", "--class-guidance", "-1", "--out-dir", "{root}/demo"], 2,
      "--class-guidance"),
+    ("demo-eta-without-video", ["demo", "--eta", "1.5", "--out-dir", "{root}/demo"], 2, "needs --video"),
+    ("demo-video-eta-negative", ["demo", "--video", "--eta", "-1", "--out-dir", "{root}/demo"], 2, "--eta"),
+    ("demo-video-eta-sampler-without-eta", ["demo", "--video", "--sampler", "heun", "--eta", "1", "--out-dir", "{root}/demo"],
+     2, "sampler 'heun' has no eta"),
     # 3-D (issue 21)
     ("demo-3d-and-video", ["demo", "--3d", "--video", "--out-dir", "{root}/demo"], 2, "not both"),
     ("demo-3d-resume", ["demo", "--3d", "--resume", "--out-dir", "{root}/demo"], 2, "--resume"),

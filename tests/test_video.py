@@ -263,6 +263,22 @@ def test_class_guidance_adds_a_term_on_the_class_alone_on_its_interval():
         generate_video(den, c, d, class_guidance=1.0, guidance_rescale=0.5, **kw)
 
 
+def test_the_demo_samples_with_its_eta_and_refuses_one_its_sampler_lacks():
+    from difflab.demos.video import SAMPLER, SAMPLER_ETA, sampler_eta
+    assert SAMPLER == "euler_ancestral" and SAMPLER_ETA > 1  # stop 40: more fresh noise a step than DDPM's
+    assert sampler_eta(SAMPLER, None) == SAMPLER_ETA and sampler_eta("heun", None) is None
+    assert sampler_eta("ddim", 0.3) == 0.3 and sampler_eta(SAMPLER, 1.0) == 1.0
+    with pytest.raises(ValueError, match="sampler 'heun' has no eta"):
+        sampler_eta("heun", 1.0)
+    with pytest.raises(ValueError, match="eta=-1.0 must be a finite number >= 0"):
+        sampler_eta(SAMPLER, -1.0)
+    den = random_denoiser()  # eta reaches the sampler: 1.5 draws more fresh noise than 1, the same seed
+    kw = dict(shape=(1, 4, 8, 8), steps=3, guidance_scale=2.0, seed=5, progress=False, sampler="euler_ancestral")
+    one = generate_video(den, [1, 2], [0, 1], **kw)
+    assert torch.equal(generate_video(den, [1, 2], [0, 1], sampler_kwargs={"eta": 1.0}, **kw), one)
+    assert (generate_video(den, [1, 2], [0, 1], sampler_kwargs={"eta": 1.5}, **kw) - one).abs().max() > 1e-3
+
+
 def test_tasks_keep_the_given_frames():
     den = random_denoiser()
     clips = moving_digits(2, seed=0).clips[:, :, :4, 8:16, 8:16].contiguous()
@@ -415,6 +431,7 @@ def test_video_demo_motion_module_route_trains_only_the_motion_modules(tmp_path)
                        end_frame_weight=2.0, velocity_weight=1.0, class_guidance=0.5)
     assert r["kind"] == "motion_unet" and r["image_steps"] > 0 and 0 < r["trainable_parameters"] < r["parameters"]
     assert r["end_frame_weight"] == 2.0 and r["velocity_weight"] == 1.0 and r["class_guidance"] == 0.5
+    assert r["sampler"] == "euler_ancestral" and r["eta"] == 1.5  # the demo's SAMPLER_ETA
     assert json.loads((tmp_path / "motion_modules" / "checkpoint.json").read_text())["objective"] == "centroid_motion"
     image = load_checkpoint(tmp_path / "motion_modules" / "image")
     video = load_checkpoint(tmp_path / "motion_modules")
@@ -439,8 +456,8 @@ def test_video_demo_default_network_is_the_frozen_motion_module_route(monkeypatc
     seen = []
     monkeypatch.setattr(cli_demo, "run_video_demo",
                         lambda out, **kw: seen.append((kw["network"], kw["end_frame_weight"], kw["velocity_weight"],
-                                                       kw["class_guidance"])))
+                                                       kw["class_guidance"], kw["eta"])))
     assert main(["demo", "--video", "--out-dir", str(tmp_path)]) == 0
     assert main(["demo", "--video", "--video-network", "space_time_unet", "--end-frame-weight", "2.5",
-                 "--velocity-weight", "0.5", "--class-guidance", "0.25", "--out-dir", str(tmp_path)]) == 0
-    assert seen == [("motion_modules", None, None, CLASS_GUIDANCE), ("space_time_unet", 2.5, 0.5, 0.25)]
+                 "--velocity-weight", "0.5", "--class-guidance", "0.25", "--eta", "0.5", "--out-dir", str(tmp_path)]) == 0
+    assert seen == [("motion_modules", None, None, CLASS_GUIDANCE, None), ("space_time_unet", 2.5, 0.5, 0.25, 0.5)]
