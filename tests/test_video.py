@@ -264,14 +264,16 @@ def test_class_guidance_adds_a_term_on_the_class_alone_on_its_interval():
 
 
 def test_the_demo_samples_with_its_eta_and_refuses_one_its_sampler_lacks():
-    from difflab.demos.video import SAMPLER, SAMPLER_ETA, sampler_eta
+    from difflab.demos.video import SAMPLER, SAMPLER_ETA, check_sampling
     assert SAMPLER == "euler_ancestral" and SAMPLER_ETA > 1  # stop 40: more fresh noise a step than DDPM's
-    assert sampler_eta(SAMPLER, None) == SAMPLER_ETA and sampler_eta("heun", None) is None
-    assert sampler_eta("ddim", 0.3) == 0.3 and sampler_eta(SAMPLER, 1.0) == 1.0
+    assert check_sampling(SAMPLER, None) == SAMPLER_ETA and check_sampling("heun", None) is None
+    assert check_sampling("ddim", 0.3) == 0.3 and check_sampling(SAMPLER, 1.0, class_guidance=0.5) == 1.0
     with pytest.raises(ValueError, match="sampler 'heun' has no eta"):
-        sampler_eta("heun", 1.0)
+        check_sampling("heun", 1.0)
     with pytest.raises(ValueError, match="eta=-1.0 must be a finite number >= 0"):
-        sampler_eta(SAMPLER, -1.0)
+        check_sampling(SAMPLER, -1.0)
+    with pytest.raises(ValueError, match="class_guidance=inf must be a finite number >= 0"):
+        check_sampling(SAMPLER, None, float("inf"))
     den = random_denoiser()  # eta reaches the sampler: 2 draws more fresh noise than 1, the same seed
     kw = dict(shape=(1, 4, 8, 8), steps=3, guidance_scale=2.0, seed=5, progress=False, sampler="euler_ancestral")
     one = generate_video(den, [1, 2], [0, 1], **kw)

@@ -240,9 +240,7 @@ def run_video_demo(out_dir="demo_video_out", *, network: str = NETWORK, steps: i
     ``velocity_weight``: overrides the route's centre-of-mass velocity loss weight (:class:`VideoRoute`).
     Returns the report (also in ``out_dir/report.json``)."""
     route = demo_route(network, tiny, image_fraction, end_frame_weight, velocity_weight)
-    if not 0 <= class_guidance < float("inf"):
-        raise ValueError(f"class_guidance={class_guidance} must be a finite number >= 0 (0 = none)")
-    eta = sampler_eta(sampler, eta)
+    eta = check_sampling(sampler, eta, class_guidance)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start, c_start = time.time(), time.process_time()
@@ -307,10 +305,13 @@ def run_video_demo(out_dir="demo_video_out", *, network: str = NETWORK, steps: i
     return report
 
 
-def sampler_eta(sampler: str, eta: float | None) -> float | None:
+def check_sampling(sampler: str, eta: float | None, class_guidance: float = 0.0) -> float | None:
     """The eta the demo samples with: ``eta`` if given (a ValueError unless ``sampler`` takes one and
     it is a finite number >= 0), else :data:`SAMPLER_ETA` for :data:`SAMPLER` and None (the
-    sampler's own default) for the others."""
+    sampler's own default) for the others; a ValueError for a ``class_guidance`` that is not a
+    finite number >= 0."""
+    if not 0 <= class_guidance < float("inf"):
+        raise ValueError(f"class_guidance={class_guidance} must be a finite number >= 0 (0 = none)")
     if eta is None:
         return SAMPLER_ETA if sampler == SAMPLER else None
     if sampler not in ETA_SAMPLERS:
