@@ -223,6 +223,64 @@ def test_direction_guidance_is_cfg_plus_a_term_on_the_direction_alone():
         generate_video(den, c, d, direction_guidance=1.0, guidance_rescale=0.5, **kw)
 
 
+def test_class_guidance_adds_a_term_on_the_class_alone_on_its_interval():
+    from difflab.pipelines.video import DirectionGuidance, opposite_directions
+    den = random_denoiser()
+    null_c, null_d = den.net.config.null_class, den.net.config.null_direction
+    x, sigma = torch.randn(3, 1, 4, 8, 8), torch.tensor([0.5, 2.0, 9.0])
+    c, d = torch.tensor([1, 2, 3]), torch.tensor([0, 1, 3])
+    opp, uncond = opposite_directions(d), {"class_labels": null_c, "direction_labels": null_d}
+    with torch.no_grad():
+        d_cd = den(x, sigma, class_labels=c, direction_labels=d)
+        d_u = den(x, sigma, class_labels=torch.full_like(c, null_c), direction_labels=torch.full_like(d, null_d))
+        d_cn = den(x, sigma, class_labels=c, direction_labels=opp)
+        d_ud = den(x, sigma, class_labels=torch.full_like(c, null_c), direction_labels=d)
+        both = DirectionGuidance(den, 2.0, 1.5, uncond, opp, class_scale=0.7)(x, sigma, class_labels=c, direction_labels=d)
+        only = DirectionGuidance(den, 2.0, 0.0, uncond, None, class_scale=0.7)(x, sigma, class_labels=c, direction_labels=d)
+        # intervals: the direction's at sigma >= 1 (rows 1, 2), the class's below 1 (row 0): three branches a row
+        split = DirectionGuidance(den, 2.0, 1.5, uncond, opp, min_sigma=1.0, class_scale=0.7, class_max_sigma=1.0)(
+            x, sigma, class_labels=c, direction_labels=d)
+    cfg = d_u + 2.0 * (d_cd - d_u)
+    torch.testing.assert_close(both, cfg + 1.5 * (d_cd - d_cn) + 0.7 * (d_cd - d_ud), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(only, cfg + 0.7 * (d_cd - d_ud), rtol=1e-5, atol=1e-5)
+    assert (d_cd - d_ud).abs().max() > 1e-4  # the term acts
+    torch.testing.assert_close(split[:1], (cfg + 0.7 * (d_cd - d_ud))[:1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(split[1:], (cfg + 1.5 * (d_cd - d_cn))[1:], rtol=1e-5, atol=1e-5)
+    kw = dict(shape=(1, 4, 8, 8), steps=3, guidance_scale=2.0, seed=5, progress=False, sampler="euler_ancestral")
+    plain = generate_video(den, c, d, direction_guidance=1.0, negative_directions=opp, **kw)
+    assert torch.equal(generate_video(den, c, d, direction_guidance=1.0, negative_directions=opp, class_guidance=0.0, **kw),
+                       plain)
+    assert (generate_video(den, c, d, direction_guidance=1.0, negative_directions=opp, class_guidance=1.0, **kw)
+            - plain).abs().max() > 1e-4
+    assert (generate_video(den, c, d, class_guidance=1.0, **kw) - generate_video(den, c, d, **kw)).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="class_guidance=1.0 needs labels"):
+        generate_video(den, None, d, class_guidance=1.0, **kw)
+    with pytest.raises(ValueError, match="class_guidance=nan must be a finite number"):
+        generate_video(den, c, d, class_guidance=float("nan"), **kw)
+    with pytest.raises(ValueError, match="class_guidance_max_sigma=0 must be a number > 0"):
+        generate_video(den, c, d, class_guidance=1.0, class_guidance_max_sigma=0, **kw)
+    with pytest.raises(ValueError, match="guidance_rescale=0.5 is not applied"):
+        generate_video(den, c, d, class_guidance=1.0, guidance_rescale=0.5, **kw)
+
+
+def test_the_demo_samples_with_its_eta_and_refuses_one_its_sampler_lacks():
+    from difflab.demos.video import SAMPLER, SAMPLER_ETA, check_sampling
+    assert SAMPLER == "euler_ancestral" and SAMPLER_ETA > 1  # stop 40: more fresh noise a step than DDPM's
+    assert check_sampling(SAMPLER, None) == SAMPLER_ETA and check_sampling("heun", None) is None
+    assert check_sampling("ddim", 0.3) == 0.3 and check_sampling(SAMPLER, 1.0, class_guidance=0.5) == 1.0
+    with pytest.raises(ValueError, match="sampler 'heun' has no eta"):
+        check_sampling("heun", 1.0)
+    with pytest.raises(ValueError, match="eta=-1.0 must be a finite number >= 0"):
+        check_sampling(SAMPLER, -1.0)
+    with pytest.raises(ValueError, match="class_guidance=inf must be a finite number >= 0"):
+        check_sampling(SAMPLER, None, float("inf"))
+    den = random_denoiser()  # eta reaches the sampler: 2 draws more fresh noise than 1, the same seed
+    kw = dict(shape=(1, 4, 8, 8), steps=3, guidance_scale=2.0, seed=5, progress=False, sampler="euler_ancestral")
+    one = generate_video(den, [1, 2], [0, 1], **kw)
+    assert torch.equal(generate_video(den, [1, 2], [0, 1], sampler_kwargs={"eta": 1.0}, **kw), one)
+    assert (generate_video(den, [1, 2], [0, 1], sampler_kwargs={"eta": 2.0}, **kw) - one).abs().max() > 1e-3
+
+
 def test_tasks_keep_the_given_frames():
     den = random_denoiser()
     clips = moving_digits(2, seed=0).clips[:, :, :4, 8:16, 8:16].contiguous()
@@ -372,9 +430,10 @@ def test_video_demo_motion_module_route_trains_only_the_motion_modules(tmp_path)
     from difflab.io.checkpoint import load_checkpoint
     DigitsJudge.fit(fit_config=FitConfig(epochs=2)).save(tmp_path / "digits_judge.safetensors")
     r = run_video_demo(tmp_path, network="motion_modules", steps=2, sampling_steps=2, clips_per_pair=1, tiny=True, progress=False,
-                       end_frame_weight=2.0, velocity_weight=1.0)
+                       end_frame_weight=2.0, velocity_weight=1.0, class_guidance=0.5)
     assert r["kind"] == "motion_unet" and r["image_steps"] > 0 and 0 < r["trainable_parameters"] < r["parameters"]
-    assert r["end_frame_weight"] == 2.0 and r["velocity_weight"] == 1.0
+    assert r["end_frame_weight"] == 2.0 and r["velocity_weight"] == 1.0 and r["class_guidance"] == 0.5
+    assert r["sampler"] == "euler_ancestral" and r["eta"] == 2.0  # the demo's SAMPLER_ETA
     assert json.loads((tmp_path / "motion_modules" / "checkpoint.json").read_text())["objective"] == "centroid_motion"
     image = load_checkpoint(tmp_path / "motion_modules" / "image")
     video = load_checkpoint(tmp_path / "motion_modules")
@@ -383,6 +442,8 @@ def test_video_demo_motion_module_route_trains_only_the_motion_modules(tmp_path)
     assert frozen and all(torch.equal(frozen[k], image_ema[k]) for k in frozen)  # the pretrained image network, untouched
     with pytest.raises(ValueError, match="joint image-and-video training is the space-time U-Net's"):
         run_video_demo(tmp_path, network="motion_modules", image_fraction=0.25, tiny=True)
+    with pytest.raises(ValueError, match="class_guidance=-1 must be a finite number >= 0"):
+        run_video_demo(tmp_path, class_guidance=-1, tiny=True)
 
 
 def test_video_demo_default_network_is_the_frozen_motion_module_route(monkeypatch, tmp_path):
@@ -390,14 +451,15 @@ def test_video_demo_default_network_is_the_frozen_motion_module_route(monkeypatc
 
     from difflab.cli import demo as cli_demo
     from difflab.cli import main
-    from difflab.demos.video import NETWORK, NETWORKS, run_video_demo
+    from difflab.demos.video import CLASS_GUIDANCE, NETWORK, NETWORKS, run_video_demo
     assert NETWORK == "motion_modules" and NETWORK in NETWORKS
     assert inspect.signature(run_video_demo).parameters["network"].default == NETWORK
     assert NETWORKS[NETWORK]().freeze_image and NETWORKS[NETWORK]().image_spec is not None
     seen = []
     monkeypatch.setattr(cli_demo, "run_video_demo",
-                        lambda out, **kw: seen.append((kw["network"], kw["end_frame_weight"], kw["velocity_weight"])))
+                        lambda out, **kw: seen.append((kw["network"], kw["end_frame_weight"], kw["velocity_weight"],
+                                                       kw["class_guidance"], kw["eta"])))
     assert main(["demo", "--video", "--out-dir", str(tmp_path)]) == 0
     assert main(["demo", "--video", "--video-network", "space_time_unet", "--end-frame-weight", "2.5",
-                 "--velocity-weight", "0.5", "--out-dir", str(tmp_path)]) == 0
-    assert seen == [("motion_modules", None, None), ("space_time_unet", 2.5, 0.5)]
+                 "--velocity-weight", "0.5", "--class-guidance", "0.25", "--eta", "0.5", "--out-dir", str(tmp_path)]) == 0
+    assert seen == [("motion_modules", None, None, CLASS_GUIDANCE, None), ("space_time_unet", 2.5, 0.5, 0.25, 0.5)]

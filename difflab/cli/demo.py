@@ -22,11 +22,12 @@ from ..demos.policy import run_policy_demo
 from ..demos.shapes3d import POINTS_GUIDANCE, run_shapes3d_demo
 from ..demos.slots import SAMPLER as SLOTS_SAMPLER, run_slots_demo
 from ..demos.text import run_text_demo
-from ..demos.video import DIRECTION_GUIDANCE as VIDEO_DIRECTION_GUIDANCE, GUIDANCE as VIDEO_GUIDANCE
+from ..demos.video import CLASS_GUIDANCE as VIDEO_CLASS_GUIDANCE, DIRECTION_GUIDANCE as VIDEO_DIRECTION_GUIDANCE
+from ..demos.video import GUIDANCE as VIDEO_GUIDANCE
 from ..demos.video import NETWORK as VIDEO_NETWORK, NETWORKS as VIDEO_NETWORKS
-from ..demos.video import SAMPLER as VIDEO_SAMPLER, SAMPLING_STEPS as VIDEO_SAMPLING_STEPS
+from ..demos.video import SAMPLER as VIDEO_SAMPLER, SAMPLER_ETA as VIDEO_SAMPLER_ETA, SAMPLING_STEPS as VIDEO_SAMPLING_STEPS
 from ..demos.video import run_video_demo
-from ..samplers import SAMPLERS
+from ..samplers import ETA_SAMPLERS, SAMPLERS
 from .common import (
     UsageError,
     finite_float,
@@ -109,6 +110,12 @@ def _video_options(d):
     d.add_argument("--direction-guidance", type=non_negative_float, default=None,
                    help=f"--video: guidance on the direction alone, away from the opposite direction, on top of "
                         f"--guidance (default: {VIDEO_DIRECTION_GUIDANCE}; 0 = none)")
+    d.add_argument("--class-guidance", type=non_negative_float, default=None,
+                   help=f"--video: guidance on the class alone, away from the null class, on top of --guidance at the "
+                        f"low-noise steps (default: {VIDEO_CLASS_GUIDANCE}; 0 = none; docs/video.md, stop 40)")
+    d.add_argument("--eta", type=non_negative_float, default=None,
+                   help=f"--video: the sampler's eta, the scale of an ancestral step's fresh noise (default: "
+                        f"{VIDEO_SAMPLER_ETA} with {VIDEO_SAMPLER}, another sampler's own; docs/video.md, stop 40)")
     d.add_argument("--end-frame-weight", type=positive_float, default=None,
                    help="--video: training loss weight of the first and last frame relative to the others, weights "
                         "normalised to mean 1 (default: the network's, 1 = uniform; docs/video.md, stop 36)")
@@ -120,12 +127,16 @@ def _video_options(d):
 def _video_run(args, out):
     if args.image_fraction is not None and args.image_fraction >= 1:
         raise UsageError(f"--image-fraction {args.image_fraction} must be below 1 (a fraction of the clips)")
+    if args.eta is not None and (args.sampler or VIDEO_SAMPLER) not in ETA_SAMPLERS:
+        raise UsageError(f"--eta: sampler {args.sampler!r} has no eta; the samplers that take one are {', '.join(ETA_SAMPLERS)}")
     run_video_demo(out, network=args.video_network or VIDEO_NETWORK, steps=args.steps, sampler=args.sampler,
                    sampling_steps=args.sampling_steps or VIDEO_SAMPLING_STEPS, guidance_scale=_guidance(args, VIDEO_GUIDANCE),
                    direction_guidance=VIDEO_DIRECTION_GUIDANCE if args.direction_guidance is None else args.direction_guidance,
                    clips_per_pair=args.samples_per_class or 2, image_fraction=args.image_fraction or 0.0,
                    seed=args.seed, resume=args.resume, end_frame_weight=args.end_frame_weight,
-                   velocity_weight=args.velocity_weight)
+                   velocity_weight=args.velocity_weight,
+                   class_guidance=VIDEO_CLASS_GUIDANCE if args.class_guidance is None else args.class_guidance,
+                   eta=args.eta)
 
 
 def _motion_run(args, out):
@@ -206,7 +217,8 @@ MODES: dict[str, DemoMode] = {
                       f"(16x16, 8 frames), judged per frame, by its motion and by a clip Frechet distance (--sampler "
                       f"default {VIDEO_SAMPLER}, --sampling-steps {VIDEO_SAMPLING_STEPS}, --guidance {VIDEO_GUIDANCE})",
                       "demo_video_out", _video_run, _video_options, ("video_network", "image_fraction", "direction_guidance",
-                                                                   "end_frame_weight", "velocity_weight"),
+                                                                   "end_frame_weight", "velocity_weight", "class_guidance",
+                                                                   "eta"),
                       sampler=VIDEO_SAMPLER),
     "motion": DemoMode("the motion demo instead: MDM (a transformer over frames, geometric losses, classifier-free guidance "
                        "on the action; --guidance default 1.75) on embedded stick-figure motions of eight actions, judged by "

@@ -32,6 +32,7 @@ from ..nn.unet import UNetConfig
 from ..nn.video_unet import VideoUNetConfig
 from ..pipelines import SampleOptions
 from ..pipelines.video import generate_video, image_to_video, opposite_directions
+from ..samplers import ETA_SAMPLERS
 from ..train import TrainConfig, train
 from ..train.objectives.centroid_motion import CentroidMotionObjective
 
@@ -47,6 +48,15 @@ TRAIN_CLIPS, HELD_CLIPS = 4000, 400
 # the high-noise steps only (sigma >= DIRECTION_MIN_SIGMA: the first 6 of 20), where the sign is set.
 # 20 steps (40 before stop 36): on one network, two seeds, one class 2 clips better, motion a wash, half the CPU.
 SAMPLER, SAMPLING_STEPS, GUIDANCE, DIRECTION_GUIDANCE, DIRECTION_MIN_SIGMA = "euler_ancestral", 20, 2.0, 1.0, 2.0
+# The ancestral sampler's eta (the std of a step's fresh noise, x the DDPM posterior's; capped at sigma_next), used with SAMPLER.
+# 2 (stop 40; 1 before): the misses of "one class in every frame" were single-frame glitches that more fresh noise washes
+# out. At 2 the cap holds on every step of the 20-step grid: each step is x <- D(x) + sigma_next z. On stop 39's network,
+# sampling seeds 0 / 1: one class 92.5 / 91.3% -> 100 / 100%, motion 91.3 / 92.5% -> 96.3 / 96.3%, at no cost (the same
+# model calls; eta 1.5: 100 / 96.3%, 96.3 / 92.5%; eta 0.5: one class 65.0 / 68.8%) (docs/video.md, stop 40).
+SAMPLER_ETA = 2.0
+# Guidance on the class alone (DirectionGuidance's class term, away from the null class with the asked direction), on top
+# of CFG and the direction term, at the steps where sigma < CLASS_MAX_SIGMA (docs/video.md, stop 40). 0: none (stops 34-39).
+CLASS_GUIDANCE, CLASS_MAX_SIGMA = 0.0, float("inf")
 # Motion modules at the encoder's sites too (AnimateDiff's layout). False: the middle and decoder only, so the
 # frozen encoder runs without a backward: a module step 1.36x cheaper, but at 1,600 steps motion as asked fell
 # 80.0 -> 58.7% (docs/video.md, stop 37); kept True.
@@ -219,14 +229,18 @@ def run_video_demo(out_dir="demo_video_out", *, network: str = NETWORK, steps: i
                    direction_guidance: float = DIRECTION_GUIDANCE, clips_per_pair: int = 2,
                     image_fraction: float = 0.0, seed: int = 0, resume: bool = False, tiny: bool = False,
                    progress: bool = True, end_frame_weight: float | None = None,
-                   velocity_weight: float | None = None) -> dict:
+                   velocity_weight: float | None = None, class_guidance: float = CLASS_GUIDANCE,
+                   eta: float | None = None) -> dict:
     """Train, sample and judge (see the module docstring); ``tiny``: a small network and data set
     for tests. ``direction_guidance``: the scale of the guidance on the direction alone, away from
-    the opposite direction (:class:`~difflab.pipelines.video.DirectionGuidance`; 0 = plain CFG).
+    the opposite direction (:class:`~difflab.pipelines.video.DirectionGuidance`; 0 = plain CFG);
+    ``class_guidance``: that of its term on the class alone (below :data:`CLASS_MAX_SIGMA`; 0 = none).
+    ``eta``: the sampler's eta (None: :data:`SAMPLER_ETA` with :data:`SAMPLER`, another sampler's own default).
     ``end_frame_weight``: overrides the route's loss weight of the end frames (:func:`end_frame_weights`).
     ``velocity_weight``: overrides the route's centre-of-mass velocity loss weight (:class:`VideoRoute`).
     Returns the report (also in ``out_dir/report.json``)."""
     route = demo_route(network, tiny, image_fraction, end_frame_weight, velocity_weight)
+    eta = check_sampling(sampler, eta, class_guidance)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start, c_start = time.time(), time.process_time()
@@ -256,9 +270,9 @@ def run_video_demo(out_dir="demo_video_out", *, network: str = NETWORK, steps: i
 
     # 4. Sample every class and direction.
     opts = SampleOptions(sampler=sampler, steps=sampling_steps, guidance_scale=guidance_scale, seed=seed,
-                         batch_size=40, progress=progress)
+                         batch_size=40, progress=progress, sampler_kwargs={} if eta is None else {"eta": eta})
     t0, c0 = time.time(), time.process_time()
-    samples, asked, dirs = sample_every_pair(denoiser, clips_per_pair, opts, direction_guidance)
+    samples, asked, dirs = sample_every_pair(denoiser, clips_per_pair, opts, direction_guidance, class_guidance)
     sample_seconds, sample_cpu = time.time() - t0, time.process_time() - c0
 
     # 5. Image-to-video: held-out first frames, the rest generated (their class and direction asked).
@@ -275,7 +289,8 @@ def run_video_demo(out_dir="demo_video_out", *, network: str = NETWORK, steps: i
                   image_fraction=image_fraction, end_frame_weight=route.end_frame_weight,
                   velocity_weight=route.velocity_weight, up_modules=UP_MODULES, sampler=sampler,
                   sampling_steps=sampling_steps, guidance_scale=guidance_scale, direction_guidance=direction_guidance,
-                  direction_min_sigma=DIRECTION_MIN_SIGMA, train_seconds=round(train_seconds, 1),
+                  direction_min_sigma=DIRECTION_MIN_SIGMA, class_guidance=class_guidance, eta=eta,
+                  class_max_sigma=CLASS_MAX_SIGMA, train_seconds=round(train_seconds, 1),
                   train_cpu_seconds=round(train_cpu, 1),
                   image_steps=route.image_train.steps if route.image_train else 0, image_cpu_seconds=round(image_cpu, 1),
                   trainable_parameters=sum(p.numel() for p in denoiser.net.parameters() if p.requires_grad),
@@ -290,16 +305,37 @@ def run_video_demo(out_dir="demo_video_out", *, network: str = NETWORK, steps: i
     return report
 
 
-def sample_every_pair(denoiser, clips_per_pair: int, opts: SampleOptions, direction_guidance: float):
+def check_sampling(sampler: str, eta: float | None, class_guidance: float = 0.0) -> float | None:
+    """The eta the demo samples with: ``eta`` if given (a ValueError unless ``sampler`` takes one and
+    it is a finite number >= 0), else :data:`SAMPLER_ETA` for :data:`SAMPLER` and None (the
+    sampler's own default) for the others; a ValueError for a ``class_guidance`` that is not a
+    finite number >= 0."""
+    if not 0 <= class_guidance < float("inf"):
+        raise ValueError(f"class_guidance={class_guidance} must be a finite number >= 0 (0 = none)")
+    if eta is None:
+        return SAMPLER_ETA if sampler == SAMPLER else None
+    if sampler not in ETA_SAMPLERS:
+        raise ValueError(f"eta={eta}: sampler {sampler!r} has no eta; the samplers that take one are {', '.join(ETA_SAMPLERS)}")
+    if not 0 <= eta < float("inf"):
+        raise ValueError(f"eta={eta} must be a finite number >= 0")
+    return float(eta)
+
+
+def sample_every_pair(denoiser, clips_per_pair: int, opts: SampleOptions, direction_guidance: float,
+                      class_guidance: float = 0.0):
     """Step 4 of the demo: ``clips_per_pair`` clips of every class and direction; returns (clips,
     classes asked, directions asked)."""
     asked = torch.arange(10).repeat_interleave(len(DIRECTIONS) * clips_per_pair)
     dirs = torch.arange(len(DIRECTIONS)).repeat_interleave(clips_per_pair).repeat(10)
     samples = generate_video(denoiser, asked, dirs, shape=(1, FRAMES, SIZE, SIZE), options=opts,
                              direction_guidance=direction_guidance, negative_directions=opposite_directions(dirs),
-                             direction_guidance_min_sigma=DIRECTION_MIN_SIGMA)
-    print(f"[4/6] sampled {len(samples)} clips: {opts.sampler}, {opts.steps} steps, guidance {opts.guidance_scale}, "
-          f"direction guidance {direction_guidance} (sigma >= {DIRECTION_MIN_SIGMA})")
+                             direction_guidance_min_sigma=DIRECTION_MIN_SIGMA, class_guidance=class_guidance,
+                             class_guidance_max_sigma=CLASS_MAX_SIGMA)
+    eta = dict(opts.sampler_kwargs).get("eta")
+    print(f"[4/6] sampled {len(samples)} clips: {opts.sampler}{'' if eta is None else f' (eta {eta})'}, {opts.steps} steps, "
+          f"guidance {opts.guidance_scale}, "
+          f"direction guidance {direction_guidance} (sigma >= {DIRECTION_MIN_SIGMA}), class guidance {class_guidance}"
+          f"{f' (sigma < {CLASS_MAX_SIGMA})' if class_guidance and CLASS_MAX_SIGMA < float('inf') else ''}")
     return samples, asked, dirs
 
 
@@ -353,5 +389,5 @@ def format_video_report(r: dict) -> str:
 
 
 __all__ = ["run_video_demo", "NETWORKS", "NETWORK", "FRAMES", "SIZE", "SPEEDS", "BOUNCE", "SAMPLER", "SAMPLING_STEPS", "GUIDANCE",
-           "DIRECTION_GUIDANCE", "DIRECTION_MIN_SIGMA", "I2V_CLIPS", "DOWN_BLOCKS", "UP_MODULES", "VELOCITY_WEIGHT", "VideoRoute", "space_time_unet", "motion_modules",
+           "DIRECTION_GUIDANCE", "DIRECTION_MIN_SIGMA", "CLASS_GUIDANCE", "CLASS_MAX_SIGMA", "SAMPLER_ETA", "I2V_CLIPS", "DOWN_BLOCKS", "UP_MODULES", "VELOCITY_WEIGHT", "VideoRoute", "space_time_unet", "motion_modules",
            "motion_modules_unfrozen", "backbone", "training_data", "pretrain_image_network", "format_video_report"]

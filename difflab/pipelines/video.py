@@ -73,39 +73,50 @@ def conditioning(denoiser, labels, directions, start: int, b: int, device) -> tu
 
 
 class DirectionGuidance(nn.Module):
-    """Classifier-free guidance plus a term on the direction alone (the two-scale guidance of
-    InstructPix2Pix, Brooks et al. 2023, eq. 3, and Composable Diffusion, Liu et al. 2022, eq. 10,
-    with a negative condition as a negative prompt):
-    D = D_u + scale (D_cd - D_u) + direction_scale (D_cd - D_cn),
+    """Classifier-free guidance plus a term on the direction alone and, optionally, one on the class
+    alone (the two-scale guidance of InstructPix2Pix, Brooks et al. 2023, eq. 3, and Composable
+    Diffusion, Liu et al. 2022, eq. 10, with a negative condition as a negative prompt):
+    D = D_u + scale (D_cd - D_u) + direction_scale (D_cd - D_cn) + class_scale (D_cd - D_ud),
     D_cd the asked class and direction, D_u both null, D_cn the asked class with the ``negative``
-    direction of each clip (the null direction, or e.g. the opposite one). The term applies where
-    sigma >= ``min_sigma`` (a guidance interval, Kynkaenniemi et al. 2024: the direction is set at
-    high noise); below it the third branch is not run. ``direction_scale`` 0 is plain CFG."""
+    direction of each clip (the null direction, or e.g. the opposite one), D_ud the null class with
+    the asked direction. Each term applies on a guidance interval (Kynkaenniemi et al. 2024): the
+    direction's where sigma >= ``min_sigma`` (the direction is set at high noise), the class's where
+    sigma < ``class_max_sigma``; a branch whose term is off at a step is not run. ``direction_scale``
+    and ``class_scale`` 0 is plain CFG."""
 
-    def __init__(self, denoiser, scale: float, direction_scale: float, uncond: dict, negative: torch.Tensor,
-                 min_sigma: float = 0.0):
+    def __init__(self, denoiser, scale: float, direction_scale: float, uncond: dict, negative: torch.Tensor | None,
+                 min_sigma: float = 0.0, class_scale: float = 0.0, class_max_sigma: float = float("inf")):
         super().__init__()
         self.denoiser, self.scale, self.direction_scale = denoiser, float(scale), float(direction_scale)
         self.uncond, self.negative, self.min_sigma = dict(uncond), negative, float(min_sigma)
+        self.class_scale, self.class_max_sigma = float(class_scale), float(class_max_sigma)
 
     def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
         b = x.shape[0]
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
         sigma = sigma.expand(b) if sigma.ndim == 0 else sigma
-        on = (sigma >= self.min_sigma) if self.direction_scale else torch.zeros(b, dtype=torch.bool, device=x.device)
-        k = 3 if bool(on.any()) else 2
+        off = torch.zeros(b, dtype=torch.bool, device=x.device)
+        on = (sigma >= self.min_sigma) if self.direction_scale else off
+        on_class = (sigma < self.class_max_sigma) if self.class_scale else off
+        extra = [(term, scale) for term, scale, mask in (("direction", self.direction_scale, on),
+                                                          ("class", self.class_scale, on_class)) if bool(mask.any())]
+        k = 2 + len(extra)
         both = {}
-        for name, c in cond.items():  # CFG's pairing (guidance.cfg), then the negative-direction rows
-            pair = stack_branches(name, c, self.uncond.get(name, c), b)
-            if k == 3:
-                pair = torch.cat([pair, self.negative.to(c.device) if name == "direction_labels" else c])
-            both[name] = pair
+        for name, c in cond.items():  # CFG's pairing (guidance.cfg), then a row block per term that is on
+            rows = [stack_branches(name, c, self.uncond.get(name, c), b)]
+            for term, _ in extra:
+                if term == "direction":
+                    rows.append(self.negative.to(c.device) if name == "direction_labels" else c)
+                else:
+                    null = torch.as_tensor(self.uncond.get(name, c), device=c.device, dtype=c.dtype)
+                    rows.append(null.expand(c.shape) if name == "class_labels" else c)
+            both[name] = torch.cat(rows)
         out = self.denoiser(torch.cat([x] * k), torch.cat([sigma] * k), **both).chunk(k)
         guided = out[1] + self.scale * (out[0] - out[1])
-        if k == 2:
-            return guided
-        term = (out[0] - out[2]) * on.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
-        return guided + self.direction_scale * term
+        for i, (term, scale) in enumerate(extra):
+            mask = on if term == "direction" else on_class
+            guided = guided + scale * ((out[0] - out[2 + i]) * mask.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype))
+        return guided
 
 
 def opposite_directions(directions) -> torch.Tensor:
@@ -142,11 +153,25 @@ def check_direction_guidance(denoiser, directions, negative_directions, directio
     return negative
 
 
+def check_class_guidance(labels, class_guidance: float, max_sigma: float) -> None:
+    """A ValueError naming the argument unless ``class_guidance`` is a finite number (0 = none) with
+    ``labels`` to guide towards and ``max_sigma`` > 0 (inf = every step)."""
+    if not isinstance(class_guidance, (int, float)) or not class_guidance == class_guidance \
+            or abs(class_guidance) == float("inf"):
+        raise ValueError(f"class_guidance={class_guidance!r} must be a finite number (0 = none)")
+    if not isinstance(max_sigma, (int, float)) or not max_sigma > 0:
+        raise ValueError(f"class_guidance_max_sigma={max_sigma!r} must be a number > 0 (inf = every step)")
+    if class_guidance != 0 and labels is None:
+        raise ValueError(f"class_guidance={class_guidance} needs labels (classes) to guide towards")
+
+
 @torch.no_grad()
 def generate_video(denoiser, labels=None, directions=None, *, num_samples: int | None = None, shape: tuple[int, ...],
                    known: torch.Tensor | None = None, known_frames=None, reconstruction_weight: float = 0.0,
                    resample: int = 1, direction_guidance: float = 0.0, negative_directions=None,
-                   direction_guidance_min_sigma: float = 0.0, options: SampleOptions | None = None, **overrides) -> torch.Tensor:
+                   direction_guidance_min_sigma: float = 0.0, class_guidance: float = 0.0,
+                   class_guidance_max_sigma: float = float("inf"), options: SampleOptions | None = None,
+                   **overrides) -> torch.Tensor:
     """Clips (N, *shape) for class ``labels`` and direction indices ``directions`` (sequences of
     ints, one per clip; either may be omitted), with classifier-free guidance towards both
     (``guidance_scale``; the unconditional branch sees the null tokens). ``shape`` is (C, F, H, W).
@@ -154,7 +179,9 @@ def generate_video(denoiser, labels=None, directions=None, *, num_samples: int |
     ``direction_guidance`` > 0 adds guidance on the direction alone (:class:`DirectionGuidance`),
     away from ``negative_directions`` (one per clip; default the null direction;
     :func:`opposite_directions` for the opposite way) at the steps where sigma >=
-    ``direction_guidance_min_sigma``; 0 is the plain guidance.
+    ``direction_guidance_min_sigma``; 0 is the plain guidance. ``class_guidance`` > 0 adds a term on
+    the class alone (towards the asked class, away from the null class with the asked direction) at
+    the steps where sigma < ``class_guidance_max_sigma``.
 
     ``known`` (N or 1, C, F, H, W) with ``known_frames`` (F,) bool (True = given) conditions on
     those frames: replacement after every step (``resample`` RePaint passes) and reconstruction
@@ -171,8 +198,11 @@ def generate_video(denoiser, labels=None, directions=None, *, num_samples: int |
         raise ValueError("guidance_scale != 1 needs labels or directions to guide towards")
     negative = check_direction_guidance(denoiser, directions, negative_directions, direction_guidance, n,
                                         direction_guidance_min_sigma)
-    if negative is not None and opts.guidance_rescale:
-        raise ValueError(f"guidance_rescale={opts.guidance_rescale} is not applied with direction_guidance: give one")
+    check_class_guidance(labels, class_guidance, class_guidance_max_sigma)
+    two_scale = negative is not None or class_guidance != 0
+    if two_scale and opts.guidance_rescale:
+        raise ValueError(f"guidance_rescale={opts.guidance_rescale} is not applied with direction_guidance or "
+                         f"class_guidance: give one")
     mask = None
     if known is not None or known_frames is not None:
         known, mask = check_known(known, known_frames, n, tuple(shape))
@@ -187,14 +217,15 @@ def generate_video(denoiser, labels=None, directions=None, *, num_samples: int |
         x = noise() * prior
         # 5. Conditioning: class and direction, null tokens for the unconditional branch.
         cond, uncond = conditioning(denoiser, labels, directions, start, b, device)
-        if negative is None:
+        if not two_scale:
             model = guided(denoiser, opts.guidance_scale, uncond or None, opts.guidance_rescale)
-        else:  # 5'. Guidance on the direction too: one wrapper, with CFG's scale inside it.
-            model = DirectionGuidance(denoiser, opts.guidance_scale, direction_guidance, uncond, negative[start:start + b],
-                                      direction_guidance_min_sigma)
+        else:  # 5'. Guidance on the direction or the class too: one wrapper, with CFG's scale inside it.
+            model = DirectionGuidance(denoiser, opts.guidance_scale, direction_guidance if negative is not None else 0.0,
+                                      uncond, None if negative is None else negative[start:start + b],
+                                      direction_guidance_min_sigma, class_guidance, class_guidance_max_sigma)
         if mask is None:
             # 6. Guidance and the sampler.
-            if negative is None:
+            if not two_scale:
                 return denoise(denoiser, x, sigmas, opts, noise, cond or None, uncond or None).clamp(-1, 1)
             return denoise(model, x, sigmas, opts.replace(guidance_scale=1.0), noise, cond or None, None).clamp(-1, 1)
         # 6'. Known frames: replacement around the sampler, reconstruction guidance around CFG.
@@ -287,4 +318,4 @@ def interpolate_video(denoiser, clips: torch.Tensor, labels=None, directions=Non
 
 
 __all__ = ["generate_video", "image_to_video", "extend_video", "interpolate_video", "check_video_request", "check_known",
-           "DirectionGuidance", "opposite_directions", "check_direction_guidance"]
+           "DirectionGuidance", "opposite_directions", "check_direction_guidance", "check_class_guidance"]
