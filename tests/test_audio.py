@@ -202,6 +202,37 @@ def perturbed(net):
     return net
 
 
+def check_class_prior_network(kind: str, config, tmp_path, diffusion: dict) -> None:
+    """A class-prior waveform network of ``kind`` (a tiny ``config``: 2 classes, 256 samples) end to
+    end: samples the same whatever the batch size, a bad sample rate refused, two training steps
+    that move the weights and stay finite, and the class prior and the samples through a checkpoint."""
+    from difflab.pipelines import sample_checkpoint
+
+    spec = make_spec(kind, config, diffusion)
+    den = build_denoiser(spec, seed=0)
+    t = torch.arange(256) / SAMPLE_RATE
+    waves = (0.5 * torch.sin(2 * math.pi * torch.tensor([500.0, 520.0, 2000.0, 2100.0])[:, None] * t))[:, None]
+    labels = torch.tensor([0, 0, 1, 1])
+    den.net.class_gain.copy_(class_prior_gain(config, waves, labels))
+    perturbed(den.net)
+    kw = dict(steps=3, guidance_scale=1.5, seed=7, progress=False)
+    a = generate_waveform(den, [0, 1, 1], batch_size=3, **kw)
+    assert a.shape == (3, 1, 256) and a.abs().sum() > 0
+    torch.testing.assert_close(a, generate_waveform(den, [0, 1, 1], batch_size=1, **kw), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="8000 Hz"):
+        generate_waveform(den, [0], sample_rate=22050, **kw)
+    before = [p.detach().clone() for p in den.net.parameters()]
+    cfg = TrainConfig(steps=2, batch_size=2, checkpoint_every=0, log_every=0, progress=False, ema_decay=None)
+    train(den, (waveform_data(den, waves, labels), labels), cfg, tmp_path, spec=spec)
+    assert any(not torch.equal(p, q) for p, q in zip(before, den.net.parameters()))   # a training step moved the weights
+    assert all(torch.isfinite(p).all() for p in den.net.parameters())
+    loaded, meta = load_denoiser(tmp_path, weights="model")
+    assert sample_shape(meta["spec"], meta) == (1, 256)
+    torch.testing.assert_close(loaded.net.class_gain, den.net.class_gain)
+    torch.testing.assert_close(sample_checkpoint(tmp_path, labels=[0, 1], weights="model", **kw),
+                               generate_waveform(den, [0, 1], **kw))
+
+
 def test_dilated_conv_fold_is_the_dilated_conv():
     conv = torch.nn.Conv1d(4, 8, 3, padding=4, dilation=4)
     x = torch.randn(2, 4, 64)

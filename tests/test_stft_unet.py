@@ -2,18 +2,12 @@
 bad inputs, per-sample determinism, a training step and the class prior through a checkpoint."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 
-from difflab.data.audio import SAMPLE_RATE
-from difflab.io.spec import build_denoiser, load_denoiser, make_spec, sample_shape
 from difflab.nn.stft_unet import StftUNet, StftUNetConfig
-from difflab.pipelines import sample_checkpoint
-from difflab.pipelines.audio import class_prior_gain, generate_waveform, waveform_data
-from difflab.train import TrainConfig, train
-from test_audio import perturbed  # the same seeded weight noise as DiffWave's tests
+from test_audio import check_class_prior_network, perturbed  # shared with DiffWave's tests
 
 DIFFUSION = {"frame": "vp_discrete", "schedule": "cosine", "T": 1000, "prediction": "v"}
 
@@ -64,25 +58,4 @@ def test_stft_unet_shapes_and_bad_inputs():
 
 
 def test_stft_unet_samples_do_not_depend_on_batch_size_train_and_load_from_a_checkpoint(tmp_path):
-    config = tiny(num_classes=2, class_prior=True)
-    spec = make_spec("stft_unet", config, DIFFUSION)
-    den = build_denoiser(spec, seed=0)
-    t = torch.arange(256) / SAMPLE_RATE
-    waves = (0.5 * torch.sin(2 * math.pi * torch.tensor([500.0, 520.0, 2000.0, 2100.0])[:, None] * t))[:, None]
-    labels = torch.tensor([0, 0, 1, 1])
-    den.net.class_gain.copy_(class_prior_gain(config, waves, labels))
-    perturbed(den.net)
-    kw = dict(steps=3, guidance_scale=1.5, seed=7, progress=False)
-    a = generate_waveform(den, [0, 1, 1], batch_size=3, **kw)
-    assert a.shape == (3, 1, 256) and a.abs().sum() > 0
-    torch.testing.assert_close(a, generate_waveform(den, [0, 1, 1], batch_size=1, **kw), rtol=0, atol=1e-5)
-    before = [p.detach().clone() for p in den.net.parameters()]
-    cfg = TrainConfig(steps=2, batch_size=2, checkpoint_every=0, log_every=0, progress=False, ema_decay=None)
-    train(den, (waveform_data(den, waves, labels), labels), cfg, tmp_path, spec=spec)
-    assert any(not torch.equal(p, q) for p, q in zip(before, den.net.parameters()))   # a training step moved the weights
-    assert all(torch.isfinite(p).all() for p in den.net.parameters())
-    loaded, meta = load_denoiser(tmp_path, weights="model")
-    assert sample_shape(meta["spec"], meta) == (1, 256)
-    torch.testing.assert_close(loaded.net.class_gain, den.net.class_gain)
-    torch.testing.assert_close(sample_checkpoint(tmp_path, labels=[0, 1], weights="model", **kw),
-                               generate_waveform(den, [0, 1], **kw))
+    check_class_prior_network("stft_unet", tiny(num_classes=2, class_prior=True), tmp_path, DIFFUSION)

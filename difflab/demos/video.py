@@ -62,7 +62,8 @@ CLASS_GUIDANCE, CLASS_MAX_SIGMA = 0.0, float("inf")
 # 80.0 -> 58.7% (docs/video.md, stop 37); kept True.
 DOWN_BLOCKS = True
 # Motion modules per decoder level (MotionUNetConfig(up_modules=)); None: both sites, AnimateDiff's layout. 1 (stop 39):
-# a module step 1.4x cheaper; with the velocity loss (VELOCITY_WEIGHT) at 1,800 steps the whole demo timed 880 s wall
+# a module step 1.4x cheaper; with the velocity loss (VELOCITY_WEIGHT) at 1,800 steps the whole demo timed 880 s wall (663 s
+# on an idle machine at stop 40)
 # (motion 91.3%, one class 92.5%) against about 1,013 s for both sites at 2,000 steps (85.0%, 97.5%) (docs/video.md, stop 39).
 UP_MODULES = 1
 # The frozen route's centre-of-mass velocity loss (CentroidMotionObjective; 0: none, stops 34-38): at equal steps
