@@ -56,7 +56,8 @@ def tf_inception():
     """torch_fidelity.feature_extractor_inceptionv3, without the package __init__ (torchvision)."""
     spec = importlib.util.find_spec("torch_fidelity")
     if spec is None:
-        pytest.skip("torch-fidelity not installed (pip install --no-deps torch-fidelity==0.4.0)")
+        pytest.skip("optional parity peer torch-fidelity is absent; the README's test command installs it "
+                    "(pip install --no-deps torch-fidelity==0.4.0)")
     package = types.ModuleType("torch_fidelity")
     package.__path__ = list(spec.submodule_search_locations)
     old = _swap_modules(["torch_fidelity"], {"torch_fidelity": package})
@@ -171,7 +172,8 @@ def test_float64_features_are_batch_invariant(weights, images_uint8):
 def pytorch_fid_reference(tf_inception, weights):
     """pytorch-fid's InceptionV3([3]) holding our random weights (see the module docstring)."""
     if importlib.util.find_spec("pytorch_fid") is None:
-        pytest.skip("pytorch-fid not installed (pip install --no-deps pytorch-fid==0.3.0)")
+        pytest.skip("optional parity peer pytorch-fid is absent; the README's test command installs it "
+                    "(pip install --no-deps pytorch-fid==0.3.0)")
     tv = types.ModuleType("torchvision")
     tv.__version__ = "0.99"
     tv.models = types.ModuleType("torchvision.models")

@@ -158,5 +158,21 @@ def still_frames(num: int, *, frames: int = 8, size: int = 24, split: str = "tra
     return out, labels
 
 
-__all__ = ["Clips", "moving_digits", "still_frames", "caption", "bounce_path", "render", "DIRECTIONS", "VELOCITIES",
+def ink_centres(frames: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(..., 2) centre of mass (row, column) in pixels of the ink (x + 1) / 2, clamped to [0, 1], of
+    frames (..., H, W) in [-1, 1]; the canvas centre for a frame of ink mass <= ``eps``. Differentiable:
+    the video judge reads motion by it (:mod:`difflab.eval.video`) and the centre-of-mass velocity loss
+    trains by it (:mod:`difflab.train.objectives.centroid_motion`)."""
+    ink = ((frames.float() + 1) / 2).clamp(0, 1)
+    h, w = ink.shape[-2:]
+    mass = ink.sum((-2, -1))
+    rows = (ink.sum(-1) * torch.arange(h, dtype=ink.dtype, device=ink.device)).sum(-1)
+    cols = (ink.sum(-2) * torch.arange(w, dtype=ink.dtype, device=ink.device)).sum(-1)
+    safe = mass.clamp(min=eps)
+    out = torch.stack([rows / safe, cols / safe], -1)
+    centre = torch.tensor([(h - 1) / 2, (w - 1) / 2], dtype=ink.dtype, device=ink.device)
+    return torch.where((mass > eps)[..., None], out, centre)
+
+
+__all__ = ["Clips", "ink_centres", "moving_digits", "still_frames", "caption", "bounce_path", "render", "DIRECTIONS", "VELOCITIES",
            "SPEEDS", "DIGIT_SIZE"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..data.moving_digits import DIGIT_SIZE, DIRECTIONS, VELOCITIES
+from ..data.moving_digits import ink_centres as centres  # the judge's reading of where a digit is
 from .judge import DigitsJudge
 from .metrics import fid
 
@@ -31,20 +32,6 @@ def check_clips(clips: torch.Tensor, name: str = "clips") -> torch.Tensor:
     if clips.ndim != 5 or clips.shape[1] != 1 or clips.shape[2] < 2:
         raise ValueError(f"{name} must be grey clips (N, 1, F, H, W) with F >= 2, got shape {tuple(clips.shape)}")
     return clips.float()
-
-
-def centres(frames: torch.Tensor) -> torch.Tensor:
-    """Centre of mass (row, column) in pixels of the ink (x + 1) / 2 of frames (..., H, W) in
-    [-1, 1]; the canvas centre for an empty frame."""
-    ink = ((frames.float() + 1) / 2).clamp(0, 1)
-    h, w = ink.shape[-2:]
-    mass = ink.sum((-2, -1))
-    rows = (ink.sum(-1) * torch.arange(h, dtype=ink.dtype)).sum(-1)
-    cols = (ink.sum(-2) * torch.arange(w, dtype=ink.dtype)).sum(-1)
-    safe = mass.clamp(min=1e-6)
-    out = torch.stack([rows / safe, cols / safe], -1)
-    centre = torch.tensor([(h - 1) / 2, (w - 1) / 2], dtype=ink.dtype)
-    return torch.where((mass > 1e-6)[..., None], out, centre)
 
 
 def crop_digits(frames: torch.Tensor, size: int = DIGIT_SIZE) -> torch.Tensor:

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import JSONConfig
-from .layers import TimestepMLP, check_class_labels, timestep_embedding, zero_
+from .layers import TimestepMLP, check_class_labels, check_mono, timestep_embedding, zero_
 
 
 @dataclass(frozen=True)
@@ -188,10 +188,7 @@ class DiffWave(nn.Module):
 
     def check_inputs(self, x: torch.Tensor, class_labels, mel) -> None:
         c = self.config
-        if x.ndim != 3 or x.shape[1] != c.in_channels:
-            what = f"{x.shape[1]} channels (stereo?)" if x.ndim == 3 and x.shape[1] == 2 else f"shape {tuple(x.shape)}"
-            raise ValueError(f"DiffWave takes mono audio (B, {c.in_channels}, L), got {what}: "
-                             "mix the channels down first, e.g. wave.mean(1, keepdim=True)")
+        check_mono(x, c.in_channels, "DiffWave")
         if x.shape[-1] < c.receptive_field:
             raise ValueError(f"a clip of {x.shape[-1]} samples is shorter than this DiffWave's receptive field "
                              f"({c.receptive_field} samples, {c.layers} layers, dilation cycle {c.dilation_cycle})")

@@ -213,6 +213,14 @@ def tracing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def check_mono(x: torch.Tensor, channels: int, net: str) -> None:
+    """A clear error unless ``x`` is (B, channels, L) audio (``channels`` 1: mono), naming stereo input."""
+    if x.ndim != 3 or x.shape[1] != channels:
+        what = f"{x.shape[1]} channels (stereo?)" if x.ndim == 3 and x.shape[1] == 2 else f"shape {tuple(x.shape)}"
+        raise ValueError(f"{net} takes mono audio (B, {channels}, L), got {what}: "
+                         "mix the channels down first, e.g. wave.mean(1, keepdim=True)")
+
+
 def check_class_labels(class_labels, batch: int, num_classes: int | None, net: str = "network") -> None:
     """Clear errors for integer (B,) ``class_labels`` in [0, num_classes] (num_classes = the null
     class); labels given to an unconditional ``net`` (``num_classes`` None) are an error too."""

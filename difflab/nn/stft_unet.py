@@ -43,7 +43,7 @@ from torch import nn
 
 from ..config import JSONConfig
 from ..core.audio import hann, istft, stft
-from .layers import check_class_labels
+from .layers import check_class_labels, check_mono
 from .unet import UNet, UNetConfig
 
 
@@ -123,10 +123,7 @@ class StftUNet(nn.Module):
 
     def check_inputs(self, x: torch.Tensor, class_labels) -> None:
         c = self.config
-        if x.ndim != 3 or x.shape[1] != 1:
-            what = f"{x.shape[1]} channels (stereo?)" if x.ndim == 3 and x.shape[1] == 2 else f"shape {tuple(x.shape)}"
-            raise ValueError(f"StftUNet takes mono audio (B, 1, L), got {what}: "
-                             "mix the channels down first, e.g. wave.mean(1, keepdim=True)")
+        check_mono(x, 1, "StftUNet")
         if x.shape[-1] <= c.n_fft // 2:
             raise ValueError(f"StftUNet needs clips longer than n_fft // 2 = {c.n_fft // 2} samples, got {x.shape[-1]}")
         check_class_labels(class_labels, x.shape[0], c.num_classes, "StftUNet")

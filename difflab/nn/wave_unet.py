@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..config import JSONConfig
-from .layers import SelfAttention, TimestepMLP, check_class_labels, group_norm, timestep_embedding, zero_
+from .layers import SelfAttention, TimestepMLP, check_class_labels, check_mono, group_norm, timestep_embedding, zero_
 
 
 @dataclass(frozen=True)
@@ -170,10 +170,7 @@ class WaveUNet(nn.Module):
 
     def check_inputs(self, x: torch.Tensor, class_labels) -> None:
         c = self.config
-        if x.ndim != 3 or x.shape[1] != c.in_channels:
-            what = f"{x.shape[1]} channels (stereo?)" if x.ndim == 3 and x.shape[1] == 2 else f"shape {tuple(x.shape)}"
-            raise ValueError(f"WaveUNet takes mono audio (B, {c.in_channels}, L), got {what}: "
-                             "mix the channels down first, e.g. wave.mean(1, keepdim=True)")
+        check_mono(x, c.in_channels, "WaveUNet")
         if x.shape[-1] % c.downsample_factor or x.shape[-1] == 0:
             raise ValueError(f"WaveUNet needs a clip length that is a positive multiple of {c.downsample_factor} "
                              f"(the product of factors={c.factors}), got {x.shape[-1]} samples")

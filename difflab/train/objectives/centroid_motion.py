@@ -4,7 +4,7 @@ the digit's centre of mass in place of joint positions.
 
 With x0_hat the denoiser's clean estimate of a clip (B, C, F, H, W) in [-1, 1], c_f its intensity-
 weighted centre of mass in frame f (ink (x + 1) / 2 clamped to [0, 1], the judge's reading,
-:func:`difflab.eval.video.centres`), per example:
+:func:`difflab.data.moving_digits.ink_centres`), per example:
 
     L_vel = mean_f || (c_{f+1} - c_f)(x0_hat) - (c_{f+1} - c_f)(x0) ||^2   (pixels^2)
     loss  = L_simple + lambda_vel L_vel
@@ -20,22 +20,10 @@ from __future__ import annotations
 import torch
 
 from difflab.core.params import to_x0_eps
+from difflab.data.moving_digits import ink_centres
 
 from ..losses import weighted_mse
 from .diffusion import DRAWN, DiffusionObjective
-
-
-def ink_centres(frames: torch.Tensor) -> torch.Tensor:
-    """(..., 2) differentiable centre of mass (row, column) in pixels of the ink (x + 1) / 2,
-    clamped to [0, 1], of frames (..., H, W); a frame without ink gives the canvas centre."""
-    ink = ((frames + 1) / 2).clamp(0, 1)
-    h, w = ink.shape[-2:]
-    mass = ink.sum((-2, -1))
-    rows = (ink.sum(-1) * torch.arange(h, dtype=ink.dtype, device=ink.device)).sum(-1)
-    cols = (ink.sum(-2) * torch.arange(w, dtype=ink.dtype, device=ink.device)).sum(-1)
-    centre = torch.tensor([(h - 1) / 2, (w - 1) / 2], dtype=ink.dtype, device=ink.device)
-    safe = mass.clamp(min=1e-3)[..., None]
-    return torch.where(mass[..., None] > 1e-3, torch.stack([rows, cols], -1) / safe, centre)
 
 
 def centroid_velocity_loss(x0_hat: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
@@ -43,7 +31,7 @@ def centroid_velocity_loss(x0_hat: torch.Tensor, x0: torch.Tensor) -> torch.Tens
     frame-to-frame steps of the centre of mass of ``x0_hat`` and of ``x0`` (B, C, F, H, W)."""
     if x0.ndim != 5 or x0.shape[2] < 2:
         raise ValueError(f"clips must be (B, C, F, H, W) with F >= 2, got {tuple(x0.shape)}")
-    c_hat, c = ink_centres(x0_hat), ink_centres(x0)                              # (B, C, F, 2)
+    c_hat, c = ink_centres(x0_hat, eps=1e-3), ink_centres(x0, eps=1e-3)          # (B, C, F, 2)
     v_hat, v = c_hat[:, :, 1:] - c_hat[:, :, :-1], c[:, :, 1:] - c[:, :, :-1]
     return ((v_hat - v) ** 2).flatten(1).mean(1)
 
@@ -78,4 +66,4 @@ class CentroidMotionObjective(DiffusionObjective):
         return {"loss": simple + self.lambda_vel * vel, "simple": simple, "vel": vel}
 
 
-__all__ = ["CentroidMotionObjective", "centroid_velocity_loss", "ink_centres"]
+__all__ = ["CentroidMotionObjective", "centroid_velocity_loss"]
